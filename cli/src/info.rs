@@ -1,0 +1,124 @@
+//! `vsnap info`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, UNIX_EPOCH};
+
+use anyhow::Result;
+use vsnap_engine::format::{self, ImageInfo};
+
+use crate::units::human;
+use crate::FormatArg;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Images to describe.
+    #[arg(required = true, value_name = "IMAGE")]
+    images: Vec<PathBuf>,
+    /// Print a JSON array with one object per image that opened.
+    #[arg(long)]
+    json: bool,
+    /// The image format; `auto` detects it from the file's contents.
+    #[arg(long, short = 'f', value_enum, default_value_t)]
+    format: FormatArg,
+}
+
+pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
+    let mut infos = Vec::new();
+    let mut failed = false;
+    for path in &args.images {
+        match format::open(path, args.format.forced()).and_then(|img| img.info()) {
+            Ok(info) => infos.push(info),
+            Err(err) => {
+                eprintln!("vsnap: error: {err}");
+                failed = true;
+            }
+        }
+    }
+    if args.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&infos)?)?;
+    } else {
+        for (i, info) in infos.iter().enumerate() {
+            if i > 0 {
+                writeln!(out)?;
+            }
+            print_info(out, info)?;
+        }
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn print_info(out: &mut dyn Write, i: &ImageInfo) -> std::io::Result<()> {
+    writeln!(out, "image:          {}", i.path.display())?;
+    writeln!(out, "format:         {}", i.format.name())?;
+    writeln!(out, "disk type:      {}", i.disk_type.name())?;
+    writeln!(
+        out,
+        "virtual size:   {} ({} bytes)",
+        human(i.virtual_size),
+        i.virtual_size
+    )?;
+    if let Some(g) = i.geometry {
+        writeln!(
+            out,
+            "geometry:       {}/{}/{} (C/H/S)",
+            g.cylinders, g.heads, g.sectors_per_track
+        )?;
+    }
+    if let Some(c) = &i.creator {
+        writeln!(
+            out,
+            "creator:        {:?} version {} on {:?}",
+            c.application, c.version, c.host_os
+        )?;
+    }
+    if let Some(bs) = i.block_size {
+        writeln!(out, "block size:     {}", human(bs.into()))?;
+    }
+    writeln!(
+        out,
+        "allocated:      {} ({} bytes)",
+        human(i.allocated_bytes),
+        i.allocated_bytes
+    )?;
+    writeln!(
+        out,
+        "file size:      {} ({} bytes)",
+        human(i.file_size),
+        i.file_size
+    )?;
+    if let Some(id) = i.unique_id {
+        writeln!(out, "unique id:      {id}")?;
+    }
+    if let Some(ts) = i.timestamp {
+        let t = UNIX_EPOCH + Duration::from_secs(ts);
+        writeln!(
+            out,
+            "created:        {}",
+            humantime::format_rfc3339_seconds(t)
+        )?;
+    }
+    if !i.parents.is_empty() {
+        writeln!(out, "parent chain:")?;
+        for (depth, p) in i.parents.iter().enumerate() {
+            writeln!(
+                out,
+                "  {}. {} ({}, id {}, {} allocated)",
+                depth + 1,
+                p.path.display(),
+                p.disk_type.name(),
+                p.unique_id,
+                human(p.allocated_bytes)
+            )?;
+        }
+    }
+    for w in &i.warnings {
+        writeln!(out, "warning:        {w}")?;
+    }
+    Ok(())
+}

@@ -1,0 +1,91 @@
+//! The `vsnap` command line.
+
+mod create;
+mod info;
+mod map;
+mod units;
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use vsnap_engine::format::ImageFormat;
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  an image could not be opened, read or written (the message says which file, where, and why)
+  2  bad command-line usage";
+
+/// vsnap: snapshot and VHD copy engine for virtualization hosts.
+///
+/// vsnap reads and writes VHD (Virtual PC / Hyper-V) and raw disk images,
+/// maps which ranges hold data, and will stream them into deduplicating
+/// backups. Formats are detected from file contents, never from names.
+#[derive(Debug, Parser)]
+#[command(name = "vsnap", version, after_help = EXIT_CODES, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Describe images: format, type, virtual size, geometry, creator,
+    /// block size, allocated bytes, parent chain.
+    #[command(after_help = EXIT_CODES)]
+    Info(info::Args),
+    /// Show which ranges of an image hold data, and where, like `qemu-img map`.
+    #[command(after_help = EXIT_CODES)]
+    Map(map::Args),
+    /// Create a fixed, dynamic or differencing VHD.
+    #[command(after_help = EXIT_CODES)]
+    Create(create::Args),
+}
+
+/// `--format`: what the image is, or `auto` to detect it from its bytes.
+#[derive(Debug, Clone, Copy, Default, ValueEnum)]
+pub enum FormatArg {
+    #[default]
+    Auto,
+    Vhd,
+    Raw,
+}
+
+impl FormatArg {
+    pub fn forced(self) -> Option<ImageFormat> {
+        match self {
+            Self::Auto => None,
+            Self::Vhd => Some(ImageFormat::Vhd),
+            Self::Raw => Some(ImageFormat::Raw),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let result = match cli.command {
+        Command::Info(args) => info::run(&args, &mut out),
+        Command::Map(args) => map::run(&args, &mut out),
+        Command::Create(args) => create::run(&args, &mut out),
+    }
+    .and_then(|code| out.flush().map(|()| code).map_err(Into::into));
+    match result {
+        Ok(code) => code,
+        // A reader that stopped early (`vsnap map x | head`) is not an error.
+        Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("vsnap: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| {
+        e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}

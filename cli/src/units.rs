@@ -1,0 +1,86 @@
+//! Byte sizes as people write them (`64M`, `2G`, `1.5T`, `4096`), in binary
+//! units like qemu-img.
+
+use anyhow::{bail, Context, Result};
+
+/// Parses `N[K|M|G|T|P][i][B]`; suffixes are powers of 1024.
+pub fn parse_size(text: &str) -> Result<u64> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, suffix) = t.split_at(split);
+    let unit = suffix.trim().to_ascii_uppercase();
+    let unit = unit.trim_end_matches('B').trim_end_matches('I');
+    let shift = match unit {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        "P" => 50,
+        _ => bail!("{text:?}: unknown unit {suffix:?} (use K, M, G, T or P, powers of 1024)"),
+    };
+    if num.is_empty() {
+        bail!("{text:?}: no number before the unit");
+    }
+    let bytes = if let Some((int, frac)) = num.split_once('.') {
+        let int: u64 = if int.is_empty() { 0 } else { int.parse()? };
+        let frac_val: f64 = format!("0.{frac}").parse()?;
+        let whole = int.checked_shl(shift).filter(|v| v >> shift == int);
+        let part = (frac_val * (1u64 << shift) as f64).round() as u64;
+        whole.and_then(|w| w.checked_add(part))
+    } else {
+        let n: u64 = num
+            .parse()
+            .with_context(|| format!("{text:?} is not a size"))?;
+        n.checked_shl(shift).filter(|v| v >> shift == n)
+    };
+    bytes.with_context(|| format!("{text:?} is too large"))
+}
+
+/// `104857600` → `100 MiB`; exact values keep no decimals.
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut unit = 0;
+    let mut value = bytes as f64;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if value.fract() == 0.0 {
+        format!("{value} {}", UNITS[unit])
+    } else {
+        format!("{value:.2} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_in_binary_units() {
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("64M").unwrap(), 64 << 20);
+        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_size("1.5k").unwrap(), 1536);
+        assert_eq!(parse_size("2040G").unwrap(), 2040 << 30);
+        assert!(parse_size("12X")
+            .unwrap_err()
+            .to_string()
+            .contains("unknown unit"));
+        assert!(parse_size("M").is_err());
+        assert!(parse_size("99999999999P")
+            .unwrap_err()
+            .to_string()
+            .contains("too large"));
+    }
+
+    #[test]
+    fn human_sizes_are_exact_where_they_can_be() {
+        assert_eq!(human(100 << 20), "100 MiB");
+        assert_eq!(human(104_865_792), "100.01 MiB");
+        assert_eq!(human(512), "512 B");
+    }
+}

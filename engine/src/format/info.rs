@@ -1,0 +1,102 @@
+//! What `vsnap info` reports about an image, for people and for `--json`.
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use super::vhd::footer::VHD_EPOCH;
+use super::vhd::{DiskType, Geometry, VhdImage, VhdLayer};
+use super::ImageFormat;
+use crate::error::Result;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Creator {
+    pub application: String,
+    /// `major.minor`, from the footer's u16 pair.
+    pub version: String,
+    pub host_os: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageInfo {
+    pub path: PathBuf,
+    pub format: ImageFormat,
+    pub disk_type: DiskType,
+    pub virtual_size: u64,
+    pub file_size: u64,
+    /// Bytes of virtual disk this file itself stores.
+    pub allocated_bytes: u64,
+    pub geometry: Option<Geometry>,
+    pub creator: Option<Creator>,
+    pub block_size: Option<u32>,
+    pub unique_id: Option<uuid::Uuid>,
+    /// Creation time, as Unix seconds.
+    pub timestamp: Option<u64>,
+    pub saved_state: Option<bool>,
+    /// The parent chain, nearest parent first.
+    pub parents: Vec<LayerInfo>,
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerInfo {
+    pub path: PathBuf,
+    pub disk_type: DiskType,
+    pub unique_id: uuid::Uuid,
+    pub allocated_bytes: u64,
+}
+
+fn creator(layer: &VhdLayer) -> Creator {
+    let f = layer.footer();
+    let host = String::from_utf8_lossy(&f.creator_host_os)
+        .trim_end_matches(['\0', ' '])
+        .to_owned();
+    Creator {
+        application: f.creator_app_str(),
+        version: format!("{}.{}", f.creator_version >> 16, f.creator_version & 0xFFFF),
+        host_os: host,
+    }
+}
+
+pub(super) fn vhd_info(image: &VhdImage) -> Result<ImageInfo> {
+    let map = image.allocation_map()?;
+    let top = image.top();
+    let footer = top.footer();
+    let parents = image
+        .layers()
+        .iter()
+        .enumerate()
+        .skip(1)
+        .map(|(i, l)| LayerInfo {
+            path: l.path().to_path_buf(),
+            disk_type: l.disk_type(),
+            unique_id: uuid::Uuid::from_bytes(l.footer().unique_id),
+            allocated_bytes: map.layer_bytes(i),
+        })
+        .collect();
+    let warnings = image
+        .layers()
+        .iter()
+        .flat_map(|l| {
+            l.warnings()
+                .iter()
+                .map(|w| format!("{}: {w}", l.path().display()))
+        })
+        .collect();
+    Ok(ImageInfo {
+        path: top.path().to_path_buf(),
+        format: ImageFormat::Vhd,
+        disk_type: top.disk_type(),
+        virtual_size: image.virtual_size(),
+        file_size: top.file_len()?,
+        allocated_bytes: map.layer_bytes(0),
+        geometry: Some(footer.geometry),
+        creator: Some(creator(top)),
+        block_size: top.sparse().map(|s| s.header.block_size),
+        unique_id: Some(uuid::Uuid::from_bytes(footer.unique_id)),
+        timestamp: Some(u64::from(footer.timestamp) + VHD_EPOCH),
+        saved_state: Some(footer.saved_state != 0),
+        parents,
+        warnings,
+    })
+}

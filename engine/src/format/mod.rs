@@ -1,0 +1,98 @@
+//! Disk image formats behind one [`DiskImage`] abstraction.
+//!
+//! The engine needs three things of every disk: its virtual size, which
+//! ranges hold data (and where they sit in which file), and `read_at`. Each
+//! format supplies them; the format is detected from the file's contents,
+//! never from its name.
+
+pub mod extent;
+mod info;
+pub mod raw;
+pub mod vhd;
+
+use std::path::Path;
+
+use serde::Serialize;
+
+pub use extent::{AllocationMap, Extent, ExtentKind};
+pub use info::{ImageInfo, LayerInfo};
+
+use crate::error::Result;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageFormat {
+    Raw,
+    Vhd,
+}
+
+impl ImageFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Raw => "raw",
+            Self::Vhd => "vhd",
+        }
+    }
+}
+
+/// A virtual disk, whatever its container. Implementations are safe to read
+/// from many threads at once: all I/O is positional.
+pub trait DiskImage: Send + Sync + std::fmt::Debug {
+    fn format(&self) -> ImageFormat;
+    fn virtual_size(&self) -> u64;
+    /// The whole disk as merged extents, in order, with no gaps.
+    fn allocation_map(&self) -> Result<AllocationMap>;
+    /// Fills `buf` from virtual offset `offset`; the range must lie inside
+    /// the disk.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+    /// What `vsnap info` reports.
+    fn info(&self) -> Result<ImageInfo>;
+}
+
+impl DiskImage for vhd::VhdImage {
+    fn format(&self) -> ImageFormat {
+        ImageFormat::Vhd
+    }
+
+    fn virtual_size(&self) -> u64 {
+        vhd::VhdImage::virtual_size(self)
+    }
+
+    fn allocation_map(&self) -> Result<AllocationMap> {
+        vhd::VhdImage::allocation_map(self)
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        vhd::VhdImage::read_at(self, buf, offset)
+    }
+
+    fn info(&self) -> Result<ImageInfo> {
+        info::vhd_info(self)
+    }
+}
+
+/// Works out an image's format from its bytes: a VHD footer at the end (or
+/// its copy at the start) means VHD; anything else is raw.
+pub fn detect(path: &Path) -> Result<ImageFormat> {
+    Ok(if vhd::file_looks_like_vhd(path)? {
+        ImageFormat::Vhd
+    } else {
+        ImageFormat::Raw
+    })
+}
+
+/// Opens an image read-only, detecting its format unless one is given.
+///
+/// A file that looks like a VHD but fails to parse is an error, never
+/// silently treated as raw: that would back up a corrupt image's container
+/// bytes as if they were the disk.
+pub fn open(path: &Path, format: Option<ImageFormat>) -> Result<Box<dyn DiskImage>> {
+    let format = match format {
+        Some(f) => f,
+        None => detect(path)?,
+    };
+    Ok(match format {
+        ImageFormat::Vhd => Box::new(vhd::VhdImage::open(path)?),
+        ImageFormat::Raw => Box::new(raw::RawImage::open(path)?),
+    })
+}

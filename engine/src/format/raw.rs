@@ -1,0 +1,98 @@
+//! Raw images: the file is the disk. Holes in a sparse file are reported
+//! as unallocated, so a raw source streams as cheaply as a dynamic VHD.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use super::extent::{AllocationMap, MapBuilder};
+use super::info::{ImageInfo, LayerInfo};
+use super::{DiskImage, ImageFormat};
+use crate::error::{Error, ErrorKind, Result, ResultExt};
+use crate::format::vhd::DiskType;
+use crate::io::Storage;
+
+#[derive(Debug)]
+pub struct RawImage {
+    path: PathBuf,
+    file: File,
+    size: u64,
+}
+
+impl RawImage {
+    pub fn open(path: &Path) -> Result<RawImage> {
+        let file = File::open(path).ctx(path, 0, "open raw image")?;
+        let size = Storage::len(&file).ctx(path, 0, "stat raw image")?;
+        Ok(RawImage {
+            path: path.to_path_buf(),
+            file,
+            size,
+        })
+    }
+}
+
+impl DiskImage for RawImage {
+    fn format(&self) -> ImageFormat {
+        ImageFormat::Raw
+    }
+
+    fn virtual_size(&self) -> u64 {
+        self.size
+    }
+
+    fn allocation_map(&self) -> Result<AllocationMap> {
+        let mut map = MapBuilder::new(0);
+        let ranges = self
+            .file
+            .data_ranges(0..self.size)
+            .ctx(&self.path, 0, "find holes")?;
+        let Some(ranges) = ranges else {
+            map.data(0, self.size, 0, 0);
+            return Ok(map.finish());
+        };
+        let mut pos = 0;
+        for (start, end) in ranges {
+            map.unallocated(pos, start - pos);
+            map.data(start, end - start, 0, start);
+            pos = end;
+        }
+        map.unallocated(pos, self.size - pos);
+        Ok(map.finish())
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        if offset
+            .checked_add(buf.len() as u64)
+            .is_none_or(|e| e > self.size)
+        {
+            return Err(Error::from(ErrorKind::OutOfRange {
+                offset,
+                len: buf.len() as u64,
+                size: self.size,
+            })
+            .in_file(&self.path));
+        }
+        self.file
+            .read_exact_at(buf, offset)
+            .ctx(&self.path, offset, "read raw image")
+    }
+
+    fn info(&self) -> Result<ImageInfo> {
+        let allocated = self.allocation_map()?.data_bytes();
+        Ok(ImageInfo {
+            path: self.path.clone(),
+            format: ImageFormat::Raw,
+            disk_type: DiskType::Fixed,
+            virtual_size: self.size,
+            file_size: self.size,
+            allocated_bytes: allocated,
+            geometry: None,
+            creator: None,
+            block_size: None,
+            unique_id: None,
+            timestamp: None,
+            saved_state: None,
+            parents: Vec::<LayerInfo>::new(),
+            warnings: Vec::new(),
+        })
+    }
+}

@@ -1,0 +1,11 @@
+//! vsnap's storage engine.
+//!
+//! Synchronous by design (no async runtime): the work is disk and CPU bound,
+//! and the coordinator drives it from its own threads. See shared/DESIGN.md
+//! for how the parts fit together.
+
+mod error;
+pub mod format;
+pub mod io;
+
+pub use error::{Error, ErrorKind, Result};

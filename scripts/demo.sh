@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# vsnap's main job on the bundled fixtures: describe every image, then map a
+# dynamic disk and a three-deep differencing chain.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+command -v cargo >/dev/null || { echo "cargo is needed (https://rustup.rs)"; exit 1; }
+cargo build --release --quiet -p vsnap
+vsnap=target/release/vsnap
+set -x
+$vsnap info fixtures/fixed-qemu.vhd fixtures/dynamic-64k.vhd fixtures/chain/child3.vhd
+$vsnap map fixtures/dynamic-64k.vhd
+$vsnap map fixtures/chain/child3.vhd

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Runs every check CI runs: installs what it needs (idempotently), then
+# rustfmt, clippy (warnings denied), the fuzz crate's build, and all tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v qemu-img >/dev/null 2>&1 || need_apt+=(qemu-utils)
+command -v qemu-io >/dev/null 2>&1 || need_apt+=(qemu-utils)
+command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "installing: ${need_apt[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+for c in rustfmt clippy; do
+  rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c"
+done
+
+echo "== rustfmt";  cargo fmt --all -- --check
+echo "== clippy";   cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== fuzz crate builds"
+cargo check --quiet --manifest-path fuzz/Cargo.toml --locked
+echo "== tests"
+cargo test --workspace --locked
