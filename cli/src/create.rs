@@ -30,7 +30,12 @@ the size field, so every reader agrees on the size.
 
 Examples:
   vsnap create --type dynamic --size 64G vm.vhd
-  vsnap create --type differencing --parent vm.vhd vm-snap.vhd")]
+  vsnap create --type differencing --parent vm.vhd vm-snap.vhd
+
+Exit codes:
+  0  success
+  1  the image could not be created (the message says why)
+  2  bad command-line usage")]
 pub struct Args {
     /// The image to create; it must not exist yet.
     #[arg(value_name = "PATH")]

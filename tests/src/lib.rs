@@ -1,1 +1,76 @@
-//! Helpers shared by the end-to-end tests.
+//! Helpers shared by the end-to-end tests: the built `vsnap` binary, the
+//! fixtures, and the real qemu-img.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+/// The workspace's `vsnap` binary, built fresh for this test run.
+///
+/// `cargo test -p vsnap-e2e` alone would not rebuild another package's
+/// binary, and a stale one would test old code, so the first call runs
+/// `cargo build` into the same target directory and profile as this test.
+pub fn vsnap_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().unwrap();
+        // target/<profile>/deps/<test> -> target/<profile>
+        let profile_dir = exe.parent().and_then(Path::parent).unwrap();
+        let target_dir = profile_dir.parent().unwrap();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--quiet", "-p", "vsnap", "--target-dir"])
+            .arg(target_dir)
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().unwrap();
+        assert!(status.success(), "cargo build -p vsnap failed");
+        profile_dir.join("vsnap")
+    })
+    .clone()
+}
+
+pub fn vsnap(args: &[&str]) -> Output {
+    Command::new(vsnap_bin()).args(args).output().unwrap()
+}
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures")
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn qemu_info(path: &Path) -> serde_json::Value {
+    let o = Command::new("qemu-img")
+        .args(["info", "-f", "vpc", "--output=json"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// Every valid VHD fixture, nested folders included.
+pub fn valid_fixtures() -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for dir in [fixtures(), fixtures().join("chain")] {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            if name.ends_with(".vhd") && !name.starts_with("bad-") {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}

@@ -16,6 +16,11 @@ use crate::io::Storage;
 /// disk by `current_size`, and the geometry is chosen so CHS readers agree.
 pub const CREATOR_APP: [u8; 4] = *b"vsnp";
 pub const DEFAULT_BLOCK_SIZE: u32 = 2 << 20;
+/// qemu sizes the sector bitmap as `block_size / 4096` sectors rounded up,
+/// which is 0 below 4 KiB, so it misreads smaller blocks (checked with
+/// qemu-io 10.0). The spec allows them and vsnap reads them, but does not
+/// create what a stock reader would get wrong.
+pub const MIN_BLOCK_SIZE: u32 = 4096;
 
 #[derive(Debug, Clone)]
 pub struct CreateOptions {
@@ -121,6 +126,11 @@ fn plan(path: &Path, opts: &CreateOptions) -> Result<Plan> {
     let block_size = opts.block_size;
     if !block_size.is_power_of_two() || u64::from(block_size) < SECTOR {
         return Err(Error::from(ErrorKind::BadBlockSize(block_size.into())).during("create VHD"));
+    }
+    if block_size < MIN_BLOCK_SIZE {
+        return Err(invalid(format!(
+            "block size {block_size} is below {MIN_BLOCK_SIZE}: qemu misreads the sector bitmaps of smaller blocks"
+        )));
     }
     let geometry = match (&parent, opts.geometry) {
         (_, Some(g)) => g,

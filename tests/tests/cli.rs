@@ -1,0 +1,205 @@
+//! The `vsnap` binary, end to end, against the real qemu-img.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use serde_json::Value;
+use vsnap_e2e::*;
+
+#[test]
+fn info_json_agrees_with_qemu_img_on_every_fixture() {
+    let fixtures = valid_fixtures();
+    assert!(fixtures.len() >= 8, "{fixtures:?}");
+    let args: Vec<&str> = std::iter::once("info")
+        .chain(std::iter::once("--json"))
+        .chain(fixtures.iter().map(|p| p.to_str().unwrap()))
+        .collect();
+    let o = vsnap(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let infos: Vec<Value> = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(infos.len(), fixtures.len());
+    for (info, path) in infos.iter().zip(&fixtures) {
+        assert_eq!(info["path"].as_str().unwrap(), path.to_str().unwrap());
+        assert_eq!(info["format"], "vhd");
+        assert!(["fixed", "dynamic", "differencing"].contains(&info["disk_type"].as_str().unwrap()));
+        // qemu opens a differencing VHD as a plain dynamic disk, but the
+        // size it reports is still the footer's, so it is an oracle for all.
+        let name = path.file_name().unwrap().to_string_lossy();
+        assert_eq!(
+            info["virtual_size"],
+            qemu_info(path)["virtual-size"],
+            "{name}"
+        );
+    }
+    let child3 = infos
+        .iter()
+        .find(|i| i["path"].as_str().unwrap().ends_with("child3.vhd"))
+        .unwrap();
+    assert_eq!(child3["parents"].as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn info_describes_a_dynamic_disk_for_people() {
+    let o = vsnap(&["info", fixtures().join("dynamic-16k.vhd").to_str().unwrap()]);
+    assert!(o.status.success());
+    let out = stdout(&o);
+    for want in [
+        "format:         vhd",
+        "disk type:      dynamic",
+        "virtual size:   2 MiB (2097152 bytes)",
+        "block size:     16 KiB",
+        "allocated:      ",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in\n{out}");
+    }
+}
+
+#[test]
+fn map_json_lists_data_extents_with_layers_and_offsets() {
+    let o = vsnap(&[
+        "map",
+        "--json",
+        fixtures().join("chain/child3.vhd").to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let extents: Vec<Value> = serde_json::from_slice(&o.stdout).unwrap();
+    let mut pos = 0;
+    let mut layers = std::collections::BTreeSet::new();
+    for e in &extents {
+        assert_eq!(e["start"].as_u64().unwrap(), pos, "extents are contiguous");
+        pos += e["length"].as_u64().unwrap();
+        if e["data"] == true {
+            layers.insert(e["layer"].as_u64().unwrap());
+            assert!(e["offset"].is_u64() && e["file"].is_string());
+        }
+    }
+    assert_eq!(pos, 512 << 10);
+    assert_eq!(layers.len(), 4, "all four layers hold data: {layers:?}");
+}
+
+#[test]
+fn create_makes_images_qemu_img_accepts() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let s = |p: &str| d.join(p).to_str().unwrap().to_owned();
+    for (args, size) in [
+        (
+            vec!["create", "--type", "fixed", "--size", "10M", &s("f.vhd")],
+            10u64 << 20,
+        ),
+        (
+            vec![
+                "create",
+                "-t",
+                "dynamic",
+                "-s",
+                "1.5G",
+                "--block-size",
+                "512K",
+                &s("d.vhd"),
+            ],
+            3 << 29,
+        ),
+    ] {
+        let o = vsnap(&args);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+        let path = d.join(args.last().unwrap());
+        assert_eq!(qemu_info(&path)["virtual-size"].as_u64(), Some(size));
+    }
+    let o = vsnap(&[
+        "create",
+        "-t",
+        "differencing",
+        "--parent",
+        &s("d.vhd"),
+        "--json",
+        &s("c.vhd"),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let info: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(info["disk_type"], "differencing");
+    assert_eq!(info["virtual_size"].as_u64(), Some(3 << 29));
+    assert_eq!(
+        info["parents"][0]["path"].as_str(),
+        Some(s("d.vhd").as_str())
+    );
+}
+
+#[test]
+fn usage_and_image_errors_have_distinct_exit_codes_and_clear_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("x.vhd");
+    let t = target.to_str().unwrap();
+    let o = vsnap(&["create", "-t", "dynamic", t]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("--size is required"), "{}", stderr(&o));
+    let o = vsnap(&["create", "-t", "dynamic", "-s", "12Q", t]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("unknown unit"), "{}", stderr(&o));
+    let o = vsnap(&["create", "-t", "fixed", "-s", "1000", t]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("bad disk size 1000"), "{}", stderr(&o));
+    assert!(!target.exists());
+
+    let bad = fixtures().join("bad-bat-past-end.vhd");
+    let good = fixtures().join("fixed-qemu.vhd");
+    let o = vsnap(&[
+        "info",
+        "--json",
+        good.to_str().unwrap(),
+        bad.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "one bad image fails the run");
+    let err = stderr(&o);
+    assert!(
+        err.contains("bad-bat-past-end.vhd") && err.contains("offset 1536"),
+        "{err}"
+    );
+    assert!(err.contains("BAT entry 0"), "{err}");
+    let infos: Vec<Value> = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(infos.len(), 1, "the good image is still reported");
+
+    let o = vsnap(&["map", "/nonexistent/disk.vhd"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("/nonexistent/disk.vhd"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn a_raw_image_maps_its_holes() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("disk.img");
+    let f = std::fs::File::create(&raw).unwrap();
+    f.set_len(32 << 20).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[1u8; 65536], 8 << 20).unwrap();
+    let o = vsnap(&["info", "--json", raw.to_str().unwrap()]);
+    let info: Vec<Value> = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(info[0]["format"], "raw");
+    assert_eq!(info[0]["virtual_size"].as_u64(), Some(32 << 20));
+    let o = vsnap(&["map", "--json", raw.to_str().unwrap()]);
+    let extents: Vec<Value> = serde_json::from_slice(&o.stdout).unwrap();
+    let data: u64 = extents
+        .iter()
+        .filter(|e| e["data"] == true)
+        .map(|e| e["length"].as_u64().unwrap())
+        .sum();
+    assert!(
+        (65536..32 << 20).contains(&data),
+        "holes are reported: {extents:?}"
+    );
+}
+
+#[test]
+fn help_explains_every_command() {
+    for cmd in [
+        vec!["--help"],
+        vec!["info", "--help"],
+        vec!["map", "--help"],
+        vec!["create", "--help"],
+    ] {
+        let o = vsnap(&cmd);
+        assert!(o.status.success());
+        assert!(stdout(&o).contains("Exit codes"), "{cmd:?}");
+    }
+}
