@@ -41,6 +41,77 @@ struct RawFooter {
 
 const CHECKSUM_AT: usize = 64;
 
+const FOOTER_LAYOUT: Layout = Layout {
+    what: "VHD footer",
+    size: FOOTER_SIZE,
+    cookie: FOOTER_COOKIE,
+    checksum_at: CHECKSUM_AT,
+    version_at: 12,
+};
+
+/// Where a checksummed VHD structure (footer, dynamic header) keeps the
+/// fields every reader checks first.
+pub(super) struct Layout {
+    pub what: &'static str,
+    pub size: usize,
+    pub cookie: &'static [u8; 8],
+    pub checksum_at: usize,
+    pub version_at: usize,
+}
+
+fn be32(bytes: &[u8], at: usize) -> u32 {
+    bytes
+        .get(at..at + 4)
+        .and_then(|b| <[u8; 4]>::try_from(b).ok())
+        .map_or(0, u32::from_be_bytes)
+}
+
+impl Layout {
+    pub fn truncated(&self, available: usize) -> crate::Error {
+        ErrorKind::Truncated {
+            what: self.what,
+            needed: self.size as u64,
+            at: 0,
+            available: available as u64,
+        }
+        .into()
+    }
+
+    /// Cookie, then checksum, then a major version of 1: the order that
+    /// gives the most telling error for the usual kinds of damage.
+    pub fn check(&self, bytes: &[u8]) -> Result<()> {
+        let cookie = bytes.get(..8).unwrap_or_default();
+        if cookie != self.cookie {
+            return Err(ErrorKind::BadMagic {
+                what: self.what,
+                expected: std::str::from_utf8(self.cookie).unwrap_or_default(),
+                found: String::from_utf8_lossy(cookie).into_owned(),
+            }
+            .into());
+        }
+        let stored = be32(bytes, self.checksum_at);
+        let computed = checksum(bytes, self.checksum_at);
+        if computed != stored {
+            return Err(crate::Error::from(ErrorKind::BadChecksum {
+                what: self.what,
+                stored,
+                computed,
+            })
+            .at(self.checksum_at as u64));
+        }
+        let version = be32(bytes, self.version_at);
+        if version >> 16 != 1 {
+            return Err(crate::Error::from(ErrorKind::UnsupportedVersion {
+                what: self.what,
+                found: version,
+                expected: 0x0001_0000,
+            })
+            .at(self.version_at as u64));
+        }
+        Ok(())
+    }
+}
+
 /// The VHD checksum: the ones' complement of the byte sum, with the
 /// checksum field itself counted as zeros.
 pub fn checksum(bytes: &[u8], checksum_at: usize) -> u32 {
@@ -179,38 +250,9 @@ impl Footer {
     /// Parses and checks a footer. Offsets in errors are relative to it.
     pub fn parse(bytes: &[u8]) -> Result<Footer> {
         let raw = RawFooter::ref_from_prefix(bytes)
-            .map_err(|_| ErrorKind::Truncated {
-                what: "VHD footer",
-                needed: FOOTER_SIZE as u64,
-                at: 0,
-                available: bytes.len() as u64,
-            })?
+            .map_err(|_| FOOTER_LAYOUT.truncated(bytes.len()))?
             .0;
-        if &raw.cookie != FOOTER_COOKIE {
-            return Err(ErrorKind::BadMagic {
-                what: "VHD footer",
-                expected: "conectix",
-                found: String::from_utf8_lossy(&raw.cookie).into_owned(),
-            }
-            .into());
-        }
-        let computed = checksum(raw.as_bytes(), CHECKSUM_AT);
-        if computed != raw.checksum.get() {
-            return Err(crate::Error::from(ErrorKind::BadChecksum {
-                what: "VHD footer",
-                stored: raw.checksum.get(),
-                computed,
-            })
-            .at(CHECKSUM_AT as u64));
-        }
-        if raw.format_version.get() >> 16 != 1 {
-            return Err(crate::Error::from(ErrorKind::UnsupportedVersion {
-                what: "VHD footer format",
-                found: raw.format_version.get(),
-                expected: 0x0001_0000,
-            })
-            .at(12));
-        }
+        FOOTER_LAYOUT.check(raw.as_bytes())?;
         let disk_type = DiskType::from_code(raw.disk_type.get()).map_err(|e| e.at(60))?;
         Ok(Footer {
             features: raw.features.get(),

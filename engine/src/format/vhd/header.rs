@@ -5,12 +5,19 @@ use std::path::PathBuf;
 use zerocopy::big_endian::{U32, U64};
 use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-use super::footer::{checksum, SECTOR};
+use super::footer::{checksum, Layout, SECTOR};
 use crate::error::{Error, ErrorKind, Result};
 
 pub const HEADER_SIZE: usize = 1024;
 pub const HEADER_COOKIE: &[u8; 8] = b"cxsparse";
 const CHECKSUM_AT: usize = 36;
+const HEADER_LAYOUT: Layout = Layout {
+    what: "VHD dynamic header",
+    size: HEADER_SIZE,
+    cookie: HEADER_COOKIE,
+    checksum_at: CHECKSUM_AT,
+    version_at: 24,
+};
 const LOCATOR_AT: usize = 576;
 const LOCATOR_SIZE: usize = 24;
 
@@ -103,38 +110,9 @@ impl DynamicHeader {
     /// Parses and checks a header. Offsets in errors are relative to it.
     pub fn parse(bytes: &[u8]) -> Result<DynamicHeader> {
         let raw = RawHeader::ref_from_prefix(bytes)
-            .map_err(|_| ErrorKind::Truncated {
-                what: "VHD dynamic header",
-                needed: HEADER_SIZE as u64,
-                at: 0,
-                available: bytes.len() as u64,
-            })?
+            .map_err(|_| HEADER_LAYOUT.truncated(bytes.len()))?
             .0;
-        if &raw.cookie != HEADER_COOKIE {
-            return Err(ErrorKind::BadMagic {
-                what: "VHD dynamic header",
-                expected: "cxsparse",
-                found: String::from_utf8_lossy(&raw.cookie).into_owned(),
-            }
-            .into());
-        }
-        let computed = checksum(raw.as_bytes(), CHECKSUM_AT);
-        if computed != raw.checksum.get() {
-            return Err(Error::from(ErrorKind::BadChecksum {
-                what: "VHD dynamic header",
-                stored: raw.checksum.get(),
-                computed,
-            })
-            .at(CHECKSUM_AT as u64));
-        }
-        if raw.header_version.get() >> 16 != 1 {
-            return Err(Error::from(ErrorKind::UnsupportedVersion {
-                what: "VHD dynamic header",
-                found: raw.header_version.get(),
-                expected: 0x0001_0000,
-            })
-            .at(24));
-        }
+        HEADER_LAYOUT.check(raw.as_bytes())?;
         let block_size = raw.block_size.get();
         if !block_size.is_power_of_two() || u64::from(block_size) < SECTOR {
             return Err(Error::from(ErrorKind::BadBlockSize(block_size.into())).at(32));

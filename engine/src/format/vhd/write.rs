@@ -83,14 +83,14 @@ impl VhdLayer {
                 "write VHD block",
             )?;
         } else {
-            // Complete the partial edge sectors with what they held, from
-            // this file if present here, else from below.
+            // Complete the partial edge sectors with what they held: from
+            // this file where it holds them, else from below.
             let span_start = first * SECTOR;
             let mut tmp = vec![0u8; ((last - first) * SECTOR) as usize];
             for sec in [first, last - 1] {
                 let at = ((sec - first) * SECTOR) as usize;
                 let out = &mut tmp[at..at + SECTOR as usize];
-                if bat::bit(&bitmap, sec) {
+                if !self.honours_bitmaps() || bat::bit(&bitmap, sec) {
                     self.storage
                         .read_exact_at(out, data_start + sec * SECTOR)
                         .ctx(&self.path, data_start + sec * SECTOR, "read VHD block")?;
