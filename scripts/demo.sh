@@ -7,6 +7,6 @@ command -v cargo >/dev/null || { echo "cargo is needed (https://rustup.rs)"; exi
 cargo build --release --quiet -p vsnap
 vsnap=target/release/vsnap
 set -x
-$vsnap info fixtures/fixed-qemu.vhd fixtures/dynamic-64k.vhd fixtures/chain/child3.vhd
-$vsnap map fixtures/dynamic-64k.vhd
+$vsnap info fixtures/fixed-qemu.vhd fixtures/dynamic-16k.vhd fixtures/chain/child3.vhd
+$vsnap map fixtures/dynamic-16k.vhd
 $vsnap map fixtures/chain/child3.vhd

@@ -24,3 +24,5 @@ echo "== fuzz crate builds"
 cargo check --quiet --manifest-path fuzz/Cargo.toml --locked
 echo "== tests"
 cargo test --workspace --locked
+echo "== the README's main command"
+scripts/demo.sh >/dev/null

@@ -215,12 +215,20 @@ impl std::error::Error for Error {
 
 /// Adds context to results in one call at each I/O site.
 pub(crate) trait ResultExt<T> {
+    /// For I/O at a place in a file.
     fn ctx(self, path: &Path, offset: u64, op: &'static str) -> Result<T>;
+    /// For operations on a whole file (open, stat, flush), where an offset
+    /// would only be noise.
+    fn ctx_file(self, path: &Path, op: &'static str) -> Result<T>;
 }
 
 impl<T, E: Into<Error>> ResultExt<T> for std::result::Result<T, E> {
     fn ctx(self, path: &Path, offset: u64, op: &'static str) -> Result<T> {
         self.map_err(|e| e.into().in_file(path).at(offset).during(op))
+    }
+
+    fn ctx_file(self, path: &Path, op: &'static str) -> Result<T> {
+        self.map_err(|e| e.into().in_file(path).during(op))
     }
 }
 

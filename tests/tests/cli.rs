@@ -34,6 +34,10 @@ fn info_json_agrees_with_qemu_img_on_every_fixture() {
         .find(|i| i["path"].as_str().unwrap().ends_with("child3.vhd"))
         .unwrap();
     assert_eq!(child3["parents"].as_array().unwrap().len(), 3);
+    // Each layer reports what its own file stores: the base was written in
+    // full, even where its children hide it.
+    assert_eq!(child3["parents"][2]["allocated_bytes"], 512 << 10);
+    assert_eq!(child3["allocated_bytes"], 1024);
 }
 
 #[test]

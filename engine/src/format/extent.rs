@@ -81,15 +81,6 @@ impl AllocationMap {
             .sum()
     }
 
-    /// Bytes held as data by one layer.
-    pub fn layer_bytes(&self, layer: usize) -> u64 {
-        self.extents
-            .iter()
-            .filter(|e| e.kind == ExtentKind::Data && e.layer == Some(layer))
-            .map(|e| e.length)
-            .sum()
-    }
-
     /// Lays `self` over `lower`: where `self` is unallocated, `lower`
     /// shows through, with its layers numbered below `self`'s.
     ///

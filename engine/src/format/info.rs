@@ -43,6 +43,7 @@ pub struct LayerInfo {
     pub path: PathBuf,
     pub disk_type: DiskType,
     pub unique_id: uuid::Uuid,
+    /// Bytes this file stores, whether or not a child hides them.
     pub allocated_bytes: u64,
 }
 
@@ -59,21 +60,21 @@ fn creator(layer: &VhdLayer) -> Creator {
 }
 
 pub(super) fn vhd_info(image: &VhdImage) -> Result<ImageInfo> {
-    let map = image.allocation_map()?;
     let top = image.top();
     let footer = top.footer();
     let parents = image
         .layers()
         .iter()
-        .enumerate()
         .skip(1)
-        .map(|(i, l)| LayerInfo {
-            path: l.path().to_path_buf(),
-            disk_type: l.disk_type(),
-            unique_id: uuid::Uuid::from_bytes(l.footer().unique_id),
-            allocated_bytes: map.layer_bytes(i),
+        .map(|l| {
+            Ok(LayerInfo {
+                path: l.path().to_path_buf(),
+                disk_type: l.disk_type(),
+                unique_id: uuid::Uuid::from_bytes(l.footer().unique_id),
+                allocated_bytes: l.own_map()?.data_bytes(),
+            })
         })
-        .collect();
+        .collect::<Result<_>>()?;
     let warnings = image
         .layers()
         .iter()
@@ -89,7 +90,7 @@ pub(super) fn vhd_info(image: &VhdImage) -> Result<ImageInfo> {
         disk_type: top.disk_type(),
         virtual_size: image.virtual_size(),
         file_size: top.file_len()?,
-        allocated_bytes: map.layer_bytes(0),
+        allocated_bytes: top.own_map()?.data_bytes(),
         geometry: Some(footer.geometry),
         creator: Some(creator(top)),
         block_size: top.sparse().map(|s| s.header.block_size),

@@ -20,8 +20,8 @@ pub struct RawImage {
 
 impl RawImage {
     pub fn open(path: &Path) -> Result<RawImage> {
-        let file = File::open(path).ctx(path, 0, "open raw image")?;
-        let size = Storage::len(&file).ctx(path, 0, "stat raw image")?;
+        let file = File::open(path).ctx_file(path, "open raw image")?;
+        let size = Storage::len(&file).ctx_file(path, "stat raw image")?;
         Ok(RawImage {
             path: path.to_path_buf(),
             file,
@@ -44,7 +44,7 @@ impl DiskImage for RawImage {
         let ranges = self
             .file
             .data_ranges(0..self.size)
-            .ctx(&self.path, 0, "find holes")?;
+            .ctx_file(&self.path, "find holes")?;
         let Some(ranges) = ranges else {
             map.data(0, self.size, 0, 0);
             return Ok(map.finish());

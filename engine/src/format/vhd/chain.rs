@@ -23,7 +23,7 @@ const MAX_LOCATOR_BYTES: u32 = 64 * 1024;
 pub type FileId = (u64, u64);
 
 pub fn file_id(file: &File, path: &Path) -> Result<FileId> {
-    let meta = file.metadata().ctx(path, 0, "stat VHD")?;
+    let meta = file.metadata().ctx_file(path, "stat VHD")?;
     Ok((meta.dev(), meta.ino()))
 }
 

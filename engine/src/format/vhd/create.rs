@@ -73,10 +73,10 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<VhdImage> {
         .write(true)
         .create_new(true)
         .open(path)
-        .ctx(path, 0, "create VHD")?;
+        .ctx_file(path, "create VHD")?;
     let storage: Arc<dyn Storage> = Arc::new(file);
     let written = write_new(&*storage, path, &plan)
-        .and_then(|()| storage.sync().ctx(path, 0, "flush VHD"))
+        .and_then(|()| storage.sync().ctx_file(path, "flush VHD"))
         .and_then(|()| VhdImage::open_rw(path));
     if written.is_err() {
         let _ = std::fs::remove_file(path);
@@ -231,13 +231,13 @@ fn plan(path: &Path, opts: &CreateOptions) -> Result<Plan> {
 /// The parent's path relative to the child's directory, Windows style, and
 /// its absolute path.
 fn parent_paths(child: &Path, parent: &Path) -> Result<(String, String)> {
-    let parent_abs = std::fs::canonicalize(parent).ctx(parent, 0, "resolve parent path")?;
+    let parent_abs = std::fs::canonicalize(parent).ctx_file(parent, "resolve parent path")?;
     let child_dir = child
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     let child_dir =
-        std::fs::canonicalize(child_dir).ctx(child_dir, 0, "resolve child directory")?;
+        std::fs::canonicalize(child_dir).ctx_file(child_dir, "resolve child directory")?;
     let rel = pathdiff::diff_paths(&parent_abs, &child_dir).unwrap_or_else(|| parent_abs.clone());
     let rel = rel.to_string_lossy().replace('/', "\\");
     let rel = if rel.starts_with("..") {
@@ -270,7 +270,7 @@ fn write_new(storage: &dyn Storage, path: &Path, plan: &Plan) -> Result<()> {
         // Sparse: the data area is a hole until written.
         storage
             .set_len(plan.footer_at)
-            .ctx(path, 0, "size fixed VHD")?;
+            .ctx_file(path, "size fixed VHD")?;
     }
     storage
         .write_all_at(&footer, plan.footer_at)

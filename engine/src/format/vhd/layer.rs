@@ -70,7 +70,7 @@ impl VhdLayer {
     /// Opens one VHD file and checks its structure; it does not follow the
     /// parent of a differencing disk.
     pub fn open(storage: Arc<dyn Storage>, path: &Path, writable: bool) -> Result<VhdLayer> {
-        let len = storage.len().ctx(path, 0, "stat VHD")?;
+        let len = storage.len().ctx_file(path, "stat VHD")?;
         let mut warnings = Vec::new();
         let (footer, footer_offset) = locate_footer(&*storage, path, len, &mut warnings)?;
         let size = footer.disk_size();
@@ -144,7 +144,7 @@ impl VhdLayer {
     }
 
     pub fn file_len(&self) -> Result<u64> {
-        self.storage.len().ctx(&self.path, 0, "stat VHD")
+        self.storage.len().ctx_file(&self.path, "stat VHD")
     }
 
     pub(super) fn read_bitmap(&self, s: &Sparse, block_start: u64) -> Result<Vec<u8>> {

@@ -67,7 +67,7 @@ impl VhdImage {
             .read(true)
             .write(writable)
             .open(path)
-            .ctx(path, 0, "open VHD")?;
+            .ctx_file(path, "open VHD")?;
         let id = chain::file_id(&file, path)?;
         let top = VhdLayer::open(Arc::new(file), path, writable)?;
         let mut seen = HashSet::from([id]);
@@ -149,7 +149,7 @@ impl VhdImage {
     /// Makes every write so far durable.
     pub fn flush(&self) -> Result<()> {
         let top = self.top();
-        top.storage.sync().ctx(top.path(), 0, "flush VHD")
+        top.storage.sync().ctx_file(top.path(), "flush VHD")
     }
 }
 
@@ -182,6 +182,6 @@ fn read_below(parents: &[VhdLayer], out: &mut [u8], at: u64) -> Result<()> {
 
 /// Opens a file for detection without holding it open afterwards.
 pub(crate) fn file_looks_like_vhd(path: &Path) -> Result<bool> {
-    let f = File::open(path).ctx(path, 0, "open image")?;
-    looks_like_vhd(&f).ctx(path, 0, "read image")
+    let f = File::open(path).ctx_file(path, "open image")?;
+    looks_like_vhd(&f).ctx_file(path, "read image")
 }
