@@ -167,3 +167,42 @@ fn a_missing_parent_lists_every_path_it_tried() {
     );
     assert!(err.to_string().contains("orphan/child.vhd"), "{err}");
 }
+
+#[test]
+fn a_chain_150_deep_reads_without_deep_recursion() {
+    const DEPTH: usize = 150;
+    let dir = tempfile::tempdir().unwrap();
+    let mut prev = dir.path().join("l0.vhd");
+    let mut opts = CreateOptions::new(DiskType::Dynamic, 1 << 20);
+    opts.block_size = 4096;
+    vhd::create(&prev, &opts).unwrap();
+    // Layer i writes the sector numbered i, so every layer shows through.
+    for i in 1..=DEPTH {
+        let path = dir.path().join(format!("l{i}.vhd"));
+        let mut child = CreateOptions::new(DiskType::Differencing, 0);
+        child.parent = Some(prev.clone());
+        child.block_size = 4096;
+        let mut img = vhd::create(&path, &child).unwrap();
+        img.write_at(&[i as u8; 512], i as u64 * 512).unwrap();
+        drop(img);
+        prev = path;
+    }
+    // A 128 KiB stack: recursing through 150 layers would not fit in it
+    // (the recursive reader this replaced overflowed here).
+    let top = prev.clone();
+    let read = std::thread::Builder::new()
+        .stack_size(128 << 10)
+        .spawn(move || {
+            let img = VhdImage::open(&top).unwrap();
+            let mut buf = vec![0u8; 1 << 20];
+            img.read_at(&mut buf, 0).unwrap();
+            (img.layers().len(), buf)
+        })
+        .unwrap();
+    let (layers, buf) = read.join().unwrap();
+    assert_eq!(layers, DEPTH + 1);
+    for (sector, chunk) in buf.chunks(512).enumerate() {
+        let want = if (1..=DEPTH).contains(&sector) { sector as u8 } else { 0 };
+        assert!(chunk.iter().all(|&b| b == want), "sector {sector}");
+    }
+}

@@ -172,42 +172,53 @@ impl VhdLayer {
             let (blk, in_blk) = (pos / bs, pos % bs);
             let n = (bs - in_blk).min((buf.len() - done) as u64) as usize;
             let out = &mut buf[done..done + n];
-            let entry = s.bat.get(blk as usize).copied().unwrap_or(UNALLOCATED);
-            if entry == UNALLOCATED {
-                below(out, pos)?;
-            } else {
-                let block_start = u64::from(entry) * SECTOR;
-                let data_start = block_start + s.bitmap_size;
-                if !self.honours_bitmaps() {
-                    let at = data_start + in_blk;
+            match s.bat.get(blk as usize).copied().unwrap_or(UNALLOCATED) {
+                UNALLOCATED => below(out, pos)?,
+                entry if !self.honours_bitmaps() => {
+                    let at = u64::from(entry) * SECTOR + s.bitmap_size + in_blk;
                     read(&*self.storage, &self.path, out, at, "VHD block")?;
-                    done += n;
-                    continue;
                 }
-                let bitmap = self.read_bitmap(s, block_start)?;
-                let end = in_blk + n as u64;
-                let mut sec = in_blk / SECTOR;
-                let last = end.div_ceil(SECTOR);
-                while sec < last {
-                    let (present, run) = bat::run_at(&bitmap, sec, last);
-                    let from = (sec * SECTOR).max(in_blk);
-                    let to = ((sec + run) * SECTOR).min(end);
-                    let piece = &mut out[(from - in_blk) as usize..(to - in_blk) as usize];
-                    if present {
-                        read(
-                            &*self.storage,
-                            &self.path,
-                            piece,
-                            data_start + from,
-                            "VHD block",
-                        )?;
-                    } else {
-                        below(piece, blk * bs + from)?;
-                    }
-                    sec += run;
-                }
+                entry => self.read_through_bitmap(s, entry, blk * bs, in_blk, out, below)?,
             }
             done += n;
+        }
+        Ok(())
+    }
+
+    /// Reads part of an allocated block of a differencing layer: runs of
+    /// set bits from this file, runs of clear bits from below.
+    fn read_through_bitmap(
+        &self,
+        s: &Sparse,
+        entry: u32,
+        block_offset: u64,
+        in_blk: u64,
+        out: &mut [u8],
+        below: &mut Below<'_>,
+    ) -> Result<()> {
+        let block_start = u64::from(entry) * SECTOR;
+        let data_start = block_start + s.bitmap_size;
+        let bitmap = self.read_bitmap(s, block_start)?;
+        let end = in_blk + out.len() as u64;
+        let mut sec = in_blk / SECTOR;
+        let last = end.div_ceil(SECTOR);
+        while sec < last {
+            let (present, run) = bat::run_at(&bitmap, sec, last);
+            let from = (sec * SECTOR).max(in_blk);
+            let to = ((sec + run) * SECTOR).min(end);
+            let piece = &mut out[(from - in_blk) as usize..(to - in_blk) as usize];
+            if present {
+                read(
+                    &*self.storage,
+                    &self.path,
+                    piece,
+                    data_start + from,
+                    "VHD block",
+                )?;
+            } else {
+                below(piece, block_offset + from)?;
+            }
+            sec += run;
         }
         Ok(())
     }

@@ -153,31 +153,39 @@ impl VhdImage {
     }
 }
 
-/// Reads from `layers[0]`, falling through to the rest.
+/// Reads virtual bytes through a chain, `layers[0]` first.
+///
+/// Iterative rather than recursive, so the depth of a chain is bounded by
+/// open files, not by stack: each layer fills what it holds and hands back
+/// the ranges it does not, and the next layer down is asked for those.
+/// Ranges past a (smaller) parent's end, or below the bottom of the
+/// chain, read as zeros.
 fn read_chain(layers: &[VhdLayer], buf: &mut [u8], offset: u64) -> Result<()> {
-    let Some((layer, parents)) = layers.split_first() else {
-        buf.fill(0);
-        return Ok(());
-    };
-    let mut below = |out: &mut [u8], at: u64| read_below(parents, out, at);
-    layer.read_own(buf, offset, &mut below)
-}
-
-/// What shows through a layer's holes: the parent's content where the
-/// parent reaches, zeros past its end or below the bottom of the chain.
-fn read_below(parents: &[VhdLayer], out: &mut [u8], at: u64) -> Result<()> {
-    let Some(parent) = parents.first() else {
-        out.fill(0);
-        return Ok(());
-    };
-    let size = parent.size();
-    let inside = size.saturating_sub(at).min(out.len() as u64) as usize;
-    let (head, tail) = out.split_at_mut(inside);
-    tail.fill(0);
-    if head.is_empty() {
-        return Ok(());
+    let mut pending: Vec<(usize, usize)> = vec![(0, buf.len())];
+    for layer in layers {
+        if pending.is_empty() {
+            break;
+        }
+        let mut deferred = Vec::new();
+        for (start, len) in pending {
+            let at = offset + start as u64;
+            let inside = layer.size().saturating_sub(at).min(len as u64) as usize;
+            buf[start + inside..start + len].fill(0);
+            if inside == 0 {
+                continue;
+            }
+            let mut defer = |out: &mut [u8], virt: u64| {
+                deferred.push(((virt - offset) as usize, out.len()));
+                Ok(())
+            };
+            layer.read_own(&mut buf[start..start + inside], at, &mut defer)?;
+        }
+        pending = deferred;
     }
-    read_chain(parents, head, at)
+    for (start, len) in pending {
+        buf[start..start + len].fill(0);
+    }
+    Ok(())
 }
 
 /// Opens a file for detection without holding it open afterwards.

@@ -9,7 +9,7 @@
 use super::bat::{self, UNALLOCATED};
 use super::footer::SECTOR;
 use super::layer::{Below, VhdLayer};
-use super::{read_below, VhdImage};
+use super::{read_chain, VhdImage};
 use crate::error::{Error, ErrorKind, Result, ResultExt};
 
 impl VhdImage {
@@ -25,7 +25,7 @@ impl VhdImage {
                 .in_file(top.path())
                 .during("write VHD"));
         }
-        let mut below = |out: &mut [u8], at: u64| read_below(parents, out, at);
+        let mut below = |out: &mut [u8], at: u64| read_chain(parents, out, at);
         top.write_own(buf, offset, &mut below)
     }
 }
