@@ -46,7 +46,8 @@ pub struct Args {
     /// parent's).
     #[arg(long, short = 's', value_parser = parse_size)]
     size: Option<u64>,
-    /// Block size of a dynamic or differencing disk: a power of two.
+    /// Block size of a dynamic or differencing disk: a power of two of at
+    /// least 4K (the format allows less, but qemu misreads smaller blocks).
     #[arg(long, value_parser = parse_size, default_value = "2M")]
     block_size: u64,
     /// The parent of a differencing disk; the child records its relative and

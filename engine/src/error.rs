@@ -94,8 +94,10 @@ pub enum ErrorKind {
     InvalidArgument(String),
     #[error("the image was opened read-only")]
     ReadOnly,
+    /// The message already includes the cause, so it is not also exposed
+    /// as `source()` (which would print it twice); match on the kind for it.
     #[error("I/O error: {0}")]
-    Io(#[source] std::io::Error),
+    Io(std::io::Error),
 }
 
 fn display_paths(paths: &[PathBuf]) -> String {

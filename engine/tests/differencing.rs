@@ -202,7 +202,11 @@ fn a_chain_150_deep_reads_without_deep_recursion() {
     let (layers, buf) = read.join().unwrap();
     assert_eq!(layers, DEPTH + 1);
     for (sector, chunk) in buf.chunks(512).enumerate() {
-        let want = if (1..=DEPTH).contains(&sector) { sector as u8 } else { 0 };
+        let want = if (1..=DEPTH).contains(&sector) {
+            sector as u8
+        } else {
+            0
+        };
         assert!(chunk.iter().all(|&b| b == want), "sector {sector}");
     }
 }

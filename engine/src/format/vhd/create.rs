@@ -67,7 +67,8 @@ fn vhd_time(t: SystemTime) -> u32 {
 /// Creates a new image at `path` (which must not exist) and opens it for
 /// writing. On failure the partial file is removed.
 pub fn create(path: &Path, opts: &CreateOptions) -> Result<VhdImage> {
-    let plan = plan(path, opts)?;
+    // A parent's own errors already name the parent; the rest name `path`.
+    let plan = plan(path, opts).map_err(|e| e.in_file(path))?;
     let file = OpenOptions::new()
         .read(true)
         .write(true)
