@@ -207,3 +207,28 @@ fn help_explains_every_command() {
         assert!(stdout(&o).contains("Exit codes"), "{cmd:?}");
     }
 }
+
+#[test]
+fn fixtures_stay_small() {
+    fn walk(dir: &std::path::Path, out: &mut Vec<(std::path::PathBuf, u64)>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else if p.extension().is_some_and(|x| x == "vhd") {
+                out.push((p.clone(), std::fs::metadata(&p).unwrap().len()));
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(&fixtures(), &mut files);
+    for (p, len) in &files {
+        assert!(
+            *len <= 1 << 20,
+            "{} is {len} bytes, over 1 MiB",
+            p.display()
+        );
+    }
+    let total: u64 = files.iter().map(|(_, l)| l).sum();
+    assert!(total <= 5 << 20, "fixtures total {total} bytes, over 5 MiB");
+}
