@@ -86,8 +86,8 @@ pub enum ErrorKind {
     },
     #[error("loop in the parent chain: {} is already in the chain", .path.display())]
     ParentLoop { path: PathBuf },
-    #[error("the parent of a VHD must be a VHD, but {} is {format}", .path.display())]
-    ParentNotVhd { path: PathBuf, format: &'static str },
+    #[error("parent {} is not a VHD (a VHD's parent must be one)", .path.display())]
+    ParentNotVhd { path: PathBuf },
     #[error("range {offset}+{len} is outside the virtual disk of {size} bytes")]
     OutOfRange { offset: u64, len: u64, size: u64 },
     #[error("invalid argument: {0}")]

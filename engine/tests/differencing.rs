@@ -210,3 +210,18 @@ fn a_chain_150_deep_reads_without_deep_recursion() {
         assert!(chunk.iter().all(|&b| b == want), "sector {sector}");
     }
 }
+
+#[test]
+fn a_parent_that_is_not_a_vhd_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.vhd");
+    vhd::create(&base, &CreateOptions::new(DiskType::Dynamic, 1 << 20)).unwrap();
+    let child = dir.path().join("child.vhd");
+    differencing(&child, &base, 2 << 20);
+    std::fs::write(&base, vec![0u8; 1 << 20]).unwrap();
+    let err = VhdImage::open(&child).unwrap_err();
+    let ErrorKind::ParentNotVhd { path } = err.kind() else {
+        panic!("expected ParentNotVhd, got {err}");
+    };
+    assert!(path.ends_with("base.vhd"), "{path:?}");
+}

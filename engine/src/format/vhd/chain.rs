@@ -111,7 +111,6 @@ pub fn open_parent(child: &VhdLayer, chain: &mut HashSet<FileId>) -> Result<VhdL
             first_error.get_or_insert(
                 Error::from(ErrorKind::ParentNotVhd {
                     path: candidate.clone(),
-                    format: "not a VHD",
                 })
                 .in_file(child.path())
                 .during("resolve parent"),
