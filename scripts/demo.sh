@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # vsnap's main job on the bundled fixtures: describe every image, then map a
-# dynamic disk and a three-deep differencing chain.
+# dynamic disk and a three-deep differencing chain, and print their
+# virtual-disk digests (b3sum of their raw conversion).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo >/dev/null || { echo "cargo is needed (https://rustup.rs)"; exit 1; }
@@ -10,3 +11,4 @@ set -x
 $vsnap info fixtures/fixed-qemu.vhd fixtures/dynamic-16k.vhd fixtures/chain/child3.vhd
 $vsnap map fixtures/dynamic-16k.vhd
 $vsnap map fixtures/chain/child3.vhd
+$vsnap hash fixtures/fixed-qemu.vhd fixtures/dynamic-16k.vhd fixtures/chain/child3.vhd

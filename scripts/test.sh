@@ -8,6 +8,7 @@ need_apt=()
 command -v qemu-img >/dev/null 2>&1 || need_apt+=(qemu-utils)
 command -v qemu-io >/dev/null 2>&1 || need_apt+=(qemu-utils)
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
+command -v b3sum >/dev/null 2>&1 || need_apt+=(b3sum)
 if [ ${#need_apt[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
   echo "installing: ${need_apt[*]}"

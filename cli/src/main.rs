@@ -1,8 +1,10 @@
 //! The `vsnap` command line.
 
 mod create;
+mod hash;
 mod info;
 mod map;
+mod progress;
 mod units;
 
 use std::io::Write;
@@ -41,6 +43,9 @@ enum Command {
     /// Create a fixed, dynamic or differencing VHD.
     #[command(after_help = EXIT_CODES)]
     Create(create::Args),
+    /// Print each image's virtual-disk BLAKE3 digest, in b3sum's format:
+    /// what b3sum prints for the image converted to raw.
+    Hash(hash::Args),
 }
 
 /// `--format`: what the image is, or `auto` to detect it from its bytes.
@@ -70,6 +75,7 @@ fn main() -> ExitCode {
         Command::Info(args) => info::run(&args, &mut out),
         Command::Map(args) => map::run(&args, &mut out),
         Command::Create(args) => create::run(&args, &mut out),
+        Command::Hash(args) => hash::run(&args, &mut out),
     }
     .and_then(|code| out.flush().map(|()| code).map_err(Into::into));
     match result {

@@ -4,8 +4,10 @@
 //! and the coordinator drives it from its own threads. See shared/DESIGN.md
 //! for how the parts fit together.
 
+pub mod digest;
 mod error;
 pub mod format;
 pub mod io;
+pub mod pipeline;
 
 pub use error::{Error, ErrorKind, Result};

@@ -232,3 +232,49 @@ fn fixtures_stay_small() {
     let total: u64 = files.iter().map(|(_, l)| l).sum();
     assert!(total <= 5 << 20, "fixtures total {total} bytes, over 5 MiB");
 }
+
+#[test]
+fn hash_prints_what_b3sum_prints_for_the_raw_conversion() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = fixtures().join("dynamic-16k.vhd");
+    let raw = dir.path().join("x.raw");
+    let st = std::process::Command::new("qemu-img")
+        .args(["convert", "-f", "vpc", "-O", "raw"])
+        .arg(&image)
+        .arg(&raw)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let b3 = std::process::Command::new("b3sum")
+        .arg("--no-names")
+        .arg(&raw)
+        .output()
+        .unwrap();
+    let want = String::from_utf8_lossy(&b3.stdout).trim().to_owned();
+    let o = vsnap(&["hash", image.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), format!("{want}  {}\n", image.display()));
+
+    let o = vsnap(&[
+        "hash",
+        "--json",
+        "--chunks",
+        "--chunk-size",
+        "64K",
+        image.to_str().unwrap(),
+    ]);
+    let v: Vec<Value> = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v[0]["digest"], want.as_str());
+    let chunks = v[0]["chunks"].as_array().unwrap();
+    assert_eq!(chunks.len(), 32, "2 MiB in 64 KiB chunks");
+    assert!(chunks
+        .iter()
+        .any(|c| c["kind"] == "data" && c["id"].is_string()));
+    assert!(chunks
+        .iter()
+        .any(|c| c["kind"] == "unallocated" && c["id"].is_null()));
+
+    let o = vsnap(&["hash", "--chunk-size", "3000", image.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("power of two"), "{}", stderr(&o));
+}

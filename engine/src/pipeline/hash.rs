@@ -1,0 +1,213 @@
+//! Hashing many images in parallel: the virtual-disk digest of each, and
+//! optionally every chunk's identity.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use super::{ChunkKind, Options, Progress};
+use crate::digest::{is_zero, DigestPlan, Leaf};
+use crate::error::Result;
+use crate::format::{AllocationMap, DiskImage, ExtentKind};
+
+/// One chunk of a disk, as the engine saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkRecord {
+    pub offset: u64,
+    pub length: u64,
+    pub kind: ChunkKind,
+    /// BLAKE3 of the chunk's bytes: its identity in a repository. Only
+    /// data chunks have one.
+    pub id: Option<blake3::Hash>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ImageDigest {
+    /// BLAKE3 of the whole virtual disk: `b3sum` of its raw conversion.
+    pub digest: blake3::Hash,
+    pub virtual_size: u64,
+    pub bytes_read: u64,
+    pub data_chunks: u64,
+    pub zero_chunks: u64,
+    pub unallocated_chunks: u64,
+    /// Every chunk in order, when [`Options::keep_chunks`] asked for them.
+    pub chunks: Vec<ChunkRecord>,
+}
+
+/// Whether any data extent overlaps `[offset, offset + len)`.
+fn has_data(map: &AllocationMap, offset: u64, len: u64) -> bool {
+    let extents = map.extents();
+    let first = extents.partition_point(|e| e.end() <= offset);
+    extents[first..]
+        .iter()
+        .take_while(|e| e.offset < offset + len)
+        .any(|e| e.kind == ExtentKind::Data)
+}
+
+struct Job<'a> {
+    images: &'a [&'a dyn DiskImage],
+    plans: Vec<DigestPlan>,
+    maps: Vec<AllocationMap>,
+    /// `starts[i]` is the global index of image i's first chunk.
+    starts: Vec<u64>,
+    total: u64,
+    opts: &'a Options,
+    progress: &'a Progress,
+    next: AtomicU64,
+    failed: AtomicBool,
+}
+
+struct Done {
+    image: usize,
+    index: u64,
+    leaf: Leaf,
+    record: ChunkRecord,
+}
+
+impl Job<'_> {
+    fn work(&self) -> Result<Vec<Done>> {
+        let mut buf = vec![0u8; self.opts.chunk_size as usize];
+        let mut out = Vec::new();
+        while !self.failed.load(Ordering::Relaxed) {
+            let global = self.next.fetch_add(1, Ordering::Relaxed);
+            if global >= self.total {
+                break;
+            }
+            let image = self.starts.partition_point(|&s| s <= global) - 1;
+            let index = global - self.starts[image];
+            match self.chunk(image, index, &mut buf) {
+                Ok(done) => out.push(done),
+                Err(e) => {
+                    self.failed.store(true, Ordering::Relaxed);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn chunk(&self, image: usize, index: u64, buf: &mut [u8]) -> Result<Done> {
+        let plan = &self.plans[image];
+        let (offset, length) = plan.leaf_range(index);
+        let (leaf, kind, id) = if has_data(&self.maps[image], offset, length) {
+            let data = &mut buf[..length as usize];
+            self.images[image].read_at(data, offset)?;
+            Progress::add(&self.progress.read, length);
+            let leaf = plan.leaf(offset, data);
+            if is_zero(data) {
+                (leaf, ChunkKind::Zero, None)
+            } else {
+                let id = self.opts.keep_chunks.then(|| blake3::hash(data));
+                (leaf, ChunkKind::Data, id)
+            }
+        } else {
+            (plan.zero_leaf(offset, length), ChunkKind::Unallocated, None)
+        };
+        Progress::add(&self.progress.done, length);
+        Ok(Done {
+            image,
+            index,
+            leaf,
+            record: ChunkRecord {
+                offset,
+                length,
+                kind,
+                id,
+            },
+        })
+    }
+}
+
+/// Hashes every image, all at once, with [`Options::worker_count`] threads.
+/// Unallocated chunks are hashed as zeros without being read.
+pub fn hash_images(
+    images: &[&dyn DiskImage],
+    opts: &Options,
+    progress: &Progress,
+) -> Result<Vec<ImageDigest>> {
+    // The slow, fallible set-up happens before any worker starts.
+    let plans = images
+        .iter()
+        .map(|i| DigestPlan::new(i.virtual_size(), opts.chunk_size))
+        .collect::<Result<Vec<_>>>()?;
+    let maps = images
+        .iter()
+        .map(|i| i.allocation_map())
+        .collect::<Result<Vec<_>>>()?;
+    let mut starts = Vec::with_capacity(images.len());
+    let mut total = 0;
+    for plan in &plans {
+        starts.push(total);
+        total += plan.leaves();
+    }
+    let size: u64 = images.iter().map(|i| i.virtual_size()).sum();
+    Progress::add(&progress.total, size);
+    let job = Job {
+        images,
+        plans,
+        maps,
+        starts,
+        total,
+        opts,
+        progress,
+        next: AtomicU64::new(0),
+        failed: AtomicBool::new(false),
+    };
+    let workers = opts.worker_count().min(total.max(1) as usize);
+    let results: Vec<Result<Vec<Done>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers).map(|_| s.spawn(|| job.work())).collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Ok(Vec::new())))
+            .collect()
+    });
+    let mut leaves: Vec<Vec<Option<(Leaf, ChunkRecord)>>> = job
+        .plans
+        .iter()
+        .map(|p| vec![None; p.leaves() as usize])
+        .collect();
+    for result in results {
+        for d in result? {
+            leaves[d.image][d.index as usize] = Some((d.leaf, d.record));
+        }
+    }
+    leaves
+        .into_iter()
+        .zip(&job.plans)
+        .map(|(slots, plan)| finish(plan, slots, opts.keep_chunks))
+        .collect()
+}
+
+fn finish(
+    plan: &DigestPlan,
+    slots: Vec<Option<(Leaf, ChunkRecord)>>,
+    keep_chunks: bool,
+) -> Result<ImageDigest> {
+    let mut out = ImageDigest {
+        digest: blake3::hash(&[]),
+        virtual_size: plan.disk_size,
+        bytes_read: 0,
+        data_chunks: 0,
+        zero_chunks: 0,
+        unallocated_chunks: 0,
+        chunks: Vec::new(),
+    };
+    let mut leaves = Vec::with_capacity(slots.len());
+    for slot in slots {
+        // A worker that panicked left holes; the leaf count check in
+        // `root` then refuses to produce a digest.
+        let Some((leaf, record)) = slot else { continue };
+        leaves.push(leaf);
+        match record.kind {
+            ChunkKind::Data => out.data_chunks += 1,
+            ChunkKind::Zero => out.zero_chunks += 1,
+            ChunkKind::Unallocated => out.unallocated_chunks += 1,
+        }
+        if record.kind != ChunkKind::Unallocated {
+            out.bytes_read += record.length;
+        }
+        if keep_chunks {
+            out.chunks.push(record);
+        }
+    }
+    out.digest = plan.root(&leaves)?;
+    Ok(out)
+}

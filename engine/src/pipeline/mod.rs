@@ -1,0 +1,82 @@
+//! Streaming many disk images at once: read, hash, and (with the copy and
+//! repository sinks) compress and store.
+//!
+//! Work is cut into chunks aligned to virtual-disk offsets. Every worker
+//! takes the next chunk of any image from one shared counter, so both cores
+//! stay busy whether there is one large image or many small ones, and each
+//! worker owns one chunk buffer, so memory is set by the worker count and
+//! the chunk size, never by the size or number of images.
+
+mod hash;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
+
+pub use hash::{hash_images, ChunkRecord, ImageDigest};
+
+/// The default chunk: large enough to amortise per-chunk overhead, small
+/// enough that dedup finds repeats and memory stays small per worker.
+pub const DEFAULT_CHUNK_SIZE: u64 = 4 << 20;
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// A power of two of at least 1 KiB (the digest tree needs it).
+    pub chunk_size: u64,
+    /// Worker threads; 0 means one per core.
+    pub threads: usize,
+    /// Keep a record of every chunk (offset, kind, identity).
+    pub keep_chunks: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            threads: 0,
+            keep_chunks: false,
+        }
+    }
+}
+
+impl Options {
+    pub fn worker_count(&self) -> usize {
+        if self.threads > 0 {
+            return self.threads;
+        }
+        std::thread::available_parallelism().map_or(2, |n| n.get())
+    }
+}
+
+/// What a chunk turned out to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChunkKind {
+    /// Holds data: stored, and identified by its BLAKE3.
+    Data,
+    /// Allocated but all zeros: never stored.
+    Zero,
+    /// Not allocated in any layer: never read, never stored.
+    Unallocated,
+}
+
+/// Counters a progress display polls from another thread.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Virtual bytes to process, set before the work starts.
+    pub total: AtomicU64,
+    /// Virtual bytes processed, read or not.
+    pub done: AtomicU64,
+    /// Bytes actually read from sources.
+    pub read: AtomicU64,
+}
+
+impl Progress {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
