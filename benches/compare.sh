@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Side-by-side timings of vsnap against the stock tools, in one run, with
+# the page cache warm. Prints medians (hyperfine) and their ratios.
+#
+#   benches/compare.sh [WORKDIR]     (default /tmp/vsnap-bench; needs ~8 GiB)
+#
+# The image set, per the engine issue: dynamic VHDs of 2 GiB virtual, in
+# 64 MiB stripes of random bytes, a hole, compressible text, a hole (so half
+# unallocated, a quarter incompressible, a quarter text), converted by
+# qemu-img with force_size=on so the VHD and the raw file are the same disk.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+work=${1:-/tmp/vsnap-bench}
+mkdir -p "$work"
+for t in hyperfine b3sum zstd qemu-img python3; do
+  command -v $t >/dev/null || { echo "compare.sh needs $t (apt-get install $t)"; exit 1; }
+done
+cargo build --release --quiet -p vsnap -p vsnap-benches
+vsnap=$PWD/target/release/vsnap
+mkdata=$PWD/target/release/mkdata
+cd "$work"
+
+make_image() { # NAME SIZE_MIB SEED
+  [ -f "$1.vhd" ] && return
+  "$mkdata" "$1.raw" "$2" "$3"
+  qemu-img convert -f raw -O vpc -o subformat=dynamic,force_size=on "$1.raw" "$1.vhd"
+}
+make_image d 2048 1
+for i in $(seq 1 16); do make_image s$i 256 $((100 + i)); done
+make_image big 4096 7
+
+median() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["results"][int(sys.argv[2])]["median"])' "$@"; }
+pair() { # LABEL TARGET CMD_VSNAP CMD_PEER
+  hyperfine -N -w 2 -r 10 --export-json pair.json "$3" "$4" >/dev/null
+  local a b
+  a=$(median pair.json 0); b=$(median pair.json 1)
+  python3 -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); print(f'{sys.argv[3]:<46} vsnap {a*1000:8.1f} ms  peer {b*1000:8.1f} ms  ratio {a/b:5.2f}  (target {sys.argv[4]})')" "$a" "$b" "$1" "$2"
+}
+
+echo "machine: $(nproc) cores, $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(lscpu | sed -n 's/^Model name: *//p')"
+echo "vsnap $($vsnap --version | cut -d' ' -f2), $(b3sum --version), $(zstd --version | head -1), $(qemu-img --version | head -1)"
+[ "$($vsnap hash -q d.vhd | cut -d' ' -f1)" = "$(b3sum --no-names d.raw)" ] || { echo "digest mismatch"; exit 1; }
+pair "hash: vsnap hash d.vhd / b3sum d.raw" "<= 1.20" "$vsnap hash -q d.vhd" "b3sum d.raw"
+
+# Many small images against one large one, same total bytes.
+hyperfine -N -w 1 -r 5 --export-json many.json "$vsnap hash -q $(echo s{1..16}.vhd)" "$vsnap hash -q big.vhd" >/dev/null
+python3 -c "
+import json; r=json.load(open('many.json'))['results']; m,b=r[0]['median'],r[1]['median']
+gib=4
+print(f'hash: 16 x 256 MiB {gib/m:6.2f} GiB/s, 1 x 4 GiB {gib/b:6.2f} GiB/s, ratio {b/m:5.2f} (target >= 0.90)')"
+
+# Peak memory, whatever the number of images.
+rss() { /usr/bin/time -f %M "$@" 2>&1 >/dev/null | tail -1; }
+echo "hash: peak RSS, 1 image $(rss $vsnap hash -q d.vhd) KiB; 16 images $(rss $vsnap hash -q s{1..16}.vhd) KiB; 4 GiB image $(rss $vsnap hash -q big.vhd) KiB"
