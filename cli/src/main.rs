@@ -1,5 +1,6 @@
 //! The `vsnap` command line.
 
+mod copy;
 mod create;
 mod hash;
 mod info;
@@ -46,6 +47,9 @@ enum Command {
     /// Print each image's virtual-disk BLAKE3 digest, in b3sum's format:
     /// what b3sum prints for the image converted to raw.
     Hash(hash::Args),
+    /// Copy images into a directory in parallel, with each image's digest
+    /// computed in the same pass and a B3SUMS file for `b3sum -c`.
+    Copy(copy::Args),
 }
 
 /// `--format`: what the image is, or `auto` to detect it from its bytes.
@@ -76,6 +80,7 @@ fn main() -> ExitCode {
         Command::Map(args) => map::run(&args, &mut out),
         Command::Create(args) => create::run(&args, &mut out),
         Command::Hash(args) => hash::run(&args, &mut out),
+        Command::Copy(args) => copy::run(&args, &mut out),
     }
     .and_then(|code| out.flush().map(|()| code).map_err(Into::into));
     match result {

@@ -82,9 +82,10 @@ fn a_multi_gib_sparse_disk_hashes_like_b3sum_without_reading_its_holes() {
     let d = &hash_images(&[&*image], &opts, &progress).unwrap()[0];
     assert_eq!(d.digest.to_hex().to_string(), b3sum(&raw));
     // Three allocated 2 MiB blocks, each inside one 4 MiB chunk: only those
-    // chunks were read.
+    // blocks were read.
     assert_eq!(d.data_chunks, 3);
-    assert_eq!(Progress::get(&progress.read), 3 * (4 << 20));
+    assert_eq!(Progress::get(&progress.read), 3 * (2 << 20));
+    assert_eq!(d.bytes_read, 3 * (2 << 20));
     assert_eq!(d.unallocated_chunks, (5 << 30) / (4 << 20) - 3);
     let ids: Vec<_> = d
         .chunks
@@ -152,4 +153,44 @@ fn a_read_error_names_the_image() {
         matches!(err.kind(), vsnap_engine::ErrorKind::Truncated { .. }),
         "{err}"
     );
+}
+
+#[test]
+fn a_source_truncated_during_a_copy_fails_naming_it_and_leaves_no_files() {
+    use vsnap_engine::pipeline::{copy_images, CopySpec, TargetFormat};
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.vhd");
+    qemu_create(&src, "subformat=fixed", "32M");
+    qemu_write(&src, 0x42, 0, 32 << 20);
+    let image = format::open(&src, None).unwrap();
+    // Opened whole; then cut in the middle of the data, as a source that
+    // changes under a copy would be.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&src)
+        .unwrap()
+        .set_len(20 << 20)
+        .unwrap();
+    let out = dir.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    for format in [
+        TargetFormat::Raw,
+        TargetFormat::FixedVhd,
+        TargetFormat::DynamicVhd,
+    ] {
+        let spec = CopySpec {
+            target: out.join("copy"),
+            format,
+        };
+        let err = copy_images(
+            &[&*image],
+            &[spec],
+            &Options::default(),
+            &Progress::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("src.vhd"), "{err}");
+        let left: Vec<_> = std::fs::read_dir(&out).unwrap().collect();
+        assert!(left.is_empty(), "{format:?} left {left:?}");
+    }
 }

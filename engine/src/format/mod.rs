@@ -47,6 +47,11 @@ pub trait DiskImage: Send + Sync + std::fmt::Debug {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
     /// What `vsnap info` reports.
     fn info(&self) -> Result<ImageInfo>;
+    /// The VHD footer of the image itself (the top of a chain), so a copy
+    /// can keep its identity; `None` for other formats.
+    fn vhd_footer(&self) -> Option<vhd::Footer> {
+        None
+    }
 }
 
 impl DiskImage for vhd::VhdImage {
@@ -68,6 +73,10 @@ impl DiskImage for vhd::VhdImage {
 
     fn info(&self) -> Result<ImageInfo> {
         info::vhd_info(self)
+    }
+
+    fn vhd_footer(&self) -> Option<vhd::Footer> {
+        Some(self.top().footer().clone())
     }
 }
 

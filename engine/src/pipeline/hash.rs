@@ -24,6 +24,7 @@ pub struct ImageDigest {
     /// BLAKE3 of the whole virtual disk: `b3sum` of its raw conversion.
     pub digest: blake3::Hash,
     pub virtual_size: u64,
+    /// Bytes the source holds as data (read from it).
     pub bytes_read: u64,
     pub data_chunks: u64,
     pub zero_chunks: u64,
@@ -32,18 +33,38 @@ pub struct ImageDigest {
     pub chunks: Vec<ChunkRecord>,
 }
 
-/// Whether any data extent overlaps `[offset, offset + len)`.
-fn has_data(map: &AllocationMap, offset: u64, len: u64) -> bool {
+/// How many bytes of `[offset, offset + len)` are data, so must be read.
+fn data_bytes(map: &AllocationMap, offset: u64, len: u64) -> u64 {
     let extents = map.extents();
     let first = extents.partition_point(|e| e.end() <= offset);
     extents[first..]
         .iter()
         .take_while(|e| e.offset < offset + len)
-        .any(|e| e.kind == ExtentKind::Data)
+        .filter(|e| e.kind == ExtentKind::Data)
+        .map(|e| e.end().min(offset + len) - e.offset.max(offset))
+        .sum()
+}
+
+/// Where chunks go once they are read and hashed: nowhere for `hash`, a
+/// target image for `copy`, a repository for `backup`.
+pub trait Sink: Sync {
+    /// Called once per chunk, from any worker, in any order. `data` holds
+    /// the chunk's bytes unless it was unallocated (and so never read).
+    fn put(&self, image: usize, record: &ChunkRecord, data: Option<&[u8]>) -> Result<()>;
+}
+
+/// The sink of a plain hash run.
+pub struct NoSink;
+
+impl Sink for NoSink {
+    fn put(&self, _: usize, _: &ChunkRecord, _: Option<&[u8]>) -> Result<()> {
+        Ok(())
+    }
 }
 
 struct Job<'a> {
     images: &'a [&'a dyn DiskImage],
+    sink: &'a dyn Sink,
     plans: Vec<DigestPlan>,
     maps: Vec<AllocationMap>,
     /// `starts[i]` is the global index of image i's first chunk.
@@ -60,6 +81,7 @@ struct Done {
     index: u64,
     leaf: Leaf,
     record: ChunkRecord,
+    read: u64,
 }
 
 impl Job<'_> {
@@ -87,10 +109,12 @@ impl Job<'_> {
     fn chunk(&self, image: usize, index: u64, buf: &mut [u8]) -> Result<Done> {
         let plan = &self.plans[image];
         let (offset, length) = plan.leaf_range(index);
-        let (leaf, kind, id) = if has_data(&self.maps[image], offset, length) {
+        let stored = data_bytes(&self.maps[image], offset, length);
+        let read = stored > 0;
+        let (leaf, kind, id) = if read {
             let data = &mut buf[..length as usize];
             self.images[image].read_at(data, offset)?;
-            Progress::add(&self.progress.read, length);
+            Progress::add(&self.progress.read, stored);
             let leaf = plan.leaf(offset, data);
             if is_zero(data) {
                 (leaf, ChunkKind::Zero, None)
@@ -101,17 +125,21 @@ impl Job<'_> {
         } else {
             (plan.zero_leaf(offset, length), ChunkKind::Unallocated, None)
         };
+        let record = ChunkRecord {
+            offset,
+            length,
+            kind,
+            id,
+        };
+        let data = read.then(|| &buf[..length as usize]);
+        self.sink.put(image, &record, data)?;
         Progress::add(&self.progress.done, length);
         Ok(Done {
             image,
             index,
             leaf,
-            record: ChunkRecord {
-                offset,
-                length,
-                kind,
-                id,
-            },
+            record,
+            read: stored,
         })
     }
 }
@@ -123,14 +151,25 @@ pub fn hash_images(
     opts: &Options,
     progress: &Progress,
 ) -> Result<Vec<ImageDigest>> {
-    // The slow, fallible set-up happens before any worker starts.
-    let plans = images
-        .iter()
-        .map(|i| DigestPlan::new(i.virtual_size(), opts.chunk_size))
-        .collect::<Result<Vec<_>>>()?;
     let maps = images
         .iter()
         .map(|i| i.allocation_map())
+        .collect::<Result<Vec<_>>>()?;
+    run(images, maps, opts, progress, &NoSink)
+}
+
+/// Streams every image through `sink`, given each image's allocation map
+/// (computed beforehand, with the rest of the slow set-up).
+pub fn run(
+    images: &[&dyn DiskImage],
+    maps: Vec<AllocationMap>,
+    opts: &Options,
+    progress: &Progress,
+    sink: &dyn Sink,
+) -> Result<Vec<ImageDigest>> {
+    let plans = images
+        .iter()
+        .map(|i| DigestPlan::new(i.virtual_size(), opts.chunk_size))
         .collect::<Result<Vec<_>>>()?;
     let mut starts = Vec::with_capacity(images.len());
     let mut total = 0;
@@ -142,6 +181,7 @@ pub fn hash_images(
     Progress::add(&progress.total, size);
     let job = Job {
         images,
+        sink,
         plans,
         maps,
         starts,
@@ -159,14 +199,14 @@ pub fn hash_images(
             .map(|h| h.join().unwrap_or_else(|_| Ok(Vec::new())))
             .collect()
     });
-    let mut leaves: Vec<Vec<Option<(Leaf, ChunkRecord)>>> = job
+    let mut leaves: Vec<Vec<Option<(Leaf, ChunkRecord, u64)>>> = job
         .plans
         .iter()
         .map(|p| vec![None; p.leaves() as usize])
         .collect();
     for result in results {
         for d in result? {
-            leaves[d.image][d.index as usize] = Some((d.leaf, d.record));
+            leaves[d.image][d.index as usize] = Some((d.leaf, d.record, d.read));
         }
     }
     leaves
@@ -178,7 +218,7 @@ pub fn hash_images(
 
 fn finish(
     plan: &DigestPlan,
-    slots: Vec<Option<(Leaf, ChunkRecord)>>,
+    slots: Vec<Option<(Leaf, ChunkRecord, u64)>>,
     keep_chunks: bool,
 ) -> Result<ImageDigest> {
     let mut out = ImageDigest {
@@ -194,16 +234,16 @@ fn finish(
     for slot in slots {
         // A worker that panicked left holes; the leaf count check in
         // `root` then refuses to produce a digest.
-        let Some((leaf, record)) = slot else { continue };
+        let Some((leaf, record, read)) = slot else {
+            continue;
+        };
         leaves.push(leaf);
         match record.kind {
             ChunkKind::Data => out.data_chunks += 1,
             ChunkKind::Zero => out.zero_chunks += 1,
             ChunkKind::Unallocated => out.unallocated_chunks += 1,
         }
-        if record.kind != ChunkKind::Unallocated {
-            out.bytes_read += record.length;
-        }
+        out.bytes_read += read;
         if keep_chunks {
             out.chunks.push(record);
         }

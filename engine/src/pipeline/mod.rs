@@ -7,13 +7,17 @@
 //! worker owns one chunk buffer, so memory is set by the worker count and
 //! the chunk size, never by the size or number of images.
 
+mod b3sums;
+mod copy;
 mod hash;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
 
-pub use hash::{hash_images, ChunkRecord, ImageDigest};
+pub use b3sums::{file_digests, update_b3sums, B3SUMS};
+pub use copy::{copy_images, CopyResult, CopySpec, TargetFormat};
+pub use hash::{hash_images, run, ChunkRecord, ImageDigest, NoSink, Sink};
 
 /// The default chunk: large enough to amortise per-chunk overhead, small
 /// enough that dedup finds repeats and memory stays small per worker.

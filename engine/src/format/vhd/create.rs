@@ -107,16 +107,13 @@ struct Plan {
     footer_at: u64,
 }
 
-fn plan(path: &Path, opts: &CreateOptions) -> Result<Plan> {
-    let parent = match (&opts.parent, opts.disk_type) {
-        (Some(p), DiskType::Differencing) => Some(VhdImage::open(p)?),
-        (None, DiskType::Differencing) => {
-            return Err(invalid("a differencing disk needs --parent"))
-        }
-        (Some(_), _) => return Err(invalid("only a differencing disk has a parent")),
-        (None, _) => None,
-    };
-    let size = parent.as_ref().map_or(opts.size, VhdImage::virtual_size);
+/// The footer of a new disk without a parent: checks the size and block
+/// size, and picks a geometry every reader sizes the same way.
+pub fn plan_footer(opts: &CreateOptions) -> Result<Footer> {
+    build_footer(opts, opts.size, opts.geometry)
+}
+
+fn build_footer(opts: &CreateOptions, size: u64, geometry: Option<Geometry>) -> Result<Footer> {
     if size == 0 || size % SECTOR != 0 || size > MAX_DISK_SIZE {
         return Err(Error::from(ErrorKind::BadSize {
             size,
@@ -133,19 +130,19 @@ fn plan(path: &Path, opts: &CreateOptions) -> Result<Plan> {
             "block size {block_size} is below {MIN_BLOCK_SIZE}: qemu misreads the sector bitmaps of smaller blocks"
         )));
     }
-    let geometry = match (&parent, opts.geometry) {
-        (_, Some(g)) => g,
-        (Some(p), None) => p.top().footer().geometry,
-        (None, None) => Geometry::for_exact_size(size),
-    };
+    let geometry = geometry.unwrap_or_else(|| Geometry::for_exact_size(size));
     let now = vhd_time(SystemTime::now());
     let unique_id = opts
         .unique_id
         .unwrap_or_else(|| *uuid::Uuid::new_v4().as_bytes());
-    let mut footer = Footer {
+    let footer = Footer {
         features: 2,
         format_version: 0x0001_0000,
-        data_offset: NO_OFFSET,
+        data_offset: if opts.disk_type == DiskType::Fixed {
+            NO_OFFSET
+        } else {
+            512
+        },
         timestamp: opts.timestamp.unwrap_or(now),
         creator_app: opts.creator_app,
         creator_version: 0x0001_0000,
@@ -168,6 +165,24 @@ fn plan(path: &Path, opts: &CreateOptions) -> Result<Plan> {
             footer.disk_size()
         )));
     }
+    Ok(footer)
+}
+
+fn plan(path: &Path, opts: &CreateOptions) -> Result<Plan> {
+    let parent = match (&opts.parent, opts.disk_type) {
+        (Some(p), DiskType::Differencing) => Some(VhdImage::open(p)?),
+        (None, DiskType::Differencing) => {
+            return Err(invalid("a differencing disk needs --parent"))
+        }
+        (Some(_), _) => return Err(invalid("only a differencing disk has a parent")),
+        (None, _) => None,
+    };
+    let size = parent.as_ref().map_or(opts.size, VhdImage::virtual_size);
+    let geometry = opts
+        .geometry
+        .or(parent.as_ref().map(|p| p.top().footer().geometry));
+    let footer = build_footer(opts, size, geometry)?;
+    let block_size = opts.block_size;
     if opts.disk_type == DiskType::Fixed {
         return Ok(Plan {
             footer,
@@ -176,7 +191,6 @@ fn plan(path: &Path, opts: &CreateOptions) -> Result<Plan> {
             footer_at: size,
         });
     }
-    footer.data_offset = 512;
     let entries = u32::try_from(size.div_ceil(u64::from(block_size)))
         .map_err(|_| invalid("too many blocks for a VHD BAT"))?;
     let table_offset = 512 + HEADER_SIZE as u64;

@@ -11,6 +11,7 @@ pub mod create;
 pub mod footer;
 pub mod header;
 mod layer;
+pub mod prealloc;
 mod write;
 
 use std::collections::HashSet;
@@ -22,6 +23,7 @@ pub use create::{create, CreateOptions};
 pub use footer::{DiskType, Footer, Geometry};
 pub use header::DynamicHeader;
 pub use layer::{Sparse, VhdLayer};
+pub use prealloc::PreallocatedVhd;
 
 use crate::error::{Error, ErrorKind, Result, ResultExt};
 use crate::format::extent::AllocationMap;

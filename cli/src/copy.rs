@@ -1,0 +1,252 @@
+//! `vsnap copy`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::ValueEnum;
+use serde::Serialize;
+use vsnap_engine::format::{self, DiskImage};
+use vsnap_engine::pipeline::{
+    self, copy_images, file_digests, update_b3sums, CopySpec, Options, Progress, TargetFormat,
+};
+
+use crate::units::{human, parse_size};
+use crate::FormatArg;
+
+#[derive(Debug, Clone, Copy, Default, ValueEnum)]
+enum OutFormat {
+    /// Keep the source's format: raw stays raw, a fixed VHD is copied byte
+    /// for byte, dynamic and differencing become a dynamic VHD (a chain is
+    /// flattened).
+    #[default]
+    Same,
+    /// A raw image, sparse where the source is unallocated or zero.
+    Raw,
+    /// A fixed VHD.
+    Fixed,
+    /// A dynamic VHD with blocks only where the source holds data.
+    Dynamic,
+}
+
+#[derive(Debug, clap::Args)]
+#[command(after_long_help = "\
+Each target is DIR/NAME, written as DIR/.NAME.vsnap-tmp and renamed when
+every copy is complete and flushed; on failure no partial file is left.
+NAME is the source's file name, with .raw or .vhd when the format changes.
+DIR/B3SUMS gets one line per copied file, in b3sum's format, so
+  cd DIR && b3sum -c B3SUMS
+checks the copy with a stock tool. The digest printed for each image is its
+virtual-disk digest (as `vsnap hash` prints it), computed in the same pass.
+
+Exit codes:
+  0  success
+  1  a source could not be read, a target could not be written, or
+     --verify found a difference (the message names the image)
+  2  bad command-line usage")]
+pub struct Args {
+    /// Images to copy.
+    #[arg(required = true, value_name = "SRC")]
+    sources: Vec<PathBuf>,
+    /// The directory to copy into; it must exist.
+    #[arg(long, value_name = "DIR")]
+    to: PathBuf,
+    /// The format of the copies.
+    #[arg(long = "format", value_enum, default_value_t)]
+    out_format: OutFormat,
+    /// Read every copy back and check its virtual-disk digest.
+    #[arg(long)]
+    verify: bool,
+    /// Print a JSON array, one object per image.
+    #[arg(long)]
+    json: bool,
+    /// Chunk size: a power of two of at least 1K.
+    #[arg(long, value_parser = parse_size, default_value = "4M")]
+    chunk_size: u64,
+    /// Worker threads (default: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// The source format; `auto` detects it from the file's contents.
+    #[arg(long = "source-format", value_enum, default_value_t)]
+    source_format: FormatArg,
+    /// No progress bar.
+    #[arg(long, short = 'q')]
+    quiet: bool,
+}
+
+#[derive(Serialize)]
+struct JsonCopy {
+    source: PathBuf,
+    target: PathBuf,
+    format: &'static str,
+    digest: String,
+    file_digest: String,
+    virtual_size: u64,
+    bytes_read: u64,
+    bytes_written: u64,
+    verified: bool,
+}
+
+fn target_name(source: &Path, format: TargetFormat, same: bool) -> Result<String> {
+    let name = source
+        .file_name()
+        .with_context(|| format!("{}: not a file name", source.display()))?;
+    if same {
+        return Ok(name.to_string_lossy().into_owned());
+    }
+    let stem = Path::new(name)
+        .file_stem()
+        .map_or_else(|| name.to_string_lossy(), |s| s.to_string_lossy());
+    Ok(match format {
+        TargetFormat::Raw => format!("{stem}.raw"),
+        _ => format!("{stem}.vhd"),
+    })
+}
+
+fn format_name(f: TargetFormat) -> &'static str {
+    match f {
+        TargetFormat::Raw => "raw",
+        TargetFormat::FixedVhd => "fixed",
+        TargetFormat::DynamicVhd => "dynamic",
+    }
+}
+
+pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
+    if !args.to.is_dir() {
+        bail!("--to {}: not a directory", args.to.display());
+    }
+    let images = args
+        .sources
+        .iter()
+        .map(|p| format::open(p, args.source_format.forced()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let refs: Vec<&dyn DiskImage> = images.iter().map(|b| &**b).collect();
+    let mut specs = Vec::new();
+    let mut names = Vec::new();
+    for (src, image) in args.sources.iter().zip(&refs) {
+        let format = match args.out_format {
+            OutFormat::Same => TargetFormat::same_as(*image),
+            OutFormat::Raw => TargetFormat::Raw,
+            OutFormat::Fixed => TargetFormat::FixedVhd,
+            OutFormat::Dynamic => TargetFormat::DynamicVhd,
+        };
+        let name = target_name(src, format, matches!(args.out_format, OutFormat::Same))?;
+        if names.contains(&name) {
+            bail!(
+                "two sources would both be copied to {name}; copy them into different directories"
+            );
+        }
+        specs.push(CopySpec {
+            target: args.to.join(&name),
+            format,
+        });
+        names.push(name);
+    }
+    let opts = Options {
+        chunk_size: args.chunk_size,
+        threads: args.threads,
+        keep_chunks: false,
+    };
+    let progress = Progress::default();
+    let started = Instant::now();
+    let results = crate::progress::with_bar(&progress, args.quiet || args.json, || {
+        copy_images(&refs, &specs, &opts, &progress)
+    })
+    .context("copy failed")?;
+    // A raw copy's file is the disk, so its file digest is the digest just
+    // computed; the others are read back.
+    let reread: Vec<&Path> = results
+        .iter()
+        .filter(|r| r.format != TargetFormat::Raw)
+        .map(|r| r.target.as_path())
+        .collect();
+    let mut reread_digests = file_digests(&reread, &opts)?.into_iter();
+    let mut file_digests_all = Vec::new();
+    for r in &results {
+        let d = if r.format == TargetFormat::Raw {
+            r.source.digest
+        } else {
+            reread_digests.next().context("missing file digest")?
+        };
+        file_digests_all.push(d);
+    }
+    let entries: Vec<(String, blake3::Hash)> = names
+        .iter()
+        .cloned()
+        .zip(file_digests_all.iter().copied())
+        .collect();
+    update_b3sums(&args.to, &entries)?;
+    let elapsed = started.elapsed();
+    let verified = if args.verify {
+        verify(&results, args.threads, args.chunk_size)?;
+        true
+    } else {
+        false
+    };
+    let reports: Vec<JsonCopy> = results
+        .iter()
+        .zip(&args.sources)
+        .zip(&file_digests_all)
+        .map(|((r, src), fd)| JsonCopy {
+            source: src.clone(),
+            target: r.target.clone(),
+            format: format_name(r.format),
+            digest: r.source.digest.to_hex().to_string(),
+            file_digest: fd.to_hex().to_string(),
+            virtual_size: r.source.virtual_size,
+            bytes_read: r.source.bytes_read,
+            bytes_written: r.bytes_written,
+            verified,
+        })
+        .collect();
+    if args.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&reports)?)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    for r in &reports {
+        writeln!(out, "{}  {}", r.digest, r.source.display())?;
+    }
+    let total: u64 = reports.iter().map(|r| r.virtual_size).sum();
+    let read: u64 = reports.iter().map(|r| r.bytes_read).sum();
+    let written: u64 = reports.iter().map(|r| r.bytes_written).sum();
+    let secs = elapsed.as_secs_f64().max(1e-9);
+    eprintln!(
+        "copied {} image(s): {} virtual, {} read, {} written in {:.2} s ({}/s){}",
+        reports.len(),
+        human(total),
+        human(read),
+        human(written),
+        secs,
+        human((total as f64 / secs) as u64),
+        if verified { ", verified" } else { "" }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Re-opens every copy and checks its virtual-disk digest.
+fn verify(results: &[pipeline::CopyResult], threads: usize, chunk_size: u64) -> Result<()> {
+    let copies = results
+        .iter()
+        .map(|r| format::open(&r.target, None))
+        .collect::<Result<Vec<_>, _>>()?;
+    let refs: Vec<&dyn DiskImage> = copies.iter().map(|b| &**b).collect();
+    let opts = Options {
+        chunk_size,
+        threads,
+        keep_chunks: false,
+    };
+    let digests = pipeline::hash_images(&refs, &opts, &Progress::default())?;
+    for (r, d) in results.iter().zip(digests) {
+        if d.digest != r.source.digest {
+            bail!(
+                "{}: verify failed: the copy's virtual-disk digest is {}, the source's {}",
+                r.target.display(),
+                d.digest,
+                r.source.digest
+            );
+        }
+    }
+    Ok(())
+}

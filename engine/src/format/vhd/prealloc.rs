@@ -1,0 +1,171 @@
+//! A dynamic VHD whose blocks are all placed before any data is written.
+//!
+//! A copy knows from the source's allocation map which blocks will hold
+//! data. Placing them up front, in virtual order, gives a deterministic
+//! file (the same source always copies to the same bytes), and turns every
+//! later write into a plain positional write that any number of threads can
+//! issue at once, with no BAT updates and no lock.
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+
+use super::bat::{bat_bytes, bitmap_bytes, serialize_bat, UNALLOCATED};
+use super::create::MIN_BLOCK_SIZE;
+use super::footer::{DiskType, Footer, SECTOR};
+use super::header::{DynamicHeader, HEADER_SIZE};
+use crate::error::{Error, ErrorKind, Result, ResultExt};
+use crate::io::Storage;
+
+#[derive(Debug)]
+pub struct PreallocatedVhd {
+    path: PathBuf,
+    file: File,
+    block_size: u64,
+    bitmap_size: u64,
+    /// File offset of each block's bitmap, or `None` where unallocated.
+    blocks: Vec<Option<u64>>,
+}
+
+impl PreallocatedVhd {
+    /// Creates `path` (which must not exist) as a dynamic VHD described by
+    /// `footer` (made dynamic here), with exactly `allocated` blocks
+    /// (indices, any order, duplicates ignored).
+    pub fn create(
+        path: &Path,
+        mut footer: Footer,
+        block_size: u32,
+        allocated: &[u64],
+    ) -> Result<Self> {
+        if !block_size.is_power_of_two() || block_size < MIN_BLOCK_SIZE {
+            return Err(Error::from(ErrorKind::BadBlockSize(block_size.into())).in_file(path));
+        }
+        footer.disk_type = DiskType::Dynamic;
+        footer.data_offset = 512;
+        let size = footer.disk_size();
+        let bs32 = block_size;
+        let block_size = u64::from(block_size);
+        let entries = u32::try_from(size.div_ceil(block_size)).map_err(|_| {
+            Error::from(ErrorKind::InvalidArgument(
+                "too many blocks for a VHD".into(),
+            ))
+            .in_file(path)
+        })?;
+        let table_offset = 512 + HEADER_SIZE as u64;
+        let bitmap_size = bitmap_bytes(bs32);
+        let span = bitmap_size + block_size;
+        let mut bat = vec![UNALLOCATED; entries as usize];
+        let mut blocks = vec![None; entries as usize];
+        let mut next = table_offset + bat_bytes(entries);
+        let mut sorted: Vec<u64> = allocated
+            .iter()
+            .copied()
+            .filter(|&b| b < u64::from(entries))
+            .collect();
+        sorted.sort_unstable();
+        sorted.dedup();
+        for b in sorted {
+            let sector = u32::try_from(next / SECTOR)
+                .ok()
+                .filter(|&s| s != UNALLOCATED)
+                .ok_or_else(|| {
+                    Error::from(ErrorKind::InvalidArgument(
+                        "the VHD would grow past what a BAT entry can address".into(),
+                    ))
+                    .in_file(path)
+                })?;
+            bat[b as usize] = sector;
+            blocks[b as usize] = Some(next);
+            next += span;
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .ctx_file(path, "create VHD")?;
+        let me = Self {
+            path: path.to_path_buf(),
+            file,
+            block_size,
+            bitmap_size,
+            blocks,
+        };
+        let header = DynamicHeader {
+            table_offset,
+            header_version: 0x0001_0000,
+            max_table_entries: entries,
+            block_size: bs32,
+            parent_unique_id: [0; 16],
+            parent_timestamp: 0,
+            parent_name: String::new(),
+            locators: Vec::new(),
+        };
+        me.write_layout(&footer, &header, &bat, next)?;
+        Ok(me)
+    }
+
+    fn write_layout(
+        &self,
+        footer: &Footer,
+        header: &DynamicHeader,
+        bat: &[u32],
+        end: u64,
+    ) -> Result<()> {
+        let f = &self.file;
+        let footer = footer.to_bytes();
+        let ctx = |at: u64, op| {
+            move |e: std::io::Error| Error::io(e).in_file(&self.path).at(at).during(op)
+        };
+        f.write_all_at(&footer, 0)
+            .map_err(ctx(0, "write VHD footer copy"))?;
+        f.write_all_at(&header.to_bytes(), 512)
+            .map_err(ctx(512, "write VHD dynamic header"))?;
+        f.write_all_at(&serialize_bat(bat), header.table_offset)
+            .map_err(ctx(header.table_offset, "write VHD BAT"))?;
+        // Every sector of a placed block is marked present: data not
+        // written is a hole in the file and reads as zeros, which is what
+        // the source held there.
+        let full = vec![0xFFu8; self.bitmap_size as usize];
+        for at in self.blocks.iter().flatten() {
+            f.write_all_at(&full, *at)
+                .map_err(ctx(*at, "write VHD sector bitmap"))?;
+        }
+        f.write_all_at(&footer, end)
+            .map_err(ctx(end, "write VHD footer"))
+    }
+
+    /// Writes virtual-disk bytes. Every block the range touches must have
+    /// been placed at creation.
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let (blk, in_blk) = (pos / self.block_size, pos % self.block_size);
+            let n = (self.block_size - in_blk).min((buf.len() - done) as u64) as usize;
+            let Some(Some(start)) = self.blocks.get(blk as usize) else {
+                return Err(Error::from(ErrorKind::InvalidArgument(format!(
+                    "block {blk} was not placed when the copy target was created"
+                )))
+                .in_file(&self.path)
+                .at(pos));
+            };
+            let at = start + self.bitmap_size + in_blk;
+            self.file.write_all_at(&buf[done..done + n], at).ctx(
+                &self.path,
+                at,
+                "write VHD block",
+            )?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    pub fn block_size(&self) -> u64 {
+        self.block_size
+    }
+
+    /// Makes everything durable.
+    pub fn sync(&self) -> Result<()> {
+        self.file.sync().ctx_file(&self.path, "flush VHD")
+    }
+}
