@@ -10,10 +10,11 @@ use clap::ValueEnum;
 use serde::Serialize;
 use vsnap_engine::format::{self, DiskImage};
 use vsnap_engine::pipeline::{
-    self, copy_images, file_digests, update_b3sums, CopySpec, Options, Progress, TargetFormat,
+    self, copy_images, update_b3sums, CopySpec, Options, Progress, TargetFormat,
 };
 
-use crate::units::{human, parse_size};
+use crate::engine_args::EngineArgs;
+use crate::units::human;
 use crate::FormatArg;
 
 #[derive(Debug, Clone, Copy, Default, ValueEnum)]
@@ -62,12 +63,8 @@ pub struct Args {
     /// Print a JSON array, one object per image.
     #[arg(long)]
     json: bool,
-    /// Chunk size: a power of two of at least 1K.
-    #[arg(long, value_parser = parse_size, default_value = "4M")]
-    chunk_size: u64,
-    /// Worker threads (default: one per core).
-    #[arg(long, default_value_t = 0)]
-    threads: usize,
+    #[command(flatten)]
+    engine: EngineArgs,
     /// The source format; `auto` detects it from the file's contents.
     #[arg(long = "source-format", value_enum, default_value_t)]
     source_format: FormatArg,
@@ -144,34 +141,14 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
         });
         names.push(name);
     }
-    let opts = Options {
-        chunk_size: args.chunk_size,
-        threads: args.threads,
-        keep_chunks: false,
-    };
+    let opts = args.engine.options(false);
     let progress = Progress::default();
     let started = Instant::now();
     let results = crate::progress::with_bar(&progress, args.quiet || args.json, || {
         copy_images(&refs, &specs, &opts, &progress)
     })
     .context("copy failed")?;
-    // A raw copy's file is the disk, so its file digest is the digest just
-    // computed; the others are read back.
-    let reread: Vec<&Path> = results
-        .iter()
-        .filter(|r| r.format != TargetFormat::Raw)
-        .map(|r| r.target.as_path())
-        .collect();
-    let mut reread_digests = file_digests(&reread, &opts)?.into_iter();
-    let mut file_digests_all = Vec::new();
-    for r in &results {
-        let d = if r.format == TargetFormat::Raw {
-            r.source.digest
-        } else {
-            reread_digests.next().context("missing file digest")?
-        };
-        file_digests_all.push(d);
-    }
+    let file_digests_all: Vec<blake3::Hash> = results.iter().map(|r| r.file_digest).collect();
     let entries: Vec<(String, blake3::Hash)> = names
         .iter()
         .cloned()
@@ -180,7 +157,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
     update_b3sums(&args.to, &entries)?;
     let elapsed = started.elapsed();
     let verified = if args.verify {
-        verify(&results, args.threads, args.chunk_size)?;
+        verify(&results, &opts)?;
         true
     } else {
         false
@@ -226,18 +203,13 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
 }
 
 /// Re-opens every copy and checks its virtual-disk digest.
-fn verify(results: &[pipeline::CopyResult], threads: usize, chunk_size: u64) -> Result<()> {
+fn verify(results: &[pipeline::CopyResult], opts: &Options) -> Result<()> {
     let copies = results
         .iter()
         .map(|r| format::open(&r.target, None))
         .collect::<Result<Vec<_>, _>>()?;
     let refs: Vec<&dyn DiskImage> = copies.iter().map(|b| &**b).collect();
-    let opts = Options {
-        chunk_size,
-        threads,
-        keep_chunks: false,
-    };
-    let digests = pipeline::hash_images(&refs, &opts, &Progress::default())?;
+    let digests = pipeline::hash_images(&refs, opts, &Progress::default())?;
     for (r, d) in results.iter().zip(digests) {
         if d.digest != r.source.digest {
             bail!(

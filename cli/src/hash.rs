@@ -7,9 +7,9 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use serde::Serialize;
 use vsnap_engine::format::{self, DiskImage};
-use vsnap_engine::pipeline::{self, ChunkKind, Options, Progress};
+use vsnap_engine::pipeline::{self, ChunkKind, Progress};
 
-use crate::units::parse_size;
+use crate::engine_args::EngineArgs;
 use crate::FormatArg;
 
 #[derive(Debug, clap::Args)]
@@ -35,12 +35,8 @@ pub struct Args {
     /// Also list every chunk: offset, length, kind and BLAKE3 identity.
     #[arg(long)]
     chunks: bool,
-    /// Chunk size: a power of two of at least 1K.
-    #[arg(long, value_parser = parse_size, default_value = "4M")]
-    chunk_size: u64,
-    /// Worker threads (default: one per core).
-    #[arg(long, default_value_t = 0)]
-    threads: usize,
+    #[command(flatten)]
+    engine: EngineArgs,
     /// The image format; `auto` detects it from the file's contents.
     #[arg(long, short = 'f', value_enum, default_value_t)]
     format: FormatArg,
@@ -77,11 +73,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
         .map(|p| format::open(p, args.format.forced()))
         .collect::<Result<Vec<_>, _>>()?;
     let refs: Vec<&dyn DiskImage> = images.iter().map(|b| &**b).collect();
-    let opts = Options {
-        chunk_size: args.chunk_size,
-        threads: args.threads,
-        keep_chunks: args.chunks,
-    };
+    let opts = args.engine.options(args.chunks);
     let progress = Progress::default();
     let digests = crate::progress::with_bar(&progress, args.quiet || args.json, || {
         pipeline::hash_images(&refs, &opts, &progress)

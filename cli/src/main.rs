@@ -2,6 +2,7 @@
 
 mod copy;
 mod create;
+mod engine_args;
 mod hash;
 mod info;
 mod map;

@@ -68,17 +68,11 @@ impl DigestPlan {
 
     /// A leaf of `len` zero bytes at `offset`, hashed without reading.
     pub fn zero_leaf(&self, offset: u64, len: u64) -> Leaf {
-        static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
         let mut hasher = blake3::Hasher::new();
         if self.disk_size > self.leaf_size {
             hasher.set_input_offset(offset);
         }
-        let mut left = len;
-        while left > 0 {
-            let n = left.min(ZEROS.len() as u64) as usize;
-            hasher.update(&ZEROS[..n]);
-            left -= n as u64;
-        }
+        update_zeros(&mut hasher, len);
         if self.disk_size <= self.leaf_size {
             Leaf::Root(hasher.finalize())
         } else {
@@ -137,6 +131,17 @@ impl DigestPlan {
         }
         let (left, right) = self.split(offset, len, cvs);
         hazmat::merge_subtrees_non_root(&left, &right, Mode::Hash)
+    }
+}
+
+/// Feeds `len` zero bytes to a hasher without allocating them.
+pub fn update_zeros(hasher: &mut blake3::Hasher, len: u64) {
+    static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(ZEROS.len() as u64) as usize;
+        hasher.update(&ZEROS[..n]);
+        left -= n as u64;
     }
 }
 

@@ -5,30 +5,9 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 
-use super::{hash_images, Options, Progress};
 use crate::error::{Error, ErrorKind, Result, ResultExt};
-use crate::format::raw::RawImage;
-use crate::format::DiskImage;
 
 pub const B3SUMS: &str = "B3SUMS";
-
-/// BLAKE3 of each file's bytes (what `b3sum` prints), hashed in parallel
-/// and skipping the holes of sparse files.
-pub fn file_digests(paths: &[&Path], opts: &Options) -> Result<Vec<blake3::Hash>> {
-    let files = paths
-        .iter()
-        .map(|p| RawImage::open(p))
-        .collect::<Result<Vec<_>>>()?;
-    let refs: Vec<&dyn DiskImage> = files.iter().map(|f| f as &dyn DiskImage).collect();
-    let opts = Options {
-        keep_chunks: false,
-        ..opts.clone()
-    };
-    Ok(hash_images(&refs, &opts, &Progress::default())?
-        .into_iter()
-        .map(|d| d.digest)
-        .collect())
-}
 
 /// Adds or replaces `entries` (file name, digest) in `dir/B3SUMS`, keeping
 /// the lines for other files, and writes it atomically.

@@ -8,8 +8,14 @@
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 
+use std::collections::BTreeMap;
+
+use crossbeam_channel::{unbounded, Receiver, Sender};
+
 use super::hash::{run, ChunkRecord, ImageDigest, Sink};
+use super::pool::Buffer;
 use super::{ChunkKind, Options, Progress};
+use crate::digest::update_zeros;
 use crate::error::{Error, ErrorKind, Result, ResultExt};
 use crate::format::vhd::create::{plan_footer, CreateOptions, DEFAULT_BLOCK_SIZE};
 use crate::format::vhd::{DiskType, PreallocatedVhd};
@@ -49,55 +55,157 @@ pub struct CopyResult {
     pub target: PathBuf,
     pub format: TargetFormat,
     pub bytes_written: u64,
+    /// BLAKE3 of the target file's bytes: what `b3sum` prints for it.
+    pub file_digest: blake3::Hash,
 }
 
 enum Writer {
     /// Raw and fixed VHD: the disk's bytes sit at their own offsets.
     Flat(File),
-    Dynamic(PreallocatedVhd),
+    Dynamic(Box<PreallocatedVhd>),
 }
 
 struct Target {
     tmp: PathBuf,
+    format: TargetFormat,
     writer: Writer,
-    written: std::sync::atomic::AtomicU64,
+    /// For a fixed VHD: the footer that follows the data.
+    footer: Option<[u8; 512]>,
 }
 
-struct CopySink<'a> {
-    targets: &'a [Target],
-    maps: &'a [AllocationMap],
+type Message = (ChunkRecord, Option<Buffer>);
+
+/// Hands each chunk to its target's writer thread.
+struct CopySink {
+    writers: Vec<Sender<Message>>,
 }
 
-impl Sink for CopySink<'_> {
-    fn put(&self, image: usize, record: &ChunkRecord, data: Option<&[u8]>) -> Result<()> {
-        // Zero and unallocated chunks are not written: holes in a flat
-        // target, unwritten (zero) space or no block in a dynamic one.
-        let (Some(data), ChunkKind::Data) = (data, record.kind) else {
+impl Sink for CopySink {
+    fn put(&self, image: usize, record: ChunkRecord, data: Option<Buffer>) -> Result<()> {
+        let sent = self.writers.get(image).map(|w| w.send((record, data)));
+        match sent {
+            Some(Ok(())) => Ok(()),
+            // The writer stopped on an error of its own, which is reported
+            // instead of this one.
+            _ => Err(ErrorKind::InvalidArgument("the copy's writer stopped".into()).into()),
+        }
+    }
+}
+
+/// One target's writer: it takes chunks in any order, writes them, and
+/// hashes the target file's bytes in file order as it goes, so `B3SUMS`
+/// needs no second read. One writer per file also keeps workers from
+/// contending for the file's lock.
+struct TargetWriter<'a> {
+    target: &'a Target,
+    map: &'a AllocationMap,
+    chunk_size: u64,
+    chunks: u64,
+    size: u64,
+    hasher: Option<blake3::Hasher>,
+    /// For a dynamic target: the next placed block not yet fully hashed.
+    block_cursor: usize,
+    written: u64,
+}
+
+impl TargetWriter<'_> {
+    fn run(mut self, rx: Receiver<Message>) -> Result<(Option<blake3::Hash>, u64)> {
+        if let (Some(h), Writer::Dynamic(v)) = (&mut self.hasher, &self.target.writer) {
+            h.update(v.prefix());
+        }
+        let mut pending: BTreeMap<u64, Message> = BTreeMap::new();
+        let mut next = 0u64;
+        for (record, data) in rx {
+            pending.insert(record.offset / self.chunk_size, (record, data));
+            while let Some((record, data)) = pending.remove(&next) {
+                self.chunk(&record, data.as_deref())?;
+                next += 1;
+            }
+        }
+        if next < self.chunks {
+            // The run failed and stopped sending; its error is the one
+            // reported, and the temporary file is removed.
+            return Ok((None, self.written));
+        }
+        let written = self.written;
+        Ok((self.finish(), written))
+    }
+
+    fn chunk(&mut self, record: &ChunkRecord, data: Option<&[u8]>) -> Result<()> {
+        let (start, end) = (record.offset, record.offset + record.length);
+        if let (Some(data), ChunkKind::Data) = (data, record.kind) {
+            // Only the parts the source holds: unallocated stays unallocated.
+            let extents = self.map.extents();
+            let first = extents.partition_point(|e| e.end() <= start);
+            for e in extents[first..].iter().take_while(|e| e.offset < end) {
+                if e.kind != ExtentKind::Data {
+                    continue;
+                }
+                let (from, to) = (e.offset.max(start), e.end().min(end));
+                let piece = &data[(from - start) as usize..(to - start) as usize];
+                match &self.target.writer {
+                    Writer::Flat(f) => {
+                        f.write_all_at(piece, from)
+                            .ctx(&self.target.tmp, from, "write copy")?
+                    }
+                    Writer::Dynamic(v) => v.write_at(piece, from)?,
+                }
+                self.written += to - from;
+            }
+        }
+        let Some(hasher) = &mut self.hasher else {
             return Ok(());
         };
-        let target = &self.targets[image];
-        let (start, end) = (record.offset, record.offset + record.length);
-        // Only the parts the source holds: unallocated stays unallocated.
-        let extents = self.maps[image].extents();
-        let first = extents.partition_point(|e| e.end() <= start);
-        for e in extents[first..].iter().take_while(|e| e.offset < end) {
-            if e.kind != ExtentKind::Data {
-                continue;
+        let feed = |h: &mut blake3::Hasher, from: u64, to: u64| match data {
+            Some(d) => {
+                h.update(&d[(from - start) as usize..(to - start) as usize]);
             }
-            let (from, to) = (e.offset.max(start), e.end().min(end));
-            let piece = &data[(from - start) as usize..(to - start) as usize];
-            match &target.writer {
-                Writer::Flat(f) => {
-                    f.write_all_at(piece, from)
-                        .ctx(&target.tmp, from, "write copy")?
+            None => update_zeros(h, to - from),
+        };
+        match &self.target.writer {
+            Writer::Flat(_) => feed(hasher, start, end),
+            Writer::Dynamic(v) => {
+                let bs = v.block_size();
+                let placed = v.placed_blocks();
+                while let Some(&b) = placed.get(self.block_cursor) {
+                    let (b_start, b_end) = (b * bs, (b + 1) * bs);
+                    if b_start >= end {
+                        break;
+                    }
+                    if b_start >= start {
+                        hasher.update(&vec![0xFF; v.bitmap_size() as usize]);
+                    }
+                    let (from, to) = (b_start.max(start), b_end.min(end));
+                    feed(hasher, from, to);
+                    if b_end <= end {
+                        self.block_cursor += 1;
+                    } else {
+                        break;
+                    }
                 }
-                Writer::Dynamic(v) => v.write_at(piece, from)?,
             }
-            target
-                .written
-                .fetch_add(to - from, std::sync::atomic::Ordering::Relaxed);
         }
         Ok(())
+    }
+
+    fn finish(mut self) -> Option<blake3::Hash> {
+        let mut hasher = self.hasher.take()?;
+        match &self.target.writer {
+            Writer::Flat(_) => {
+                if let Some(footer) = &self.target.footer {
+                    hasher.update(footer);
+                }
+            }
+            Writer::Dynamic(v) => {
+                // The last block's data area runs past the end of the disk.
+                if let Some(&last) = v.placed_blocks().last() {
+                    let end = (last + 1) * v.block_size();
+                    update_zeros(&mut hasher, end.saturating_sub(self.size));
+                }
+                hasher.update(v.footer_bytes());
+            }
+        }
+        Some(hasher.finalize())
     }
 }
 
@@ -129,7 +237,7 @@ fn open_target(
     map: &AllocationMap,
     spec: &CopySpec,
     tmp: &Path,
-) -> Result<Writer> {
+) -> Result<(Writer, Option<[u8; 512]>)> {
     let size = image.virtual_size();
     let source_footer = image.vhd_footer();
     let create_flat = |len: u64| -> Result<File> {
@@ -143,7 +251,7 @@ fn open_target(
         Ok(f)
     };
     match spec.format {
-        TargetFormat::Raw => Ok(Writer::Flat(create_flat(size)?)),
+        TargetFormat::Raw => Ok((Writer::Flat(create_flat(size)?), None)),
         TargetFormat::FixedVhd => {
             // A fixed source keeps its footer byte for byte, so the copy of
             // a fixed VHD is identical to it; other sources get a new one.
@@ -153,9 +261,10 @@ fn open_target(
                     .map_err(|e| e.in_file(tmp))?,
             };
             let f = create_flat(size + 512)?;
-            f.write_all_at(&footer.to_bytes(), size)
+            let bytes = footer.to_bytes();
+            f.write_all_at(&bytes, size)
                 .ctx(tmp, size, "write VHD footer")?;
-            Ok(Writer::Flat(f))
+            Ok((Writer::Flat(f), Some(bytes)))
         }
         TargetFormat::DynamicVhd => {
             let block_size = image
@@ -174,9 +283,12 @@ fn open_target(
                     .map_err(|e| e.in_file(tmp))?,
             };
             let blocks = data_blocks(map, u64::from(block_size));
-            Ok(Writer::Dynamic(PreallocatedVhd::create(
-                tmp, footer, block_size, &blocks,
-            )?))
+            Ok((
+                Writer::Dynamic(Box::new(PreallocatedVhd::create(
+                    tmp, footer, block_size, &blocks,
+                )?)),
+                None,
+            ))
         }
     }
 }
@@ -209,9 +321,7 @@ pub fn copy_images(
     let outcome = (|| {
         for ((image, map), spec) in images.iter().zip(&maps).zip(specs) {
             let tmp = tmp_name(&spec.target);
-            let writer = open_target(*image, map, spec, &tmp);
-            // Registered before the `?`, so a failure still cleans it up.
-            let writer = match writer {
+            let (writer, footer) = match open_target(*image, map, spec, &tmp) {
                 Ok(w) => w,
                 Err(e) => {
                     if tmp.exists() {
@@ -222,24 +332,53 @@ pub fn copy_images(
             };
             targets.push(Target {
                 tmp,
+                format: spec.format,
                 writer,
-                written: 0.into(),
+                footer,
             });
         }
-        let sink = CopySink {
-            targets: &targets,
-            maps: &maps,
-        };
-        let digests = run(images, maps.clone(), opts, progress, &sink)?;
+        let (digests, files) = std::thread::scope(|s| {
+            let mut senders = Vec::new();
+            let mut handles = Vec::new();
+            for ((target, map), image) in targets.iter().zip(&maps).zip(images) {
+                let (tx, rx) = unbounded();
+                senders.push(tx);
+                let size = image.virtual_size();
+                let writer = TargetWriter {
+                    target,
+                    map,
+                    chunk_size: opts.chunk_size,
+                    chunks: size.div_ceil(opts.chunk_size).max(1),
+                    size,
+                    hasher: (target.format != TargetFormat::Raw).then(blake3::Hasher::new),
+                    block_cursor: 0,
+                    written: 0,
+                };
+                handles.push(s.spawn(move || writer.run(rx)));
+            }
+            let sink = CopySink { writers: senders };
+            let run_result = run(images, maps.clone(), opts, progress, &sink);
+            drop(sink);
+            let mut files = Vec::new();
+            for h in handles {
+                // A writer's own error (a full disk, say) says more than
+                // the run's "writer stopped".
+                let joined = h.join().unwrap_or_else(|_| {
+                    Err(ErrorKind::InvalidArgument("a copy writer panicked".into()).into())
+                });
+                files.push(joined?);
+            }
+            Ok::<_, Error>((run_result?, files))
+        })?;
         for t in &targets {
             match &t.writer {
                 Writer::Flat(f) => f.sync().ctx_file(&t.tmp, "flush copy")?,
                 Writer::Dynamic(v) => v.sync()?,
             }
         }
-        Ok(digests)
+        Ok((digests, files))
     })();
-    let digests = match outcome {
+    let (digests, files) = match outcome {
         Ok(d) => d,
         Err(e) => {
             for t in &targets {
@@ -269,13 +408,15 @@ pub fn copy_images(
     }
     Ok(digests
         .into_iter()
-        .zip(targets)
+        .zip(files)
         .zip(specs)
-        .map(|((source, t), spec)| CopyResult {
+        .map(|((source, (file_digest, written)), spec)| CopyResult {
+            // A raw target's file is the disk: its digest is the disk's.
+            file_digest: file_digest.unwrap_or(source.digest),
             source,
             target: spec.target.clone(),
             format: spec.format,
-            bytes_written: t.written.into_inner(),
+            bytes_written: written,
         })
         .collect())
 }

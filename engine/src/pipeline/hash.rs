@@ -3,6 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use super::pool::{Buffer, BufferPool};
 use super::{ChunkKind, Options, Progress};
 use crate::digest::{is_zero, DigestPlan, Leaf};
 use crate::error::Result;
@@ -49,15 +50,16 @@ fn data_bytes(map: &AllocationMap, offset: u64, len: u64) -> u64 {
 /// target image for `copy`, a repository for `backup`.
 pub trait Sink: Sync {
     /// Called once per chunk, from any worker, in any order. `data` holds
-    /// the chunk's bytes unless it was unallocated (and so never read).
-    fn put(&self, image: usize, record: &ChunkRecord, data: Option<&[u8]>) -> Result<()>;
+    /// the chunk's bytes unless it was unallocated (and so never read); the
+    /// buffer returns to the pool when the sink drops it.
+    fn put(&self, image: usize, record: ChunkRecord, data: Option<Buffer>) -> Result<()>;
 }
 
 /// The sink of a plain hash run.
 pub struct NoSink;
 
 impl Sink for NoSink {
-    fn put(&self, _: usize, _: &ChunkRecord, _: Option<&[u8]>) -> Result<()> {
+    fn put(&self, _: usize, _: ChunkRecord, _: Option<Buffer>) -> Result<()> {
         Ok(())
     }
 }
@@ -74,6 +76,7 @@ struct Job<'a> {
     progress: &'a Progress,
     next: AtomicU64,
     failed: AtomicBool,
+    pool: BufferPool,
 }
 
 struct Done {
@@ -86,16 +89,19 @@ struct Done {
 
 impl Job<'_> {
     fn work(&self) -> Result<Vec<Done>> {
-        let mut buf = vec![0u8; self.opts.chunk_size as usize];
         let mut out = Vec::new();
         while !self.failed.load(Ordering::Relaxed) {
+            // The buffer first, the chunk second: a chunk once claimed
+            // always has a buffer, so a writer waiting for it in order
+            // cannot wait forever while holding the pool.
+            let Some(buf) = self.pool.take() else { break };
             let global = self.next.fetch_add(1, Ordering::Relaxed);
             if global >= self.total {
                 break;
             }
             let image = self.starts.partition_point(|&s| s <= global) - 1;
             let index = global - self.starts[image];
-            match self.chunk(image, index, &mut buf) {
+            match self.chunk(image, index, buf) {
                 Ok(done) => out.push(done),
                 Err(e) => {
                     self.failed.store(true, Ordering::Relaxed);
@@ -106,13 +112,14 @@ impl Job<'_> {
         Ok(out)
     }
 
-    fn chunk(&self, image: usize, index: u64, buf: &mut [u8]) -> Result<Done> {
+    fn chunk(&self, image: usize, index: u64, mut buf: Buffer) -> Result<Done> {
         let plan = &self.plans[image];
         let (offset, length) = plan.leaf_range(index);
         let stored = data_bytes(&self.maps[image], offset, length);
         let read = stored > 0;
+        buf.truncate(length as usize);
         let (leaf, kind, id) = if read {
-            let data = &mut buf[..length as usize];
+            let data = &mut buf[..];
             self.images[image].read_at(data, offset)?;
             Progress::add(&self.progress.read, stored);
             let leaf = plan.leaf(offset, data);
@@ -131,8 +138,7 @@ impl Job<'_> {
             kind,
             id,
         };
-        let data = read.then(|| &buf[..length as usize]);
-        self.sink.put(image, &record, data)?;
+        self.sink.put(image, record, read.then_some(buf))?;
         Progress::add(&self.progress.done, length);
         Ok(Done {
             image,
@@ -190,6 +196,7 @@ pub fn run(
         progress,
         next: AtomicU64::new(0),
         failed: AtomicBool::new(false),
+        pool: BufferPool::new(opts.buffer_count(), opts.chunk_size as usize),
     };
     let workers = opts.worker_count().min(total.max(1) as usize);
     let results: Vec<Result<Vec<Done>>> = std::thread::scope(|s| {

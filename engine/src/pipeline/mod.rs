@@ -10,14 +10,16 @@
 mod b3sums;
 mod copy;
 mod hash;
+mod pool;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
 
-pub use b3sums::{file_digests, update_b3sums, B3SUMS};
+pub use b3sums::{update_b3sums, B3SUMS};
 pub use copy::{copy_images, CopyResult, CopySpec, TargetFormat};
 pub use hash::{hash_images, run, ChunkRecord, ImageDigest, NoSink, Sink};
+pub use pool::{Buffer, BufferPool};
 
 /// The default chunk: large enough to amortise per-chunk overhead, small
 /// enough that dedup finds repeats and memory stays small per worker.
@@ -31,7 +33,12 @@ pub struct Options {
     pub threads: usize,
     /// Keep a record of every chunk (offset, kind, identity).
     pub keep_chunks: bool,
+    /// Bytes of chunk buffers in flight, all images together.
+    pub memory: u64,
 }
+
+/// The default buffer budget.
+pub const DEFAULT_MEMORY: u64 = 256 << 20;
 
 impl Default for Options {
     fn default() -> Self {
@@ -39,11 +46,19 @@ impl Default for Options {
             chunk_size: DEFAULT_CHUNK_SIZE,
             threads: 0,
             keep_chunks: false,
+            memory: DEFAULT_MEMORY,
         }
     }
 }
 
 impl Options {
+    /// Buffers in the pool: the budget divided into chunks, but never fewer
+    /// than two per worker, so reading and writing overlap.
+    pub fn buffer_count(&self) -> usize {
+        let by_budget = (self.memory / self.chunk_size.max(1)) as usize;
+        by_budget.max(2 * self.worker_count())
+    }
+
     pub fn worker_count(&self) -> usize {
         if self.threads > 0 {
             return self.threads;

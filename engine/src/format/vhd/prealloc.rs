@@ -24,6 +24,11 @@ pub struct PreallocatedVhd {
     bitmap_size: u64,
     /// File offset of each block's bitmap, or `None` where unallocated.
     blocks: Vec<Option<u64>>,
+    /// The placed blocks, in file order (which is virtual order).
+    placed: Vec<u64>,
+    /// The file's bytes before the first block: footer copy, header, BAT.
+    prefix: Vec<u8>,
+    footer: [u8; 512],
 }
 
 impl PreallocatedVhd {
@@ -63,7 +68,7 @@ impl PreallocatedVhd {
             .collect();
         sorted.sort_unstable();
         sorted.dedup();
-        for b in sorted {
+        for &b in &sorted {
             let sector = u32::try_from(next / SECTOR)
                 .ok()
                 .filter(|&s| s != UNALLOCATED)
@@ -83,12 +88,15 @@ impl PreallocatedVhd {
             .create_new(true)
             .open(path)
             .ctx_file(path, "create VHD")?;
-        let me = Self {
+        let mut me = Self {
             path: path.to_path_buf(),
             file,
             block_size,
             bitmap_size,
             blocks,
+            placed: sorted,
+            prefix: Vec::new(),
+            footer: footer.to_bytes(),
         };
         let header = DynamicHeader {
             table_offset,
@@ -100,7 +108,7 @@ impl PreallocatedVhd {
             parent_name: String::new(),
             locators: Vec::new(),
         };
-        me.write_layout(&footer, &header, &bat, next)?;
+        me.prefix = me.write_layout(&footer, &header, &bat, next)?;
         Ok(me)
     }
 
@@ -110,7 +118,7 @@ impl PreallocatedVhd {
         header: &DynamicHeader,
         bat: &[u32],
         end: u64,
-    ) -> Result<()> {
+    ) -> Result<Vec<u8>> {
         let f = &self.file;
         let footer = footer.to_bytes();
         let ctx = |at: u64, op| {
@@ -131,7 +139,29 @@ impl PreallocatedVhd {
                 .map_err(ctx(*at, "write VHD sector bitmap"))?;
         }
         f.write_all_at(&footer, end)
-            .map_err(ctx(end, "write VHD footer"))
+            .map_err(ctx(end, "write VHD footer"))?;
+        let mut prefix = footer.to_vec();
+        prefix.extend_from_slice(&header.to_bytes());
+        prefix.extend_from_slice(&serialize_bat(bat));
+        Ok(prefix)
+    }
+
+    /// The placed blocks, in the order they sit in the file.
+    pub fn placed_blocks(&self) -> &[u64] {
+        &self.placed
+    }
+
+    /// The file's bytes before the first block: footer copy, header, BAT.
+    pub fn prefix(&self) -> &[u8] {
+        &self.prefix
+    }
+
+    pub fn footer_bytes(&self) -> &[u8; 512] {
+        &self.footer
+    }
+
+    pub fn bitmap_size(&self) -> u64 {
+        self.bitmap_size
     }
 
     /// Writes virtual-disk bytes. Every block the range touches must have
