@@ -42,6 +42,24 @@ echo "vsnap $($vsnap --version | cut -d' ' -f2), $(b3sum --version), $(zstd --ve
 [ "$($vsnap hash -q d.vhd | cut -d' ' -f1)" = "$(b3sum --no-names d.raw)" ] || { echo "digest mismatch"; exit 1; }
 pair "hash: vsnap hash d.vhd / b3sum d.raw" "<= 1.20" "$vsnap hash -q d.vhd" "b3sum d.raw"
 
+# Copy, dynamic to dynamic, digest and B3SUMS included. qemu-img computes
+# no digest and never flushes the copy; vsnap fsyncs before it renames, so
+# the second pair gives qemu-img the same durability (sync FILE = fsync).
+mkdir -p out
+clean="rm -rf $work/out/d.vhd $work/out/B3SUMS $work/out/q.vhd"
+hyperfine -N -w 1 -r 10 --export-json copy.json --prepare "$clean" \
+  "$vsnap copy -q --to $work/out $work/d.vhd" \
+  "qemu-img convert -f vpc -O vpc -o subformat=dynamic,force_size=on $work/d.vhd $work/out/q.vhd" >/dev/null
+hyperfine -N -w 1 -r 10 --export-json copysync.json --prepare "$clean" \
+  "$vsnap copy -q --to $work/out $work/d.vhd" \
+  "sh -c 'qemu-img convert -f vpc -O vpc -o subformat=dynamic,force_size=on $work/d.vhd $work/out/q.vhd && sync $work/out/q.vhd'" >/dev/null
+for f in copy copysync; do
+  python3 -c "
+import json,sys; r=json.load(open(sys.argv[1]+'.json'))['results']; a,b=r[0]['median'],r[1]['median']
+label={'copy':'copy: vsnap copy / qemu-img convert','copysync':'copy: vsnap copy / qemu-img convert + sync'}[sys.argv[1]]
+print(f'{label:<46} vsnap {a*1000:8.1f} ms  peer {b*1000:8.1f} ms  ratio {a/b:5.2f}  (target <= 1.00)')" $f
+done
+
 # Many small images against one large one, same total bytes.
 hyperfine -N -w 1 -r 5 --export-json many.json "$vsnap hash -q $(echo s{1..16}.vhd)" "$vsnap hash -q big.vhd" >/dev/null
 python3 -c "

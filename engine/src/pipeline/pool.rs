@@ -6,34 +6,61 @@
 //! back-pressure that keeps memory flat whatever the number or size of the
 //! images.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use crossbeam_channel::{bounded, Receiver, Sender};
 
+/// Buffers are allocated on demand, up to `limit`: a run that keeps only a
+/// few in flight (hashing, where each goes straight back) touches only
+/// those few, and a run that holds many (writers putting chunks in order)
+/// is capped at the budget.
 #[derive(Debug)]
 pub struct BufferPool {
     free: Receiver<Vec<u8>>,
     home: Sender<Vec<u8>>,
     size: usize,
+    limit: usize,
+    made: AtomicUsize,
 }
 
 impl BufferPool {
-    pub fn new(count: usize, size: usize) -> Self {
-        let count = count.max(1);
-        let (home, free) = bounded(count);
-        for _ in 0..count {
-            // Capacity `count`, filled with exactly `count` buffers.
-            let _ = home.send(vec![0u8; size]);
+    pub fn new(limit: usize, size: usize) -> Self {
+        let limit = limit.max(1);
+        let (home, free) = bounded(limit);
+        Self {
+            free,
+            home,
+            size,
+            limit,
+            made: AtomicUsize::new(0),
         }
-        Self { free, home, size }
     }
 
-    /// Waits for a free buffer. `None` only if the pool is gone.
+    /// A free buffer, a new one while under the limit, or else waits for
+    /// one to come back. `None` only if the pool is gone.
     pub fn take(&self) -> Option<Buffer> {
-        let data = self.free.recv().ok()?;
+        let data = match self.free.try_recv() {
+            Ok(d) => d,
+            Err(_) => {
+                let made = self.made.fetch_add(1, Ordering::Relaxed);
+                if made < self.limit {
+                    vec![0u8; self.size]
+                } else {
+                    self.made.fetch_sub(1, Ordering::Relaxed);
+                    self.free.recv().ok()?
+                }
+            }
+        };
         Some(Buffer {
             data,
             len: self.size,
             home: self.home.clone(),
         })
+    }
+
+    /// How many buffers exist: the pool's high-water mark.
+    pub fn allocated(&self) -> usize {
+        self.made.load(Ordering::Relaxed).min(self.limit)
     }
 }
 
@@ -68,5 +95,32 @@ impl std::ops::DerefMut for Buffer {
 impl Drop for Buffer {
     fn drop(&mut self) {
         let _ = self.home.send(std::mem::take(&mut self.data));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_are_made_on_demand_and_capped() {
+        let pool = BufferPool::new(3, 16);
+        let a = pool.take().unwrap();
+        drop(a);
+        let b = pool.take().unwrap();
+        assert_eq!(pool.allocated(), 1, "a returned buffer is reused");
+        let c = pool.take().unwrap();
+        let d = pool.take().unwrap();
+        assert_eq!(pool.allocated(), 3);
+        // At the cap, take waits until a buffer comes back.
+        let waiter = std::thread::scope(|s| {
+            let h = s.spawn(|| pool.take().map(|x| x.len()));
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            drop(b);
+            h.join().unwrap()
+        });
+        assert_eq!(waiter, Some(16));
+        assert_eq!(pool.allocated(), 3);
+        drop((c, d));
     }
 }
