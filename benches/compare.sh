@@ -41,6 +41,10 @@ echo "machine: $(nproc) cores, $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}'
 echo "vsnap $($vsnap --version | cut -d' ' -f2), $(b3sum --version), $(zstd --version | head -1), $(qemu-img --version | head -1)"
 [ "$($vsnap hash -q d.vhd | cut -d' ' -f1)" = "$(b3sum --no-names d.raw)" ] || { echo "digest mismatch"; exit 1; }
 pair "hash: vsnap hash d.vhd / b3sum d.raw" "<= 1.20" "$vsnap hash -q d.vhd" "b3sum d.raw"
+# zstd -1 through the pipeline (read, hash, compress in one pass; zero
+# ranges never compressed) against zstd -1 -T0 of the raw file alone.
+pair "compress: vsnap hash --compress / zstd -1 -T0" "<= 0.80" "$vsnap hash -q --compress d.vhd" "zstd -1 -T0 -q -f d.raw -o /dev/null"
+echo "compress: sizes, vsnap $($vsnap hash -q --json --compress d.vhd | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["stored_bytes"])') bytes, zstd $(zstd -1 -T0 -c d.raw | wc -c) bytes"
 
 # Copy, dynamic to dynamic, digest and B3SUMS included. qemu-img computes
 # no digest and never flushes the copy; vsnap fsyncs before it renames, so

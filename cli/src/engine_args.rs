@@ -25,6 +25,7 @@ impl EngineArgs {
             threads: self.threads,
             keep_chunks,
             memory: self.memory,
+            compress: None,
         }
     }
 }

@@ -35,6 +35,12 @@ pub struct Args {
     /// Also list every chunk: offset, length, kind and BLAKE3 identity.
     #[arg(long)]
     chunks: bool,
+    /// Also compress every data chunk with zstd at LEVEL (1 if no level is
+    /// given), in the same pass, and report what a repository would store.
+    /// Zero and unallocated chunks are never compressed.
+    #[arg(long, value_name = "LEVEL", num_args = 0..=1, default_missing_value = "1", require_equals = true,
+          value_parser = clap::value_parser!(i32).range(-7..=22))]
+    compress: Option<i32>,
     #[command(flatten)]
     engine: EngineArgs,
     /// The image format; `auto` detects it from the file's contents.
@@ -51,6 +57,8 @@ struct JsonChunk {
     length: u64,
     kind: ChunkKind,
     id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stored: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -62,6 +70,9 @@ struct JsonDigest {
     data_chunks: u64,
     zero_chunks: u64,
     unallocated_chunks: u64,
+    /// With --compress: what the data chunks would be stored as.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stored_bytes: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     chunks: Option<Vec<JsonChunk>>,
 }
@@ -73,7 +84,8 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
         .map(|p| format::open(p, args.format.forced()))
         .collect::<Result<Vec<_>, _>>()?;
     let refs: Vec<&dyn DiskImage> = images.iter().map(|b| &**b).collect();
-    let opts = args.engine.options(args.chunks);
+    let mut opts = args.engine.options(args.chunks);
+    opts.compress = args.compress;
     let progress = Progress::default();
     let digests = crate::progress::with_bar(&progress, args.quiet || args.json, || {
         pipeline::hash_images(&refs, &opts, &progress)
@@ -91,6 +103,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
             data_chunks: d.data_chunks,
             zero_chunks: d.zero_chunks,
             unallocated_chunks: d.unallocated_chunks,
+            stored_bytes: args.compress.map(|_| d.stored_bytes),
             chunks: args.chunks.then(|| {
                 d.chunks
                     .iter()
@@ -99,6 +112,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
                         length: c.length,
                         kind: c.kind,
                         id: c.id.map(|h| h.to_hex().to_string()),
+                        stored: c.stored,
                     })
                     .collect()
             }),
@@ -111,6 +125,15 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
     for r in &reports {
         // b3sum's format: digest, two spaces, name.
         writeln!(out, "{}  {}", r.digest, r.path.display())?;
+        if let (Some(stored), Some(level)) = (r.stored_bytes, args.compress) {
+            // On stderr, so stdout stays in b3sum's format.
+            eprintln!(
+                "{}: {} of data would be stored as {} with zstd -{level}",
+                r.path.display(),
+                crate::units::human(r.bytes_read),
+                crate::units::human(stored),
+            );
+        }
         for c in r.chunks.iter().flatten() {
             let kind = match c.kind {
                 ChunkKind::Data => "data",

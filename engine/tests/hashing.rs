@@ -194,3 +194,54 @@ fn a_source_truncated_during_a_copy_fails_naming_it_and_leaves_no_files() {
         assert!(left.is_empty(), "{format:?} left {left:?}");
     }
 }
+
+#[test]
+fn compression_in_the_same_pass_skips_zeros_and_keeps_incompressible_chunks_raw() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.vhd");
+    qemu_create(&path, "subformat=dynamic", "16M");
+    let text: Vec<u8> = b"the guest froze and thawed; "
+        .iter()
+        .copied()
+        .cycle()
+        .take(4 << 20)
+        .collect();
+    let mut img = format::vhd::VhdImage::open_rw(&path).unwrap();
+    img.write_at(&text, 0).unwrap();
+    img.write_at(&pattern(9, 4 << 20), 4 << 20).unwrap();
+    img.write_at(&vec![0u8; 4 << 20], 8 << 20).unwrap();
+    img.flush().unwrap();
+    drop(img);
+    let image = format::open(&path, None).unwrap();
+    let opts = Options {
+        compress: Some(1),
+        keep_chunks: true,
+        ..Options::default()
+    };
+    let d = &hash_images(&[&*image], &opts, &Progress::default()).unwrap()[0];
+    let c = &d.chunks;
+    assert_eq!(
+        (c[0].kind, c[1].kind, c[2].kind, c[3].kind),
+        (
+            ChunkKind::Data,
+            ChunkKind::Data,
+            ChunkKind::Zero,
+            ChunkKind::Unallocated
+        )
+    );
+    assert!(
+        c[0].stored.unwrap() < 64 << 10,
+        "text compresses: {:?}",
+        c[0].stored
+    );
+    assert_eq!(c[1].stored, Some(4 << 20), "random bytes are stored raw");
+    assert_eq!(
+        (c[2].stored, c[3].stored),
+        (None, None),
+        "zeros are never compressed"
+    );
+    assert_eq!(d.stored_bytes, c[0].stored.unwrap() + (4 << 20));
+    // Compression changes nothing about the digest.
+    let plain = &hash_images(&[&*image], &Options::default(), &Progress::default()).unwrap()[0];
+    assert_eq!(plain.digest, d.digest);
+}

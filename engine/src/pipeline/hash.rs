@@ -18,6 +18,9 @@ pub struct ChunkRecord {
     /// BLAKE3 of the chunk's bytes: its identity in a repository. Only
     /// data chunks have one.
     pub id: Option<blake3::Hash>,
+    /// With compression on: the bytes a data chunk would be stored as
+    /// (compressed, or raw when zstd cannot make it smaller).
+    pub stored: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -30,8 +33,37 @@ pub struct ImageDigest {
     pub data_chunks: u64,
     pub zero_chunks: u64,
     pub unallocated_chunks: u64,
+    /// With compression on: the data chunks' stored size, all together.
+    pub stored_bytes: u64,
     /// Every chunk in order, when [`Options::keep_chunks`] asked for them.
     pub chunks: Vec<ChunkRecord>,
+}
+
+/// A worker's zstd context and output buffer, reused for every chunk.
+struct Compress {
+    ctx: zstd::bulk::Compressor<'static>,
+    out: Vec<u8>,
+}
+
+impl Compress {
+    fn new(level: i32, chunk: usize) -> Result<Self> {
+        let ctx = zstd::bulk::Compressor::new(level).map_err(crate::Error::from)?;
+        Ok(Self {
+            ctx,
+            out: Vec::with_capacity(zstd::zstd_safe::compress_bound(chunk)),
+        })
+    }
+
+    /// Compresses a chunk; what it would be stored as: the compressed
+    /// bytes, or the raw ones when compression does not shrink it.
+    fn stored_len(&mut self, data: &[u8]) -> Result<u64> {
+        self.out.clear();
+        let n = self
+            .ctx
+            .compress_to_buffer(data, &mut self.out)
+            .map_err(crate::Error::from)?;
+        Ok(n.min(data.len()) as u64)
+    }
 }
 
 /// How many bytes of `[offset, offset + len)` are data, so must be read.
@@ -90,6 +122,10 @@ struct Done {
 impl Job<'_> {
     fn work(&self) -> Result<Vec<Done>> {
         let mut out = Vec::new();
+        let mut zstd = match self.opts.compress {
+            Some(level) => Some(Compress::new(level, self.opts.chunk_size as usize)?),
+            None => None,
+        };
         while !self.failed.load(Ordering::Relaxed) {
             // The buffer first, the chunk second: a chunk once claimed
             // always has a buffer, so a writer waiting for it in order
@@ -101,7 +137,7 @@ impl Job<'_> {
             }
             let image = self.starts.partition_point(|&s| s <= global) - 1;
             let index = global - self.starts[image];
-            match self.chunk(image, index, buf) {
+            match self.chunk(image, index, buf, zstd.as_mut()) {
                 Ok(done) => out.push(done),
                 Err(e) => {
                     self.failed.store(true, Ordering::Relaxed);
@@ -112,16 +148,22 @@ impl Job<'_> {
         Ok(out)
     }
 
-    fn chunk(&self, image: usize, index: u64, mut buf: Buffer) -> Result<Done> {
+    fn chunk(
+        &self,
+        image: usize,
+        index: u64,
+        mut buf: Buffer,
+        zstd: Option<&mut Compress>,
+    ) -> Result<Done> {
         let plan = &self.plans[image];
         let (offset, length) = plan.leaf_range(index);
-        let stored = data_bytes(&self.maps[image], offset, length);
-        let read = stored > 0;
+        let held = data_bytes(&self.maps[image], offset, length);
+        let read = held > 0;
         buf.truncate(length as usize);
         let (leaf, kind, id) = if read {
             let data = &mut buf[..];
             self.images[image].read_at(data, offset)?;
-            Progress::add(&self.progress.read, stored);
+            Progress::add(&self.progress.read, held);
             let leaf = plan.leaf(offset, data);
             if is_zero(data) {
                 (leaf, ChunkKind::Zero, None)
@@ -132,11 +174,18 @@ impl Job<'_> {
         } else {
             (plan.zero_leaf(offset, length), ChunkKind::Unallocated, None)
         };
+        // Zero and unallocated chunks are never compressed: they are
+        // never stored.
+        let stored = match (zstd, kind) {
+            (Some(z), ChunkKind::Data) => Some(z.stored_len(&buf)?),
+            _ => None,
+        };
         let record = ChunkRecord {
             offset,
             length,
             kind,
             id,
+            stored,
         };
         self.sink.put(image, record, read.then_some(buf))?;
         Progress::add(&self.progress.done, length);
@@ -145,7 +194,7 @@ impl Job<'_> {
             index,
             leaf,
             record,
-            read: stored,
+            read: held,
         })
     }
 }
@@ -235,6 +284,7 @@ fn finish(
         data_chunks: 0,
         zero_chunks: 0,
         unallocated_chunks: 0,
+        stored_bytes: 0,
         chunks: Vec::new(),
     };
     let mut leaves = Vec::with_capacity(slots.len());
@@ -251,6 +301,7 @@ fn finish(
             ChunkKind::Unallocated => out.unallocated_chunks += 1,
         }
         out.bytes_read += read;
+        out.stored_bytes += record.stored.unwrap_or(0);
         if keep_chunks {
             out.chunks.push(record);
         }

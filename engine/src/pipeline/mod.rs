@@ -35,6 +35,8 @@ pub struct Options {
     pub keep_chunks: bool,
     /// Bytes of chunk buffers in flight, all images together.
     pub memory: u64,
+    /// Compress data chunks with zstd at this level, in the same pass.
+    pub compress: Option<i32>,
 }
 
 /// The default buffer budget.
@@ -47,6 +49,7 @@ impl Default for Options {
             threads: 0,
             keep_chunks: false,
             memory: DEFAULT_MEMORY,
+            compress: None,
         }
     }
 }
