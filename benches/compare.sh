@@ -74,3 +74,6 @@ print(f'hash: 16 x 256 MiB {gib/m:6.2f} GiB/s, 1 x 4 GiB {gib/b:6.2f} GiB/s, rat
 # Peak memory, whatever the number of images.
 rss() { /usr/bin/time -f %M "$@" 2>&1 >/dev/null | tail -1; }
 echo "hash: peak RSS, 1 image $(rss $vsnap hash -q d.vhd) KiB; 16 images $(rss $vsnap hash -q s{1..16}.vhd) KiB; 4 GiB image $(rss $vsnap hash -q big.vhd) KiB"
+rm -rf out/*; echo "copy: peak RSS, 16 images $(rss $vsnap copy -q --to out s{1..16}.vhd) KiB (budget 256 MiB + 64 MiB = 327680 KiB)"
+rm -rf out/*; echo "copy: peak RSS, 16 images, --memory 64M $(rss $vsnap copy -q --memory 64M --to out s{1..16}.vhd) KiB"
+rm -rf out/*
