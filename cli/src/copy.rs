@@ -142,6 +142,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
         names.push(name);
     }
     let opts = args.engine.options(false);
+    args.engine.report_fallback(&opts);
     let progress = Progress::default();
     let started = Instant::now();
     let results = crate::progress::with_bar(&progress, args.quiet || args.json, || {

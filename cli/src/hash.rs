@@ -86,6 +86,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
     let refs: Vec<&dyn DiskImage> = images.iter().map(|b| &**b).collect();
     let mut opts = args.engine.options(args.chunks);
     opts.compress = args.compress;
+    args.engine.report_fallback(&opts);
     let progress = Progress::default();
     let digests = crate::progress::with_bar(&progress, args.quiet || args.json, || {
         pipeline::hash_images(&refs, &opts, &progress)

@@ -240,3 +240,58 @@ fn running_out_of_space_fails_clearly_and_removes_the_temporary_files() {
         leftovers(&fs.0)
     );
 }
+
+#[test]
+fn io_uring_and_sync_reads_give_identical_digests_and_copies() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.vhd");
+    ok(Command::new("qemu-img").args([
+        "create",
+        "-q",
+        "-f",
+        "vpc",
+        "-o",
+        "subformat=dynamic",
+        src.to_str().unwrap(),
+        "48M",
+    ]));
+    for (byte, off, len) in [
+        (0x61, 0, 5 << 20),
+        (0x62, 17 << 20, 100_000),
+        (0x63, (48 << 20) - 512, 512),
+    ] {
+        let c = format!("write -P {byte:#x} {off} {len}");
+        ok(Command::new("qemu-io")
+            .args(["-f", "vpc", "-c", &c])
+            .arg(&src));
+    }
+    let chain = fixtures().join("chain/child3.vhd");
+    let mut seen: Option<(String, Vec<u8>)> = None;
+    for (io, direct) in [
+        ("sync", false),
+        ("uring", false),
+        ("sync", true),
+        ("uring", true),
+    ] {
+        let mut args = vec!["hash", "-q", "--io", io];
+        if direct {
+            args.push("--direct");
+        }
+        let digests = ok(Command::new(vsnap_bin()).args(&args).arg(&src).arg(&chain));
+        let out = dir.path().join(format!("{io}-{direct}"));
+        std::fs::create_dir(&out).unwrap();
+        let mut copy = vec!["copy", "-q", "--io", io, "--to", out.to_str().unwrap()];
+        if direct {
+            copy.push("--direct");
+        }
+        ok(Command::new(vsnap_bin()).args(&copy).arg(&src));
+        let bytes = std::fs::read(out.join("src.vhd")).unwrap();
+        match &seen {
+            None => seen = Some((digests, bytes)),
+            Some((d, b)) => {
+                assert_eq!(&digests, d, "{io} direct={direct}: digests");
+                assert!(&bytes == b, "{io} direct={direct}: the copies differ");
+            }
+        }
+    }
+}

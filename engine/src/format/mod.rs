@@ -52,6 +52,9 @@ pub trait DiskImage: Send + Sync + std::fmt::Debug {
     fn vhd_footer(&self) -> Option<vhd::Footer> {
         None
     }
+    /// The files behind the image, in the layer order of its allocation
+    /// map, so the engine can read data extents straight from them.
+    fn layer_paths(&self) -> Vec<std::path::PathBuf>;
 }
 
 impl DiskImage for vhd::VhdImage {
@@ -77,6 +80,13 @@ impl DiskImage for vhd::VhdImage {
 
     fn vhd_footer(&self) -> Option<vhd::Footer> {
         Some(self.top().footer().clone())
+    }
+
+    fn layer_paths(&self) -> Vec<std::path::PathBuf> {
+        self.layers()
+            .iter()
+            .map(|l| l.path().to_path_buf())
+            .collect()
     }
 }
 

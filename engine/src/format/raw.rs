@@ -76,6 +76,10 @@ impl DiskImage for RawImage {
             .ctx(&self.path, offset, "read raw image")
     }
 
+    fn layer_paths(&self) -> Vec<PathBuf> {
+        vec![self.path.clone()]
+    }
+
     fn info(&self) -> Result<ImageInfo> {
         let allocated = self.allocation_map()?.data_bytes();
         Ok(ImageInfo {

@@ -8,6 +8,10 @@
 //! This is the only module allowed to contain `unsafe`.
 #![allow(unsafe_code)]
 
+mod engine;
+
+pub use engine::{open_for_read, probe, AlignedBuf, Engine, IoKind, IoMode, ReadOp, ALIGN};
+
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;

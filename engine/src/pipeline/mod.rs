@@ -16,6 +16,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
 
+use crate::io::IoMode;
+
 pub use b3sums::{update_b3sums, B3SUMS};
 pub use copy::{copy_images, CopyResult, CopySpec, TargetFormat};
 pub use hash::{hash_images, run, ChunkRecord, ImageDigest, NoSink, Sink};
@@ -37,6 +39,12 @@ pub struct Options {
     pub memory: u64,
     /// Compress data chunks with zstd at this level, in the same pass.
     pub compress: Option<i32>,
+    /// Which read engine.
+    pub io: IoMode,
+    /// Read sources with `O_DIRECT`, bypassing the page cache.
+    pub direct: bool,
+    /// Reads in flight per worker with io_uring.
+    pub queue_depth: u32,
 }
 
 /// The default buffer budget.
@@ -50,6 +58,9 @@ impl Default for Options {
             keep_chunks: false,
             memory: DEFAULT_MEMORY,
             compress: None,
+            io: IoMode::Auto,
+            direct: false,
+            queue_depth: 32,
         }
     }
 }

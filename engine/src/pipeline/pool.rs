@@ -10,14 +10,16 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 
+use crate::io::AlignedBuf;
+
 /// Buffers are allocated on demand, up to `limit`: a run that keeps only a
 /// few in flight (hashing, where each goes straight back) touches only
 /// those few, and a run that holds many (writers putting chunks in order)
 /// is capped at the budget.
 #[derive(Debug)]
 pub struct BufferPool {
-    free: Receiver<Vec<u8>>,
-    home: Sender<Vec<u8>>,
+    free: Receiver<AlignedBuf>,
+    home: Sender<AlignedBuf>,
     size: usize,
     limit: usize,
     made: AtomicUsize,
@@ -44,7 +46,7 @@ impl BufferPool {
             Err(_) => {
                 let made = self.made.fetch_add(1, Ordering::Relaxed);
                 if made < self.limit {
-                    vec![0u8; self.size]
+                    AlignedBuf::new(self.size)
                 } else {
                     self.made.fetch_sub(1, Ordering::Relaxed);
                     self.free.recv().ok()?
@@ -52,7 +54,7 @@ impl BufferPool {
             }
         };
         Some(Buffer {
-            data,
+            data: Some(data),
             len: self.size,
             home: self.home.clone(),
         })
@@ -67,34 +69,44 @@ impl BufferPool {
 /// A chunk's bytes, returned to the pool on drop.
 #[derive(Debug)]
 pub struct Buffer {
-    data: Vec<u8>,
+    /// Always `Some` until the drop hands it back.
+    data: Option<AlignedBuf>,
     len: usize,
-    home: Sender<Vec<u8>>,
+    home: Sender<AlignedBuf>,
 }
 
 impl Buffer {
     /// Uses only the first `len` bytes (the last chunk of a disk is short).
     pub fn truncate(&mut self, len: usize) {
-        self.len = len.min(self.data.len());
+        self.len = len.min(self.data.as_ref().map_or(0, |d| d.len()));
+    }
+
+    /// The whole aligned allocation, past `len` too: an `O_DIRECT` read of
+    /// a disk's short tail rounds up into it.
+    pub fn full(&mut self) -> &mut [u8] {
+        self.data.as_deref_mut().unwrap_or_default()
     }
 }
 
 impl std::ops::Deref for Buffer {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        &self.data[..self.len]
+        self.data.as_deref().map_or(&[], |d| &d[..self.len])
     }
 }
 
 impl std::ops::DerefMut for Buffer {
     fn deref_mut(&mut self) -> &mut [u8] {
-        &mut self.data[..self.len]
+        let len = self.len;
+        self.data.as_deref_mut().map_or(&mut [], |d| &mut d[..len])
     }
 }
 
 impl Drop for Buffer {
     fn drop(&mut self) {
-        let _ = self.home.send(std::mem::take(&mut self.data));
+        if let Some(data) = self.data.take() {
+            let _ = self.home.send(data);
+        }
     }
 }
 
