@@ -64,6 +64,15 @@ label={'copy':'copy: vsnap copy / qemu-img convert','copysync':'copy: vsnap copy
 print(f'{label:<46} vsnap {a*1000:8.1f} ms  peer {b*1000:8.1f} ms  ratio {a/b:5.2f}  (target <= 1.00)')" $f
 done
 
+# The read engines, buffered and O_DIRECT (O_DIRECT reads the disk, not
+# the page cache).
+hyperfine -N -w 1 -r 5 --export-json io.json \
+  "$vsnap hash -q --io sync d.vhd" "$vsnap hash -q --io uring d.vhd" \
+  "$vsnap hash -q --io sync --direct d.vhd" "$vsnap hash -q --io uring --direct d.vhd" >/dev/null
+python3 -c "
+import json; r=json.load(open('io.json'))['results']
+for x in r: print(f\"io: {x['command'].split('hash -q ')[1]:<32} {x['median']*1000:8.1f} ms\")"
+
 # Many small images against one large one, same total bytes.
 hyperfine -N -w 1 -r 5 --export-json many.json "$vsnap hash -q $(echo s{1..16}.vhd)" "$vsnap hash -q big.vhd" >/dev/null
 python3 -c "
