@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
 use serde::Serialize;
-use vsnap_engine::format::{self, DiskImage};
+use vsnap_engine::format::DiskImage;
 use vsnap_engine::pipeline::{
     self, copy_images, update_b3sums, CopySpec, Options, Progress, TargetFormat,
 };
@@ -114,11 +114,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
     if !args.to.is_dir() {
         bail!("--to {}: not a directory", args.to.display());
     }
-    let images = args
-        .sources
-        .iter()
-        .map(|p| format::open(p, args.source_format.forced()))
-        .collect::<Result<Vec<_>, _>>()?;
+    let images = crate::open_all(&args.sources, args.source_format)?;
     let refs: Vec<&dyn DiskImage> = images.iter().map(|b| &**b).collect();
     let mut specs = Vec::new();
     let mut names = Vec::new();
@@ -205,10 +201,8 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
 
 /// Re-opens every copy and checks its virtual-disk digest.
 fn verify(results: &[pipeline::CopyResult], opts: &Options) -> Result<()> {
-    let copies = results
-        .iter()
-        .map(|r| format::open(&r.target, None))
-        .collect::<Result<Vec<_>, _>>()?;
+    let targets: Vec<PathBuf> = results.iter().map(|r| r.target.clone()).collect();
+    let copies = crate::open_all(&targets, FormatArg::Auto)?;
     let refs: Vec<&dyn DiskImage> = copies.iter().map(|b| &**b).collect();
     let digests = pipeline::hash_images(&refs, opts, &Progress::default())?;
     for (r, d) in results.iter().zip(digests) {

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use serde::Serialize;
-use vsnap_engine::format::{self, DiskImage};
+use vsnap_engine::format::DiskImage;
 use vsnap_engine::pipeline::{self, ChunkKind, Progress};
 
 use crate::engine_args::EngineArgs;
@@ -78,11 +78,7 @@ struct JsonDigest {
 }
 
 pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
-    let images = args
-        .images
-        .iter()
-        .map(|p| format::open(p, args.format.forced()))
-        .collect::<Result<Vec<_>, _>>()?;
+    let images = crate::open_all(&args.images, args.format)?;
     let refs: Vec<&dyn DiskImage> = images.iter().map(|b| &**b).collect();
     let mut opts = args.engine.options(args.chunks);
     opts.compress = args.compress;

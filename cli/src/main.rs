@@ -62,6 +62,18 @@ pub enum FormatArg {
     Raw,
 }
 
+/// Opens every image, detecting or forcing the format; the first that
+/// fails stops the command with its own error.
+pub fn open_all(
+    paths: &[std::path::PathBuf],
+    format: FormatArg,
+) -> anyhow::Result<Vec<Box<dyn vsnap_engine::format::DiskImage>>> {
+    Ok(paths
+        .iter()
+        .map(|p| vsnap_engine::format::open(p, format.forced()))
+        .collect::<Result<Vec<_>, _>>()?)
+}
+
 impl FormatArg {
     pub fn forced(self) -> Option<ImageFormat> {
         match self {

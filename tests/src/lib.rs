@@ -74,3 +74,31 @@ pub fn valid_fixtures() -> Vec<PathBuf> {
     out.sort();
     out
 }
+
+/// A VHD made by qemu-img (`subformat=SUB`, `SIZE`) with `qemu-io` pattern
+/// writes `(byte, offset, length)`: the real tools make every test image.
+pub fn qemu_image(path: &Path, sub: &str, size: &str, writes: &[(u8, u64, u64)]) {
+    let st = Command::new("qemu-img")
+        .args([
+            "create",
+            "-q",
+            "-f",
+            "vpc",
+            "-o",
+            &format!("subformat={sub}"),
+        ])
+        .arg(path)
+        .arg(size)
+        .status()
+        .unwrap();
+    assert!(st.success(), "qemu-img create {}", path.display());
+    for (byte, off, len) in writes {
+        let cmd = format!("write -P {byte:#x} {off} {len}");
+        let st = Command::new("qemu-io")
+            .args(["-f", "vpc", "-c", &cmd])
+            .arg(path)
+            .output()
+            .unwrap();
+        assert!(st.status.success(), "qemu-io {cmd}: {}", stderr(&st));
+    }
+}

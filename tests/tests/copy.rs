@@ -45,27 +45,17 @@ fn every_format_copies_exactly_and_b3sum_checks_the_copies() {
     let src = dir.path().join("src");
     std::fs::create_dir(&src).unwrap();
     let dynamic = src.join("d.vhd");
-    ok(Command::new("qemu-img").args([
-        "create",
-        "-q",
-        "-f",
-        "vpc",
-        "-o",
-        "subformat=dynamic",
-        dynamic.to_str().unwrap(),
+    qemu_image(
+        &dynamic,
+        "dynamic",
         "64M",
-    ]));
-    for (byte, off, len) in [
-        (0x11, 0, 4096),
-        (0x22, 9 << 20, 3 << 20),
-        (0x00, 30 << 20, 1 << 20),
-        (0x33, (64 << 20) - 8192, 512),
-    ] {
-        let c = format!("write -P {byte:#x} {off} {len}");
-        ok(Command::new("qemu-io")
-            .args(["-f", "vpc", "-c", &c])
-            .arg(&dynamic));
-    }
+        &[
+            (0x11, 0, 4096),
+            (0x22, 9 << 20, 3 << 20),
+            (0x00, 30 << 20, 1 << 20),
+            (0x33, (64 << 20) - 8192, 512),
+        ],
+    );
     let fixed = fixtures().join("fixed-qemu.vhd");
     let chain = fixtures().join("chain/child3.vhd");
     let want: Value = serde_json::from_str(&ok(Command::new(vsnap_bin())
@@ -135,19 +125,7 @@ fn every_format_copies_exactly_and_b3sum_checks_the_copies() {
 fn a_source_truncated_mid_block_fails_naming_it_and_leaves_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("cut.vhd");
-    ok(Command::new("qemu-img").args([
-        "create",
-        "-q",
-        "-f",
-        "vpc",
-        "-o",
-        "subformat=dynamic",
-        src.to_str().unwrap(),
-        "16M",
-    ]));
-    ok(Command::new("qemu-io")
-        .args(["-f", "vpc", "-c", "write -P 0x42 0 4M"])
-        .arg(&src));
+    qemu_image(&src, "dynamic", "16M", &[(0x42, 0, 4 << 20)]);
     // The file now ends 1 MiB into its second block (and its trailing
     // footer is gone, as after a crash or a short transfer).
     let f = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
@@ -211,19 +189,7 @@ fn running_out_of_space_fails_clearly_and_removes_the_temporary_files() {
         return;
     };
     let src = dir.path().join("big.vhd");
-    ok(Command::new("qemu-img").args([
-        "create",
-        "-q",
-        "-f",
-        "vpc",
-        "-o",
-        "subformat=dynamic",
-        src.to_str().unwrap(),
-        "64M",
-    ]));
-    ok(Command::new("qemu-io")
-        .args(["-f", "vpc", "-c", "write -P 0x42 0 16M"])
-        .arg(&src));
+    qemu_image(&src, "dynamic", "64M", &[(0x42, 0, 16 << 20)]);
     let o = Command::new(vsnap_bin())
         .args(["copy", "-q", "--to"])
         .arg(&fs.0)
@@ -245,26 +211,16 @@ fn running_out_of_space_fails_clearly_and_removes_the_temporary_files() {
 fn io_uring_and_sync_reads_give_identical_digests_and_copies() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src.vhd");
-    ok(Command::new("qemu-img").args([
-        "create",
-        "-q",
-        "-f",
-        "vpc",
-        "-o",
-        "subformat=dynamic",
-        src.to_str().unwrap(),
+    qemu_image(
+        &src,
+        "dynamic",
         "48M",
-    ]));
-    for (byte, off, len) in [
-        (0x61, 0, 5 << 20),
-        (0x62, 17 << 20, 100_000),
-        (0x63, (48 << 20) - 512, 512),
-    ] {
-        let c = format!("write -P {byte:#x} {off} {len}");
-        ok(Command::new("qemu-io")
-            .args(["-f", "vpc", "-c", &c])
-            .arg(&src));
-    }
+        &[
+            (0x61, 0, 5 << 20),
+            (0x62, 17 << 20, 100_000),
+            (0x63, (48 << 20) - 512, 512),
+        ],
+    );
     let chain = fixtures().join("chain/child3.vhd");
     let mut seen: Option<(String, Vec<u8>)> = None;
     for (io, direct) in [

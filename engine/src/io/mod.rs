@@ -108,6 +108,16 @@ fn data_ranges(file: &File, range: std::ops::Range<u64>) -> io::Result<Option<Ve
     Ok(Some(out))
 }
 
+/// Creates a file that must not exist yet, open for reading and writing:
+/// vsnap never overwrites an image.
+pub fn create_new(path: &std::path::Path) -> io::Result<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+}
+
 /// An in-memory [`Storage`], for fuzzing and tests that must not need files.
 #[derive(Debug, Default)]
 pub struct MemStorage {

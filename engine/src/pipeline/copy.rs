@@ -5,7 +5,7 @@
 //! them are complete and durable, so the directory never holds a partial
 //! image under a real name; on failure the temporary files are removed.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use std::collections::BTreeMap;
@@ -241,12 +241,7 @@ fn open_target(
     let size = image.virtual_size();
     let source_footer = image.vhd_footer();
     let create_flat = |len: u64| -> Result<File> {
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(tmp)
-            .ctx_file(tmp, "create copy")?;
+        let f = crate::io::create_new(tmp).ctx_file(tmp, "create copy")?;
         f.set_len(len).ctx_file(tmp, "size copy")?;
         Ok(f)
     };

@@ -6,6 +6,14 @@ use crate::error::{Error, ErrorKind, Result};
 /// A BAT entry for a block that is not stored.
 pub const UNALLOCATED: u32 = u32::MAX;
 
+/// The BAT entry for a block placed at file offset `offset` (a sector
+/// boundary), or `None` past the 2 TiB a u32 sector number can address.
+pub fn entry_for(offset: u64) -> Option<u32> {
+    u32::try_from(offset / SECTOR)
+        .ok()
+        .filter(|&e| e != UNALLOCATED)
+}
+
 /// Decodes `entries` big-endian u32 entries.
 pub fn parse_bat(bytes: &[u8], entries: u32) -> Result<Vec<u32>> {
     let needed = u64::from(entries) * 4;

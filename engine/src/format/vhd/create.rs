@@ -1,6 +1,5 @@
 //! Creating fixed, dynamic and differencing VHDs.
 
-use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -69,12 +68,7 @@ fn vhd_time(t: SystemTime) -> u32 {
 pub fn create(path: &Path, opts: &CreateOptions) -> Result<VhdImage> {
     // A parent's own errors already name the parent; the rest name `path`.
     let plan = plan(path, opts).map_err(|e| e.in_file(path))?;
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .ctx_file(path, "create VHD")?;
+    let file = crate::io::create_new(path).ctx_file(path, "create VHD")?;
     let storage: Arc<dyn Storage> = Arc::new(file);
     let written = write_new(&*storage, path, &plan)
         .and_then(|()| storage.sync().ctx_file(path, "flush VHD"))

@@ -6,12 +6,12 @@
 //! later write into a plain positional write that any number of threads can
 //! issue at once, with no BAT updates and no lock.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use super::bat::{bat_bytes, bitmap_bytes, serialize_bat, UNALLOCATED};
+use super::bat::{self, bat_bytes, bitmap_bytes, serialize_bat, UNALLOCATED};
 use super::create::MIN_BLOCK_SIZE;
-use super::footer::{DiskType, Footer, SECTOR};
+use super::footer::{DiskType, Footer};
 use super::header::{DynamicHeader, HEADER_SIZE};
 use crate::error::{Error, ErrorKind, Result, ResultExt};
 use crate::io::Storage;
@@ -69,25 +69,17 @@ impl PreallocatedVhd {
         sorted.sort_unstable();
         sorted.dedup();
         for &b in &sorted {
-            let sector = u32::try_from(next / SECTOR)
-                .ok()
-                .filter(|&s| s != UNALLOCATED)
-                .ok_or_else(|| {
-                    Error::from(ErrorKind::InvalidArgument(
-                        "the VHD would grow past what a BAT entry can address".into(),
-                    ))
-                    .in_file(path)
-                })?;
+            let sector = bat::entry_for(next).ok_or_else(|| {
+                Error::from(ErrorKind::InvalidArgument(
+                    "the VHD file would grow past the 2 TiB a BAT entry can address".into(),
+                ))
+                .in_file(path)
+            })?;
             bat[b as usize] = sector;
             blocks[b as usize] = Some(next);
             next += span;
         }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(path)
-            .ctx_file(path, "create VHD")?;
+        let file = crate::io::create_new(path).ctx_file(path, "create VHD")?;
         let mut me = Self {
             path: path.to_path_buf(),
             file,

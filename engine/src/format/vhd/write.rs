@@ -128,16 +128,13 @@ impl VhdLayer {
             return Ok(UNALLOCATED);
         };
         let start = self.footer_offset.div_ceil(SECTOR) * SECTOR;
-        let entry = u32::try_from(start / SECTOR)
-            .ok()
-            .filter(|&e| e != UNALLOCATED)
-            .ok_or_else(|| {
-                Error::from(ErrorKind::InvalidArgument(
-                    "the VHD file would grow past the 2 TiB a BAT entry can address".into(),
-                ))
-                .in_file(&self.path)
-                .during("allocate VHD block")
-            })?;
+        let entry = bat::entry_for(start).ok_or_else(|| {
+            Error::from(ErrorKind::InvalidArgument(
+                "the VHD file would grow past the 2 TiB a BAT entry can address".into(),
+            ))
+            .in_file(&self.path)
+            .during("allocate VHD block")
+        })?;
         let new_footer_at = start + s.bitmap_size + s.block_size();
         let table_entry_at = s.header.table_offset + blk * 4;
         let bitmap = vec![0u8; s.bitmap_size as usize];
