@@ -105,6 +105,8 @@ struct TargetWriter<'a> {
     hasher: Option<blake3::Hasher>,
     /// For a dynamic target: the next placed block not yet fully hashed.
     block_cursor: usize,
+    /// A block's sector bitmap as the file holds it: all present.
+    bitmap: Vec<u8>,
     written: u64,
 }
 
@@ -173,7 +175,7 @@ impl TargetWriter<'_> {
                         break;
                     }
                     if b_start >= start {
-                        hasher.update(&vec![0xFF; v.bitmap_size() as usize]);
+                        hasher.update(&self.bitmap);
                     }
                     let (from, to) = (b_start.max(start), b_end.min(end));
                     feed(hasher, from, to);
@@ -347,12 +349,16 @@ pub fn copy_images(
                     size,
                     hasher: (target.format != TargetFormat::Raw).then(blake3::Hasher::new),
                     block_cursor: 0,
+                    bitmap: match &target.writer {
+                        Writer::Dynamic(v) => vec![0xFF; v.bitmap_size() as usize],
+                        Writer::Flat(_) => Vec::new(),
+                    },
                     written: 0,
                 };
                 handles.push(s.spawn(move || writer.run(rx)));
             }
             let sink = CopySink { writers: senders };
-            let run_result = run(images, maps.clone(), opts, progress, &sink);
+            let run_result = run(images, &maps, opts, progress, &sink);
             drop(sink);
             let mut files = Vec::new();
             for h in handles {

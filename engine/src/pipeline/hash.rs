@@ -148,7 +148,7 @@ struct Job<'a> {
     io: IoKind,
     sink: &'a dyn Sink,
     plans: Vec<DigestPlan>,
-    maps: Vec<AllocationMap>,
+    maps: &'a [AllocationMap],
     /// `starts[i]` is the global index of image i's first chunk.
     starts: Vec<u64>,
     total: u64,
@@ -336,14 +336,14 @@ pub fn hash_images(
         .iter()
         .map(|i| i.allocation_map())
         .collect::<Result<Vec<_>>>()?;
-    run(images, maps, opts, progress, &NoSink)
+    run(images, &maps, opts, progress, &NoSink)
 }
 
 /// Streams every image through `sink`, given each image's allocation map
 /// (computed beforehand, with the rest of the slow set-up).
 pub fn run(
     images: &[&dyn DiskImage],
-    maps: Vec<AllocationMap>,
+    maps: &[AllocationMap],
     opts: &Options,
     progress: &Progress,
     sink: &dyn Sink,
