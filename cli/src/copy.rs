@@ -145,6 +145,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
         copy_images(&refs, &specs, &opts, &progress)
     })
     .context("copy failed")?;
+    args.engine.save_cache(&opts);
     let file_digests_all: Vec<blake3::Hash> = results.iter().map(|r| r.file_digest).collect();
     let entries: Vec<(String, blake3::Hash)> = names
         .iter()

@@ -1,6 +1,10 @@
 //! The engine's tuning flags, shared by every command that streams images.
 
+use std::path::PathBuf;
+use std::sync::Arc;
+
 use clap::ValueEnum;
+use vsnap_engine::digest::ZeroCache;
 use vsnap_engine::io::{probe, IoKind, IoMode};
 use vsnap_engine::pipeline::Options;
 
@@ -27,6 +31,22 @@ pub struct EngineArgs {
     /// Reads in flight per worker with io_uring.
     #[arg(long, default_value_t = 32)]
     pub queue_depth: u32,
+    /// Do not use the cache of zero-leaf hashes. The cache (in
+    /// $VSNAP_CACHE_DIR, else $XDG_CACHE_HOME/vsnap, else ~/.cache/vsnap)
+    /// lets sparse disks hash in time proportional to their data; it is
+    /// checksummed and spot-checked on load, and discarded if anything is off.
+    #[arg(long)]
+    pub no_cache: bool,
+}
+
+fn cache_dir() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("VSNAP_CACHE_DIR") {
+        return Some(PathBuf::from(d));
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return Some(PathBuf::from(d).join("vsnap"));
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/vsnap"))
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -51,6 +71,20 @@ impl EngineArgs {
             },
             direct: self.direct,
             queue_depth: self.queue_depth,
+            zero_cache: (!self.no_cache)
+                .then(cache_dir)
+                .flatten()
+                .map(|dir| Arc::new(ZeroCache::load(&dir, self.chunk_size))),
+        }
+    }
+
+    /// Keeps what this run learnt for the next; a cache that cannot be
+    /// written only costs speed, so it is a warning.
+    pub fn save_cache(&self, opts: &Options) {
+        if let Some(cache) = &opts.zero_cache {
+            if let Err(e) = cache.save() {
+                eprintln!("vsnap: warning: {e}");
+            }
         }
     }
 

@@ -88,6 +88,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
         pipeline::hash_images(&refs, &opts, &progress)
     })
     .context("hashing failed")?;
+    args.engine.save_cache(&opts);
     let reports: Vec<JsonDigest> = args
         .images
         .iter()

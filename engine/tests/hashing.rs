@@ -96,6 +96,17 @@ fn a_multi_gib_sparse_disk_hashes_like_b3sum_without_reading_its_holes() {
         .collect();
     assert_eq!(ids.len(), 3);
     assert_ne!(ids[0], ids[1], "chunk identities differ with content");
+    // The zero-leaf cache changes nothing, cold or warm.
+    let cache = std::sync::Arc::new(vsnap_engine::digest::ZeroCache::in_memory(4 << 20));
+    let cached = Options {
+        zero_cache: Some(cache.clone()),
+        ..Options::default()
+    };
+    for _ in 0..2 {
+        let again = &hash_images(&[&*image], &cached, &Progress::default()).unwrap()[0];
+        assert_eq!(again.digest, d.digest);
+    }
+    assert_eq!(cache.len() as u64, d.unallocated_chunks);
 }
 
 #[test]

@@ -33,8 +33,21 @@ pub fn vsnap_bin() -> PathBuf {
     .clone()
 }
 
+/// A `vsnap` command whose zero-leaf cache lives under `target/`, so the
+/// tests never touch the developer's own cache.
+pub fn vsnap_cmd() -> Command {
+    let bin = vsnap_bin();
+    let cache = bin
+        .parent()
+        .map(|d| d.join("test-cache"))
+        .unwrap_or_default();
+    let mut cmd = Command::new(bin);
+    cmd.env("VSNAP_CACHE_DIR", cache);
+    cmd
+}
+
 pub fn vsnap(args: &[&str]) -> Output {
-    Command::new(vsnap_bin()).args(args).output().unwrap()
+    vsnap_cmd().args(args).output().unwrap()
 }
 
 pub fn fixtures() -> PathBuf {

@@ -278,3 +278,35 @@ fn hash_prints_what_b3sum_prints_for_the_raw_conversion() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("power of two"), "{}", stderr(&o));
 }
+
+#[test]
+fn the_zero_leaf_cache_never_changes_a_digest_and_heals_when_damaged() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let image = dir.path().join("sparse.vhd");
+    qemu_image(&image, "dynamic", "300M", &[(0x5c, 100 << 20, 1 << 20)]);
+    let hash = |extra: &[&str]| {
+        let o = std::process::Command::new(vsnap_bin())
+            .env("VSNAP_CACHE_DIR", &cache)
+            .args(["hash", "-q"])
+            .args(extra)
+            .arg(&image)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        stdout(&o)
+    };
+    let plain = hash(&["--no-cache"]);
+    assert!(!cache.exists(), "--no-cache writes no cache");
+    assert_eq!(hash(&[]), plain, "first run fills the cache");
+    let file = cache.join("zero-leaves-4194304.bin");
+    let len = std::fs::metadata(&file).unwrap().len();
+    // 75 chunks of 4 MiB, one holding data: 74 cached zero leaves.
+    assert_eq!(len, 24 + 74 * 40 + 32);
+    assert_eq!(hash(&[]), plain, "second run reads the cache");
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[100] ^= 0x40;
+    std::fs::write(&file, &bytes).unwrap();
+    assert_eq!(hash(&[]), plain, "a damaged cache is discarded");
+    assert_ne!(std::fs::read(&file).unwrap(), bytes, "and rewritten");
+}

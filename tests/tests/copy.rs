@@ -58,7 +58,7 @@ fn every_format_copies_exactly_and_b3sum_checks_the_copies() {
     );
     let fixed = fixtures().join("fixed-qemu.vhd");
     let chain = fixtures().join("chain/child3.vhd");
-    let want: Value = serde_json::from_str(&ok(Command::new(vsnap_bin())
+    let want: Value = serde_json::from_str(&ok(vsnap_cmd()
         .args(["hash", "--json"])
         .arg(&dynamic)
         .arg(&fixed)
@@ -67,7 +67,7 @@ fn every_format_copies_exactly_and_b3sum_checks_the_copies() {
     for format in ["same", "raw", "fixed", "dynamic"] {
         let out = dir.path().join(format);
         std::fs::create_dir(&out).unwrap();
-        let report = ok(Command::new(vsnap_bin())
+        let report = ok(vsnap_cmd()
             .args(["copy", "--json", "--verify", "--format", format, "--to"])
             .arg(&out)
             .arg(&dynamic)
@@ -135,7 +135,7 @@ fn a_source_truncated_mid_block_fails_naming_it_and_leaves_nothing() {
     let good = fixtures().join("dynamic-16k.vhd");
     let out = dir.path().join("out");
     std::fs::create_dir(&out).unwrap();
-    let o = Command::new(vsnap_bin())
+    let o = vsnap_cmd()
         .args(["copy", "-q", "--to"])
         .arg(&out)
         .arg(&good)
@@ -190,7 +190,7 @@ fn running_out_of_space_fails_clearly_and_removes_the_temporary_files() {
     };
     let src = dir.path().join("big.vhd");
     qemu_image(&src, "dynamic", "64M", &[(0x42, 0, 16 << 20)]);
-    let o = Command::new(vsnap_bin())
+    let o = vsnap_cmd()
         .args(["copy", "-q", "--to"])
         .arg(&fs.0)
         .arg(&src)
@@ -233,14 +233,14 @@ fn io_uring_and_sync_reads_give_identical_digests_and_copies() {
         if direct {
             args.push("--direct");
         }
-        let digests = ok(Command::new(vsnap_bin()).args(&args).arg(&src).arg(&chain));
+        let digests = ok(vsnap_cmd().args(&args).arg(&src).arg(&chain));
         let out = dir.path().join(format!("{io}-{direct}"));
         std::fs::create_dir(&out).unwrap();
         let mut copy = vec!["copy", "-q", "--io", io, "--to", out.to_str().unwrap()];
         if direct {
             copy.push("--direct");
         }
-        ok(Command::new(vsnap_bin()).args(&copy).arg(&src));
+        ok(vsnap_cmd().args(&copy).arg(&src));
         let bytes = std::fs::read(out.join("src.vhd")).unwrap();
         match &seen {
             None => seen = Some((digests, bytes)),

@@ -283,22 +283,27 @@ impl Job<'_> {
         let held = data_bytes(&self.maps[image], offset, length);
         let read = held > 0;
         buf.truncate(length as usize);
+        let zero_leaf = || match &self.opts.zero_cache {
+            Some(cache) => cache.zero_leaf(plan, index),
+            None => plan.zero_leaf(offset, length),
+        };
         let (leaf, kind, id) = if read {
             match &self.files[image] {
                 Some(files) => self.read_direct(image, files, offset, &mut buf, engine)?,
                 None => self.images[image].read_at(&mut buf, offset)?,
             }
-            let data = &buf[..];
             Progress::add(&self.progress.read, held);
-            let leaf = plan.leaf(offset, data);
+            let data = &buf[..];
+            // Zero detection first: an all-zero chunk is never hashed.
             if is_zero(data) {
-                (leaf, ChunkKind::Zero, None)
+                (zero_leaf(), ChunkKind::Zero, None)
             } else {
+                let leaf = plan.leaf(offset, data);
                 let id = self.opts.keep_chunks.then(|| blake3::hash(data));
                 (leaf, ChunkKind::Data, id)
             }
         } else {
-            (plan.zero_leaf(offset, length), ChunkKind::Unallocated, None)
+            (zero_leaf(), ChunkKind::Unallocated, None)
         };
         // Zero and unallocated chunks are never compressed: they are
         // never stored.

@@ -16,6 +16,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
 
+use std::sync::Arc;
+
+use crate::digest::ZeroCache;
 use crate::io::IoMode;
 
 pub use b3sums::{update_b3sums, B3SUMS};
@@ -45,6 +48,9 @@ pub struct Options {
     pub direct: bool,
     /// Reads in flight per worker with io_uring.
     pub queue_depth: u32,
+    /// Chaining values of zero leaves, shared by every worker and kept
+    /// across runs by the caller; its leaf size must be `chunk_size`.
+    pub zero_cache: Option<Arc<ZeroCache>>,
 }
 
 /// The default buffer budget.
@@ -61,6 +67,7 @@ impl Default for Options {
             io: IoMode::Auto,
             direct: false,
             queue_depth: 32,
+            zero_cache: None,
         }
     }
 }

@@ -9,7 +9,11 @@
 //! leaves are hashed in any order, on any thread, unallocated ones without
 //! reading anything, and [`root`] folds them with blake3's `hazmat` merges.
 
+mod zero_cache;
+
 use blake3::hazmat::{self, ChainingValue, HasherExt, Mode};
+
+pub use zero_cache::ZeroCache;
 
 use crate::error::{ErrorKind, Result};
 

@@ -1,0 +1,234 @@
+//! Chaining values of all-zero leaves, kept across runs.
+//!
+//! A zero leaf's chaining value depends only on its offset, yet costs a
+//! full BLAKE3 pass (a 2 TiB sparse disk is 2 TiB of zeros to hash). The
+//! values are remembered in memory during a run and in a file between
+//! runs, so a sparse disk's digest costs time in proportion to its data.
+//!
+//! A wrong entry would give a wrong digest without any sign, so the file
+//! is trusted only whole: it carries a BLAKE3 of its contents, and on load
+//! a few entries chosen at random are recomputed. Any mismatch discards it.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::RwLock;
+
+use blake3::hazmat::ChainingValue;
+
+use super::{DigestPlan, Leaf};
+use crate::error::{Error, Result, ResultExt};
+
+const MAGIC: &[u8; 8] = b"VSNZCV01";
+/// Entries recomputed on load; each costs one leaf hash (under 1 ms).
+const SPOT_CHECKS: usize = 4;
+
+#[derive(Debug)]
+pub struct ZeroCache {
+    leaf_size: u64,
+    file: Option<PathBuf>,
+    known: RwLock<HashMap<u64, ChainingValue>>,
+    dirty: AtomicBool,
+}
+
+impl ZeroCache {
+    /// A cache that lives for one run only.
+    pub fn in_memory(leaf_size: u64) -> ZeroCache {
+        ZeroCache {
+            leaf_size,
+            file: None,
+            known: RwLock::new(HashMap::new()),
+            dirty: AtomicBool::new(false),
+        }
+    }
+
+    /// Loads `dir/zero-leaves-<leaf size>.bin`. A missing, damaged or wrong
+    /// file is not an error: the cache starts empty and is rewritten.
+    pub fn load(dir: &Path, leaf_size: u64) -> ZeroCache {
+        let file = dir.join(format!("zero-leaves-{leaf_size}.bin"));
+        let known = std::fs::read(&file)
+            .ok()
+            .and_then(|bytes| parse(&bytes, leaf_size))
+            .filter(|known| spot_check(known, leaf_size))
+            .unwrap_or_default();
+        ZeroCache {
+            leaf_size,
+            file: Some(file),
+            known: RwLock::new(known),
+            dirty: AtomicBool::new(false),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.known.read().map_or(0, |k| k.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The leaf of zeros at leaf `index` of `plan`, from the cache when it
+    /// can be. Only full-size leaves of multi-leaf disks are cached: a
+    /// short last leaf, or a disk that is one leaf (a root), is computed.
+    pub fn zero_leaf(&self, plan: &DigestPlan, index: u64) -> Leaf {
+        let (offset, len) = plan.leaf_range(index);
+        if len != self.leaf_size || plan.leaf_size != self.leaf_size || plan.leaves() < 2 {
+            return plan.zero_leaf(offset, len);
+        }
+        if let Some(cv) = self.known.read().ok().and_then(|k| k.get(&index).copied()) {
+            return Leaf::Cv(cv);
+        }
+        let leaf = plan.zero_leaf(offset, len);
+        if let (Leaf::Cv(cv), Ok(mut known)) = (leaf, self.known.write()) {
+            known.insert(index, cv);
+            self.dirty.store(true, Ordering::Relaxed);
+        }
+        leaf
+    }
+
+    /// Writes the file if this run learnt anything, atomically.
+    pub fn save(&self) -> Result<()> {
+        let Some(file) = &self.file else {
+            return Ok(());
+        };
+        if !self.dirty.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let bytes = {
+            let known = self
+                .known
+                .read()
+                .map_err(|_| Error::io(std::io::Error::other("zero cache lock poisoned")))?;
+            serialize(&known, self.leaf_size)
+        };
+        if let Some(dir) = file.parent() {
+            std::fs::create_dir_all(dir).ctx_file(dir, "create cache directory")?;
+        }
+        let tmp = file.with_extension("bin.tmp");
+        let written = (|| {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, file)
+        })();
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written.ctx_file(file, "write zero-leaf cache")
+    }
+}
+
+fn serialize(known: &HashMap<u64, ChainingValue>, leaf_size: u64) -> Vec<u8> {
+    let mut entries: Vec<(&u64, &ChainingValue)> = known.iter().collect();
+    entries.sort_unstable();
+    let mut out = Vec::with_capacity(24 + entries.len() * 40 + 32);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&leaf_size.to_le_bytes());
+    out.extend_from_slice(&(entries.len() as u64).to_le_bytes());
+    for (index, cv) in entries {
+        out.extend_from_slice(&index.to_le_bytes());
+        out.extend_from_slice(cv);
+    }
+    let sum = blake3::hash(&out);
+    out.extend_from_slice(sum.as_bytes());
+    out
+}
+
+fn parse(bytes: &[u8], leaf_size: u64) -> Option<HashMap<u64, ChainingValue>> {
+    let (body, sum) = bytes.split_at_checked(bytes.len().checked_sub(32)?)?;
+    if blake3::hash(body).as_bytes() != sum {
+        return None;
+    }
+    let (magic, rest) = body.split_at_checked(8)?;
+    let (size, rest) = rest.split_at_checked(8)?;
+    let (count, rest) = rest.split_at_checked(8)?;
+    if magic != MAGIC || u64::from_le_bytes(size.try_into().ok()?) != leaf_size {
+        return None;
+    }
+    let count = usize::try_from(u64::from_le_bytes(count.try_into().ok()?)).ok()?;
+    if rest.len() != count.checked_mul(40)? {
+        return None;
+    }
+    let mut known = HashMap::with_capacity(count);
+    for entry in rest.chunks_exact(40) {
+        let (index, cv) = entry.split_at(8);
+        known.insert(
+            u64::from_le_bytes(index.try_into().ok()?),
+            cv.try_into().ok()?,
+        );
+    }
+    Some(known)
+}
+
+/// Recomputes a few entries, chosen by the clock, and requires a match.
+fn spot_check(known: &HashMap<u64, ChainingValue>, leaf_size: u64) -> bool {
+    if known.is_empty() {
+        return true;
+    }
+    let mut indices: Vec<u64> = known.keys().copied().collect();
+    indices.sort_unstable();
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos() as usize);
+    (0..SPOT_CHECKS.min(indices.len())).all(|k| {
+        let index = indices[(seed.wrapping_mul(2654435761).wrapping_add(k * 7919)) % indices.len()];
+        // A disk of two leaves or more: interior, as cached.
+        let Ok(plan) = DigestPlan::new(leaf_size.saturating_mul(index + 2), leaf_size) else {
+            return false;
+        };
+        let expected = known.get(&index);
+        matches!(plan.zero_leaf(index * leaf_size, leaf_size), Leaf::Cv(cv) if Some(&cv) == expected)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cached_leaves_equal_computed_ones_and_survive_a_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = DigestPlan::new(10 * 4096, 4096).unwrap();
+        let cache = ZeroCache::load(dir.path(), 4096);
+        assert!(cache.is_empty());
+        for i in 0..10 {
+            assert_eq!(cache.zero_leaf(&plan, i), plan.zero_leaf(i * 4096, 4096));
+        }
+        cache.save().unwrap();
+        let again = ZeroCache::load(dir.path(), 4096);
+        assert_eq!(again.len(), 10);
+        assert_eq!(again.zero_leaf(&plan, 7), plan.zero_leaf(7 * 4096, 4096));
+    }
+
+    #[test]
+    fn a_damaged_or_forged_file_is_discarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = DigestPlan::new(8 * 4096, 4096).unwrap();
+        let cache = ZeroCache::load(dir.path(), 4096);
+        for i in 0..8 {
+            cache.zero_leaf(&plan, i);
+        }
+        cache.save().unwrap();
+        let path = dir.path().join("zero-leaves-4096.bin");
+        let good = std::fs::read(&path).unwrap();
+        // A flipped bit: the checksum catches it.
+        let mut bad = good.clone();
+        bad[40] ^= 1;
+        std::fs::write(&path, &bad).unwrap();
+        assert!(ZeroCache::load(dir.path(), 4096).is_empty());
+        // Every value wrong but the checksum recomputed: the spot checks
+        // catch it.
+        let mut forged = good[..good.len() - 32].to_vec();
+        for e in 0..8 {
+            forged[24 + e * 40 + 8] ^= 0xFF;
+        }
+        let sum = blake3::hash(&forged);
+        forged.extend_from_slice(sum.as_bytes());
+        std::fs::write(&path, &forged).unwrap();
+        assert!(ZeroCache::load(dir.path(), 4096).is_empty());
+        // Another leaf size's file is not used.
+        std::fs::write(&path, &good).unwrap();
+        assert!(ZeroCache::load(dir.path(), 8192).is_empty());
+    }
+}
