@@ -92,72 +92,108 @@ impl Sink for CopySink {
     }
 }
 
-/// One target's writer: it takes chunks in any order, writes them, and
-/// hashes the target file's bytes in file order as it goes, so `B3SUMS`
-/// needs no second read. One writer per file also keeps workers from
-/// contending for the file's lock.
+/// One target's writer: it takes chunks in any order and writes them in
+/// order, then hands each to the target's [`FileHasher`]. One writer per
+/// file keeps workers from contending for the file's lock.
 struct TargetWriter<'a> {
     target: &'a Target,
     map: &'a AllocationMap,
     chunk_size: u64,
     chunks: u64,
-    size: u64,
-    hasher: Option<blake3::Hasher>,
-    /// For a dynamic target: the next placed block not yet fully hashed.
-    block_cursor: usize,
-    /// A block's sector bitmap as the file holds it: all present.
-    bitmap: Vec<u8>,
     written: u64,
 }
 
 impl TargetWriter<'_> {
-    fn run(mut self, rx: Receiver<Message>) -> Result<(Option<blake3::Hash>, u64)> {
-        if let (Some(h), Writer::Dynamic(v)) = (&mut self.hasher, &self.target.writer) {
-            h.update(v.prefix());
-        }
+    /// Returns the bytes written, and whether every chunk arrived (when the
+    /// run fails it stops sending; its error is the one reported).
+    fn run(mut self, rx: Receiver<Message>, hash: Option<Sender<Message>>) -> Result<(u64, bool)> {
         let mut pending: BTreeMap<u64, Message> = BTreeMap::new();
         let mut next = 0u64;
         for (record, data) in rx {
             pending.insert(record.offset / self.chunk_size, (record, data));
             while let Some((record, data)) = pending.remove(&next) {
-                self.chunk(&record, data.as_deref())?;
+                self.write(&record, data.as_deref())?;
+                if let Some(h) = &hash {
+                    // A hasher that stopped has nothing to report; the
+                    // write error or the run's error says why.
+                    let _ = h.send((record, data));
+                }
                 next += 1;
             }
         }
-        if next < self.chunks {
-            // The run failed and stopped sending; its error is the one
-            // reported, and the temporary file is removed.
-            return Ok((None, self.written));
-        }
-        let written = self.written;
-        Ok((self.finish(), written))
+        Ok((self.written, next >= self.chunks))
     }
 
-    fn chunk(&mut self, record: &ChunkRecord, data: Option<&[u8]>) -> Result<()> {
+    fn write(&mut self, record: &ChunkRecord, data: Option<&[u8]>) -> Result<()> {
         let (start, end) = (record.offset, record.offset + record.length);
-        if let (Some(data), ChunkKind::Data) = (data, record.kind) {
-            // Only the parts the source holds: unallocated stays unallocated.
-            let extents = self.map.extents();
-            let first = extents.partition_point(|e| e.end() <= start);
-            for e in extents[first..].iter().take_while(|e| e.offset < end) {
-                if e.kind != ExtentKind::Data {
-                    continue;
-                }
-                let (from, to) = (e.offset.max(start), e.end().min(end));
-                let piece = &data[(from - start) as usize..(to - start) as usize];
-                match &self.target.writer {
-                    Writer::Flat(f) => {
-                        f.write_all_at(piece, from)
-                            .ctx(&self.target.tmp, from, "write copy")?
-                    }
-                    Writer::Dynamic(v) => v.write_at(piece, from)?,
-                }
-                self.written += to - from;
-            }
-        }
-        let Some(hasher) = &mut self.hasher else {
+        let (Some(data), ChunkKind::Data) = (data, record.kind) else {
             return Ok(());
         };
+        // Only the parts the source holds: unallocated stays unallocated.
+        let extents = self.map.extents();
+        let first = extents.partition_point(|e| e.end() <= start);
+        for e in extents[first..].iter().take_while(|e| e.offset < end) {
+            if e.kind != ExtentKind::Data {
+                continue;
+            }
+            let (from, to) = (e.offset.max(start), e.end().min(end));
+            let piece = &data[(from - start) as usize..(to - start) as usize];
+            match &self.target.writer {
+                Writer::Flat(f) => {
+                    f.write_all_at(piece, from)
+                        .ctx(&self.target.tmp, from, "write copy")?
+                }
+                Writer::Dynamic(v) => v.write_at(piece, from)?,
+            }
+            self.written += to - from;
+        }
+        Ok(())
+    }
+}
+
+/// Hashes a target file's bytes in file order, from the chunks as they
+/// are written, so `B3SUMS` needs no second read. It runs on its own
+/// thread beside the writer, so writing and hashing overlap. Raw targets
+/// need none: their file is the disk, whose digest the workers compute.
+struct FileHasher<'a> {
+    target: &'a Target,
+    size: u64,
+    hasher: blake3::Hasher,
+    /// For a dynamic target: the next placed block not yet fully hashed.
+    block_cursor: usize,
+    /// A block's sector bitmap as the file holds it: all present.
+    bitmap: Vec<u8>,
+}
+
+impl<'a> FileHasher<'a> {
+    fn new(target: &'a Target, size: u64) -> Option<Self> {
+        let mut hasher = blake3::Hasher::new();
+        let bitmap = match &target.writer {
+            Writer::Flat(_) if target.format == TargetFormat::Raw => return None,
+            Writer::Flat(_) => Vec::new(),
+            Writer::Dynamic(v) => {
+                hasher.update(v.prefix());
+                vec![0xFF; v.bitmap_size() as usize]
+            }
+        };
+        Some(Self {
+            target,
+            size,
+            hasher,
+            block_cursor: 0,
+            bitmap,
+        })
+    }
+
+    fn run(mut self, rx: Receiver<Message>) -> blake3::Hash {
+        for (record, data) in rx {
+            self.chunk(&record, data.as_deref());
+        }
+        self.finish()
+    }
+
+    fn chunk(&mut self, record: &ChunkRecord, data: Option<&[u8]>) {
+        let (start, end) = (record.offset, record.offset + record.length);
         let feed = |h: &mut blake3::Hasher, from: u64, to: u64| match data {
             Some(d) => {
                 h.update(&d[(from - start) as usize..(to - start) as usize]);
@@ -165,7 +201,7 @@ impl TargetWriter<'_> {
             None => update_zeros(h, to - from),
         };
         match &self.target.writer {
-            Writer::Flat(_) => feed(hasher, start, end),
+            Writer::Flat(_) => feed(&mut self.hasher, start, end),
             Writer::Dynamic(v) => {
                 let bs = v.block_size();
                 let placed = v.placed_blocks();
@@ -175,10 +211,10 @@ impl TargetWriter<'_> {
                         break;
                     }
                     if b_start >= start {
-                        hasher.update(&self.bitmap);
+                        self.hasher.update(&self.bitmap);
                     }
                     let (from, to) = (b_start.max(start), b_end.min(end));
-                    feed(hasher, from, to);
+                    feed(&mut self.hasher, from, to);
                     if b_end <= end {
                         self.block_cursor += 1;
                     } else {
@@ -187,27 +223,25 @@ impl TargetWriter<'_> {
                 }
             }
         }
-        Ok(())
     }
 
-    fn finish(mut self) -> Option<blake3::Hash> {
-        let mut hasher = self.hasher.take()?;
+    fn finish(mut self) -> blake3::Hash {
         match &self.target.writer {
             Writer::Flat(_) => {
                 if let Some(footer) = &self.target.footer {
-                    hasher.update(footer);
+                    self.hasher.update(footer);
                 }
             }
             Writer::Dynamic(v) => {
                 // The last block's data area runs past the end of the disk.
                 if let Some(&last) = v.placed_blocks().last() {
                     let end = (last + 1) * v.block_size();
-                    update_zeros(&mut hasher, end.saturating_sub(self.size));
+                    update_zeros(&mut self.hasher, end.saturating_sub(self.size));
                 }
-                hasher.update(v.footer_bytes());
+                self.hasher.update(v.footer_bytes());
             }
         }
-        Some(hasher.finalize())
+        self.hasher.finalize()
     }
 }
 
@@ -341,33 +375,37 @@ pub fn copy_images(
                 let (tx, rx) = unbounded();
                 senders.push(tx);
                 let size = image.virtual_size();
+                let (hash_tx, hasher) = match FileHasher::new(target, size) {
+                    Some(h) => {
+                        let (htx, hrx) = unbounded();
+                        (Some(htx), Some(s.spawn(move || h.run(hrx))))
+                    }
+                    None => (None, None),
+                };
                 let writer = TargetWriter {
                     target,
                     map,
                     chunk_size: opts.chunk_size,
                     chunks: size.div_ceil(opts.chunk_size).max(1),
-                    size,
-                    hasher: (target.format != TargetFormat::Raw).then(blake3::Hasher::new),
-                    block_cursor: 0,
-                    bitmap: match &target.writer {
-                        Writer::Dynamic(v) => vec![0xFF; v.bitmap_size() as usize],
-                        Writer::Flat(_) => Vec::new(),
-                    },
                     written: 0,
                 };
-                handles.push(s.spawn(move || writer.run(rx)));
+                handles.push((s.spawn(move || writer.run(rx, hash_tx)), hasher));
             }
             let sink = CopySink { writers: senders };
             let run_result = run(images, &maps, opts, progress, &sink);
             drop(sink);
             let mut files = Vec::new();
-            for h in handles {
+            for (writer, hasher) in handles {
                 // A writer's own error (a full disk, say) says more than
                 // the run's "writer stopped".
-                let joined = h.join().unwrap_or_else(|_| {
-                    Err(ErrorKind::InvalidArgument("a copy writer panicked".into()).into())
-                });
-                files.push(joined?);
+                let panicked = || ErrorKind::InvalidArgument("a copy thread panicked".into());
+                let (written, complete) =
+                    writer.join().unwrap_or_else(|_| Err(panicked().into()))?;
+                let digest = match hasher {
+                    Some(h) => Some(h.join().map_err(|_| Error::from(panicked()))?),
+                    None => None,
+                };
+                files.push((complete.then_some(digest).flatten(), written));
             }
             Ok::<_, Error>((run_result?, files))
         })?;
