@@ -68,7 +68,11 @@ pub struct Args {
     /// The source format; `auto` detects it from the file's contents.
     #[arg(long = "source-format", value_enum, default_value_t)]
     source_format: FormatArg,
-    /// No progress bar.
+    /// How to report progress: a bar on a terminal (auto), JSON lines on
+    /// stderr for scripts, or none.
+    #[arg(long, value_enum, default_value_t)]
+    progress: crate::progress::ProgressArg,
+    /// No progress output at all.
     #[arg(long, short = 'q')]
     quiet: bool,
 }
@@ -141,7 +145,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
     args.engine.report_fallback(&opts);
     let progress = Progress::default();
     let started = Instant::now();
-    let results = crate::progress::with_bar(&progress, args.quiet || args.json, || {
+    let results = crate::progress::with_progress(&progress, args.progress, args.quiet, || {
         copy_images(&refs, &specs, &opts, &progress)
     })
     .context("copy failed")?;

@@ -46,7 +46,11 @@ pub struct Args {
     /// The image format; `auto` detects it from the file's contents.
     #[arg(long, short = 'f', value_enum, default_value_t)]
     format: FormatArg,
-    /// No progress bar.
+    /// How to report progress: a bar on a terminal (auto), JSON lines on
+    /// stderr for scripts, or none.
+    #[arg(long, value_enum, default_value_t)]
+    progress: crate::progress::ProgressArg,
+    /// No progress output at all.
     #[arg(long, short = 'q')]
     quiet: bool,
 }
@@ -84,7 +88,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
     opts.compress = args.compress;
     args.engine.report_fallback(&opts);
     let progress = Progress::default();
-    let digests = crate::progress::with_bar(&progress, args.quiet || args.json, || {
+    let digests = crate::progress::with_progress(&progress, args.progress, args.quiet, || {
         pipeline::hash_images(&refs, &opts, &progress)
     })
     .context("hashing failed")?;

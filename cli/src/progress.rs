@@ -1,34 +1,90 @@
-//! A progress bar on a terminal, fed from the engine's counters.
+//! Progress, fed from the engine's counters: a bar on a terminal, or JSON
+//! lines for scripts, on stderr so stdout stays the command's result.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use clap::ValueEnum;
 use indicatif::{ProgressBar, ProgressStyle};
 use vsnap_engine::pipeline::Progress;
 
-/// Runs `work` while a bar on stderr shows `progress`, when stderr is a
-/// terminal and `quiet` is off; otherwise just runs it.
-pub fn with_bar<T>(progress: &Progress, quiet: bool, work: impl FnOnce() -> T) -> T {
-    if quiet || !std::io::stderr().is_terminal() {
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum ProgressArg {
+    /// A bar when stderr is a terminal, nothing otherwise.
+    #[default]
+    Auto,
+    Bar,
+    /// One JSON object per line on stderr, about twice a second and once
+    /// at the end: {"event":"progress","total":…,"done":…,"read":…,"elapsed_ms":…}.
+    Json,
+    None,
+}
+
+impl ProgressArg {
+    fn resolve(self, quiet: bool) -> ProgressArg {
+        match self {
+            _ if quiet => ProgressArg::None,
+            ProgressArg::Auto if std::io::stderr().is_terminal() => ProgressArg::Bar,
+            ProgressArg::Auto => ProgressArg::None,
+            other => other,
+        }
+    }
+}
+
+fn json_event(progress: &Progress, started: Instant) -> String {
+    format!(
+        r#"{{"event":"progress","total":{},"done":{},"read":{},"elapsed_ms":{}}}"#,
+        Progress::get(&progress.total),
+        Progress::get(&progress.done),
+        Progress::get(&progress.read),
+        started.elapsed().as_millis()
+    )
+}
+
+/// Runs `work` while progress is reported as `mode` asks.
+pub fn with_progress<T>(
+    progress: &Progress,
+    mode: ProgressArg,
+    quiet: bool,
+    work: impl FnOnce() -> T,
+) -> T {
+    let mode = mode.resolve(quiet);
+    if mode == ProgressArg::None {
         return work();
     }
     let stop = AtomicBool::new(false);
+    let started = Instant::now();
     std::thread::scope(|s| {
-        s.spawn(|| {
-            let bar = ProgressBar::new(0);
-            bar.set_style(
-                ProgressStyle::with_template(
-                    "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-                )
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-            );
-            while !stop.load(Ordering::Relaxed) {
-                bar.set_length(Progress::get(&progress.total));
-                bar.set_position(Progress::get(&progress.done));
-                std::thread::sleep(Duration::from_millis(100));
+        s.spawn(|| match mode {
+            ProgressArg::Json => {
+                let mut err = std::io::stderr();
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = writeln!(err, "{}", json_event(progress, started));
+                    for _ in 0..5 {
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+                let _ = writeln!(err, "{}", json_event(progress, started));
             }
-            bar.finish_and_clear();
+            _ => {
+                let bar = ProgressBar::new(0);
+                bar.set_style(
+                    ProgressStyle::with_template(
+                        "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                    )
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                );
+                while !stop.load(Ordering::Relaxed) {
+                    bar.set_length(Progress::get(&progress.total));
+                    bar.set_position(Progress::get(&progress.done));
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                bar.finish_and_clear();
+            }
         });
         let out = work();
         stop.store(true, Ordering::Relaxed);

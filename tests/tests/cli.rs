@@ -310,3 +310,21 @@ fn the_zero_leaf_cache_never_changes_a_digest_and_heals_when_damaged() {
     assert_eq!(hash(&[]), plain, "a damaged cache is discarded");
     assert_ne!(std::fs::read(&file).unwrap(), bytes, "and rewritten");
 }
+
+#[test]
+fn progress_json_events_are_json_lines_that_reach_the_total() {
+    let image = fixtures().join("dynamic-empty.vhd");
+    let o = vsnap(&["hash", "--progress", "json", image.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let events: Vec<Value> = stderr(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect();
+    assert!(!events.is_empty());
+    assert!(events.iter().all(|e| e["event"] == "progress"));
+    let last = events.last().unwrap();
+    assert_eq!(last["done"], last["total"]);
+    assert_eq!(last["total"].as_u64(), Some(1_073_995_776));
+    // stdout is untouched: still exactly b3sum's format.
+    assert_eq!(stdout(&o).lines().count(), 1);
+}
