@@ -12,8 +12,8 @@ use std::collections::BTreeMap;
 
 use crossbeam_channel::{unbounded, Receiver, Sender};
 
-use super::hash::{run, ChunkRecord, ImageDigest, Sink};
 use super::pool::Buffer;
+use super::run::{run, ChunkRecord, ImageDigest, Sink};
 use super::{ChunkKind, Options, Progress};
 use crate::digest::update_zeros;
 use crate::error::{Error, ErrorKind, Result, ResultExt};

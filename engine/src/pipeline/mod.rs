@@ -8,9 +8,11 @@
 //! the chunk size, never by the size or number of images.
 
 mod b3sums;
+mod compress;
 mod copy;
-mod hash;
 mod pool;
+mod run;
+mod source;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -23,8 +25,8 @@ use crate::io::IoMode;
 
 pub use b3sums::{update_b3sums, B3SUMS};
 pub use copy::{copy_images, CopyResult, CopySpec, TargetFormat};
-pub use hash::{hash_images, run, ChunkRecord, ImageDigest, NoSink, Sink};
 pub use pool::{Buffer, BufferPool};
+pub use run::{hash_images, run, ChunkRecord, ImageDigest, NoSink, Sink};
 
 /// The default chunk: large enough to amortise per-chunk overhead, small
 /// enough that dedup finds repeats and memory stays small per worker.

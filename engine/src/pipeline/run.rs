@@ -1,18 +1,17 @@
-//! Hashing many images in parallel: the virtual-disk digest of each, and
-//! optionally every chunk's identity.
+//! The run: workers that take chunks of every image from one counter,
+//! read, hash and (optionally) compress them, and hand them to a sink;
+//! then each image's digest from its leaves.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use std::fs::File;
-use std::path::PathBuf;
-
+use super::compress::Compress;
 use super::pool::{Buffer, BufferPool};
+use super::source::{data_bytes, read_chunk, LayerFiles};
 use super::{ChunkKind, Options, Progress};
 use crate::digest::{is_zero, DigestPlan, Leaf};
 use crate::error::Result;
-use crate::error::{ErrorKind, ResultExt};
-use crate::format::{AllocationMap, DiskImage, ExtentKind};
-use crate::io::{open_for_read, probe, Engine, IoKind, ReadOp};
+use crate::format::{AllocationMap, DiskImage};
+use crate::io::{probe, Engine, IoKind};
 
 /// One chunk of a disk, as the engine saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,45 +43,6 @@ pub struct ImageDigest {
     pub chunks: Vec<ChunkRecord>,
 }
 
-/// A worker's zstd context and output buffer, reused for every chunk.
-struct Compress {
-    ctx: zstd::bulk::Compressor<'static>,
-    out: Vec<u8>,
-}
-
-impl Compress {
-    fn new(level: i32, chunk: usize) -> Result<Self> {
-        let ctx = zstd::bulk::Compressor::new(level).map_err(crate::Error::from)?;
-        Ok(Self {
-            ctx,
-            out: Vec::with_capacity(zstd::zstd_safe::compress_bound(chunk)),
-        })
-    }
-
-    /// Compresses a chunk; what it would be stored as: the compressed
-    /// bytes, or the raw ones when compression does not shrink it.
-    fn stored_len(&mut self, data: &[u8]) -> Result<u64> {
-        self.out.clear();
-        let n = self
-            .ctx
-            .compress_to_buffer(data, &mut self.out)
-            .map_err(crate::Error::from)?;
-        Ok(n.min(data.len()) as u64)
-    }
-}
-
-/// How many bytes of `[offset, offset + len)` are data, so must be read.
-fn data_bytes(map: &AllocationMap, offset: u64, len: u64) -> u64 {
-    let extents = map.extents();
-    let first = extents.partition_point(|e| e.end() <= offset);
-    extents[first..]
-        .iter()
-        .take_while(|e| e.offset < offset + len)
-        .filter(|e| e.kind == ExtentKind::Data)
-        .map(|e| e.end().min(offset + len) - e.offset.max(offset))
-        .sum()
-}
-
 /// Where chunks go once they are read and hashed: nowhere for `hash`, a
 /// target image for `copy`, a repository for `backup`.
 pub trait Sink: Sync {
@@ -100,47 +60,6 @@ impl Sink for NoSink {
         Ok(())
     }
 }
-
-/// An image's layer files, opened for the read engine: buffered always,
-/// and with `O_DIRECT` when asked (used for the reads that are aligned).
-struct LayerFiles {
-    paths: Vec<PathBuf>,
-    buffered: Vec<File>,
-    direct: Option<Vec<File>>,
-}
-
-impl LayerFiles {
-    /// `None` when the image is not made of plain files (an in-memory
-    /// one): the worker then reads through `DiskImage::read_at`.
-    fn open(image: &dyn DiskImage, direct: bool) -> Result<Option<LayerFiles>> {
-        let paths = image.layer_paths();
-        let mut buffered = Vec::new();
-        for p in &paths {
-            match open_for_read(p, false) {
-                Ok(f) => buffered.push(f),
-                Err(_) => return Ok(None),
-            }
-        }
-        let direct = if direct {
-            let files = paths
-                .iter()
-                .map(|p| open_for_read(p, true).ctx_file(p, "open with O_DIRECT (--direct)"))
-                .collect::<Result<Vec<_>>>()?;
-            Some(files)
-        } else {
-            None
-        };
-        Ok(Some(LayerFiles {
-            paths,
-            buffered,
-            direct,
-        }))
-    }
-}
-
-/// The smallest alignment `O_DIRECT` accepts on the devices seen here; a
-/// read that is not aligned to it goes through the page cache instead.
-const DIRECT_ALIGN: u64 = 512;
 
 struct Job<'a> {
     images: &'a [&'a dyn DiskImage],
@@ -198,78 +117,6 @@ impl Job<'_> {
         Ok(out)
     }
 
-    /// Reads a chunk straight from the layer files the allocation map
-    /// names, all its reads in one go, zero-filling only the gaps.
-    fn read_direct(
-        &self,
-        image: usize,
-        files: &LayerFiles,
-        offset: u64,
-        buf: &mut Buffer,
-        engine: &mut Engine,
-    ) -> Result<()> {
-        let len = buf.len() as u64;
-        let end = offset + len;
-        let extents = self.maps[image].extents();
-        let first = extents.partition_point(|e| e.end() <= offset);
-        let mut ops = Vec::new();
-        let mut pos = offset;
-        let whole = buf.full();
-        for e in extents[first..].iter().take_while(|e| e.offset < end) {
-            let (from, to) = (e.offset.max(offset), e.end().min(end));
-            let (Some(layer), Some(file_offset), ExtentKind::Data) =
-                (e.layer, e.file_offset, e.kind)
-            else {
-                continue;
-            };
-            whole[(pos - offset) as usize..(from - offset) as usize].fill(0);
-            let file_offset = file_offset + (from - e.offset);
-            let (buf_offset, n) = ((from - offset) as usize, (to - from) as usize);
-            let aligned = file_offset % DIRECT_ALIGN == 0
-                && buf_offset as u64 % DIRECT_ALIGN == 0
-                && n as u64 % DIRECT_ALIGN == 0;
-            let file = match (&files.direct, aligned) {
-                (Some(direct), true) => direct.get(layer),
-                _ => files.buffered.get(layer),
-            };
-            let Some(file) = file else {
-                return Err(
-                    ErrorKind::InvalidArgument(format!("no file for layer {layer}")).into(),
-                );
-            };
-            ops.push((
-                layer,
-                ReadOp {
-                    file,
-                    file_offset,
-                    buf_offset,
-                    len: n,
-                },
-            ));
-            pos = to;
-        }
-        whole[(pos - offset) as usize..len as usize].fill(0);
-        let reads: Vec<ReadOp<'_>> = ops.iter().map(|(_, op)| *op).collect();
-        engine.read(&reads, whole).map_err(|(i, e)| {
-            let (layer, op) = ops.get(i).map_or((0, None), |(l, op)| (*l, Some(op)));
-            let path = files.paths.get(layer).cloned().unwrap_or_default();
-            let kind = if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                ErrorKind::Truncated {
-                    what: "image data",
-                    needed: op.map_or(0, |o| o.len as u64),
-                    at: op.map_or(0, |o| o.file_offset),
-                    available: 0,
-                }
-            } else {
-                ErrorKind::Io(e)
-            };
-            crate::Error::from(kind)
-                .in_file(&path)
-                .at(op.map_or(0, |o| o.file_offset))
-                .during("read image")
-        })
-    }
-
     fn chunk(
         &self,
         image: usize,
@@ -289,7 +136,7 @@ impl Job<'_> {
         };
         let (leaf, kind, id) = if read {
             match &self.files[image] {
-                Some(files) => self.read_direct(image, files, offset, &mut buf, engine)?,
+                Some(files) => read_chunk(&self.maps[image], files, offset, &mut buf, engine)?,
                 None => self.images[image].read_at(&mut buf, offset)?,
             }
             Progress::add(&self.progress.read, held);
