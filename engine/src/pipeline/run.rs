@@ -3,6 +3,7 @@
 //! then each image's digest from its leaves.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use super::compress::Compress;
 use super::pool::{Buffer, BufferPool};
@@ -76,19 +77,72 @@ struct Job<'a> {
     next: AtomicU64,
     failed: AtomicBool,
     pool: BufferPool,
+    results: Vec<Mutex<Accum>>,
 }
 
-struct Done {
-    image: usize,
-    index: u64,
-    leaf: Leaf,
-    record: ChunkRecord,
-    read: u64,
+/// What a run learns about one image, filled in by the workers as they
+/// go: one leaf per chunk (33 bytes per 4 MiB of disk) and running totals.
+/// Chunk records are kept only when asked for, so a 2 TiB disk costs the
+/// run about 18 MB here, not a record per chunk.
+struct Accum {
+    leaves: Vec<Option<Leaf>>,
+    totals: ImageDigest,
+    chunks: Vec<Option<ChunkRecord>>,
+}
+
+impl Accum {
+    fn new(plan: &DigestPlan, keep_chunks: bool) -> Self {
+        let n = plan.leaves() as usize;
+        Accum {
+            leaves: vec![None; n],
+            totals: ImageDigest {
+                digest: blake3::hash(&[]),
+                virtual_size: plan.disk_size,
+                bytes_read: 0,
+                data_chunks: 0,
+                zero_chunks: 0,
+                unallocated_chunks: 0,
+                stored_bytes: 0,
+                chunks: Vec::new(),
+            },
+            chunks: if keep_chunks {
+                vec![None; n]
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
+    fn add(&mut self, index: u64, leaf: Leaf, record: ChunkRecord, read: u64) {
+        let t = &mut self.totals;
+        match record.kind {
+            ChunkKind::Data => t.data_chunks += 1,
+            ChunkKind::Zero => t.zero_chunks += 1,
+            ChunkKind::Unallocated => t.unallocated_chunks += 1,
+        }
+        t.bytes_read += read;
+        t.stored_bytes += record.stored.unwrap_or(0);
+        if let Some(slot) = self.leaves.get_mut(index as usize) {
+            *slot = Some(leaf);
+        }
+        if let Some(slot) = self.chunks.get_mut(index as usize) {
+            *slot = Some(record);
+        }
+    }
+
+    /// The image's digest. A missing leaf (a worker that died) makes the
+    /// leaf count wrong, which `root` refuses.
+    fn finish(self, plan: &DigestPlan) -> Result<ImageDigest> {
+        let leaves: Vec<Leaf> = self.leaves.into_iter().flatten().collect();
+        let mut out = self.totals;
+        out.digest = plan.root(&leaves)?;
+        out.chunks = self.chunks.into_iter().flatten().collect();
+        Ok(out)
+    }
 }
 
 impl Job<'_> {
-    fn work(&self) -> Result<Vec<Done>> {
-        let mut out = Vec::new();
+    fn work(&self) -> Result<()> {
         let mut engine = Engine::new(self.io, self.opts.queue_depth)
             .map_err(|e| crate::Error::io(e).during("start the read engine"))?;
         let mut zstd = match self.opts.compress {
@@ -106,15 +160,12 @@ impl Job<'_> {
             }
             let image = self.starts.partition_point(|&s| s <= global) - 1;
             let index = global - self.starts[image];
-            match self.chunk(image, index, buf, zstd.as_mut(), &mut engine) {
-                Ok(done) => out.push(done),
-                Err(e) => {
-                    self.failed.store(true, Ordering::Relaxed);
-                    return Err(e);
-                }
+            if let Err(e) = self.chunk(image, index, buf, zstd.as_mut(), &mut engine) {
+                self.failed.store(true, Ordering::Relaxed);
+                return Err(e);
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     fn chunk(
@@ -124,7 +175,7 @@ impl Job<'_> {
         mut buf: Buffer,
         zstd: Option<&mut Compress>,
         engine: &mut Engine,
-    ) -> Result<Done> {
+    ) -> Result<()> {
         let plan = &self.plans[image];
         let (offset, length) = plan.leaf_range(index);
         let held = data_bytes(&self.maps[image], offset, length);
@@ -167,13 +218,13 @@ impl Job<'_> {
         };
         self.sink.put(image, record, read.then_some(buf))?;
         Progress::add(&self.progress.done, length);
-        Ok(Done {
-            image,
-            index,
-            leaf,
-            record,
-            read: held,
-        })
+        if let Some(accum) = self.results.get(image) {
+            accum
+                .lock()
+                .map_err(|_| crate::Error::io(std::io::Error::other("a worker panicked")))?
+                .add(index, leaf, record, held);
+        }
+        Ok(())
     }
 }
 
@@ -218,6 +269,10 @@ pub fn run(
         .iter()
         .map(|i| LayerFiles::open(*i, opts.direct))
         .collect::<Result<Vec<_>>>()?;
+    let results = plans
+        .iter()
+        .map(|p| Mutex::new(Accum::new(p, opts.keep_chunks)))
+        .collect();
     let job = Job {
         images,
         files,
@@ -232,66 +287,28 @@ pub fn run(
         next: AtomicU64::new(0),
         failed: AtomicBool::new(false),
         pool: BufferPool::new(opts.buffer_count(), opts.chunk_size as usize),
+        results,
     };
     let workers = opts.worker_count().min(total.max(1) as usize);
-    let results: Vec<Result<Vec<Done>>> = std::thread::scope(|s| {
+    let outcomes: Vec<Result<()>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..workers).map(|_| s.spawn(|| job.work())).collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Ok(Vec::new())))
+            .map(|h| h.join().unwrap_or(Ok(())))
             .collect()
     });
-    let mut leaves: Vec<Vec<Option<(Leaf, ChunkRecord, u64)>>> = job
-        .plans
-        .iter()
-        .map(|p| vec![None; p.leaves() as usize])
-        .collect();
-    for result in results {
-        for d in result? {
-            leaves[d.image][d.index as usize] = Some((d.leaf, d.record, d.read));
-        }
+    for outcome in outcomes {
+        outcome?;
     }
-    leaves
+    let Job { plans, results, .. } = job;
+    results
         .into_iter()
-        .zip(&job.plans)
-        .map(|(slots, plan)| finish(plan, slots, opts.keep_chunks))
+        .zip(&plans)
+        .map(|(accum, plan)| {
+            accum
+                .into_inner()
+                .map_err(|_| crate::Error::io(std::io::Error::other("a worker panicked")))?
+                .finish(plan)
+        })
         .collect()
-}
-
-fn finish(
-    plan: &DigestPlan,
-    slots: Vec<Option<(Leaf, ChunkRecord, u64)>>,
-    keep_chunks: bool,
-) -> Result<ImageDigest> {
-    let mut out = ImageDigest {
-        digest: blake3::hash(&[]),
-        virtual_size: plan.disk_size,
-        bytes_read: 0,
-        data_chunks: 0,
-        zero_chunks: 0,
-        unallocated_chunks: 0,
-        stored_bytes: 0,
-        chunks: Vec::new(),
-    };
-    let mut leaves = Vec::with_capacity(slots.len());
-    for slot in slots {
-        // A worker that panicked left holes; the leaf count check in
-        // `root` then refuses to produce a digest.
-        let Some((leaf, record, read)) = slot else {
-            continue;
-        };
-        leaves.push(leaf);
-        match record.kind {
-            ChunkKind::Data => out.data_chunks += 1,
-            ChunkKind::Zero => out.zero_chunks += 1,
-            ChunkKind::Unallocated => out.unallocated_chunks += 1,
-        }
-        out.bytes_read += read;
-        out.stored_bytes += record.stored.unwrap_or(0);
-        if keep_chunks {
-            out.chunks.push(record);
-        }
-    }
-    out.digest = plan.root(&leaves)?;
-    Ok(out)
 }
