@@ -9,7 +9,6 @@
 //! is trusted only whole: it carries a BLAKE3 of its contents, and on load
 //! a few entries chosen at random are recomputed. Any mismatch discards it.
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,12 +22,21 @@ use crate::error::{Error, Result, ResultExt};
 const MAGIC: &[u8; 8] = b"VSNZCV01";
 /// Entries recomputed on load; each costs one leaf hash (under 1 ms).
 const SPOT_CHECKS: usize = 4;
+/// Leaves past this index are not cached: a 2040 GiB disk in 4 MiB chunks
+/// has about 522,000, and a tiny chunk size on a huge disk must not make
+/// the table huge (4 Mi slots are 132 MiB).
+const MAX_LEAVES: usize = 4 << 20;
+
+/// Dense by leaf index: the indices a disk uses are 0..n, so a vector
+/// costs 33 bytes a leaf (17 MB for 2040 GiB in 4 MiB leaves), where a
+/// hash map would cost half as much again and double while growing.
+type Known = Vec<Option<ChainingValue>>;
 
 #[derive(Debug)]
 pub struct ZeroCache {
     leaf_size: u64,
     file: Option<PathBuf>,
-    known: RwLock<HashMap<u64, ChainingValue>>,
+    known: RwLock<Known>,
     dirty: AtomicBool,
 }
 
@@ -38,7 +46,7 @@ impl ZeroCache {
         ZeroCache {
             leaf_size,
             file: None,
-            known: RwLock::new(HashMap::new()),
+            known: RwLock::new(Vec::new()),
             dirty: AtomicBool::new(false),
         }
     }
@@ -60,8 +68,9 @@ impl ZeroCache {
         }
     }
 
+    /// How many leaves are known.
     pub fn len(&self) -> usize {
-        self.known.read().map_or(0, |k| k.len())
+        self.known.read().map_or(0, |k| k.iter().flatten().count())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -73,15 +82,30 @@ impl ZeroCache {
     /// short last leaf, or a disk that is one leaf (a root), is computed.
     pub fn zero_leaf(&self, plan: &DigestPlan, index: u64) -> Leaf {
         let (offset, len) = plan.leaf_range(index);
-        if len != self.leaf_size || plan.leaf_size != self.leaf_size || plan.leaves() < 2 {
+        if len != self.leaf_size
+            || plan.leaf_size != self.leaf_size
+            || plan.leaves() < 2
+            || index as usize >= MAX_LEAVES
+        {
             return plan.zero_leaf(offset, len);
         }
-        if let Some(cv) = self.known.read().ok().and_then(|k| k.get(&index).copied()) {
+        let slot = index as usize;
+        if let Some(cv) = self
+            .known
+            .read()
+            .ok()
+            .and_then(|k| k.get(slot).copied().flatten())
+        {
             return Leaf::Cv(cv);
         }
         let leaf = plan.zero_leaf(offset, len);
         if let (Leaf::Cv(cv), Ok(mut known)) = (leaf, self.known.write()) {
-            known.insert(index, cv);
+            if known.len() <= slot {
+                // Sized for the whole disk at once, so it grows once.
+                let want = (plan.leaves() as usize).min(MAX_LEAVES);
+                known.resize(want.max(slot + 1), None);
+            }
+            known[slot] = Some(cv);
             self.dirty.store(true, Ordering::Relaxed);
         }
         leaf
@@ -119,23 +143,24 @@ impl ZeroCache {
     }
 }
 
-fn serialize(known: &HashMap<u64, ChainingValue>, leaf_size: u64) -> Vec<u8> {
-    let mut entries: Vec<(&u64, &ChainingValue)> = known.iter().collect();
-    entries.sort_unstable();
-    let mut out = Vec::with_capacity(24 + entries.len() * 40 + 32);
+fn serialize(known: &Known, leaf_size: u64) -> Vec<u8> {
+    let count = known.iter().flatten().count();
+    let mut out = Vec::with_capacity(24 + count * 40 + 32);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&leaf_size.to_le_bytes());
-    out.extend_from_slice(&(entries.len() as u64).to_le_bytes());
-    for (index, cv) in entries {
-        out.extend_from_slice(&index.to_le_bytes());
-        out.extend_from_slice(cv);
+    out.extend_from_slice(&(count as u64).to_le_bytes());
+    for (index, cv) in known.iter().enumerate() {
+        if let Some(cv) = cv {
+            out.extend_from_slice(&(index as u64).to_le_bytes());
+            out.extend_from_slice(cv);
+        }
     }
     let sum = blake3::hash(&out);
     out.extend_from_slice(sum.as_bytes());
     out
 }
 
-fn parse(bytes: &[u8], leaf_size: u64) -> Option<HashMap<u64, ChainingValue>> {
+fn parse(bytes: &[u8], leaf_size: u64) -> Option<Known> {
     let (body, sum) = bytes.split_at_checked(bytes.len().checked_sub(32)?)?;
     if blake3::hash(body).as_bytes() != sum {
         return None;
@@ -150,24 +175,35 @@ fn parse(bytes: &[u8], leaf_size: u64) -> Option<HashMap<u64, ChainingValue>> {
     if rest.len() != count.checked_mul(40)? {
         return None;
     }
-    let mut known = HashMap::with_capacity(count);
+    // Entries are written in index order, so the last one sizes the
+    // table; past the cap the file is not one of ours.
+    let Some(at) = rest.len().checked_sub(40) else {
+        return Some(Vec::new());
+    };
+    let last = usize::try_from(u64::from_le_bytes(rest.get(at..at + 8)?.try_into().ok()?)).ok()?;
+    if last >= MAX_LEAVES {
+        return None;
+    }
+    let mut known: Known = vec![None; last + 1];
     for entry in rest.chunks_exact(40) {
         let (index, cv) = entry.split_at(8);
-        known.insert(
-            u64::from_le_bytes(index.try_into().ok()?),
-            cv.try_into().ok()?,
-        );
+        let index = usize::try_from(u64::from_le_bytes(index.try_into().ok()?)).ok()?;
+        *known.get_mut(index)? = Some(cv.try_into().ok()?);
     }
     Some(known)
 }
 
 /// Recomputes a few entries, chosen by the clock, and requires a match.
-fn spot_check(known: &HashMap<u64, ChainingValue>, leaf_size: u64) -> bool {
-    if known.is_empty() {
+fn spot_check(known: &Known, leaf_size: u64) -> bool {
+    let indices: Vec<u64> = known
+        .iter()
+        .enumerate()
+        .filter(|(_, cv)| cv.is_some())
+        .map(|(i, _)| i as u64)
+        .collect();
+    if indices.is_empty() {
         return true;
     }
-    let mut indices: Vec<u64> = known.keys().copied().collect();
-    indices.sort_unstable();
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos() as usize);
@@ -177,8 +213,8 @@ fn spot_check(known: &HashMap<u64, ChainingValue>, leaf_size: u64) -> bool {
         let Ok(plan) = DigestPlan::new(leaf_size.saturating_mul(index + 2), leaf_size) else {
             return false;
         };
-        let expected = known.get(&index);
-        matches!(plan.zero_leaf(index * leaf_size, leaf_size), Leaf::Cv(cv) if Some(&cv) == expected)
+        let expected = known.get(index as usize).copied().flatten();
+        matches!(plan.zero_leaf(index * leaf_size, leaf_size), Leaf::Cv(cv) if Some(cv) == expected)
     })
 }
 
