@@ -86,55 +86,113 @@ impl DigestPlan {
 
     /// Folds the leaves, in disk order, into the digest.
     pub fn root(&self, leaves: &[Leaf]) -> Result<blake3::Hash> {
-        let expected = self.leaves();
-        if leaves.len() as u64 != expected {
+        let mut folder = Folder::new(*self);
+        for (index, leaf) in leaves.iter().enumerate() {
+            folder.add(index as u64, *leaf)?;
+        }
+        folder.finish()
+    }
+}
+
+/// Folds leaves into the digest as they arrive, so a run holds O(log n)
+/// chaining values whatever the disk's size, plus the leaves that arrive
+/// ahead of their turn (a handful: workers claim chunks in order, and the
+/// buffer pool bounds how many are in flight).
+///
+/// This is BLAKE3's own chaining-value stack, one level up: every leaf but
+/// the last is pushed, merging each completed power-of-two subtree at
+/// once; the last folds down the stack, and the top merge is the root. It
+/// builds the same left-balanced tree as hashing the disk in one go.
+#[derive(Debug)]
+pub struct Folder {
+    plan: DigestPlan,
+    next: u64,
+    stack: Vec<ChainingValue>,
+    pending: std::collections::BTreeMap<u64, Leaf>,
+    root: Option<blake3::Hash>,
+}
+
+impl Folder {
+    pub fn new(plan: DigestPlan) -> Folder {
+        Folder {
+            plan,
+            next: 0,
+            stack: Vec::new(),
+            pending: std::collections::BTreeMap::new(),
+            root: None,
+        }
+    }
+
+    /// Leaves held until the ones before them arrive.
+    pub fn waiting(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub fn add(&mut self, index: u64, leaf: Leaf) -> Result<()> {
+        let n = self.plan.leaves();
+        if index >= n || index < self.next || self.pending.contains_key(&index) {
             return Err(ErrorKind::InvalidArgument(format!(
-                "{} leaves given for a disk of {expected}",
-                leaves.len()
+                "leaf {index} given twice or out of range for a disk of {n}"
             ))
             .into());
         }
-        match leaves {
-            [Leaf::Root(h)] => Ok(*h),
-            _ => {
-                let cvs: Vec<ChainingValue> = leaves
-                    .iter()
-                    .map(|l| match l {
-                        Leaf::Cv(cv) => Ok(*cv),
-                        Leaf::Root(_) => Err(crate::Error::from(ErrorKind::InvalidArgument(
-                            "a root leaf in a multi-leaf disk".into(),
-                        ))),
-                    })
-                    .collect::<Result<_>>()?;
-                let (left, right) = self.split(0, self.disk_size, &cvs);
-                Ok(hazmat::merge_subtrees_root(&left, &right, Mode::Hash))
+        self.pending.insert(index, leaf);
+        while let Some(leaf) = self.pending.remove(&self.next) {
+            self.push(leaf)?;
+            self.next += 1;
+        }
+        Ok(())
+    }
+
+    fn push(&mut self, leaf: Leaf) -> Result<()> {
+        let n = self.plan.leaves();
+        let cv = match (leaf, n) {
+            (Leaf::Root(h), 1) => {
+                self.root = Some(h);
+                return Ok(());
             }
+            (Leaf::Cv(cv), n) if n > 1 => cv,
+            _ => {
+                return Err(ErrorKind::InvalidArgument(
+                    "a root leaf in a multi-leaf disk, or the reverse".into(),
+                )
+                .into())
+            }
+        };
+        if self.next + 1 < n {
+            let mut cv = cv;
+            let mut done = self.next + 1;
+            while done & 1 == 0 {
+                let Some(left) = self.stack.pop() else { break };
+                cv = hazmat::merge_subtrees_non_root(&left, &cv, Mode::Hash);
+                done >>= 1;
+            }
+            self.stack.push(cv);
+            return Ok(());
         }
+        // The last leaf: fold down the stack; the top merge is the root.
+        let mut right = cv;
+        while let Some(left) = self.stack.pop() {
+            if self.stack.is_empty() {
+                self.root = Some(hazmat::merge_subtrees_root(&left, &right, Mode::Hash));
+                return Ok(());
+            }
+            right = hazmat::merge_subtrees_non_root(&left, &right, Mode::Hash);
+        }
+        Err(ErrorKind::InvalidArgument("a multi-leaf disk folded to no root".into()).into())
     }
 
-    /// The two children of the subtree covering `len` bytes at `offset`,
-    /// whose leaves are `cvs`.
-    fn split(
-        &self,
-        offset: u64,
-        len: u64,
-        cvs: &[ChainingValue],
-    ) -> (ChainingValue, ChainingValue) {
-        let left_len = hazmat::left_subtree_len(len);
-        let left_leaves = (left_len / self.leaf_size) as usize;
-        let (l, r) = cvs.split_at(left_leaves.min(cvs.len()));
-        (
-            self.subtree(offset, left_len, l),
-            self.subtree(offset + left_len, len - left_len, r),
-        )
-    }
-
-    fn subtree(&self, offset: u64, len: u64, cvs: &[ChainingValue]) -> ChainingValue {
-        if len <= self.leaf_size {
-            return cvs.first().copied().unwrap_or([0; 32]);
+    /// The digest, once every leaf has arrived.
+    pub fn finish(self) -> Result<blake3::Hash> {
+        match self.root {
+            Some(h) if self.pending.is_empty() => Ok(h),
+            _ => Err(ErrorKind::InvalidArgument(format!(
+                "{} of {} leaves given",
+                self.next,
+                self.plan.leaves()
+            ))
+            .into()),
         }
-        let (left, right) = self.split(offset, len, cvs);
-        hazmat::merge_subtrees_non_root(&left, &right, Mode::Hash)
     }
 }
 
@@ -207,6 +265,41 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn leaves_may_arrive_out_of_order_and_only_a_few_wait() {
+        for len in [3 * 1024 + 5, 8 * 1024, 13 * 1024 + 1, 64 * 1024] {
+            let bytes = data(len);
+            let plan = DigestPlan::new(len as u64, 1024).unwrap();
+            let leaf = |i: u64| {
+                let (off, n) = plan.leaf_range(i);
+                plan.leaf(off, &bytes[off as usize..(off + n) as usize])
+            };
+            // Pairs swapped: 1, 0, 3, 2, ...
+            let mut folder = Folder::new(plan);
+            let n = plan.leaves();
+            for i in 0..n {
+                let j = if i % 2 == 0 {
+                    (i + 1).min(n - 1)
+                } else {
+                    i - 1
+                };
+                if i % 2 == 0 && j == i {
+                    folder.add(i, leaf(i)).unwrap();
+                    continue;
+                }
+                folder.add(j, leaf(j)).unwrap();
+                assert!(folder.waiting() <= 1);
+            }
+            assert_eq!(folder.finish().unwrap(), blake3::hash(&bytes), "len {len}");
+        }
+        // Twice the same leaf, or too few, is refused.
+        let plan = DigestPlan::new(4096, 1024).unwrap();
+        let mut folder = Folder::new(plan);
+        folder.add(0, plan.zero_leaf(0, 1024)).unwrap();
+        assert!(folder.add(0, plan.zero_leaf(0, 1024)).is_err());
+        assert!(folder.finish().is_err());
     }
 
     #[test]

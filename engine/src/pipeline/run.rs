@@ -9,7 +9,7 @@ use super::compress::Compress;
 use super::pool::{Buffer, BufferPool};
 use super::source::{data_bytes, read_chunk, LayerFiles};
 use super::{ChunkKind, Options, Progress};
-use crate::digest::{is_zero, DigestPlan, Leaf};
+use crate::digest::{is_zero, DigestPlan, Folder, Leaf};
 use crate::error::Result;
 use crate::format::{AllocationMap, DiskImage};
 use crate::io::{probe, Engine, IoKind};
@@ -81,11 +81,11 @@ struct Job<'a> {
 }
 
 /// What a run learns about one image, filled in by the workers as they
-/// go: one leaf per chunk (33 bytes per 4 MiB of disk) and running totals.
-/// Chunk records are kept only when asked for, so a 2 TiB disk costs the
-/// run about 18 MB here, not a record per chunk.
+/// go: the digest folded leaf by leaf (a few chaining values, whatever the
+/// disk's size) and running totals. Chunk records are kept only when asked
+/// for.
 struct Accum {
-    leaves: Vec<Option<Leaf>>,
+    folder: Folder,
     totals: ImageDigest,
     chunks: Vec<Option<ChunkRecord>>,
 }
@@ -94,7 +94,7 @@ impl Accum {
     fn new(plan: &DigestPlan, keep_chunks: bool) -> Self {
         let n = plan.leaves() as usize;
         Accum {
-            leaves: vec![None; n],
+            folder: Folder::new(*plan),
             totals: ImageDigest {
                 digest: blake3::hash(&[]),
                 virtual_size: plan.disk_size,
@@ -113,7 +113,7 @@ impl Accum {
         }
     }
 
-    fn add(&mut self, index: u64, leaf: Leaf, record: ChunkRecord, read: u64) {
+    fn add(&mut self, index: u64, leaf: Leaf, record: ChunkRecord, read: u64) -> Result<()> {
         let t = &mut self.totals;
         match record.kind {
             ChunkKind::Data => t.data_chunks += 1,
@@ -122,20 +122,17 @@ impl Accum {
         }
         t.bytes_read += read;
         t.stored_bytes += record.stored.unwrap_or(0);
-        if let Some(slot) = self.leaves.get_mut(index as usize) {
-            *slot = Some(leaf);
-        }
         if let Some(slot) = self.chunks.get_mut(index as usize) {
             *slot = Some(record);
         }
+        self.folder.add(index, leaf)
     }
 
-    /// The image's digest. A missing leaf (a worker that died) makes the
-    /// leaf count wrong, which `root` refuses.
-    fn finish(self, plan: &DigestPlan) -> Result<ImageDigest> {
-        let leaves: Vec<Leaf> = self.leaves.into_iter().flatten().collect();
+    /// The image's digest. A missing leaf (a worker that died) leaves the
+    /// fold unfinished, which `finish` refuses.
+    fn finish(self) -> Result<ImageDigest> {
         let mut out = self.totals;
-        out.digest = plan.root(&leaves)?;
+        out.digest = self.folder.finish()?;
         out.chunks = self.chunks.into_iter().flatten().collect();
         Ok(out)
     }
@@ -222,7 +219,7 @@ impl Job<'_> {
             accum
                 .lock()
                 .map_err(|_| crate::Error::io(std::io::Error::other("a worker panicked")))?
-                .add(index, leaf, record, held);
+                .add(index, leaf, record, held)?;
         }
         Ok(())
     }
@@ -300,15 +297,13 @@ pub fn run(
     for outcome in outcomes {
         outcome?;
     }
-    let Job { plans, results, .. } = job;
-    results
+    job.results
         .into_iter()
-        .zip(&plans)
-        .map(|(accum, plan)| {
+        .map(|accum| {
             accum
                 .into_inner()
                 .map_err(|_| crate::Error::io(std::io::Error::other("a worker panicked")))?
-                .finish(plan)
+                .finish()
         })
         .collect()
 }
