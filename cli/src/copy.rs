@@ -150,11 +150,10 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
     })
     .context("copy failed")?;
     args.engine.save_cache(&opts);
-    let file_digests_all: Vec<blake3::Hash> = results.iter().map(|r| r.file_digest).collect();
     let entries: Vec<(String, blake3::Hash)> = names
         .iter()
         .cloned()
-        .zip(file_digests_all.iter().copied())
+        .zip(results.iter().map(|r| r.file_digest))
         .collect();
     update_b3sums(&args.to, &entries)?;
     let elapsed = started.elapsed();
@@ -167,13 +166,12 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
     let reports: Vec<JsonCopy> = results
         .iter()
         .zip(&args.sources)
-        .zip(&file_digests_all)
-        .map(|((r, src), fd)| JsonCopy {
+        .map(|(r, src)| JsonCopy {
             source: src.clone(),
             target: r.target.clone(),
             format: format_name(r.format),
             digest: r.source.digest.to_hex().to_string(),
-            file_digest: fd.to_hex().to_string(),
+            file_digest: r.file_digest.to_hex().to_string(),
             virtual_size: r.source.virtual_size,
             bytes_read: r.source.bytes_read,
             bytes_written: r.bytes_written,

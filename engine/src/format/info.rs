@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use super::vhd::footer::VHD_EPOCH;
 use super::vhd::{DiskType, Geometry, VhdImage, VhdLayer};
-use super::ImageFormat;
+use super::{DiskImage, ImageFormat};
 use crate::error::Result;
 
 #[derive(Debug, Clone, Serialize)]
@@ -93,7 +93,7 @@ pub(super) fn vhd_info(image: &VhdImage) -> Result<ImageInfo> {
         allocated_bytes: top.own_map()?.data_bytes(),
         geometry: Some(footer.geometry),
         creator: Some(creator(top)),
-        block_size: top.sparse().map(|s| s.header.block_size),
+        block_size: DiskImage::block_size(image),
         unique_id: Some(uuid::Uuid::from_bytes(footer.unique_id)),
         timestamp: Some(u64::from(footer.timestamp) + VHD_EPOCH),
         saved_state: Some(footer.saved_state != 0),

@@ -52,6 +52,11 @@ pub trait DiskImage: Send + Sync + std::fmt::Debug {
     fn vhd_footer(&self) -> Option<vhd::Footer> {
         None
     }
+    /// The block size of a block-structured image (a dynamic VHD's), so a
+    /// copy can keep it without building the image's info.
+    fn block_size(&self) -> Option<u32> {
+        None
+    }
     /// The files behind the image, in the layer order of its allocation
     /// map, so the engine can read data extents straight from them.
     fn layer_paths(&self) -> Vec<std::path::PathBuf>;
@@ -80,6 +85,10 @@ impl DiskImage for vhd::VhdImage {
 
     fn vhd_footer(&self) -> Option<vhd::Footer> {
         Some(self.top().footer().clone())
+    }
+
+    fn block_size(&self) -> Option<u32> {
+        self.top().sparse().map(|s| s.header.block_size)
     }
 
     fn layer_paths(&self) -> Vec<std::path::PathBuf> {

@@ -299,8 +299,7 @@ fn open_target(
         }
         TargetFormat::DynamicVhd => {
             let block_size = image
-                .info()?
-                .block_size
+                .block_size()
                 .filter(|&b| b >= crate::format::vhd::create::MIN_BLOCK_SIZE)
                 .unwrap_or(DEFAULT_BLOCK_SIZE);
             // Keep the source's identity (unique id, geometry, creator,

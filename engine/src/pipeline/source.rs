@@ -76,7 +76,9 @@ pub(super) fn read_chunk(
     let end = offset + len;
     let extents = map.extents();
     let first = extents.partition_point(|e| e.end() <= offset);
+    // The reads, and beside them the layer each reads from (for errors).
     let mut ops = Vec::new();
+    let mut layers = Vec::new();
     let mut pos = offset;
     let whole = buf.full();
     for e in extents[first..].iter().take_while(|e| e.offset < end) {
@@ -98,21 +100,18 @@ pub(super) fn read_chunk(
         let Some(file) = file else {
             return Err(ErrorKind::InvalidArgument(format!("no file for layer {layer}")).into());
         };
-        ops.push((
-            layer,
-            ReadOp {
-                file,
-                file_offset,
-                buf_offset,
-                len: n,
-            },
-        ));
+        layers.push(layer);
+        ops.push(ReadOp {
+            file,
+            file_offset,
+            buf_offset,
+            len: n,
+        });
         pos = to;
     }
     whole[(pos - offset) as usize..len as usize].fill(0);
-    let reads: Vec<ReadOp<'_>> = ops.iter().map(|(_, op)| *op).collect();
-    engine.read(&reads, whole).map_err(|(i, e)| {
-        let (layer, op) = ops.get(i).map_or((0, None), |(l, op)| (*l, Some(op)));
+    engine.read(&ops, whole).map_err(|(i, e)| {
+        let (layer, op) = (layers.get(i).copied().unwrap_or(0), ops.get(i));
         let path = files.paths.get(layer).cloned().unwrap_or_default();
         let kind = if e.kind() == std::io::ErrorKind::UnexpectedEof {
             ErrorKind::Truncated {
