@@ -18,7 +18,7 @@ use crate::units::human;
 use crate::FormatArg;
 
 #[derive(Debug, Clone, Copy, Default, ValueEnum)]
-enum OutFormat {
+pub enum OutFormat {
     /// Keep the source's format: raw stays raw, a fixed VHD is copied byte
     /// for byte, dynamic and differencing become a dynamic VHD (a chain is
     /// flattened).
@@ -106,7 +106,19 @@ fn target_name(source: &Path, format: TargetFormat, same: bool) -> Result<String
     })
 }
 
-fn format_name(f: TargetFormat) -> &'static str {
+impl OutFormat {
+    /// `None` for `same`: the source decides.
+    pub fn target(self) -> Option<TargetFormat> {
+        match self {
+            OutFormat::Same => None,
+            OutFormat::Raw => Some(TargetFormat::Raw),
+            OutFormat::Fixed => Some(TargetFormat::FixedVhd),
+            OutFormat::Dynamic => Some(TargetFormat::DynamicVhd),
+        }
+    }
+}
+
+pub fn format_name(f: TargetFormat) -> &'static str {
     match f {
         TargetFormat::Raw => "raw",
         TargetFormat::FixedVhd => "fixed",
@@ -123,12 +135,10 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
     let mut specs = Vec::new();
     let mut names = Vec::new();
     for (src, image) in args.sources.iter().zip(&refs) {
-        let format = match args.out_format {
-            OutFormat::Same => TargetFormat::same_as(*image),
-            OutFormat::Raw => TargetFormat::Raw,
-            OutFormat::Fixed => TargetFormat::FixedVhd,
-            OutFormat::Dynamic => TargetFormat::DynamicVhd,
-        };
+        let format = args
+            .out_format
+            .target()
+            .unwrap_or_else(|| TargetFormat::same_as(*image));
         let name = target_name(src, format, matches!(args.out_format, OutFormat::Same))?;
         if names.contains(&name) {
             bail!(
@@ -138,6 +148,8 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
         specs.push(CopySpec {
             target: args.to.join(&name),
             format,
+            replace: false,
+            expect: None,
         });
         names.push(name);
     }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use clap::ValueEnum;
 use vsnap_engine::digest::ZeroCache;
-use vsnap_engine::io::{probe, IoKind, IoMode};
+use vsnap_engine::io::{probe, IoMode};
 use vsnap_engine::pipeline::Options;
 
 use crate::units::parse_size;
@@ -58,8 +58,14 @@ pub enum IoArg {
 
 impl EngineArgs {
     pub fn options(&self, keep_chunks: bool) -> Options {
+        self.options_with_chunk(keep_chunks, self.chunk_size)
+    }
+
+    /// For commands whose chunk size is not the user's to choose (a
+    /// repository's grid).
+    pub fn options_with_chunk(&self, keep_chunks: bool, chunk_size: u64) -> Options {
         Options {
-            chunk_size: self.chunk_size,
+            chunk_size,
             threads: self.threads,
             keep_chunks,
             memory: self.memory,
@@ -74,7 +80,7 @@ impl EngineArgs {
             zero_cache: (!self.no_cache)
                 .then(cache_dir)
                 .flatten()
-                .map(|dir| Arc::new(ZeroCache::load(&dir, self.chunk_size))),
+                .map(|dir| Arc::new(ZeroCache::load(&dir, chunk_size))),
         }
     }
 
@@ -88,9 +94,10 @@ impl EngineArgs {
         }
     }
 
-    /// Says on stderr when `--io auto` had to fall back to sync reads.
+    /// Says on stderr when `--io auto` had to fall back to sync reads, or
+    /// io_uring to unregistered buffers.
     pub fn report_fallback(&self, opts: &Options) {
-        if let Ok((IoKind::Sync, Some(reason))) = probe(opts.io, opts.queue_depth) {
+        if let Ok((_, Some(reason))) = probe(opts.io, opts.queue_depth) {
             eprintln!("vsnap: {reason}");
         }
     }

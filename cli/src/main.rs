@@ -1,5 +1,6 @@
 //! The `vsnap` command line.
 
+mod backup;
 mod copy;
 mod create;
 mod engine_args;
@@ -7,7 +8,10 @@ mod hash;
 mod info;
 mod map;
 mod progress;
+mod repo;
+mod restore;
 mod units;
+mod verify;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -51,6 +55,22 @@ enum Command {
     /// Copy images into a directory in parallel, with each image's digest
     /// computed in the same pass and a B3SUMS file for `b3sum -c`.
     Copy(copy::Args),
+    /// Manage repositories: `vsnap repo init DIR`.
+    #[command(subcommand)]
+    Repo(repo::RepoCommand),
+    /// Back up images into a repository as one snapshot, storing each
+    /// distinct chunk once.
+    Backup(backup::Args),
+    /// List a repository's snapshots.
+    Snapshots(repo::SnapshotsArgs),
+    /// Restore a snapshot's disks, or one of them, with their containers.
+    Restore(restore::Args),
+    /// Check a repository for rot (or a backed-up disk against an image).
+    Verify(verify::Args),
+    /// Remove snapshots; their chunks stay until gc.
+    Forget(repo::ForgetArgs),
+    /// Remove chunks and indexes that no snapshot references.
+    Gc(repo::GcArgs),
 }
 
 /// `--format`: what the image is, or `auto` to detect it from its bytes.
@@ -94,6 +114,13 @@ fn main() -> ExitCode {
         Command::Create(args) => create::run(&args, &mut out),
         Command::Hash(args) => hash::run(&args, &mut out),
         Command::Copy(args) => copy::run(&args, &mut out),
+        Command::Repo(cmd) => repo::run_repo(&cmd, &mut out),
+        Command::Backup(args) => backup::run(&args, &mut out),
+        Command::Snapshots(args) => repo::run_snapshots(&args, &mut out),
+        Command::Restore(args) => restore::run(&args, &mut out),
+        Command::Verify(args) => verify::run(&args, &mut out),
+        Command::Forget(args) => repo::run_forget(&args, &mut out),
+        Command::Gc(args) => repo::run_gc(&args, &mut out),
     }
     .and_then(|code| out.flush().map(|()| code).map_err(Into::into));
     match result {

@@ -42,6 +42,24 @@ fn json_event(progress: &Progress, started: Instant) -> String {
     )
 }
 
+/// `--progress` and `-q`, for commands that stream.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ProgressArgs {
+    /// How to report progress: a bar on a terminal (auto), JSON lines on
+    /// stderr for scripts, or none.
+    #[arg(long, value_enum, default_value_t)]
+    pub progress: ProgressArg,
+    /// No progress output.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+}
+
+impl ProgressArgs {
+    pub fn run<T>(&self, progress: &Progress, work: impl FnOnce() -> T) -> T {
+        with_progress(progress, self.progress, self.quiet, work)
+    }
+}
+
 /// Runs `work` while progress is reported as `mode` asks.
 pub fn with_progress<T>(
     progress: &Progress,

@@ -92,6 +92,28 @@ pub enum ErrorKind {
     OutOfRange { offset: u64, len: u64, size: u64 },
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    #[error("corrupt {what}: {reason}")]
+    Corrupt { what: &'static str, reason: String },
+    #[error("{what} digest mismatch: expected {expected}, computed {found}")]
+    DigestMismatch {
+        what: &'static str,
+        expected: Box<str>,
+        found: Box<str>,
+    },
+    #[error("not a vsnap repository (it has no {file}); create one with `vsnap repo init DIR`")]
+    NotARepository { file: &'static str },
+    #[error("no snapshot matches {0:?}; `vsnap snapshots` lists them")]
+    NoSuchSnapshot(String),
+    #[error("{prefix:?} matches {count} snapshots; give more of the id")]
+    AmbiguousSnapshot { prefix: String, count: usize },
+    #[error("snapshot {snapshot} has no disk {disk:?} (it has {have})")]
+    NoSuchDisk {
+        snapshot: Box<str>,
+        disk: Box<str>,
+        have: Box<str>,
+    },
+    #[error("{} exists already; vsnap does not overwrite it", .0.display())]
+    Exists(PathBuf),
     #[error("the image was opened read-only")]
     ReadOnly,
     /// The message already includes the cause, so it is not also exposed

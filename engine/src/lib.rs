@@ -9,5 +9,8 @@ mod error;
 pub mod format;
 pub mod io;
 pub mod pipeline;
+pub mod repo;
+pub mod restore;
+pub mod verify;
 
 pub use error::{Error, ErrorKind, Result};

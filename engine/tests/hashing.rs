@@ -9,7 +9,10 @@ use std::path::Path;
 use common::*;
 use vsnap_engine::format::{self, DiskImage};
 use vsnap_engine::io::IoMode;
-use vsnap_engine::pipeline::{hash_images, ChunkKind, Options, Progress};
+use vsnap_engine::pipeline::{
+    hash_images, run as run_pipeline, Buffer, ChunkKind, ChunkRecord, Options, Progress, Sink,
+    Stored,
+};
 
 fn b3sum(path: &Path) -> String {
     run("b3sum", &["--no-names", p(path)]).trim().to_owned()
@@ -202,6 +205,8 @@ fn a_source_truncated_during_a_copy_fails_naming_it_and_leaves_no_files() {
             let spec = CopySpec {
                 target: out.join("copy"),
                 format,
+                replace: false,
+                expect: None,
             };
             let opts = Options {
                 io,
@@ -264,4 +269,96 @@ fn compression_in_the_same_pass_skips_zeros_and_keeps_incompressible_chunks_raw(
     // Compression changes nothing about the digest.
     let plain = &hash_images(&[&*image], &Options::default(), &Progress::default()).unwrap()[0];
     assert_eq!(plain.digest, d.digest);
+}
+
+/// A chunk as a sink saw it: the record, its bytes, its stored form.
+type Got = (ChunkRecord, Option<Vec<u8>>, Option<Vec<u8>>);
+
+/// A sink that keeps what the workers hand it, and skips one chunk as if
+/// it held it already.
+struct Collect {
+    skip: blake3::Hash,
+    got: std::sync::Mutex<Vec<Got>>,
+}
+
+impl Sink for Collect {
+    fn wants_ids(&self) -> bool {
+        true
+    }
+    fn wants_payload(&self, _: usize, record: &ChunkRecord) -> vsnap_engine::Result<bool> {
+        Ok(record.id != Some(self.skip))
+    }
+    fn put(
+        &self,
+        _: usize,
+        record: ChunkRecord,
+        data: Option<Buffer>,
+        stored: Option<Stored<'_>>,
+    ) -> vsnap_engine::Result<()> {
+        let stored = stored.map(|s| match s {
+            Stored::Compressed(b) => b.to_vec(),
+            Stored::Raw => b"raw".to_vec(),
+        });
+        let data = data.map(|d| d.to_vec());
+        self.got.lock().unwrap().push((record, data, stored));
+        Ok(())
+    }
+}
+
+#[test]
+fn the_sink_gets_each_data_chunk_compressed_or_raw_unless_it_holds_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mixed.raw");
+    let chunk = 64 << 10;
+    // Chunks: text, random, zeros, a hole, the text again (same id).
+    let text: Vec<u8> = b"the quick brown fox jumps over the lazy dog. "
+        .iter()
+        .copied()
+        .cycle()
+        .take(chunk)
+        .collect();
+    let mut disk = text.clone();
+    disk.extend(pattern(7, chunk));
+    disk.extend(vec![0u8; chunk]);
+    std::fs::write(&path, &disk).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(&text, 4 * chunk as u64).unwrap();
+    drop(f);
+    let image = format::open(&path, None).unwrap();
+    let random_id = blake3::hash(&pattern(7, chunk));
+    let sink = Collect {
+        skip: random_id,
+        got: Default::default(),
+    };
+    let opts = Options {
+        chunk_size: chunk as u64,
+        compress: Some(1),
+        ..Options::default()
+    };
+    let map = image.allocation_map().unwrap();
+    run_pipeline(&[&*image], &[map], &opts, &Progress::default(), &sink).unwrap();
+    let mut got = sink.got.into_inner().unwrap();
+    got.sort_by_key(|g| g.0.offset);
+    let kinds: Vec<ChunkKind> = got.iter().map(|g| g.0.kind).collect();
+    use ChunkKind::*;
+    assert_eq!(kinds, [Data, Data, Zero, Unallocated, Data]);
+    for (record, data, stored) in &got {
+        match record.kind {
+            Data => {
+                let data = data.as_ref().unwrap();
+                assert_eq!(record.id, Some(blake3::hash(data)));
+                if record.id == Some(random_id) {
+                    assert_eq!((stored, record.stored), (&None, None), "held already");
+                    continue;
+                }
+                let frame = stored.as_ref().unwrap();
+                assert_eq!(record.stored, Some(frame.len() as u64));
+                assert!(frame.len() < chunk / 10, "text compresses");
+                assert_eq!(zstd::decode_all(&frame[..]).unwrap(), *data);
+            }
+            _ => assert_eq!((record.id, stored), (None, &None), "{:?}", record.kind),
+        }
+    }
+    assert!(got[3].1.is_none(), "a hole is never read");
 }

@@ -115,3 +115,60 @@ pub fn qemu_image(path: &Path, sub: &str, size: &str, writes: &[(u8, u64, u64)])
         assert!(st.status.success(), "qemu-io {cmd}: {}", stderr(&st));
     }
 }
+
+/// Bytes no other test image shares: BLAKE3's output stream for `seed`.
+pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut out = vec![0u8; len];
+    blake3::Hasher::new()
+        .update(&seed.to_le_bytes())
+        .finalize_xof()
+        .fill(&mut out);
+    out
+}
+
+/// A dynamic VHD of `size` bytes made by qemu-img from a raw file holding
+/// random bytes in `ranges` (offset, length) and holes elsewhere, so every
+/// chunk of it is distinct and incompressible.
+pub fn random_vhd(path: &Path, size: u64, seed: u64, ranges: &[(u64, u64)]) {
+    use std::os::unix::fs::FileExt;
+    let raw = path.with_extension("src.raw");
+    let f = std::fs::File::create(&raw).unwrap();
+    f.set_len(size).unwrap();
+    for (i, (off, len)) in ranges.iter().enumerate() {
+        let bytes = random_bytes(seed * 1000 + i as u64, *len as usize);
+        f.write_all_at(&bytes, *off).unwrap();
+    }
+    drop(f);
+    let st = Command::new("qemu-img")
+        .args(["convert", "-q", "-f", "raw", "-O", "vpc", "-o"])
+        .arg("subformat=dynamic,force_size=on")
+        .arg(&raw)
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(st.success(), "qemu-img convert {}", path.display());
+    std::fs::remove_file(&raw).unwrap();
+}
+
+/// A tmpfs of a few MiB at `dir/small`, mounted for one test and always
+/// unmounted, even when the test fails. `None` without root.
+pub struct SmallFs(pub PathBuf);
+
+impl SmallFs {
+    pub fn mount(dir: &Path, size: &str) -> Option<SmallFs> {
+        let at = dir.join("small");
+        std::fs::create_dir(&at).unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "vsnap-test"])
+            .arg(&at)
+            .output()
+            .ok()?;
+        st.status.success().then_some(SmallFs(at))
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}

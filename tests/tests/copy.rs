@@ -155,28 +155,6 @@ fn a_source_truncated_mid_block_fails_naming_it_and_leaves_nothing() {
     );
 }
 
-/// A tmpfs of a few MiB, mounted for one test and always unmounted.
-struct SmallFs(std::path::PathBuf);
-
-impl SmallFs {
-    fn mount(dir: &Path, size: &str) -> Option<SmallFs> {
-        let at = dir.join("small");
-        std::fs::create_dir(&at).unwrap();
-        let st = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(&at)
-            .status()
-            .ok()?;
-        st.success().then_some(SmallFs(at))
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn running_out_of_space_fails_clearly_and_removes_the_temporary_files() {
     let dir = tempfile::tempdir().unwrap();

@@ -40,7 +40,7 @@ fn text(rng: &mut Rng, out: &mut Vec<u8>, len: usize) {
             2 => b',',
             _ => b' ',
         });
-        if (r >> 40) % 23 == 0 {
+        if (r >> 40).is_multiple_of(23) {
             out.extend_from_slice(format!("{} ", r >> 50).as_bytes());
         }
     }

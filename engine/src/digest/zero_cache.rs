@@ -41,6 +41,11 @@ pub struct ZeroCache {
 }
 
 impl ZeroCache {
+    /// The leaf size its chaining values are for.
+    pub fn leaf_size(&self) -> u64 {
+        self.leaf_size
+    }
+
     /// A cache that lives for one run only.
     pub fn in_memory(leaf_size: u64) -> ZeroCache {
         ZeroCache {

@@ -9,7 +9,7 @@ use super::vhd::{DiskType, Geometry, VhdImage, VhdLayer};
 use super::{DiskImage, ImageFormat};
 use crate::error::Result;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Creator {
     pub application: String,
     /// `major.minor`, from the footer's u16 pair.
@@ -48,14 +48,19 @@ pub struct LayerInfo {
 }
 
 fn creator(layer: &VhdLayer) -> Creator {
-    let f = layer.footer();
-    let host = String::from_utf8_lossy(&f.creator_host_os)
-        .trim_end_matches(['\0', ' '])
-        .to_owned();
-    Creator {
-        application: f.creator_app_str(),
-        version: format!("{}.{}", f.creator_version >> 16, f.creator_version & 0xFFFF),
-        host_os: host,
+    Creator::of(layer.footer())
+}
+
+impl Creator {
+    pub fn of(f: &super::vhd::Footer) -> Creator {
+        let host = String::from_utf8_lossy(&f.creator_host_os)
+            .trim_end_matches(['\0', ' '])
+            .to_owned();
+        Creator {
+            application: f.creator_app_str(),
+            version: format!("{}.{}", f.creator_version >> 16, f.creator_version & 0xFFFF),
+            host_os: host,
+        }
     }
 }
 

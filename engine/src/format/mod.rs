@@ -15,11 +15,11 @@ use std::path::Path;
 use serde::Serialize;
 
 pub use extent::{AllocationMap, Extent, ExtentKind};
-pub use info::{ImageInfo, LayerInfo};
+pub use info::{Creator, ImageInfo, LayerInfo};
 
 use crate::error::Result;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ImageFormat {
     Raw,

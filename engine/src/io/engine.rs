@@ -31,21 +31,98 @@ pub enum IoKind {
 
 /// Decides the engine once per run. With `Auto`, a kernel without io_uring
 /// (or with it disabled by `kernel.io_uring_disabled`) falls back to sync,
-/// and the reason is returned for the caller to show.
+/// and the reason is returned for the caller to show; so is the reason
+/// when io_uring runs but cannot register buffers (a low
+/// `RLIMIT_MEMLOCK`, an old kernel), in which case reads go unregistered.
 pub fn probe(mode: IoMode, depth: u32) -> io::Result<(IoKind, Option<String>)> {
-    match mode {
-        IoMode::Sync => Ok((IoKind::Sync, None)),
-        IoMode::Uring => {
-            io_uring::IoUring::new(depth.max(1))?;
-            Ok((IoKind::Uring, None))
-        }
+    let ring = match mode {
+        IoMode::Sync => return Ok((IoKind::Sync, None)),
+        IoMode::Uring => io_uring::IoUring::new(depth.max(1))?,
         IoMode::Auto => match io_uring::IoUring::new(depth.max(1)) {
-            Ok(_) => Ok((IoKind::Uring, None)),
-            Err(e) => Ok((
-                IoKind::Sync,
-                Some(format!("io_uring unavailable ({e}); using pread")),
-            )),
+            Ok(r) => r,
+            Err(e) => {
+                return Ok((
+                    IoKind::Sync,
+                    Some(format!("io_uring unavailable ({e}); using pread")),
+                ))
+            }
         },
+    };
+    let mut fixed = Fixed::new(&ring, 1);
+    let probe_buf = AlignedBuf::new(ALIGN);
+    fixed.register(&ring, 0, &probe_buf);
+    Ok((
+        IoKind::Uring,
+        fixed.off.map(|why| format!("{why}; using plain reads")),
+    ))
+}
+
+/// The ring's registered-buffer table, one slot per pool buffer. A
+/// registered buffer is pinned once instead of on every read.
+#[derive(Debug)]
+pub struct Fixed {
+    /// What each slot holds: a buffer's address and length.
+    slots: Vec<Option<(usize, usize)>>,
+    /// Why registration is off, once it failed.
+    off: Option<String>,
+}
+
+impl Fixed {
+    fn new(ring: &io_uring::IoUring, slots: u16) -> Fixed {
+        if slots == 0 {
+            return Fixed {
+                slots: Vec::new(),
+                off: Some("no buffer slots".into()),
+            };
+        }
+        match ring.submitter().register_buffers_sparse(u32::from(slots)) {
+            Ok(()) => Fixed {
+                slots: vec![None; usize::from(slots)],
+                off: None,
+            },
+            Err(e) => Fixed {
+                slots: Vec::new(),
+                off: Some(format!("io_uring cannot register buffers ({e})")),
+            },
+        }
+    }
+
+    /// Registers `buf` in `slot` unless it is there already; false when
+    /// the read must go unregistered.
+    fn register(&mut self, ring: &io_uring::IoUring, slot: u16, buf: &[u8]) -> bool {
+        if self.off.is_some() {
+            return false;
+        }
+        let want = (buf.as_ptr() as usize, buf.len());
+        let Some(entry) = self.slots.get_mut(usize::from(slot)) else {
+            return false;
+        };
+        if *entry == Some(want) {
+            return true;
+        }
+        let iov = libc::iovec {
+            iov_base: buf.as_ptr() as *mut libc::c_void,
+            iov_len: buf.len(),
+        };
+        // SAFETY: the iovec describes `buf`, which the caller keeps
+        // allocated for as long as the ring may use the slot: slots hold
+        // pool buffers, which outlive the engine (an engine lives within
+        // one run, and the run's pool is dropped after its workers). A
+        // slot whose buffer changed is registered again before use, so a
+        // fixed read never targets memory other than the caller's.
+        match unsafe {
+            ring.submitter()
+                .register_buffers_update(u32::from(slot), &[iov], None)
+        } {
+            Ok(_) => {
+                *entry = Some(want);
+                true
+            }
+            Err(e) => {
+                self.off = Some(format!("io_uring cannot register buffers ({e})"));
+                false
+            }
+        }
     }
 }
 
@@ -63,6 +140,7 @@ pub enum Engine {
     Uring {
         ring: Box<io_uring::IoUring>,
         depth: u32,
+        fixed: Fixed,
     },
 }
 
@@ -76,20 +154,42 @@ impl std::fmt::Debug for Engine {
 }
 
 impl Engine {
-    pub fn new(kind: IoKind, depth: u32) -> io::Result<Engine> {
+    /// `slots` is how many buffers io_uring may register: the size of the
+    /// buffer pool whose buffers are read into, each under its own slot.
+    pub fn new(kind: IoKind, depth: u32, slots: u16) -> io::Result<Engine> {
         Ok(match kind {
             IoKind::Sync => Engine::Sync,
-            IoKind::Uring => Engine::Uring {
-                ring: Box::new(io_uring::IoUring::new(depth.max(1))?),
-                depth: depth.max(1),
-            },
+            IoKind::Uring => {
+                let ring = Box::new(io_uring::IoUring::new(depth.max(1))?);
+                let fixed = Fixed::new(&ring, slots);
+                Engine::Uring {
+                    ring,
+                    depth: depth.max(1),
+                    fixed,
+                }
+            }
         })
+    }
+
+    /// Whether reads go through registered buffers, or why not.
+    pub fn registered_buffers(&self) -> Result<(), String> {
+        match self {
+            Engine::Sync => Err("sync reads".into()),
+            Engine::Uring { fixed, .. } => fixed.off.clone().map_or(Ok(()), Err),
+        }
     }
 
     /// Performs every read in full. On error, returns the index of the
     /// failing op with the error, after all reads in flight have finished
-    /// (the kernel must be done with `buf` before this returns).
-    pub fn read(&mut self, ops: &[ReadOp<'_>], buf: &mut [u8]) -> Result<(), (usize, io::Error)> {
+    /// (the kernel must be done with `buf` before this returns). `slot`
+    /// names `buf`'s registered-buffer slot (its index in the pool): the
+    /// same slot must always be given the same buffer.
+    pub fn read(
+        &mut self,
+        ops: &[ReadOp<'_>],
+        buf: &mut [u8],
+        slot: Option<u16>,
+    ) -> Result<(), (usize, io::Error)> {
         for (i, op) in ops.iter().enumerate() {
             if op
                 .buf_offset
@@ -112,7 +212,10 @@ impl Engine {
                 }
                 Ok(())
             }
-            Engine::Uring { ring, depth } => uring_read(ring, *depth, ops, buf),
+            Engine::Uring { ring, depth, fixed } => {
+                let index = slot.filter(|&s| fixed.register(ring, s, buf));
+                uring_read(ring, *depth, ops, buf, index)
+            }
         }
     }
 }
@@ -122,6 +225,7 @@ fn uring_read(
     depth: u32,
     ops: &[ReadOp<'_>],
     buf: &mut [u8],
+    fixed: Option<u16>,
 ) -> Result<(), (usize, io::Error)> {
     use io_uring::{opcode, types};
     // Bytes done so far for each op; an op is resubmitted for the rest
@@ -144,12 +248,20 @@ fn uring_read(
             // below runs on errors too), so the kernel never writes to it
             // after we give it back.
             let ptr = unsafe { base.add(op.buf_offset + done[i]) };
-            let sqe = opcode::Read::new(types::Fd(op.file.as_raw_fd()), ptr, len)
-                .offset(op.file_offset + done[i] as u64)
-                .build()
-                .user_data(i as u64);
-            // SAFETY: the entry refers to `buf` (see above) and to a file
-            // descriptor that `op.file` keeps open until we return.
+            let fd = types::Fd(op.file.as_raw_fd());
+            let at = op.file_offset + done[i] as u64;
+            // A registered buffer covers all of `buf`, so any piece of it
+            // reads through the slot.
+            let sqe = match fixed {
+                Some(slot) => opcode::ReadFixed::new(fd, ptr, len, slot)
+                    .offset(at)
+                    .build(),
+                None => opcode::Read::new(fd, ptr, len).offset(at).build(),
+            }
+            .user_data(i as u64);
+            // SAFETY: the entry refers to `buf` (see above), through its
+            // registered slot or not, and to a file descriptor that
+            // `op.file` keeps open until we return.
             if unsafe { ring.submission().push(&sqe) }.is_err() {
                 queue.push(i);
                 break;
@@ -296,14 +408,28 @@ mod tests {
                 len: 25_000,
             })
             .collect();
-        for kind in [IoKind::Sync, IoKind::Uring] {
-            let Ok(mut engine) = Engine::new(kind, 8) else {
+        for (kind, slot) in [
+            (IoKind::Sync, None),
+            (IoKind::Uring, None),
+            (IoKind::Uring, Some(1)),
+        ] {
+            let Ok(mut engine) = Engine::new(kind, 8, 2) else {
                 assert_eq!(kind, IoKind::Uring, "sync always works");
                 continue;
             };
             let mut buf = AlignedBuf::new(1 << 20);
-            engine.read(&ops, &mut buf).unwrap();
-            assert!(buf[..1_000_000] == data[..1_000_000], "{kind:?}");
+            engine.read(&ops, &mut buf, slot).unwrap();
+            assert!(buf[..1_000_000] == data[..1_000_000], "{kind:?} {slot:?}");
+            if kind == IoKind::Uring {
+                // Root (as the tests run in CI) may pin memory: the slot
+                // must really be registered, and read through again.
+                if running_as_root() {
+                    assert_eq!(engine.registered_buffers(), Ok(()));
+                }
+                buf.fill(0);
+                engine.read(&ops, &mut buf, slot).unwrap();
+                assert!(buf[..1_000_000] == data[..1_000_000], "again {slot:?}");
+            }
             // A read that runs past the end of the file is an error, not
             // silently short.
             let past = [ReadOp {
@@ -312,9 +438,18 @@ mod tests {
                 buf_offset: 0,
                 len: 4096,
             }];
-            let (i, e) = engine.read(&past, &mut buf).unwrap_err();
+            let (i, e) = engine.read(&past, &mut buf, slot).unwrap_err();
             assert_eq!((i, e.kind()), (0, io::ErrorKind::UnexpectedEof), "{kind:?}");
         }
+    }
+
+    fn running_as_root() -> bool {
+        std::fs::read_to_string("/proc/self/status")
+            .map(|s| {
+                s.lines()
+                    .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+            })
+            .unwrap_or(false)
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! zstd in the workers: one reused context per worker.
 
+use super::Stored;
 use crate::error::Result;
 
 /// A worker's zstd context and output buffer, reused for every chunk.
@@ -17,14 +18,18 @@ impl Compress {
         })
     }
 
-    /// Compresses a chunk; what it would be stored as: the compressed
+    /// Compresses a chunk into what it is stored as: the compressed
     /// bytes, or the raw ones when compression does not shrink it.
-    pub(super) fn stored_len(&mut self, data: &[u8]) -> Result<u64> {
+    pub(super) fn compress(&mut self, data: &[u8]) -> Result<Stored<'_>> {
         self.out.clear();
         let n = self
             .ctx
             .compress_to_buffer(data, &mut self.out)
             .map_err(crate::Error::from)?;
-        Ok(n.min(data.len()) as u64)
+        Ok(if n < data.len() {
+            Stored::Compressed(&self.out[..n])
+        } else {
+            Stored::Raw
+        })
     }
 }

@@ -14,7 +14,7 @@ use crossbeam_channel::{unbounded, Receiver, Sender};
 
 use super::pool::Buffer;
 use super::run::{run, ChunkRecord, ImageDigest, Sink};
-use super::{ChunkKind, Options, Progress};
+use super::{ChunkKind, Options, Progress, Stored};
 use crate::digest::update_zeros;
 use crate::error::{Error, ErrorKind, Result, ResultExt};
 use crate::format::vhd::create::{plan_footer, CreateOptions, DEFAULT_BLOCK_SIZE};
@@ -47,6 +47,12 @@ impl TargetFormat {
 pub struct CopySpec {
     pub target: PathBuf,
     pub format: TargetFormat,
+    /// Replace a file that exists, once the copy is whole and checked.
+    pub replace: bool,
+    /// The virtual-disk digest the source must have (a restore knows it
+    /// from the backup); a copy that does not match is never renamed into
+    /// place.
+    pub expect: Option<blake3::Hash>,
 }
 
 #[derive(Debug, Clone)]
@@ -81,7 +87,13 @@ struct CopySink {
 }
 
 impl Sink for CopySink {
-    fn put(&self, image: usize, record: ChunkRecord, data: Option<Buffer>) -> Result<()> {
+    fn put(
+        &self,
+        image: usize,
+        record: ChunkRecord,
+        data: Option<Buffer>,
+        _: Option<Stored<'_>>,
+    ) -> Result<()> {
         let sent = self.writers.get(image).map(|w| w.send((record, data)));
         match sent {
             Some(Ok(())) => Ok(()),
@@ -101,7 +113,13 @@ struct TargetWriter<'a> {
     chunk_size: u64,
     chunks: u64,
     written: u64,
+    /// `written` when writeback was last started.
+    kicked: u64,
 }
+
+/// How much a writer writes between writeback kicks: enough to make each
+/// kick worth a syscall, little enough that the disk starts early.
+const WRITEBACK_EVERY: u64 = 64 << 20;
 
 impl TargetWriter<'_> {
     /// Returns the bytes written, and whether every chunk arrived (when the
@@ -146,6 +164,13 @@ impl TargetWriter<'_> {
                 Writer::Dynamic(v) => v.write_at(piece, from)?,
             }
             self.written += to - from;
+        }
+        if self.written - self.kicked >= WRITEBACK_EVERY {
+            self.kicked = self.written;
+            match &self.target.writer {
+                Writer::Flat(f) => crate::io::start_writeback(f),
+                Writer::Dynamic(v) => v.start_writeback(),
+            }
         }
         Ok(())
     }
@@ -335,7 +360,7 @@ pub fn copy_images(
         return Err(ErrorKind::InvalidArgument("one target per source".into()).into());
     }
     for spec in specs {
-        if spec.target.exists() {
+        if spec.target.exists() && !spec.replace {
             return Err(Error::from(ErrorKind::InvalidArgument(
                 "the target exists already; vsnap does not overwrite".into(),
             ))
@@ -387,6 +412,7 @@ pub fn copy_images(
                     chunk_size: opts.chunk_size,
                     chunks: size.div_ceil(opts.chunk_size).max(1),
                     written: 0,
+                    kicked: 0,
                 };
                 handles.push((s.spawn(move || writer.run(rx, hash_tx)), hasher));
             }
@@ -408,6 +434,19 @@ pub fn copy_images(
             }
             Ok::<_, Error>((run_result?, files))
         })?;
+        for (d, spec) in digests.iter().zip(specs) {
+            match spec.expect {
+                Some(want) if want != d.digest => {
+                    return Err(Error::from(ErrorKind::DigestMismatch {
+                        what: "copied disk",
+                        expected: want.to_hex().to_string().into(),
+                        found: d.digest.to_hex().to_string().into(),
+                    })
+                    .in_file(&spec.target));
+                }
+                _ => {}
+            }
+        }
         for t in &targets {
             match &t.writer {
                 Writer::Flat(f) => f.sync().ctx_file(&t.tmp, "flush copy")?,

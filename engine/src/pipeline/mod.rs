@@ -28,6 +28,15 @@ pub use copy::{copy_images, CopyResult, CopySpec, TargetFormat};
 pub use pool::{Buffer, BufferPool};
 pub use run::{hash_images, run, ChunkRecord, ImageDigest, NoSink, Sink};
 
+/// How a data chunk is stored, as the worker's zstd left it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored<'a> {
+    /// zstd made it smaller: these bytes (a zstd frame).
+    Compressed(&'a [u8]),
+    /// zstd could not shrink it: the chunk's own bytes, as they are.
+    Raw,
+}
+
 /// The default chunk: large enough to amortise per-chunk overhead, small
 /// enough that dedup finds repeats and memory stays small per worker.
 pub const DEFAULT_CHUNK_SIZE: u64 = 4 << 20;

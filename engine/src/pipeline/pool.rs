@@ -12,14 +12,22 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 
 use crate::io::AlignedBuf;
 
+/// A buffer and its index in the pool, which names its registered-buffer
+/// slot in each worker's io_uring.
+type Slotted = (AlignedBuf, usize);
+
+/// The most buffers a ring registers (the kernel's table limit); buffers
+/// past it are read into unregistered.
+const MAX_SLOTS: usize = 1 << 14;
+
 /// Buffers are allocated on demand, up to `limit`: a run that keeps only a
 /// few in flight (hashing, where each goes straight back) touches only
 /// those few, and a run that holds many (writers putting chunks in order)
 /// is capped at the budget.
 #[derive(Debug)]
 pub struct BufferPool {
-    free: Receiver<AlignedBuf>,
-    home: Sender<AlignedBuf>,
+    free: Receiver<Slotted>,
+    home: Sender<Slotted>,
     size: usize,
     limit: usize,
     made: AtomicUsize,
@@ -46,7 +54,7 @@ impl BufferPool {
             Err(_) => {
                 let made = self.made.fetch_add(1, Ordering::Relaxed);
                 if made < self.limit {
-                    AlignedBuf::new(self.size)
+                    (AlignedBuf::new(self.size), made)
                 } else {
                     self.made.fetch_sub(1, Ordering::Relaxed);
                     self.free.recv().ok()?
@@ -60,6 +68,11 @@ impl BufferPool {
         })
     }
 
+    /// How many registered-buffer slots a ring needs for this pool.
+    pub fn slots(&self) -> u16 {
+        self.limit.min(MAX_SLOTS) as u16
+    }
+
     /// How many buffers exist: the pool's high-water mark.
     pub fn allocated(&self) -> usize {
         self.made.load(Ordering::Relaxed).min(self.limit)
@@ -70,35 +83,43 @@ impl BufferPool {
 #[derive(Debug)]
 pub struct Buffer {
     /// Always `Some` until the drop hands it back.
-    data: Option<AlignedBuf>,
+    data: Option<Slotted>,
     len: usize,
-    home: Sender<AlignedBuf>,
+    home: Sender<Slotted>,
 }
 
 impl Buffer {
     /// Uses only the first `len` bytes (the last chunk of a disk is short).
     pub fn truncate(&mut self, len: usize) {
-        self.len = len.min(self.data.as_ref().map_or(0, |d| d.len()));
+        self.len = len.min(self.data.as_ref().map_or(0, |d| d.0.len()));
     }
 
     /// The whole aligned allocation, past `len` too: an `O_DIRECT` read of
     /// a disk's short tail rounds up into it.
     pub fn full(&mut self) -> &mut [u8] {
-        self.data.as_deref_mut().unwrap_or_default()
+        self.data.as_mut().map_or(&mut [], |d| &mut d.0[..])
+    }
+
+    /// The buffer's registered-buffer slot, if it has one.
+    pub fn slot(&self) -> Option<u16> {
+        self.data
+            .as_ref()
+            .and_then(|d| u16::try_from(d.1).ok())
+            .filter(|&s| usize::from(s) < MAX_SLOTS)
     }
 }
 
 impl std::ops::Deref for Buffer {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        self.data.as_deref().map_or(&[], |d| &d[..self.len])
+        self.data.as_ref().map_or(&[], |d| &d.0[..self.len])
     }
 }
 
 impl std::ops::DerefMut for Buffer {
     fn deref_mut(&mut self) -> &mut [u8] {
         let len = self.len;
-        self.data.as_deref_mut().map_or(&mut [], |d| &mut d[..len])
+        self.data.as_mut().map_or(&mut [], |d| &mut d.0[..len])
     }
 }
 

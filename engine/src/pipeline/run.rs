@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use super::compress::Compress;
 use super::pool::{Buffer, BufferPool};
 use super::source::{data_bytes, read_chunk, LayerFiles};
-use super::{ChunkKind, Options, Progress};
+use super::{ChunkKind, Options, Progress, Stored};
 use crate::digest::{is_zero, DigestPlan, Folder, Leaf};
 use crate::error::Result;
 use crate::format::{AllocationMap, DiskImage};
@@ -47,17 +47,43 @@ pub struct ImageDigest {
 /// Where chunks go once they are read and hashed: nowhere for `hash`, a
 /// target image for `copy`, a repository for `backup`.
 pub trait Sink: Sync {
+    /// Whether data chunks need their identity (BLAKE3 of the bytes), which
+    /// costs a second hash: a repository names chunks by it.
+    fn wants_ids(&self) -> bool {
+        false
+    }
+
+    /// Asked before a data chunk is compressed: a sink that holds the
+    /// chunk already says no, and the worker neither compresses it nor
+    /// hands over a payload.
+    fn wants_payload(&self, _image: usize, _record: &ChunkRecord) -> Result<bool> {
+        Ok(true)
+    }
+
     /// Called once per chunk, from any worker, in any order. `data` holds
     /// the chunk's bytes unless it was unallocated (and so never read); the
-    /// buffer returns to the pool when the sink drops it.
-    fn put(&self, image: usize, record: ChunkRecord, data: Option<Buffer>) -> Result<()>;
+    /// buffer returns to the pool when the sink drops it. `stored` is set
+    /// for a data chunk when compression is on and the sink wanted it.
+    fn put(
+        &self,
+        image: usize,
+        record: ChunkRecord,
+        data: Option<Buffer>,
+        stored: Option<Stored<'_>>,
+    ) -> Result<()>;
 }
 
 /// The sink of a plain hash run.
 pub struct NoSink;
 
 impl Sink for NoSink {
-    fn put(&self, _: usize, _: ChunkRecord, _: Option<Buffer>) -> Result<()> {
+    fn put(
+        &self,
+        _: usize,
+        _: ChunkRecord,
+        _: Option<Buffer>,
+        _: Option<Stored<'_>>,
+    ) -> Result<()> {
         Ok(())
     }
 }
@@ -140,7 +166,7 @@ impl Accum {
 
 impl Job<'_> {
     fn work(&self) -> Result<()> {
-        let mut engine = Engine::new(self.io, self.opts.queue_depth)
+        let mut engine = Engine::new(self.io, self.opts.queue_depth, self.pool.slots())
             .map_err(|e| crate::Error::io(e).during("start the read engine"))?;
         let mut zstd = match self.opts.compress {
             Some(level) => Some(Compress::new(level, self.opts.chunk_size as usize)?),
@@ -194,26 +220,33 @@ impl Job<'_> {
                 (zero_leaf(), ChunkKind::Zero, None)
             } else {
                 let leaf = plan.leaf(offset, data);
-                let id = self.opts.keep_chunks.then(|| blake3::hash(data));
+                let want_id = self.opts.keep_chunks || self.sink.wants_ids();
+                let id = want_id.then(|| blake3::hash(data));
                 (leaf, ChunkKind::Data, id)
             }
         } else {
             (zero_leaf(), ChunkKind::Unallocated, None)
         };
-        // Zero and unallocated chunks are never compressed: they are
-        // never stored.
-        let stored = match (zstd, kind) {
-            (Some(z), ChunkKind::Data) => Some(z.stored_len(&buf)?),
-            _ => None,
-        };
-        let record = ChunkRecord {
+        let mut record = ChunkRecord {
             offset,
             length,
             kind,
             id,
-            stored,
+            stored: None,
         };
-        self.sink.put(image, record, read.then_some(buf))?;
+        // Zero and unallocated chunks are never compressed: they are
+        // never stored. Nor is a chunk the sink holds already.
+        let stored = match (zstd, kind) {
+            (Some(z), ChunkKind::Data) if self.sink.wants_payload(image, &record)? => {
+                Some(z.compress(&buf)?)
+            }
+            _ => None,
+        };
+        record.stored = stored.map(|s| match s {
+            Stored::Compressed(bytes) => bytes.len() as u64,
+            Stored::Raw => length,
+        });
+        self.sink.put(image, record, read.then_some(buf), stored)?;
         Progress::add(&self.progress.done, length);
         if let Some(accum) = self.results.get(image) {
             accum

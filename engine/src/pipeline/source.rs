@@ -35,6 +35,9 @@ impl LayerFiles {
     /// one): the worker then reads through `DiskImage::read_at`.
     pub(super) fn open(image: &dyn DiskImage, direct: bool) -> Result<Option<LayerFiles>> {
         let paths = image.layer_paths();
+        if paths.is_empty() {
+            return Ok(None);
+        }
         let mut buffered = Vec::new();
         for p in &paths {
             match open_for_read(p, false) {
@@ -80,6 +83,7 @@ pub(super) fn read_chunk(
     let mut ops = Vec::new();
     let mut layers = Vec::new();
     let mut pos = offset;
+    let slot = buf.slot();
     let whole = buf.full();
     for e in extents[first..].iter().take_while(|e| e.offset < end) {
         let (from, to) = (e.offset.max(offset), e.end().min(end));
@@ -91,8 +95,8 @@ pub(super) fn read_chunk(
         let file_offset = file_offset + (from - e.offset);
         let (buf_offset, n) = ((from - offset) as usize, (to - from) as usize);
         let aligned = file_offset % DIRECT_ALIGN == 0
-            && buf_offset as u64 % DIRECT_ALIGN == 0
-            && n as u64 % DIRECT_ALIGN == 0;
+            && (buf_offset as u64).is_multiple_of(DIRECT_ALIGN)
+            && (n as u64).is_multiple_of(DIRECT_ALIGN);
         let file = match (&files.direct, aligned) {
             (Some(direct), true) => direct.get(layer),
             _ => files.buffered.get(layer),
@@ -110,7 +114,7 @@ pub(super) fn read_chunk(
         pos = to;
     }
     whole[(pos - offset) as usize..len as usize].fill(0);
-    engine.read(&ops, whole).map_err(|(i, e)| {
+    engine.read(&ops, whole, slot).map_err(|(i, e)| {
         let (layer, op) = (layers.get(i).copied().unwrap_or(0), ops.get(i));
         let path = files.paths.get(layer).cloned().unwrap_or_default();
         let kind = if e.kind() == std::io::ErrorKind::UnexpectedEof {

@@ -80,7 +80,7 @@ pub fn run_at(bitmap: &[u8], start: u64, end: u64) -> (bool, u64) {
     let mut i = start + 1;
     while i < end {
         // Whole bytes at once where the run is long.
-        if i % 8 == 0 && i + 8 <= end {
+        if i.is_multiple_of(8) && i + 8 <= end {
             let full = if value { 0xFF } else { 0x00 };
             if bitmap.get((i / 8) as usize) == Some(&full) {
                 i += 8;

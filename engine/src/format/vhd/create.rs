@@ -108,7 +108,7 @@ pub fn plan_footer(opts: &CreateOptions) -> Result<Footer> {
 }
 
 fn build_footer(opts: &CreateOptions, size: u64, geometry: Option<Geometry>) -> Result<Footer> {
-    if size == 0 || size % SECTOR != 0 || size > MAX_DISK_SIZE {
+    if size == 0 || !size.is_multiple_of(SECTOR) || size > MAX_DISK_SIZE {
         return Err(Error::from(ErrorKind::BadSize {
             size,
             reason: "a VHD is a whole number of 512-byte sectors, at most 2040 GiB",

@@ -1,6 +1,6 @@
 //! The 512-byte VHD footer: geometry, the size rule, the checksum.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use zerocopy::big_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
@@ -125,7 +125,7 @@ pub fn checksum(bytes: &[u8], checksum_at: usize) -> u32 {
     !sum
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DiskType {
     Fixed,
@@ -161,7 +161,7 @@ impl DiskType {
 }
 
 /// Cylinders, heads, sectors per track, as the BIOS saw the disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Geometry {
     pub cylinders: u16,
     pub heads: u8,

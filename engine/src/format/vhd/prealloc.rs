@@ -186,6 +186,11 @@ impl PreallocatedVhd {
         self.block_size
     }
 
+    /// Queues what was written so far for writeback.
+    pub fn start_writeback(&self) {
+        crate::io::start_writeback(&self.file);
+    }
+
     /// Makes everything durable.
     pub fn sync(&self) -> Result<()> {
         self.file.sync().ctx_file(&self.path, "flush VHD")

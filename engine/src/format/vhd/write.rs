@@ -75,7 +75,7 @@ impl VhdLayer {
         let end = in_blk + data.len() as u64;
         let first = in_blk / SECTOR;
         let last = end.div_ceil(SECTOR);
-        let aligned = in_blk % SECTOR == 0 && end % SECTOR == 0;
+        let aligned = in_blk.is_multiple_of(SECTOR) && end.is_multiple_of(SECTOR);
         if aligned {
             self.storage.write_all_at(data, data_start + in_blk).ctx(
                 &self.path,

@@ -1,0 +1,171 @@
+//! `vsnap backup`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use vsnap_engine::format::DiskImage;
+use vsnap_engine::pipeline::Progress;
+use vsnap_engine::repo::{backup, BackupOptions, Consistency};
+
+use crate::engine_args::EngineArgs;
+use crate::repo::RepoArg;
+use crate::units::human;
+use crate::FormatArg;
+
+#[derive(Debug, clap::Args)]
+#[command(after_long_help = "\
+Every image is streamed at once: allocated ranges are read, each chunk is
+hashed, chunks the repository holds already are neither compressed nor
+written, and new ones are stored zstd-compressed (or raw when that is not
+smaller). The snapshot becomes visible only when its manifest is written,
+after everything it names is on disk; an interrupted backup leaves no
+snapshot, only chunks that gc removes. Without a coordinator nothing is
+quiesced, so the snapshot is labelled crash-consistent.
+
+Exit codes:
+  0  the snapshot is committed
+  1  an image or the repository could not be read or written
+  2  bad command-line usage")]
+pub struct Args {
+    /// Images to back up, as one snapshot.
+    #[arg(required = true, value_name = "IMAGE")]
+    images: Vec<PathBuf>,
+    #[command(flatten)]
+    repo: RepoArg,
+    /// The VM's name, recorded in the snapshot.
+    #[arg(long, value_name = "VM")]
+    name: String,
+    /// zstd level for new chunks.
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
+    level: i32,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+    /// The source format; `auto` detects it from the file's contents.
+    #[arg(long = "source-format", value_enum, default_value_t)]
+    source_format: FormatArg,
+    #[command(flatten)]
+    engine: EngineArgs,
+    #[command(flatten)]
+    output: crate::progress::ProgressArgs,
+}
+
+#[derive(Serialize)]
+struct JsonDisk {
+    name: String,
+    source: PathBuf,
+    digest: String,
+    virtual_size: u64,
+    bytes_read: u64,
+    data_chunks: u64,
+    new_chunks: u64,
+    new_bytes: u64,
+}
+
+#[derive(Serialize)]
+struct JsonBackup {
+    snapshot: String,
+    vm: String,
+    host: String,
+    time: String,
+    consistency: &'static str,
+    disks: Vec<JsonDisk>,
+    bytes_read: u64,
+    new_bytes: u64,
+    /// Data chunks referenced per chunk newly stored; null when every
+    /// chunk was known already.
+    dedup_ratio: Option<f64>,
+    duration_s: f64,
+    throughput_bytes_per_s: f64,
+}
+
+pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
+    let repo = args.repo.open()?;
+    let images = crate::open_all(&args.images, args.source_format)?;
+    let refs: Vec<&dyn DiskImage> = images.iter().map(|b| &**b).collect();
+    let opts = args
+        .engine
+        .options_with_chunk(false, repo.config().chunk_size);
+    args.engine.report_fallback(&opts);
+    let progress = Progress::default();
+    let spec = BackupOptions {
+        vm: args.name.clone(),
+        host: crate::repo::host_name(),
+        consistency: Consistency::CrashConsistent,
+        freeze: None,
+        level: args.level,
+    };
+    let outcome = args
+        .output
+        .run(&progress, || {
+            backup(&repo, &refs, &args.images, &opts, &spec, &progress)
+        })
+        .context("backup failed")?;
+    args.engine.save_cache(&opts);
+    let m = &outcome.manifest;
+    let read: u64 = m.disks.iter().map(|d| d.stats.bytes_read).sum();
+    let new_bytes: u64 = m.disks.iter().map(|d| d.stats.new_bytes).sum();
+    let data: u64 = m.disks.iter().map(|d| d.stats.data_chunks).sum();
+    let new_chunks: u64 = m.disks.iter().map(|d| d.stats.new_chunks).sum();
+    let secs = outcome.duration.as_secs_f64().max(1e-9);
+    let size: u64 = m.disks.iter().map(|d| d.virtual_size).sum();
+    let report = JsonBackup {
+        snapshot: m.id.clone(),
+        vm: m.vm.clone(),
+        host: m.host.clone(),
+        time: m.time.clone(),
+        consistency: m.consistency.name(),
+        disks: m
+            .disks
+            .iter()
+            .map(|d| JsonDisk {
+                name: d.name.clone(),
+                source: d.source.clone(),
+                digest: d.digest.clone(),
+                virtual_size: d.virtual_size,
+                bytes_read: d.stats.bytes_read,
+                data_chunks: d.stats.data_chunks,
+                new_chunks: d.stats.new_chunks,
+                new_bytes: d.stats.new_bytes,
+            })
+            .collect(),
+        bytes_read: read,
+        new_bytes,
+        dedup_ratio: (new_chunks > 0).then(|| data as f64 / new_chunks as f64),
+        duration_s: secs,
+        throughput_bytes_per_s: size as f64 / secs,
+    };
+    if args.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    writeln!(
+        out,
+        "snapshot {} of {} ({}), {} disk(s)",
+        m.id,
+        m.vm,
+        m.consistency.name(),
+        m.disks.len()
+    )?;
+    for d in &m.disks {
+        writeln!(out, "{}  {}", d.digest, d.name)?;
+    }
+    let dedup = report
+        .dedup_ratio
+        .map_or("every chunk known already".to_owned(), |r| {
+            format!("dedup {r:.2}x")
+        });
+    writeln!(
+        out,
+        "read {}, stored {} new in {} chunk(s) ({dedup}), {:.2} s, {}/s",
+        human(read),
+        human(new_bytes),
+        new_chunks,
+        secs,
+        human(report.throughput_bytes_per_s as u64)
+    )?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,242 @@
+//! A backup: every image streamed through the engine into the chunk
+//! store at once, then an index per image, one `syncfs`, and the manifest.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
+
+use super::index::{Entry, Index};
+use super::manifest::{Consistency, Disk, DiskStats, Identity, Manifest, MANIFEST_FORMAT};
+use super::Repository;
+use crate::error::{Error, ErrorKind, Result};
+use crate::format::DiskImage;
+use crate::pipeline::{run, Buffer, ChunkKind, ChunkRecord, Options, Progress, Sink, Stored};
+
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    pub vm: String,
+    pub host: String,
+    pub consistency: Consistency,
+    pub freeze: Option<serde_json::Value>,
+    /// zstd level for new chunks.
+    pub level: i32,
+}
+
+#[derive(Debug, Clone)]
+pub struct BackupOutcome {
+    pub manifest: Manifest,
+    pub duration: Duration,
+}
+
+/// Where the engine's chunks go during a backup. Workers call it in
+/// parallel: each writes its own new chunks, so writing is as parallel as
+/// reading and hashing.
+struct RepoSink<'a> {
+    repo: &'a Repository,
+    /// Each image's index, filled cell by cell as chunks arrive.
+    entries: Vec<Mutex<Vec<Entry>>>,
+    chunk_size: u64,
+    new_chunks: Vec<AtomicU64>,
+    new_bytes: Vec<AtomicU64>,
+    /// Chunks known to be stored, by this run or before it: a chunk that
+    /// repeats within the run is looked up and written once.
+    known: Mutex<HashSet<blake3::Hash>>,
+}
+
+impl RepoSink<'_> {
+    fn set(&self, image: usize, offset: u64, entry: Entry) -> Result<()> {
+        let cell = (offset / self.chunk_size) as usize;
+        let mut entries = self.entries[image]
+            .lock()
+            .map_err(|_| Error::io(std::io::Error::other("a worker panicked")))?;
+        match entries.get_mut(cell) {
+            Some(slot) => {
+                *slot = entry;
+                Ok(())
+            }
+            None => Err(
+                ErrorKind::InvalidArgument(format!("chunk at {offset} is past the index")).into(),
+            ),
+        }
+    }
+
+    fn known(&self) -> Result<std::sync::MutexGuard<'_, HashSet<blake3::Hash>>> {
+        self.known
+            .lock()
+            .map_err(|_| Error::io(std::io::Error::other("a worker panicked")))
+    }
+}
+
+impl Sink for RepoSink<'_> {
+    fn wants_ids(&self) -> bool {
+        true
+    }
+
+    fn wants_payload(&self, _: usize, record: &ChunkRecord) -> Result<bool> {
+        let Some(id) = record.id else {
+            return Ok(false);
+        };
+        if self.known()?.contains(&id) {
+            return Ok(false);
+        }
+        if self.repo.has_chunk(&id)? {
+            self.known()?.insert(id);
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn put(
+        &self,
+        image: usize,
+        record: ChunkRecord,
+        data: Option<Buffer>,
+        stored: Option<Stored<'_>>,
+    ) -> Result<()> {
+        let entry = match (record.kind, record.id) {
+            (ChunkKind::Data, Some(id)) => {
+                if let (Some(stored), Some(data)) = (stored, &data) {
+                    // Another worker may have stored the same chunk since
+                    // this one was asked; writing it again is harmless (the
+                    // rename replaces identical bytes) but wasted.
+                    if self.known()?.insert(id) {
+                        let n = self.repo.write_chunk(&id, data, stored)?;
+                        self.new_chunks[image].fetch_add(1, Ordering::Relaxed);
+                        self.new_bytes[image].fetch_add(n, Ordering::Relaxed);
+                    }
+                }
+                Entry::Data(id)
+            }
+            (ChunkKind::Zero, _) => Entry::Zero,
+            _ => Entry::Unallocated,
+        };
+        self.set(image, record.offset, entry)
+    }
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+/// The name a disk goes by in `SNAPSHOT:DISK`: its file name, made unique
+/// within the snapshot by a `#N` suffix when two sources share one.
+fn disk_names(sources: &[PathBuf]) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for s in sources {
+        let base = s
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "disk".into());
+        let mut name = base.clone();
+        let mut n = 2;
+        while names.contains(&name) {
+            name = format!("{base}#{n}");
+            n += 1;
+        }
+        names.push(name);
+    }
+    names
+}
+
+/// Backs up `images` (opened from `sources`) as one snapshot. The engine
+/// options' chunk size is the repository's; compression is always on.
+pub fn backup(
+    repo: &Repository,
+    images: &[&dyn DiskImage],
+    sources: &[PathBuf],
+    opts: &Options,
+    backup: &BackupOptions,
+    progress: &Progress,
+) -> Result<BackupOutcome> {
+    let started = Instant::now();
+    let time = now_rfc3339();
+    if images.len() != sources.len() || images.is_empty() {
+        return Err(ErrorKind::InvalidArgument("one source path per image".into()).into());
+    }
+    let _lock = repo.lock_shared()?;
+    let chunk_size = repo.config().chunk_size;
+    let opts = Options {
+        chunk_size,
+        compress: Some(backup.level),
+        keep_chunks: false,
+        zero_cache: opts
+            .zero_cache
+            .clone()
+            .filter(|c| c.leaf_size() == chunk_size),
+        ..opts.clone()
+    };
+    let maps = images
+        .iter()
+        .map(|i| i.allocation_map())
+        .collect::<Result<Vec<_>>>()?;
+    let sink = RepoSink {
+        repo,
+        entries: images
+            .iter()
+            .map(|i| {
+                let n = Index::cells(i.virtual_size(), chunk_size) as usize;
+                Mutex::new(vec![Entry::Unallocated; n])
+            })
+            .collect(),
+        chunk_size,
+        new_chunks: images.iter().map(|_| AtomicU64::new(0)).collect(),
+        new_bytes: images.iter().map(|_| AtomicU64::new(0)).collect(),
+        known: Mutex::new(HashSet::new()),
+    };
+    let digests = run(images, &maps, &opts, progress, &sink)?;
+    let names = disk_names(sources);
+    let mut disks = Vec::new();
+    for (i, (image, digest)) in images.iter().zip(&digests).enumerate() {
+        let entries = std::mem::take(
+            &mut *sink.entries[i]
+                .lock()
+                .map_err(|_| Error::io(std::io::Error::other("a worker panicked")))?,
+        );
+        let index = Index {
+            virtual_size: image.virtual_size(),
+            chunk_size,
+            entries,
+        };
+        let index_digest = repo.write_index(&index)?;
+        disks.push(Disk {
+            name: names[i].clone(),
+            source: std::path::absolute(&sources[i]).unwrap_or_else(|_| sources[i].clone()),
+            format: image.format(),
+            virtual_size: image.virtual_size(),
+            identity: Identity::of(*image),
+            digest: digest.digest.to_hex().to_string(),
+            index: index_digest.to_hex().to_string(),
+            stats: DiskStats {
+                bytes_read: digest.bytes_read,
+                data_chunks: digest.data_chunks,
+                zero_chunks: digest.zero_chunks,
+                unallocated_chunks: digest.unallocated_chunks,
+                new_chunks: sink.new_chunks[i].load(Ordering::Relaxed),
+                new_bytes: sink.new_bytes[i].load(Ordering::Relaxed),
+            },
+        });
+    }
+    // Chunks and indexes durable before the manifest names them.
+    repo.sync_all()?;
+    let id = uuid::Uuid::new_v4().simple().to_string()[..16].to_owned();
+    let manifest = Manifest {
+        self_blake3: String::new(),
+        format: MANIFEST_FORMAT,
+        id,
+        time,
+        host: backup.host.clone(),
+        vm: backup.vm.clone(),
+        consistency: backup.consistency,
+        freeze: backup.freeze.clone(),
+        chunk_size,
+        disks,
+    };
+    repo.write_manifest(&manifest)?;
+    let manifest = repo.read_manifest(&repo.manifest_path(&manifest.id))?;
+    Ok(BackupOutcome {
+        manifest,
+        duration: started.elapsed(),
+    })
+}

@@ -1,0 +1,249 @@
+//! The backup repository: a directory that stores each distinct chunk
+//! once, an index per backed-up disk, and a manifest per snapshot.
+//!
+//! ```text
+//! DIR/vsnap-repository      format and version (JSON); written once
+//! DIR/chunks/ab/abcd…       chunk blobs, named by the BLAKE3 of their plaintext
+//! DIR/indexes/abcd…         index blobs, named by the BLAKE3 of their plaintext
+//! DIR/snapshots/ID.json     manifests; a snapshot exists once its manifest does
+//! DIR/tmp/                  files being written; renamed into place when whole
+//! DIR/lock                  flock: backups share it, gc's sweep takes it alone
+//! ```
+//!
+//! Every file is written under `tmp/` and renamed into place, so a name
+//! always holds a whole file. A backup makes its chunks and indexes durable
+//! with one `syncfs` and only then writes its manifest (fsynced, renamed,
+//! directory fsynced): a crash at any point leaves at worst orphan chunks
+//! and temporary files, which gc removes.
+
+pub mod backup;
+pub mod blob;
+mod gc;
+pub mod index;
+pub mod manifest;
+mod store;
+
+pub use store::Listed;
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub use backup::{backup, BackupOptions, BackupOutcome};
+pub use gc::{forget, gc, GcReport};
+pub use index::{Entry, Index};
+pub use manifest::{Consistency, Disk, DiskStats, Identity, Manifest};
+
+use crate::error::{Error, ErrorKind, Result, ResultExt};
+
+const CONFIG: &str = "vsnap-repository";
+const FORMAT_NAME: &str = "vsnap repository";
+pub const REPO_VERSION: u32 = 1;
+
+/// The repository's format-version file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Config {
+    pub format: String,
+    pub version: u32,
+    pub id: uuid::Uuid,
+    /// Every index of this repository uses this grid, so identical
+    /// content in different disks and snapshots has identical chunks.
+    pub chunk_size: u64,
+}
+
+#[derive(Debug)]
+pub struct Repository {
+    root: PathBuf,
+    config: Config,
+}
+
+/// A lock on the repository, released on drop (and by the kernel when the
+/// process dies, so a killed backup never leaves it held).
+#[derive(Debug)]
+pub struct Lock {
+    _file: File,
+}
+
+impl Repository {
+    /// Makes a new repository in `dir`, which must be missing or empty.
+    pub fn init(dir: &Path, chunk_size: u64) -> Result<Repository> {
+        crate::digest::DigestPlan::new(0, chunk_size)?;
+        std::fs::create_dir_all(dir).ctx_file(dir, "create repository directory")?;
+        let mut entries = std::fs::read_dir(dir).ctx_file(dir, "read repository directory")?;
+        if entries.next().is_some() {
+            return Err(Error::from(ErrorKind::InvalidArgument(
+                "the directory is not empty; a repository needs an empty or new one".into(),
+            ))
+            .in_file(dir));
+        }
+        for sub in ["chunks", "indexes", "snapshots", "tmp"] {
+            let p = dir.join(sub);
+            std::fs::create_dir(&p).ctx_file(&p, "create repository directory")?;
+        }
+        for prefix in 0..=255u8 {
+            let p = dir.join("chunks").join(format!("{prefix:02x}"));
+            std::fs::create_dir(&p).ctx_file(&p, "create chunk directory")?;
+        }
+        let lock = dir.join("lock");
+        File::create(&lock).ctx_file(&lock, "create lock file")?;
+        let config = Config {
+            format: FORMAT_NAME.into(),
+            version: REPO_VERSION,
+            id: uuid::Uuid::new_v4(),
+            chunk_size,
+        };
+        let repo = Repository {
+            root: dir.to_path_buf(),
+            config,
+        };
+        let bytes = serde_json::to_vec_pretty(&repo.config).map_err(|e| {
+            Error::from(ErrorKind::InvalidArgument(format!("config: {e}"))).in_file(dir)
+        })?;
+        repo.place(&dir.join(CONFIG), &[&bytes], Durable::Now)?;
+        Ok(repo)
+    }
+
+    pub fn open(dir: &Path) -> Result<Repository> {
+        let path = dir.join(CONFIG);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::from(ErrorKind::NotARepository { file: CONFIG }).in_file(dir))
+            }
+            Err(e) => return Err(Error::io(e).in_file(&path).during("open repository")),
+        };
+        let config: Config = serde_json::from_slice(&bytes).map_err(|e| {
+            Error::from(ErrorKind::Corrupt {
+                what: "repository config",
+                reason: e.to_string(),
+            })
+            .in_file(&path)
+        })?;
+        if config.format != FORMAT_NAME {
+            return Err(Error::from(ErrorKind::NotARepository { file: CONFIG }).in_file(dir));
+        }
+        if config.version != REPO_VERSION {
+            return Err(Error::from(ErrorKind::UnsupportedVersion {
+                what: "repository",
+                found: config.version,
+                expected: REPO_VERSION,
+            })
+            .in_file(&path));
+        }
+        crate::digest::DigestPlan::new(0, config.chunk_size).map_err(|e| e.in_file(&path))?;
+        Ok(Repository {
+            root: dir.to_path_buf(),
+            config,
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Held by every backup for its whole run.
+    pub fn lock_shared(&self) -> Result<Lock> {
+        let path = self.root.join("lock");
+        let file = File::open(&path).ctx_file(&path, "open lock file")?;
+        file.lock_shared().ctx_file(&path, "lock repository")?;
+        Ok(Lock { _file: file })
+    }
+
+    /// Held by gc while it deletes: no backup runs meanwhile, so none can
+    /// be relying on a chunk gc is about to remove. `None` when `wait` is
+    /// false and a backup holds the lock.
+    pub fn lock_exclusive(&self, wait: bool) -> Result<Option<Lock>> {
+        let path = self.root.join("lock");
+        let file = File::open(&path).ctx_file(&path, "open lock file")?;
+        if wait {
+            file.lock().ctx_file(&path, "lock repository")?;
+        } else {
+            match file.try_lock() {
+                Ok(()) => {}
+                Err(std::fs::TryLockError::WouldBlock) => return Ok(None),
+                Err(std::fs::TryLockError::Error(e)) => {
+                    return Err(Error::io(e).in_file(&path).during("lock repository"))
+                }
+            }
+        }
+        Ok(Some(Lock { _file: file }))
+    }
+
+    /// A fresh name under `tmp/`, unique across processes.
+    fn tmp_path(&self, what: &str) -> PathBuf {
+        self.root.join("tmp").join(format!(
+            "{what}.{}.{}.tmp",
+            std::process::id(),
+            uuid::Uuid::new_v4().simple()
+        ))
+    }
+
+    /// Writes `parts`, one after another, to a temporary file and renames
+    /// it to `path`, so `path` only ever names a whole file; on failure the
+    /// temporary file is removed. `Now` fsyncs the file before the rename
+    /// and the directory after it; `Later` only starts writeback, leaving
+    /// durability to the backup's one [`Repository::sync_all`].
+    fn place(&self, path: &Path, parts: &[&[u8]], durable: Durable) -> Result<()> {
+        let tmp = self.tmp_path(durable.tag());
+        let outcome = (|| {
+            let f = crate::io::create_new(&tmp).ctx_file(&tmp, "create")?;
+            let mut at = 0u64;
+            for part in parts {
+                f.write_all_at(part, at).ctx(&tmp, at, "write")?;
+                at += part.len() as u64;
+            }
+            match durable {
+                Durable::Now => f.sync_all().ctx_file(&tmp, "flush")?,
+                Durable::Later(_) => crate::io::start_writeback(&f),
+            }
+            std::fs::rename(&tmp, path).ctx_file(path, "rename into place")?;
+            match durable {
+                Durable::Now => sync_dir(path.parent().unwrap_or(&self.root)),
+                Durable::Later(_) => Ok(()),
+            }
+        })();
+        if outcome.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        outcome
+    }
+
+    /// Makes everything written so far durable: chunk data and the renames
+    /// that named them.
+    pub fn sync_all(&self) -> Result<()> {
+        let f = File::open(&self.root).ctx_file(&self.root, "open repository")?;
+        crate::io::sync_filesystem(&f).ctx_file(&self.root, "flush repository")
+    }
+}
+
+/// When a file written by [`Repository::place`] must be on disk.
+#[derive(Debug, Clone, Copy)]
+enum Durable {
+    /// Before `place` returns: the config and manifests.
+    Now,
+    /// By the backup's `syncfs`, before its manifest; the name says what
+    /// the temporary file holds.
+    Later(&'static str),
+}
+
+impl Durable {
+    fn tag(self) -> &'static str {
+        match self {
+            Durable::Now => "file",
+            Durable::Later(what) => what,
+        }
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|f| f.sync_all())
+        .ctx_file(dir, "flush directory")
+}
+
+use std::os::unix::fs::FileExt;

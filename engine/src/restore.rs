@@ -1,0 +1,218 @@
+//! Restoring a backed-up disk: the repository's disk is presented to the
+//! copy engine as one more [`DiskImage`], so a restore gets everything a
+//! copy has: every chunk in parallel, holes kept sparse, the container
+//! recreated with the source's identity, temporary names, and a digest of
+//! what was written that must equal the one the backup recorded.
+
+use std::path::PathBuf;
+
+use crate::error::{ErrorKind, Result};
+use crate::format::extent::MapBuilder;
+use crate::format::{AllocationMap, DiskImage, Extent, ExtentKind, ImageFormat, ImageInfo};
+use crate::pipeline::{copy_images, CopyResult, CopySpec, Options, Progress, TargetFormat};
+use crate::repo::{Disk, Entry, Index, Manifest, Repository};
+
+/// A disk as a snapshot holds it.
+#[derive(Debug)]
+pub struct RepoImage<'a> {
+    repo: &'a Repository,
+    disk: Disk,
+    index: Index,
+    footer: Option<crate::format::vhd::Footer>,
+}
+
+impl<'a> RepoImage<'a> {
+    pub fn open(repo: &'a Repository, disk: &Disk) -> Result<RepoImage<'a>> {
+        let index = repo.read_index(&disk.index)?;
+        if index.virtual_size != disk.virtual_size {
+            return Err(ErrorKind::Corrupt {
+                what: "index",
+                reason: format!(
+                    "covers {} bytes, the manifest says {}",
+                    index.virtual_size, disk.virtual_size
+                ),
+            }
+            .into());
+        }
+        Ok(RepoImage {
+            repo,
+            footer: disk.identity.footer()?,
+            disk: disk.clone(),
+            index,
+        })
+    }
+
+    pub fn disk(&self) -> &Disk {
+        &self.disk
+    }
+}
+
+impl DiskImage for RepoImage<'_> {
+    fn format(&self) -> ImageFormat {
+        self.disk.format
+    }
+
+    fn virtual_size(&self) -> u64 {
+        self.disk.virtual_size
+    }
+
+    fn allocation_map(&self) -> Result<AllocationMap> {
+        let mut b = MapBuilder::new(0);
+        for (i, e) in self.index.entries.iter().enumerate() {
+            let (offset, length) = self.index.range(i);
+            let kind = match e {
+                Entry::Data(_) => ExtentKind::Data,
+                Entry::Zero => ExtentKind::Zero,
+                Entry::Unallocated => ExtentKind::Unallocated,
+            };
+            b.push(Extent {
+                offset,
+                length,
+                kind,
+                layer: None,
+                file_offset: None,
+            });
+        }
+        Ok(b.finish())
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let end = offset + buf.len() as u64;
+        if end > self.disk.virtual_size {
+            return Err(ErrorKind::OutOfRange {
+                offset,
+                len: buf.len() as u64,
+                size: self.disk.virtual_size,
+            }
+            .into());
+        }
+        let cs = self.index.chunk_size;
+        let mut pos = offset;
+        let mut scratch = Vec::new();
+        while pos < end {
+            let cell = (pos / cs) as usize;
+            let (start, len) = self.index.range(cell);
+            let to = (start + len).min(end);
+            let dst = &mut buf[(pos - offset) as usize..(to - offset) as usize];
+            match self.index.entries.get(cell) {
+                Some(Entry::Data(id)) if pos == start && to == start + len => {
+                    self.repo.read_chunk(id, dst)?;
+                }
+                Some(Entry::Data(id)) => {
+                    scratch.resize(len as usize, 0);
+                    self.repo.read_chunk(id, &mut scratch)?;
+                    dst.copy_from_slice(&scratch[(pos - start) as usize..(to - start) as usize]);
+                }
+                _ => dst.fill(0),
+            }
+            pos = to;
+        }
+        Ok(())
+    }
+
+    fn info(&self) -> Result<ImageInfo> {
+        let id = &self.disk.identity;
+        Ok(ImageInfo {
+            path: self.disk.source.clone(),
+            format: self.disk.format,
+            disk_type: id.disk_type.unwrap_or(crate::format::vhd::DiskType::Fixed),
+            virtual_size: self.disk.virtual_size,
+            file_size: 0,
+            allocated_bytes: self.allocation_map()?.data_bytes(),
+            geometry: id.geometry,
+            creator: id.creator.clone(),
+            block_size: id.block_size,
+            unique_id: id.unique_id,
+            timestamp: self.footer.as_ref().map(|f| u64::from(f.timestamp)),
+            saved_state: self.footer.as_ref().map(|f| f.saved_state != 0),
+            parents: Vec::new(),
+            warnings: Vec::new(),
+        })
+    }
+
+    fn vhd_footer(&self) -> Option<crate::format::vhd::Footer> {
+        self.footer.clone()
+    }
+
+    fn block_size(&self) -> Option<u32> {
+        self.disk.identity.block_size
+    }
+
+    fn layer_paths(&self) -> Vec<PathBuf> {
+        Vec::new()
+    }
+}
+
+/// Picks a snapshot's disk by name (or by its position, from 1).
+pub fn find_disk<'m>(manifest: &'m Manifest, name: &str) -> Result<&'m Disk> {
+    let by_position = name
+        .parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_sub(1))
+        .and_then(|i| manifest.disks.get(i));
+    manifest
+        .disks
+        .iter()
+        .find(|d| d.name == name)
+        .or(by_position)
+        .ok_or_else(|| {
+            ErrorKind::NoSuchDisk {
+                snapshot: manifest.id.clone().into(),
+                disk: name.into(),
+                have: manifest
+                    .disks
+                    .iter()
+                    .map(|d| d.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+                    .into(),
+            }
+            .into()
+        })
+}
+
+/// One disk to restore, and where.
+#[derive(Debug, Clone)]
+pub struct RestoreSpec {
+    pub disk: Disk,
+    pub target: PathBuf,
+    /// `None`: the source's own format.
+    pub format: Option<TargetFormat>,
+    /// Replace a file that exists (only once the new one is whole).
+    pub force: bool,
+}
+
+/// Restores disks in parallel. Each restored disk's digest, computed as
+/// it is written, must equal the one its backup recorded.
+pub fn restore(
+    repo: &Repository,
+    specs: &[RestoreSpec],
+    opts: &Options,
+    progress: &Progress,
+) -> Result<Vec<CopyResult>> {
+    let images = specs
+        .iter()
+        .map(|s| RepoImage::open(repo, &s.disk))
+        .collect::<Result<Vec<_>>>()?;
+    // The copy engine writes under a temporary name and renames only a
+    // whole copy whose digest is the backup's, so with --force the old
+    // file stays until its replacement is complete and checked.
+    let mut copies = Vec::new();
+    for (spec, image) in specs.iter().zip(&images) {
+        if spec.target.exists() && !spec.force {
+            return Err(ErrorKind::Exists(spec.target.clone()).into());
+        }
+        let expect = blake3::Hash::from_hex(&spec.disk.digest).map_err(|_| ErrorKind::Corrupt {
+            what: "manifest",
+            reason: format!("disk digest {:?} is not BLAKE3 hex", spec.disk.digest),
+        })?;
+        copies.push(CopySpec {
+            target: spec.target.clone(),
+            format: spec.format.unwrap_or_else(|| TargetFormat::same_as(image)),
+            replace: spec.force,
+            expect: Some(expect),
+        });
+    }
+    let refs: Vec<&dyn DiskImage> = images.iter().map(|i| i as &dyn DiskImage).collect();
+    copy_images(&refs, &copies, opts, progress)
+}
