@@ -1,5 +1,6 @@
 //! The `vsnap` command line.
 
+mod agent;
 mod backup;
 mod copy;
 mod create;
@@ -71,6 +72,9 @@ enum Command {
     Forget(repo::ForgetArgs),
     /// Remove chunks and indexes that no snapshot references.
     Gc(repo::GcArgs),
+    /// Run the guest agent: quiesce this guest's writers (hooks, then
+    /// fsfreeze) when the coordinator asks, and thaw within a hold limit.
+    Agent(agent::Args),
 }
 
 /// `--format`: what the image is, or `auto` to detect it from its bytes.
@@ -121,6 +125,7 @@ fn main() -> ExitCode {
         Command::Verify(args) => verify::run(&args, &mut out),
         Command::Forget(args) => repo::run_forget(&args, &mut out),
         Command::Gc(args) => repo::run_gc(&args, &mut out),
+        Command::Agent(args) => agent::run(&args),
     }
     .and_then(|code| out.flush().map(|()| code).map_err(Into::into));
     match result {

@@ -1,7 +1,13 @@
-//! The coordinator: vsnap's VSS requestor.
+//! The coordinator: vsnap's VSS requestor, and the agent it talks to.
 //!
-//! It will reach an agent inside every guest, freeze them together, take a
-//! host snapshot of every disk and thaw at once (see shared/DESIGN.md). Until
-//! the coordinator issue lands this crate deliberately holds no code: the
-//! workspace keeps its place so the engine's public API is shaped by two
-//! consumers from the start, and no behaviour is claimed that does not exist.
+//! - [`protocol`]: the messages, their framing and the transports.
+//! - [`agent`]: the guest side (`vsnap agent`): fsfreeze and exec-hook
+//!   writers, the watchdog and the crash marker.
+//! - [`client`]: the coordinator's end of one agent connection.
+
+pub mod agent;
+pub mod client;
+pub mod error;
+pub mod protocol;
+
+pub use error::{Error, ErrorKind, Result};

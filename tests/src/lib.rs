@@ -172,3 +172,243 @@ impl Drop for SmallFs {
         let _ = Command::new("umount").arg(&self.0).status();
     }
 }
+
+/// Whether this process is root; tests that mount, freeze or attach loop
+/// devices skip (saying so) without it.
+pub fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+fn run_ok(cmd: &mut Command) -> String {
+    let o = cmd.output().unwrap();
+    assert!(
+        o.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+/// An ext4 filesystem in `IMAGE`, on a loop device, mounted at `MOUNT`: a
+/// guest disk that a test may freeze, because the test made it. Dropping
+/// it thaws, unmounts and detaches the loop device, even after a failed
+/// assertion.
+pub struct LoopFs {
+    pub image: PathBuf,
+    pub mount: PathBuf,
+    pub device: String,
+}
+
+impl LoopFs {
+    /// `size` in MiB; ext4 made with `mkfs.ext4` (a few MiB is enough).
+    pub fn new(image: &Path, mount: &Path, size_mib: u64) -> LoopFs {
+        let f = std::fs::File::create(image).unwrap();
+        f.set_len(size_mib << 20).unwrap();
+        drop(f);
+        run_ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(image));
+        LoopFs::attach(image, mount, None)
+    }
+
+    /// Attaches `image` (or its first `sizelimit` bytes) and mounts it.
+    pub fn attach(image: &Path, mount: &Path, sizelimit: Option<u64>) -> LoopFs {
+        std::fs::create_dir_all(mount).unwrap();
+        let mut cmd = Command::new("losetup");
+        cmd.args(["-f", "--show"]);
+        if let Some(n) = sizelimit {
+            cmd.args(["--sizelimit", &n.to_string()]);
+        }
+        let device = run_ok(cmd.arg(image));
+        let fs = LoopFs {
+            image: image.to_path_buf(),
+            mount: mount.to_path_buf(),
+            device,
+        };
+        run_ok(Command::new("mount").arg(&fs.device).arg(mount));
+        fs
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        let _ = Command::new("fsfreeze").arg("-u").arg(&self.mount).output();
+        for _ in 0..50 {
+            let ok = Command::new("umount")
+                .arg(&self.mount)
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if ok {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let _ = Command::new("losetup").arg("-d").arg(&self.device).output();
+    }
+}
+
+/// Whether a write to `dir` blocks for `wait`: a frozen filesystem holds
+/// every writer. The probe thread finishes by itself once thawed.
+pub fn writes_block(dir: &Path, wait: std::time::Duration) -> bool {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = dir.join(format!("probe-{}", random_name()));
+    std::thread::spawn(move || {
+        let r = std::fs::write(&path, b"probe");
+        let _ = std::fs::remove_file(&path);
+        let _ = tx.send(r.is_ok());
+    });
+    rx.recv_timeout(wait).is_err()
+}
+
+fn random_name() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A `vsnap agent` process, killed when dropped.
+pub struct AgentProc {
+    pub child: std::process::Child,
+    /// What it printed: `listening on ADDRESS`.
+    pub address: String,
+    pub stderr_path: PathBuf,
+}
+
+impl AgentProc {
+    /// Starts `vsnap agent ARGS` and waits until it listens. Its stderr
+    /// goes to `stderr_path`.
+    pub fn start(args: &[&str], stderr_path: &Path) -> Result<AgentProc, String> {
+        use std::io::BufRead;
+        let err = std::fs::File::create(stderr_path).unwrap();
+        let mut child = vsnap_cmd()
+            .arg("agent")
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(err)
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(out).read_line(&mut line).unwrap();
+        let Some(address) = line.trim().strip_prefix("listening on ") else {
+            let _ = child.wait();
+            return Err(std::fs::read_to_string(stderr_path).unwrap_or_default());
+        };
+        Ok(AgentProc {
+            address: address.to_string(),
+            child,
+            stderr_path: stderr_path.to_path_buf(),
+        })
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A plain line-at-a-time client of the agent protocol over a real
+/// socket, independent of the coordinator's own client, so a test checks
+/// the wire format itself.
+pub struct Wire {
+    reader: std::io::BufReader<Box<dyn std::io::Read + Send>>,
+    writer: Box<dyn std::io::Write + Send>,
+    next_id: u64,
+}
+
+impl Wire {
+    /// `address` as the agent prints it: `unix:PATH` or `tcp:HOST:PORT`.
+    pub fn connect(address: &str) -> Wire {
+        let timeout = Some(std::time::Duration::from_secs(30));
+        let (r, w): (
+            Box<dyn std::io::Read + Send>,
+            Box<dyn std::io::Write + Send>,
+        ) = if let Some(p) = address.strip_prefix("unix:") {
+            let s = std::os::unix::net::UnixStream::connect(p).unwrap();
+            s.set_read_timeout(timeout).unwrap();
+            (Box::new(s.try_clone().unwrap()), Box::new(s))
+        } else if let Some(a) = address.strip_prefix("tcp:") {
+            let s = std::net::TcpStream::connect(a).unwrap();
+            s.set_read_timeout(timeout).unwrap();
+            (Box::new(s.try_clone().unwrap()), Box::new(s))
+        } else {
+            panic!("unknown address {address}")
+        };
+        Wire {
+            reader: std::io::BufReader::new(r),
+            writer: w,
+            next_id: 1,
+        }
+    }
+
+    /// Sends one raw line; returns the reply line parsed, or `None` when
+    /// the agent closed the connection.
+    pub fn raw(&mut self, line: &str) -> Option<serde_json::Value> {
+        use std::io::{BufRead, Write};
+        // A write to a peer that hung up fails (EPIPE): closed, too.
+        let sent = self.writer.write_all(format!("{line}\n").as_bytes());
+        if sent.and_then(|()| self.writer.flush()).is_err() {
+            return None;
+        }
+        let mut reply = String::new();
+        match self.reader.read_line(&mut reply) {
+            Ok(0) | Err(_) => None,
+            Ok(_) => Some(serde_json::from_str(&reply).unwrap()),
+        }
+    }
+
+    /// `{"id", "op", "args"}`; returns the whole reply (`ok` or `err`).
+    pub fn call(&mut self, op: &str, args: serde_json::Value) -> serde_json::Value {
+        let id = self.next_id;
+        self.next_id += 1;
+        let req = serde_json::json!({"id": id, "op": op, "args": args});
+        let reply = self
+            .raw(&req.to_string())
+            .unwrap_or_else(|| panic!("{op}: the agent closed the connection"));
+        assert_eq!(reply["id"], id, "{reply}");
+        reply
+    }
+
+    /// `call`, asserting success; returns `ok`.
+    pub fn ok(&mut self, op: &str, args: serde_json::Value) -> serde_json::Value {
+        let r = self.call(op, args);
+        assert!(r.get("err").is_none(), "{op}: {r}");
+        r["ok"].clone()
+    }
+
+    /// `call`, asserting failure; returns `err`.
+    pub fn err(&mut self, op: &str, args: serde_json::Value) -> serde_json::Value {
+        let r = self.call(op, args);
+        assert!(r.get("ok").is_none(), "{op} should fail: {r}");
+        r["err"].clone()
+    }
+
+    /// `hello` at this protocol version, with an optional token.
+    pub fn hello(&mut self, token: Option<&str>) -> serde_json::Value {
+        let mut args = serde_json::json!({"version": 1});
+        if let Some(t) = token {
+            args["token"] = t.into();
+        }
+        self.call("hello", args)
+    }
+}
+
+/// Writes an executable hook script into `dir`.
+pub fn write_hook(dir: &Path, name: &str, body: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).unwrap();
+    let p = dir.join(name);
+    std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+}

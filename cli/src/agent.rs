@@ -1,0 +1,88 @@
+//! `vsnap agent`: the guest side of a coordinated backup.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use vsnap_coordinator::agent::{Agent, AgentConfig, FileConfig, Flags};
+
+const AFTER: &str = "\
+Writers, in order: every executable in --hooks runs with `freeze` (name
+order; a failure means nothing is frozen), then each mount is frozen with
+FIFREEZE in reverse mount order, root last. The thaw runs FITHAW, then the
+hooks with `thaw` in reverse order. Hooks also get `prepare`, `abort` and
+`complete`, and should exit 0 on actions they do not know.
+
+Safety: the watchdog thaws by itself after --hold-limit (or the shorter limit
+the coordinator asks for) and reports `timeout`; the marker (on a tmpfs,
+never on a frozen filesystem) lets a restarted agent thaw what a dead one
+left frozen; SIGTERM and SIGINT thaw before exiting; nothing is logged to
+disk while frozen.
+
+TCP needs --token-file: every operation is refused until `hello` carries the
+token. The agent prints `listening on ADDRESS` on stdout once it is ready.
+
+Exit codes:
+  0  stopped by SIGTERM or SIGINT (after thawing)
+  1  could not start: bad configuration, the address is taken, a thaw failed
+  2  bad command-line usage";
+
+/// Run the guest agent (vsnap's Backup integration service).
+#[derive(Debug, clap::Args)]
+#[command(after_help = AFTER)]
+pub struct Args {
+    /// Where to listen: unix:PATH, vsock:PORT or tcp:ADDR:PORT.
+    #[arg(long, value_name = "ADDRESS")]
+    listen: Option<String>,
+    /// A mount to freeze (repeatable), or `auto` for every writable
+    /// block-device filesystem, once per device. None: hooks only.
+    #[arg(long, value_name = "MOUNT")]
+    freeze: Vec<String>,
+    /// A directory of executable hooks (the application writers).
+    #[arg(long, value_name = "DIR")]
+    hooks: Option<PathBuf>,
+    /// The longest a freeze may be held before the watchdog thaws [default: 60s].
+    #[arg(long, value_name = "DURATION")]
+    hold_limit: Option<String>,
+    /// How long one hook may run before it is killed and fails [default: 30s].
+    #[arg(long, value_name = "DURATION")]
+    hook_timeout: Option<String>,
+    /// The token TCP clients must send (at least 16 characters).
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// Where the agent records what it froze [default: /run/vsnap/agent.frozen].
+    #[arg(long, value_name = "FILE")]
+    marker: Option<PathBuf>,
+    /// A TOML file with the same settings (listen, freeze, hooks,
+    /// hold-limit, hook-timeout, token-file, marker); flags override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
+    let file = args.config.as_deref().map(FileConfig::load).transpose()?;
+    let cfg = AgentConfig::resolve(
+        file,
+        Flags {
+            listen: args.listen.clone(),
+            freeze: args.freeze.clone(),
+            hooks: args.hooks.clone(),
+            hold_limit: args.hold_limit.clone(),
+            hook_timeout: args.hook_timeout.clone(),
+            token_file: args.token_file.clone(),
+            marker: args.marker.clone(),
+        },
+    )?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let agent = Agent::start(cfg).await?;
+        let mut out = std::io::stdout();
+        writeln!(out, "listening on {}", agent.local())?;
+        out.flush()?;
+        agent.serve().await?;
+        Ok(ExitCode::SUCCESS)
+    })
+}

@@ -1,0 +1,219 @@
+//! The guest side: vsnap's Backup integration service. It answers the
+//! coordinator's operations, runs the guest's writers (exec hooks, then
+//! fsfreeze) and guarantees that a freeze never outlives its hold limit:
+//! the watchdog thaws by itself, a marker lets a restarted agent thaw what
+//! a dead one left, and nothing is written to disk while frozen (log lines
+//! wait in memory until the thaw).
+
+mod config;
+mod freezer;
+mod hooks;
+pub mod mounts;
+mod session;
+
+pub use config::{AgentConfig, FileConfig, Flags, FreezeSet};
+pub use hooks::{Action, Hooks};
+
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncWriteExt, BufReader};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::protocol::transport::{self, BoxStream, Listener};
+use crate::protocol::{self, ErrorClass, Op, Reply, WireError, PROTOCOL_VERSION};
+use session::Session;
+
+/// Log lines, held while frozen: stderr may be a file on a frozen disk.
+#[derive(Debug, Default)]
+pub struct Journal {
+    inner: Mutex<(bool, Vec<String>)>,
+}
+
+impl Journal {
+    pub fn log(&self, line: impl Into<String>) {
+        let line = format!("vsnap agent: {}", line.into());
+        match self.inner.lock() {
+            Ok(mut g) if g.0 => g.1.push(line),
+            _ => eprintln!("{line}"),
+        }
+    }
+
+    fn hold(&self) {
+        if let Ok(mut g) = self.inner.lock() {
+            g.0 = true;
+        }
+    }
+
+    fn release(&self) {
+        let held = match self.inner.lock() {
+            Ok(mut g) => {
+                g.0 = false;
+                std::mem::take(&mut g.1)
+            }
+            Err(_) => Vec::new(),
+        };
+        for l in held {
+            eprintln!("{l}");
+        }
+    }
+}
+
+/// A running agent: the listener and the one session every connection
+/// shares (a coordinator that reconnects after a time-out finds the
+/// freeze it left).
+pub struct Agent {
+    listener: Listener,
+    token: Option<Vec<u8>>,
+    session: Arc<Session>,
+}
+
+impl Agent {
+    /// Checks the configuration, thaws whatever a dead agent's marker
+    /// names, and binds. Nothing is frozen yet.
+    pub async fn start(cfg: AgentConfig) -> Result<Agent> {
+        let journal = Arc::new(Journal::default());
+        let marker = freezer::Marker {
+            path: cfg.marker.clone(),
+        };
+        match marker.recover() {
+            Ok(thawed) => {
+                for (m, r) in thawed {
+                    match r {
+                        Ok(()) => journal.log(format!(
+                            "thawed {} (a previous agent died while it was frozen)",
+                            m.display()
+                        )),
+                        Err(e) => journal.log(format!("could not thaw {}: {e}", m.display())),
+                    }
+                }
+            }
+            Err(e) => {
+                return Err(Error::from(e)
+                    .at(cfg.marker.display().to_string())
+                    .during("recover from the freeze marker"))
+            }
+        }
+        let selection = cfg.select()?;
+        cfg.check_marker_outside(&selection)?;
+        let listener = Listener::bind(&cfg.listen).await?;
+        let token = match (&cfg.token_file, listener.needs_token()) {
+            (Some(f), _) => Some(config::read_token(f)?),
+            (None, true) => {
+                return Err(ErrorKind::Config(
+                    "a tcp listener needs --token-file: TCP is refused without a token".into(),
+                )
+                .into())
+            }
+            (None, false) => None,
+        };
+        for s in &selection.skipped {
+            journal.log(format!(
+                "will not freeze {}: {}",
+                s.mount.display(),
+                s.reason
+            ));
+        }
+        let session = Arc::new(Session::new(cfg, marker, journal));
+        Ok(Agent {
+            listener,
+            token,
+            session,
+        })
+    }
+
+    /// The address bound, with a TCP port 0 resolved.
+    pub fn local(&self) -> String {
+        self.listener.local()
+    }
+
+    /// Serves until SIGINT or SIGTERM; a freeze still held then is thawed
+    /// before returning.
+    pub async fn serve(self) -> Result<()> {
+        let token = Arc::new(self.token);
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        loop {
+            tokio::select! {
+                conn = self.listener.accept() => match conn {
+                    Ok((stream, peer)) => {
+                        let session = Arc::clone(&self.session);
+                        let token = Arc::clone(&token);
+                        tokio::spawn(async move {
+                            if let Err(e) = handle(stream, &session, token.as_deref()).await {
+                                session.journal().log(format!("{peer}: {e}"));
+                            }
+                        });
+                    }
+                    Err(e) => self.session.journal().log(format!("accept: {e}")),
+                },
+                _ = tokio::signal::ctrl_c() => break,
+                _ = term.recv() => break,
+            }
+        }
+        self.session.shutdown().await;
+        Ok(())
+    }
+}
+
+async fn handle(stream: BoxStream, session: &Arc<Session>, token: Option<&[u8]>) -> Result<()> {
+    let (r, mut w) = tokio::io::split(stream);
+    let mut r = BufReader::new(r);
+    let mut authed = token.is_none();
+    loop {
+        let line = match transport::read_line(&mut r).await {
+            Ok(Some(l)) => l,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                let reply = Reply::err(None, WireError::new(ErrorClass::Protocol, e.to_string()));
+                let _ = w.write_all(&protocol::to_line(&reply)).await;
+                return Err(e.into());
+            }
+        };
+        if line.trim().is_empty() {
+            continue;
+        }
+        let (reply, close) = match protocol::parse_request(&line) {
+            Err(reply) => (reply, false),
+            Ok(req) => match (&req.op, authed) {
+                (Op::Hello(h), _) if h.version != PROTOCOL_VERSION => (
+                    Reply::err(
+                        Some(req.id),
+                        WireError::new(
+                            ErrorClass::Protocol,
+                            format!(
+                                "protocol version {} is not supported; this agent speaks {PROTOCOL_VERSION}",
+                                h.version
+                            ),
+                        ),
+                    ),
+                    false,
+                ),
+                (Op::Hello(h), false) => {
+                    let given = h.token.as_deref().unwrap_or("").as_bytes();
+                    if token.is_some_and(|t| config::token_matches(t, given)) {
+                        authed = true;
+                        (session.dispatch(req).await, false)
+                    } else {
+                        let e = WireError::new(ErrorClass::Unauthorized, "wrong or missing token");
+                        (Reply::err(Some(req.id), e), true)
+                    }
+                }
+                (_, false) => (
+                    Reply::err(
+                        Some(req.id),
+                        WireError::new(
+                            ErrorClass::Unauthorized,
+                            "send hello with the token first; every operation is refused before it",
+                        ),
+                    ),
+                    false,
+                ),
+                (_, true) => (session.dispatch(req).await, false),
+            },
+        };
+        w.write_all(&protocol::to_line(&reply)).await?;
+        w.flush().await?;
+        if close {
+            return Ok(());
+        }
+    }
+}

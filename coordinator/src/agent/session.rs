@@ -1,0 +1,466 @@
+//! The agent's state machine: one backup cycle at a time, shared by every
+//! connection, with the watchdog that bounds a freeze.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use super::freezer::{self, Frozen, Marker};
+use super::hooks::{Action, Hooks, Ran};
+use super::{AgentConfig, Journal};
+use crate::protocol::PROTOCOL_VERSION;
+use crate::protocol::{AgentState, ErrorClass, Op, Reply, Request, Step, WireError};
+
+/// Durations of the last cycle's steps, in µs on the agent's monotonic
+/// clock. `freeze_window_us` runs from the last FIFREEZE's return to the
+/// first FITHAW's start: how long the guest's writers were held.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Timings {
+    pub prepare_hooks_us: Option<u64>,
+    pub freeze_hooks_us: Option<u64>,
+    pub fifreeze_us: Option<u64>,
+    pub freeze_window_us: Option<u64>,
+    pub fithaw_us: Option<u64>,
+    pub thaw_hooks_us: Option<u64>,
+    pub abort_hooks_us: Option<u64>,
+    pub complete_hooks_us: Option<u64>,
+}
+
+fn us(d: Duration) -> Option<u64> {
+    Some(u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cause {
+    Thaw,
+    Abort,
+    Watchdog,
+}
+
+struct Inner {
+    state: AgentState,
+    frozen: Vec<Frozen>,
+    /// Hooks whose freeze succeeded: they get the thaw.
+    frozen_hooks: Vec<PathBuf>,
+    frozen_since: Option<Instant>,
+    expected: usize,
+    generation: u64,
+    watchdog: Option<tokio::task::JoinHandle<()>>,
+    hold_limit: Duration,
+    timings: Timings,
+    failure: Option<WireError>,
+    watchdog_fired: bool,
+}
+
+pub struct Session {
+    cfg: AgentConfig,
+    hooks: Hooks,
+    marker: Marker,
+    journal: Arc<Journal>,
+    inner: tokio::sync::Mutex<Inner>,
+}
+
+fn agent_name() -> String {
+    format!("vsnap-agent {}", env!("CARGO_PKG_VERSION"))
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default()
+}
+
+impl Session {
+    pub fn new(cfg: AgentConfig, marker: Marker, journal: Arc<Journal>) -> Self {
+        let hooks = Hooks {
+            dir: cfg.hooks.clone(),
+            timeout: cfg.hook_timeout,
+        };
+        let hold_limit = cfg.hold_limit;
+        Session {
+            cfg,
+            hooks,
+            marker,
+            journal,
+            inner: tokio::sync::Mutex::new(Inner {
+                state: AgentState::Idle,
+                frozen: Vec::new(),
+                frozen_hooks: Vec::new(),
+                frozen_since: None,
+                expected: 0,
+                generation: 0,
+                watchdog: None,
+                hold_limit,
+                timings: Timings::default(),
+                failure: None,
+                watchdog_fired: false,
+            }),
+        }
+    }
+
+    pub fn journal(&self) -> &Journal {
+        &self.journal
+    }
+
+    pub async fn dispatch(self: &Arc<Self>, req: Request) -> Reply {
+        let mut inner = self.inner.lock().await;
+        if inner.state == AgentState::Frozen && !req.op.allowed_while_frozen() {
+            return Reply::err(
+                Some(req.id),
+                WireError::new(
+                    ErrorClass::Protocol,
+                    format!(
+                        "{} is not accepted while frozen; only hello, sync, status, thaw and abort are",
+                        req.op.name()
+                    ),
+                ),
+            );
+        }
+        let result = match req.op {
+            Op::Hello(_) => Ok(json!({
+                "version": PROTOCOL_VERSION,
+                "agent": agent_name(),
+                "state": inner.state,
+            })),
+            Op::Sync => Ok(json!({})),
+            Op::Identify => self.identify(&inner),
+            Op::Status => Ok(self.status(&inner)),
+            Op::Prepare(p) => self.prepare(&mut inner, &p.backup_type).await,
+            Op::Freeze(f) => self.freeze(&mut inner, f.mounts, f.hold_limit_ms).await,
+            Op::Thaw => {
+                if inner.state == AgentState::Frozen {
+                    self.thaw_locked(&mut inner, Cause::Thaw).await
+                } else if inner.watchdog_fired {
+                    Err(inner.failure.clone().unwrap_or_else(|| {
+                        WireError::new(ErrorClass::Timeout, "the watchdog thawed")
+                    }))
+                } else {
+                    Ok(json!({"thawed": 0, "already": true}))
+                }
+            }
+            Op::Abort(a) => {
+                self.journal.log(format!("abort: {}", a.reason));
+                if inner.state == AgentState::Frozen {
+                    self.thaw_locked(&mut inner, Cause::Abort).await
+                } else {
+                    let ran = self.hooks.run(Action::Abort, None, &[]).await;
+                    inner.timings.abort_hooks_us = us(ran.elapsed);
+                    self.log_hooks(&ran);
+                    inner.state = AgentState::Aborted;
+                    Ok(json!({"thawed": 0}))
+                }
+            }
+            Op::Complete(c) => self.complete(&mut inner, c.success).await,
+        };
+        match result {
+            Ok(v) => Reply::ok(req.id, v),
+            Err(e) => Reply::err(Some(req.id), e),
+        }
+    }
+
+    fn identify(&self, inner: &Inner) -> Result<Value, WireError> {
+        let sel = self
+            .cfg
+            .select()
+            .map_err(|e| WireError::new(ErrorClass::NonRetryable, e.to_string()))?;
+        let hooks = self
+            .hooks
+            .list()
+            .map_err(|e| WireError::new(ErrorClass::NonRetryable, format!("hooks: {e}")))?;
+        let mut writers = vec![json!({"kind": "fsfreeze", "mounts": sel.freeze.len()})];
+        writers.extend(hooks.iter().map(|h| json!({"kind": "exec", "hook": h})));
+        Ok(json!({
+            "agent": agent_name(),
+            "host": hostname(),
+            "protocol": PROTOCOL_VERSION,
+            "state": inner.state,
+            "mounts": sel.freeze,
+            "skipped": sel.skipped,
+            "hooks": hooks,
+            "writers": writers,
+            "hold_limit_ms": self.cfg.hold_limit.as_millis() as u64,
+        }))
+    }
+
+    fn status(&self, inner: &Inner) -> Value {
+        json!({
+            "state": inner.state,
+            "frozen_mounts": inner.frozen.iter().map(|f| &f.mount).collect::<Vec<_>>(),
+            "expected": inner.expected,
+            "hold_limit_ms": inner.hold_limit.as_millis() as u64,
+            "timings": inner.timings,
+            "failure": inner.failure,
+            "watchdog_fired": inner.watchdog_fired,
+            "pid": std::process::id(),
+        })
+    }
+
+    fn log_hooks(&self, ran: &Ran) {
+        for l in &ran.output {
+            self.journal.log(l.clone());
+        }
+        for f in &ran.failed {
+            self.journal
+                .log(format!("hook {} failed: {}", f.hook.display(), f.reason));
+        }
+    }
+
+    async fn prepare(&self, inner: &mut Inner, backup_type: &str) -> Result<Value, WireError> {
+        // A new cycle: what the last one reported is history now.
+        inner.timings = Timings::default();
+        inner.failure = None;
+        inner.watchdog_fired = false;
+        inner.expected = 0;
+        let env = [("VSNAP_BACKUP_TYPE", backup_type.to_string())];
+        let ran = self.hooks.run(Action::Prepare, None, &env).await;
+        inner.timings.prepare_hooks_us = us(ran.elapsed);
+        self.log_hooks(&ran);
+        if let Some(f) = ran.failed.first() {
+            inner.state = AgentState::FailedAt(Step::Prepare);
+            let e = WireError::new(
+                ErrorClass::NonRetryable,
+                format!("prepare hook {} failed: {}", f.hook.display(), f.reason),
+            );
+            inner.failure = Some(e.clone());
+            return Err(e);
+        }
+        inner.state = AgentState::Prepared;
+        Ok(json!({"state": inner.state, "prepare_hooks_us": inner.timings.prepare_hooks_us}))
+    }
+
+    async fn freeze(
+        self: &Arc<Self>,
+        inner: &mut Inner,
+        mounts: Option<Vec<String>>,
+        hold_limit_ms: Option<u64>,
+    ) -> Result<Value, WireError> {
+        if inner.state != AgentState::Prepared {
+            return Err(WireError::new(
+                ErrorClass::Protocol,
+                format!(
+                    "freeze needs PREPARED, and the agent is {}; send prepare first",
+                    inner.state
+                ),
+            ));
+        }
+        let fail = |inner: &mut Inner, e: WireError| {
+            inner.state = AgentState::FailedAt(Step::Freeze);
+            inner.failure = Some(e.clone());
+            e
+        };
+        let mut sel = match self.cfg.select() {
+            Ok(s) => s,
+            Err(e) => {
+                return Err(fail(
+                    inner,
+                    WireError::new(ErrorClass::NonRetryable, e.to_string()),
+                ))
+            }
+        };
+        if let Some(want) = mounts {
+            let want: Vec<PathBuf> = want
+                .iter()
+                .map(|m| std::fs::canonicalize(m).unwrap_or_else(|_| PathBuf::from(m)))
+                .collect();
+            if let Some(stranger) = want
+                .iter()
+                .find(|w| !sel.freeze.iter().any(|m| &m.mount_point == *w))
+            {
+                let e = WireError::new(
+                    ErrorClass::NonRetryable,
+                    "not a mount this agent freezes (see identify)",
+                )
+                .on_mount(stranger.display().to_string());
+                return Err(fail(inner, e));
+            }
+            sel.freeze.retain(|m| want.contains(&m.mount_point));
+        }
+        let hold = match hold_limit_ms {
+            Some(ms) if ms > 0 => Duration::from_millis(ms).min(self.cfg.hold_limit),
+            _ => self.cfg.hold_limit,
+        };
+        inner.hold_limit = hold;
+        inner.expected = sel.freeze.len();
+
+        let ran = self.hooks.run(Action::Freeze, None, &[]).await;
+        inner.timings.freeze_hooks_us = us(ran.elapsed);
+        self.log_hooks(&ran);
+        if let Some(f) = ran.failed.first() {
+            let e = WireError::new(
+                ErrorClass::NonRetryable,
+                format!(
+                    "freeze hook {} failed: {}; nothing was frozen",
+                    f.hook.display(),
+                    f.reason
+                ),
+            );
+            let undo = self.hooks.run(Action::Thaw, Some(&ran.ok), &[]).await;
+            self.log_hooks(&undo);
+            return Err(fail(inner, e));
+        }
+        if let Err(e) = self.marker.write(&sel.freeze) {
+            let undo = self.hooks.run(Action::Thaw, Some(&ran.ok), &[]).await;
+            self.log_hooks(&undo);
+            let e = WireError::new(
+                ErrorClass::Retryable,
+                format!(
+                    "cannot write the freeze marker {}: {e}",
+                    self.marker.path.display()
+                ),
+            );
+            return Err(fail(inner, e));
+        }
+        self.journal.hold();
+        let t = Instant::now();
+        let froze = tokio::task::block_in_place(|| freezer::freeze_all(&sel.freeze));
+        let fifreeze = t.elapsed();
+        let (frozen, skipped) = match froze {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = self.marker.clear();
+                self.journal.release();
+                let undo = self.hooks.run(Action::Thaw, Some(&ran.ok), &[]).await;
+                self.log_hooks(&undo);
+                return Err(fail(inner, e));
+            }
+        };
+        inner.frozen_since = Some(Instant::now());
+        inner.timings.fifreeze_us = us(fifreeze);
+        inner.frozen = frozen;
+        inner.frozen_hooks = ran.ok;
+        inner.state = AgentState::Frozen;
+        inner.generation += 1;
+        let me = Arc::clone(self);
+        let generation = inner.generation;
+        inner.watchdog = Some(tokio::spawn(async move {
+            tokio::time::sleep(hold).await;
+            let mut inner = me.inner.lock().await;
+            if inner.state == AgentState::Frozen && inner.generation == generation {
+                inner.watchdog = None;
+                let _ = me.thaw_locked(&mut inner, Cause::Watchdog).await;
+            }
+        }));
+        let mut all_skipped = sel.skipped;
+        all_skipped.extend(skipped);
+        Ok(json!({
+            "frozen": inner.frozen.len(),
+            "expected": inner.expected,
+            "mounts": inner.frozen.iter().map(|f| &f.mount).collect::<Vec<_>>(),
+            "skipped": all_skipped,
+            "hold_limit_ms": hold.as_millis() as u64,
+            "freeze_hooks_us": inner.timings.freeze_hooks_us,
+            "fifreeze_us": inner.timings.fifreeze_us,
+        }))
+    }
+
+    /// Thaws every frozen mount, then runs the hooks (thaw, or abort), and
+    /// records the freeze window. Called with the session locked.
+    async fn thaw_locked(&self, inner: &mut Inner, cause: Cause) -> Result<Value, WireError> {
+        if cause != Cause::Watchdog {
+            if let Some(w) = inner.watchdog.take() {
+                w.abort();
+            }
+        }
+        let window = inner.frozen_since.take().map(|s| s.elapsed());
+        let t = Instant::now();
+        let thawed = tokio::task::block_in_place(|| freezer::thaw_all(&mut inner.frozen));
+        inner.timings.fithaw_us = us(t.elapsed());
+        inner.timings.freeze_window_us = window.and_then(us);
+        if inner.frozen.is_empty() {
+            if let Err(e) = self.marker.clear() {
+                self.journal.log(format!("cannot remove the marker: {e}"));
+            }
+        }
+        self.journal.release();
+        let hooks = std::mem::take(&mut inner.frozen_hooks);
+        let ran = match cause {
+            Cause::Abort => self.hooks.run(Action::Abort, None, &[]).await,
+            Cause::Thaw | Cause::Watchdog => self.hooks.run(Action::Thaw, Some(&hooks), &[]).await,
+        };
+        match cause {
+            Cause::Abort => inner.timings.abort_hooks_us = us(ran.elapsed),
+            _ => inner.timings.thaw_hooks_us = us(ran.elapsed),
+        }
+        self.log_hooks(&ran);
+        let count = match thawed {
+            Ok(n) => n,
+            Err(e) => {
+                inner.state = AgentState::FailedAt(Step::Thaw);
+                inner.failure = Some(e.clone());
+                self.journal.log(format!("thaw failed: {}", e.message));
+                return Err(e);
+            }
+        };
+        match cause {
+            Cause::Thaw => inner.state = AgentState::Thawed,
+            Cause::Abort => inner.state = AgentState::Aborted,
+            Cause::Watchdog => {
+                inner.state = AgentState::Aborted;
+                inner.watchdog_fired = true;
+                let e = WireError::new(
+                    ErrorClass::Timeout,
+                    format!(
+                        "the watchdog thawed {count} mount(s) after the hold limit of {} ms; this snapshot is not application-consistent",
+                        inner.hold_limit.as_millis()
+                    ),
+                );
+                self.journal.log(e.message.clone());
+                inner.failure = Some(e.clone());
+                return Err(e);
+            }
+        }
+        if let Some(f) = ran.failed.first() {
+            self.journal.log(format!(
+                "after the thaw, hook {} failed: {}",
+                f.hook.display(),
+                f.reason
+            ));
+        }
+        Ok(json!({
+            "thawed": count,
+            "freeze_window_us": inner.timings.freeze_window_us,
+            "fithaw_us": inner.timings.fithaw_us,
+            "thaw_hooks_us": inner.timings.thaw_hooks_us,
+            "abort_hooks_us": inner.timings.abort_hooks_us,
+        }))
+    }
+
+    async fn complete(&self, inner: &mut Inner, success: bool) -> Result<Value, WireError> {
+        if inner.state == AgentState::Idle || inner.state == AgentState::Prepared {
+            return Err(WireError::new(
+                ErrorClass::Protocol,
+                format!(
+                    "complete comes after a freeze, and the agent is {}",
+                    inner.state
+                ),
+            ));
+        }
+        let env = [("VSNAP_SUCCESS", if success { "1" } else { "0" }.to_string())];
+        let ran = self.hooks.run(Action::Complete, None, &env).await;
+        inner.timings.complete_hooks_us = us(ran.elapsed);
+        self.log_hooks(&ran);
+        if let Some(f) = ran.failed.first() {
+            inner.state = AgentState::FailedAt(Step::Complete);
+            let e = WireError::new(
+                ErrorClass::PartialFailure,
+                format!("complete hook {} failed: {}", f.hook.display(), f.reason),
+            );
+            inner.failure = Some(e.clone());
+            return Err(e);
+        }
+        inner.state = AgentState::Complete;
+        Ok(json!({"state": inner.state, "complete_hooks_us": inner.timings.complete_hooks_us}))
+    }
+
+    /// On SIGTERM or SIGINT: a held freeze is thawed before the agent exits.
+    pub async fn shutdown(&self) {
+        let mut inner = self.inner.lock().await;
+        if inner.state == AgentState::Frozen {
+            self.journal.log("stopping while frozen: thawing first");
+            let _ = self.thaw_locked(&mut inner, Cause::Abort).await;
+        }
+    }
+}

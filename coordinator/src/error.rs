@@ -1,0 +1,111 @@
+//! The coordinator crate's one error type: a [`ErrorKind`] plus where it
+//! happened (the endpoint or file, and the operation), so an operator sees
+//! which guest and which step failed.
+
+use std::fmt;
+
+use crate::protocol::ErrorClass;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("bad endpoint {spec:?}: {reason}")]
+    BadEndpoint { spec: String, reason: String },
+    #[error("bad configuration: {0}")]
+    Config(String),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("the agent speaks protocol version {found}, this vsnap speaks {expected}")]
+    VersionMismatch { found: u32, expected: u32 },
+    /// The agent answered with an error; its class decides retries.
+    #[error("{class}: {message}{}", .mount.as_deref().map(|m| format!(" (mount {m})")).unwrap_or_default())]
+    Agent {
+        class: ErrorClass,
+        message: String,
+        mount: Option<String>,
+    },
+    #[error("no reply to {op} within {ms} ms")]
+    Timeout { op: String, ms: u64 },
+    #[error("the agent closed the connection")]
+    Closed,
+}
+
+#[derive(Debug)]
+pub struct Error {
+    pub kind: ErrorKind,
+    /// The endpoint, mount or file the error concerns.
+    pub at: Option<String>,
+    /// What was being done.
+    pub during: Option<String>,
+}
+
+impl Error {
+    pub fn new(kind: ErrorKind) -> Self {
+        Error {
+            kind,
+            at: None,
+            during: None,
+        }
+    }
+
+    pub fn at(mut self, at: impl Into<String>) -> Self {
+        self.at.get_or_insert_with(|| at.into());
+        self
+    }
+
+    pub fn during(mut self, what: impl Into<String>) -> Self {
+        self.during.get_or_insert_with(|| what.into());
+        self
+    }
+
+    /// The class the retry rules look at: the agent's own, or the one a
+    /// transport failure falls in.
+    pub fn class(&self) -> ErrorClass {
+        match &self.kind {
+            ErrorKind::Agent { class, .. } => *class,
+            ErrorKind::Timeout { .. } => ErrorClass::Timeout,
+            ErrorKind::Io(_) | ErrorKind::Closed => ErrorClass::Retryable,
+            ErrorKind::VersionMismatch { .. }
+            | ErrorKind::BadEndpoint { .. }
+            | ErrorKind::Config(_) => ErrorClass::NonRetryable,
+            ErrorKind::Protocol(_) => ErrorClass::Protocol,
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(at) = &self.at {
+            write!(f, "{at}: ")?;
+        }
+        if let Some(during) = &self.during {
+            write!(f, "{during}: ")?;
+        }
+        write!(f, "{}", self.kind)
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match &self.kind {
+            ErrorKind::Io(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<ErrorKind> for Error {
+    fn from(kind: ErrorKind) -> Self {
+        Error::new(kind)
+    }
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::new(ErrorKind::Io(e))
+    }
+}
