@@ -13,6 +13,10 @@ command -v b3sum >/dev/null 2>&1 || need_apt+=(b3sum)
 command -v mkfs.ext4 >/dev/null 2>&1 || need_apt+=(e2fsprogs)
 command -v losetup >/dev/null 2>&1 || need_apt+=(mount)
 command -v fsfreeze >/dev/null 2>&1 || need_apt+=(util-linux)
+# Coordinated backups: guests' disks on an XFS scratch filesystem with
+# reflink; one test quiesces through the stock QEMU guest agent.
+command -v mkfs.xfs >/dev/null 2>&1 || need_apt+=(xfsprogs)
+command -v qemu-ga >/dev/null 2>&1 || need_apt+=(qemu-guest-agent)
 if [ ${#need_apt[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
   echo "installing: ${need_apt[*]}"

@@ -10,6 +10,8 @@ use vsnap_engine::format::DiskImage;
 use vsnap_engine::pipeline::Progress;
 use vsnap_engine::repo::{backup, BackupOptions, Consistency};
 
+use vsnap_coordinator::provider::Choice;
+
 use crate::engine_args::EngineArgs;
 use crate::repo::RepoArg;
 use crate::units::human;
@@ -22,35 +24,79 @@ hashed, chunks the repository holds already are neither compressed nor
 written, and new ones are stored zstd-compressed (or raw when that is not
 smaller). The snapshot becomes visible only when its manifest is written,
 after everything it names is on disk; an interrupted backup leaves no
-snapshot, only chunks that gc removes. Without a coordinator nothing is
-quiesced, so the snapshot is labelled crash-consistent.
+snapshot, only chunks that gc removes. Given images, nothing is quiesced,
+so the snapshot is labelled crash-consistent.
+
+With --inventory, vsnap is the coordinator: it connects to every VM's
+agent, runs Prepare, freezes all guests at once (hooks, then fsfreeze),
+snapshots every disk (reflink: O(1) per disk), thaws them all straight
+away, and only then streams the snapshots. A guest that cannot be quiesced
+aborts the backup (policy app-consistent-only: every guest is thawed,
+nothing is written) or is backed up crash-consistent
+(allow-crash-consistent). Each manifest records the freeze metrics.
 
 Exit codes:
-  0  the snapshot is committed
-  1  an image or the repository could not be read or written
+  0  the snapshot is committed (with --inventory: every VM's)
+  1  an image or the repository could not be read or written; with
+     --inventory, the backup was aborted or some VM has no snapshot
   2  bad command-line usage")]
 pub struct Args {
-    /// Images to back up, as one snapshot.
-    #[arg(required = true, value_name = "IMAGE")]
+    /// Images to back up, as one snapshot, crash-consistent.
+    #[arg(
+        value_name = "IMAGE",
+        required_unless_present = "inventory",
+        conflicts_with = "inventory"
+    )]
     images: Vec<PathBuf>,
     #[command(flatten)]
-    repo: RepoArg,
+    pub repo: RepoArg,
     /// The VM's name, recorded in the snapshot.
-    #[arg(long, value_name = "VM")]
-    name: String,
+    #[arg(
+        long,
+        value_name = "VM",
+        required_unless_present = "inventory",
+        conflicts_with = "inventory"
+    )]
+    name: Option<String>,
+    /// A TOML inventory of VMs, disks and agents: quiesce every guest
+    /// together, snapshot every disk, thaw, then back the snapshots up,
+    /// one snapshot per VM, labelled app- or crash-consistent.
+    #[arg(long, value_name = "FILE")]
+    inventory: Option<PathBuf>,
+    /// With --inventory: only these VMs (repeatable).
+    #[arg(long = "vm", value_name = "NAME", requires = "inventory")]
+    pub vms: Vec<String>,
+    /// With --inventory: how disks are snapshotted. auto: reflink where
+    /// the filesystem can clone (XFS with reflink, btrfs), else copy.
+    #[arg(
+        long,
+        default_value = "auto",
+        value_name = "auto|reflink|copy",
+        requires = "inventory"
+    )]
+    pub provider: Choice,
+    /// With --inventory: the longest time from the first freeze to the
+    /// last thaw; also every agent's hold limit.
+    #[arg(
+        long,
+        default_value = "10s",
+        value_name = "DURATION",
+        requires = "inventory"
+    )]
+    pub window: String,
     /// zstd level for new chunks.
     #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
-    level: i32,
+    pub level: i32,
     /// Print the result as JSON.
     #[arg(long)]
-    json: bool,
+    pub json: bool,
     /// The source format; `auto` detects it from the file's contents.
     #[arg(long = "source-format", value_enum, default_value_t)]
     source_format: FormatArg,
     #[command(flatten)]
-    engine: EngineArgs,
+    pub engine: EngineArgs,
     #[command(flatten)]
-    output: crate::progress::ProgressArgs,
+    pub output: crate::progress::ProgressArgs,
 }
 
 #[derive(Serialize)]
@@ -83,6 +129,10 @@ struct JsonBackup {
 }
 
 pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
+    if let Some(inv) = &args.inventory {
+        return crate::coordinated::run(args, inv, out);
+    }
+    let name = args.name.clone().unwrap_or_default();
     let repo = args.repo.open()?;
     let images = crate::open_all(&args.images, args.source_format)?;
     let refs: Vec<&dyn DiskImage> = images.iter().map(|b| &**b).collect();
@@ -92,7 +142,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
     args.engine.report_fallback(&opts);
     let progress = Progress::default();
     let spec = BackupOptions {
-        vm: args.name.clone(),
+        vm: name,
         host: crate::repo::host_name(),
         consistency: Consistency::CrashConsistent,
         freeze: None,

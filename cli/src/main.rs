@@ -2,6 +2,7 @@
 
 mod agent;
 mod backup;
+mod coordinated;
 mod copy;
 mod create;
 mod engine_args;

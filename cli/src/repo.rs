@@ -66,6 +66,16 @@ pub struct SnapshotsArgs {
     json: bool,
 }
 
+/// The guest's freeze window on its agent's clock, as the coordinator
+/// recorded it in the manifest.
+fn freeze_window_us(m: &repo::Manifest) -> Option<u64> {
+    m.freeze
+        .as_ref()?
+        .get("guest")?
+        .get("freeze_window_us")?
+        .as_u64()
+}
+
 pub fn run_snapshots(args: &SnapshotsArgs, out: &mut dyn Write) -> Result<ExitCode> {
     let repo = args.repo.open()?;
     let listed = repo.list()?;
@@ -74,13 +84,25 @@ pub fn run_snapshots(args: &SnapshotsArgs, out: &mut dyn Write) -> Result<ExitCo
         #[derive(Serialize)]
         #[serde(untagged)]
         enum Item {
-            Ok(Box<repo::Manifest>),
-            Bad { id: String, error: String },
+            Ok {
+                #[serde(flatten)]
+                manifest: Box<repo::Manifest>,
+                /// The guest's freeze window, from the coordinator's
+                /// metrics; null for a snapshot taken without one.
+                freeze_window_us: Option<u64>,
+            },
+            Bad {
+                id: String,
+                error: String,
+            },
         }
         let items: Vec<Item> = listed
             .into_iter()
             .map(|l| match l.manifest {
-                Ok(m) => Item::Ok(Box::new(m)),
+                Ok(m) => Item::Ok {
+                    freeze_window_us: freeze_window_us(&m),
+                    manifest: Box::new(m),
+                },
                 Err(e) => Item::Bad {
                     id: l.id,
                     error: e.to_string(),
@@ -92,8 +114,8 @@ pub fn run_snapshots(args: &SnapshotsArgs, out: &mut dyn Write) -> Result<ExitCo
     }
     writeln!(
         out,
-        "{:<16}  {:<20}  {:<12}  {:<16}  {:>5}  {:>10}  disks",
-        "ID", "TIME", "VM", "CONSISTENCY", "DISKS", "SIZE"
+        "{:<16}  {:<20}  {:<12}  {:<16}  {:>9}  {:>5}  {:>10}  disks",
+        "ID", "TIME", "VM", "CONSISTENCY", "FROZEN", "DISKS", "SIZE"
     )?;
     for l in listed {
         match l.manifest {
@@ -102,11 +124,13 @@ pub fn run_snapshots(args: &SnapshotsArgs, out: &mut dyn Write) -> Result<ExitCo
                 let names: Vec<&str> = m.disks.iter().map(|d| d.name.as_str()).collect();
                 writeln!(
                     out,
-                    "{:<16}  {:<20}  {:<12}  {:<16}  {:>5}  {:>10}  {}",
+                    "{:<16}  {:<20}  {:<12}  {:<16}  {:>9}  {:>5}  {:>10}  {}",
                     m.id,
                     m.time,
                     m.vm,
                     m.consistency.name(),
+                    freeze_window_us(&m)
+                        .map_or("-".into(), |us| format!("{:.1} ms", us as f64 / 1000.0)),
                     m.disks.len(),
                     human(size),
                     names.join(" ")

@@ -22,15 +22,7 @@ impl AgentClient {
     /// Connects and says hello (with the token, over TCP). Returns the
     /// client and the agent's hello reply.
     pub async fn connect(endpoint: &Endpoint, token: Option<String>) -> Result<(Self, Value)> {
-        let stream = tokio::time::timeout(Duration::from_secs(5), transport::connect(endpoint))
-            .await
-            .map_err(|_| {
-                Error::from(ErrorKind::Timeout {
-                    op: "connect".into(),
-                    ms: 5000,
-                })
-                .at(endpoint.to_string())
-            })??;
+        let stream = transport::connect(endpoint).await?;
         let (r, w) = tokio::io::split(stream);
         let mut client = AgentClient {
             endpoint: endpoint.clone(),

@@ -173,6 +173,16 @@ impl Drop for SmallFs {
     }
 }
 
+/// True (after saying so on stderr) when `test` must be skipped because
+/// this process is not root: it mounts, freezes or attaches loop devices.
+pub fn skip_unless_root(test: &str) -> bool {
+    if is_root() {
+        return false;
+    }
+    eprintln!("skipping {test}: it mounts, freezes or attaches loop devices, which needs root");
+    true
+}
+
 /// Whether this process is root; tests that mount, freeze or attach loop
 /// devices skip (saying so) without it.
 pub fn is_root() -> bool {
@@ -205,11 +215,39 @@ pub struct LoopFs {
 impl LoopFs {
     /// `size` in MiB; ext4 made with `mkfs.ext4` (a few MiB is enough).
     pub fn new(image: &Path, mount: &Path, size_mib: u64) -> LoopFs {
+        LoopFs::made_with(image, mount, size_mib, &["mkfs.ext4", "-q", "-F"])
+    }
+
+    /// A sparse file of `size_mib` formatted by `mkfs` (the command and
+    /// its flags; the image path is appended), attached and mounted.
+    pub fn made_with(image: &Path, mount: &Path, size_mib: u64, mkfs: &[&str]) -> LoopFs {
         let f = std::fs::File::create(image).unwrap();
         f.set_len(size_mib << 20).unwrap();
         drop(f);
-        run_ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(image));
+        run_ok(Command::new(mkfs[0]).args(&mkfs[1..]).arg(image));
         LoopFs::attach(image, mount, None)
+    }
+
+    /// A guest disk: a fixed VHD of `size_mib` made by qemu-img, whose
+    /// data area (the file less its 512-byte footer) is attached through
+    /// `--sizelimit`, formatted ext4 on the loop device, and mounted.
+    pub fn in_fixed_vhd(vhd: &Path, mount: &Path, size_mib: u64) -> LoopFs {
+        qemu_image(vhd, "fixed,force_size=on", &format!("{size_mib}M"), &[]);
+        let data = std::fs::metadata(vhd).unwrap().len() - 512;
+        std::fs::create_dir_all(mount).unwrap();
+        let device = run_ok(
+            Command::new("losetup")
+                .args(["-f", "--show", "--sizelimit", &data.to_string()])
+                .arg(vhd),
+        );
+        let fs = LoopFs {
+            image: vhd.to_path_buf(),
+            mount: mount.to_path_buf(),
+            device,
+        };
+        run_ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&fs.device));
+        run_ok(Command::new("mount").arg(&fs.device).arg(mount));
+        fs
     }
 
     /// Attaches `image` (or its first `sizelimit` bytes) and mounts it.
@@ -411,4 +449,61 @@ pub fn write_hook(dir: &Path, name: &str, body: &str) {
     let p = dir.join(name);
     std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// A guest's application: writes 4 KiB and fsyncs, over and over, into
+/// its filesystem, recording the slowest write (a freeze shows as a
+/// stall).
+pub struct Workload {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<std::thread::JoinHandle<(u64, std::time::Duration)>>,
+}
+
+impl Workload {
+    pub fn start(dir: &Path) -> Workload {
+        use std::io::Write;
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let path = dir.join("app.log");
+        let handle = std::thread::spawn(move || {
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .unwrap();
+            let mut writes = 0u64;
+            let mut worst = std::time::Duration::ZERO;
+            let block = [0x61u8; 4096];
+            while !flag.load(Ordering::Relaxed) {
+                let t = std::time::Instant::now();
+                f.write_all(&block).unwrap();
+                f.sync_data().unwrap();
+                worst = worst.max(t.elapsed());
+                writes += 1;
+                if writes.is_multiple_of(256) {
+                    f.set_len(0).unwrap();
+                }
+            }
+            (writes, worst)
+        });
+        Workload {
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    /// Stops the writer; returns how many writes it made and its longest.
+    pub fn finish(mut self) -> (u64, std::time::Duration) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handle.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for Workload {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        // Not joined: a writer held by a frozen filesystem finishes after
+        // the thaw (which LoopFs's drop guarantees).
+    }
 }

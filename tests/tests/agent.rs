@@ -8,17 +8,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use vsnap_e2e::{is_root, write_hook, writes_block, AgentProc, LoopFs, Wire};
+use vsnap_e2e::{skip_unless_root, write_hook, writes_block, AgentProc, LoopFs, Wire};
 
 const BLOCK: Duration = Duration::from_millis(400);
-
-fn skip_unless_root(test: &str) -> bool {
-    if is_root() {
-        return false;
-    }
-    eprintln!("skipping {test}: it freezes loop-mounted filesystems, which needs root");
-    true
-}
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()

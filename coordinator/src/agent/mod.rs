@@ -11,7 +11,7 @@ mod hooks;
 pub mod mounts;
 mod session;
 
-pub use config::{AgentConfig, FileConfig, Flags, FreezeSet};
+pub use config::{parse_duration, read_token, AgentConfig, FileConfig, Flags, FreezeSet};
 pub use hooks::{Action, Hooks};
 
 use std::sync::{Arc, Mutex};
@@ -97,7 +97,7 @@ impl Agent {
         cfg.check_marker_outside(&selection)?;
         let listener = Listener::bind(&cfg.listen).await?;
         let token = match (&cfg.token_file, listener.needs_token()) {
-            (Some(f), _) => Some(config::read_token(f)?),
+            (Some(f), _) => Some(read_token(f)?),
             (None, true) => {
                 return Err(ErrorKind::Config(
                     "a tcp listener needs --token-file: TCP is refused without a token".into(),

@@ -188,7 +188,23 @@ async fn remove_stale_socket(path: &std::path::Path) -> std::io::Result<()> {
     }
 }
 
+/// Connects within [`CONNECT_TIMEOUT`]: an agent that does not answer
+/// is a timeout (retried), not a hang.
 pub async fn connect(to: &Endpoint) -> Result<BoxStream> {
+    tokio::time::timeout(CONNECT_TIMEOUT, connect_now(to))
+        .await
+        .map_err(|_| {
+            Error::from(ErrorKind::Timeout {
+                op: "connect".into(),
+                ms: CONNECT_TIMEOUT.as_millis() as u64,
+            })
+            .at(to.to_string())
+        })?
+}
+
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+async fn connect_now(to: &Endpoint) -> Result<BoxStream> {
     let ctx = |e: std::io::Error| Error::from(e).at(to.to_string()).during("connect");
     Ok(match to {
         Endpoint::Unix(p) => Box::new(tokio::net::UnixStream::connect(p).await.map_err(ctx)?),

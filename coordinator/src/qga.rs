@@ -1,0 +1,188 @@
+//! The stock QEMU guest agent, over its unix socket: `guest-sync-delimited`
+//! to resynchronise (after a 0xFF byte that makes qga drop any partial
+//! input), then the fsfreeze commands: `guest-fsfreeze-freeze-list` with
+//! the VM's mounts, or `guest-fsfreeze-freeze` (every filesystem of the
+//! guest) when the inventory names none. qga has no watchdog: a thaw that
+//! never comes leaves the guest frozen, which is why vsnap agents are
+//! preferred.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, ReadHalf, WriteHalf};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::protocol::transport::{self, BoxStream, Endpoint};
+use crate::protocol::ErrorClass;
+
+pub struct QgaClient {
+    path: PathBuf,
+    reader: BufReader<ReadHalf<BoxStream>>,
+    writer: WriteHalf<BoxStream>,
+    sync_id: u64,
+}
+
+/// qga's error classes, in the coordinator's terms.
+fn class_of(qga_class: &str) -> ErrorClass {
+    match qga_class {
+        "CommandNotFound" | "CommandDisabled" => ErrorClass::NonRetryable,
+        _ => ErrorClass::Retryable,
+    }
+}
+
+impl QgaClient {
+    pub async fn connect(path: &Path) -> Result<QgaClient> {
+        let stream = transport::connect(&Endpoint::Unix(path.to_path_buf())).await?;
+        let (r, w) = tokio::io::split(stream);
+        let mut c = QgaClient {
+            path: path.to_path_buf(),
+            reader: BufReader::new(r),
+            writer: w,
+            sync_id: u64::from(std::process::id()) << 20,
+        };
+        c.sync().await?;
+        Ok(c)
+    }
+
+    fn at(&self) -> String {
+        format!("qga:{}", self.path.display())
+    }
+
+    /// `guest-sync-delimited`: everything before qga's 0xFF is a stale
+    /// answer and is dropped; the reply must echo our id.
+    pub async fn sync(&mut self) -> Result<()> {
+        self.sync_id += 1;
+        let id = self.sync_id;
+        let at = self.at();
+        let work = async {
+            let mut msg = vec![0xFFu8];
+            msg.extend_from_slice(
+                json!({"execute": "guest-sync-delimited", "arguments": {"id": id}})
+                    .to_string()
+                    .as_bytes(),
+            );
+            msg.push(b'\n');
+            self.writer.write_all(&msg).await?;
+            loop {
+                let mut skip = Vec::new();
+                let n = self.reader.read_until(0xFF, &mut skip).await?;
+                if n == 0 {
+                    return Err(Error::from(ErrorKind::Closed));
+                }
+                if skip.last() != Some(&0xFF) {
+                    continue;
+                }
+                let v = self.read_reply().await?;
+                if v.get("return").and_then(Value::as_u64) == Some(id) {
+                    return Ok(());
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), work)
+            .await
+            .map_err(|_| {
+                Error::from(ErrorKind::Timeout {
+                    op: "guest-sync-delimited".into(),
+                    ms: 5000,
+                })
+            })?
+            .map_err(|e| e.at(at).during("guest-sync-delimited"))
+    }
+
+    async fn read_reply(&mut self) -> Result<Value> {
+        let mut line = Vec::new();
+        let mut limited = (&mut self.reader).take(crate::protocol::MAX_LINE as u64);
+        let n = limited.read_until(b'\n', &mut line).await?;
+        if n == 0 {
+            return Err(ErrorKind::Closed.into());
+        }
+        // qga may put the delimiter's 0xFF right before a reply.
+        let text = String::from_utf8_lossy(&line);
+        let text = text.trim_start_matches('\u{FFFD}').trim();
+        serde_json::from_str(text)
+            .map_err(|e| ErrorKind::Protocol(format!("unreadable qga reply {text:?}: {e}")).into())
+    }
+
+    /// One command and its `return`, or its `error` as an agent error.
+    pub async fn execute(
+        &mut self,
+        cmd: &str,
+        args: Option<Value>,
+        limit: Duration,
+    ) -> Result<Value> {
+        let at = self.at();
+        let mut req = json!({"execute": cmd});
+        if let Some(a) = args {
+            req["arguments"] = a;
+        }
+        let work = async {
+            let mut line = req.to_string().into_bytes();
+            line.push(b'\n');
+            self.writer.write_all(&line).await?;
+            let v = self.read_reply().await?;
+            if let Some(r) = v.get("return") {
+                return Ok(r.clone());
+            }
+            let e = v.get("error").cloned().unwrap_or(Value::Null);
+            let class = e
+                .get("class")
+                .and_then(Value::as_str)
+                .unwrap_or("GenericError");
+            let desc = e
+                .get("desc")
+                .and_then(Value::as_str)
+                .unwrap_or("no description");
+            Err(Error::from(ErrorKind::Agent {
+                class: class_of(class),
+                message: format!("{class}: {desc}"),
+                mount: None,
+            }))
+        };
+        match tokio::time::timeout(limit, work).await {
+            Ok(r) => r.map_err(|e| e.at(at).during(cmd.to_string())),
+            Err(_) => {
+                let e = Error::from(ErrorKind::Timeout {
+                    op: cmd.into(),
+                    ms: u64::try_from(limit.as_millis()).unwrap_or(u64::MAX),
+                })
+                .at(at);
+                // The late answer must not be read as the next one's.
+                let _ = self.sync().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// `thawed` or `frozen`.
+    pub async fn status(&mut self) -> Result<String> {
+        let v = self
+            .execute("guest-fsfreeze-status", None, Duration::from_secs(5))
+            .await?;
+        Ok(v.as_str().unwrap_or_default().to_string())
+    }
+
+    /// Freezes `mounts` (freeze-list), or every filesystem the guest has
+    /// when `None`. Returns the count qga froze.
+    pub async fn freeze(&mut self, mounts: Option<&[String]>, limit: Duration) -> Result<u64> {
+        let v = match mounts {
+            Some(m) => {
+                self.execute(
+                    "guest-fsfreeze-freeze-list",
+                    Some(json!({"mountpoints": m})),
+                    limit,
+                )
+                .await?
+            }
+            None => self.execute("guest-fsfreeze-freeze", None, limit).await?,
+        };
+        Ok(v.as_u64().unwrap_or(0))
+    }
+
+    pub async fn thaw(&mut self) -> Result<u64> {
+        let v = self
+            .execute("guest-fsfreeze-thaw", None, Duration::from_secs(30))
+            .await?;
+        Ok(v.as_u64().unwrap_or(0))
+    }
+}

@@ -1,0 +1,485 @@
+//! The coordinated backup, VSS's requestor sequence over every guest:
+//! Identify → Prepare → Freeze (a barrier, all guests in parallel) →
+//! Snapshot → Thaw (at once) → stream the snapshots → Complete.
+//!
+//! Everything slow happens before the first freeze: images are parsed,
+//! providers probed and stale snapshots removed, agents connected and
+//! prepared. The window from the first freeze to the last thaw is bounded
+//! twice: the coordinator stops waiting at its deadline, and every agent's
+//! watchdog is armed with the same limit, so a dead coordinator cannot
+//! leave a guest frozen.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::{json, Value};
+use vsnap_engine::repo::Consistency;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::guest::{Call, Failure, Guest, Metrics};
+use crate::inventory::{Policy, Vm};
+use crate::protocol::ErrorClass;
+use crate::provider::{self, micros, Choice, Kind, Snap};
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// First freeze to last thaw; also every agent's hold limit.
+    pub window: Duration,
+    pub provider: Choice,
+    pub backup_type: String,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            window: Duration::from_secs(10),
+            provider: Choice::Auto,
+            backup_type: "full".into(),
+        }
+    }
+}
+
+/// What the engine streams for one VM, after the thaw.
+#[derive(Debug, Clone)]
+pub struct VmSnapshot {
+    pub vm: String,
+    /// The disks as the inventory names them: what the manifest records.
+    pub sources: Vec<PathBuf>,
+    /// The point-in-time copies to read.
+    pub snapshots: Vec<PathBuf>,
+    pub consistency: Consistency,
+    /// The reference's metrics, for the manifest.
+    pub freeze: Value,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VmReport {
+    pub vm: String,
+    pub policy: Policy,
+    pub consistency: Option<&'static str>,
+    /// Why it is not app-consistent, when it is not.
+    pub degraded: Option<String>,
+    pub snapshot: Option<String>,
+    pub error: Option<String>,
+    pub providers: Vec<Kind>,
+    pub metrics: Metrics,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Set when the backup was aborted before the snapshot was used: every
+    /// guest thawed, snapshots released, no manifest written.
+    pub aborted: Option<String>,
+    pub window_limit_ms: u64,
+    /// Host-observed: the first freeze sent to the last thaw acknowledged.
+    pub window_us: Option<u64>,
+    /// The latest freeze acknowledgement minus the earliest.
+    pub barrier_skew_us: Option<u64>,
+    pub snapshot_us: Option<u64>,
+    pub stream_us: Option<u64>,
+    pub stale_snapshots_removed: usize,
+    /// The snapshots could not all be removed; the next run removes them.
+    pub release_error: Option<String>,
+    pub snapshots: Vec<Snap>,
+    pub vms: Vec<VmReport>,
+}
+
+impl Report {
+    /// Every VM has its snapshot.
+    pub fn complete(&self) -> bool {
+        self.aborted.is_none() && self.vms.iter().all(|v| v.snapshot.is_some())
+    }
+}
+
+struct Member {
+    guest: Guest,
+    /// Still held to the barrier (has an agent, and has not dropped out).
+    quiesce: bool,
+    /// Why it is only crash-consistent.
+    degraded: Option<String>,
+    /// Why it has no snapshot.
+    failed: Option<String>,
+    backed_up: bool,
+}
+
+/// Runs `f` on every member at once, each in its own task; returns them
+/// in their order.
+async fn par<F, Fut>(members: Vec<Member>, f: F) -> Vec<Member>
+where
+    F: Fn(Member) -> Fut,
+    Fut: Future<Output = Member> + Send + 'static,
+{
+    let n = members.len();
+    let mut set = tokio::task::JoinSet::new();
+    for (i, m) in members.into_iter().enumerate() {
+        let fut = f(m);
+        set.spawn(async move { (i, fut.await) });
+    }
+    let mut out: Vec<Option<Member>> = (0..n).map(|_| None).collect();
+    while let Some(r) = set.join_next().await {
+        if let Ok((i, m)) = r {
+            out[i] = Some(m);
+        }
+    }
+    out.into_iter().flatten().collect()
+}
+
+fn failure_text(f: &Option<Failure>) -> String {
+    f.as_ref()
+        .map(|f| format!("{} failed ({}): {}", f.step, f.class, f.message))
+        .unwrap_or_else(|| "failed".into())
+}
+
+/// After a step: guests that failed it drop out (allow-crash-consistent)
+/// or abort the whole backup (app-consistent-only). Returns the reason
+/// to abort, if any.
+fn apply_policy(members: &mut [Member], ok: &[bool]) -> Option<String> {
+    let mut abort = None;
+    for (m, ok) in members.iter_mut().zip(ok) {
+        if !m.quiesce || *ok {
+            continue;
+        }
+        let why = failure_text(&m.guest.metrics.failure);
+        match m.guest.vm.policy {
+            Policy::AllowCrashConsistent => {
+                m.quiesce = false;
+                m.degraded = Some(why);
+            }
+            Policy::AppConsistentOnly => {
+                abort.get_or_insert(format!("vm {}: {why}", m.guest.vm.name));
+            }
+        }
+    }
+    abort
+}
+
+/// Abort: every guest still connected gets `abort` (thawing what it
+/// froze, running its abort hooks).
+async fn abort_all(members: Vec<Member>, reason: &str) -> Vec<Member> {
+    let reason = reason.to_string();
+    par(members, move |mut m| {
+        let reason = reason.clone();
+        async move {
+            if m.guest.connected() && (m.quiesce || m.guest.reported_frozen()) {
+                let _ = m
+                    .guest
+                    .call(Call::Abort(reason), Duration::from_secs(30), None)
+                    .await;
+            }
+            m
+        }
+    })
+    .await
+}
+
+/// Thaws, at once, the guests that dropped out of the barrier while
+/// frozen.
+async fn release_dropped(members: Vec<Member>) -> Vec<Member> {
+    par(members, |mut m| async move {
+        if !m.quiesce && m.guest.reported_frozen() && m.guest.metrics.thaw_ack_at_us.is_none() {
+            let _ = m
+                .guest
+                .call(
+                    Call::Abort("dropped from the barrier".into()),
+                    Duration::from_secs(30),
+                    None,
+                )
+                .await;
+        }
+        m
+    })
+    .await
+}
+
+fn report_of(members: &[Member], kinds: &[Vec<Kind>], ids: &[Option<String>]) -> Vec<VmReport> {
+    members
+        .iter()
+        .zip(kinds)
+        .zip(ids)
+        .map(|((m, k), id)| VmReport {
+            vm: m.guest.vm.name.clone(),
+            policy: m.guest.vm.policy,
+            consistency: if m.failed.is_some() || id.is_none() {
+                None
+            } else if m.degraded.is_some() {
+                Some(Consistency::CrashConsistent.name())
+            } else {
+                Some(Consistency::AppConsistent.name())
+            },
+            degraded: m.degraded.clone(),
+            snapshot: id.clone(),
+            error: m.failed.clone(),
+            providers: k.clone(),
+            metrics: m.guest.metrics.clone(),
+        })
+        .collect()
+}
+
+/// Parses every disk before anything is frozen: a bad image fails the
+/// backup while the guests are still untouched.
+fn check_images(vms: &[Vm]) -> Result<()> {
+    for vm in vms {
+        for d in &vm.disks {
+            vsnap_engine::format::open(d, None).map_err(|e| {
+                Error::from(ErrorKind::Config(e.to_string()))
+                    .at(format!("vm {}", vm.name))
+                    .during("open disk")
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs one coordinated backup of `vms`. `stream` gets every VM whose
+/// snapshot is usable, after the thaw, and returns each one's snapshot id
+/// (or why it failed). An `Err` means nothing was frozen; an abort after
+/// the guests were touched is a [`Report`] with `aborted` set.
+pub async fn run<F>(vms: Vec<Vm>, opts: &Options, stream: F) -> Result<Report>
+where
+    F: FnOnce(&[VmSnapshot]) -> Vec<std::result::Result<String, String>>,
+{
+    let epoch = Instant::now();
+    let window_ms = u64::try_from(opts.window.as_millis()).unwrap_or(u64::MAX);
+    tokio::task::block_in_place(|| check_images(&vms))?;
+    let disks: Vec<PathBuf> = vms.iter().flat_map(|v| v.disks.clone()).collect();
+    let run_id = format!(
+        "{}-{}",
+        std::process::id(),
+        micros(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+        )
+    );
+    let prepared =
+        tokio::task::block_in_place(|| provider::prepare(&disks, opts.provider, &run_id))?;
+    let all_kinds = prepared.kinds();
+    let mut kinds = Vec::new();
+    let mut at = 0;
+    for vm in &vms {
+        kinds.push(all_kinds[at..at + vm.disks.len()].to_vec());
+        at += vm.disks.len();
+    }
+    let mut members = Vec::new();
+    for vm in vms {
+        let guest = Guest::new(vm, epoch)?;
+        members.push(Member {
+            quiesce: guest.has_agent(),
+            degraded: (!guest.has_agent()).then(|| "no agent: nothing was quiesced".to_string()),
+            failed: None,
+            backed_up: false,
+            guest,
+        });
+    }
+    let mut report = Report {
+        aborted: None,
+        window_limit_ms: window_ms,
+        window_us: None,
+        barrier_skew_us: None,
+        snapshot_us: None,
+        stream_us: None,
+        stale_snapshots_removed: prepared.stale_removed,
+        release_error: None,
+        snapshots: Vec::new(),
+        vms: Vec::new(),
+    };
+    let none: Vec<Option<String>> = members.iter().map(|_| None).collect();
+
+    // Identify and Prepare, everyone at once.
+    let backup_type = opts.backup_type.clone();
+    let mut members = par(members, move |mut m| {
+        let bt = backup_type.clone();
+        async move {
+            if m.quiesce && m.guest.connect().await.is_ok() {
+                let _ = m
+                    .guest
+                    .call(Call::Prepare(bt), Duration::from_secs(60), None)
+                    .await;
+            }
+            m
+        }
+    })
+    .await;
+    let ok: Vec<bool> = members
+        .iter()
+        .map(|m| m.guest.metrics.failure.is_none())
+        .collect();
+    if let Some(reason) = apply_policy(&mut members, &ok) {
+        let members = abort_all(members, &reason).await;
+        report.aborted = Some(reason);
+        report.vms = report_of(&members, &kinds, &none);
+        return Ok(report);
+    }
+
+    // Freeze: the barrier.
+    let t_freeze = Instant::now();
+    let deadline = t_freeze + opts.window;
+    let mut members = par(members, move |mut m| async move {
+        if m.quiesce {
+            m.guest.metrics.freeze_sent_at_us = Some(m.guest.now_us());
+            let call = Call::Freeze {
+                hold_limit_ms: window_ms,
+            };
+            if let Ok(v) = m
+                .guest
+                .call(call, Duration::from_secs(60), Some(deadline))
+                .await
+            {
+                let frozen = v.get("frozen").and_then(Value::as_u64).unwrap_or(0);
+                let expected = v.get("expected").and_then(Value::as_u64);
+                if expected.is_some_and(|e| frozen < e) {
+                    m.guest.metrics.failure = Some(Failure {
+                        step: "freeze".into(),
+                        class: ErrorClass::PartialFailure,
+                        message: format!("froze {frozen} of {} mounts", expected.unwrap_or(0)),
+                    });
+                }
+            }
+        }
+        m
+    })
+    .await;
+    let ok: Vec<bool> = members
+        .iter()
+        .map(|m| m.guest.metrics.failure.is_none())
+        .collect();
+    let mut abort = apply_policy(&mut members, &ok);
+    if abort.is_none() && Instant::now() >= deadline {
+        abort = Some(format!(
+            "the freeze barrier did not close within the {} ms window",
+            window_ms
+        ));
+    }
+    let acks: Vec<u64> = members
+        .iter()
+        .filter(|m| m.quiesce)
+        .filter_map(|m| m.guest.metrics.freeze_ack_at_us)
+        .collect();
+    if let (Some(lo), Some(hi)) = (acks.iter().min(), acks.iter().max()) {
+        report.barrier_skew_us = Some(hi - lo);
+    }
+    if let Some(reason) = abort {
+        let members = abort_all(members, &reason).await;
+        report.aborted = Some(reason);
+        report.vms = report_of(&members, &kinds, &none);
+        return Ok(report);
+    }
+    let members = release_dropped(members).await;
+
+    // Snapshot, inside the freeze.
+    let t = Instant::now();
+    let snaps = tokio::task::block_in_place(|| prepared.take());
+    report.snapshot_us = Some(micros(t.elapsed()));
+    let snaps = match snaps {
+        Ok(s) => s,
+        Err(e) => {
+            let reason = format!("snapshot failed: {e}");
+            let members = abort_all(members, &reason).await;
+            report.aborted = Some(reason);
+            report.vms = report_of(&members, &kinds, &none);
+            return Ok(report);
+        }
+    };
+
+    // Thaw, at once.
+    let mut members = par(members, |mut m| async move {
+        let thawed = !m.quiesce
+            || m.guest
+                .call(Call::Thaw, Duration::from_secs(30), None)
+                .await
+                .is_ok();
+        if !thawed {
+            // A watchdog that thawed first, or a thaw that failed: the
+            // snapshot may postdate the thaw, so it is not app-consistent.
+            let why = failure_text(&m.guest.metrics.failure);
+            match m.guest.vm.policy {
+                Policy::AllowCrashConsistent => m.degraded = Some(why),
+                Policy::AppConsistentOnly => {
+                    m.failed = Some(format!("not app-consistent: {why}"));
+                }
+            }
+        }
+        m
+    })
+    .await;
+    let first = members
+        .iter()
+        .filter_map(|m| m.guest.metrics.freeze_sent_at_us)
+        .min();
+    let last = members
+        .iter()
+        .filter_map(|m| m.guest.metrics.thaw_ack_at_us)
+        .max();
+    if let (Some(a), Some(b)) = (first, last) {
+        report.window_us = Some(b.saturating_sub(a));
+    }
+
+    // Stream the snapshots of every VM that has a usable one.
+    let mut items = Vec::new();
+    let mut owners = Vec::new();
+    let mut at = 0;
+    for (i, m) in members.iter().enumerate() {
+        let n = m.guest.vm.disks.len();
+        let mine = &snaps[at..at + n];
+        at += n;
+        if m.failed.is_some() {
+            continue;
+        }
+        let consistency = if m.degraded.is_some() {
+            Consistency::CrashConsistent
+        } else {
+            Consistency::AppConsistent
+        };
+        items.push(VmSnapshot {
+            vm: m.guest.vm.name.clone(),
+            sources: m.guest.vm.disks.clone(),
+            snapshots: mine.iter().map(|s| s.path.clone()).collect(),
+            consistency,
+            freeze: json!({
+                "policy": m.guest.vm.policy,
+                "degraded": m.degraded,
+                "guest": m.guest.metrics,
+                "barrier_skew_us": report.barrier_skew_us,
+                "window_us": report.window_us,
+                "window_limit_ms": window_ms,
+                "snapshot_us": report.snapshot_us,
+                "providers": mine.iter().map(|s| s.provider).collect::<Vec<_>>(),
+            }),
+        });
+        owners.push(i);
+    }
+    let t = Instant::now();
+    let results = tokio::task::block_in_place(|| stream(&items));
+    report.stream_us = Some(micros(t.elapsed()));
+    let mut ids = none.clone();
+    for (k, i) in owners.iter().enumerate() {
+        match results.get(k) {
+            Some(Ok(id)) => ids[*i] = Some(id.clone()),
+            Some(Err(e)) => members[*i].failed = Some(format!("backup failed: {e}")),
+            None => members[*i].failed = Some("the engine returned no result".into()),
+        }
+    }
+
+    // Complete: each guest learns whether its backup succeeded.
+    for (m, id) in members.iter_mut().zip(&ids) {
+        m.backed_up = id.is_some();
+    }
+    let members = par(members, |mut m| async move {
+        if m.guest.has_agent() && m.guest.metrics.freeze_ack_at_us.is_some() {
+            let _ = m
+                .guest
+                .call(Call::Complete(m.backed_up), Duration::from_secs(30), None)
+                .await;
+        }
+        m
+    })
+    .await;
+    report.snapshots = snaps;
+    if let Err(e) = tokio::task::block_in_place(|| prepared.release()) {
+        report.release_error = Some(e.to_string());
+    }
+    report.vms = report_of(&members, &kinds, &ids);
+    Ok(report)
+}
