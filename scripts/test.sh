@@ -33,5 +33,6 @@ echo "== fuzz crate builds"
 cargo check --quiet --manifest-path fuzz/Cargo.toml --locked
 echo "== tests"
 cargo test --workspace --locked
-echo "== the README's main command"
+echo "== the README's main command, and the fixture tour"
 scripts/demo.sh >/dev/null
+scripts/tour.sh >/dev/null

@@ -13,13 +13,25 @@ use vsnap_engine::pipeline::Progress;
 use vsnap_engine::repo::{backup, BackupOptions};
 
 use crate::backup::Args;
+use crate::units::human;
 use crate::FormatArg;
 
 fn ms(us: Option<u64>) -> String {
     us.map_or("-".into(), |u| format!("{:.1} ms", u as f64 / 1000.0))
 }
 
-pub fn run(args: &Args, inventory: &Path, out: &mut dyn Write) -> Result<ExitCode> {
+/// What the engine did for the VMs it streamed.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct Streamed {
+    pub virtual_bytes: u64,
+    pub bytes_read: u64,
+    pub new_bytes: u64,
+    pub seconds: f64,
+}
+
+/// Runs the coordinated backup of `inventory` as `args` say: the
+/// session's report, and what the engine streamed.
+pub fn backup_inventory(args: &Args, inventory: &Path) -> Result<(Report, Streamed)> {
     let inv = Inventory::load(inventory)?;
     let vms = inv.select(&args.vms)?;
     let window = vsnap_coordinator::agent::parse_duration("--window", &args.window)?;
@@ -30,8 +42,10 @@ pub fn run(args: &Args, inventory: &Path, out: &mut dyn Write) -> Result<ExitCod
         .options_with_chunk(false, repo.config().chunk_size);
     args.engine.report_fallback(&opts);
     let host = crate::repo::host_name();
+    let streamed = std::sync::Mutex::new(Streamed::default());
     let stream = |items: &[VmSnapshot]| {
-        items
+        let t = std::time::Instant::now();
+        let results = items
             .iter()
             .map(|it| {
                 let images = crate::open_all(&it.snapshots, FormatArg::Auto)
@@ -45,14 +59,26 @@ pub fn run(args: &Args, inventory: &Path, out: &mut dyn Write) -> Result<ExitCod
                     level: args.level,
                 };
                 let progress = Progress::default();
-                args.output
+                let outcome = args
+                    .output
                     .run(&progress, || {
                         backup(&repo, &refs, &it.sources, &opts, &spec, &progress)
                     })
-                    .map(|o| o.manifest.id)
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| e.to_string())?;
+                if let Ok(mut s) = streamed.lock() {
+                    for d in &outcome.manifest.disks {
+                        s.virtual_bytes += d.virtual_size;
+                        s.bytes_read += d.stats.bytes_read;
+                        s.new_bytes += d.stats.new_bytes;
+                    }
+                }
+                Ok(outcome.manifest.id)
             })
-            .collect()
+            .collect();
+        if let Ok(mut s) = streamed.lock() {
+            s.seconds = t.elapsed().as_secs_f64();
+        }
+        results
     };
     let sopts = Options {
         window,
@@ -67,14 +93,35 @@ pub fn run(args: &Args, inventory: &Path, out: &mut dyn Write) -> Result<ExitCod
         .block_on(session::run(vms, &sopts, stream))
         .context("coordinated backup failed before any guest was frozen")?;
     args.engine.save_cache(&opts);
+    let streamed = streamed.into_inner().unwrap_or_default();
+    Ok((report, streamed))
+}
+
+pub fn run(args: &Args, inventory: &Path, out: &mut dyn Write) -> Result<ExitCode> {
+    let (report, streamed) = backup_inventory(args, inventory)?;
     if args.json {
-        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+        #[derive(serde::Serialize)]
+        struct Json<'a> {
+            #[serde(flatten)]
+            report: &'a Report,
+            streamed: Streamed,
+        }
+        let j = Json {
+            report: &report,
+            streamed,
+        };
+        writeln!(out, "{}", serde_json::to_string_pretty(&j)?)?;
     } else {
-        print_report(&report, out)?;
+        print_report(&report, &streamed, out)?;
     }
+    Ok(exit_code(&report))
+}
+
+/// Says on stderr what went wrong, if anything; the exit code follows.
+pub fn exit_code(report: &Report) -> ExitCode {
     if let Some(why) = &report.aborted {
         eprintln!("vsnap: error: backup aborted, every guest thawed, nothing written: {why}");
-        return Ok(ExitCode::FAILURE);
+        return ExitCode::FAILURE;
     }
     let failed: Vec<String> = report
         .vms
@@ -83,15 +130,15 @@ pub fn run(args: &Args, inventory: &Path, out: &mut dyn Write) -> Result<ExitCod
         .collect();
     if !failed.is_empty() {
         eprintln!("vsnap: error: {}", failed.join("; "));
-        return Ok(ExitCode::FAILURE);
+        return ExitCode::FAILURE;
     }
     if let Some(e) = &report.release_error {
         eprintln!("vsnap: warning: {e} (the next run removes what is left)");
     }
-    Ok(ExitCode::SUCCESS)
+    ExitCode::SUCCESS
 }
 
-fn print_report(r: &Report, out: &mut dyn Write) -> Result<()> {
+pub fn print_report(r: &Report, streamed: &Streamed, out: &mut dyn Write) -> Result<()> {
     let providers: Vec<&str> = r.snapshots.iter().map(|s| s.provider.name()).collect();
     let mut p = providers.clone();
     p.dedup();
@@ -140,6 +187,16 @@ fn print_report(r: &Report, out: &mut dyn Write) -> Result<()> {
     }
     if let Some(a) = &r.aborted {
         writeln!(out, "aborted: {a}")?;
+    } else if streamed.seconds > 0.0 {
+        writeln!(
+            out,
+            "streamed after the thaw: {} virtual, {} read, {} new, in {:.2} s ({}/s)",
+            human(streamed.virtual_bytes),
+            human(streamed.bytes_read),
+            human(streamed.new_bytes),
+            streamed.seconds,
+            human((streamed.virtual_bytes as f64 / streamed.seconds) as u64)
+        )?;
     }
     Ok(())
 }

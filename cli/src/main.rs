@@ -5,6 +5,7 @@ mod backup;
 mod coordinated;
 mod copy;
 mod create;
+mod demo;
 mod engine_args;
 mod hash;
 mod info;
@@ -76,6 +77,10 @@ enum Command {
     /// Run the guest agent: quiesce this guest's writers (hooks, then
     /// fsfreeze) when the coordinator asks, and thaw within a hold limit.
     Agent(agent::Args),
+    /// Build throw-away VMs (ext4 in dynamic VHDs, an agent each, a
+    /// simulated application), back them all up app-consistently in one
+    /// freeze window, verify and restore. Needs no root.
+    Demo(demo::Args),
 }
 
 /// `--format`: what the image is, or `auto` to detect it from its bytes.
@@ -127,6 +132,7 @@ fn main() -> ExitCode {
         Command::Forget(args) => repo::run_forget(&args, &mut out),
         Command::Gc(args) => repo::run_gc(&args, &mut out),
         Command::Agent(args) => agent::run(&args),
+        Command::Demo(args) => demo::run(&args, &mut out),
     }
     .and_then(|code| out.flush().map(|()| code).map_err(Into::into));
     match result {

@@ -619,3 +619,129 @@ fn the_stock_qemu_guest_agent_quiesces_through_freeze_list() {
         features_line(&sb)
     );
 }
+
+#[test]
+fn forcing_reflink_where_the_filesystem_cannot_clone_says_so_before_any_freeze() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("d.vhd");
+    vsnap_e2e::qemu_image(&disk, "dynamic", "16M", &[(0x5a, 0, 65536)]);
+    let inv = dir.path().join("inv.toml");
+    std::fs::write(
+        &inv,
+        format!(
+            "[[vm]]\nname = \"a\"\ndisks = [\"{}\"]\nagent = \"none\"\n",
+            disk.display()
+        ),
+    )
+    .unwrap();
+    let repo = dir.path().join("repo");
+    assert!(vsnap_cmd()
+        .args(["repo", "init"])
+        .arg(&repo)
+        .status()
+        .unwrap()
+        .success());
+    let run = |args: &[&str]| {
+        vsnap_cmd()
+            .args(["backup", "-q", "--inventory"])
+            .arg(&inv)
+            .arg("--repo")
+            .arg(&repo)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    // The test's own temporary directory is on the machine's root
+    // filesystem; where that can clone (XFS, btrfs) there is nothing to
+    // refuse, so the test says so and checks the success instead.
+    let o = run(&["--provider", "reflink"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    if o.status.success() {
+        eprintln!(
+            "{}: this filesystem can clone; nothing to refuse",
+            dir.path().display()
+        );
+    } else {
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("cannot clone files") && err.contains("--provider copy"),
+            "{err}"
+        );
+        assert!(
+            !dir.path().join(".vsnap-snap").exists(),
+            "a refused run left its snapshot directory"
+        );
+    }
+    // An unknown VM, and a bad window, are named.
+    let o = run(&["--vm", "b"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no vm \"b\" in the inventory"));
+    let o = run(&["--window", "soon"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--window \"soon\" is not a duration"));
+    // auto falls back to a copy, and agent "none" is crash-consistent.
+    let o = run(&["--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["vms"][0]["consistency"], "crash-consistent", "{r:#}");
+    // The snapshot is the same dynamic VHD: one allocated 2 MiB block read.
+    assert_eq!(r["streamed"]["bytes_read"], 2 << 20, "{r:#}");
+}
+
+#[test]
+fn the_demo_backs_up_its_vms_app_consistently_and_cleans_up_its_agents() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = dir.path().join("demo");
+    let o = vsnap_cmd()
+        .arg("demo")
+        .arg(&demo)
+        .args(["--vms", "2", "--disk-size", "32M"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(text.matches("app-consistent").count(), 2, "{text}");
+    assert!(text.contains("matches"), "{text}");
+    let snaps = vsnap_cmd()
+        .args(["snapshots", "--json", "--repo"])
+        .arg(demo.join("repo"))
+        .output()
+        .unwrap();
+    let snaps: Value = serde_json::from_slice(&snaps.stdout).unwrap();
+    let snaps = snaps.as_array().unwrap();
+    assert_eq!(snaps.len(), 2);
+    for s in snaps {
+        assert_eq!(s["consistency"], "app-consistent");
+        assert!(s["freeze_window_us"].as_u64().unwrap() > 0, "{s:#}");
+    }
+    // Each disk is a real ext4 filesystem.
+    let restored = demo.join("restored-vm0.vhd");
+    let raw = dir.path().join("vm0.raw");
+    let conv = Command::new("qemu-img")
+        .args(["convert", "-f", "vpc", "-O", "raw"])
+        .arg(&restored)
+        .arg(&raw)
+        .status()
+        .unwrap();
+    assert!(conv.success());
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&raw)
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+    // The agents are gone: their sockets refuse connections.
+    for vm in ["vm0", "vm1"] {
+        let sock = demo.join(vm).join("agent.sock");
+        assert!(
+            std::os::unix::net::UnixStream::connect(&sock).is_err(),
+            "{vm}'s agent still runs"
+        );
+    }
+}
