@@ -32,6 +32,8 @@ pub struct Failure {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Metrics {
     pub agent: String,
+    /// What identify reported: the agent's writers.
+    pub writers: Option<Value>,
     pub frozen: Option<u64>,
     pub expected: Option<u64>,
     /// On the agent's clock: last FIFREEZE returned to first FITHAW.
@@ -61,8 +63,12 @@ pub struct Guest {
 /// What the coordinator asks of a guest.
 #[derive(Debug, Clone)]
 pub enum Call {
+    /// The writers: mounts to freeze and hooks, as the agent reports them.
+    Identify,
     Prepare(String),
-    Freeze { hold_limit_ms: u64 },
+    Freeze {
+        hold_limit_ms: u64,
+    },
     Thaw,
     Abort(String),
     Complete(bool),
@@ -71,6 +77,7 @@ pub enum Call {
 impl Call {
     pub fn step(&self) -> &'static str {
         match self {
+            Call::Identify => "identify",
             Call::Prepare(_) => "prepare",
             Call::Freeze { .. } => "freeze",
             Call::Thaw => "thaw",
@@ -187,6 +194,7 @@ impl Guest {
             None => Err(ErrorKind::Closed.into()),
             Some(Link::Vsnap(c)) => {
                 let op = match call {
+                    Call::Identify => Op::Identify,
                     Call::Prepare(t) => Op::Prepare(Prepare {
                         backup_type: t.clone(),
                     }),
@@ -201,6 +209,7 @@ impl Guest {
                 c.call_within(op, limit).await
             }
             Some(Link::Qga(q)) => match call {
+                Call::Identify => Ok(json!({"writers": [{"kind": "qemu-ga"}]})),
                 Call::Prepare(_) => {
                     let st = q.status().await?;
                     if st == "frozen" {
@@ -278,6 +287,7 @@ impl Guest {
         let now = self.now_us();
         let m = &mut self.metrics;
         match call {
+            Call::Identify => m.writers = v.get("writers").cloned(),
             Call::Prepare(_) => m.prepare_hooks_us = get_u64(v, "prepare_hooks_us"),
             Call::Freeze { .. } => {
                 m.frozen = get_u64(v, "frozen");
@@ -295,6 +305,37 @@ impl Guest {
             }
             Call::Abort(_) | Call::Complete(_) => {}
         }
+    }
+
+    /// Identify, then a check that the mounts the inventory names are
+    /// ones this agent freezes: a stranger would fail the freeze inside
+    /// the barrier, with every other guest frozen.
+    pub async fn identify(&mut self) -> Result<()> {
+        let v = self
+            .call(Call::Identify, Duration::from_secs(5), None)
+            .await?;
+        let (Some(want), Some(have)) = (&self.vm.mounts, v.get("mounts").and_then(Value::as_array))
+        else {
+            return Ok(());
+        };
+        let norm = |m: &str| m.trim_end_matches('/').to_string();
+        let have: Vec<String> = have
+            .iter()
+            .filter_map(|m| m.get("mount_point").and_then(Value::as_str))
+            .map(norm)
+            .collect();
+        if let Some(stranger) = want.iter().find(|w| !have.contains(&norm(w))) {
+            let e = Error::from(ErrorKind::Agent {
+                class: ErrorClass::NonRetryable,
+                message: format!(
+                    "the inventory asks to freeze {stranger}, which this agent does not freeze (it freezes: {})",
+                    if have.is_empty() { "nothing".to_string() } else { have.join(", ") }
+                ),
+                mount: Some(stranger.clone()),
+            });
+            return Err(self.fail("identify", e));
+        }
+        Ok(())
     }
 
     /// Whether the agent said it froze something: abort must thaw it.

@@ -292,7 +292,7 @@ where
     let mut members = par(members, move |mut m| {
         let bt = backup_type.clone();
         async move {
-            if m.quiesce && m.guest.connect().await.is_ok() {
+            if m.quiesce && m.guest.connect().await.is_ok() && m.guest.identify().await.is_ok() {
                 let _ = m
                     .guest
                     .call(Call::Prepare(bt), Duration::from_secs(60), None)

@@ -745,3 +745,92 @@ fn the_demo_backs_up_its_vms_app_consistently_and_cleans_up_its_agents() {
         );
     }
 }
+
+#[test]
+fn a_connection_that_breaks_is_retried_with_back_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("d.vhd");
+    vsnap_e2e::qemu_image(&disk, "dynamic", "16M", &[(0x5a, 0, 65536)]);
+    let token = dir.path().join("token");
+    std::fs::write(&token, "sixteen-or-more-characters\n").unwrap();
+    // A peer that accepts the first connection and drops it at once, as
+    // an agent that crashed and restarts would.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let inv = dir.path().join("inv.toml");
+    std::fs::write(
+        &inv,
+        format!(
+            "[[vm]]\nname = \"r\"\ndisks = [\"{}\"]\nagent = \"tcp:127.0.0.1:{port}\"\ntoken_file = \"{}\"\n",
+            disk.display(),
+            token.display()
+        ),
+    )
+    .unwrap();
+    let repo = dir.path().join("repo");
+    assert!(vsnap_cmd()
+        .args(["repo", "init"])
+        .arg(&repo)
+        .output()
+        .unwrap()
+        .status
+        .success());
+    let backup = vsnap_cmd()
+        .args(["backup", "-q", "--json", "--inventory"])
+        .arg(&inv)
+        .arg("--repo")
+        .arg(&repo)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (first, _) = listener.accept().unwrap();
+    drop(first);
+    drop(listener);
+    // The real agent takes the port over before the retry (200 ms later).
+    let listen = format!("tcp:127.0.0.1:{port}");
+    let marker = dir.path().join("agent.frozen");
+    let args = [
+        "--listen",
+        listen.as_str(),
+        "--token-file",
+        s(&token),
+        "--marker",
+        s(&marker),
+    ];
+    let _agent = AgentProc::start(&args, &dir.path().join("agent.err")).unwrap();
+    let o = backup.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let v = &r["vms"][0];
+    assert_eq!(v["consistency"], "app-consistent", "{v:#}");
+    assert!(v["metrics"]["retries"].as_u64().unwrap() >= 1, "{v:#}");
+    assert!(v["metrics"]["failure"].is_null(), "{v:#}");
+}
+
+#[test]
+fn a_mount_the_agent_does_not_freeze_fails_before_anyone_is_frozen() {
+    if skip_unless_root("a_mount_the_agent_does_not_freeze_fails_before_anyone_is_frozen") {
+        return;
+    }
+    let lab = Lab::new(2, 32);
+    let inv = lab.inventory(|g| {
+        if g.name == "g1" {
+            "mounts = [\"/srv/not-a-mount\"]".into()
+        } else {
+            String::new()
+        }
+    });
+    let (code, r, err) = lab.backup(&inv, &[]);
+    assert_eq!(code, Some(1), "{err}\n{r:#}");
+    let reason = r["aborted"].as_str().unwrap();
+    assert!(
+        reason.contains("/srv/not-a-mount") && reason.contains("does not freeze"),
+        "{reason}"
+    );
+    for v in r["vms"].as_array().unwrap() {
+        assert!(v["metrics"]["frozen"].is_null(), "{v:#}");
+        assert!(v["metrics"]["freeze_sent_at_us"].is_null(), "{v:#}");
+    }
+    assert!(lab.snapshots().is_empty());
+}

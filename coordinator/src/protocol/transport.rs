@@ -130,7 +130,10 @@ impl Listener {
                 .unwrap_or_else(|_| "tcp:?".into()),
             Listener::Vsock(l) => l
                 .local_addr()
-                .map(|a| format!("vsock:{}:{}", a.cid(), a.port()))
+                .map(|a| match a.cid() {
+                    tokio_vsock::VMADDR_CID_ANY => format!("vsock:{}", a.port()),
+                    cid => format!("vsock:{cid}:{}", a.port()),
+                })
                 .unwrap_or_else(|_| "vsock:?".into()),
         }
     }
