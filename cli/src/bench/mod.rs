@@ -1,0 +1,34 @@
+//! `vsnap bench`: what this host can do (`engine`), and what a freeze
+//! costs the guests (`freeze`).
+
+pub mod engine;
+pub mod freeze;
+mod lab;
+mod plot;
+mod workload;
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Debug, clap::Subcommand)]
+pub enum BenchCommand {
+    /// Measure the freeze window, the write stalls it causes and the
+    /// snapshot time, per provider, on throw-away guests (root) or on an
+    /// inventory's guests.
+    Freeze(freeze::Args),
+    /// Measure this host's MB/s for BLAKE3, zstd, chunk verify and reads
+    /// with each I/O engine, before any backup.
+    Engine(engine::Args),
+}
+
+pub fn run(cmd: &BenchCommand, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
+    match cmd {
+        BenchCommand::Freeze(a) => freeze::run(a, out),
+        BenchCommand::Engine(a) => engine::run(a, out),
+    }
+}
+
+pub(crate) fn us(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
