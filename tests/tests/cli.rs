@@ -328,3 +328,60 @@ fn progress_json_events_are_json_lines_that_reach_the_total() {
     // stdout is untouched: still exactly b3sum's format.
     assert_eq!(stdout(&o).lines().count(), 1);
 }
+
+#[test]
+fn bench_engine_reports_every_stage_on_both_kinds_of_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = vsnap_cmd()
+        .args([
+            "bench",
+            "engine",
+            "--json",
+            "--time",
+            "50ms",
+            "--read-size",
+            "16M",
+            "--dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rows: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let rows = rows.as_array().unwrap();
+    for data in ["incompressible", "mixed"] {
+        let tests: Vec<&str> = rows
+            .iter()
+            .filter(|r| r["data"] == data)
+            .map(|r| r["test"].as_str().unwrap())
+            .collect();
+        for want in [
+            "blake3",
+            "zstd -1 compress",
+            "zstd decompress",
+            "chunk verify",
+            "read sync, page cache",
+            "read sync, O_DIRECT",
+        ] {
+            assert!(
+                tests.iter().any(|t| t.starts_with(want)),
+                "{data}: {want} missing from {tests:?}"
+            );
+        }
+    }
+    assert!(
+        rows.iter().all(|r| r["mb_per_s"].as_f64().unwrap() > 0.0),
+        "{rows:?}"
+    );
+    // Incompressible data compresses faster than text: zstd gives up on it.
+    let rate = |t: &str, d: &str| {
+        rows.iter()
+            .find(|r| r["test"] == t && r["data"] == d)
+            .unwrap()["mb_per_s"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!(rate("zstd -1 compress", "incompressible") > rate("zstd -1 compress", "mixed"));
+    // The read file is gone.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}

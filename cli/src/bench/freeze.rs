@@ -17,6 +17,8 @@ use super::lab::{is_root, Lab};
 use super::workload::{Kind, Sample, Workload};
 use crate::units::{human, parse_size};
 
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ProviderSel {
     Reflink,
@@ -257,6 +259,9 @@ fn measure(
     for provider in providers(args.provider) {
         for round in 0..args.rounds {
             std::thread::sleep(pause);
+            if STOP.load(std::sync::atomic::Ordering::Relaxed) {
+                bail!("interrupted: the guests are thawed and taken down");
+            }
             let words = [
                 "-q",
                 "--inventory",
@@ -307,6 +312,21 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
         .worker_threads(2)
         .enable_all()
         .build()?;
+    // SIGINT or SIGTERM ends the run after the current round, so the lab
+    // is taken down by its drop (the agents thaw on the signal at once).
+    rt.spawn(async {
+        let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        else {
+            return;
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        STOP.store(true, std::sync::atomic::Ordering::Relaxed);
+        eprintln!("vsnap bench: interrupted; finishing the round, then taking the guests down");
+    });
     let epoch = Instant::now();
     let mut rounds = Vec::new();
     let mut summary = Vec::new();

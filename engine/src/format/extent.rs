@@ -130,6 +130,30 @@ pub struct MapBuilder {
     next: u64,
 }
 
+/// The map of a disk of `size` bytes stored as-is at file offset 0 of
+/// layer 0 (raw, or a fixed VHD's data area), given the file's data
+/// ranges: holes are unallocated, since they read as zeros. `None` (the
+/// filesystem cannot tell) maps everything as data.
+pub fn map_from_data_ranges(size: u64, ranges: Option<Vec<(u64, u64)>>) -> AllocationMap {
+    let mut map = MapBuilder::new(0);
+    let Some(ranges) = ranges else {
+        map.data(0, size, 0, 0);
+        return map.finish();
+    };
+    let mut pos = 0;
+    for (start, end) in ranges {
+        let end = end.min(size);
+        if end <= start || start < pos {
+            continue;
+        }
+        map.unallocated(pos, start - pos);
+        map.data(start, end - start, 0, start);
+        pos = end;
+    }
+    map.unallocated(pos, size - pos);
+    map.finish()
+}
+
 impl MapBuilder {
     pub fn new(start: u64) -> Self {
         Self {

@@ -4,7 +4,7 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use super::extent::{AllocationMap, MapBuilder};
+use super::extent::{map_from_data_ranges, AllocationMap};
 use super::info::{ImageInfo, LayerInfo};
 use super::{DiskImage, ImageFormat};
 use crate::error::{Error, ErrorKind, Result, ResultExt};
@@ -40,23 +40,22 @@ impl DiskImage for RawImage {
     }
 
     fn allocation_map(&self) -> Result<AllocationMap> {
-        let mut map = MapBuilder::new(0);
+        // Cut short since it was opened: lost data, not a hole.
+        let len = Storage::len(&self.file).ctx_file(&self.path, "stat raw image")?;
+        if len < self.size {
+            return Err(Error::from(ErrorKind::Truncated {
+                what: "raw image",
+                needed: self.size,
+                at: 0,
+                available: len,
+            })
+            .in_file(&self.path));
+        }
         let ranges = self
             .file
             .data_ranges(0..self.size)
             .ctx_file(&self.path, "find holes")?;
-        let Some(ranges) = ranges else {
-            map.data(0, self.size, 0, 0);
-            return Ok(map.finish());
-        };
-        let mut pos = 0;
-        for (start, end) in ranges {
-            map.unallocated(pos, start - pos);
-            map.data(start, end - start, 0, start);
-            pos = end;
-        }
-        map.unallocated(pos, self.size - pos);
-        Ok(map.finish())
+        Ok(map_from_data_ranges(self.size, ranges))
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
