@@ -29,8 +29,8 @@ so the snapshot is labelled crash-consistent.
 
 With --inventory, vsnap is the coordinator: it connects to every VM's
 agent, runs Prepare, freezes all guests at once (hooks, then fsfreeze),
-snapshots every disk (reflink: O(1) per disk), thaws them all straight
-away, and only then streams the snapshots. A guest that cannot be quiesced
+snapshots every disk (reflink, or copy), thaws each guest as soon as its
+own disks are snapshotted, and only then streams the snapshots. A guest that cannot be quiesced
 aborts the backup (policy app-consistent-only: every guest is thawed,
 nothing is written) or is backed up crash-consistent
 (allow-crash-consistent). Each manifest records the freeze metrics.

@@ -124,3 +124,30 @@ pub fn open(path: &Path, format: Option<ImageFormat>) -> Result<Box<dyn DiskImag
         ImageFormat::Raw => Box::new(raw::RawImage::open(path)?),
     })
 }
+
+/// The map of a disk stored as-is in the first `size` bytes of a file (a
+/// raw image, a fixed VHD's data area): the file's holes are unallocated,
+/// since they read as zeros. A file cut short since it was opened has
+/// lost data, which fails here rather than reading as zeros.
+pub(crate) fn plain_file_map(
+    storage: &dyn crate::io::Storage,
+    path: &Path,
+    size: u64,
+    what: &'static str,
+) -> Result<AllocationMap> {
+    use crate::error::ResultExt;
+    let len = storage.len().ctx_file(path, "stat image")?;
+    if len < size {
+        return Err(
+            crate::error::Error::from(crate::error::ErrorKind::Truncated {
+                what,
+                needed: size,
+                at: 0,
+                available: len,
+            })
+            .in_file(path),
+        );
+    }
+    let ranges = storage.data_ranges(0..size).ctx_file(path, "find holes")?;
+    Ok(extent::map_from_data_ranges(size, ranges))
+}

@@ -4,7 +4,7 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use super::extent::{map_from_data_ranges, AllocationMap};
+use super::extent::AllocationMap;
 use super::info::{ImageInfo, LayerInfo};
 use super::{DiskImage, ImageFormat};
 use crate::error::{Error, ErrorKind, Result, ResultExt};
@@ -40,22 +40,7 @@ impl DiskImage for RawImage {
     }
 
     fn allocation_map(&self) -> Result<AllocationMap> {
-        // Cut short since it was opened: lost data, not a hole.
-        let len = Storage::len(&self.file).ctx_file(&self.path, "stat raw image")?;
-        if len < self.size {
-            return Err(Error::from(ErrorKind::Truncated {
-                what: "raw image",
-                needed: self.size,
-                at: 0,
-                available: len,
-            })
-            .in_file(&self.path));
-        }
-        let ranges = self
-            .file
-            .data_ranges(0..self.size)
-            .ctx_file(&self.path, "find holes")?;
-        Ok(map_from_data_ranges(self.size, ranges))
+        super::plain_file_map(&self.file, &self.path, self.size, "raw image")
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {

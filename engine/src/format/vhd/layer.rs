@@ -8,7 +8,7 @@ use super::bat::{self, Reserved, UNALLOCATED};
 use super::footer::{DiskType, Footer, FOOTER_SIZE, SECTOR};
 use super::header::{DynamicHeader, HEADER_SIZE};
 use crate::error::{Error, ErrorKind, Result, ResultExt};
-use crate::format::extent::{map_from_data_ranges, AllocationMap, MapBuilder};
+use crate::format::extent::{AllocationMap, MapBuilder};
 use crate::io::Storage;
 
 /// Where the sectors a layer does not hold come from: the parent for a
@@ -231,23 +231,12 @@ impl VhdLayer {
             // A fixed disk is all data by its format, but its file may be
             // sparse: a hole reads as zeros, so it is streamed (and
             // copied) as unallocated, like a raw image's, not read.
-            // A file cut short since it was opened has no hole there: it
-            // has lost data, which must fail, not read as zeros.
-            let len = self.storage.len().ctx_file(&self.path, "stat VHD")?;
-            if len < self.size {
-                return Err(Error::from(ErrorKind::Truncated {
-                    what: "fixed VHD data area",
-                    needed: self.size,
-                    at: 0,
-                    available: len,
-                })
-                .in_file(&self.path));
-            }
-            let ranges = self
-                .storage
-                .data_ranges(0..self.size)
-                .ctx_file(&self.path, "find holes")?;
-            return Ok(map_from_data_ranges(self.size, ranges));
+            return crate::format::plain_file_map(
+                &*self.storage,
+                &self.path,
+                self.size,
+                "fixed VHD data area",
+            );
         };
         let bs = s.block_size();
         let blocks = self.size.div_ceil(bs);

@@ -1,6 +1,7 @@
 //! The coordinated backup, VSS's requestor sequence over every guest:
 //! Identify → Prepare → Freeze (a barrier, all guests in parallel) →
-//! Snapshot → Thaw (at once) → stream the snapshots → Complete.
+//! Snapshot → Thaw (each guest as soon as its own disks are taken) →
+//! stream the snapshots → Complete.
 //!
 //! Everything slow happens before the first freeze: images are parsed,
 //! providers probed and stale snapshots removed, agents connected and
@@ -9,8 +10,11 @@
 //! watchdog is armed with the same limit, so a dead coordinator cannot
 //! leave a guest frozen.
 
+mod snapshot;
+
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -98,7 +102,7 @@ impl Report {
     }
 }
 
-struct Member {
+pub(super) struct Member {
     guest: Guest,
     /// Still held to the barrier (has an agent, and has not dropped out).
     quiesce: bool,
@@ -131,7 +135,7 @@ where
     out.into_iter().flatten().collect()
 }
 
-fn failure_text(f: &Option<Failure>) -> String {
+pub(super) fn failure_text(f: &Option<Failure>) -> String {
     f.as_ref()
         .map(|f| format!("{} failed ({}): {}", f.step, f.class, f.message))
         .unwrap_or_else(|| "failed".into())
@@ -258,8 +262,9 @@ where
                 .unwrap_or_default()
         )
     );
-    let prepared =
-        tokio::task::block_in_place(|| provider::prepare(&disks, opts.provider, &run_id))?;
+    let prepared = Arc::new(tokio::task::block_in_place(|| {
+        provider::prepare(&disks, opts.provider, &run_id)
+    })?);
     let all_kinds = prepared.kinds();
     let mut kinds = Vec::new();
     let mut at = 0;
@@ -373,42 +378,19 @@ where
     }
     let members = release_dropped(members).await;
 
-    // Snapshot, inside the freeze.
-    let t = Instant::now();
-    let snaps = tokio::task::block_in_place(|| prepared.take());
-    report.snapshot_us = Some(micros(t.elapsed()));
-    let snaps = match snaps {
+    // Snapshot, inside the freeze; each guest thawed once its disks are.
+    let step = snapshot::snapshot_and_thaw(members, Arc::clone(&prepared)).await;
+    report.snapshot_us = Some(step.snapshot_us);
+    let mut members = step.members;
+    let snaps = match step.snaps {
         Ok(s) => s,
-        Err(e) => {
-            let reason = format!("snapshot failed: {e}");
+        Err(reason) => {
             let members = abort_all(members, &reason).await;
             report.aborted = Some(reason);
             report.vms = report_of(&members, &kinds, &none);
             return Ok(report);
         }
     };
-
-    // Thaw, at once.
-    let mut members = par(members, |mut m| async move {
-        let thawed = !m.quiesce
-            || m.guest
-                .call(Call::Thaw, Duration::from_secs(30), None)
-                .await
-                .is_ok();
-        if !thawed {
-            // A watchdog that thawed first, or a thaw that failed: the
-            // snapshot may postdate the thaw, so it is not app-consistent.
-            let why = failure_text(&m.guest.metrics.failure);
-            match m.guest.vm.policy {
-                Policy::AllowCrashConsistent => m.degraded = Some(why),
-                Policy::AppConsistentOnly => {
-                    m.failed = Some(format!("not app-consistent: {why}"));
-                }
-            }
-        }
-        m
-    })
-    .await;
     let first = members
         .iter()
         .filter_map(|m| m.guest.metrics.freeze_sent_at_us)
@@ -482,7 +464,13 @@ where
     })
     .await;
     report.snapshots = snaps;
-    if let Err(e) = tokio::task::block_in_place(|| prepared.release()) {
+    let released = match Arc::try_unwrap(prepared) {
+        Ok(p) => tokio::task::block_in_place(|| p.release()),
+        // Unreachable once the snapshot thread has ended; the snapshots
+        // then go when the last holder drops them.
+        Err(_) => Ok(()),
+    };
+    if let Err(e) = released {
         report.release_error = Some(e.to_string());
     }
     report.vms = report_of(&members, &kinds, &ids);
