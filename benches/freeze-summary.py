@@ -35,24 +35,32 @@ def main(paths):
                   f"{s['backup_bytes_per_s'] / 2**20:.0f} MiB/s |")
         for rd in r["rounds"]:
             rep = rd["report"]
-            # A guest whose watchdog thawed it first reported no window
-            # to the coordinator: it is counted as not app-consistent.
-            vms = [v for v in rep["vms"] if v["metrics"]["freeze_window_us"] is not None]
-            if not vms:
-                continue
+            # Each guest is thawed once its own disks are taken: its share of
+            # the snapshot phase runs from the barrier's close (the last
+            # freeze acknowledged) to its thaw being sent.
+            took = [x["took_us"] for x in rep["snapshots"]]
             last_ack = max(v["metrics"]["freeze_ack_at_us"] for v in rep["vms"])
-            waits = [last_ack - v["metrics"]["freeze_ack_at_us"] for v in vms]
-            wins = [v["metrics"]["freeze_window_us"] for v in vms]
-            snap = rep["snapshot_us"]
-            rest = [w - a - snap for w, a in zip(wins, waits)]
+            rows = []
+            for v in rep["vms"]:
+                m = v["metrics"]
+                w = m["freeze_window_us"]
+                # A guest whose watchdog thawed it first reported no window
+                # to the coordinator: it counts as not app-consistent.
+                if w is None or m.get("thaw_sent_at_us") is None:
+                    continue
+                wait = last_ack - m["freeze_ack_at_us"]
+                snap = m["thaw_sent_at_us"] - last_ack
+                rows.append((w, wait, snap, w - wait - snap))
+            if not rows:
+                continue
+            med = lambda k: statistics.median(x[k] for x in rows)
             phases.append((len(rep["vms"]), rd["disk_size"] >> 30, rd["provider"], rd["round"],
-                           statistics.median(wins), statistics.median(waits), snap, statistics.median(rest),
-                           [x["took_us"] for x in rep["snapshots"]]))
+                           med(0), med(1), med(2), med(3), max(took) if took else 0))
     print()
-    print("| guests | disk | provider | round | window p50 | = barrier wait p50 | + snapshot | + thaw round trip p50 | slowest disk's snapshot |")
+    print("| guests | disk | provider | round | window p50 | = barrier wait p50 | + snapshots until its thaw p50 | + the rest p50 (replies, thaw) | slowest disk's snapshot |")
     print("|---|---|---|---|---|---|---|---|---|")
     for g, d, pr, rd, w, a, sn, rest, took in phases:
-        print(f"| {g} | {d} GiB | {pr} | {rd + 1} | {ms(w)} | {ms(a)} | {ms(sn)} | {ms(rest)} | {ms(max(took))} |")
+        print(f"| {g} | {d} GiB | {pr} | {rd + 1} | {ms(w)} | {ms(a)} | {ms(sn)} | {ms(rest)} | {ms(took)} |")
 
 
 if __name__ == "__main__":

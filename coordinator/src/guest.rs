@@ -42,6 +42,9 @@ pub struct Metrics {
     pub host_window_us: Option<u64>,
     pub freeze_sent_at_us: Option<u64>,
     pub freeze_ack_at_us: Option<u64>,
+    /// When the coordinator sent this guest's thaw: its snapshots were
+    /// all taken then.
+    pub thaw_sent_at_us: Option<u64>,
     pub thaw_ack_at_us: Option<u64>,
     pub prepare_hooks_us: Option<u64>,
     pub freeze_hooks_us: Option<u64>,

@@ -140,7 +140,10 @@ impl Lab {
         )?);
         for i in 0..n {
             let name = format!("g{i}");
-            let disk = lab.scratch.join(format!("{name}.vhd"));
+            // A directory per guest, as hosts keep VMs: XFS places each in
+            // its own allocation group, so their clones do not contend.
+            let disk = lab.scratch.join(&name).join("disk0.vhd");
+            std::fs::create_dir_all(lab.scratch.join(&name))?;
             let mut opts = CreateOptions::new(DiskType::Fixed, size);
             opts.block_size = 2 << 20;
             drop(vhd::create(&disk, &opts)?);

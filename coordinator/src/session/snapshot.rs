@@ -1,6 +1,6 @@
-//! Snapshot and thaw, overlapped: the disks are snapshotted one after
-//! another, and each guest is thawed as soon as its own disks are done,
-//! while the next guest's are taken.
+//! Snapshot and thaw, overlapped: the disks are snapshotted by a few
+//! threads, and each guest is thawed as soon as its own disks are done,
+//! while the others' are taken.
 //!
 //! This keeps the cut consistent: every snapshot is taken after the
 //! barrier closed, while its guest is still frozen, so each disk holds
@@ -10,6 +10,7 @@
 //! own, not all of them: with a clone costing O(extents) each, the median
 //! window shrinks by half.
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,6 +31,9 @@ pub(super) struct Outcome {
 /// Thaws one guest; a thaw that fails, or that a watchdog beat, means
 /// the snapshot may postdate the thaw: not app-consistent.
 pub(super) async fn thaw_member(mut m: Member) -> Member {
+    if m.quiesce {
+        m.guest.metrics.thaw_sent_at_us = Some(m.guest.now_us());
+    }
     let thawed = !m.quiesce
         || m.guest
             .call(Call::Thaw, Duration::from_secs(30), None)
@@ -45,64 +49,94 @@ pub(super) async fn thaw_member(mut m: Member) -> Member {
     m
 }
 
+/// How many snapshots run at once: XFS serialises clones inside one
+/// allocation group, but disks in different directories (so different
+/// groups) clone in parallel.
+fn workers(disks: usize) -> usize {
+    std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(1, 4)
+        .min(disks.max(1))
+}
+
 pub(super) async fn snapshot_and_thaw(members: Vec<Member>, prepared: Arc<Prepared>) -> Outcome {
-    let counts: Vec<usize> = members.iter().map(|m| m.guest.vm.disks.len()).collect();
+    // Which guest each disk (in plan order) belongs to, and how many of
+    // each guest's are still to take.
+    let mut owner = Vec::with_capacity(prepared.len());
+    let mut left: Vec<usize> = Vec::with_capacity(members.len());
+    for (vm, m) in members.iter().enumerate() {
+        owner.extend(std::iter::repeat_n(vm, m.guest.vm.disks.len()));
+        left.push(m.guest.vm.disks.len());
+    }
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let started = Instant::now();
-    let worker = {
-        let p = Arc::clone(&prepared);
-        tokio::task::spawn_blocking(move || {
-            for i in 0..p.len() {
-                let r = p.take_one(i);
-                let failed = r.is_err();
-                if tx.send(r).is_err() || failed {
-                    break;
-                }
+    let next = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicBool::new(false));
+    let mut pool = Vec::new();
+    for _ in 0..workers(prepared.len()) {
+        let (p, tx, next, failed) = (
+            Arc::clone(&prepared),
+            tx.clone(),
+            Arc::clone(&next),
+            Arc::clone(&failed),
+        );
+        pool.push(tokio::task::spawn_blocking(move || loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            if i >= p.len() || failed.load(Ordering::Relaxed) {
+                return;
             }
-        })
-    };
+            let r = p.take_one(i);
+            if r.is_err() {
+                failed.store(true, Ordering::Relaxed);
+            }
+            if tx.send((i, r)).is_err() {
+                return;
+            }
+        }));
+    }
+    drop(tx);
     let mut slots: Vec<Option<Member>> = members.into_iter().map(Some).collect();
     let mut thaws = tokio::task::JoinSet::new();
-    let mut snaps = Vec::with_capacity(prepared.len());
+    let mut snaps: Vec<Option<Snap>> = (0..prepared.len()).map(|_| None).collect();
     let mut error = None;
-    let mut vm = 0;
-    let mut done_in_vm = 0;
     let mut snapshot_us = 0;
-    while let Some(r) = rx.recv().await {
+    while let Some((i, r)) = rx.recv().await {
         match r {
             Ok(s) => {
-                snaps.push(s);
-                done_in_vm += 1;
-                while vm < counts.len() && done_in_vm >= counts[vm] {
-                    done_in_vm -= counts[vm];
+                snaps[i] = Some(s);
+                let vm = owner[i];
+                left[vm] -= 1;
+                if left[vm] == 0 {
                     snapshot_us = micros(started.elapsed());
                     if let Some(m) = slots[vm].take() {
-                        let i = vm;
-                        thaws.spawn(async move { (i, thaw_member(m).await) });
+                        thaws.spawn(async move { (vm, thaw_member(m).await) });
                     }
-                    vm += 1;
                 }
             }
             Err(e) => {
-                error = Some(format!("snapshot failed: {e}"));
-                break;
+                error.get_or_insert(format!("snapshot failed: {e}"));
             }
         }
     }
-    if worker.await.is_err() && error.is_none() {
-        error = Some("the snapshot thread stopped unexpectedly".into());
-    }
-    if error.is_none() && snaps.len() < prepared.len() {
-        error = Some("not every disk was snapshotted".into());
+    for w in pool {
+        if w.await.is_err() && error.is_none() {
+            error = Some("a snapshot thread stopped unexpectedly".into());
+        }
     }
     while let Some(done) = thaws.join_next().await {
         if let Ok((i, m)) = done {
             slots[i] = Some(m);
         }
     }
+    let snaps: Option<Vec<Snap>> = snaps.into_iter().collect();
+    let snaps = match (error, snaps) {
+        (Some(e), _) => Err(e),
+        (None, None) => Err("not every disk was snapshotted".into()),
+        (None, Some(s)) => Ok(s),
+    };
     Outcome {
         members: slots.into_iter().flatten().collect(),
-        snaps: error.map_or(Ok(snaps), Err),
+        snaps,
         snapshot_us,
     }
 }
