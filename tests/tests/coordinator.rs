@@ -951,3 +951,53 @@ fn bench_freeze_without_root_or_inventory_says_what_it_needs() {
         assert!(String::from_utf8_lossy(&o.stderr).contains("run it as root"));
     }
 }
+
+#[test]
+fn bench_freeze_measures_an_inventory_of_existing_guests_without_touching_them() {
+    if skip_unless_root(
+        "bench_freeze_measures_an_inventory_of_existing_guests_without_touching_them",
+    ) {
+        return;
+    }
+    let lab = Lab::new(2, 32);
+    let inv = lab.inventory(|_| String::new());
+    let o = vsnap_cmd()
+        .args([
+            "bench",
+            "freeze",
+            "--provider",
+            "reflink",
+            "--rounds",
+            "2",
+            "--pause",
+            "100ms",
+            "--json",
+            "--inventory",
+        ])
+        .arg(&inv)
+        .arg("--scratch")
+        .arg(&lab.dir)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["guests"], 2, "{r:#}");
+    assert_eq!(r["workload"], "none");
+    let s = &r["summary"][0];
+    assert_eq!(s["provider"], "reflink");
+    assert_eq!(s["app_consistent"], 4, "{s:#}");
+    assert!(s["writes"].is_null(), "{s:#}");
+    assert!(s["freeze_window_us"]["max"].as_u64().unwrap() > 0);
+    // The guests are as they were: mounted, thawed, their agents running.
+    assert!(lab.all_writable());
+    for g in &lab.guests {
+        assert!(g.fs.mount.join("data.txt").exists());
+        assert!(std::os::unix::net::UnixStream::connect(&g.sock).is_ok());
+    }
+    // Its repository is gone.
+    assert!(!std::fs::read_dir(&lab.dir).unwrap().any(|e| e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .starts_with("vsnap-bench-repo")));
+}
