@@ -142,6 +142,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
     args.engine.report_fallback(&opts);
     let progress = Progress::default();
     let spec = BackupOptions {
+        known: Default::default(),
         vm: name,
         host: crate::repo::host_name(),
         consistency: Consistency::CrashConsistent,

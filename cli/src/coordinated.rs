@@ -23,6 +23,8 @@ fn ms(us: Option<u64>) -> String {
 /// What the engine did for the VMs it streamed.
 #[derive(Debug, Default, Clone, Copy, serde::Serialize)]
 pub struct Streamed {
+    /// Chunks known before the freeze, from each VM's last snapshot.
+    pub preloaded_chunks: u64,
     pub virtual_bytes: u64,
     pub bytes_read: u64,
     pub new_bytes: u64,
@@ -59,14 +61,22 @@ pub fn backup_inventory(
     let inv = Inventory::load(inventory)?;
     let vms = inv.select(&args.vms)?;
     let window = vsnap_coordinator::agent::parse_duration("--window", &args.window)?;
-    // Slow work first: the repository is open before any guest freezes.
+    // Slow work first: the repository is open, and each VM's last
+    // snapshot's chunks are known, before any guest freezes.
     let repo = args.repo.open()?;
+    let mut preloaded = std::collections::HashMap::new();
+    for vm in &vms {
+        preloaded.insert(vm.name.clone(), repo.preload(&vm.name)?);
+    }
     let opts = args
         .engine
         .options_with_chunk(false, repo.config().chunk_size);
     args.engine.report_fallback(&opts);
     let host = crate::repo::host_name();
-    let streamed = std::sync::Mutex::new(Streamed::default());
+    let streamed = std::sync::Mutex::new(Streamed {
+        preloaded_chunks: preloaded.values().map(|p| p.known.len() as u64).sum(),
+        ..Streamed::default()
+    });
     let stream = |items: &[VmSnapshot]| {
         let t = std::time::Instant::now();
         let results = items
@@ -75,7 +85,12 @@ pub fn backup_inventory(
                 let images = crate::open_all(&it.snapshots, FormatArg::Auto)
                     .map_err(|e| format!("{e:#}"))?;
                 let refs: Vec<&dyn DiskImage> = images.iter().map(|b| &**b).collect();
+                let known = preloaded
+                    .get(&it.vm)
+                    .map(|p| p.known.clone())
+                    .unwrap_or_default();
                 let spec = BackupOptions {
+                    known,
                     vm: it.vm.clone(),
                     host: host.clone(),
                     consistency: it.consistency,

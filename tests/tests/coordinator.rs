@@ -689,6 +689,13 @@ fn forcing_reflink_where_the_filesystem_cannot_clone_says_so_before_any_freeze()
     assert_eq!(r["vms"][0]["consistency"], "crash-consistent", "{r:#}");
     // The snapshot is the same dynamic VHD: one allocated 2 MiB block read.
     assert_eq!(r["streamed"]["bytes_read"], 2 << 20, "{r:#}");
+    assert_eq!(r["streamed"]["preloaded_chunks"], 0, "{r:#}");
+    // The next backup knows the VM's chunks before it starts (loaded with
+    // the last snapshot's index), and stores nothing new.
+    let o = run(&["--json"]);
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["streamed"]["preloaded_chunks"], 1, "{r:#}");
+    assert_eq!(r["streamed"]["new_bytes"], 0, "{r:#}");
 }
 
 #[test]

@@ -22,6 +22,9 @@ pub struct BackupOptions {
     pub freeze: Option<serde_json::Value>,
     /// zstd level for new chunks.
     pub level: i32,
+    /// Chunks known to be stored already (a [`Preloaded`] set): they are
+    /// neither looked up nor written.
+    pub known: HashSet<blake3::Hash>,
 }
 
 #[derive(Debug, Clone)]
@@ -140,6 +143,51 @@ fn disk_names(sources: &[PathBuf]) -> Vec<String> {
     names
 }
 
+/// What a backup can know before it starts: the chunks a VM's last
+/// snapshot references that are in the store. A coordinator loads it
+/// before it freezes anything; the repository's shared lock is held from
+/// then on, so gc cannot remove those chunks before the backup names them.
+#[derive(Debug)]
+pub struct Preloaded {
+    _lock: super::Lock,
+    pub known: HashSet<blake3::Hash>,
+    /// The snapshot they came from.
+    pub from: Option<String>,
+}
+
+impl Repository {
+    /// The chunks of `vm`'s newest readable snapshot that are present. A
+    /// damaged index only means less is known: those chunks are looked up
+    /// as the backup meets them, as without a preload.
+    pub fn preload(&self, vm: &str) -> Result<Preloaded> {
+        let lock = self.lock_shared()?;
+        let last = self
+            .list()?
+            .into_iter()
+            .rev()
+            .find_map(|l| l.manifest.ok().filter(|m| m.vm == vm));
+        let mut known = HashSet::new();
+        if let Some(m) = &last {
+            for d in &m.disks {
+                let Ok(index) = self.read_index(&d.index) else {
+                    continue;
+                };
+                for e in index.entries {
+                    if let Entry::Data(h) = e {
+                        known.insert(h);
+                    }
+                }
+            }
+            known.retain(|h| self.has_chunk(h).unwrap_or(false));
+        }
+        Ok(Preloaded {
+            _lock: lock,
+            known,
+            from: last.map(|m| m.id),
+        })
+    }
+}
+
 /// Backs up `images` (opened from `sources`) as one snapshot. The engine
 /// options' chunk size is the repository's; compression is always on.
 pub fn backup(
@@ -183,7 +231,7 @@ pub fn backup(
         chunk_size,
         new_chunks: images.iter().map(|_| AtomicU64::new(0)).collect(),
         new_bytes: images.iter().map(|_| AtomicU64::new(0)).collect(),
-        known: Mutex::new(HashSet::new()),
+        known: Mutex::new(backup.known.clone()),
     };
     let digests = run(images, &maps, &opts, progress, &sink)?;
     let names = disk_names(sources);

@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use backup::{backup, BackupOptions, BackupOutcome};
+pub use backup::{backup, BackupOptions, BackupOutcome, Preloaded};
 pub use gc::{forget, gc, GcReport};
 pub use index::{Entry, Index};
 pub use manifest::{Consistency, Disk, DiskStats, Identity, Manifest};
