@@ -5,6 +5,9 @@ use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use anyhow::{Context, Result};
 use vsnap_coordinator::inventory::Inventory;
 use vsnap_coordinator::session::{self, Options, Report, VmSnapshot};
@@ -73,6 +76,7 @@ pub fn backup_inventory(
         .options_with_chunk(false, repo.config().chunk_size);
     args.engine.report_fallback(&opts);
     let host = crate::repo::host_name();
+    let cancel = Arc::new(AtomicBool::new(false));
     let streamed = std::sync::Mutex::new(Streamed {
         preloaded_chunks: preloaded.values().map(|p| p.known.len() as u64).sum(),
         ..Streamed::default()
@@ -82,6 +86,9 @@ pub fn backup_inventory(
         let results = items
             .iter()
             .map(|it| {
+                if cancel.load(Ordering::Relaxed) {
+                    return Err("interrupted before its backup".to_string());
+                }
                 let images = crate::open_all(&it.snapshots, FormatArg::Auto)
                     .map_err(|e| format!("{e:#}"))?;
                 let refs: Vec<&dyn DiskImage> = images.iter().map(|b| &**b).collect();
@@ -124,6 +131,7 @@ pub fn backup_inventory(
         provider: args.provider,
         backup_type: "full".into(),
         epoch,
+        cancel: Some(Arc::clone(&cancel)),
     };
     let own;
     let rt = match rt {
@@ -136,9 +144,22 @@ pub fn backup_inventory(
             &own
         }
     };
-    let report = rt
-        .block_on(session::run(vms, &sopts, stream))
-        .context("coordinated backup failed before any guest was frozen")?;
+    // The first Ctrl-C stops the session by its abort rules (every guest
+    // thawed at once, no manifest); a second one quits at once.
+    let handler = {
+        let cancel = Arc::clone(&cancel);
+        rt.spawn(async move {
+            while tokio::signal::ctrl_c().await.is_ok() {
+                if cancel.swap(true, Ordering::Relaxed) {
+                    std::process::exit(130);
+                }
+                eprintln!("vsnap: interrupted: thawing every guest and stopping (Ctrl-C again to quit now)");
+            }
+        })
+    };
+    let report = rt.block_on(session::run(vms, &sopts, stream));
+    handler.abort();
+    let report = report.context("coordinated backup failed before any guest was frozen")?;
     args.engine.save_cache(&opts);
     let streamed = streamed.into_inner().unwrap_or_default();
     Ok((report, streamed))

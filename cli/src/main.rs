@@ -32,8 +32,10 @@ Exit codes:
 /// vsnap: snapshot and VHD copy engine for virtualization hosts.
 ///
 /// vsnap reads and writes VHD (Virtual PC / Hyper-V) and raw disk images,
-/// maps which ranges hold data, and will stream them into deduplicating
-/// backups. Formats are detected from file contents, never from names.
+/// maps which ranges hold data, streams them into deduplicating backups,
+/// and coordinates application-consistent snapshots of many guests through
+/// their agents (`vsnap demo` shows it all). Formats are detected from
+/// file contents, never from names.
 #[derive(Debug, Parser)]
 #[command(name = "vsnap", version, after_help = EXIT_CODES, propagate_version = true)]
 struct Cli {

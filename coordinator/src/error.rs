@@ -32,6 +32,9 @@ pub enum ErrorKind {
     Timeout { op: String, ms: u64 },
     #[error("the agent closed the connection")]
     Closed,
+    /// Stopped on request (SIGINT): the abort rules apply.
+    #[error("interrupted")]
+    Interrupted,
 }
 
 #[derive(Debug)]
@@ -73,6 +76,7 @@ impl Error {
             | ErrorKind::BadEndpoint { .. }
             | ErrorKind::Config(_) => ErrorClass::NonRetryable,
             ErrorKind::Protocol(_) => ErrorClass::Protocol,
+            ErrorKind::Interrupted => ErrorClass::NonRetryable,
         }
     }
 }

@@ -1008,3 +1008,48 @@ fn bench_freeze_measures_an_inventory_of_existing_guests_without_touching_them()
         .to_string_lossy()
         .starts_with("vsnap-bench-repo")));
 }
+
+#[test]
+fn ctrl_c_on_the_coordinator_thaws_every_guest_at_once() {
+    if skip_unless_root("ctrl_c_on_the_coordinator_thaws_every_guest_at_once") {
+        return;
+    }
+    let lab = Lab::new(2, 32);
+    let pidfile = lab.dir.join("coordinator.pid");
+    // Guest 0's freeze hook interrupts the coordinator, then takes a while,
+    // so the signal lands while guest 1 is frozen and the barrier waits.
+    write_hook(
+        &lab.guests[0].hooks,
+        "10-interrupt",
+        &format!(
+            "[ \"$1\" = freeze ] && kill -INT $(cat {}) && sleep 0.3\nexit 0",
+            pidfile.display()
+        ),
+    );
+    let inv = lab.inventory(|_| String::new());
+    let child = vsnap_cmd()
+        .args(["backup", "-q", "--json", "--window", "30s", "--inventory"])
+        .arg(&inv)
+        .arg("--repo")
+        .arg(lab.repo())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::fs::write(&pidfile, child.id().to_string()).unwrap();
+    let t = std::time::Instant::now();
+    let o = child.wait_with_output().unwrap();
+    // Well inside the 30 s the watchdogs would take.
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("interrupted"), "{err}");
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["aborted"], "interrupted", "{r:#}");
+    assert!(lab.all_writable());
+    assert!(lab.snapshots().is_empty());
+    assert!(!lab.scratch.mount.join(".vsnap-snap").exists());
+    for g in &lab.guests {
+        assert!(!g.marker.exists(), "{}", g.agent_log());
+    }
+}

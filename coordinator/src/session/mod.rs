@@ -14,6 +14,7 @@ mod snapshot;
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,6 +38,10 @@ pub struct Options {
     /// when `None`. A benchmark passes its own, to line freezes up with
     /// what its workloads saw.
     pub epoch: Option<Instant>,
+    /// Set (by a SIGINT handler, say) to stop: checked after Prepare,
+    /// after the freeze barrier and between snapshots, each time leading
+    /// to the abort rules (every guest thawed at once, no manifest).
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 impl Default for Options {
@@ -46,6 +51,7 @@ impl Default for Options {
             provider: Choice::Auto,
             backup_type: "full".into(),
             epoch: None,
+            cancel: None,
         }
     }
 }
@@ -101,6 +107,8 @@ impl Report {
         self.aborted.is_none() && self.vms.iter().all(|v| v.snapshot.is_some())
     }
 }
+
+const INTERRUPTED: &str = "interrupted";
 
 pub(super) struct Member {
     guest: Guest,
@@ -316,7 +324,16 @@ where
         .iter()
         .map(|m| m.guest.metrics.failure.is_none())
         .collect();
-    if let Some(reason) = apply_policy(&mut members, &ok) {
+    let cancelled = || {
+        opts.cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::Relaxed))
+    };
+    let mut abort = apply_policy(&mut members, &ok);
+    if abort.is_none() && cancelled() {
+        abort = Some(INTERRUPTED.into());
+    }
+    if let Some(reason) = abort {
         let members = abort_all(members, &reason).await;
         report.aborted = Some(reason);
         report.vms = report_of(&members, &kinds, &none);
@@ -356,6 +373,9 @@ where
         .map(|m| m.guest.metrics.failure.is_none())
         .collect();
     let mut abort = apply_policy(&mut members, &ok);
+    if abort.is_none() && cancelled() {
+        abort = Some(INTERRUPTED.into());
+    }
     if abort.is_none() && Instant::now() >= deadline {
         abort = Some(format!(
             "the freeze barrier did not close within the {} ms window",
@@ -379,7 +399,8 @@ where
     let members = release_dropped(members).await;
 
     // Snapshot, inside the freeze; each guest thawed once its disks are.
-    let step = snapshot::snapshot_and_thaw(members, Arc::clone(&prepared)).await;
+    let step =
+        snapshot::snapshot_and_thaw(members, Arc::clone(&prepared), opts.cancel.clone()).await;
     report.snapshot_us = Some(step.snapshot_us);
     let mut members = step.members;
     let snaps = match step.snaps {

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{failure_text, Member};
+use crate::error::{Error, ErrorKind};
 use crate::guest::Call;
 use crate::inventory::Policy;
 use crate::provider::{micros, Prepared, Snap};
@@ -59,7 +60,11 @@ fn workers(disks: usize) -> usize {
         .min(disks.max(1))
 }
 
-pub(super) async fn snapshot_and_thaw(members: Vec<Member>, prepared: Arc<Prepared>) -> Outcome {
+pub(super) async fn snapshot_and_thaw(
+    members: Vec<Member>,
+    prepared: Arc<Prepared>,
+    cancel: Option<Arc<AtomicBool>>,
+) -> Outcome {
     // Which guest each disk (in plan order) belongs to, and how many of
     // each guest's are still to take.
     let mut owner = Vec::with_capacity(prepared.len());
@@ -74,18 +79,23 @@ pub(super) async fn snapshot_and_thaw(members: Vec<Member>, prepared: Arc<Prepar
     let failed = Arc::new(AtomicBool::new(false));
     let mut pool = Vec::new();
     for _ in 0..workers(prepared.len()) {
-        let (p, tx, next, failed) = (
+        let (p, tx, next, failed, cancel) = (
             Arc::clone(&prepared),
             tx.clone(),
             Arc::clone(&next),
             Arc::clone(&failed),
+            cancel.clone(),
         );
         pool.push(tokio::task::spawn_blocking(move || loop {
             let i = next.fetch_add(1, Ordering::Relaxed);
             if i >= p.len() || failed.load(Ordering::Relaxed) {
                 return;
             }
-            let r = p.take_one(i);
+            let r = if cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) {
+                Err(Error::from(ErrorKind::Interrupted))
+            } else {
+                p.take_one(i)
+            };
             if r.is_err() {
                 failed.store(true, Ordering::Relaxed);
             }
@@ -112,6 +122,9 @@ pub(super) async fn snapshot_and_thaw(members: Vec<Member>, prepared: Arc<Prepar
                         thaws.spawn(async move { (vm, thaw_member(m).await) });
                     }
                 }
+            }
+            Err(e) if matches!(e.kind, ErrorKind::Interrupted) => {
+                error.get_or_insert(super::INTERRUPTED.to_string());
             }
             Err(e) => {
                 error.get_or_insert(format!("snapshot failed: {e}"));
