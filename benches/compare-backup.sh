@@ -10,7 +10,10 @@
 # file. restic always encrypts (AES-256 + Poly1305; it cannot be turned
 # off); borg runs with `-e none --compression zstd,1`; vsnap compresses new
 # chunks with zstd -1 and stores each once. Between runs each tool starts
-# from the same state (--prepare), so every timed run does the same work.
+# from the same state (--prepare), so every timed run does the same work,
+# and with nothing of an earlier run still being written back (`sync`):
+# otherwise a tool that makes its data durable (vsnap's syncfs) pays for
+# the writeback another tool's run left behind.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work=${1:-/tmp/vsnap-bench}
@@ -40,17 +43,19 @@ if [ ! -f d1.vhd ]; then
 fi
 touch d1.vhd
 
-fresh() { # the three repositories, empty
+fresh() { # the three repositories, empty; nothing left to write back
   rm -rf rv rr rb
   $vsnap repo init rv >/dev/null
   restic init -q --repo rr >/dev/null
   borg init -e none rb >/dev/null
+  sync
 }
 first() { # the three repositories, after a first backup of d.vhd
   fresh
   $vsnap backup -q --repo rv --name d d.vhd >/dev/null
   restic backup -q --repo rr d.vhd >/dev/null
   borg create --compression zstd,1 rb::first d.vhd
+  sync
 }
 export -f fresh first
 export vsnap
@@ -92,7 +97,7 @@ ratios "verify (peer time / vsnap)" verify.json
 snap=$($vsnap snapshots --repo rv --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[-1]["id"])')
 mkdir -p out
 hyperfine -N -w 1 -r "$runs" --export-json restore.json \
-  --prepare "rm -rf $work/out/r.vhd $work/out/restic $work/out/borg" \
+  --prepare "bash -c 'rm -rf $work/out/r.vhd $work/out/restic $work/out/borg; sync'" \
   "$vsnap restore -q --repo rv $snap:d.vhd --to $work/out/r.vhd" \
   "restic restore -q --repo rr latest --target $work/out/restic" \
   "bash -c 'mkdir -p $work/out/borg && cd $work/out/borg && borg extract $work/rb::first'" >/dev/null
