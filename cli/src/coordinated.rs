@@ -146,10 +146,16 @@ pub fn backup_inventory(
     };
     // The first Ctrl-C stops the session by its abort rules (every guest
     // thawed at once, no manifest); a second one quits at once.
+    // Registered here, before any guest is contacted, not when the task
+    // first runs: a signal in between would otherwise kill the process.
+    let mut sigint = {
+        let _in_rt = rt.enter();
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?
+    };
     let handler = {
         let cancel = Arc::clone(&cancel);
         rt.spawn(async move {
-            while tokio::signal::ctrl_c().await.is_ok() {
+            while sigint.recv().await.is_some() {
                 if cancel.swap(true, Ordering::Relaxed) {
                     std::process::exit(130);
                 }
