@@ -116,6 +116,10 @@ pub enum ErrorKind {
     Exists(PathBuf),
     #[error("the image was opened read-only")]
     ReadOnly,
+    #[error("neither VHDX header is valid: header 1: {first}; header 2: {second}")]
+    NoValidHeader { first: String, second: String },
+    #[error("the VHDX has a required {what} {guid} that vsnap does not know, so it cannot be read safely")]
+    UnknownRequired { what: &'static str, guid: String },
     /// The message already includes the cause, so it is not also exposed
     /// as `source()` (which would print it twice); match on the kind for it.
     #[error("I/O error: {0}")]

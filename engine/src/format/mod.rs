@@ -9,6 +9,7 @@ pub mod extent;
 mod info;
 pub mod raw;
 pub mod vhd;
+pub mod vhdx;
 
 use std::path::Path;
 
