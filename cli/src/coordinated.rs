@@ -67,20 +67,18 @@ pub fn backup_inventory(
     // Slow work first: the repository is open, and each VM's last
     // snapshot's chunks are known, before any guest freezes.
     let repo = args.repo.open()?;
-    let mut preloaded = std::collections::HashMap::new();
-    for vm in &vms {
-        preloaded.insert(vm.name.clone(), repo.preload(&vm.name)?);
-    }
+    let names: Vec<&str> = vms.iter().map(|v| v.name.as_str()).collect();
+    let preloaded = repo.preload(&names)?;
     let opts = args
         .engine
         .options_with_chunk(false, repo.config().chunk_size);
     args.engine.report_fallback(&opts);
     let host = crate::repo::host_name();
     let cancel = Arc::new(AtomicBool::new(false));
-    let streamed = std::sync::Mutex::new(Streamed {
-        preloaded_chunks: preloaded.values().map(|p| p.known.len() as u64).sum(),
+    let mut streamed = Streamed {
+        preloaded_chunks: preloaded.known.values().map(|k| k.len() as u64).sum(),
         ..Streamed::default()
-    });
+    };
     let stream = |items: &[VmSnapshot]| {
         let t = std::time::Instant::now();
         let results = items
@@ -92,10 +90,7 @@ pub fn backup_inventory(
                 let images = crate::open_all(&it.snapshots, FormatArg::Auto)
                     .map_err(|e| format!("{e:#}"))?;
                 let refs: Vec<&dyn DiskImage> = images.iter().map(|b| &**b).collect();
-                let known = preloaded
-                    .get(&it.vm)
-                    .map(|p| p.known.clone())
-                    .unwrap_or_default();
+                let known = preloaded.known.get(&it.vm).cloned().unwrap_or_default();
                 let spec = BackupOptions {
                     known,
                     vm: it.vm.clone(),
@@ -111,19 +106,15 @@ pub fn backup_inventory(
                         backup(&repo, &refs, &it.sources, &opts, &spec, &progress)
                     })
                     .map_err(|e| e.to_string())?;
-                if let Ok(mut s) = streamed.lock() {
-                    for d in &outcome.manifest.disks {
-                        s.virtual_bytes += d.virtual_size;
-                        s.bytes_read += d.stats.bytes_read;
-                        s.new_bytes += d.stats.new_bytes;
-                    }
+                for d in &outcome.manifest.disks {
+                    streamed.virtual_bytes += d.virtual_size;
+                    streamed.bytes_read += d.stats.bytes_read;
+                    streamed.new_bytes += d.stats.new_bytes;
                 }
                 Ok(outcome.manifest.id)
             })
             .collect();
-        if let Ok(mut s) = streamed.lock() {
-            s.seconds = t.elapsed().as_secs_f64();
-        }
+        streamed.seconds = t.elapsed().as_secs_f64();
         results
     };
     let sopts = Options {
@@ -167,7 +158,6 @@ pub fn backup_inventory(
     handler.abort();
     let report = report.context("coordinated backup failed before any guest was frozen")?;
     args.engine.save_cache(&opts);
-    let streamed = streamed.into_inner().unwrap_or_default();
     Ok((report, streamed))
 }
 

@@ -12,14 +12,14 @@
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use vsnap_engine::format::{DiskImage, ImageFormat};
 use vsnap_engine::pipeline::{copy_images, CopySpec, Options, Progress, TargetFormat};
 
+use crate::background::Background;
 use crate::units::{human, parse_size};
 
 #[derive(Debug, clap::Args)]
@@ -43,65 +43,37 @@ pub struct Args {
 }
 
 /// A VM's application: appends records to its log and fsyncs, and honours
-/// the hook's pause request (flush, acknowledge, wait), recording how long
-/// it was held.
-struct App {
-    stop: Arc<AtomicBool>,
-    handle: Option<std::thread::JoinHandle<Result<(u64, Duration)>>>,
-}
-
-impl App {
-    fn start(dir: &Path) -> Result<App> {
-        std::fs::create_dir_all(dir)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let dir = dir.to_path_buf();
-        let handle = std::thread::spawn(move || -> Result<(u64, Duration)> {
-            let mut log = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(dir.join("records.log"))?;
-            let (pause, paused) = (dir.join("pause"), dir.join("paused"));
-            let mut n = 0u64;
-            let mut held = Duration::ZERO;
-            while !flag.load(Ordering::Relaxed) {
-                if pause.exists() {
-                    log.sync_all()?;
-                    std::fs::write(&paused, b"")?;
-                    let t = Instant::now();
-                    while pause.exists() && !flag.load(Ordering::Relaxed) {
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
-                    held = held.max(t.elapsed());
-                    let _ = std::fs::remove_file(&paused);
+/// the hook's pause request (flush, acknowledge, wait). Its result: how
+/// many records it wrote, and the longest it was held.
+fn start_app(dir: &Path) -> Result<Background<(u64, Duration)>> {
+    std::fs::create_dir_all(dir)?;
+    let dir = dir.to_path_buf();
+    Ok(Background::spawn("the demo application", move |stop| {
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("records.log"))?;
+        let (pause, paused) = (dir.join("pause"), dir.join("paused"));
+        let mut n = 0u64;
+        let mut held = Duration::ZERO;
+        while !stop.load(Ordering::Relaxed) {
+            if pause.exists() {
+                log.sync_all()?;
+                std::fs::write(&paused, b"")?;
+                let t = Instant::now();
+                while pause.exists() && !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(1));
                 }
-                writeln!(log, "record {n}")?;
-                log.sync_data()?;
-                n += 1;
-                std::thread::sleep(Duration::from_millis(2));
+                held = held.max(t.elapsed());
+                let _ = std::fs::remove_file(&paused);
             }
-            Ok((n, held))
-        });
-        Ok(App {
-            stop,
-            handle: Some(handle),
-        })
-    }
-
-    /// Stops it: how many records it wrote, and its longest pause.
-    fn finish(mut self) -> Result<(u64, Duration)> {
-        self.stop.store(true, Ordering::Relaxed);
-        match self.handle.take().map(std::thread::JoinHandle::join) {
-            Some(Ok(r)) => r,
-            _ => bail!("the demo application stopped unexpectedly"),
+            writeln!(log, "record {n}")?;
+            log.sync_data()?;
+            n += 1;
+            std::thread::sleep(Duration::from_millis(2));
         }
-    }
-}
-
-impl Drop for App {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
+        Ok((n, held))
+    }))
 }
 
 /// The hook: `freeze` asks the application to pause and waits (up to 5 s)
@@ -280,7 +252,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
         std::fs::write(&hook, hook_script(&vm_dir.join("app")))?;
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755))?;
-        apps.push(App::start(&vm_dir.join("app"))?);
+        apps.push(start_app(&vm_dir.join("app"))?);
         let (agent, address) = start_agent(&vm_dir)?;
         agents.push(agent);
         writeln!(

@@ -1,6 +1,7 @@
 //! The `vsnap` command line.
 
 mod agent;
+mod background;
 mod backup;
 mod bench;
 mod coordinated;

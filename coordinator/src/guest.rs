@@ -59,6 +59,9 @@ pub struct Guest {
     pub vm: Vm,
     link: Option<Link>,
     token: Option<String>,
+    /// What the last prepare asked for: a freeze retried after a failed
+    /// one prepares again for the same.
+    backup_type: String,
     pub metrics: Metrics,
     epoch: Instant,
 }
@@ -92,10 +95,6 @@ impl Call {
 
 pub const TRIES: u32 = 3;
 
-fn us(d: Duration) -> u64 {
-    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
-}
-
 fn get_u64(v: &Value, k: &str) -> Option<u64> {
     v.get(k).and_then(Value::as_u64)
 }
@@ -121,6 +120,7 @@ impl Guest {
             vm,
             link: None,
             token,
+            backup_type: "full".into(),
             metrics: Metrics {
                 agent,
                 ..Metrics::default()
@@ -139,7 +139,7 @@ impl Guest {
     }
 
     pub fn now_us(&self) -> u64 {
-        us(self.epoch.elapsed())
+        crate::micros(self.epoch.elapsed())
     }
 
     async fn connect_once(&mut self) -> Result<()> {
@@ -275,7 +275,7 @@ impl Guest {
                         }
                     }
                     if matches!(call, Call::Freeze { .. }) {
-                        let prep = Call::Prepare("full".into());
+                        let prep = Call::Prepare(self.backup_type.clone());
                         if let Err(e) = self.once(&prep, Duration::from_secs(5)).await {
                             return Err(self.fail(step, e));
                         }
@@ -291,7 +291,10 @@ impl Guest {
         let m = &mut self.metrics;
         match call {
             Call::Identify => m.writers = v.get("writers").cloned(),
-            Call::Prepare(_) => m.prepare_hooks_us = get_u64(v, "prepare_hooks_us"),
+            Call::Prepare(t) => {
+                m.prepare_hooks_us = get_u64(v, "prepare_hooks_us");
+                self.backup_type.clone_from(t);
+            }
             Call::Freeze { .. } => {
                 m.frozen = get_u64(v, "frozen");
                 m.expected = get_u64(v, "expected");

@@ -21,3 +21,9 @@ pub mod qga;
 pub mod session;
 
 pub use error::{Error, ErrorKind, Result};
+
+/// A duration in whole µs, the unit of every timing the protocol and the
+/// reports carry (saturating: no duration here comes near 584,000 years).
+pub fn micros(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}

@@ -41,6 +41,16 @@ fn spawn_agent(dir: &Path, args: &[&str], err: &str) -> Result<AgentProc, String
     AgentProc::start(&all, &dir.join(err))
 }
 
+/// A new connection that says hello, prepares and sends `freeze` with
+/// `args`; returns it and the freeze's whole reply.
+fn hello_prepare_freeze(address: &str, args: Value) -> (Wire, Value) {
+    let mut w = Wire::connect(address);
+    w.ok("hello", json!({"version": 1}));
+    w.ok("prepare", json!({}));
+    let reply = w.call("freeze", args);
+    (w, reply)
+}
+
 /// Polls `status` until the agent leaves FROZEN (the watchdog's work).
 fn wait_unfrozen(w: &mut Wire, limit: Duration) -> Value {
     let t = Instant::now();
@@ -220,10 +230,8 @@ fn a_failing_freeze_hook_freezes_nothing_and_thaws_the_hooks_before_it() {
         "agent.err",
     )
     .unwrap();
-    let mut w = Wire::connect(&agent.address);
-    w.ok("hello", json!({"version": 1}));
-    w.ok("prepare", json!({}));
-    let e = w.err("freeze", json!({}));
+    let (mut w, r) = hello_prepare_freeze(&agent.address, json!({}));
+    let e = &r["err"];
     assert_eq!(e["class"], "non_retryable", "{e}");
     let msg = e["message"].as_str().unwrap();
     assert!(
@@ -269,11 +277,9 @@ fn the_watchdog_thaws_at_the_hold_limit_and_the_thaw_reports_timeout() {
         "agent.err",
     )
     .unwrap();
-    let mut w = Wire::connect(&agent.address);
-    w.ok("hello", json!({"version": 1}));
-    w.ok("prepare", json!({}));
     // The coordinator asks for less than the agent's own limit: it wins.
-    let fr = w.ok("freeze", json!({"hold_limit_ms": 300}));
+    let (mut w, r) = hello_prepare_freeze(&agent.address, json!({"hold_limit_ms": 300}));
+    let fr = &r["ok"];
     assert_eq!(fr["hold_limit_ms"], 300, "{fr}");
     assert!(writes_block(&fs.mount, Duration::from_millis(100)));
     let st = wait_unfrozen(&mut w, Duration::from_secs(10));
@@ -312,10 +318,8 @@ fn a_restarted_agent_thaws_what_a_killed_one_left_frozen() {
     let fs = LoopFs::new(&dir.path().join("g.img"), &dir.path().join("g"), 16);
     let marker = dir.path().join("agent.frozen");
     let mut first = spawn_agent(dir.path(), &["--freeze", s(&fs.mount)], "first.err").unwrap();
-    let mut w = Wire::connect(&first.address);
-    w.ok("hello", json!({"version": 1}));
-    w.ok("prepare", json!({}));
-    assert_eq!(w.ok("freeze", json!({}))["frozen"], 1);
+    let (_w, r) = hello_prepare_freeze(&first.address, json!({}));
+    assert_eq!(r["ok"]["frozen"], 1, "{r}");
     // SIGKILL: no handler runs, so the filesystem stays frozen.
     first.child.kill().unwrap();
     first.child.wait().unwrap();
@@ -348,10 +352,8 @@ fn sigterm_thaws_before_the_agent_exits() {
     let dir = tempfile::tempdir().unwrap();
     let fs = LoopFs::new(&dir.path().join("g.img"), &dir.path().join("g"), 16);
     let mut agent = spawn_agent(dir.path(), &["--freeze", s(&fs.mount)], "agent.err").unwrap();
-    let mut w = Wire::connect(&agent.address);
-    w.ok("hello", json!({"version": 1}));
-    w.ok("prepare", json!({}));
-    assert_eq!(w.ok("freeze", json!({}))["frozen"], 1);
+    let (_w, r) = hello_prepare_freeze(&agent.address, json!({}));
+    assert_eq!(r["ok"]["frozen"], 1, "{r}");
     let pid = agent.child.id().to_string();
     assert!(std::process::Command::new("kill")
         .args(["-TERM", &pid])

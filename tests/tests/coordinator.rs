@@ -137,6 +137,40 @@ impl Lab {
         )
     }
 
+    /// Starts `vsnap backup --inventory` of every guest with guest 0's
+    /// freeze hook signalling the coordinator (`signal`, a kill command),
+    /// then sleeping `sleep` seconds: a coordinator hit mid-freeze.
+    fn backup_signalled_at_freeze(
+        &self,
+        signal: &str,
+        sleep: &str,
+        args: &[&str],
+    ) -> std::process::Child {
+        let pidfile = self.dir.join("coordinator.pid");
+        write_hook(
+            &self.guests[0].hooks,
+            "10-signal-coordinator",
+            &format!(
+                "[ \"$1\" = freeze ] && {signal} $(cat {}) && sleep {sleep}\nexit 0",
+                pidfile.display()
+            ),
+        );
+        let inv = self.inventory(|_| String::new());
+        let child = vsnap_cmd()
+            .args(["backup", "-q"])
+            .args(args)
+            .arg("--inventory")
+            .arg(&inv)
+            .arg("--repo")
+            .arg(self.repo())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::fs::write(&pidfile, child.id().to_string()).unwrap();
+        child
+    }
+
     fn snapshots(&self) -> Vec<Value> {
         let o = vsnap_cmd()
             .args(["snapshots", "--json", "--repo"])
@@ -443,29 +477,10 @@ fn a_killed_coordinator_leaves_guests_to_their_watchdogs_and_its_snapshots_to_th
         return;
     }
     let lab = Lab::new(2, 32);
-    let pidfile = lab.dir.join("coordinator.pid");
     // The coordinator dies during the freeze step: guest 0's freeze hook
     // kills it, and the agents go on to freeze with nobody to thaw them.
-    write_hook(
-        &lab.guests[0].hooks,
-        "10-kill-coordinator",
-        &format!(
-            "[ \"$1\" = freeze ] && kill -9 $(cat {}) && sleep 0.2\nexit 0",
-            pidfile.display()
-        ),
-    );
-    let inv = lab.inventory(|_| String::new());
-    let mut child = vsnap_cmd()
-        .args(["backup", "-q", "--window", "2s", "--inventory"])
-        .arg(&inv)
-        .arg("--repo")
-        .arg(lab.repo())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    std::fs::write(&pidfile, child.id().to_string()).unwrap();
-    let status = child.wait().unwrap();
+    let child = lab.backup_signalled_at_freeze("kill -9", "0.2", &["--window", "2s"]);
+    let status = child.wait_with_output().unwrap().status;
     assert!(!status.success());
     let t = std::time::Instant::now();
     // The agent goes on to freeze once the hook returns: its marker is
@@ -491,7 +506,8 @@ fn a_killed_coordinator_leaves_guests_to_their_watchdogs_and_its_snapshots_to_th
     assert!(logged(&lab), "{}", lab.guests[0].agent_log());
     // Its snapshot directory is still there; the next run removes it.
     assert!(lab.scratch.mount.join(".vsnap-snap").exists());
-    std::fs::remove_file(lab.guests[0].hooks.join("10-kill-coordinator")).unwrap();
+    std::fs::remove_file(lab.guests[0].hooks.join("10-signal-coordinator")).unwrap();
+    let inv = lab.inventory(|_| String::new());
     let (code, r, err) = lab.backup(&inv, &[]);
     assert_eq!(code, Some(0), "{err}\n{r:#}");
     assert_eq!(r["stale_snapshots_removed"], 1, "{r:#}");
@@ -1015,28 +1031,9 @@ fn ctrl_c_on_the_coordinator_thaws_every_guest_at_once() {
         return;
     }
     let lab = Lab::new(2, 32);
-    let pidfile = lab.dir.join("coordinator.pid");
     // Guest 0's freeze hook interrupts the coordinator, then takes a while,
     // so the signal lands while guest 1 is frozen and the barrier waits.
-    write_hook(
-        &lab.guests[0].hooks,
-        "10-interrupt",
-        &format!(
-            "[ \"$1\" = freeze ] && kill -INT $(cat {}) && sleep 0.3\nexit 0",
-            pidfile.display()
-        ),
-    );
-    let inv = lab.inventory(|_| String::new());
-    let child = vsnap_cmd()
-        .args(["backup", "-q", "--json", "--window", "30s", "--inventory"])
-        .arg(&inv)
-        .arg("--repo")
-        .arg(lab.repo())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::fs::write(&pidfile, child.id().to_string()).unwrap();
+    let child = lab.backup_signalled_at_freeze("kill -INT", "0.3", &["--json", "--window", "30s"]);
     let t = std::time::Instant::now();
     let o = child.wait_with_output().unwrap();
     // Well inside the 30 s the watchdogs would take.

@@ -14,7 +14,7 @@ use serde::Serialize;
 use vsnap_coordinator::session::Report;
 
 use super::lab::{is_root, Lab};
-use super::workload::{Kind, Sample, Workload};
+use super::workload::{self, Kind, Sample};
 use crate::units::{human, parse_size};
 
 static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -286,8 +286,8 @@ fn measure(
                 disk_size,
                 provider,
                 round,
-                started_us: super::us(started),
-                ended_us: super::us(ended),
+                started_us: vsnap_coordinator::micros(started),
+                ended_us: vsnap_coordinator::micros(ended),
                 report,
                 streamed,
             });
@@ -360,7 +360,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
             vsnap_engine::repo::Repository::init(&repo, 4 << 20)?;
             let mut loads = Vec::new();
             for (i, g) in lab.guests.iter().enumerate() {
-                loads.push(Workload::start(
+                loads.push(workload::start(
                     args.workload,
                     &g.mount,
                     (64 << 20).min(size / 4),

@@ -9,7 +9,6 @@ mod workload;
 
 use std::io::Write;
 use std::process::ExitCode;
-use std::time::Duration;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum BenchCommand {
@@ -27,8 +26,4 @@ pub fn run(cmd: &BenchCommand, out: &mut dyn Write) -> anyhow::Result<ExitCode> 
         BenchCommand::Freeze(a) => freeze::run(a, out),
         BenchCommand::Engine(a) => engine::run(a, out),
     }
-}
-
-pub(crate) fn us(d: Duration) -> u64 {
-    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }

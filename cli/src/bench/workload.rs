@@ -6,10 +6,11 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
+
+use crate::background::Background;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -30,63 +31,39 @@ pub enum Kind {
 /// took (µs).
 pub type Sample = (u64, u32);
 
-pub struct Workload {
-    stop: Arc<AtomicBool>,
-    handle: Option<std::thread::JoinHandle<Result<Vec<Sample>>>>,
-}
+/// A guest's writer, running until finished.
+pub type Workload = Background<Vec<Sample>>;
 
-impl Workload {
-    /// Writes into `dir/workload.dat` of `file_size` bytes (whole MiB).
-    pub fn start(
-        kind: Kind,
-        dir: &Path,
-        file_size: u64,
-        epoch: Instant,
-        seed: u64,
-    ) -> Result<Option<Workload>> {
-        if kind == Kind::None {
-            return Ok(None);
-        }
-        let path = dir.join("workload.dat");
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)?;
-        // Allocated up front, so the writes measure the freeze, not
-        // block allocation.
-        let block = vec![0x5au8; 1 << 20];
-        let file_size = (file_size >> 20).max(1) << 20;
-        for at in (0..file_size).step_by(block.len()) {
-            file.write_all_at(&block, at)?;
-        }
-        file.sync_all()?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let handle =
-            std::thread::spawn(move || write_loop(&file, file_size, kind, &flag, epoch, seed));
-        Ok(Some(Workload {
-            stop,
-            handle: Some(handle),
-        }))
+/// Starts the writer of `kind` (none for [`Kind::None`]) in
+/// `dir/workload.dat`, a file of `file_size` bytes (whole MiB).
+pub fn start(
+    kind: Kind,
+    dir: &Path,
+    file_size: u64,
+    epoch: Instant,
+    seed: u64,
+) -> Result<Option<Workload>> {
+    if kind == Kind::None {
+        return Ok(None);
     }
-
-    pub fn finish(mut self) -> Result<Vec<Sample>> {
-        self.stop.store(true, Ordering::Relaxed);
-        match self.handle.take().map(std::thread::JoinHandle::join) {
-            Some(Ok(r)) => r,
-            _ => bail!("a workload thread stopped unexpectedly"),
-        }
+    let path = dir.join("workload.dat");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)?;
+    // Allocated up front, so the writes measure the freeze, not
+    // block allocation.
+    let block = vec![0x5au8; 1 << 20];
+    let file_size = (file_size >> 20).max(1) << 20;
+    for at in (0..file_size).step_by(block.len()) {
+        file.write_all_at(&block, at)?;
     }
-}
-
-impl Drop for Workload {
-    fn drop(&mut self) {
-        // A writer held by a frozen filesystem ends after the thaw, which
-        // the lab's drop guarantees.
-        self.stop.store(true, Ordering::Relaxed);
-    }
+    file.sync_all()?;
+    Ok(Some(Background::spawn("a workload thread", move |stop| {
+        write_loop(&file, file_size, kind, stop, epoch, seed)
+    })))
 }
 
 fn write_loop(
@@ -123,7 +100,7 @@ fn write_loop(
         let took = t.elapsed();
         let at = t.duration_since(epoch);
         samples.push((
-            u64::try_from(at.as_micros()).unwrap_or(u64::MAX),
+            vsnap_coordinator::micros(at),
             u32::try_from(took.as_micros()).unwrap_or(u32::MAX),
         ));
     }

@@ -30,7 +30,15 @@ pub struct Timings {
 }
 
 fn us(d: Duration) -> Option<u64> {
-    Some(u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+    Some(crate::micros(d))
+}
+
+/// Records that the cycle failed at `step`: the state and the failure
+/// `status` reports, and the error to answer with.
+fn failed_at(inner: &mut Inner, step: Step, e: WireError) -> WireError {
+    inner.state = AgentState::FailedAt(step);
+    inner.failure = Some(e.clone());
+    e
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -208,6 +216,35 @@ impl Session {
         }
     }
 
+    /// A step whose only work is its hooks (prepare, complete): runs them,
+    /// records how long they took in `timing`, logs what they said, and
+    /// fails the step at the first that failed.
+    async fn hook_step(
+        &self,
+        inner: &mut Inner,
+        action: Action,
+        env: &[(&str, String)],
+        (step, class): (Step, ErrorClass),
+        timing: fn(&mut Timings) -> &mut Option<u64>,
+    ) -> Result<(), WireError> {
+        let ran = self.hooks.run(action, None, env).await;
+        *timing(&mut inner.timings) = us(ran.elapsed);
+        self.log_hooks(&ran);
+        if let Some(f) = ran.failed.first() {
+            let e = WireError::new(
+                class,
+                format!(
+                    "{} hook {} failed: {}",
+                    action.as_str(),
+                    f.hook.display(),
+                    f.reason
+                ),
+            );
+            return Err(failed_at(inner, step, e));
+        }
+        Ok(())
+    }
+
     async fn prepare(&self, inner: &mut Inner, backup_type: &str) -> Result<Value, WireError> {
         // A new cycle: what the last one reported is history now.
         inner.timings = Timings::default();
@@ -215,18 +252,11 @@ impl Session {
         inner.watchdog_fired = false;
         inner.expected = 0;
         let env = [("VSNAP_BACKUP_TYPE", backup_type.to_string())];
-        let ran = self.hooks.run(Action::Prepare, None, &env).await;
-        inner.timings.prepare_hooks_us = us(ran.elapsed);
-        self.log_hooks(&ran);
-        if let Some(f) = ran.failed.first() {
-            inner.state = AgentState::FailedAt(Step::Prepare);
-            let e = WireError::new(
-                ErrorClass::NonRetryable,
-                format!("prepare hook {} failed: {}", f.hook.display(), f.reason),
-            );
-            inner.failure = Some(e.clone());
-            return Err(e);
-        }
+        let fails_as = (Step::Prepare, ErrorClass::NonRetryable);
+        self.hook_step(inner, Action::Prepare, &env, fails_as, |t| {
+            &mut t.prepare_hooks_us
+        })
+        .await?;
         inner.state = AgentState::Prepared;
         Ok(json!({"state": inner.state, "prepare_hooks_us": inner.timings.prepare_hooks_us}))
     }
@@ -246,11 +276,7 @@ impl Session {
                 ),
             ));
         }
-        let fail = |inner: &mut Inner, e: WireError| {
-            inner.state = AgentState::FailedAt(Step::Freeze);
-            inner.failure = Some(e.clone());
-            e
-        };
+        let fail = |inner: &mut Inner, e: WireError| failed_at(inner, Step::Freeze, e);
         let mut sel = match self.cfg.select() {
             Ok(s) => s,
             Err(e) => {
@@ -388,10 +414,8 @@ impl Session {
         let count = match thawed {
             Ok(n) => n,
             Err(e) => {
-                inner.state = AgentState::FailedAt(Step::Thaw);
-                inner.failure = Some(e.clone());
                 self.journal.log(format!("thaw failed: {}", e.message));
-                return Err(e);
+                return Err(failed_at(inner, Step::Thaw, e));
             }
         };
         match cause {
@@ -439,18 +463,11 @@ impl Session {
             ));
         }
         let env = [("VSNAP_SUCCESS", if success { "1" } else { "0" }.to_string())];
-        let ran = self.hooks.run(Action::Complete, None, &env).await;
-        inner.timings.complete_hooks_us = us(ran.elapsed);
-        self.log_hooks(&ran);
-        if let Some(f) = ran.failed.first() {
-            inner.state = AgentState::FailedAt(Step::Complete);
-            let e = WireError::new(
-                ErrorClass::PartialFailure,
-                format!("complete hook {} failed: {}", f.hook.display(), f.reason),
-            );
-            inner.failure = Some(e.clone());
-            return Err(e);
-        }
+        let fails_as = (Step::Complete, ErrorClass::PartialFailure);
+        self.hook_step(inner, Action::Complete, &env, fails_as, |t| {
+            &mut t.complete_hooks_us
+        })
+        .await?;
         inner.state = AgentState::Complete;
         Ok(json!({"state": inner.state, "complete_hooks_us": inner.timings.complete_hooks_us}))
     }

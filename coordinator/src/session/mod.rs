@@ -25,8 +25,9 @@ use vsnap_engine::repo::Consistency;
 use crate::error::{Error, ErrorKind, Result};
 use crate::guest::{Call, Failure, Guest, Metrics};
 use crate::inventory::{Policy, Vm};
+use crate::micros;
 use crate::protocol::ErrorClass;
-use crate::provider::{self, micros, Choice, Kind, Snap};
+use crate::provider::{self, Choice, Kind, Snap};
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -99,13 +100,6 @@ pub struct Report {
     pub release_error: Option<String>,
     pub snapshots: Vec<Snap>,
     pub vms: Vec<VmReport>,
-}
-
-impl Report {
-    /// Every VM has its snapshot.
-    pub fn complete(&self) -> bool {
-        self.aborted.is_none() && self.vms.iter().all(|v| v.snapshot.is_some())
-    }
 }
 
 const INTERRUPTED: &str = "interrupted";
@@ -210,6 +204,34 @@ async fn release_dropped(members: Vec<Member>) -> Vec<Member> {
     .await
 }
 
+/// The abort rules, for whatever stopped the backup before a snapshot
+/// was used: every guest still connected gets `abort`, the report says
+/// why, and no VM has a snapshot.
+async fn aborted(
+    members: Vec<Member>,
+    reason: String,
+    mut report: Report,
+    kinds: &[Vec<Kind>],
+) -> Report {
+    let members = abort_all(members, &reason).await;
+    report.aborted = Some(reason);
+    report.vms = report_of(&members, kinds, &vec![None; members.len()]);
+    report
+}
+
+/// Items kept one per disk, in inventory order, cut into each VM's share.
+fn per_vm<T>(all: &[T], disks: impl IntoIterator<Item = usize>) -> Vec<&[T]> {
+    let mut at = 0;
+    disks
+        .into_iter()
+        .map(|n| {
+            let share = &all[at.min(all.len())..(at + n).min(all.len())];
+            at += n;
+            share
+        })
+        .collect()
+}
+
 fn report_of(members: &[Member], kinds: &[Vec<Kind>], ids: &[Option<String>]) -> Vec<VmReport> {
     members
         .iter()
@@ -274,12 +296,10 @@ where
         provider::prepare(&disks, opts.provider, &run_id)
     })?);
     let all_kinds = prepared.kinds();
-    let mut kinds = Vec::new();
-    let mut at = 0;
-    for vm in &vms {
-        kinds.push(all_kinds[at..at + vm.disks.len()].to_vec());
-        at += vm.disks.len();
-    }
+    let kinds: Vec<Vec<Kind>> = per_vm(&all_kinds, vms.iter().map(|v| v.disks.len()))
+        .into_iter()
+        .map(<[Kind]>::to_vec)
+        .collect();
     let mut members = Vec::new();
     for vm in vms {
         let guest = Guest::new(vm, epoch)?;
@@ -303,7 +323,6 @@ where
         snapshots: Vec::new(),
         vms: Vec::new(),
     };
-    let none: Vec<Option<String>> = members.iter().map(|_| None).collect();
 
     // Identify and Prepare, everyone at once.
     let backup_type = opts.backup_type.clone();
@@ -334,10 +353,7 @@ where
         abort = Some(INTERRUPTED.into());
     }
     if let Some(reason) = abort {
-        let members = abort_all(members, &reason).await;
-        report.aborted = Some(reason);
-        report.vms = report_of(&members, &kinds, &none);
-        return Ok(report);
+        return Ok(aborted(members, reason, report, &kinds).await);
     }
 
     // Freeze: the barrier.
@@ -391,10 +407,7 @@ where
         report.barrier_skew_us = Some(hi - lo);
     }
     if let Some(reason) = abort {
-        let members = abort_all(members, &reason).await;
-        report.aborted = Some(reason);
-        report.vms = report_of(&members, &kinds, &none);
-        return Ok(report);
+        return Ok(aborted(members, reason, report, &kinds).await);
     }
     let members = release_dropped(members).await;
 
@@ -405,12 +418,7 @@ where
     let mut members = step.members;
     let snaps = match step.snaps {
         Ok(s) => s,
-        Err(reason) => {
-            let members = abort_all(members, &reason).await;
-            report.aborted = Some(reason);
-            report.vms = report_of(&members, &kinds, &none);
-            return Ok(report);
-        }
+        Err(reason) => return Ok(aborted(members, reason, report, &kinds).await),
     };
     let first = members
         .iter()
@@ -427,11 +435,8 @@ where
     // Stream the snapshots of every VM that has a usable one.
     let mut items = Vec::new();
     let mut owners = Vec::new();
-    let mut at = 0;
-    for (i, m) in members.iter().enumerate() {
-        let n = m.guest.vm.disks.len();
-        let mine = &snaps[at..at + n];
-        at += n;
+    let shares = per_vm(&snaps, members.iter().map(|m| m.guest.vm.disks.len()));
+    for (i, (m, mine)) in members.iter().zip(shares).enumerate() {
         if m.failed.is_some() {
             continue;
         }
@@ -461,7 +466,7 @@ where
     let t = Instant::now();
     let results = tokio::task::block_in_place(|| stream(&items));
     report.stream_us = Some(micros(t.elapsed()));
-    let mut ids = none.clone();
+    let mut ids: Vec<Option<String>> = vec![None; members.len()];
     for (k, i) in owners.iter().enumerate() {
         match results.get(k) {
             Some(Ok(id)) => ids[*i] = Some(id.clone()),

@@ -18,7 +18,8 @@ use super::{failure_text, Member};
 use crate::error::{Error, ErrorKind};
 use crate::guest::Call;
 use crate::inventory::Policy;
-use crate::provider::{micros, Prepared, Snap};
+use crate::micros;
+use crate::provider::{Prepared, Snap};
 
 pub(super) struct Outcome {
     pub members: Vec<Member>,

@@ -1,7 +1,7 @@
 //! A backup: every image streamed through the engine into the chunk
 //! store at once, then an index per image, one `syncfs`, and the manifest.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -143,48 +143,47 @@ fn disk_names(sources: &[PathBuf]) -> Vec<String> {
     names
 }
 
-/// What a backup can know before it starts: the chunks a VM's last
-/// snapshot references that are in the store. A coordinator loads it
+/// What backups can know before they start: for each VM, the chunks its
+/// last snapshot references that are in the store. A coordinator loads it
 /// before it freezes anything; the repository's shared lock is held from
-/// then on, so gc cannot remove those chunks before the backup names them.
+/// then on, so gc cannot remove those chunks before the backups name them.
 #[derive(Debug)]
 pub struct Preloaded {
     _lock: super::Lock,
-    pub known: HashSet<blake3::Hash>,
-    /// The snapshot they came from.
-    pub from: Option<String>,
+    pub known: HashMap<String, HashSet<blake3::Hash>>,
 }
 
 impl Repository {
-    /// The chunks of `vm`'s newest readable snapshot that are present. A
-    /// damaged index only means less is known: those chunks are looked up
-    /// as the backup meets them, as without a preload.
-    pub fn preload(&self, vm: &str) -> Result<Preloaded> {
+    /// The chunks of each of `vms`' newest readable snapshot that are
+    /// present, the snapshots listed once for all of them. A damaged index
+    /// only means less is known: those chunks are looked up as the backup
+    /// meets them, as without a preload.
+    pub fn preload(&self, vms: &[&str]) -> Result<Preloaded> {
         let lock = self.lock_shared()?;
-        let last = self
-            .list()?
-            .into_iter()
-            .rev()
-            .find_map(|l| l.manifest.ok().filter(|m| m.vm == vm));
-        let mut known = HashSet::new();
-        if let Some(m) = &last {
+        let mut last: HashMap<String, Manifest> = HashMap::new();
+        // Oldest first, so each VM ends with its newest.
+        for m in self.list()?.into_iter().filter_map(|l| l.manifest.ok()) {
+            if vms.contains(&m.vm.as_str()) {
+                last.insert(m.vm.clone(), m);
+            }
+        }
+        let mut known = HashMap::new();
+        for (vm, m) in last {
+            let mut chunks = HashSet::new();
             for d in &m.disks {
                 let Ok(index) = self.read_index(&d.index) else {
                     continue;
                 };
                 for e in index.entries {
                     if let Entry::Data(h) = e {
-                        known.insert(h);
+                        chunks.insert(h);
                     }
                 }
             }
-            known.retain(|h| self.has_chunk(h).unwrap_or(false));
+            chunks.retain(|h| self.has_chunk(h).unwrap_or(false));
+            known.insert(vm, chunks);
         }
-        Ok(Preloaded {
-            _lock: lock,
-            known,
-            from: last.map(|m| m.id),
-        })
+        Ok(Preloaded { _lock: lock, known })
     }
 }
 
