@@ -21,7 +21,7 @@ use crate::FormatArg;
 pub enum OutFormat {
     /// Keep the source's format: raw stays raw, a fixed VHD is copied byte
     /// for byte, dynamic and differencing become a dynamic VHD (a chain is
-    /// flattened).
+    /// flattened), a VHDX stays a VHDX (fixed or dynamic).
     #[default]
     Same,
     /// A raw image, sparse where the source is unallocated or zero.
@@ -30,13 +30,18 @@ pub enum OutFormat {
     Fixed,
     /// A dynamic VHD with blocks only where the source holds data.
     Dynamic,
+    /// A dynamic VHDX with blocks only where the source holds data.
+    Vhdx,
+    /// A fixed VHDX: every block allocated (unwritten ones as holes).
+    VhdxFixed,
 }
 
 #[derive(Debug, clap::Args)]
 #[command(after_long_help = "\
 Each target is DIR/NAME, written as DIR/.NAME.vsnap-tmp and renamed when
 every copy is complete and flushed; on failure no partial file is left.
-NAME is the source's file name, with .raw or .vhd when the format changes.
+NAME is the source's file name, with .raw, .vhd or .vhdx when the format
+changes.
 DIR/B3SUMS gets one line per copied file, in b3sum's format, so
   cd DIR && b3sum -c B3SUMS
 checks the copy with a stock tool. The digest printed for each image is its
@@ -102,6 +107,7 @@ fn target_name(source: &Path, format: TargetFormat, same: bool) -> Result<String
         .map_or_else(|| name.to_string_lossy(), |s| s.to_string_lossy());
     Ok(match format {
         TargetFormat::Raw => format!("{stem}.raw"),
+        TargetFormat::FixedVhdx | TargetFormat::DynamicVhdx => format!("{stem}.vhdx"),
         _ => format!("{stem}.vhd"),
     })
 }
@@ -114,6 +120,8 @@ impl OutFormat {
             OutFormat::Raw => Some(TargetFormat::Raw),
             OutFormat::Fixed => Some(TargetFormat::FixedVhd),
             OutFormat::Dynamic => Some(TargetFormat::DynamicVhd),
+            OutFormat::Vhdx => Some(TargetFormat::DynamicVhdx),
+            OutFormat::VhdxFixed => Some(TargetFormat::FixedVhdx),
         }
     }
 }
@@ -123,6 +131,8 @@ pub fn format_name(f: TargetFormat) -> &'static str {
         TargetFormat::Raw => "raw",
         TargetFormat::FixedVhd => "fixed",
         TargetFormat::DynamicVhd => "dynamic",
+        TargetFormat::FixedVhdx => "vhdx-fixed",
+        TargetFormat::DynamicVhdx => "vhdx",
     }
 }
 

@@ -7,6 +7,8 @@ use std::process::ExitCode;
 use anyhow::{bail, Result};
 use clap::ValueEnum;
 use vsnap_engine::format::vhd::{self, CreateOptions, DiskType};
+use vsnap_engine::format::vhdx::write::ParentLink;
+use vsnap_engine::format::vhdx::{NewVhdx, VhdxIdentity, VhdxImage, VhdxWriter};
 use vsnap_engine::format::DiskImage;
 
 use crate::units::{human, parse_size};
@@ -21,16 +23,29 @@ enum TypeArg {
     Differencing,
 }
 
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ContainerArg {
+    Vhd,
+    Vhdx,
+}
+
 #[derive(Debug, clap::Args)]
 #[command(after_long_help = "\
-Sizes take binary units: 512K, 64M, 10G, 2040G (the VHD maximum). The size
-is kept exact: when no C/H/S geometry represents it exactly, the maximum
+Sizes take binary units: 512K, 64M, 10G, 2040G (the VHD maximum). A VHD's
+size is kept exact: when no C/H/S geometry represents it exactly, the maximum
 geometry 65535/16/255 is recorded, which tells qemu, Hyper-V and vsnap to use
 the size field, so every reader agrees on the size.
+
+The container is VHDX when --format vhdx is given or the path ends in .vhdx
+or .avhdx, VHD otherwise. A VHDX's block size defaults to qemu's choice (8M up
+to 1G, 16M up to 100G, 32M above); a differencing VHDX links to its parent's
+DataWriteGuid and records its relative and absolute path.
 
 Examples:
   vsnap create --type dynamic --size 64G vm.vhd
   vsnap create --type differencing --parent vm.vhd vm-snap.vhd
+  vsnap create --type dynamic --size 64G vm.vhdx
+  vsnap create --type differencing --parent vm.vhdx vm-snap.avhdx
 
 Exit codes:
   0  success
@@ -46,10 +61,14 @@ pub struct Args {
     /// parent's).
     #[arg(long, short = 's', value_parser = parse_size)]
     size: Option<u64>,
-    /// Block size of a dynamic or differencing disk: a power of two of at
-    /// least 4K (the format allows less, but qemu misreads smaller blocks).
-    #[arg(long, value_parser = parse_size, default_value = "2M")]
-    block_size: u64,
+    /// Block size: for a VHD a power of two of at least 4K (the format
+    /// allows less, but qemu misreads smaller blocks), 2M by default; for a
+    /// VHDX a power of two from 1M to 256M.
+    #[arg(long, value_parser = parse_size)]
+    block_size: Option<u64>,
+    /// The container; by default from the path's extension.
+    #[arg(long, value_enum)]
+    format: Option<ContainerArg>,
     /// The parent of a differencing disk; the child records its relative and
     /// absolute path.
     #[arg(long, short = 'p')]
@@ -73,25 +92,36 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
         (_, Some(size)) => size,
         (_, None) => bail!("--size is required for a {} disk", disk_type.name()),
     };
-    if disk_type == DiskType::Fixed && args.parent.is_some() {
+    if disk_type != DiskType::Differencing && args.parent.is_some() {
         bail!("--parent applies only to --type differencing");
     }
-    let Ok(block_size) = u32::try_from(args.block_size) else {
-        bail!("--block-size {} is too large", args.block_size);
+    let block_size = match args.block_size.map(u32::try_from) {
+        Some(Ok(b)) => Some(b),
+        Some(Err(_)) => bail!("--block-size {} is too large", args.block_size.unwrap_or(0)),
+        None => None,
     };
-    let mut opts = CreateOptions::new(disk_type, size);
-    opts.block_size = block_size;
-    opts.parent.clone_from(&args.parent);
-    let image = vhd::create(&args.path, &opts)?;
-    let info = image.info()?;
+    let ext = args.path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    let vhdx = match args.format {
+        Some(f) => matches!(f, ContainerArg::Vhdx),
+        None => ext.eq_ignore_ascii_case("vhdx") || ext.eq_ignore_ascii_case("avhdx"),
+    };
+    let info = if vhdx {
+        create_vhdx(args, disk_type, size, block_size)?
+    } else {
+        let mut opts = CreateOptions::new(disk_type, size);
+        opts.block_size = block_size.unwrap_or(2 << 20);
+        opts.parent.clone_from(&args.parent);
+        vhd::create(&args.path, &opts)?.info()?
+    };
     if args.json {
         writeln!(out, "{}", serde_json::to_string_pretty(&info)?)?;
     } else {
         writeln!(
             out,
-            "created {}: {} VHD, {} ({} bytes){}",
+            "created {}: {} {}, {} ({} bytes){}",
             args.path.display(),
             disk_type.name(),
+            if vhdx { "VHDX" } else { "VHD" },
             human(info.virtual_size),
             info.virtual_size,
             args.parent
@@ -100,4 +130,35 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
         )?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn create_vhdx(
+    args: &Args,
+    disk_type: DiskType,
+    size: u64,
+    block_size: Option<u32>,
+) -> Result<vsnap_engine::format::ImageInfo> {
+    let new = match (disk_type, &args.parent) {
+        (DiskType::Differencing, Some(parent)) => {
+            let (link, mut id, size) = ParentLink::to(parent, &args.path)?;
+            if let Some(b) = block_size {
+                id.block_size = b;
+            }
+            let mut new = NewVhdx::new(size, id);
+            new.parent = Some(link);
+            new
+        }
+        (DiskType::Differencing, None) => bail!("--parent is required for a differencing disk"),
+        _ => {
+            let mut id = VhdxIdentity::new(size);
+            id.fixed = disk_type == DiskType::Fixed;
+            if let Some(b) = block_size {
+                id.block_size = b;
+            }
+            NewVhdx::new(size, id)
+        }
+    };
+    let mut writer = VhdxWriter::create(&args.path, new, &[])?;
+    writer.finish()?;
+    Ok(VhdxImage::open(&args.path)?.info()?)
 }

@@ -70,12 +70,15 @@ fn print_info(out: &mut dyn Write, i: &ImageInfo) -> std::io::Result<()> {
             g.cylinders, g.heads, g.sectors_per_track
         )?;
     }
-    if let Some(c) = &i.creator {
-        writeln!(
+    match &i.creator {
+        // A VHDX records its creator as one free-form string.
+        Some(c) if i.vhdx.is_some() => writeln!(out, "creator:        {:?}", c.application)?,
+        Some(c) => writeln!(
             out,
             "creator:        {:?} version {} on {:?}",
             c.application, c.version, c.host_os
-        )?;
+        )?,
+        None => {}
     }
     if let Some(bs) = i.block_size {
         writeln!(out, "block size:     {}", human(bs.into()))?;
@@ -94,6 +97,21 @@ fn print_info(out: &mut dyn Write, i: &ImageInfo) -> std::io::Result<()> {
     )?;
     if let Some(id) = i.unique_id {
         writeln!(out, "unique id:      {id}")?;
+    }
+    if let Some(x) = &i.vhdx {
+        writeln!(
+            out,
+            "sectors:        {} logical, {} physical",
+            x.logical_sector_size, x.physical_sector_size
+        )?;
+        writeln!(out, "data write id:  {}", x.data_write_guid)?;
+        if !x.log_guid.is_nil() {
+            writeln!(
+                out,
+                "log:            {} ({} entries replayed in memory)",
+                x.log_guid, x.replayed_log_entries
+            )?;
+        }
     }
     if let Some(ts) = i.timestamp {
         let t = UNIX_EPOCH + Duration::from_secs(ts);

@@ -97,6 +97,7 @@ pub enum FormatArg {
     #[default]
     Auto,
     Vhd,
+    Vhdx,
     Raw,
 }
 
@@ -117,6 +118,7 @@ impl FormatArg {
         match self {
             Self::Auto => None,
             Self::Vhd => Some(ImageFormat::Vhd),
+            Self::Vhdx => Some(ImageFormat::Vhdx),
             Self::Raw => Some(ImageFormat::Raw),
         }
     }

@@ -86,8 +86,11 @@ pub enum ErrorKind {
     },
     #[error("loop in the parent chain: {} is already in the chain", .path.display())]
     ParentLoop { path: PathBuf },
-    #[error("parent {} is not a VHD (a VHD's parent must be one)", .path.display())]
-    ParentNotVhd { path: PathBuf },
+    #[error("parent {} is not a {expected} (a {expected}'s parent must be one)", .path.display())]
+    ParentWrongFormat {
+        path: PathBuf,
+        expected: &'static str,
+    },
     #[error("range {offset}+{len} is outside the virtual disk of {size} bytes")]
     OutOfRange { offset: u64, len: u64, size: u64 },
     #[error("invalid argument: {0}")]
@@ -120,6 +123,8 @@ pub enum ErrorKind {
     NoValidHeader { first: String, second: String },
     #[error("the VHDX has a required {what} {guid} that vsnap does not know, so it cannot be read safely")]
     UnknownRequired { what: &'static str, guid: String },
+    #[error("the VHDX log must be replayed before the image can be read, and cannot be: {reason}")]
+    LogReplay { reason: String },
     /// The message already includes the cause, so it is not also exposed
     /// as `source()` (which would print it twice); match on the kind for it.
     #[error("I/O error: {0}")]

@@ -127,6 +127,7 @@ impl DiskImage for RepoImage<'_> {
             saved_state: self.footer.as_ref().map(|f| f.saved_state != 0),
             parents: Vec::new(),
             warnings: Vec::new(),
+            vhdx: None,
         })
     }
 
@@ -136,6 +137,10 @@ impl DiskImage for RepoImage<'_> {
 
     fn block_size(&self) -> Option<u32> {
         self.disk.identity.block_size
+    }
+
+    fn vhdx_identity(&self) -> Option<crate::format::vhdx::VhdxIdentity> {
+        self.disk.identity.vhdx.clone()
     }
 
     fn layer_paths(&self) -> Vec<PathBuf> {

@@ -220,8 +220,8 @@ fn a_parent_that_is_not_a_vhd_is_refused() {
     differencing(&child, &base, 2 << 20);
     std::fs::write(&base, vec![0u8; 1 << 20]).unwrap();
     let err = VhdImage::open(&child).unwrap_err();
-    let ErrorKind::ParentNotVhd { path } = err.kind() else {
-        panic!("expected ParentNotVhd, got {err}");
+    let ErrorKind::ParentWrongFormat { path, .. } = err.kind() else {
+        panic!("expected ParentWrongFormat, got {err}");
     };
     assert!(path.ends_with("base.vhd"), "{path:?}");
 }

@@ -6,6 +6,7 @@ use serde::Serialize;
 
 use super::vhd::footer::VHD_EPOCH;
 use super::vhd::{DiskType, Geometry, VhdImage, VhdLayer};
+use super::vhdx::{VhdxImage, VhdxLayer};
 use super::{DiskImage, ImageFormat};
 use crate::error::Result;
 
@@ -36,6 +37,22 @@ pub struct ImageInfo {
     /// The parent chain, nearest parent first.
     pub parents: Vec<LayerInfo>,
     pub warnings: Vec<String>,
+    /// What only a VHDX has.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vhdx: Option<VhdxInfo>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VhdxInfo {
+    pub logical_sector_size: u32,
+    pub physical_sector_size: u32,
+    pub data_write_guid: uuid::Uuid,
+    pub file_write_guid: uuid::Uuid,
+    /// Non-nil when the log had to be replayed.
+    pub log_guid: uuid::Uuid,
+    /// Log entries vsnap replayed in memory to read the image.
+    pub replayed_log_entries: usize,
+    pub header_sequence: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -64,6 +81,15 @@ impl Creator {
     }
 }
 
+/// Each layer's warnings, prefixed with its file.
+fn named_warnings<'a>(
+    layers: impl Iterator<Item = (&'a std::path::Path, &'a [String])>,
+) -> Vec<String> {
+    layers
+        .flat_map(|(path, ws)| ws.iter().map(move |w| format!("{}: {w}", path.display())))
+        .collect()
+}
+
 pub(super) fn vhd_info(image: &VhdImage) -> Result<ImageInfo> {
     let top = image.top();
     let footer = top.footer();
@@ -80,15 +106,7 @@ pub(super) fn vhd_info(image: &VhdImage) -> Result<ImageInfo> {
             })
         })
         .collect::<Result<_>>()?;
-    let warnings = image
-        .layers()
-        .iter()
-        .flat_map(|l| {
-            l.warnings()
-                .iter()
-                .map(|w| format!("{}: {w}", l.path().display()))
-        })
-        .collect();
+    let warnings = named_warnings(image.layers().iter().map(|l| (l.path(), l.warnings())));
     Ok(ImageInfo {
         path: top.path().to_path_buf(),
         format: ImageFormat::Vhd,
@@ -104,5 +122,68 @@ pub(super) fn vhd_info(image: &VhdImage) -> Result<ImageInfo> {
         saved_state: Some(footer.saved_state != 0),
         parents,
         warnings,
+        vhdx: None,
+    })
+}
+
+fn vhdx_type(layer: &VhdxLayer) -> DiskType {
+    if layer.is_differencing() {
+        DiskType::Differencing
+    } else if layer.metadata().leave_blocks_allocated {
+        DiskType::Fixed
+    } else {
+        DiskType::Dynamic
+    }
+}
+
+pub(super) fn vhdx_info(image: &VhdxImage) -> Result<ImageInfo> {
+    use super::layered::Layer;
+    let top = image.top();
+    let m = top.metadata();
+    let h = top.header();
+    let parents = image
+        .layers()
+        .iter()
+        .skip(1)
+        .map(|l| {
+            Ok(LayerInfo {
+                path: l.path().to_path_buf(),
+                disk_type: vhdx_type(l),
+                // What a child's parent_linkage names, so a chain can be
+                // checked by eye.
+                unique_id: l.header().data_write_guid.to_uuid(),
+                allocated_bytes: l.own_map()?.data_bytes(),
+            })
+        })
+        .collect::<Result<_>>()?;
+    let warnings = named_warnings(image.layers().iter().map(|l| (l.path(), l.warnings())));
+    Ok(ImageInfo {
+        path: top.path().to_path_buf(),
+        format: ImageFormat::Vhdx,
+        disk_type: vhdx_type(top),
+        virtual_size: image.virtual_size(),
+        file_size: top.file_len()?,
+        allocated_bytes: top.own_map()?.data_bytes(),
+        geometry: None,
+        creator: Some(Creator {
+            application: top.creator().to_owned(),
+            version: String::new(),
+            host_os: String::new(),
+        }),
+        block_size: Some(m.block_size),
+        unique_id: m.page83.map(|g| g.to_uuid()),
+        timestamp: None,
+        saved_state: None,
+        parents,
+        warnings,
+        vhdx: Some(VhdxInfo {
+            logical_sector_size: m.logical_sector_size,
+            physical_sector_size: m.physical_sector_size,
+            data_write_guid: h.data_write_guid.to_uuid(),
+            file_write_guid: h.file_write_guid.to_uuid(),
+            log_guid: h.log_guid.to_uuid(),
+            replayed_log_entries: top.replayed_entries(),
+            header_sequence: h.sequence,
+        }),
     })
 }

@@ -7,6 +7,7 @@
 
 pub mod extent;
 mod info;
+pub mod layered;
 pub mod raw;
 pub mod vhd;
 pub mod vhdx;
@@ -16,7 +17,7 @@ use std::path::Path;
 use serde::Serialize;
 
 pub use extent::{AllocationMap, Extent, ExtentKind};
-pub use info::{Creator, ImageInfo, LayerInfo};
+pub use info::{Creator, ImageInfo, LayerInfo, VhdxInfo};
 
 use crate::error::Result;
 
@@ -25,6 +26,7 @@ use crate::error::Result;
 pub enum ImageFormat {
     Raw,
     Vhd,
+    Vhdx,
 }
 
 impl ImageFormat {
@@ -32,6 +34,7 @@ impl ImageFormat {
         match self {
             Self::Raw => "raw",
             Self::Vhd => "vhd",
+            Self::Vhdx => "vhdx",
         }
     }
 }
@@ -56,6 +59,11 @@ pub trait DiskImage: Send + Sync + std::fmt::Debug {
     /// The block size of a block-structured image (a dynamic VHD's), so a
     /// copy can keep it without building the image's info.
     fn block_size(&self) -> Option<u32> {
+        None
+    }
+    /// The VHDX container's identity, so a copy or restore to VHDX keeps
+    /// it; `None` for other formats.
+    fn vhdx_identity(&self) -> Option<vhdx::VhdxIdentity> {
         None
     }
     /// The files behind the image, in the layer order of its allocation
@@ -100,10 +108,55 @@ impl DiskImage for vhd::VhdImage {
     }
 }
 
-/// Works out an image's format from its bytes: a VHD footer at the end (or
-/// its copy at the start) means VHD; anything else is raw.
+impl DiskImage for vhdx::VhdxImage {
+    fn format(&self) -> ImageFormat {
+        ImageFormat::Vhdx
+    }
+
+    fn virtual_size(&self) -> u64 {
+        vhdx::VhdxImage::virtual_size(self)
+    }
+
+    fn allocation_map(&self) -> Result<AllocationMap> {
+        vhdx::VhdxImage::allocation_map(self)
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        vhdx::VhdxImage::read_at(self, buf, offset)
+    }
+
+    fn info(&self) -> Result<ImageInfo> {
+        info::vhdx_info(self)
+    }
+
+    fn block_size(&self) -> Option<u32> {
+        Some(self.top().metadata().block_size)
+    }
+
+    fn vhdx_identity(&self) -> Option<vhdx::VhdxIdentity> {
+        Some(vhdx::VhdxIdentity::of(self.top()))
+    }
+
+    /// None when a log was replayed: the files then are not what the disk
+    /// reads as, so the engine reads through [`DiskImage::read_at`].
+    fn layer_paths(&self) -> Vec<std::path::PathBuf> {
+        if self.replayed() {
+            return Vec::new();
+        }
+        self.layers()
+            .iter()
+            .map(|l| l.path().to_path_buf())
+            .collect()
+    }
+}
+
+/// Works out an image's format from its bytes: `vhdxfile` at the start
+/// means VHDX; a VHD footer at the end (or its copy at the start) means
+/// VHD; anything else is raw.
 pub fn detect(path: &Path) -> Result<ImageFormat> {
-    Ok(if vhd::file_looks_like_vhd(path)? {
+    Ok(if vhdx::file_looks_like_vhdx(path)? {
+        ImageFormat::Vhdx
+    } else if vhd::file_looks_like_vhd(path)? {
         ImageFormat::Vhd
     } else {
         ImageFormat::Raw
@@ -112,7 +165,7 @@ pub fn detect(path: &Path) -> Result<ImageFormat> {
 
 /// Opens an image read-only, detecting its format unless one is given.
 ///
-/// A file that looks like a VHD but fails to parse is an error, never
+/// A file that looks like a VHD or VHDX but fails to parse is an error, never
 /// silently treated as raw: that would back up a corrupt image's container
 /// bytes as if they were the disk.
 pub fn open(path: &Path, format: Option<ImageFormat>) -> Result<Box<dyn DiskImage>> {
@@ -122,6 +175,7 @@ pub fn open(path: &Path, format: Option<ImageFormat>) -> Result<Box<dyn DiskImag
     };
     Ok(match format {
         ImageFormat::Vhd => Box::new(vhd::VhdImage::open(path)?),
+        ImageFormat::Vhdx => Box::new(vhdx::VhdxImage::open(path)?),
         ImageFormat::Raw => Box::new(raw::RawImage::open(path)?),
     })
 }

@@ -81,6 +81,7 @@ impl DiskImage for RawImage {
             saved_state: None,
             parents: Vec::<LayerInfo>::new(),
             warnings: Vec::new(),
+            vhdx: None,
         })
     }
 }

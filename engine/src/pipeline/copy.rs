@@ -19,6 +19,7 @@ use crate::digest::update_zeros;
 use crate::error::{Error, ErrorKind, Result, ResultExt};
 use crate::format::vhd::create::{plan_footer, CreateOptions, DEFAULT_BLOCK_SIZE};
 use crate::format::vhd::{DiskType, PreallocatedVhd};
+use crate::format::vhdx::{NewVhdx, VhdxIdentity, VhdxWriter};
 use crate::format::{AllocationMap, DiskImage, ExtentKind, ImageFormat};
 use crate::io::Storage;
 
@@ -28,17 +29,28 @@ pub enum TargetFormat {
     Raw,
     FixedVhd,
     DynamicVhd,
+    FixedVhdx,
+    DynamicVhdx,
 }
 
 impl TargetFormat {
     /// `same` for a source: raw stays raw, fixed stays fixed, dynamic and
-    /// differencing become dynamic (a differencing chain is flattened).
+    /// differencing become dynamic (a differencing chain is flattened),
+    /// VHD stays VHD and VHDX stays VHDX.
     pub fn same_as(image: &dyn DiskImage) -> TargetFormat {
         match (image.format(), image.vhd_footer().map(|f| f.disk_type)) {
             (ImageFormat::Raw, _) => TargetFormat::Raw,
+            (ImageFormat::Vhdx, _) => match image.vhdx_identity() {
+                Some(id) if id.fixed => TargetFormat::FixedVhdx,
+                _ => TargetFormat::DynamicVhdx,
+            },
             (_, Some(DiskType::Fixed)) => TargetFormat::FixedVhd,
             _ => TargetFormat::DynamicVhd,
         }
+    }
+
+    pub fn is_vhdx(self) -> bool {
+        matches!(self, TargetFormat::FixedVhdx | TargetFormat::DynamicVhdx)
     }
 }
 
@@ -69,6 +81,64 @@ enum Writer {
     /// Raw and fixed VHD: the disk's bytes sit at their own offsets.
     Flat(File),
     Dynamic(Box<PreallocatedVhd>),
+    Vhdx(Box<VhdxWriter>),
+}
+
+/// A block-structured target's file, as the hasher walks it: the bytes
+/// before the first block, then each placed block (after its own
+/// per-block header, a VHD's sector bitmap), then a trailer.
+struct Shape<'a> {
+    prefix: &'a [u8],
+    block_size: u64,
+    placed: &'a [u64],
+    per_block: Vec<u8>,
+    suffix: &'a [u8],
+}
+
+impl Writer {
+    fn shape(&self) -> Option<Shape<'_>> {
+        match self {
+            Writer::Flat(_) => None,
+            Writer::Dynamic(v) => Some(Shape {
+                prefix: v.prefix(),
+                block_size: v.block_size(),
+                placed: v.placed_blocks(),
+                per_block: vec![0xFF; v.bitmap_size() as usize],
+                suffix: v.footer_bytes(),
+            }),
+            Writer::Vhdx(v) => Some(Shape {
+                prefix: v.prefix(),
+                block_size: v.block_size(),
+                placed: v.placed_blocks(),
+                per_block: Vec::new(),
+                suffix: &[],
+            }),
+        }
+    }
+
+    fn write_at(&self, tmp: &Path, buf: &[u8], offset: u64) -> Result<()> {
+        match self {
+            Writer::Flat(f) => f.write_all_at(buf, offset).ctx(tmp, offset, "write copy"),
+            Writer::Dynamic(v) => v.write_at(buf, offset),
+            Writer::Vhdx(v) => v.write_at(buf, offset),
+        }
+    }
+
+    fn start_writeback(&self) {
+        match self {
+            Writer::Flat(f) => crate::io::start_writeback(f),
+            Writer::Dynamic(v) => v.start_writeback(),
+            Writer::Vhdx(v) => v.start_writeback(),
+        }
+    }
+
+    fn sync(&self, tmp: &Path) -> Result<()> {
+        match self {
+            Writer::Flat(f) => f.sync().ctx_file(tmp, "flush copy"),
+            Writer::Dynamic(v) => v.sync(),
+            Writer::Vhdx(v) => v.sync(),
+        }
+    }
 }
 
 struct Target {
@@ -156,21 +226,12 @@ impl TargetWriter<'_> {
             }
             let (from, to) = (e.offset.max(start), e.end().min(end));
             let piece = &data[(from - start) as usize..(to - start) as usize];
-            match &self.target.writer {
-                Writer::Flat(f) => {
-                    f.write_all_at(piece, from)
-                        .ctx(&self.target.tmp, from, "write copy")?
-                }
-                Writer::Dynamic(v) => v.write_at(piece, from)?,
-            }
+            self.target.writer.write_at(&self.target.tmp, piece, from)?;
             self.written += to - from;
         }
         if self.written - self.kicked >= WRITEBACK_EVERY {
             self.kicked = self.written;
-            match &self.target.writer {
-                Writer::Flat(f) => crate::io::start_writeback(f),
-                Writer::Dynamic(v) => v.start_writeback(),
-            }
+            self.target.writer.start_writeback();
         }
         Ok(())
     }
@@ -186,27 +247,25 @@ struct FileHasher<'a> {
     hasher: blake3::Hasher,
     /// For a dynamic target: the next placed block not yet fully hashed.
     block_cursor: usize,
-    /// A block's sector bitmap as the file holds it: all present.
-    bitmap: Vec<u8>,
+    shape: Option<Shape<'a>>,
 }
 
 impl<'a> FileHasher<'a> {
     fn new(target: &'a Target, size: u64) -> Option<Self> {
+        if target.format == TargetFormat::Raw {
+            return None;
+        }
         let mut hasher = blake3::Hasher::new();
-        let bitmap = match &target.writer {
-            Writer::Flat(_) if target.format == TargetFormat::Raw => return None,
-            Writer::Flat(_) => Vec::new(),
-            Writer::Dynamic(v) => {
-                hasher.update(v.prefix());
-                vec![0xFF; v.bitmap_size() as usize]
-            }
-        };
+        let shape = target.writer.shape();
+        if let Some(s) = &shape {
+            hasher.update(s.prefix);
+        }
         Some(Self {
             target,
             size,
             hasher,
             block_cursor: 0,
-            bitmap,
+            shape,
         })
     }
 
@@ -225,18 +284,17 @@ impl<'a> FileHasher<'a> {
             }
             None => update_zeros(h, to - from),
         };
-        match &self.target.writer {
-            Writer::Flat(_) => feed(&mut self.hasher, start, end),
-            Writer::Dynamic(v) => {
-                let bs = v.block_size();
-                let placed = v.placed_blocks();
-                while let Some(&b) = placed.get(self.block_cursor) {
+        match &self.shape {
+            None => feed(&mut self.hasher, start, end),
+            Some(shape) => {
+                let bs = shape.block_size;
+                while let Some(&b) = shape.placed.get(self.block_cursor) {
                     let (b_start, b_end) = (b * bs, (b + 1) * bs);
                     if b_start >= end {
                         break;
                     }
                     if b_start >= start {
-                        self.hasher.update(&self.bitmap);
+                        self.hasher.update(&shape.per_block);
                     }
                     let (from, to) = (b_start.max(start), b_end.min(end));
                     feed(&mut self.hasher, from, to);
@@ -251,19 +309,19 @@ impl<'a> FileHasher<'a> {
     }
 
     fn finish(mut self) -> blake3::Hash {
-        match &self.target.writer {
-            Writer::Flat(_) => {
+        match &self.shape {
+            None => {
                 if let Some(footer) = &self.target.footer {
                     self.hasher.update(footer);
                 }
             }
-            Writer::Dynamic(v) => {
+            Some(shape) => {
                 // The last block's data area runs past the end of the disk.
-                if let Some(&last) = v.placed_blocks().last() {
-                    let end = (last + 1) * v.block_size();
+                if let Some(&last) = shape.placed.last() {
+                    let end = (last + 1) * shape.block_size;
                     update_zeros(&mut self.hasher, end.saturating_sub(self.size));
                 }
-                self.hasher.update(v.footer_bytes());
+                self.hasher.update(shape.suffix);
             }
         }
         self.hasher.finalize()
@@ -345,7 +403,37 @@ fn open_target(
                 None,
             ))
         }
+        TargetFormat::FixedVhdx | TargetFormat::DynamicVhdx => {
+            let mut id = vhdx_identity_for(image);
+            id.fixed = spec.format == TargetFormat::FixedVhdx;
+            let blocks = data_blocks(map, u64::from(id.block_size));
+            let new = NewVhdx::new(size, id);
+            Ok((
+                Writer::Vhdx(Box::new(VhdxWriter::create(tmp, new, &blocks)?)),
+                None,
+            ))
+        }
     }
+}
+
+/// A VHDX target's identity: a VHDX source's own; otherwise a new one,
+/// keeping a VHD's unique id as the disk's page 83 identity and its block
+/// size where VHDX allows it.
+fn vhdx_identity_for(image: &dyn DiskImage) -> VhdxIdentity {
+    if let Some(id) = image.vhdx_identity() {
+        return id;
+    }
+    let mut id = VhdxIdentity::new(image.virtual_size());
+    if let Some(f) = image.vhd_footer() {
+        id.page83 = uuid::Uuid::from_bytes(f.unique_id);
+    }
+    if let Some(bs) = image
+        .block_size()
+        .filter(|b| b.is_power_of_two() && (1 << 20..=256 << 20).contains(b))
+    {
+        id.block_size = bs;
+    }
+    id
 }
 
 /// Copies `images[i]` to `specs[i].target`, all in parallel. Targets must
@@ -448,10 +536,7 @@ pub fn copy_images(
             }
         }
         for t in &targets {
-            match &t.writer {
-                Writer::Flat(f) => f.sync().ctx_file(&t.tmp, "flush copy")?,
-                Writer::Dynamic(v) => v.sync()?,
-            }
+            t.writer.sync(&t.tmp)?;
         }
         Ok((digests, files))
     })();

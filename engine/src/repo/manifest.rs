@@ -48,6 +48,10 @@ pub struct Identity {
     /// The VHD footer's 512 bytes in hex: a fixed VHD restores byte for
     /// byte from it, and a dynamic one keeps its identity.
     pub vhd_footer: Option<String>,
+    /// A VHDX's container identity (absent for other formats, and in
+    /// manifests written before vsnap read VHDX).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vhdx: Option<crate::format::vhdx::VhdxIdentity>,
 }
 
 impl Identity {
@@ -60,6 +64,7 @@ impl Identity {
             unique_id: footer.as_ref().map(|f| uuid::Uuid::from_bytes(f.unique_id)),
             block_size: image.block_size(),
             vhd_footer: footer.map(|f| hex(&f.to_bytes())),
+            vhdx: image.vhdx_identity(),
         }
     }
 

@@ -8,24 +8,16 @@
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::header::{decode_locator, LocatorPath};
 use super::layer::VhdLayer;
-use crate::error::{Error, ErrorKind, Result, ResultExt};
+use crate::error::Result;
+use crate::format::layered::{open_parent as open_parent_of, without_dots, FileId, ParentRules};
 
 /// The longest locator we read; real ones are a path, a few hundred bytes.
 const MAX_LOCATOR_BYTES: u32 = 64 * 1024;
-
-/// Identifies a file across names (hard links, `..` detours).
-pub type FileId = (u64, u64);
-
-pub fn file_id(file: &File, path: &Path) -> Result<FileId> {
-    let meta = file.metadata().ctx_file(path, "stat VHD")?;
-    Ok((meta.dev(), meta.ino()))
-}
 
 /// The paths a child's header points at, most specific first.
 pub fn parent_candidates(child: &VhdLayer) -> Vec<PathBuf> {
@@ -74,68 +66,18 @@ pub fn parent_candidates(child: &VhdLayer) -> Vec<PathBuf> {
     out
 }
 
-/// Drops `.` components, so `dir/./base.vhd` reads as `dir/base.vhd`.
-fn without_dots(path: &Path) -> PathBuf {
-    path.components()
-        .filter(|c| !matches!(c, std::path::Component::CurDir))
-        .collect()
-}
-
 /// Opens the parent of `child`, refusing loops and foreign unique ids.
 pub fn open_parent(child: &VhdLayer, chain: &mut HashSet<FileId>) -> Result<VhdLayer> {
     let expected = child
         .sparse()
         .map(|s| s.header.parent_unique_id)
         .unwrap_or_default();
-    let mut tried = Vec::new();
-    let mut first_error: Option<Error> = None;
-    for candidate in parent_candidates(child) {
-        let file = match File::open(&candidate) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                tried.push(candidate);
-                continue;
-            }
-            Err(e) => {
-                first_error.get_or_insert(Error::io(e).in_file(&candidate).during("open parent"));
-                continue;
-            }
-        };
-        let id = file_id(&file, &candidate)?;
-        if chain.contains(&id) {
-            return Err(Error::from(ErrorKind::ParentLoop { path: candidate })
-                .in_file(child.path())
-                .during("resolve parent"));
-        }
-        if !super::looks_like_vhd(&file).unwrap_or(false) {
-            first_error.get_or_insert(
-                Error::from(ErrorKind::ParentNotVhd {
-                    path: candidate.clone(),
-                })
-                .in_file(child.path())
-                .during("resolve parent"),
-            );
-            continue;
-        }
-        let layer = VhdLayer::open(Arc::new(file), &candidate, false)?;
-        if layer.footer().unique_id != expected {
-            first_error.get_or_insert(
-                Error::from(ErrorKind::ParentIdMismatch {
-                    parent: candidate.clone(),
-                    expected: uuid::Uuid::from_bytes(expected),
-                    found: uuid::Uuid::from_bytes(layer.footer().unique_id),
-                })
-                .in_file(child.path())
-                .during("resolve parent"),
-            );
-            continue;
-        }
-        chain.insert(id);
-        return Ok(layer);
-    }
-    Err(first_error.unwrap_or_else(|| {
-        Error::from(ErrorKind::MissingParent { tried })
-            .in_file(child.path())
-            .during("resolve parent")
-    }))
+    let rules = ParentRules {
+        format: "VHD",
+        looks_like: &|f: &File| super::looks_like_vhd(f).unwrap_or(false),
+        open: &|f: File, p: &Path| VhdLayer::open(Arc::new(f), p, false),
+        expected: uuid::Uuid::from_bytes(expected),
+        identity: &|l: &VhdLayer| uuid::Uuid::from_bytes(l.footer().unique_id),
+    };
+    open_parent_of(child.path(), parent_candidates(child), chain, &rules)
 }

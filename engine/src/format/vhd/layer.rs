@@ -11,9 +11,8 @@ use crate::error::{Error, ErrorKind, Result, ResultExt};
 use crate::format::extent::{AllocationMap, MapBuilder};
 use crate::io::Storage;
 
-/// Where the sectors a layer does not hold come from: the parent for a
-/// differencing disk, zeros otherwise.
-pub type Below<'a> = dyn FnMut(&mut [u8], u64) -> Result<()> + 'a;
+pub use crate::format::layered::Below;
+use crate::format::layered::{pieces, read_struct};
 
 /// The sparse part of a dynamic or differencing layer.
 #[derive(Debug, Clone)]
@@ -51,19 +50,7 @@ fn read(
     at: u64,
     what: &'static str,
 ) -> Result<()> {
-    storage.read_exact_at(buf, at).map_err(|e| {
-        let kind = if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            ErrorKind::Truncated {
-                what,
-                needed: buf.len() as u64,
-                at,
-                available: storage.len().unwrap_or(0).saturating_sub(at),
-            }
-        } else {
-            ErrorKind::Io(e)
-        };
-        Error::from(kind).in_file(path).at(at).during("read VHD")
-    })
+    read_struct(storage, buf, at, what).map_err(|e| e.in_file(path).during("read VHD"))
 }
 
 impl VhdLayer {
@@ -166,12 +153,9 @@ impl VhdLayer {
             return read(&*self.storage, &self.path, buf, offset, "fixed VHD data");
         };
         let bs = s.block_size();
-        let mut done = 0usize;
-        while done < buf.len() {
-            let pos = offset + done as u64;
-            let (blk, in_blk) = (pos / bs, pos % bs);
-            let n = (bs - in_blk).min((buf.len() - done) as u64) as usize;
-            let out = &mut buf[done..done + n];
+        for p in pieces(offset, buf.len(), bs) {
+            let (blk, in_blk, pos) = (p.block, p.in_block, offset + p.done as u64);
+            let out = &mut buf[p.done..p.done + p.len];
             match s.bat.get(blk as usize).copied().unwrap_or(UNALLOCATED) {
                 UNALLOCATED => below(out, pos)?,
                 entry if !self.honours_bitmaps() => {
@@ -180,7 +164,6 @@ impl VhdLayer {
                 }
                 entry => self.read_through_bitmap(s, entry, blk * bs, in_blk, out, below)?,
             }
-            done += n;
         }
         Ok(())
     }
@@ -270,6 +253,20 @@ impl VhdLayer {
             }
         }
         Ok(map.finish())
+    }
+}
+
+impl crate::format::layered::Layer for VhdLayer {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_own(&self, buf: &mut [u8], offset: u64, below: &mut Below<'_>) -> Result<()> {
+        VhdLayer::read_own(self, buf, offset, below)
+    }
+
+    fn own_map(&self) -> Result<AllocationMap> {
+        VhdLayer::own_map(self)
     }
 }
 

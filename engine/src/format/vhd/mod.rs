@@ -27,6 +27,7 @@ pub use prealloc::PreallocatedVhd;
 
 use crate::error::{Error, ErrorKind, Result, ResultExt};
 use crate::format::extent::AllocationMap;
+use crate::format::layered::{chain_map, file_id, read_chain};
 use crate::io::Storage;
 use footer::{FOOTER_COOKIE, FOOTER_SIZE};
 
@@ -70,7 +71,7 @@ impl VhdImage {
             .write(writable)
             .open(path)
             .ctx_file(path, "open VHD")?;
-        let id = chain::file_id(&file, path)?;
+        let id = file_id(&file, path)?;
         let top = VhdLayer::open(Arc::new(file), path, writable)?;
         let mut seen = HashSet::from([id]);
         Self::from_top(top, &mut |child| chain::open_parent(child, &mut seen))
@@ -137,15 +138,7 @@ impl VhdImage {
 
     /// The merged map of the whole chain, naming the layer of each extent.
     pub fn allocation_map(&self) -> Result<AllocationMap> {
-        let mut layers = self.layers.iter().enumerate().rev();
-        let Some((_, bottom)) = layers.next() else {
-            return Ok(AllocationMap::default());
-        };
-        let mut map = bottom.own_map()?;
-        for (_, layer) in layers {
-            map = layer.own_map()?.overlay(&map, 1);
-        }
-        Ok(map)
+        chain_map(&self.layers)
     }
 
     /// Makes every write so far durable.
@@ -153,41 +146,6 @@ impl VhdImage {
         let top = self.top();
         top.storage.sync().ctx_file(top.path(), "flush VHD")
     }
-}
-
-/// Reads virtual bytes through a chain, `layers[0]` first.
-///
-/// Iterative rather than recursive, so the depth of a chain is bounded by
-/// open files, not by stack: each layer fills what it holds and hands back
-/// the ranges it does not, and the next layer down is asked for those.
-/// Ranges past a (smaller) parent's end, or below the bottom of the
-/// chain, read as zeros.
-fn read_chain(layers: &[VhdLayer], buf: &mut [u8], offset: u64) -> Result<()> {
-    let mut pending: Vec<(usize, usize)> = vec![(0, buf.len())];
-    for layer in layers {
-        if pending.is_empty() {
-            break;
-        }
-        let mut deferred = Vec::new();
-        for (start, len) in pending {
-            let at = offset + start as u64;
-            let inside = layer.size().saturating_sub(at).min(len as u64) as usize;
-            buf[start + inside..start + len].fill(0);
-            if inside == 0 {
-                continue;
-            }
-            let mut defer = |out: &mut [u8], virt: u64| {
-                deferred.push(((virt - offset) as usize, out.len()));
-                Ok(())
-            };
-            layer.read_own(&mut buf[start..start + inside], at, &mut defer)?;
-        }
-        pending = deferred;
-    }
-    for (start, len) in pending {
-        buf[start..start + len].fill(0);
-    }
-    Ok(())
 }
 
 /// Opens a file for detection without holding it open afterwards.

@@ -159,11 +159,9 @@ impl PreallocatedVhd {
     /// Writes virtual-disk bytes. Every block the range touches must have
     /// been placed at creation.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        let mut done = 0usize;
-        while done < buf.len() {
-            let pos = offset + done as u64;
-            let (blk, in_blk) = (pos / self.block_size, pos % self.block_size);
-            let n = (self.block_size - in_blk).min((buf.len() - done) as u64) as usize;
+        for p in crate::format::layered::pieces(offset, buf.len(), self.block_size) {
+            let (blk, in_blk, pos) = (p.block, p.in_block, offset + p.done as u64);
+            let (done, n) = (p.done, p.len);
             let Some(Some(start)) = self.blocks.get(blk as usize) else {
                 return Err(Error::from(ErrorKind::InvalidArgument(format!(
                     "block {blk} was not placed when the copy target was created"
@@ -177,7 +175,6 @@ impl PreallocatedVhd {
                 at,
                 "write VHD block",
             )?;
-            done += n;
         }
         Ok(())
     }

@@ -10,7 +10,7 @@ pub const REGION_TABLE_OFFSET: u64 = 192 << 10;
 pub const REGION_TABLE_2_OFFSET: u64 = 256 << 10;
 pub const HEADER_SIZE: usize = 4096;
 pub const REGION_TABLE_SIZE: usize = 64 << 10;
-const MIB: u64 = 1 << 20;
+pub(super) const MIB: u64 = 1 << 20;
 
 /// A GUID in Microsoft's mixed-endian layout, kept as its 16 bytes.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -61,6 +61,29 @@ impl Guid {
     pub fn is_zero(&self) -> bool {
         self.0 == [0; 16]
     }
+
+    /// The same GUID as a [`uuid::Uuid`] (which prints the same text).
+    pub fn to_uuid(self) -> uuid::Uuid {
+        let b = self.0;
+        let mut d4 = [0u8; 8];
+        d4.copy_from_slice(&b[8..]);
+        uuid::Uuid::from_fields(
+            u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            u16::from_le_bytes([b[4], b[5]]),
+            u16::from_le_bytes([b[6], b[7]]),
+            &d4,
+        )
+    }
+
+    pub fn from_uuid(u: uuid::Uuid) -> Guid {
+        let (d1, d2, d3, d4) = u.as_fields();
+        Guid::from_fields(d1, d2, d3, *d4)
+    }
+
+    /// A new random GUID.
+    pub fn random() -> Guid {
+        Guid::from_uuid(uuid::Uuid::new_v4())
+    }
 }
 
 impl std::fmt::Display for Guid {
@@ -98,7 +121,7 @@ pub const LOGICAL_SECTOR_SIZE: Guid = Guid::parse("8141BF1D-A96F-4709-BA47-F233A
 pub const PHYSICAL_SECTOR_SIZE: Guid = Guid::parse("CDA348C7-445D-4471-9CC9-E9885251C556");
 pub const PARENT_LOCATOR: Guid = Guid::parse("A8D35F2D-B30B-454D-ABF7-D3D84834AB0C");
 
-fn need(bytes: &[u8], at: usize, len: usize, what: &'static str) -> Result<()> {
+pub(super) fn need(bytes: &[u8], at: usize, len: usize, what: &'static str) -> Result<()> {
     if at.checked_add(len).is_none_or(|end| end > bytes.len()) {
         return Err(ErrorKind::Truncated {
             what,
@@ -111,27 +134,27 @@ fn need(bytes: &[u8], at: usize, len: usize, what: &'static str) -> Result<()> {
     Ok(())
 }
 
-fn u16_at(b: &[u8], at: usize) -> u16 {
+pub(super) fn u16_at(b: &[u8], at: usize) -> u16 {
     u16::from_le_bytes([b[at], b[at + 1]])
 }
 
-fn u32_at(b: &[u8], at: usize) -> u32 {
+pub(super) fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
-fn u64_at(b: &[u8], at: usize) -> u64 {
+pub(super) fn u64_at(b: &[u8], at: usize) -> u64 {
     let mut x = [0u8; 8];
     x.copy_from_slice(&b[at..at + 8]);
     u64::from_le_bytes(x)
 }
 
-fn guid_at(b: &[u8], at: usize) -> Guid {
+pub(super) fn guid_at(b: &[u8], at: usize) -> Guid {
     let mut g = [0u8; 16];
     g.copy_from_slice(&b[at..at + 16]);
     Guid(g)
 }
 
-fn magic(b: &[u8], expected: &'static str, what: &'static str) -> Result<()> {
+pub(super) fn magic(b: &[u8], expected: &'static str, what: &'static str) -> Result<()> {
     let found = &b[..expected.len()];
     if found != expected.as_bytes() {
         return Err(ErrorKind::BadMagic {
@@ -151,7 +174,7 @@ pub fn crc_with_field_zeroed(bytes: &[u8], at: usize) -> u32 {
     crc32c::crc32c_append(crc, &bytes[at + 4..])
 }
 
-fn check_crc(bytes: &[u8], at: usize, what: &'static str) -> Result<()> {
+pub(super) fn check_crc(bytes: &[u8], at: usize, what: &'static str) -> Result<()> {
     let stored = u32_at(bytes, at);
     let computed = crc_with_field_zeroed(bytes, at);
     if stored != computed {
