@@ -151,13 +151,7 @@ proptest! {
         }
         let storage: Arc<dyn Storage> = Arc::new(MemStorage::new(bytes));
         if let Ok(image) = VhdImage::from_storage(storage, Path::new("mutant.vhd")) {
-            let _ = image.allocation_map();
-            let size = image.virtual_size();
-            let mut buf = vec![0u8; 8192];
-            for at in [0, size.saturating_sub(8192)] {
-                let len = 8192.min(size - at) as usize;
-                let _ = image.read_at(&mut buf[..len], at);
-            }
+            vsnap_engine::format::exercise(&image);
         }
     }
 }

@@ -14,11 +14,5 @@ fuzz_target!(|data: &[u8]| {
     let Ok(image) = VhdImage::from_storage(storage, Path::new("fuzz.vhd")) else {
         return;
     };
-    let _ = image.allocation_map();
-    let size = image.virtual_size();
-    let mut buf = vec![0u8; 4096];
-    for at in [0, size.saturating_sub(4096) / 512 * 512] {
-        let n = 4096.min(size.saturating_sub(at)) as usize;
-        let _ = image.read_at(&mut buf[..n], at);
-    }
+    vsnap_engine::format::exercise(&image);
 });

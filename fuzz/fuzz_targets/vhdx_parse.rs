@@ -4,6 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use vsnap_engine::format::vhdx::log::{parse_entry, replay, LOG_SECTOR};
 use vsnap_engine::format::vhdx::parse::*;
 
 fn with_crc(data: &[u8], len: usize) -> Vec<u8> {
@@ -23,6 +24,16 @@ fuzz_target!(|data: &[u8]| {
         let ratio = chunk_ratio(md.logical_sector_size, md.block_size);
         let n = bat_entries(md.virtual_size, md.block_size, md.logical_sector_size);
         let _ = (payload_bat_index(n, ratio), bitmap_bat_index(n, ratio));
+    }
+    // The log: one entry with its CRC made good, and the whole input as a
+    // circular log for the entry's GUID.
+    if data.len() >= 48 {
+        let guid = Guid(data[32..48].try_into().unwrap_or([0; 16]));
+        let len = (data.len() / LOG_SECTOR).max(1) * LOG_SECTOR;
+        let _ = parse_entry(&with_crc(data, len), guid);
+        let mut log = data.to_vec();
+        log.resize(len, 0);
+        let _ = replay(&log, guid);
     }
     for (i, w) in data.chunks_exact(8).enumerate() {
         let raw = u64::from_le_bytes(w.try_into().unwrap_or([0; 8]));

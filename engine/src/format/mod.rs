@@ -206,3 +206,18 @@ pub(crate) fn plain_file_map(
     let ranges = storage.data_ranges(0..size).ctx_file(path, "find holes")?;
     Ok(extent::map_from_data_ranges(size, ranges))
 }
+
+/// Uses an image the way every consumer will: builds its map and reads its
+/// first and last 8 KiB, ignoring errors. The fuzz targets and mutation
+/// tests run it on damaged images, where an error is the right answer and
+/// only a panic is a bug.
+#[doc(hidden)]
+pub fn exercise(image: &dyn DiskImage) {
+    let _ = image.allocation_map();
+    let size = image.virtual_size();
+    let mut buf = vec![0u8; 8192];
+    for at in [0, size.saturating_sub(8192) / 512 * 512] {
+        let len = 8192.min(size - at) as usize;
+        let _ = image.read_at(&mut buf[..len], at);
+    }
+}
