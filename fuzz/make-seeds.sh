@@ -28,4 +28,20 @@ cp fixtures/bad-truncated.vhd "$O/seed-truncated"
 tail -c 512 "$T/f.vhd" > "$P/seed-footer"
 dd if="$T/d.vhd" bs=512 skip=1 count=2 status=none > "$P/seed-header"
 dd if="$T/c.vhd" bs=512 skip=1 count=2 status=none > "$P/seed-header-diff"
-ls "$O"/seed-* "$P"/seed-*
+# VHDX: the smallest layouts vsnap and qemu write (4 MiB of structures
+# before the first block), a differencing layer, and the dirty-log fixture;
+# the pure parsers get a header, a region table and a log entry.
+X=fuzz/corpus/vhdx_open XP=fuzz/corpus/vhdx_parse
+XW="$PWD/target/debug/examples/vhdx_write"
+mkdir -p "$X" "$XP"
+"$XW" "$T/d.vhdx" --size 1048576 --block-size 1048576 4096:512:ab 1048064:512:cd
+cp "$T/d.vhdx" "$X/seed-vhdx-dynamic"
+"$XW" "$T/c.avhdx" --parent "$T/d.vhdx" 512:1024:ee
+cp "$T/c.avhdx" "$X/seed-vhdx-differencing"
+qemu-img create -q -f vhdx -o subformat=fixed,block_size=1M "$T/f.vhdx" 1M
+cp "$T/f.vhdx" "$X/seed-vhdx-fixed-qemu"
+cp fixtures/vhdx/dirty-log.vhdx "$X/seed-vhdx-dirty-log"
+dd if="$T/d.vhdx" bs=4096 skip=16 count=1 status=none > "$XP/seed-header"
+dd if="$T/d.vhdx" bs=65536 skip=3 count=1 status=none > "$XP/seed-region-table"
+dd if=fixtures/vhdx/dirty-log.vhdx bs=4096 skip=256 count=2 status=none > "$XP/seed-log-entry"
+ls "$O"/seed-* "$P"/seed-* "$X"/seed-* "$XP"/seed-*

@@ -616,7 +616,54 @@ fn each_corruption_gives_its_own_error_and_none_panics() {
         .iter()
         .any(|w| w.contains("header 1")));
     let raw = dir.path().join("good.raw");
-    assert_eq!(digest(&*image), qemu_raw(&good, &raw));
+    let want = qemu_raw(&good, &raw);
+    assert_eq!(digest(&*image), want);
+    // Nor does one damaged region table stop a read: its copy stands in.
+    std::fs::copy(&good, &path).unwrap();
+    patch(&path, REGION_TABLE_OFFSET + 100, &[1], None);
+    let image = open(&path);
+    let warnings = image.info().unwrap().warnings;
+    assert!(
+        warnings.iter().any(|w| w.contains("region table")),
+        "{warnings:?}"
+    );
+    assert_eq!(digest(&*image), want);
+}
+
+#[test]
+fn four_kib_logical_sectors_read_through_a_chain_by_their_own_bitmaps() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.vhdx");
+    let size = 6u64 << 20;
+    let mut id = VhdxIdentity::new(size);
+    (id.block_size, id.logical_sector_size) = (1 << 20, 4096);
+    let mut w = VhdxWriter::create(&base, NewVhdx::new(size, id), &[]).unwrap();
+    w.write(&vec![0x10; 3 << 20], 1 << 20).unwrap();
+    w.finish().unwrap();
+    let writes: &[(u64, usize, u8)] = &[(4096, 4096, 0x21), ((2 << 20) - 4096, 8192, 0x22)];
+    child(&dir.path().join("c.avhdx"), &base, writes);
+    let mut model = vec![0u8; size as usize];
+    apply(&mut model, &[(1 << 20, 3 << 20, 0x10)]);
+    apply(&mut model, writes);
+    let raw = dir.path().join("model.raw");
+    std::fs::write(&raw, &model).unwrap();
+    let image = open(&dir.path().join("c.avhdx"));
+    assert_eq!(
+        image.info().unwrap().vhdx.unwrap().logical_sector_size,
+        4096
+    );
+    assert_eq!(digest(&*image), b3sum(&raw));
+    assert_same_as_raw(&*image, &raw);
+    // A 512-byte write is not a whole 4 KiB sector.
+    let (link, id, size) = ParentLink::to(&base, &dir.path().join("d.avhdx")).unwrap();
+    let mut new = NewVhdx::new(size, id);
+    new.parent = Some(link);
+    let mut w = VhdxWriter::create(&dir.path().join("d.avhdx"), new, &[]).unwrap();
+    let err = w.write(&[1; 512], 0).unwrap_err();
+    assert!(
+        matches!(err.kind(), ErrorKind::InvalidArgument(m) if m.contains("4096-byte")),
+        "{err}"
+    );
 }
 
 /// The valid images the mutation test starts from: vsnap's dynamic,

@@ -9,6 +9,7 @@
 //! one file over positional storage; [`VhdxImage`] is a chain of them,
 //! child first (an `.avhdx` over its parents). [`write`] creates them.
 
+pub mod guid;
 mod layer;
 pub mod log;
 pub mod parse;
