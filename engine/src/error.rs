@@ -46,7 +46,7 @@ pub enum ErrorKind {
     },
     #[error("unknown VHD disk type {0} (expected 2 fixed, 3 dynamic or 4 differencing)")]
     UnknownDiskType(u32),
-    #[error("block size {0} is not a power of two of at least 512 bytes")]
+    #[error("block size {0} is not one the format allows: a power of two, from 512 bytes for a VHD, from 1 MiB to 256 MiB for a VHDX")]
     BadBlockSize(u64),
     #[error("bad disk size {size}: {reason}")]
     BadSize { size: u64, reason: &'static str },

@@ -223,6 +223,9 @@ fn copies_written_as_vhdx_pass_qemu_img_check_and_compare() {
     let fixed = VhdxImage::open(&out.join("fixed.vhdx")).unwrap();
     assert_eq!(fixed.info().unwrap().disk_type.name(), "fixed");
     assert!(fixed.top().bat().iter().all(|e| e & 7 == 6));
+    // Its blocks without data are holes, mapped as zeros and never read.
+    let data = |i: &dyn DiskImage| i.allocation_map().unwrap().data_bytes();
+    assert_eq!(data(&fixed), data(&*a));
     // A VHD's unique id becomes the VHDX's page 83 identity.
     let from_vhd = VhdxImage::open(&out.join("fromvhd.vhdx")).unwrap();
     assert_eq!(

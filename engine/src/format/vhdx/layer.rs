@@ -434,15 +434,35 @@ impl Layer for VhdxLayer {
         let bs = self.block_size();
         let size = self.meta.virtual_size;
         let lss = u64::from(self.meta.logical_sector_size);
+        // The file's holes read as zeros even inside a present block (a
+        // fixed VHDX's unwritten blocks are holes), so they are mapped as
+        // zeros and never read. Zeros, not unallocated: in a differencing
+        // layer, unallocated would show the parent through.
+        let file_len = self.storage.len().ctx_file(&self.path, "stat VHDX")?;
+        let held = self
+            .storage
+            .data_ranges(0..file_len)
+            .ctx_file(&self.path, "find holes")?;
         let mut map = MapBuilder::new(0);
-        let zero = |map: &mut MapBuilder, offset, length| {
-            map.push(Extent {
-                offset,
-                length,
-                kind: ExtentKind::Zero,
-                layer: None,
-                file_offset: None,
-            })
+        let data = |map: &mut MapBuilder, start: u64, len: u64, at: u64| {
+            let Some(held) = &held else {
+                map.data(start, len, 0, at);
+                return;
+            };
+            let mut pos = at;
+            let end = at + len;
+            let first = held.partition_point(|&(_, e)| e <= at);
+            for &(s, e) in held[first..].iter().take_while(|&&(s, _)| s < end) {
+                let (s, e) = (s.max(pos), e.min(end));
+                if s > pos {
+                    zero(map, start + (pos - at), s - pos);
+                }
+                map.data(start + (s - at), e - s, 0, s);
+                pos = e;
+            }
+            if pos < end {
+                zero(map, start + (pos - at), end - pos);
+            }
         };
         for (blk, &entry) in self.bat.iter().enumerate() {
             let blk = blk as u64;
@@ -451,7 +471,7 @@ impl Layer for VhdxLayer {
             let file_offset = entry & !(MIB - 1);
             match entry & 7 {
                 NOT_PRESENT => map.unallocated(start, len),
-                FULLY_PRESENT => map.data(start, len, 0, file_offset),
+                FULLY_PRESENT => data(&mut map, start, len, file_offset),
                 ZERO => zero(&mut map, start, len),
                 PARTIALLY_PRESENT => {
                     let sectors = len.div_ceil(lss);
@@ -462,7 +482,7 @@ impl Layer for VhdxLayer {
                         let from = sec * lss;
                         let to = ((sec + run) * lss).min(len);
                         if present {
-                            map.data(start + from, to - from, 0, file_offset + from);
+                            data(&mut map, start + from, to - from, file_offset + from);
                         } else {
                             map.unallocated(start + from, to - from);
                         }
@@ -477,6 +497,16 @@ impl Layer for VhdxLayer {
         }
         Ok(map.finish())
     }
+}
+
+fn zero(map: &mut MapBuilder, offset: u64, length: u64) {
+    map.push(Extent {
+        offset,
+        length,
+        kind: ExtentKind::Zero,
+        layer: None,
+        file_offset: None,
+    });
 }
 
 /// Replays the log when the header says it must be, and returns the
