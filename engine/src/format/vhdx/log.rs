@@ -251,10 +251,17 @@ pub fn replay(log: &[u8], guid: Guid) -> Result<Replay> {
             .and_then(|&s| entries[s].as_ref())
             .map_or(0, |e| e.sequence)
     };
+    // A walk from inside a run already walked follows the same entries to
+    // the same head, so it is skipped: each entry is walked about once,
+    // not once per earlier entry of its run.
+    let mut walked = vec![false; slots];
     for start in 0..slots {
         let Some(first) = &entries[start] else {
             continue;
         };
+        if walked[start] {
+            continue;
+        }
         let mut chain = vec![start];
         let (mut slot, mut entry) = (start, first);
         while chain.len() < slots {
@@ -266,6 +273,9 @@ pub fn replay(log: &[u8], guid: Guid) -> Result<Replay> {
                 }
                 _ => break,
             }
+        }
+        for &s in &chain {
+            walked[s] = true;
         }
         let tail = entry.tail as usize;
         if !tail.is_multiple_of(LOG_SECTOR) {
