@@ -418,6 +418,15 @@ fn a_missing_or_foreign_parent_is_refused() {
     let base = d.join("base.vhdx");
     qemu_vhdx(&base, "block_size=1M", "4M");
     child(&d.join("c.avhdx"), &base, &[(0, 512, 1)]);
+    // Moved away from its parent, the child finds it by its absolute path.
+    std::fs::create_dir(d.join("away")).unwrap();
+    std::fs::rename(d.join("c.avhdx"), d.join("away/c.avhdx")).unwrap();
+    let moved = VhdxImage::open(&d.join("away/c.avhdx")).unwrap();
+    assert_eq!(
+        moved.layers()[1].path(),
+        std::fs::canonicalize(&base).unwrap()
+    );
+    std::fs::rename(d.join("away/c.avhdx"), d.join("c.avhdx")).unwrap();
     std::fs::remove_file(&base).unwrap();
     let err = VhdxImage::open(&d.join("c.avhdx")).unwrap_err();
     let ErrorKind::MissingParent { tried } = err.kind() else {
