@@ -90,22 +90,36 @@ fn named_warnings<'a>(
         .collect()
 }
 
-pub(super) fn vhd_info(image: &VhdImage) -> Result<ImageInfo> {
-    let top = image.top();
-    let footer = top.footer();
-    let parents = image
-        .layers()
+/// Every layer below the top, as `vsnap info` lists the chain.
+fn parent_infos<L: super::layered::Layer>(
+    layers: &[L],
+    describe: impl Fn(&L) -> (&std::path::Path, DiskType, uuid::Uuid),
+) -> Result<Vec<LayerInfo>> {
+    layers
         .iter()
         .skip(1)
         .map(|l| {
+            let (path, disk_type, unique_id) = describe(l);
             Ok(LayerInfo {
-                path: l.path().to_path_buf(),
-                disk_type: l.disk_type(),
-                unique_id: uuid::Uuid::from_bytes(l.footer().unique_id),
+                path: path.to_path_buf(),
+                disk_type,
+                unique_id,
                 allocated_bytes: l.own_map()?.data_bytes(),
             })
         })
-        .collect::<Result<_>>()?;
+        .collect()
+}
+
+pub(super) fn vhd_info(image: &VhdImage) -> Result<ImageInfo> {
+    let top = image.top();
+    let footer = top.footer();
+    let parents = parent_infos(image.layers(), |l| {
+        (
+            l.path(),
+            l.disk_type(),
+            uuid::Uuid::from_bytes(l.footer().unique_id),
+        )
+    })?;
     let warnings = named_warnings(image.layers().iter().map(|l| (l.path(), l.warnings())));
     Ok(ImageInfo {
         path: top.path().to_path_buf(),
@@ -141,21 +155,11 @@ pub(super) fn vhdx_info(image: &VhdxImage) -> Result<ImageInfo> {
     let top = image.top();
     let m = top.metadata();
     let h = top.header();
-    let parents = image
-        .layers()
-        .iter()
-        .skip(1)
-        .map(|l| {
-            Ok(LayerInfo {
-                path: l.path().to_path_buf(),
-                disk_type: vhdx_type(l),
-                // What a child's parent_linkage names, so a chain can be
-                // checked by eye.
-                unique_id: l.header().data_write_guid.to_uuid(),
-                allocated_bytes: l.own_map()?.data_bytes(),
-            })
-        })
-        .collect::<Result<_>>()?;
+    // A parent's id is what a child's parent_linkage names, so a chain
+    // can be checked by eye.
+    let parents = parent_infos(image.layers(), |l| {
+        (l.path(), vhdx_type(l), l.header().data_write_guid.to_uuid())
+    })?;
     let warnings = named_warnings(image.layers().iter().map(|l| (l.path(), l.warnings())));
     Ok(ImageInfo {
         path: top.path().to_path_buf(),
