@@ -49,11 +49,19 @@ pub struct VhdxLayer {
     warnings: Vec<String>,
 }
 
-fn read_vec(storage: &dyn Storage, at: u64, len: u64, what: &'static str) -> Result<Vec<u8>> {
-    let available = storage.len()?.saturating_sub(at);
+/// Reads a structure of `len` bytes at `at`, which must lie below `limit`:
+/// the file's own length, checked before allocating, so a forged length
+/// cannot make us allocate more than the file holds. (A replayed log may
+/// grow the file in memory, but only with zeros: no structure is there.)
+fn read_vec(
+    storage: &dyn Storage,
+    at: u64,
+    len: u64,
+    what: &'static str,
+    limit: u64,
+) -> Result<Vec<u8>> {
+    let available = limit.saturating_sub(at);
     if len > available {
-        // Checked before allocating, so a forged length cannot make us
-        // allocate more than the file holds.
         return Err(Error::from(ErrorKind::Truncated {
             what,
             needed: len,
@@ -100,9 +108,9 @@ impl VhdxLayer {
             })
             .at(0));
         }
-        let creator = parse_identifier(&read_vec(&*storage, 0, 520, "VHDX file identifier")?)?;
+        let creator = parse_identifier(&read_vec(&*storage, 0, 520, "VHDX file identifier", len)?)?;
         let header_at = |at: u64, what: &'static str| {
-            read_vec(&*storage, at, HEADER_SIZE as u64, what)
+            read_vec(&*storage, at, HEADER_SIZE as u64, what, len)
                 .and_then(|b| parse_header(&b, what).map_err(|e| e.rebase(at)))
         };
         let (h1, h2) = (
@@ -121,10 +129,18 @@ impl VhdxLayer {
             ));
         }
         let (storage, replayed) = replay_log(storage, &header, len, &mut warnings)?;
-        let len = storage.len()?;
+        // Structures must lie in the file itself; blocks may lie where a
+        // replayed log grew it.
+        let (file_len, len) = (len, storage.len()?);
         let table_at = |at: u64| {
-            read_vec(&*storage, at, REGION_TABLE_SIZE as u64, "VHDX region table")
-                .and_then(|b| parse_region_table(&b).map_err(|e| e.rebase(at)))
+            read_vec(
+                &*storage,
+                at,
+                REGION_TABLE_SIZE as u64,
+                "VHDX region table",
+                file_len,
+            )
+            .and_then(|b| parse_region_table(&b).map_err(|e| e.rebase(at)))
         };
         let regions = match table_at(REGION_TABLE_OFFSET) {
             Ok(r) => r,
@@ -144,6 +160,7 @@ impl VhdxLayer {
             md.offset,
             u64::from(md.length),
             "VHDX metadata region",
+            file_len,
         )?)
         .map_err(|e| e.rebase(md.offset))?;
         let mut layer = VhdxLayer {
@@ -159,14 +176,14 @@ impl VhdxLayer {
             replayed,
             warnings,
         };
-        layer.load_bat(len)?;
+        layer.load_bat(file_len, len)?;
         Ok(layer)
     }
 
     /// Reads the BAT and checks every block it places: inside the file,
     /// clear of the header section, the log, the BAT and the metadata,
     /// and clear of each other.
-    fn load_bat(&mut self, len: u64) -> Result<()> {
+    fn load_bat(&mut self, file_len: u64, len: u64) -> Result<()> {
         let bs = u64::from(self.meta.block_size);
         let blocks = self.meta.virtual_size.div_ceil(bs);
         let ratio = self.ratio.max(1);
@@ -186,7 +203,7 @@ impl VhdxLayer {
             ))
             .at(bat.offset));
         }
-        let table = read_vec(&*self.storage, bat.offset, needed, "VHDX BAT")?;
+        let table = read_vec(&*self.storage, bat.offset, needed, "VHDX BAT", file_len)?;
         let raw = |i: u64| {
             let at = (i * 8) as usize;
             let mut b = [0u8; 8];
@@ -533,7 +550,7 @@ fn replay_log(
         })
         .at(at));
     }
-    let log = read_vec(&*storage, at, size, "VHDX log")?;
+    let log = read_vec(&*storage, at, size, "VHDX log", len)?;
     let r = replay(&log, header.log_guid).map_err(|e| e.at(at).during("replay VHDX log"))?;
     if r.entries == 0 {
         warnings.push(format!(
