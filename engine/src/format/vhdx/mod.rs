@@ -128,12 +128,14 @@ fn file_name_of(path: &str) -> Option<&str> {
 /// the relative path, then absolute paths as given (a Linux host writes
 /// them so), then each recorded name beside the child.
 pub fn parent_candidates(child: &VhdxLayer) -> Vec<PathBuf> {
-    let dir = child
-        .path()
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
-    let entries = child.metadata().parent_locator.clone().unwrap_or_default();
+    let dir = child.path().parent().unwrap_or(Path::new(""));
+    let entries = child.metadata().parent_locator.as_deref().unwrap_or(&[]);
+    candidates_from(dir, entries)
+}
+
+/// [`parent_candidates`] over the locator's key and value pairs, for a
+/// child in `dir`.
+fn candidates_from(dir: &Path, entries: &[(String, String)]) -> Vec<PathBuf> {
     let value = |key: &str| {
         entries
             .iter()
@@ -191,4 +193,54 @@ fn open_vhdx_parent(child: &VhdxLayer, chain: &mut HashSet<FileId>) -> Result<Vh
         identity: &|l: &VhdxLayer| l.header().data_write_guid.to_uuid(),
     };
     open_parent(child.path(), parent_candidates(child), chain, &rules)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(p: &[(&str, &str)]) -> Vec<(String, String)> {
+        p.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect()
+    }
+
+    #[test]
+    fn windows_locators_resolve_beside_the_child() {
+        // As Hyper-V writes them: a relative path with `.\`, a drive path
+        // and a volume path, none of which exist on a Linux host as given.
+        let got = candidates_from(
+            Path::new("/vm"),
+            &pairs(&[
+                ("parent_linkage", "{00000000-0000-0000-0000-000000000001}"),
+                ("relative_path", ".\\disks\\base.vhdx"),
+                ("absolute_win32_path", "C:\\VMs\\disks\\base.vhdx"),
+                ("volume_path", "\\\\?\\Volume{1234}\\VMs\\disks\\base.vhdx"),
+            ]),
+        );
+        assert_eq!(
+            got,
+            vec![
+                PathBuf::from("/vm/disks/base.vhdx"),
+                PathBuf::from("/vm/base.vhdx")
+            ]
+        );
+    }
+
+    #[test]
+    fn linux_absolute_paths_are_tried_as_given() {
+        let got = candidates_from(
+            Path::new("/vm/snap"),
+            &pairs(&[
+                ("relative_path", "../base.vhdx"),
+                ("absolute_win32_path", "/srv/base.vhdx"),
+            ]),
+        );
+        assert_eq!(
+            got,
+            vec![
+                PathBuf::from("/vm/snap/../base.vhdx"),
+                PathBuf::from("/srv/base.vhdx"),
+                PathBuf::from("/vm/snap/base.vhdx"),
+            ]
+        );
+    }
 }
