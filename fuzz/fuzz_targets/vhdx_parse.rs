@@ -22,7 +22,7 @@ fuzz_target!(|data: &[u8]| {
     let _ = parse_region_table(&with_crc(data, REGION_TABLE_SIZE));
     if let Ok(md) = parse_metadata(data) {
         let ratio = chunk_ratio(md.logical_sector_size, md.block_size);
-        let n = bat_entries(md.virtual_size, md.block_size, md.logical_sector_size);
+        let n = bat_entries(md.virtual_size, md.block_size, md.logical_sector_size, md.has_parent);
         let _ = (payload_bat_index(n, ratio), bitmap_bat_index(n, ratio));
     }
     // The log: one entry with its CRC made good, and the whole input as a

@@ -7,23 +7,16 @@ use std::sync::Arc;
 
 use super::log::{replay, Replayed};
 use super::parse::{
-    bitmap_bat_index, choose_header, chunk_ratio, parse_header, parse_identifier, parse_metadata,
-    parse_payload_entry, parse_region_table, payload_bat_index, Header, Metadata, Regions,
-    HEADER_1_OFFSET, HEADER_2_OFFSET, HEADER_SIZE, MIB, REGION_TABLE_2_OFFSET, REGION_TABLE_OFFSET,
-    REGION_TABLE_SIZE,
+    bat_entries, bitmap_bat_index, choose_header, chunk_ratio, entry_offset, entry_state,
+    parse_header, parse_identifier, parse_metadata, parse_payload_entry, parse_region_table,
+    payload_bat_index, Header, Metadata, Regions, BITMAP_PRESENT, FULLY_PRESENT, HEADER_1_OFFSET,
+    HEADER_2_OFFSET, HEADER_SIZE, MIB, NOT_PRESENT, PARTIALLY_PRESENT, REGION_TABLE_2_OFFSET,
+    REGION_TABLE_OFFSET, REGION_TABLE_SIZE, ZERO,
 };
 use crate::error::{Error, ErrorKind, Result, ResultExt};
 use crate::format::extent::{AllocationMap, Extent, ExtentKind, MapBuilder};
 use crate::format::layered::{pieces, read_struct, Below, Layer};
 use crate::io::Storage;
-
-/// BAT states, from bits 0..2 of an entry.
-const NOT_PRESENT: u64 = 0;
-const ZERO: u64 = 2;
-const FULLY_PRESENT: u64 = 6;
-const PARTIALLY_PRESENT: u64 = 7;
-/// A sector-bitmap entry's state when its bitmap block is in the file.
-const BITMAP_PRESENT: u64 = 6;
 
 /// The largest log vsnap reads into memory to replay. Hyper-V and qemu
 /// make 1 MiB logs; a larger one is refused with this reason, not read.
@@ -167,7 +160,8 @@ impl VhdxLayer {
             path: PathBuf::new(),
             storage,
             creator,
-            ratio: chunk_ratio(meta.logical_sector_size, meta.block_size),
+            // Never 0: parse_metadata bounds the block and sector sizes.
+            ratio: chunk_ratio(meta.logical_sector_size, meta.block_size).max(1),
             header,
             regions,
             meta,
@@ -184,15 +178,17 @@ impl VhdxLayer {
     /// clear of the header section, the log, the BAT and the metadata,
     /// and clear of each other.
     fn load_bat(&mut self, file_len: u64, len: u64) -> Result<()> {
-        let bs = u64::from(self.meta.block_size);
-        let blocks = self.meta.virtual_size.div_ceil(bs);
-        let ratio = self.ratio.max(1);
+        let m = &self.meta;
+        let bs = u64::from(m.block_size);
+        let blocks = m.virtual_size.div_ceil(bs);
+        let ratio = self.ratio;
         let chunks = blocks.div_ceil(ratio);
-        let entries = if self.meta.has_parent {
-            chunks * (ratio + 1)
-        } else {
-            blocks + (blocks - 1) / ratio
-        };
+        let entries = bat_entries(
+            m.virtual_size,
+            m.block_size,
+            m.logical_sector_size,
+            m.has_parent,
+        );
         let bat = self.regions.bat;
         let needed = entries.saturating_mul(8);
         if needed > u64::from(bat.length) {
@@ -255,7 +251,7 @@ impl VhdxLayer {
             let index = payload_bat_index(b, ratio);
             let entry = raw(index);
             parse_payload_entry(entry, index).map_err(|e| e.at(bat.offset + index * 8))?;
-            match entry & 7 {
+            match entry_state(entry) {
                 PARTIALLY_PRESENT if !self.meta.has_parent => {
                     return Err(corrupt(format!(
                         "block {b} is PARTIALLY_PRESENT, which only a differencing disk may use"
@@ -266,7 +262,7 @@ impl VhdxLayer {
                     // The last block may run past the disk's end; only its
                     // part inside the disk must be in the file.
                     let used = bs.min(self.meta.virtual_size - b * bs);
-                    place(index, entry & !(MIB - 1), used)?;
+                    place(index, entry_offset(entry), used)?;
                 }
                 _ => {}
             }
@@ -276,10 +272,10 @@ impl VhdxLayer {
             for c in 0..chunks {
                 let index = bitmap_bat_index(c * ratio, ratio);
                 let entry = raw(index);
-                self.bitmaps.push(match entry & 7 {
+                self.bitmaps.push(match entry_state(entry) {
                     NOT_PRESENT => None,
                     BITMAP_PRESENT => {
-                        let start = entry & !(MIB - 1);
+                        let start = entry_offset(entry);
                         place(index, start, MIB)?;
                         Some(start)
                     }
@@ -355,7 +351,7 @@ impl VhdxLayer {
     /// Sectors `[first, last)` of block `blk`'s bitmap bits, LSB-first,
     /// with the bit of sector `first` at bit `first % 8` of byte 0.
     fn bitmap_bits(&self, blk: u64, first: u64, last: u64) -> Result<Vec<u8>> {
-        let chunk = (blk / self.ratio.max(1)) as usize;
+        let chunk = (blk / self.ratio) as usize;
         let Some(Some(at)) = self.bitmaps.get(chunk) else {
             return Err(corrupt(format!(
                 "block {blk} is PARTIALLY_PRESENT but its chunk has no sector bitmap"
@@ -363,7 +359,7 @@ impl VhdxLayer {
             .in_file(&self.path));
         };
         let spb = self.block_size() / u64::from(self.meta.logical_sector_size);
-        let base = (blk % self.ratio.max(1)) * spb;
+        let base = (blk % self.ratio) * spb;
         let (from, to) = ((base + first) / 8, (base + last).div_ceil(8));
         let mut bits = vec![0u8; (to - from) as usize];
         read_struct(&*self.storage, &mut bits, at + from, "VHDX sector bitmap")
@@ -434,8 +430,8 @@ impl Layer for VhdxLayer {
             let (blk, in_blk, pos) = (p.block, p.in_block, offset + p.done as u64);
             let out = &mut buf[p.done..p.done + p.len];
             let entry = self.bat.get(blk as usize).copied().unwrap_or(NOT_PRESENT);
-            let file_offset = entry & !(MIB - 1);
-            match entry & 7 {
+            let file_offset = entry_offset(entry);
+            match entry_state(entry) {
                 NOT_PRESENT => below(out, pos)?,
                 FULLY_PRESENT => self.read_data(out, file_offset + in_blk)?,
                 PARTIALLY_PRESENT => self.read_partial(blk, file_offset, in_blk, out, below)?,
@@ -485,8 +481,8 @@ impl Layer for VhdxLayer {
             let blk = blk as u64;
             let start = blk * bs;
             let len = bs.min(size - start);
-            let file_offset = entry & !(MIB - 1);
-            match entry & 7 {
+            let file_offset = entry_offset(entry);
+            match entry_state(entry) {
                 NOT_PRESENT => map.unallocated(start, len),
                 FULLY_PRESENT => data(&mut map, start, len, file_offset),
                 ZERO => zero(&mut map, start, len),

@@ -443,6 +443,24 @@ pub fn parse_metadata(region: &[u8]) -> Result<Metadata> {
     })
 }
 
+/// BAT entry states (bits 0..2) as stored, for code that keeps entries raw.
+pub const NOT_PRESENT: u64 = 0;
+pub const ZERO: u64 = 2;
+pub const FULLY_PRESENT: u64 = 6;
+pub const PARTIALLY_PRESENT: u64 = 7;
+/// A sector-bitmap entry's state when its bitmap block is in the file.
+pub const BITMAP_PRESENT: u64 = 6;
+
+/// A BAT entry's state (bits 0..2).
+pub fn entry_state(raw: u64) -> u64 {
+    raw & 7
+}
+
+/// Where a BAT entry's block starts in the file (bits 20..63, in MiB).
+pub fn entry_offset(raw: u64) -> u64 {
+    raw & !(MIB - 1)
+}
+
 /// A payload block's state, from bits 0..2 of its BAT entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PayloadState {
@@ -465,7 +483,7 @@ pub struct BatEntry {
 
 /// A payload BAT entry. States 4 and 5 are reserved, and refused.
 pub fn parse_payload_entry(raw: u64, index: u64) -> Result<BatEntry> {
-    let state = match raw & 7 {
+    let state = match entry_state(raw) {
         0 => PayloadState::NotPresent,
         1 => PayloadState::Undefined,
         2 => PayloadState::Zero,
@@ -482,7 +500,7 @@ pub fn parse_payload_entry(raw: u64, index: u64) -> Result<BatEntry> {
     };
     Ok(BatEntry {
         state,
-        file_offset: (raw >> 20) * MIB,
+        file_offset: entry_offset(raw),
     })
 }
 
@@ -503,14 +521,23 @@ pub fn bitmap_bat_index(block: u64, ratio: u64) -> u64 {
     (block / ratio) * (ratio + 1) + ratio
 }
 
-/// How many BAT entries a disk has: its payload blocks, and one bitmap
-/// entry per chunk (only a differencing disk uses them, but every disk has
-/// their slots).
-pub fn bat_entries(virtual_size: u64, block_size: u32, logical_sector_size: u32) -> u64 {
+/// How many BAT entries a disk has, as [MS-VHDX] counts them: a
+/// differencing disk has a sector-bitmap entry after every chunk of
+/// payload entries, the last chunk included; any other disk only between
+/// chunks, so none follows its last payload entry.
+pub fn bat_entries(
+    virtual_size: u64,
+    block_size: u32,
+    logical_sector_size: u32,
+    has_parent: bool,
+) -> u64 {
     let blocks = virtual_size.div_ceil(u64::from(block_size).max(1));
     let ratio = chunk_ratio(logical_sector_size, block_size).max(1);
-    let chunks = blocks.div_ceil(ratio);
-    blocks + chunks
+    if has_parent {
+        blocks.div_ceil(ratio) * (ratio + 1)
+    } else {
+        blocks + blocks.saturating_sub(1) / ratio
+    }
 }
 
 #[cfg(test)]
@@ -648,7 +675,9 @@ mod tests {
         assert_eq!(payload_bat_index(512, 512), 513);
         assert_eq!(bitmap_bat_index(0, 512), 512);
         assert_eq!(bitmap_bat_index(512, 512), 1025);
-        assert_eq!(bat_entries(1 << 30, 8 << 20, 512), 128 + 1);
+        assert_eq!(bat_entries(1 << 30, 8 << 20, 512, false), 128);
+        assert_eq!(bat_entries(1 << 30, 8 << 20, 512, true), 512 + 1);
+        assert_eq!(bat_entries(5 << 30, 8 << 20, 512, false), 640 + 1);
         let e = parse_payload_entry((5 << 20) | 4, 3).unwrap_err();
         assert!(e.to_string().contains("reserved state 4"), "{e}");
         let ok = parse_payload_entry((5 << 20) | 6, 0).unwrap();

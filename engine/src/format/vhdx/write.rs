@@ -18,10 +18,11 @@ use serde::{Deserialize, Serialize};
 
 use super::layer::VhdxLayer;
 use super::parse::{
-    bitmap_bat_index, chunk_ratio, crc_with_field_zeroed, payload_bat_index, Guid, BAT_REGION,
-    FILE_PARAMETERS, HEADER_1_OFFSET, HEADER_2_OFFSET, HEADER_SIZE, LOGICAL_SECTOR_SIZE,
-    METADATA_REGION, MIB, PAGE_83_DATA, PARENT_LOCATOR, PHYSICAL_SECTOR_SIZE,
-    REGION_TABLE_2_OFFSET, REGION_TABLE_OFFSET, REGION_TABLE_SIZE, VIRTUAL_DISK_SIZE,
+    bat_entries, bitmap_bat_index, chunk_ratio, crc_with_field_zeroed, entry_offset,
+    payload_bat_index, Guid, BAT_REGION, BITMAP_PRESENT, FILE_PARAMETERS, FULLY_PRESENT,
+    HEADER_1_OFFSET, HEADER_2_OFFSET, HEADER_SIZE, LOGICAL_SECTOR_SIZE, METADATA_REGION, MIB,
+    PAGE_83_DATA, PARENT_LOCATOR, PARTIALLY_PRESENT, PHYSICAL_SECTOR_SIZE, REGION_TABLE_2_OFFSET,
+    REGION_TABLE_OFFSET, REGION_TABLE_SIZE, VIRTUAL_DISK_SIZE,
 };
 use crate::error::{Error, ErrorKind, Result, ResultExt};
 use crate::io::Storage;
@@ -31,9 +32,6 @@ const LOG_LEN: u64 = MIB;
 const BAT_AT: u64 = 2 * MIB;
 /// The largest disk [MS-VHDX] allows.
 const MAX_SIZE: u64 = 64 << 40;
-const FULLY_PRESENT: u64 = 6;
-const PARTIALLY_PRESENT: u64 = 7;
-const BITMAP_PRESENT: u64 = 6;
 /// The parent locator type of a VHDX differencing disk.
 const LOCATOR_TYPE: Guid = Guid::parse("B04AEFB7-D19E-4A81-B789-25B8E9445913");
 
@@ -199,11 +197,12 @@ impl Layout {
         let bs = u64::from(id.block_size);
         let blocks = new.size.div_ceil(bs);
         let ratio = chunk_ratio(id.logical_sector_size, id.block_size).max(1);
-        let entries = if new.parent.is_some() {
-            blocks.div_ceil(ratio) * (ratio + 1)
-        } else {
-            blocks + (blocks - 1) / ratio
-        };
+        let entries = bat_entries(
+            new.size,
+            id.block_size,
+            id.logical_sector_size,
+            new.parent.is_some(),
+        );
         let bat_len = (entries * 8).div_ceil(MIB) * MIB;
         let metadata_at = BAT_AT + bat_len;
         Layout {
@@ -518,7 +517,7 @@ impl VhdxWriter {
         for (&chunk, bits) in &self.bitmaps {
             let entry =
                 self.bat[bitmap_bat_index(chunk * self.layout.ratio, self.layout.ratio) as usize];
-            let at = entry & !(MIB - 1);
+            let at = entry_offset(entry);
             self.file
                 .write_all_at(bits, at)
                 .ctx(&self.path, at, "write VHDX sector bitmap")?;
