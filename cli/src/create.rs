@@ -7,7 +7,6 @@ use std::process::ExitCode;
 use anyhow::{bail, Result};
 use clap::ValueEnum;
 use vsnap_engine::format::vhd::{self, CreateOptions, DiskType};
-use vsnap_engine::format::vhdx::write::ParentLink;
 use vsnap_engine::format::vhdx::{NewVhdx, VhdxIdentity, VhdxImage, VhdxWriter};
 use vsnap_engine::format::DiskImage;
 
@@ -140,12 +139,10 @@ fn create_vhdx(
 ) -> Result<vsnap_engine::format::ImageInfo> {
     let new = match (disk_type, &args.parent) {
         (DiskType::Differencing, Some(parent)) => {
-            let (link, mut id, size) = ParentLink::to(parent, &args.path)?;
+            let mut new = NewVhdx::child_of(parent, &args.path)?;
             if let Some(b) = block_size {
-                id.block_size = b;
+                new.identity.block_size = b;
             }
-            let mut new = NewVhdx::new(size, id);
-            new.parent = Some(link);
             new
         }
         (DiskType::Differencing, None) => bail!("--parent is required for a differencing disk"),

@@ -7,7 +7,6 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use vsnap_engine::format::vhdx::write::ParentLink;
 use vsnap_engine::format::vhdx::{NewVhdx, VhdxIdentity, VhdxWriter};
 
 fn run(args: &[String]) -> Result<(), String> {
@@ -15,13 +14,10 @@ fn run(args: &[String]) -> Result<(), String> {
     let (path, rest) = args.split_first().ok_or("no image given")?;
     let path = PathBuf::from(path);
     let (new, writes) = match rest {
-        [flag, parent, writes @ ..] if flag == "--parent" => {
-            let (link, id, size) =
-                ParentLink::to(&PathBuf::from(parent), &path).map_err(|e| e.to_string())?;
-            let mut new = NewVhdx::new(size, id);
-            new.parent = Some(link);
-            (new, writes)
-        }
+        [flag, parent, writes @ ..] if flag == "--parent" => (
+            NewVhdx::child_of(&PathBuf::from(parent), &path).map_err(|e| e.to_string())?,
+            writes,
+        ),
         [s, size, b, bs, writes @ ..] if s == "--size" && b == "--block-size" => {
             let size = num(size)?;
             let mut id = VhdxIdentity::new(size);

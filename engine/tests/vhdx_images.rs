@@ -16,7 +16,6 @@ use vsnap_engine::format::vhdx::parse::{
     HEADER_2_OFFSET, LOGICAL_SECTOR_SIZE, REGION_TABLE_2_OFFSET, REGION_TABLE_OFFSET,
     REGION_TABLE_SIZE,
 };
-use vsnap_engine::format::vhdx::write::ParentLink;
 use vsnap_engine::format::vhdx::{NewVhdx, VhdxIdentity, VhdxImage, VhdxWriter};
 use vsnap_engine::format::{self, DiskImage, ExtentKind, ImageFormat};
 use vsnap_engine::pipeline::{copy_images, hash_images, CopySpec, Options, Progress, TargetFormat};
@@ -336,9 +335,7 @@ fn apply(model: &mut [u8], writes: &[(u64, usize, u8)]) {
 }
 
 fn child(path: &Path, parent: &Path, writes: &[(u64, usize, u8)]) {
-    let (link, id, size) = ParentLink::to(parent, path).unwrap();
-    let mut new = NewVhdx::new(size, id);
-    new.parent = Some(link);
+    let new = NewVhdx::child_of(parent, path).unwrap();
     let mut w = VhdxWriter::create(path, new, &[]).unwrap();
     for &(at, len, b) in writes {
         w.write(&vec![b; len], at).unwrap();
@@ -667,9 +664,7 @@ fn four_kib_logical_sectors_read_through_a_chain_by_their_own_bitmaps() {
     assert_eq!(digest(&*image), b3sum(&raw));
     assert_same_as_raw(&*image, &raw);
     // A 512-byte write is not a whole 4 KiB sector.
-    let (link, id, size) = ParentLink::to(&base, &dir.path().join("d.avhdx")).unwrap();
-    let mut new = NewVhdx::new(size, id);
-    new.parent = Some(link);
+    let new = NewVhdx::child_of(&base, &dir.path().join("d.avhdx")).unwrap();
     let mut w = VhdxWriter::create(&dir.path().join("d.avhdx"), new, &[]).unwrap();
     let err = w.write(&[1; 512], 0).unwrap_err();
     assert!(

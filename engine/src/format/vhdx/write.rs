@@ -92,7 +92,7 @@ pub struct ParentLink {
 
 impl ParentLink {
     /// Links to an existing VHDX at `parent` from a child at `child`.
-    pub fn to(parent: &Path, child: &Path) -> Result<(ParentLink, VhdxIdentity, u64)> {
+    fn to(parent: &Path, child: &Path) -> Result<(ParentLink, VhdxIdentity, u64)> {
         let image = super::VhdxImage::open(parent)?;
         let top = image.top();
         let absolute = std::fs::canonicalize(parent).ctx_file(parent, "resolve parent path")?;
@@ -150,6 +150,17 @@ impl NewVhdx {
             parent: None,
             creator: format!("vsnap {}", env!("CARGO_PKG_VERSION")),
         }
+    }
+
+    /// A differencing layer at `child` over the VHDX at `parent`: its size,
+    /// block size, sector sizes and page 83 id are the parent's, its
+    /// DataWriteGuid new, and its locator links to the parent's
+    /// DataWriteGuid with the relative and absolute paths.
+    pub fn child_of(parent: &Path, child: &Path) -> Result<NewVhdx> {
+        let (link, id, size) = ParentLink::to(parent, child)?;
+        let mut new = NewVhdx::new(size, id);
+        new.parent = Some(link);
+        Ok(new)
     }
 
     fn check(&self) -> Result<()> {
