@@ -39,7 +39,8 @@ pub enum OutFormat {
 #[derive(Debug, clap::Args)]
 #[command(after_long_help = "\
 Each target is DIR/NAME, written as DIR/.NAME.vsnap-tmp and renamed when
-every copy is complete and flushed; on failure no partial file is left.
+every copy is complete and flushed to disk (not flushed with --no-sync);
+on failure no partial file is left.
 NAME is the source's file name, with .raw, .vhd or .vhdx when the format
 changes.
 DIR/B3SUMS gets one line per copied file, in b3sum's format, so
@@ -65,6 +66,12 @@ pub struct Args {
     /// Read every copy back and check its virtual-disk digest.
     #[arg(long)]
     verify: bool,
+    /// Do not flush the copies to disk before renaming them into place.
+    /// Faster where the disk is slower than the copy, but a crash soon
+    /// after can leave a copy whose name is there and whose data is not,
+    /// as `cp` and `qemu-img convert` can.
+    #[arg(long)]
+    no_sync: bool,
     /// Print a JSON array, one object per image.
     #[arg(long)]
     json: bool,
@@ -160,6 +167,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
             format,
             replace: false,
             expect: None,
+            durable: !args.no_sync,
         });
         names.push(name);
     }

@@ -177,6 +177,7 @@ fn make_disk(vm_dir: &Path, name: &str, size: u64) -> Result<PathBuf> {
         format: TargetFormat::DynamicVhd,
         replace: false,
         expect: None,
+        durable: true,
     };
     copy_images(&refs, &[spec], &Options::default(), &Progress::default())?;
     std::fs::remove_file(&raw)?;

@@ -216,6 +216,7 @@ pub fn restore(
             format: spec.format.unwrap_or_else(|| TargetFormat::same_as(image)),
             replace: spec.force,
             expect: Some(expect),
+            durable: true,
         });
     }
     let refs: Vec<&dyn DiskImage> = images.iter().map(|i| i as &dyn DiskImage).collect();

@@ -207,6 +207,7 @@ fn a_source_truncated_during_a_copy_fails_naming_it_and_leaves_no_files() {
                 format,
                 replace: false,
                 expect: None,
+                durable: true,
             };
             let opts = Options {
                 io,

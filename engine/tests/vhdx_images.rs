@@ -200,6 +200,7 @@ fn copies_written_as_vhdx_pass_qemu_img_check_and_compare() {
             format: format.unwrap_or_else(|| TargetFormat::same_as(image)),
             replace: false,
             expect: None,
+            durable: true,
         };
         let r = copy_images(&[image], &[spec], &Options::default(), &Progress::default()).unwrap();
         assert_eq!(
@@ -397,6 +398,7 @@ fn differencing_chains_read_through_their_sector_bitmaps_like_a_raw_reconstructi
         format: TargetFormat::Raw,
         replace: false,
         expect: None,
+        durable: true,
     };
     copy_images(
         &[&*image],

@@ -229,3 +229,40 @@ fn io_uring_and_sync_reads_give_identical_digests_and_copies() {
         }
     }
 }
+
+#[test]
+fn a_copy_without_the_flush_is_the_same_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.vhd");
+    qemu_image(
+        &src,
+        "dynamic",
+        "40M",
+        &[(0x71, 1 << 20, 7 << 20), (0x72, 33 << 20, 4096)],
+    );
+    let mut copies = Vec::new();
+    for flag in [None, Some("--no-sync")] {
+        let out = dir.path().join(flag.unwrap_or("synced"));
+        std::fs::create_dir(&out).unwrap();
+        let mut cmd = vsnap_cmd();
+        cmd.args(["copy", "-q", "--to"])
+            .arg(&out)
+            .args(flag)
+            .arg(&src);
+        ok(&mut cmd);
+        ok(Command::new("b3sum")
+            .args(["-c", "B3SUMS"])
+            .current_dir(&out));
+        let mut names = leftovers(&out);
+        names.sort();
+        assert_eq!(names, ["B3SUMS", "src.vhd"], "no temporary file is left");
+        copies.push((
+            std::fs::read(out.join("src.vhd")).unwrap(),
+            std::fs::read_to_string(out.join("B3SUMS")).unwrap(),
+        ));
+    }
+    assert!(
+        copies[0] == copies[1],
+        "--no-sync changed the copy or its B3SUMS"
+    );
+}

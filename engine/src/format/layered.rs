@@ -8,7 +8,7 @@
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use super::extent::AllocationMap;
@@ -198,6 +198,72 @@ pub fn pieces(offset: u64, len: usize, block_size: u64) -> impl Iterator<Item = 
         done += n;
         Some(piece)
     })
+}
+
+/// A file whose blocks were all placed when it was created (a copy
+/// target knows from its source's map which blocks will hold data):
+/// `blocks[i]` is the file offset of block i, its data starting
+/// `data_skip` bytes in (after a VHD's sector bitmap). Writes into it are
+/// plain positional writes that any number of threads can issue at once.
+#[derive(Debug, Clone, Copy)]
+pub struct PlacedFile<'a> {
+    pub file: &'a File,
+    pub path: &'a Path,
+    pub blocks: &'a [Option<u64>],
+    pub block_size: u64,
+    pub data_skip: u64,
+}
+
+impl PlacedFile<'_> {
+    /// Where each piece of a virtual range lands in the file. A block with
+    /// no place is an error naming the file, for a writer handed a range
+    /// the source's map did not announce.
+    fn locate(&self, offset: u64, len: usize) -> impl Iterator<Item = Result<(u64, Piece)>> + '_ {
+        pieces(offset, len, self.block_size).map(move |p| match self.blocks.get(p.block as usize) {
+            Some(Some(start)) => Ok((start + self.data_skip + p.in_block, p)),
+            _ => Err(Error::from(ErrorKind::InvalidArgument(format!(
+                "block {} was not placed when the copy target was created",
+                p.block
+            )))
+            .in_file(self.path)
+            .at(offset + p.done as u64)),
+        })
+    }
+
+    /// Writes virtual-disk bytes.
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        for placed in self.locate(offset, buf.len()) {
+            let (at, p) = placed?;
+            self.file
+                .write_all_at(&buf[p.done..p.done + p.len], at)
+                .ctx(self.path, at, "write block")?;
+        }
+        Ok(())
+    }
+
+    /// Reserves the space of a range about to be written, in one call:
+    /// placed blocks follow each other in virtual order, so a range spans
+    /// one stretch of the file (with only block headers, written already,
+    /// between its pieces). See [`crate::io::preallocate`] for why.
+    pub fn reserve(&self, offset: u64, len: u64) -> Result<()> {
+        let len = usize::try_from(len).map_err(|_| {
+            Error::from(ErrorKind::InvalidArgument("range too large".into())).in_file(self.path)
+        })?;
+        let mut span: Option<(u64, u64)> = None;
+        for placed in self.locate(offset, len) {
+            let (at, p) = placed?;
+            let end = at + p.len as u64;
+            span = Some(span.map_or((at, end), |(a, b)| (a.min(at), b.max(end))));
+        }
+        match span {
+            Some((from, to)) => crate::io::preallocate(self.file, from, to - from).ctx(
+                self.path,
+                from,
+                "reserve space for the copy",
+            ),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Reads a structure at `at`, turning a short file into `Truncated` with

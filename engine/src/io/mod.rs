@@ -120,6 +120,33 @@ pub fn start_writeback(file: &File) {
     let _ = unsafe { libc::sync_file_range(fd, 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
 }
 
+/// Allocates a range of a file just before it is written, in one call
+/// per chunk: a buffered write into allocated space skips the
+/// filesystem's per-page delayed-allocation bookkeeping (on ext4 a
+/// quarter of the write's cost), and the file's extents come out in
+/// large contiguous runs. Filesystems that cannot preallocate are simply
+/// written as before.
+pub fn preallocate(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let (Ok(at), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    };
+    if n == 0 {
+        return Ok(());
+    }
+    // SAFETY: `file` keeps the descriptor open for the call; fallocate
+    // reads no memory of ours. Mode FALLOC_FL_KEEP_SIZE leaves the file's
+    // length (and so the image's layout) as it was.
+    let r = unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, at, n) };
+    if r == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => Ok(()),
+        _ => Err(err),
+    }
+}
+
 /// Flushes the whole filesystem that holds `file`: one barrier that makes
 /// every file a repository write wrote durable (data and renames), instead
 /// of one `fsync` per chunk.

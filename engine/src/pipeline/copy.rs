@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use std::collections::BTreeMap;
 
-use crossbeam_channel::{unbounded, Receiver, Sender};
+use crossbeam_channel::{bounded, Receiver, Sender};
 
 use super::pool::Buffer;
 use super::run::{run, ChunkRecord, ImageDigest, Sink};
@@ -65,6 +65,11 @@ pub struct CopySpec {
     /// from the backup); a copy that does not match is never renamed into
     /// place.
     pub expect: Option<blake3::Hash>,
+    /// Flush the copy (and the directory's new name) to disk before it
+    /// counts as done. Without it a crash soon after can leave a copy
+    /// whose name is there and whose data is not, as after `cp` or
+    /// `qemu-img convert`, neither of which flushes.
+    pub durable: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -119,8 +124,21 @@ impl Writer {
     fn write_at(&self, tmp: &Path, buf: &[u8], offset: u64) -> Result<()> {
         match self {
             Writer::Flat(f) => f.write_all_at(buf, offset).ctx(tmp, offset, "write copy"),
-            Writer::Dynamic(v) => v.write_at(buf, offset),
-            Writer::Vhdx(v) => v.write_at(buf, offset),
+            Writer::Dynamic(v) => v.placed().write_at(buf, offset),
+            Writer::Vhdx(v) => v.placed().write_at(buf, offset),
+        }
+    }
+
+    /// Reserves the file's space for a data range before it is written.
+    fn reserve(&self, tmp: &Path, offset: u64, len: u64) -> Result<()> {
+        match self {
+            Writer::Flat(f) => crate::io::preallocate(f, offset, len).ctx(
+                tmp,
+                offset,
+                "reserve space for the copy",
+            ),
+            Writer::Dynamic(v) => v.placed().reserve(offset, len),
+            Writer::Vhdx(v) => v.placed().reserve(offset, len),
         }
     }
 
@@ -144,6 +162,7 @@ impl Writer {
 struct Target {
     tmp: PathBuf,
     format: TargetFormat,
+    durable: bool,
     writer: Writer,
     /// For a fixed VHD: the footer that follows the data.
     footer: Option<[u8; 512]>,
@@ -191,6 +210,12 @@ struct TargetWriter<'a> {
 /// kick worth a syscall, little enough that the disk starts early.
 const WRITEBACK_EVERY: u64 = 64 << 20;
 
+/// Chunks queued for each writer, and for each file hasher: enough to
+/// keep them busy. The pool's budget still caps everything in flight,
+/// but short queues keep the same few buffers circling, warm in cache,
+/// where long ones would touch the whole budget.
+const QUEUED: usize = 2;
+
 impl TargetWriter<'_> {
     /// Returns the bytes written, and whether every chunk arrived (when the
     /// run fails it stops sending; its error is the one reported).
@@ -226,10 +251,12 @@ impl TargetWriter<'_> {
             }
             let (from, to) = (e.offset.max(start), e.end().min(end));
             let piece = &data[(from - start) as usize..(to - start) as usize];
-            self.target.writer.write_at(&self.target.tmp, piece, from)?;
+            let (w, tmp) = (&self.target.writer, &self.target.tmp);
+            w.reserve(tmp, from, to - from)?;
+            w.write_at(tmp, piece, from)?;
             self.written += to - from;
         }
-        if self.written - self.kicked >= WRITEBACK_EVERY {
+        if self.target.durable && self.written - self.kicked >= WRITEBACK_EVERY {
             self.kicked = self.written;
             self.target.writer.start_writeback();
         }
@@ -476,6 +503,7 @@ pub fn copy_images(
             targets.push(Target {
                 tmp,
                 format: spec.format,
+                durable: spec.durable,
                 writer,
                 footer,
             });
@@ -484,12 +512,12 @@ pub fn copy_images(
             let mut senders = Vec::new();
             let mut handles = Vec::new();
             for ((target, map), image) in targets.iter().zip(&maps).zip(images) {
-                let (tx, rx) = unbounded();
+                let (tx, rx) = bounded(QUEUED);
                 senders.push(tx);
                 let size = image.virtual_size();
                 let (hash_tx, hasher) = match FileHasher::new(target, size) {
                     Some(h) => {
-                        let (htx, hrx) = unbounded();
+                        let (htx, hrx) = bounded(QUEUED);
                         (Some(htx), Some(s.spawn(move || h.run(hrx))))
                     }
                     None => (None, None),
@@ -535,7 +563,7 @@ pub fn copy_images(
                 _ => {}
             }
         }
-        for t in &targets {
+        for t in targets.iter().filter(|t| t.durable) {
             t.writer.sync(&t.tmp)?;
         }
         Ok((digests, files))
@@ -552,7 +580,7 @@ pub fn copy_images(
     let mut dirs: Vec<PathBuf> = Vec::new();
     for (t, spec) in targets.iter().zip(specs) {
         std::fs::rename(&t.tmp, &spec.target).ctx_file(&spec.target, "rename copy into place")?;
-        if let Some(dir) = spec.target.parent() {
+        if let Some(dir) = spec.target.parent().filter(|_| spec.durable) {
             if !dirs.iter().any(|d| d == dir) {
                 dirs.push(dir.to_path_buf());
             }

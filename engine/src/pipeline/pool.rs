@@ -6,9 +6,7 @@
 //! back-pressure that keeps memory flat whatever the number or size of the
 //! images.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-
-use crossbeam_channel::{bounded, Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use crate::io::AlignedBuf;
 
@@ -24,48 +22,73 @@ const MAX_SLOTS: usize = 1 << 14;
 /// few in flight (hashing, where each goes straight back) touches only
 /// those few, and a run that holds many (writers putting chunks in order)
 /// is capped at the budget.
+///
+/// The free list is a stack: the buffer returned last is handed out
+/// first, still in cache and long since faulted in. A queue would cycle
+/// through every buffer ever made, and on a VM each first touch of a page
+/// is a fault the hypervisor serves too; at a 256 MiB budget that cost
+/// more than the copy itself.
 #[derive(Debug)]
 pub struct BufferPool {
-    free: Receiver<Slotted>,
-    home: Sender<Slotted>,
+    shared: Arc<Shared>,
     size: usize,
     limit: usize,
-    made: AtomicUsize,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    state: Mutex<Free>,
+    returned: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Free {
+    stack: Vec<Slotted>,
+    made: usize,
+}
+
+impl Shared {
+    /// The lock survives a panicking holder: the free list is a plain
+    /// vector, never left half-updated.
+    fn lock(&self) -> MutexGuard<'_, Free> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl BufferPool {
     pub fn new(limit: usize, size: usize) -> Self {
-        let limit = limit.max(1);
-        let (home, free) = bounded(limit);
         Self {
-            free,
-            home,
+            shared: Arc::default(),
             size,
-            limit,
-            made: AtomicUsize::new(0),
+            limit: limit.max(1),
         }
     }
 
-    /// A free buffer, a new one while under the limit, or else waits for
-    /// one to come back. `None` only if the pool is gone.
-    pub fn take(&self) -> Option<Buffer> {
-        let data = match self.free.try_recv() {
-            Ok(d) => d,
-            Err(_) => {
-                let made = self.made.fetch_add(1, Ordering::Relaxed);
-                if made < self.limit {
-                    (AlignedBuf::new(self.size), made)
-                } else {
-                    self.made.fetch_sub(1, Ordering::Relaxed);
-                    self.free.recv().ok()?
-                }
+    /// The free buffer returned last, a new one while under the limit, or
+    /// else waits for one to come back.
+    pub fn take(&self) -> Buffer {
+        let mut free = self.shared.lock();
+        let data = loop {
+            if let Some(d) = free.stack.pop() {
+                break d;
             }
+            if free.made < self.limit {
+                let slot = free.made;
+                free.made += 1;
+                drop(free);
+                break (AlignedBuf::new(self.size), slot);
+            }
+            free = self
+                .shared
+                .returned
+                .wait(free)
+                .unwrap_or_else(|e| e.into_inner());
         };
-        Some(Buffer {
+        Buffer {
             data: Some(data),
             len: self.size,
-            home: self.home.clone(),
-        })
+            home: Arc::clone(&self.shared),
+        }
     }
 
     /// How many registered-buffer slots a ring needs for this pool.
@@ -75,7 +98,7 @@ impl BufferPool {
 
     /// How many buffers exist: the pool's high-water mark.
     pub fn allocated(&self) -> usize {
-        self.made.load(Ordering::Relaxed).min(self.limit)
+        self.shared.lock().made
     }
 }
 
@@ -85,7 +108,7 @@ pub struct Buffer {
     /// Always `Some` until the drop hands it back.
     data: Option<Slotted>,
     len: usize,
-    home: Sender<Slotted>,
+    home: Arc<Shared>,
 }
 
 impl Buffer {
@@ -126,7 +149,8 @@ impl std::ops::DerefMut for Buffer {
 impl Drop for Buffer {
     fn drop(&mut self) {
         if let Some(data) = self.data.take() {
-            let _ = self.home.send(data);
+            self.home.lock().stack.push(data);
+            self.home.returned.notify_one();
         }
     }
 }
@@ -138,22 +162,38 @@ mod tests {
     #[test]
     fn buffers_are_made_on_demand_and_capped() {
         let pool = BufferPool::new(3, 16);
-        let a = pool.take().unwrap();
+        let a = pool.take();
         drop(a);
-        let b = pool.take().unwrap();
+        let b = pool.take();
         assert_eq!(pool.allocated(), 1, "a returned buffer is reused");
-        let c = pool.take().unwrap();
-        let d = pool.take().unwrap();
+        let c = pool.take();
+        let d = pool.take();
         assert_eq!(pool.allocated(), 3);
         // At the cap, take waits until a buffer comes back.
         let waiter = std::thread::scope(|s| {
-            let h = s.spawn(|| pool.take().map(|x| x.len()));
+            let h = s.spawn(|| pool.take().len());
             std::thread::sleep(std::time::Duration::from_millis(50));
             drop(b);
             h.join().unwrap()
         });
-        assert_eq!(waiter, Some(16));
+        assert_eq!(waiter, 16);
         assert_eq!(pool.allocated(), 3);
         drop((c, d));
+    }
+
+    #[test]
+    fn the_buffer_returned_last_is_reused_first() {
+        let pool = BufferPool::new(4, 16);
+        let (a, b, c) = (pool.take(), pool.take(), pool.take());
+        let (sa, sb) = (a.slot(), b.slot());
+        drop(b);
+        drop(a);
+        assert_eq!(pool.take().slot(), sa, "the most recent return, still warm");
+        // Dropped at the end of that statement: it is on top again.
+        assert_eq!(pool.take().slot(), sa);
+        let _hold = pool.take();
+        assert_eq!(pool.take().slot(), sb);
+        assert_eq!(pool.allocated(), 3, "no new buffer while one is free");
+        drop(c);
     }
 }

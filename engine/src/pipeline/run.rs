@@ -176,7 +176,7 @@ impl Job<'_> {
             // The buffer first, the chunk second: a chunk once claimed
             // always has a buffer, so a writer waiting for it in order
             // cannot wait forever while holding the pool.
-            let Some(buf) = self.pool.take() else { break };
+            let buf = self.pool.take();
             let global = self.next.fetch_add(1, Ordering::Relaxed);
             if global >= self.total {
                 break;

@@ -14,6 +14,7 @@ use super::create::MIN_BLOCK_SIZE;
 use super::footer::{DiskType, Footer};
 use super::header::{DynamicHeader, HEADER_SIZE};
 use crate::error::{Error, ErrorKind, Result, ResultExt};
+use crate::format::layered::PlacedFile;
 use crate::io::Storage;
 
 #[derive(Debug)]
@@ -156,27 +157,15 @@ impl PreallocatedVhd {
         self.bitmap_size
     }
 
-    /// Writes virtual-disk bytes. Every block the range touches must have
-    /// been placed at creation.
-    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        for p in crate::format::layered::pieces(offset, buf.len(), self.block_size) {
-            let (blk, in_blk, pos) = (p.block, p.in_block, offset + p.done as u64);
-            let (done, n) = (p.done, p.len);
-            let Some(Some(start)) = self.blocks.get(blk as usize) else {
-                return Err(Error::from(ErrorKind::InvalidArgument(format!(
-                    "block {blk} was not placed when the copy target was created"
-                )))
-                .in_file(&self.path)
-                .at(pos));
-            };
-            let at = start + self.bitmap_size + in_blk;
-            self.file.write_all_at(&buf[done..done + n], at).ctx(
-                &self.path,
-                at,
-                "write VHD block",
-            )?;
+    /// The file, for writing virtual-disk bytes into its placed blocks.
+    pub fn placed(&self) -> PlacedFile<'_> {
+        PlacedFile {
+            file: &self.file,
+            path: &self.path,
+            blocks: &self.blocks,
+            block_size: self.block_size,
+            data_skip: self.bitmap_size,
         }
-        Ok(())
     }
 
     pub fn block_size(&self) -> u64 {

@@ -25,6 +25,7 @@ use super::parse::{
     REGION_TABLE_OFFSET, REGION_TABLE_SIZE, VIRTUAL_DISK_SIZE,
 };
 use crate::error::{Error, ErrorKind, Result, ResultExt};
+use crate::format::layered::PlacedFile;
 use crate::io::Storage;
 
 const LOG_AT: u64 = MIB;
@@ -445,24 +446,16 @@ impl VhdxWriter {
         p
     }
 
-    /// Writes virtual-disk bytes into blocks placed at creation; any
-    /// number of threads may call it at once.
-    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        for p in crate::format::layered::pieces(offset, buf.len(), self.block_size()) {
-            let (blk, in_blk, pos) = (p.block, p.in_block, offset + p.done as u64);
-            let (done, n) = (p.done, p.len);
-            let Some(Some(start)) = self.blocks.get(blk as usize) else {
-                return Err(Error::from(ErrorKind::InvalidArgument(format!(
-                    "block {blk} was not placed when the VHDX was created"
-                )))
-                .in_file(&self.path)
-                .at(pos));
-            };
-            self.file
-                .write_all_at(&buf[done..done + n], start + in_blk)
-                .ctx(&self.path, start + in_blk, "write VHDX block")?;
+    /// The file, for writing virtual-disk bytes into the blocks placed at
+    /// creation.
+    pub fn placed(&self) -> PlacedFile<'_> {
+        PlacedFile {
+            file: &self.file,
+            path: &self.path,
+            blocks: &self.blocks,
+            block_size: self.block_size(),
+            data_skip: 0,
         }
-        Ok(())
     }
 
     /// Writes whole logical sectors anywhere, placing blocks as needed; in
@@ -495,7 +488,7 @@ impl VhdxWriter {
             }
             pos = to;
         }
-        self.write_at(buf, offset)
+        self.placed().write_at(buf, offset)
     }
 
     /// Sets the bitmap bits of `count` sectors from `first` in block `blk`,
