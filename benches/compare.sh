@@ -19,6 +19,7 @@ done
 cargo build --release --quiet -p vsnap -p vsnap-benches
 vsnap=$PWD/target/release/vsnap
 mkdata=$PWD/target/release/mkdata
+interleave=$PWD/benches/interleave.py
 cd "$work"
 # The zero-leaf cache lives with the images; hyperfine's warm-up runs fill
 # it, so the timed runs see it warm. The first pair also times it cold.
@@ -48,23 +49,28 @@ pair() { # LABEL TARGET CMD_VSNAP CMD_PEER
 # included, at equal durability: qemu-img never flushes its copy, so it
 # is timed against `vsnap copy --no-sync`; vsnap's default fsyncs each
 # copy before its rename, so it is timed against qemu-img followed by
-# `sync FILE` (an fsync).
+# `sync FILE` (an fsync). The four commands run in alternation, round by
+# round (benches/interleave.py), so the machine's slow phases fall on
+# both sides of each pair.
 copy_pairs() { # LABEL IMAGE QEMU_FORMAT QEMU_OPTIONS
-  local ext=${2##*.} j
+  local ext=${2##*.}
   mkdir -p out
   # Each run starts with no dirty pages left by the one before (qemu-img's
   # unflushed copy would otherwise be written back during the next run).
-  local clean="sh -c 'rm -rf $work/out/$2 $work/out/B3SUMS $work/out/q.$ext && sync'"
+  local clean="rm -rf $work/out/$2 $work/out/B3SUMS $work/out/q.$ext && sync"
   local vs="$vsnap copy -q --to $work/out $work/$2"
   local qemu="qemu-img convert -f $3 -O $3 -o $4 $work/$2 $work/out/q.$ext"
-  hyperfine -N -w 1 -r 10 --export-json c1.json --prepare "$clean" "$vs --no-sync" "$qemu" >/dev/null
-  hyperfine -N -w 1 -r 10 --export-json c2.json --prepare "$clean" "$vs" "sh -c '$qemu && sync $work/out/q.$ext'" >/dev/null
-  for j in c1 c2; do
-    python3 -c "
-import json,sys; r=json.load(open(sys.argv[1]+'.json'))['results']; a,b=r[0]['median'],r[1]['median']
-label=sys.argv[2]+(': copy --no-sync / qemu-img convert' if sys.argv[1]=='c1' else ': copy (fsync) / qemu-img + sync')
-print(f'{label:<46} vsnap {a*1000:8.1f} ms  peer {b*1000:8.1f} ms  ratio {a/b:5.2f}  (target <= 1.00)')" $j "$1"
-  done
+  "$interleave" "${COPY_RUNS:-15}" "$clean" "vn=$vs --no-sync" "q=$qemu" "vs=$vs" "qs=$qemu && sync $work/out/q.$ext" >copy.json
+  python3 - "$1" <<'PY'
+import json, sys
+r = json.load(open("copy.json"))
+for a, b, what in (("vn", "q", "copy --no-sync / qemu-img convert"), ("vs", "qs", "copy (fsync) / qemu-img + sync")):
+    x, y = r[a], r[b]
+    label = sys.argv[1] + ": " + what
+    print(f"{label:<46} vsnap {x['median']*1000:8.1f} ms  peer {y['median']*1000:8.1f} ms  ratio {x['median']/y['median']:5.2f}  (target <= 1.00)")
+    print(f"{'':<46} cpu (user+sys) vsnap {(x['user']+x['system'])*1000:.0f} ms, peer {(y['user']+y['system'])*1000:.0f} ms;"
+          f" wall range vsnap {x['min']*1000:.0f}-{x['max']*1000:.0f} ms, peer {y['min']*1000:.0f}-{y['max']*1000:.0f} ms")
+PY
 }
 
 echo "machine: $(nproc) cores, $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(lscpu | sed -n 's/^Model name: *//p')"

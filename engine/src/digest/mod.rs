@@ -9,10 +9,12 @@
 //! leaves are hashed in any order, on any thread, unallocated ones without
 //! reading anything, and [`root`] folds them with blake3's `hazmat` merges.
 
+mod file_tree;
 mod zero_cache;
 
 use blake3::hazmat::{self, ChainingValue, HasherExt, Mode};
 
+pub use file_tree::{FileTree, Span};
 pub use zero_cache::ZeroCache;
 
 use crate::error::{ErrorKind, Result};
@@ -60,14 +62,28 @@ impl DigestPlan {
 
     /// Hashes one leaf's bytes, which start at `offset` in the disk.
     pub fn leaf(&self, offset: u64, data: &[u8]) -> Leaf {
+        let mut h = self.leaf_hasher(offset);
+        h.update(data);
+        self.finish_leaf(h)
+    }
+
+    /// A hasher for the leaf at `offset`, to be fed its bytes in order (a
+    /// slice at a time, say, with other work on each slice between) and
+    /// handed to [`DigestPlan::finish_leaf`].
+    pub fn leaf_hasher(&self, offset: u64) -> blake3::Hasher {
         let mut hasher = blake3::Hasher::new();
-        if self.disk_size <= self.leaf_size {
-            hasher.update(data);
-            return Leaf::Root(hasher.finalize());
+        if self.disk_size > self.leaf_size {
+            hasher.set_input_offset(offset);
         }
-        hasher.set_input_offset(offset);
-        hasher.update(data);
-        Leaf::Cv(hasher.finalize_non_root())
+        hasher
+    }
+
+    pub fn finish_leaf(&self, hasher: blake3::Hasher) -> Leaf {
+        if self.disk_size <= self.leaf_size {
+            Leaf::Root(hasher.finalize())
+        } else {
+            Leaf::Cv(hasher.finalize_non_root())
+        }
     }
 
     /// A leaf of `len` zero bytes at `offset`, hashed without reading.

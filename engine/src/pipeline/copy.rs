@@ -12,10 +12,10 @@ use std::collections::BTreeMap;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 
+use super::file_digest::{FileParts, Layout, Shape};
 use super::pool::Buffer;
 use super::run::{run, ChunkRecord, ImageDigest, Sink};
 use super::{ChunkKind, Options, Progress, Stored};
-use crate::digest::update_zeros;
 use crate::error::{Error, ErrorKind, Result, ResultExt};
 use crate::format::vhd::create::{plan_footer, CreateOptions, DEFAULT_BLOCK_SIZE};
 use crate::format::vhd::{DiskType, PreallocatedVhd};
@@ -89,34 +89,25 @@ enum Writer {
     Vhdx(Box<VhdxWriter>),
 }
 
-/// A block-structured target's file, as the hasher walks it: the bytes
-/// before the first block, then each placed block (after its own
-/// per-block header, a VHD's sector bitmap), then a trailer.
-struct Shape<'a> {
-    prefix: &'a [u8],
-    block_size: u64,
-    placed: &'a [u64],
-    per_block: Vec<u8>,
-    suffix: &'a [u8],
-}
-
 impl Writer {
-    fn shape(&self) -> Option<Shape<'_>> {
-        match self {
-            Writer::Flat(_) => None,
-            Writer::Dynamic(v) => Some(Shape {
+    /// The target file around the disk's bytes, for its digest.
+    fn layout<'a>(&'a self, footer: Option<&'a [u8; 512]>) -> Layout<'a> {
+        match (self, footer) {
+            (Writer::Flat(_), None) => Layout::Raw,
+            (Writer::Flat(_), Some(f)) => Layout::Fixed(f),
+            (Writer::Dynamic(v), _) => Layout::Blocks(Shape {
                 prefix: v.prefix(),
-                block_size: v.block_size(),
                 placed: v.placed_blocks(),
                 per_block: vec![0xFF; v.bitmap_size() as usize],
                 suffix: v.footer_bytes(),
+                file: v.placed(),
             }),
-            Writer::Vhdx(v) => Some(Shape {
+            (Writer::Vhdx(v), _) => Layout::Blocks(Shape {
                 prefix: v.prefix(),
-                block_size: v.block_size(),
                 placed: v.placed_blocks(),
                 per_block: Vec::new(),
                 suffix: &[],
+                file: v.placed(),
             }),
         }
     }
@@ -161,43 +152,84 @@ impl Writer {
 
 struct Target {
     tmp: PathBuf,
-    format: TargetFormat,
     durable: bool,
     writer: Writer,
     /// For a fixed VHD: the footer that follows the data.
     footer: Option<[u8; 512]>,
 }
 
-type Message = (ChunkRecord, Option<Buffer>);
+/// A chunk for a writer: its bytes, and the file digest's parts of it.
+type Message = (ChunkRecord, Option<Buffer>, FileParts);
 
-/// Hands each chunk to its target's writer thread.
-struct CopySink {
+/// Hashes each chunk at its place in the target file, on the worker that
+/// read it, and hands it to its target's writer thread.
+struct CopySink<'a> {
     writers: Vec<Sender<Message>>,
+    layouts: &'a [Layout<'a>],
 }
 
-impl Sink for CopySink {
+impl Sink for CopySink<'_> {
+    /// A chunk not hashed slice by slice: its parts are hashed here.
     fn put(
         &self,
         image: usize,
         record: ChunkRecord,
         data: Option<Buffer>,
-        _: Option<Stored<'_>>,
+        stored: Option<Stored<'_>>,
     ) -> Result<()> {
-        let sent = self.writers.get(image).map(|w| w.send((record, data)));
-        match sent {
-            Some(Ok(())) => Ok(()),
+        let mut parts = FileParts::default();
+        self.hash_slice(
+            image,
+            record.offset,
+            record.length,
+            data.as_deref(),
+            &mut parts,
+        );
+        self.put_hashed(image, record, data, stored, parts)
+    }
+
+    fn hash_slice(
+        &self,
+        image: usize,
+        at: u64,
+        len: u64,
+        data: Option<&[u8]>,
+        parts: &mut FileParts,
+    ) {
+        if let Some(layout) = self.layouts.get(image) {
+            layout.hash(at, len, data, parts);
+        }
+    }
+
+    fn put_hashed(
+        &self,
+        image: usize,
+        record: ChunkRecord,
+        data: Option<Buffer>,
+        _: Option<Stored<'_>>,
+        parts: FileParts,
+    ) -> Result<()> {
+        let sent = self
+            .writers
+            .get(image)
+            .is_some_and(|w| w.send((record, data, parts)).is_ok());
+        if sent {
+            Ok(())
+        } else {
             // The writer stopped on an error of its own, which is reported
             // instead of this one.
-            _ => Err(ErrorKind::InvalidArgument("the copy's writer stopped".into()).into()),
+            Err(ErrorKind::InvalidArgument("the copy's writer stopped".into()).into())
         }
     }
 }
 
-/// One target's writer: it takes chunks in any order and writes them in
-/// order, then hands each to the target's [`FileHasher`]. One writer per
-/// file keeps workers from contending for the file's lock.
+/// One target's writer: it takes chunks in any order, writes them in
+/// order and folds their file-digest parts. One writer per file keeps
+/// workers from contending for the file's lock.
 struct TargetWriter<'a> {
     target: &'a Target,
+    layout: &'a Layout<'a>,
+    size: u64,
     map: &'a AllocationMap,
     chunk_size: u64,
     chunks: u64,
@@ -210,8 +242,7 @@ struct TargetWriter<'a> {
 /// kick worth a syscall, little enough that the disk starts early.
 const WRITEBACK_EVERY: u64 = 64 << 20;
 
-/// Chunks queued for each writer, and for each file hasher: enough to
-/// keep them busy. The pool's budget still caps everything in flight,
+/// Chunks queued for each writer: enough to keep it busy. The pool's budget still caps everything in flight,
 /// but short queues keep the same few buffers circling, warm in cache,
 /// where long ones would touch the whole budget.
 const QUEUED: usize = 2;
@@ -219,22 +250,36 @@ const QUEUED: usize = 2;
 impl TargetWriter<'_> {
     /// Returns the bytes written, and whether every chunk arrived (when the
     /// run fails it stops sending; its error is the one reported).
-    fn run(mut self, rx: Receiver<Message>, hash: Option<Sender<Message>>) -> Result<(u64, bool)> {
+    /// Returns the bytes written and, when every chunk arrived, the
+    /// file's digest, `None` for a raw copy, whose file is the disk (when
+    /// the run fails it stops sending; its error is the one reported).
+    fn run(mut self, rx: Receiver<Message>) -> Result<(u64, bool, Option<blake3::Hash>)> {
         let mut pending: BTreeMap<u64, Message> = BTreeMap::new();
         let mut next = 0u64;
-        for (record, data) in rx {
-            pending.insert(record.offset / self.chunk_size, (record, data));
-            while let Some((record, data)) = pending.remove(&next) {
+        let mut tree = self.layout.start();
+        for (record, data, parts) in rx {
+            pending.insert(record.offset / self.chunk_size, (record, data, parts));
+            while let Some((record, data, parts)) = pending.remove(&next) {
                 self.write(&record, data.as_deref())?;
-                if let Some(h) = &hash {
-                    // A hasher that stopped has nothing to report; the
-                    // write error or the run's error says why.
-                    let _ = h.send((record, data));
+                // The buffer goes back to the pool now; only the parts'
+                // chaining values wait for the fold.
+                drop(data);
+                if let Some(tree) = &mut tree {
+                    self.layout
+                        .add(tree, &parts)
+                        .map_err(|e| e.in_file(&self.target.tmp).during("hash copy"))?;
                 }
                 next += 1;
             }
         }
-        Ok((self.written, next >= self.chunks))
+        let (Some(tree), true) = (tree, next >= self.chunks) else {
+            return Ok((self.written, next >= self.chunks, None));
+        };
+        let digest = self
+            .layout
+            .finish(tree, self.size)
+            .map_err(|e| e.in_file(&self.target.tmp).during("hash copy"))?;
+        Ok((self.written, true, Some(digest)))
     }
 
     fn write(&mut self, record: &ChunkRecord, data: Option<&[u8]>) -> Result<()> {
@@ -261,97 +306,6 @@ impl TargetWriter<'_> {
             self.target.writer.start_writeback();
         }
         Ok(())
-    }
-}
-
-/// Hashes a target file's bytes in file order, from the chunks as they
-/// are written, so `B3SUMS` needs no second read. It runs on its own
-/// thread beside the writer, so writing and hashing overlap. Raw targets
-/// need none: their file is the disk, whose digest the workers compute.
-struct FileHasher<'a> {
-    target: &'a Target,
-    size: u64,
-    hasher: blake3::Hasher,
-    /// For a dynamic target: the next placed block not yet fully hashed.
-    block_cursor: usize,
-    shape: Option<Shape<'a>>,
-}
-
-impl<'a> FileHasher<'a> {
-    fn new(target: &'a Target, size: u64) -> Option<Self> {
-        if target.format == TargetFormat::Raw {
-            return None;
-        }
-        let mut hasher = blake3::Hasher::new();
-        let shape = target.writer.shape();
-        if let Some(s) = &shape {
-            hasher.update(s.prefix);
-        }
-        Some(Self {
-            target,
-            size,
-            hasher,
-            block_cursor: 0,
-            shape,
-        })
-    }
-
-    fn run(mut self, rx: Receiver<Message>) -> blake3::Hash {
-        for (record, data) in rx {
-            self.chunk(&record, data.as_deref());
-        }
-        self.finish()
-    }
-
-    fn chunk(&mut self, record: &ChunkRecord, data: Option<&[u8]>) {
-        let (start, end) = (record.offset, record.offset + record.length);
-        let feed = |h: &mut blake3::Hasher, from: u64, to: u64| match data {
-            Some(d) => {
-                h.update(&d[(from - start) as usize..(to - start) as usize]);
-            }
-            None => update_zeros(h, to - from),
-        };
-        match &self.shape {
-            None => feed(&mut self.hasher, start, end),
-            Some(shape) => {
-                let bs = shape.block_size;
-                while let Some(&b) = shape.placed.get(self.block_cursor) {
-                    let (b_start, b_end) = (b * bs, (b + 1) * bs);
-                    if b_start >= end {
-                        break;
-                    }
-                    if b_start >= start {
-                        self.hasher.update(&shape.per_block);
-                    }
-                    let (from, to) = (b_start.max(start), b_end.min(end));
-                    feed(&mut self.hasher, from, to);
-                    if b_end <= end {
-                        self.block_cursor += 1;
-                    } else {
-                        break;
-                    }
-                }
-            }
-        }
-    }
-
-    fn finish(mut self) -> blake3::Hash {
-        match &self.shape {
-            None => {
-                if let Some(footer) = &self.target.footer {
-                    self.hasher.update(footer);
-                }
-            }
-            Some(shape) => {
-                // The last block's data area runs past the end of the disk.
-                if let Some(&last) = shape.placed.last() {
-                    let end = (last + 1) * shape.block_size;
-                    update_zeros(&mut self.hasher, end.saturating_sub(self.size));
-                }
-                self.hasher.update(shape.suffix);
-            }
-        }
-        self.hasher.finalize()
     }
 }
 
@@ -502,50 +456,49 @@ pub fn copy_images(
             };
             targets.push(Target {
                 tmp,
-                format: spec.format,
                 durable: spec.durable,
                 writer,
                 footer,
             });
         }
+        let layouts: Vec<Layout<'_>> = targets
+            .iter()
+            .map(|t| t.writer.layout(t.footer.as_ref()))
+            .collect();
         let (digests, files) = std::thread::scope(|s| {
             let mut senders = Vec::new();
             let mut handles = Vec::new();
-            for ((target, map), image) in targets.iter().zip(&maps).zip(images) {
+            for (((target, layout), map), image) in
+                targets.iter().zip(&layouts).zip(&maps).zip(images)
+            {
                 let (tx, rx) = bounded(QUEUED);
                 senders.push(tx);
                 let size = image.virtual_size();
-                let (hash_tx, hasher) = match FileHasher::new(target, size) {
-                    Some(h) => {
-                        let (htx, hrx) = bounded(QUEUED);
-                        (Some(htx), Some(s.spawn(move || h.run(hrx))))
-                    }
-                    None => (None, None),
-                };
                 let writer = TargetWriter {
                     target,
+                    layout,
+                    size,
                     map,
                     chunk_size: opts.chunk_size,
                     chunks: size.div_ceil(opts.chunk_size).max(1),
                     written: 0,
                     kicked: 0,
                 };
-                handles.push((s.spawn(move || writer.run(rx, hash_tx)), hasher));
+                handles.push(s.spawn(move || writer.run(rx)));
             }
-            let sink = CopySink { writers: senders };
+            let sink = CopySink {
+                writers: senders,
+                layouts: &layouts,
+            };
             let run_result = run(images, &maps, opts, progress, &sink);
             drop(sink);
             let mut files = Vec::new();
-            for (writer, hasher) in handles {
+            for writer in handles {
                 // A writer's own error (a full disk, say) says more than
                 // the run's "writer stopped".
                 let panicked = || ErrorKind::InvalidArgument("a copy thread panicked".into());
-                let (written, complete) =
+                let (written, complete, digest) =
                     writer.join().unwrap_or_else(|_| Err(panicked().into()))?;
-                let digest = match hasher {
-                    Some(h) => Some(h.join().map_err(|_| Error::from(panicked()))?),
-                    None => None,
-                };
                 files.push((complete.then_some(digest).flatten(), written));
             }
             Ok::<_, Error>((run_result?, files))

@@ -10,6 +10,7 @@
 mod b3sums;
 mod compress;
 mod copy;
+mod file_digest;
 mod pool;
 mod run;
 mod source;
@@ -25,6 +26,7 @@ use crate::io::IoMode;
 
 pub use b3sums::{update_b3sums, B3SUMS};
 pub use copy::{copy_images, CopyResult, CopySpec, TargetFormat};
+pub use file_digest::FileParts;
 pub use pool::{Buffer, BufferPool};
 pub use run::{hash_images, run, ChunkRecord, ImageDigest, NoSink, Sink};
 

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use super::compress::Compress;
+use super::file_digest::FileParts;
 use super::pool::{Buffer, BufferPool};
 use super::source::{data_bytes, read_chunk, LayerFiles};
 use super::{ChunkKind, Options, Progress, Stored};
@@ -71,7 +72,40 @@ pub trait Sink: Sync {
         data: Option<Buffer>,
         stored: Option<Stored<'_>>,
     ) -> Result<()>;
+
+    /// Hashes a chunk's bytes `at..at + len` for the file digest of a copy
+    /// (`data` holds them unless the chunk was never read). The worker
+    /// calls it slice by slice, in order, each right after it hashed the
+    /// slice for the disk's digest, so the bytes are hashed twice while
+    /// they are in its cache; a whole 4 MiB chunk is not. Only the copy
+    /// sink has a file to hash.
+    fn hash_slice(
+        &self,
+        _image: usize,
+        _at: u64,
+        _len: u64,
+        _data: Option<&[u8]>,
+        _parts: &mut FileParts,
+    ) {
+    }
+
+    /// [`Sink::put`], with what [`Sink::hash_slice`] hashed of the chunk.
+    fn put_hashed(
+        &self,
+        image: usize,
+        record: ChunkRecord,
+        data: Option<Buffer>,
+        stored: Option<Stored<'_>>,
+        _parts: FileParts,
+    ) -> Result<()> {
+        self.put(image, record, data, stored)
+    }
 }
+
+/// How much of a chunk the worker hashes at once for both digests: under
+/// the 2 MiB a core's L2 cache holds on the machines measured (a whole
+/// 4 MiB chunk hashed twice cost 20 % more time).
+const HASH_SLICE: usize = 1 << 20;
 
 /// The sink of a plain hash run.
 pub struct NoSink;
@@ -204,6 +238,7 @@ impl Job<'_> {
         let held = data_bytes(&self.maps[image], offset, length);
         let read = held > 0;
         buf.truncate(length as usize);
+        let mut parts = FileParts::default();
         let zero_leaf = || match &self.opts.zero_cache {
             Some(cache) => cache.zero_leaf(plan, index),
             None => plan.zero_leaf(offset, length),
@@ -215,16 +250,29 @@ impl Job<'_> {
             }
             Progress::add(&self.progress.read, held);
             let data = &buf[..];
-            // Zero detection first: an all-zero chunk is never hashed.
+            // Zero detection first: an all-zero chunk is never hashed for
+            // the disk's digest.
             if is_zero(data) {
+                self.sink
+                    .hash_slice(image, offset, length, Some(data), &mut parts);
                 (zero_leaf(), ChunkKind::Zero, None)
             } else {
-                let leaf = plan.leaf(offset, data);
+                let mut h = plan.leaf_hasher(offset);
+                let mut at = offset;
+                for slice in data.chunks(HASH_SLICE) {
+                    h.update(slice);
+                    let n = slice.len() as u64;
+                    self.sink.hash_slice(image, at, n, Some(slice), &mut parts);
+                    at += n;
+                }
+                let leaf = plan.finish_leaf(h);
                 let want_id = self.opts.keep_chunks || self.sink.wants_ids();
                 let id = want_id.then(|| blake3::hash(data));
                 (leaf, ChunkKind::Data, id)
             }
         } else {
+            self.sink
+                .hash_slice(image, offset, length, None, &mut parts);
             (zero_leaf(), ChunkKind::Unallocated, None)
         };
         let mut record = ChunkRecord {
@@ -246,7 +294,8 @@ impl Job<'_> {
             Stored::Compressed(bytes) => bytes.len() as u64,
             Stored::Raw => length,
         });
-        self.sink.put(image, record, read.then_some(buf), stored)?;
+        self.sink
+            .put_hashed(image, record, read.then_some(buf), stored, parts)?;
         Progress::add(&self.progress.done, length);
         if let Some(accum) = self.results.get(image) {
             accum
