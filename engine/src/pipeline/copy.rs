@@ -242,9 +242,10 @@ struct TargetWriter<'a> {
 /// kick worth a syscall, little enough that the disk starts early.
 const WRITEBACK_EVERY: u64 = 64 << 20;
 
-/// Chunks queued for each writer: enough to keep it busy. The pool's budget still caps everything in flight,
-/// but short queues keep the same few buffers circling, warm in cache,
-/// where long ones would touch the whole budget.
+/// Chunks queued for each writer: enough to keep it busy. The pool's
+/// budget still caps everything in flight, but short queues keep the same
+/// few buffers circling, warm in cache, where long ones would touch the
+/// whole budget.
 const QUEUED: usize = 2;
 
 impl TargetWriter<'_> {
