@@ -918,7 +918,7 @@ fn bench_freeze_measures_sane_windows_and_leaves_nothing_behind() {
             let v = fw[k].as_u64().unwrap();
             assert!(v > 0 && v < hold_limit_us, "{k}: {s:#}");
         }
-        assert!(s["host_window_us"]["max"].as_u64().unwrap() >= fw["max"].as_u64().unwrap());
+        assert!(s["host_window_us"]["max"].as_u64().unwrap() > 0, "{s:#}");
         assert!(s["snapshot_us"]["max"].as_u64().unwrap() > 0);
         assert!(s["writes"]["during"]["n"].as_u64().unwrap() > 0, "{s:#}");
         assert!(s["writes"]["outside"]["n"].as_u64().unwrap() > 0, "{s:#}");
@@ -926,8 +926,16 @@ fn bench_freeze_measures_sane_windows_and_leaves_nothing_behind() {
     }
     for round in r["rounds"].as_array().unwrap() {
         for v in round["report"]["vms"].as_array().unwrap() {
-            let w = v["metrics"]["freeze_window_us"].as_u64().unwrap();
+            let m = &v["metrics"];
+            let w = m["freeze_window_us"].as_u64().unwrap();
             assert!(w > 0 && w < hold_limit_us, "{v:#}");
+            // The guest's window lies inside the host's span from sending
+            // the freeze to hearing the thaw done. (The host window, ack to
+            // ack, need not hold it: it starts one reply late and ends one
+            // reply late, and the two replies' delays differ under load.)
+            let span =
+                m["thaw_ack_at_us"].as_u64().unwrap() - m["freeze_sent_at_us"].as_u64().unwrap();
+            assert!(span >= w, "{v:#}");
         }
     }
     let svg = std::fs::read_to_string(&svg).unwrap();
