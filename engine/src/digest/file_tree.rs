@@ -116,19 +116,6 @@ impl Span {
             tail: edge(last - offset, len),
         }
     }
-
-    pub fn offset(&self) -> u64 {
-        self.offset
-    }
-
-    pub fn len(&self) -> u64 {
-        let whole: u64 = self.subtrees.iter().map(|s| s.0).sum();
-        self.head.len() as u64 + whole + self.tail.len() as u64
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// Builds a file's BLAKE3 from plain bytes and [`Span`]s given in file
@@ -176,12 +163,18 @@ impl FileTree {
         }
     }
 
-    /// Pushes the kept-back chunk, which must be whole.
-    fn flush_partial(&mut self) {
+    /// The kept-back chunk's chaining value, as the chunk after those
+    /// on the stack.
+    fn partial_cv(&self) -> ChainingValue {
         let mut h = blake3::Hasher::new();
         h.set_input_offset(self.chunks * CHUNK);
         h.update(&self.partial);
-        let cv = h.finalize_non_root();
+        h.finalize_non_root()
+    }
+
+    /// Pushes the kept-back chunk, which must be whole.
+    fn flush_partial(&mut self) {
+        let cv = self.partial_cv();
         self.partial.clear();
         self.push_cv(cv, CHUNK);
     }
@@ -241,7 +234,7 @@ impl FileTree {
 
     /// The file's BLAKE3: what `b3sum` prints for it.
     pub fn finish(mut self) -> Result<blake3::Hash> {
-        let mut right = if self.partial.is_empty() {
+        let right = if self.partial.is_empty() {
             match self.stack.pop() {
                 Some(cv) => cv,
                 None => return Ok(blake3::hash(&[])),
@@ -252,23 +245,14 @@ impl FileTree {
         } else {
             // The last chunk follows everything on the stack.
             self.merge_completed();
-            let mut h = blake3::Hasher::new();
-            h.set_input_offset(self.chunks * CHUNK);
-            h.update(&self.partial);
-            h.finalize_non_root()
+            self.partial_cv()
         };
-        while let Some(left) = self.stack.pop() {
-            if self.stack.is_empty() {
-                return Ok(hazmat::merge_subtrees_root(&left, &right, Mode::Hash));
-            }
-            right = hazmat::merge_subtrees_non_root(&left, &right, Mode::Hash);
-        }
-        // Only a file that is a single pushed subtree gets here, and the
-        // root of a subtree cannot be had from its chaining value.
-        Err(
+        // Only a file that is a single pushed subtree has no root to
+        // fold to.
+        super::fold_to_root(&mut self.stack, right).ok_or_else(|| {
             ErrorKind::InvalidArgument("a file given as one subtree has no root to finish".into())
-                .into(),
-        )
+                .into()
+        })
     }
 }
 

@@ -88,16 +88,9 @@ impl DigestPlan {
 
     /// A leaf of `len` zero bytes at `offset`, hashed without reading.
     pub fn zero_leaf(&self, offset: u64, len: u64) -> Leaf {
-        let mut hasher = blake3::Hasher::new();
-        if self.disk_size > self.leaf_size {
-            hasher.set_input_offset(offset);
-        }
+        let mut hasher = self.leaf_hasher(offset);
         update_zeros(&mut hasher, len);
-        if self.disk_size <= self.leaf_size {
-            Leaf::Root(hasher.finalize())
-        } else {
-            Leaf::Cv(hasher.finalize_non_root())
-        }
+        self.finish_leaf(hasher)
     }
 
     /// Folds the leaves, in disk order, into the digest.
@@ -187,15 +180,15 @@ impl Folder {
             return Ok(());
         }
         // The last leaf: fold down the stack; the top merge is the root.
-        let mut right = cv;
-        while let Some(left) = self.stack.pop() {
-            if self.stack.is_empty() {
-                self.root = Some(hazmat::merge_subtrees_root(&left, &right, Mode::Hash));
-                return Ok(());
+        match fold_to_root(&mut self.stack, cv) {
+            Some(root) => {
+                self.root = Some(root);
+                Ok(())
             }
-            right = hazmat::merge_subtrees_non_root(&left, &right, Mode::Hash);
+            None => {
+                Err(ErrorKind::InvalidArgument("a multi-leaf disk folded to no root".into()).into())
+            }
         }
-        Err(ErrorKind::InvalidArgument("a multi-leaf disk folded to no root".into()).into())
     }
 
     /// The digest, once every leaf has arrived.
@@ -210,6 +203,20 @@ impl Folder {
             .into()),
         }
     }
+}
+
+/// Folds a chaining-value stack down onto the tree's last subtree,
+/// `right`: each entry is the left sibling of everything after it, and the
+/// top merge is the root. `None` when the stack is empty, as the root of a
+/// lone subtree cannot be had from its chaining value.
+fn fold_to_root(stack: &mut Vec<ChainingValue>, mut right: ChainingValue) -> Option<blake3::Hash> {
+    while let Some(left) = stack.pop() {
+        if stack.is_empty() {
+            return Some(hazmat::merge_subtrees_root(&left, &right, Mode::Hash));
+        }
+        right = hazmat::merge_subtrees_non_root(&left, &right, Mode::Hash);
+    }
+    None
 }
 
 /// Feeds `len` zero bytes to a hasher without allocating them.
