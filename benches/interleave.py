@@ -6,7 +6,8 @@
 The machine these benches run on is shared: for minutes at a time its
 system time can double. hyperfine times one command's runs back to back,
 so a slow phase can land on one side of a pair only; alternating puts
-every phase on both sides. Each command runs once more first, as warm-up.
+every phase on both sides, and rotating the order each round keeps any
+command from always running after the same one. Each command runs once more first, as warm-up.
 Prints one JSON object: per label, the median, minimum and maximum wall
 time and the median user and system CPU time, in seconds.
 """
@@ -24,7 +25,9 @@ def main():
     wall = {label: [] for label, _ in cmds}
     cpu = {label: [] for label, _ in cmds}
     for r in range(runs + 1):
-        for label, cmd in cmds:
+        # Each round starts one command later, so that no command always
+        # follows the same one (and the removal of its output).
+        for label, cmd in cmds[r % len(cmds):] + cmds[:r % len(cmds)]:
             subprocess.run(prepare, shell=True, check=True)
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
             start = time.perf_counter()

@@ -1,9 +1,9 @@
 //! A copy's file digest (its `B3SUMS` line), hashed by the workers as they
-//! hand each chunk over, while its bytes are still in their cache, and
-//! put together by the target's writer in file order.
+//! write each chunk, while its bytes are still in their cache, and put
+//! together in file order.
 //!
 //! Each worker hashes its chunk's bytes at the offsets they take in the
-//! target file ([`Span`]s); the writer adds the bytes vsnap itself puts
+//! target file ([`Span`]s); the fold adds the bytes vsnap itself puts
 //! around them (headers, tables, a VHD's sector bitmaps and footer) and
 //! folds everything with [`FileTree`]. So the copy hashes each byte at its
 //! file offset once, in parallel, with no second read and no thread that
@@ -37,7 +37,7 @@ pub(super) enum Layout<'a> {
     Blocks(Shape<'a>),
 }
 
-/// One piece of a target file: a block header the writer knows, or bytes
+/// One piece of a target file: a block header the layout knows, or bytes
 /// a worker hashed.
 #[derive(Debug)]
 enum Part {
@@ -85,7 +85,7 @@ impl Layout<'_> {
         }
     }
 
-    /// The tree a target's writer folds the parts into, primed with the
+    /// The tree a target's parts are folded into, primed with the
     /// bytes before the first chunk's; `None` for a raw copy.
     pub(super) fn start(&self) -> Option<FileTree> {
         let mut tree = FileTree::new();

@@ -1,7 +1,7 @@
 //! Chunk buffers drawn from a fixed pool: the engine's memory budget.
 //!
 //! A worker takes a buffer before it claims a chunk and the buffer goes
-//! back to the pool when whoever holds it last (a writer, or nobody) drops
+//! back to the pool when whoever holds it last (a sink, or nobody) drops
 //! it. When every buffer is in flight, workers wait: that is the
 //! back-pressure that keeps memory flat whatever the number or size of the
 //! images.
@@ -19,9 +19,9 @@ type Slotted = (AlignedBuf, usize);
 const MAX_SLOTS: usize = 1 << 14;
 
 /// Buffers are allocated on demand, up to `limit`: a run that keeps only a
-/// few in flight (hashing, where each goes straight back) touches only
-/// those few, and a run that holds many (writers putting chunks in order)
-/// is capped at the budget.
+/// few in flight (every sink in vsnap hands each straight back) touches
+/// only those few, and a sink that held on to them would be capped at the
+/// budget.
 ///
 /// The free list is a stack: the buffer returned last is handed out
 /// first, still in cache and long since faulted in. A queue would cycle

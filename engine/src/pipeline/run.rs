@@ -209,7 +209,7 @@ impl Job<'_> {
         };
         while !self.failed.load(Ordering::Relaxed) {
             // The buffer first, the chunk second: a chunk once claimed
-            // always has a buffer, so a writer waiting for it in order
+            // always has a buffer, so a sink waiting for it in order
             // cannot wait forever while holding the pool.
             let buf = self.pool.take();
             let global = self.next.fetch_add(1, Ordering::Relaxed);

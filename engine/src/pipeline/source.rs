@@ -12,14 +12,24 @@ use crate::io::{open_for_read, Engine, ReadOp};
 
 /// How many bytes of `[offset, offset + len)` are data, so must be read.
 pub(super) fn data_bytes(map: &AllocationMap, offset: u64, len: u64) -> u64 {
+    data_pieces(map, offset, offset + len)
+        .map(|(from, to)| to - from)
+        .sum()
+}
+
+/// The ranges of `start..end` that the source holds data in, in order.
+pub(super) fn data_pieces(
+    map: &AllocationMap,
+    start: u64,
+    end: u64,
+) -> impl Iterator<Item = (u64, u64)> + '_ {
     let extents = map.extents();
-    let first = extents.partition_point(|e| e.end() <= offset);
+    let first = extents.partition_point(|e| e.end() <= start);
     extents[first..]
         .iter()
-        .take_while(|e| e.offset < offset + len)
+        .take_while(move |e| e.offset < end)
         .filter(|e| e.kind == ExtentKind::Data)
-        .map(|e| e.end().min(offset + len) - e.offset.max(offset))
-        .sum()
+        .map(move |e| (e.offset.max(start), e.end().min(end)))
 }
 
 /// An image's layer files, opened for the read engine: buffered always,
