@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::collections::BTreeMap;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard, TryLockError};
 
 use super::file_digest::{FileParts, Layout, Shape};
 use super::pool::Buffer;
@@ -161,6 +161,10 @@ struct Target {
     footer: Option<[u8; 512]>,
     /// Bytes of the disk written so far.
     written: AtomicU64,
+    /// Data chunks hashed and waiting to be written.
+    queued: Mutex<Vec<(u64, Buffer)>>,
+    /// Held by the worker writing to the file.
+    writing: Mutex<()>,
 }
 
 /// Hashes each chunk at its place in the target file, slice by slice on
@@ -225,6 +229,51 @@ impl CopySink<'_> {
     }
 }
 
+impl CopySink<'_> {
+    /// Writes a chunk, or leaves it to the worker writing to the file
+    /// already. The kernel writes to one file one call at a time, so a
+    /// worker that found the file busy would wait (spinning, as the
+    /// kernel's lock does while its owner runs); instead it queues its
+    /// chunk and goes on to read and hash the next, and the worker that
+    /// holds the file writes what is queued before it lets go.
+    fn queue_write(&self, image: usize, offset: u64, data: Buffer) -> Result<()> {
+        let Some(target) = self.targets.get(image) else {
+            return Ok(());
+        };
+        lock(&target.queued)?.push((offset, data));
+        loop {
+            let _writing = match target.writing.try_lock() {
+                Ok(guard) => guard,
+                Err(TryLockError::WouldBlock) => return Ok(()),
+                Err(TryLockError::Poisoned(_)) => return Err(panicked()),
+            };
+            loop {
+                let batch = std::mem::take(&mut *lock(&target.queued)?);
+                if batch.is_empty() {
+                    break;
+                }
+                for (offset, data) in batch {
+                    self.write(image, offset, &data)?;
+                }
+            }
+            drop(_writing);
+            // A chunk queued after the last look, while the file was still
+            // held, is this worker's to write.
+            if lock(&target.queued)?.is_empty() {
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> Result<MutexGuard<'_, T>> {
+    m.lock().map_err(|_| panicked())
+}
+
+fn panicked() -> Error {
+    Error::io(std::io::Error::other("a worker panicked"))
+}
+
 impl Sink for CopySink<'_> {
     /// A chunk not hashed slice by slice: its parts are hashed here.
     fn put(
@@ -267,8 +316,8 @@ impl Sink for CopySink<'_> {
         parts: FileParts,
     ) -> Result<()> {
         // Zeros are never written: the target reads them as zeros.
-        if let (Some(bytes), ChunkKind::Data) = (data.as_deref(), record.kind) {
-            self.write(image, record.offset, bytes)?;
+        if let (Some(data), ChunkKind::Data) = (data, record.kind) {
+            self.queue_write(image, record.offset, data)?;
         }
         let (Some(fold), Some(layout), Some(target)) = (
             self.folds.get(image),
@@ -277,9 +326,7 @@ impl Sink for CopySink<'_> {
         ) else {
             return Ok(());
         };
-        let mut fold = fold
-            .lock()
-            .map_err(|_| Error::io(std::io::Error::other("a worker panicked")))?;
+        let mut fold = lock(fold)?;
         let Fold {
             pending,
             next,
@@ -451,6 +498,8 @@ pub fn copy_images(
                 writer,
                 footer,
                 written: AtomicU64::new(0),
+                queued: Mutex::new(Vec::new()),
+                writing: Mutex::new(()),
             });
         }
         let layouts: Vec<Layout<'_>> = targets
@@ -481,9 +530,17 @@ pub fn copy_images(
             .zip(&layouts)
             .zip(targets.iter().zip(images))
         {
-            let fold = fold
-                .into_inner()
-                .map_err(|_| Error::io(std::io::Error::other("a worker panicked")))?;
+            let fold = fold.into_inner().map_err(|_| panicked())?;
+            // Every queued chunk is written by the worker that queued it or
+            // by the one holding the file; one left over would be a hole
+            // in the copy that its digest does not show.
+            let left = lock(&t.queued)?.len();
+            if left > 0 {
+                return Err(Error::from(ErrorKind::InvalidArgument(format!(
+                    "{left} chunks were left unwritten"
+                )))
+                .in_file(&t.tmp));
+            }
             let size = image.virtual_size();
             let chunks = size.div_ceil(opts.chunk_size).max(1);
             let digest = match fold.tree {
