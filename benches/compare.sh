@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side timings of vsnap against the stock tools, in one run, with
-# the page cache warm. Prints medians (hyperfine) and their ratios.
+# the page cache warm. Prints medians (benches/interleave.py, which
+# alternates the two sides round by round) and their ratios.
 #
 #   benches/compare.sh [WORKDIR]     (default /tmp/vsnap-bench; needs ~8 GiB)
 #   VSNAP_BENCH_SETS=vhdx benches/compare.sh    (only the VHDX set)
@@ -21,8 +22,8 @@ vsnap=$PWD/target/release/vsnap
 mkdata=$PWD/target/release/mkdata
 interleave=$PWD/benches/interleave.py
 cd "$work"
-# The zero-leaf cache lives with the images; hyperfine's warm-up runs fill
-# it, so the timed runs see it warm. The first pair also times it cold.
+# The zero-leaf cache lives with the images; the warm-up rounds fill it,
+# so the timed runs see it warm; the second pair hashes without it.
 export VSNAP_CACHE_DIR="$work/cache"
 
 make_image() { # NAME SIZE_MIB SEED
@@ -37,11 +38,14 @@ for i in $(seq 1 16); do make_image s$i 256 $((100 + i)); done
 make_image big 4096 7
 fi
 
-median() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["results"][int(sys.argv[2])]["median"])' "$@"; }
+median() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]]["median"])' "$@"; }
+# Each pair runs in alternation, round by round (benches/interleave.py):
+# on this shared machine a slow phase of a minute would otherwise land on
+# one side of a pair only.
 pair() { # LABEL TARGET CMD_VSNAP CMD_PEER
-  hyperfine -N -w 2 -r 10 --export-json pair.json "$3" "$4" >/dev/null
+  "$interleave" "${PAIR_RUNS:-10}" true "a=$3" "b=$4" >pair.json
   local a b
-  a=$(median pair.json 0); b=$(median pair.json 1)
+  a=$(median pair.json a); b=$(median pair.json b)
   python3 -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); print(f'{sys.argv[3]:<46} vsnap {a*1000:8.1f} ms  peer {b*1000:8.1f} ms  ratio {a/b:5.2f}  (target {sys.argv[4]})')" "$a" "$b" "$1" "$2"
 }
 
@@ -71,6 +75,9 @@ for a, b, what in (("vn", "q", "copy --no-sync / qemu-img convert"), ("vs", "qs"
     print(f"{'':<46} cpu (user+sys) vsnap {(x['user']+x['system'])*1000:.0f} ms, peer {(y['user']+y['system'])*1000:.0f} ms;"
           f" wall range vsnap {x['min']*1000:.0f}-{x['max']*1000:.0f} ms, peer {y['min']*1000:.0f}-{y['max']*1000:.0f} ms")
 PY
+  # The order rotates each round, so the last round's last copy is still
+  # there; the steps after expect an empty out/.
+  eval "$clean"
 }
 
 echo "machine: $(nproc) cores, $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(lscpu | sed -n 's/^Model name: *//p')"
@@ -97,9 +104,9 @@ import json; r=json.load(open('io.json'))['results']
 for x in r: print(f\"io: {x['command'].split('hash -q ')[1]:<32} {x['median']*1000:8.1f} ms\")"
 
 # Many small images against one large one, same total bytes.
-hyperfine -N -w 1 -r 5 --export-json many.json "$vsnap hash -q $(echo s{1..16}.vhd)" "$vsnap hash -q big.vhd" >/dev/null
+"$interleave" 5 true "many=$vsnap hash -q $(echo s{1..16}.vhd)" "big=$vsnap hash -q big.vhd" >many.json
 python3 -c "
-import json; r=json.load(open('many.json'))['results']; m,b=r[0]['median'],r[1]['median']
+import json; r=json.load(open('many.json')); m,b=r['many']['median'],r['big']['median']
 gib=4
 print(f'hash: 16 x 256 MiB {gib/m:6.2f} GiB/s, 1 x 4 GiB {gib/b:6.2f} GiB/s, ratio {b/m:5.2f} (target >= 0.90)')"
 

@@ -84,7 +84,8 @@ pub struct Args {
     /// stderr for scripts, or none.
     #[arg(long, value_enum, default_value_t)]
     progress: crate::progress::ProgressArg,
-    /// No progress output at all.
+    /// No progress output and no summary line on stderr; the digests (or
+    /// the JSON) still go to stdout.
     #[arg(long, short = 'q')]
     quiet: bool,
 }
@@ -214,6 +215,9 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
     }
     for r in &reports {
         writeln!(out, "{}  {}", r.digest, r.source.display())?;
+    }
+    if args.quiet {
+        return Ok(ExitCode::SUCCESS);
     }
     let total: u64 = reports.iter().map(|r| r.virtual_size).sum();
     let read: u64 = reports.iter().map(|r| r.bytes_read).sum();

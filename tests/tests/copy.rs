@@ -244,12 +244,17 @@ fn a_copy_without_the_flush_is_the_same_copy() {
     for flag in [None, Some("--no-sync")] {
         let out = dir.path().join(flag.unwrap_or("synced"));
         std::fs::create_dir(&out).unwrap();
-        let mut cmd = vsnap_cmd();
-        cmd.args(["copy", "-q", "--to"])
+        let o = vsnap_cmd()
+            .args(["copy", "-q", "--to"])
             .arg(&out)
             .args(flag)
-            .arg(&src);
-        ok(&mut cmd);
+            .arg(&src)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        // -q: the digest line on stdout, nothing at all on stderr.
+        assert!(stdout(&o).trim_end().ends_with("src.vhd"), "{}", stdout(&o));
+        assert_eq!(stderr(&o), "", "-q printed on stderr");
         ok(Command::new("b3sum")
             .args(["-c", "B3SUMS"])
             .current_dir(&out));

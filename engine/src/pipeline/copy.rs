@@ -196,6 +196,9 @@ struct Fold {
     tree: Option<FileTree>,
 }
 
+/// Chunks a target's queue holds before a worker waits to write its own.
+const MAX_QUEUED: usize = 2;
+
 /// How much a target gets written between writeback kicks: enough to
 /// make each kick worth a syscall, little enough that the disk starts
 /// early.
@@ -235,17 +238,28 @@ impl CopySink<'_> {
     /// worker that found the file busy would wait (spinning, as the
     /// kernel's lock does while its owner runs); instead it queues its
     /// chunk and goes on to read and hash the next, and the worker that
-    /// holds the file writes what is queued before it lets go.
+    /// holds the file writes what is queued before it lets go. When the
+    /// writes stall (the kernel throttles a writer with too much dirty
+    /// data), a queue past [`MAX_QUEUED`] makes the worker wait its turn,
+    /// so the chunks in flight stay few and their buffers warm.
     fn queue_write(&self, image: usize, offset: u64, data: Buffer) -> Result<()> {
         let Some(target) = self.targets.get(image) else {
             return Ok(());
         };
-        lock(&target.queued)?.push((offset, data));
+        let mut wait = {
+            let mut queued = lock(&target.queued)?;
+            queued.push((offset, data));
+            queued.len() > MAX_QUEUED
+        };
         loop {
-            let _writing = match target.writing.try_lock() {
-                Ok(guard) => guard,
-                Err(TryLockError::WouldBlock) => return Ok(()),
-                Err(TryLockError::Poisoned(_)) => return Err(panicked()),
+            let _writing = if std::mem::take(&mut wait) {
+                lock(&target.writing)?
+            } else {
+                match target.writing.try_lock() {
+                    Ok(guard) => guard,
+                    Err(TryLockError::WouldBlock) => return Ok(()),
+                    Err(TryLockError::Poisoned(_)) => return Err(panicked()),
+                }
             };
             loop {
                 let batch = std::mem::take(&mut *lock(&target.queued)?);
