@@ -3,9 +3,12 @@
 //!
 //! Work is cut into chunks aligned to virtual-disk offsets. Every worker
 //! takes the next chunk of any image from one shared counter, so both cores
-//! stay busy whether there is one large image or many small ones, and each
-//! worker owns one chunk buffer, so memory is set by the worker count and
-//! the chunk size, never by the size or number of images.
+//! stay busy whether there is one large image or many small ones. Each
+//! worker runs its chunk through every stage itself (no hand-off between
+//! threads, so the chunk stays in its core's cache), and takes the chunk's
+//! buffer from a pool capped at the memory budget: a worker that finds
+//! the pool empty waits, which is the back-pressure, and memory is set by
+//! the budget, never by the size or number of images.
 
 mod b3sums;
 mod compress;
