@@ -7,7 +7,8 @@ The machine these benches run on is shared: for minutes at a time its
 system time can double. hyperfine times one command's runs back to back,
 so a slow phase can land on one side of a pair only; alternating puts
 every phase on both sides, and rotating the order each round keeps any
-command from always running after the same one. Each command runs once more first, as warm-up.
+command from always running after the same one. Each command runs once
+more first, as warm-up.
 Prints one JSON object: per label, the median, minimum and maximum wall
 time and the median user and system CPU time, in seconds.
 """
