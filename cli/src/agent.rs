@@ -20,7 +20,12 @@ left frozen; SIGTERM and SIGINT thaw before exiting; nothing is logged to
 disk while frozen.
 
 TCP needs --token-file: every operation is refused until `hello` carries the
-token. The agent prints `listening on ADDRESS` on stdout once it is ready.
+token, and a connection that sends no `hello` within --hello-timeout is
+closed. At most --max-connections are served at once; when descriptors run
+out (EMFILE, ENFILE) the agent backs off instead of spinning. While frozen,
+log lines wait in memory, at most 10,000 of them; past that they are
+dropped and the count is logged at the thaw. The agent prints `listening on
+ADDRESS` on stdout once it is ready.
 
 Exit codes:
   0  stopped by SIGTERM or SIGINT (after thawing)
@@ -53,8 +58,17 @@ pub struct Args {
     /// Where the agent records what it froze [default: /run/vsnap/agent.frozen].
     #[arg(long, value_name = "FILE")]
     marker: Option<PathBuf>,
+    /// Connections served at once; further ones wait in the kernel's
+    /// backlog until one closes [default: 64].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=65536))]
+    max_connections: Option<u64>,
+    /// How long a connection that needs the token may take to send
+    /// `hello` before it is closed [default: 10s].
+    #[arg(long, value_name = "DURATION")]
+    hello_timeout: Option<String>,
     /// A TOML file with the same settings (listen, freeze, hooks,
-    /// hold-limit, hook-timeout, token-file, marker); flags override it.
+    /// hold-limit, hook-timeout, token-file, marker, max-connections,
+    /// hello-timeout); flags override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
 }
@@ -71,6 +85,8 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             hook_timeout: args.hook_timeout.clone(),
             token_file: args.token_file.clone(),
             marker: args.marker.clone(),
+            max_connections: args.max_connections.map(|n| n as usize),
+            hello_timeout: args.hello_timeout.clone(),
         },
     )?;
     let rt = tokio::runtime::Builder::new_multi_thread()

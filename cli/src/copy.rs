@@ -103,7 +103,9 @@ struct JsonCopy {
     verified: bool,
 }
 
-fn target_name(source: &Path, format: TargetFormat, same: bool) -> Result<String> {
+/// A copy's file name: the source's, with the extension of the format
+/// written unless it is the source's own.
+pub fn target_name(source: &Path, format: TargetFormat, same: bool) -> Result<String> {
     let name = source
         .file_name()
         .with_context(|| format!("{}: not a file name", source.display()))?;

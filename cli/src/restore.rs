@@ -9,7 +9,7 @@ use serde::Serialize;
 use vsnap_engine::pipeline::Progress;
 use vsnap_engine::restore::{find_disk, restore, RestoreSpec};
 
-use crate::copy::{format_name, OutFormat};
+use crate::copy::{format_name, target_name, OutFormat};
 use crate::engine_args::EngineArgs;
 use crate::repo::{split_target, RepoArg};
 use crate::units::human;
@@ -70,11 +70,20 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
     let (snap, disk) = split_target(&args.what);
     let manifest = repo.find(snap)?;
     let format = args.out_format.target();
+    // Inside a directory a disk is restored under its own name (a plain
+    // file name: the manifest was refused otherwise), with the extension
+    // of the format asked for, as `vsnap copy` names its copies.
+    let name_in_dir = |disk: &vsnap_engine::repo::Disk| -> Result<PathBuf> {
+        Ok(args.to.join(match format {
+            Some(f) => target_name(std::path::Path::new(&disk.name), f, false)?,
+            None => disk.name.clone(),
+        }))
+    };
     let specs: Vec<RestoreSpec> = match disk {
         Some(name) => {
             let disk = find_disk(&manifest, name)?.clone();
             let target = if args.to.is_dir() {
-                args.to.join(&disk.name)
+                name_in_dir(&disk)?
             } else {
                 args.to.clone()
             };
@@ -96,13 +105,15 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
             manifest
                 .disks
                 .iter()
-                .map(|d| RestoreSpec {
-                    disk: d.clone(),
-                    target: args.to.join(&d.name),
-                    format,
-                    force: args.force,
+                .map(|d| {
+                    Ok(RestoreSpec {
+                        disk: d.clone(),
+                        target: name_in_dir(d)?,
+                        format,
+                        force: args.force,
+                    })
                 })
-                .collect()
+                .collect::<Result<_>>()?
         }
     };
     let opts = args

@@ -66,15 +66,24 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
     if let Some(image) = &args.against {
         return against(args, &repo, image, out);
     }
-    let opts = args.engine.options(false);
+    let opts = args
+        .engine
+        .options_with_chunk(false, repo.config().chunk_size);
     let progress = Progress::default();
     let started = std::time::Instant::now();
     let report = args
         .output
         .run(&progress, || {
-            vsnap_engine::verify::verify(&repo, &args.snapshots, opts.worker_count(), &progress)
+            vsnap_engine::verify::verify(
+                &repo,
+                &args.snapshots,
+                opts.worker_count(),
+                opts.zero_cache.as_deref(),
+                &progress,
+            )
         })
         .context("verify failed")?;
+    args.engine.save_cache(&opts);
     let secs = started.elapsed().as_secs_f64().max(1e-9);
     if args.json {
         writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;

@@ -117,6 +117,25 @@ pub enum ErrorKind {
     },
     #[error("{} exists already; vsnap does not overwrite it", .0.display())]
     Exists(PathBuf),
+    #[error("a symbolic link (or a path leaving the repository) where the repository's own file or directory should be; vsnap never follows links inside a repository")]
+    LinkInRepository,
+    #[error("expected a {what}, found a {found}")]
+    NotRegular {
+        what: &'static str,
+        found: &'static str,
+    },
+    #[error("manifest field {field} is {value:?}: {rule}")]
+    BadField {
+        field: Box<str>,
+        value: Box<str>,
+        rule: &'static str,
+    },
+    #[error("{what} claims {claimed} bytes, more than the {limit} it can hold here")]
+    TooLarge {
+        what: &'static str,
+        claimed: u64,
+        limit: u64,
+    },
     #[error("the image was opened read-only")]
     ReadOnly,
     #[error("neither VHDX header is valid: header 1: {first}; header 2: {second}")]

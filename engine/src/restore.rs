@@ -23,17 +23,7 @@ pub struct RepoImage<'a> {
 
 impl<'a> RepoImage<'a> {
     pub fn open(repo: &'a Repository, disk: &Disk) -> Result<RepoImage<'a>> {
-        let index = repo.read_index(&disk.index)?;
-        if index.virtual_size != disk.virtual_size {
-            return Err(ErrorKind::Corrupt {
-                what: "index",
-                reason: format!(
-                    "covers {} bytes, the manifest says {}",
-                    index.virtual_size, disk.virtual_size
-                ),
-            }
-            .into());
-        }
+        let index = repo.read_index(disk)?;
         Ok(RepoImage {
             repo,
             footer: disk.identity.footer()?,
@@ -204,7 +194,7 @@ pub fn restore(
     // file stays until its replacement is complete and checked.
     let mut copies = Vec::new();
     for (spec, image) in specs.iter().zip(&images) {
-        if spec.target.exists() && !spec.force {
+        if spec.target.symlink_metadata().is_ok() && !spec.force {
             return Err(ErrorKind::Exists(spec.target.clone()).into());
         }
         let expect = blake3::Hash::from_hex(&spec.disk.digest).map_err(|_| ErrorKind::Corrupt {

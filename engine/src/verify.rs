@@ -1,17 +1,20 @@
-//! Proving a repository has not rotted: every manifest's self-digest,
-//! every index's digest, and every referenced chunk read back, its CRC
-//! checked, decompressed and re-hashed. Chunks are read in inode order,
-//! which on most filesystems is close to on-disk order, so a cold verify
-//! seeks less. Bad chunks are moved aside (`*.bad`) so the next backup
-//! that meets their content stores it again.
+//! Proving a repository has not rotted, and that what it says holds:
+//! every manifest's self-digest and names, every index's digest and its
+//! fit to its disk, every referenced chunk read back (its CRC checked,
+//! decompressed and re-hashed), and each disk's digest rebuilt from its
+//! chunks in the same pass. Whatever verify passes, restore restores.
+//!
+//! Chunks are read in inode order, which on most filesystems is close to
+//! on-disk order, so a cold verify seeks less. Bad chunks are moved aside
+//! (`*.bad`) so the next backup that meets their content stores it again.
 
 use std::collections::{BTreeSet, HashMap};
-use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use serde::Serialize;
 
+use crate::digest::{DigestPlan, Leaf, ZeroCache};
 use crate::error::{Error, Result};
 use crate::pipeline::Progress;
 use crate::repo::{Entry, Repository};
@@ -19,9 +22,10 @@ use crate::repo::{Entry, Repository};
 /// What is wrong, and what it hits.
 #[derive(Debug, Clone, Serialize)]
 pub struct Problem {
-    /// `manifest`, `index` or `chunk`.
+    /// `tree`, `manifest`, `index`, `chunk` or `disk`.
     pub what: &'static str,
-    /// The manifest's path, the index's digest or the chunk's digest.
+    /// The path (tree, manifest), the digest (index, chunk) or the
+    /// snapshot:disk (disk).
     pub name: String,
     pub error: String,
     /// The snapshots (id:disk) it hits.
@@ -46,17 +50,53 @@ impl VerifyReport {
     }
 }
 
+/// One disk being checked: its digest is rebuilt leaf by leaf as its
+/// chunks are read.
+struct DiskCheck {
+    who: String,
+    plan: DigestPlan,
+    expected: String,
+    leaves: Mutex<Vec<Option<Leaf>>>,
+}
+
+/// A referenced chunk: its plaintext length, who uses it, and where.
+struct Use {
+    len: u64,
+    affects: BTreeSet<String>,
+    /// (disk, cell) pairs; most chunks have one.
+    at: Vec<(usize, u64)>,
+}
+
+fn poisoned() -> Error {
+    Error::io(std::io::Error::other("a verify thread panicked"))
+}
+
 /// Verifies the snapshots whose ids start with one of `only` (all when
-/// empty), with `threads` readers.
+/// empty), with `threads` readers. `zero_cache`, when it is for the
+/// repository's chunk size, saves hashing the zeros of sparse disks.
 pub fn verify(
     repo: &Repository,
     only: &[String],
     threads: usize,
+    zero_cache: Option<&ZeroCache>,
     progress: &Progress,
 ) -> Result<VerifyReport> {
     let mut report = VerifyReport::default();
-    // Every referenced chunk: its plaintext length and who uses it.
-    let mut chunks: HashMap<blake3::Hash, (u64, BTreeSet<String>)> = HashMap::new();
+    let chunk_size = repo.config().chunk_size;
+    let zero_cache = zero_cache.filter(|c| c.leaf_size() == chunk_size);
+    for s in repo.strays()? {
+        report.problems.push(Problem {
+            what: "tree",
+            name: s.path.display().to_string(),
+            error: format!(
+                "a {} where {} belongs; it is never followed",
+                s.found, s.expected
+            ),
+            affects: Vec::new(),
+        });
+    }
+    let mut chunks: HashMap<blake3::Hash, Use> = HashMap::new();
+    let mut disks: Vec<DiskCheck> = Vec::new();
     let listed = repo.list()?;
     if let Some(prefix) = only
         .iter()
@@ -84,7 +124,7 @@ pub fn verify(
         for disk in &m.disks {
             report.disks += 1;
             let who = format!("{}:{}", m.id, disk.name);
-            let index = match repo.read_index(&disk.index) {
+            let index = match repo.read_index(disk) {
                 Ok(i) => i,
                 Err(e) => {
                     report.problems.push(Problem {
@@ -96,32 +136,52 @@ pub fn verify(
                     continue;
                 }
             };
+            let plan = DigestPlan::new(index.virtual_size, index.chunk_size)?;
+            let n = disks.len();
+            let mut leaves = vec![None; index.entries.len()];
             for (i, e) in index.entries.iter().enumerate() {
-                if let Entry::Data(id) = e {
-                    let len = index.range(i).1;
-                    chunks
-                        .entry(*id)
-                        .or_insert_with(|| (len, BTreeSet::new()))
-                        .1
-                        .insert(who.clone());
+                let cell = i as u64;
+                match e {
+                    Entry::Data(id) => {
+                        let u = chunks.entry(*id).or_insert_with(|| Use {
+                            len: index.range(i).1,
+                            affects: BTreeSet::new(),
+                            at: Vec::new(),
+                        });
+                        u.affects.insert(who.clone());
+                        u.at.push((n, cell));
+                    }
+                    _ => {
+                        leaves[i] = Some(match zero_cache {
+                            Some(c) => c.zero_leaf(&plan, cell),
+                            None => {
+                                let (offset, len) = plan.leaf_range(cell);
+                                plan.zero_leaf(offset, len)
+                            }
+                        });
+                    }
                 }
             }
+            disks.push(DiskCheck {
+                who,
+                plan,
+                expected: disk.digest.clone(),
+                leaves: Mutex::new(leaves),
+            });
         }
     }
     // Inode order; a missing chunk sorts first and is reported as such.
     let mut order: Vec<(u64, [u8; 32])> = chunks
         .keys()
-        .map(|id| {
-            let ino = std::fs::metadata(repo.chunk_path(id)).map_or(0, |m| m.ino());
-            (ino, *id.as_bytes())
-        })
+        .map(|id| (repo.chunk_inode(id), *id.as_bytes()))
         .collect();
     order.sort_unstable();
-    let total: u64 = chunks.values().map(|c| c.0).sum();
+    let total: u64 = chunks.values().map(|c| c.len).sum();
     Progress::add(&progress.total, total);
     let next = AtomicUsize::new(0);
     let bytes = AtomicU64::new(0);
     let bad: Mutex<Vec<(blake3::Hash, Error)>> = Mutex::new(Vec::new());
+    let failed: Mutex<Option<Error>> = Mutex::new(None);
     std::thread::scope(|s| {
         for _ in 0..threads.max(1) {
             s.spawn(|| {
@@ -130,33 +190,51 @@ pub fn verify(
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(&(_, raw)) = order.get(i) else { break };
                     let id = blake3::Hash::from_bytes(raw);
-                    let len = chunks.get(&id).map_or(0, |c| c.0);
-                    buf.resize(len as usize, 0);
-                    if let Err(e) = repo.read_chunk(&id, &mut buf) {
-                        if let Ok(mut b) = bad.lock() {
-                            b.push((id, e));
+                    let Some(u) = chunks.get(&id) else { continue };
+                    buf.resize(u.len as usize, 0);
+                    match repo.read_chunk(&id, &mut buf) {
+                        Ok(()) => {
+                            // The chunk's place in each disk that holds it.
+                            for &(d, cell) in &u.at {
+                                let Some(disk) = disks.get(d) else { continue };
+                                let (offset, _) = disk.plan.leaf_range(cell);
+                                let leaf = disk.plan.leaf(offset, &buf);
+                                match disk.leaves.lock() {
+                                    Ok(mut l) => {
+                                        if let Some(slot) = l.get_mut(cell as usize) {
+                                            *slot = Some(leaf);
+                                        }
+                                    }
+                                    Err(_) => {
+                                        if let Ok(mut f) = failed.lock() {
+                                            *f = Some(poisoned());
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            if let Ok(mut b) = bad.lock() {
+                                b.push((id, e));
+                            }
                         }
                     }
-                    bytes.fetch_add(len, Ordering::Relaxed);
-                    Progress::add(&progress.done, len);
+                    bytes.fetch_add(u.len, Ordering::Relaxed);
+                    Progress::add(&progress.done, u.len);
                 }
             });
         }
     });
+    if let Some(e) = failed.into_inner().map_err(|_| poisoned())? {
+        return Err(e);
+    }
     report.chunks = order.len() as u64;
     report.bytes = bytes.into_inner();
-    let mut bad = bad
-        .into_inner()
-        .map_err(|_| Error::io(std::io::Error::other("a verify thread panicked")))?;
+    let mut bad = bad.into_inner().map_err(|_| poisoned())?;
     bad.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
     for (id, e) in bad {
-        let path = repo.chunk_path(&id);
-        if path.exists() {
-            let mut aside = path.clone().into_os_string();
-            aside.push(".bad");
-            if std::fs::rename(&path, &aside).is_ok() {
-                report.moved_aside += 1;
-            }
+        if repo.move_chunk_aside(&id).unwrap_or(false) {
+            report.moved_aside += 1;
         }
         report.problems.push(Problem {
             what: "chunk",
@@ -164,9 +242,30 @@ pub fn verify(
             error: e.to_string(),
             affects: chunks
                 .get(&id)
-                .map(|c| c.1.iter().cloned().collect())
+                .map(|c| c.affects.iter().cloned().collect())
                 .unwrap_or_default(),
         });
+    }
+    // Each disk whose chunks all read back: its digest, rebuilt, must be
+    // the one its manifest records. (A disk with a bad chunk is reported
+    // through that chunk.)
+    for disk in disks {
+        let leaves = disk.leaves.into_inner().map_err(|_| poisoned())?;
+        let Some(leaves) = leaves.into_iter().collect::<Option<Vec<Leaf>>>() else {
+            continue;
+        };
+        let rebuilt = disk.plan.root(&leaves)?.to_hex();
+        if rebuilt.as_str() != disk.expected {
+            report.problems.push(Problem {
+                what: "disk",
+                name: disk.who.clone(),
+                error: format!(
+                    "the digest rebuilt from its chunks is {rebuilt}, the manifest records {}",
+                    disk.expected
+                ),
+                affects: vec![disk.who],
+            });
+        }
     }
     Ok(report)
 }

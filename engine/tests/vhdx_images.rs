@@ -478,6 +478,32 @@ fn item_offset(path: &Path, guid: Guid) -> u64 {
         .unwrap()
 }
 
+/// qemu's `PAYLOAD_BLOCK_UNMAPPED_v095` (state 5) reads as zeros in qemu,
+/// and so in vsnap: the same digest as `qemu-img convert`, and no error.
+#[test]
+fn bat_state_5_reads_as_zeros_like_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("v095.vhdx");
+    qemu_vhdx(&image, "block_size=8M", "64M");
+    qio(&image, &["write -P 0x44 0 64k", "write -P 0x55 8M 64k"]);
+    let bat_entry = (2 << 20) + 8; // block 1
+    let f = std::fs::File::open(&image).unwrap();
+    let mut raw = [0u8; 8];
+    f.read_exact_at(&mut raw, bat_entry).unwrap();
+    let entry = u64::from_le_bytes(raw);
+    assert_eq!(entry & 7, 6, "block 1 is FULLY_PRESENT before the patch");
+    patch(&image, bat_entry, &((entry & !7) | 5).to_le_bytes(), None);
+    let qemu = qemu_raw(&image, &dir.path().join("v095.raw"));
+    let opened = open(&image);
+    assert_eq!(digest(opened.as_ref()), qemu);
+    let mut block1 = vec![1u8; 64 << 10];
+    opened.read_at(&mut block1, 8 << 20).unwrap();
+    assert!(block1.iter().all(|&b| b == 0), "state 5 reads as zeros");
+    let mut block0 = vec![0u8; 64 << 10];
+    opened.read_at(&mut block0, 0).unwrap();
+    assert!(block0.iter().all(|&b| b == 0x44), "block 0 is untouched");
+}
+
 #[test]
 fn each_corruption_gives_its_own_error_and_none_panics() {
     let dir = tempfile::tempdir().unwrap();

@@ -177,6 +177,8 @@ impl Lab {
                 hook_timeout: Duration::from_secs(30),
                 token_file: None,
                 marker: lab.dir.join(format!("{name}.frozen")),
+                max_connections: vsnap_coordinator::agent::DEFAULT_MAX_CONNECTIONS,
+                hello_timeout: vsnap_coordinator::agent::DEFAULT_HELLO_TIMEOUT,
             };
             let agent = Agent::start(cfg).await?;
             let handle = tokio::spawn(async move {

@@ -30,8 +30,16 @@ pub struct AgentConfig {
     pub token_file: Option<PathBuf>,
     /// On a filesystem that is never frozen.
     pub marker: PathBuf,
+    /// Connections served at once; more wait in the kernel's backlog, so
+    /// idle peers cannot use up the agent's descriptors.
+    pub max_connections: usize,
+    /// How long a connection that must authenticate may take to send its
+    /// `hello` before it is closed.
+    pub hello_timeout: Duration,
 }
 
+pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
+pub const DEFAULT_HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_HOLD_LIMIT: Duration = Duration::from_secs(60);
 pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_MARKER: &str = "/run/vsnap/agent.frozen";
@@ -52,6 +60,8 @@ pub struct FileConfig {
     pub hook_timeout: Option<String>,
     pub token_file: Option<PathBuf>,
     pub marker: Option<PathBuf>,
+    pub max_connections: Option<usize>,
+    pub hello_timeout: Option<String>,
 }
 
 impl FileConfig {
@@ -179,6 +189,17 @@ impl AgentConfig {
             Some(s) => parse_duration("hook timeout", &s)?,
             None => DEFAULT_HOOK_TIMEOUT,
         };
+        let hello_timeout = match flags.hello_timeout.or(file.hello_timeout) {
+            Some(s) => parse_duration("hello timeout", &s)?,
+            None => DEFAULT_HELLO_TIMEOUT,
+        };
+        let max_connections = flags
+            .max_connections
+            .or(file.max_connections)
+            .unwrap_or(DEFAULT_MAX_CONNECTIONS);
+        if max_connections == 0 {
+            return Err(ErrorKind::Config("max-connections must be at least 1".into()).into());
+        }
         let hooks = flags.hooks.or(file.hooks);
         if let Some(h) = &hooks {
             if !h.is_dir() {
@@ -199,6 +220,8 @@ impl AgentConfig {
                 .marker
                 .or(file.marker)
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_MARKER)),
+            max_connections,
+            hello_timeout,
         })
     }
 }

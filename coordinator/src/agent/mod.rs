@@ -11,7 +11,10 @@ mod hooks;
 pub mod mounts;
 mod session;
 
-pub use config::{parse_duration, read_token, AgentConfig, FileConfig, Flags, FreezeSet};
+pub use config::{
+    parse_duration, read_token, AgentConfig, FileConfig, Flags, FreezeSet, DEFAULT_HELLO_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+};
 pub use hooks::{Action, Hooks};
 
 use std::sync::{Arc, Mutex};
@@ -23,37 +26,59 @@ use crate::protocol::transport::{self, BoxStream, Listener};
 use crate::protocol::{self, ErrorClass, Op, Reply, WireError, PROTOCOL_VERSION};
 use session::Session;
 
+/// Lines held while frozen, at most; a peer that makes the agent log
+/// (a flood of bad connections, say) cannot grow its memory without bound.
+pub const JOURNAL_HELD_LINES: usize = 10_000;
+
 /// Log lines, held while frozen: stderr may be a file on a frozen disk.
 #[derive(Debug, Default)]
 pub struct Journal {
-    inner: Mutex<(bool, Vec<String>)>,
+    inner: Mutex<Held>,
+}
+
+#[derive(Debug, Default)]
+struct Held {
+    holding: bool,
+    lines: Vec<String>,
+    dropped: u64,
 }
 
 impl Journal {
     pub fn log(&self, line: impl Into<String>) {
         let line = format!("vsnap agent: {}", line.into());
         match self.inner.lock() {
-            Ok(mut g) if g.0 => g.1.push(line),
+            Ok(mut g) if g.holding => {
+                if g.lines.len() < JOURNAL_HELD_LINES {
+                    g.lines.push(line);
+                } else {
+                    g.dropped += 1;
+                }
+            }
             _ => eprintln!("{line}"),
         }
     }
 
     fn hold(&self) {
         if let Ok(mut g) = self.inner.lock() {
-            g.0 = true;
+            g.holding = true;
         }
     }
 
     fn release(&self) {
-        let held = match self.inner.lock() {
+        let (held, dropped) = match self.inner.lock() {
             Ok(mut g) => {
-                g.0 = false;
-                std::mem::take(&mut g.1)
+                g.holding = false;
+                (std::mem::take(&mut g.lines), std::mem::take(&mut g.dropped))
             }
-            Err(_) => Vec::new(),
+            Err(_) => (Vec::new(), 0),
         };
         for l in held {
             eprintln!("{l}");
+        }
+        if dropped > 0 {
+            eprintln!(
+                "vsnap agent: {dropped} log lines dropped while frozen (at most {JOURNAL_HELD_LINES} are held)"
+            );
         }
     }
 }
@@ -65,6 +90,8 @@ pub struct Agent {
     listener: Listener,
     token: Option<Vec<u8>>,
     session: Arc<Session>,
+    max_connections: usize,
+    hello_timeout: std::time::Duration,
 }
 
 impl Agent {
@@ -113,11 +140,14 @@ impl Agent {
                 s.reason
             ));
         }
+        let (max_connections, hello_timeout) = (cfg.max_connections, cfg.hello_timeout);
         let session = Arc::new(Session::new(cfg, marker, journal));
         Ok(Agent {
             listener,
             token,
             session,
+            max_connections,
+            hello_timeout,
         })
     }
 
@@ -128,22 +158,52 @@ impl Agent {
 
     /// Serves until SIGINT or SIGTERM; a freeze still held then is thawed
     /// before returning.
+    ///
+    /// A connection is accepted only once a slot is free, so at most
+    /// `max_connections` descriptors go to peers. When accept fails for
+    /// want of descriptors (EMFILE, ENFILE) or memory, the agent waits
+    /// before it tries again, and logs the first failure and then only
+    /// how many followed, instead of spinning on the error.
     pub async fn serve(self) -> Result<()> {
         let token = Arc::new(self.token);
+        let slots = Arc::new(tokio::sync::Semaphore::new(self.max_connections));
+        let hello_timeout = self.hello_timeout;
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut failures = 0u64;
         loop {
+            let slot = tokio::select! {
+                slot = Arc::clone(&slots).acquire_owned() => match slot {
+                    Ok(s) => s,
+                    Err(_) => break,
+                },
+                _ = tokio::signal::ctrl_c() => break,
+                _ = term.recv() => break,
+            };
             tokio::select! {
                 conn = self.listener.accept() => match conn {
                     Ok((stream, peer)) => {
+                        if failures > 1 {
+                            self.session
+                                .journal()
+                                .log(format!("accept: {} more failures before this one", failures - 1));
+                        }
+                        failures = 0;
                         let session = Arc::clone(&self.session);
                         let token = Arc::clone(&token);
                         tokio::spawn(async move {
-                            if let Err(e) = handle(stream, &session, token.as_deref()).await {
+                            let _slot = slot;
+                            if let Err(e) = handle(stream, &session, token.as_deref(), hello_timeout).await {
                                 session.journal().log(format!("{peer}: {e}"));
                             }
                         });
                     }
-                    Err(e) => self.session.journal().log(format!("accept: {e}")),
+                    Err(e) => {
+                        failures += 1;
+                        if failures == 1 {
+                            self.session.journal().log(format!("accept: {e}; backing off"));
+                        }
+                        tokio::time::sleep(accept_backoff(failures)).await;
+                    }
                 },
                 _ = tokio::signal::ctrl_c() => break,
                 _ = term.recv() => break,
@@ -154,12 +214,46 @@ impl Agent {
     }
 }
 
-async fn handle(stream: BoxStream, session: &Arc<Session>, token: Option<&[u8]>) -> Result<()> {
+/// How long to wait after the `n`th failed accept in a row: 10 ms, doubling
+/// up to 640 ms, so a passing shortage costs little and a lasting one
+/// costs no CPU.
+fn accept_backoff(n: u64) -> std::time::Duration {
+    std::time::Duration::from_millis(10u64 << (n.clamp(1, 7) - 1))
+}
+
+async fn handle(
+    stream: BoxStream,
+    session: &Arc<Session>,
+    token: Option<&[u8]>,
+    hello_timeout: std::time::Duration,
+) -> Result<()> {
     let (r, mut w) = tokio::io::split(stream);
     let mut r = BufReader::new(r);
     let mut authed = token.is_none();
+    let hello_by = tokio::time::Instant::now() + hello_timeout;
     loop {
-        let line = match transport::read_line(&mut r).await {
+        // Until it has authenticated, a connection has until `hello_by` to
+        // say hello; an idle one is closed then, and its slot freed.
+        let read = transport::read_line(&mut r);
+        let read = if authed {
+            read.await
+        } else {
+            match tokio::time::timeout_at(hello_by, read).await {
+                Ok(r) => r,
+                Err(_) => {
+                    let e = WireError::new(
+                        ErrorClass::Unauthorized,
+                        format!(
+                            "no hello within {}; closing",
+                            humantime::format_duration(hello_timeout)
+                        ),
+                    );
+                    let _ = w.write_all(&protocol::to_line(&Reply::err(None, e))).await;
+                    return Ok(());
+                }
+            }
+        };
+        let line = match read {
             Ok(Some(l)) => l,
             Ok(None) => return Ok(()),
             Err(e) => {

@@ -171,6 +171,41 @@ pub fn create_new(path: &std::path::Path) -> io::Result<File> {
         .open(path)
 }
 
+/// Opens a regular file for reading without following a link at its
+/// name and without blocking on a FIFO; anything but a regular file is
+/// refused.
+pub fn open_regular_nofollow(path: &std::path::Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    if f.metadata()?.is_file() {
+        Ok(f)
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ))
+    }
+}
+
+/// Renames `from` to `to` only if `to` does not exist, atomically
+/// (`renameat2(RENAME_NOREPLACE)`); where the filesystem lacks that, a
+/// hard link (which fails on an existing name) and an unlink do the same.
+/// An existing `to` is `AlreadyExists`.
+pub fn rename_noreplace(from: &std::path::Path, to: &std::path::Path) -> io::Result<()> {
+    use rustix::fs::{RenameFlags, CWD};
+    match rustix::fs::renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::INVAL) | Err(rustix::io::Errno::NOSYS) => {
+            std::fs::hard_link(from, to)?;
+            std::fs::remove_file(from)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// An in-memory [`Storage`], for fuzzing and tests that must not need files.
 #[derive(Debug, Default)]
 pub struct MemStorage {

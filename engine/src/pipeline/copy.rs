@@ -165,6 +165,8 @@ struct Target {
     queued: Mutex<Vec<(u64, Buffer)>>,
     /// Held by the worker writing to the file.
     writing: Mutex<()>,
+    /// The temporary file's lock, held until it is renamed or removed.
+    _lock: File,
 }
 
 /// Hashes each chunk at its place in the target file, slice by slice on
@@ -360,12 +362,101 @@ impl Sink for CopySink<'_> {
     }
 }
 
+/// The suffix of every temporary copy; `.NAME.PID.RANDOM.vsnap-tmp`.
+const TMP_SUFFIX: &str = ".vsnap-tmp";
+
+/// A temporary name beside `target`, unique to this run, so that two runs
+/// writing one target never share (or remove) each other's file.
 fn tmp_name(target: &Path) -> PathBuf {
     let name = target
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    target.with_file_name(format!(".{name}.vsnap-tmp"))
+    target.with_file_name(format!(
+        ".{name}.{}.{}{TMP_SUFFIX}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    ))
+}
+
+/// How old an unlocked temporary file must be before it counts as a dead
+/// run's. A live run locks its file right after creating it, so only a
+/// file created in the instant before that could be unlocked and alive;
+/// the age keeps even that one safe.
+const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Holds a temporary file's lock while its run lives: the kernel drops it
+/// when the run ends however it ends, which is how a later run tells a
+/// dead run's leftovers from a live one's work.
+fn lock_tmp(tmp: &Path) -> Result<File> {
+    let f = File::open(tmp).ctx_file(tmp, "lock temporary copy")?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::from(ErrorKind::InvalidArgument(
+            "another run holds this temporary file".into(),
+        ))
+        .in_file(tmp)),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(Error::io(e).in_file(tmp).during("lock temporary copy"))
+        }
+    }
+}
+
+/// Removes the temporary files that dead runs left beside `target`: those
+/// whose lock nobody holds and that are older than [`STALE_AFTER`]. Only
+/// regular files are touched, and never through a link.
+fn remove_stale_tmps(target: &Path) {
+    let (Some(dir), Some(name)) = (target.parent(), target.file_name()) else {
+        return;
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let prefix = format!(".{}.", name.to_string_lossy());
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let n = entry.file_name().to_string_lossy().into_owned();
+        if !(n.starts_with(&prefix) && n.ends_with(TMP_SUFFIX)) {
+            continue;
+        }
+        let path = entry.path();
+        let Ok(f) = crate::io::open_regular_nofollow(&path) else {
+            continue;
+        };
+        let old = f
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age >= STALE_AFTER);
+        if old && f.try_lock().is_ok() {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
+
+/// Renames a finished copy into place. Without `replace`, a name that
+/// appeared meanwhile (another run's copy, or a link) is not replaced: the
+/// rename fails instead, atomically.
+fn rename_into_place(tmp: &Path, target: &Path, replace: bool) -> Result<()> {
+    let outcome = if replace {
+        std::fs::rename(tmp, target)
+    } else {
+        crate::io::rename_noreplace(tmp, target)
+    };
+    outcome.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            Error::from(ErrorKind::Exists(target.to_path_buf())).during("rename copy into place")
+        } else {
+            Error::io(e)
+                .in_file(target)
+                .during("rename copy into place")
+        }
+    })
 }
 
 /// Blocks of `block_size` that the source holds data in.
@@ -480,7 +571,9 @@ pub fn copy_images(
         return Err(ErrorKind::InvalidArgument("one target per source".into()).into());
     }
     for spec in specs {
-        if spec.target.exists() && !spec.replace {
+        // A link at the target counts as a file there: it is never
+        // written through, and replaced only with `replace`.
+        if spec.target.symlink_metadata().is_ok() && !spec.replace {
             return Err(Error::from(ErrorKind::InvalidArgument(
                 "the target exists already; vsnap does not overwrite".into(),
             ))
@@ -495,11 +588,17 @@ pub fn copy_images(
     let mut targets: Vec<Target> = Vec::new();
     let outcome = (|| {
         for ((image, map), spec) in images.iter().zip(&maps).zip(specs) {
+            remove_stale_tmps(&spec.target);
             let tmp = tmp_name(&spec.target);
-            let (writer, footer) = match open_target(*image, map, spec, &tmp) {
+            // The name is this run's alone (exclusive create), so removing
+            // it on failure removes nothing another run made.
+            let opened =
+                open_target(*image, map, spec, &tmp).and_then(|(w, f)| Ok((w, f, lock_tmp(&tmp)?)));
+            let (writer, footer, lock) = match opened {
                 Ok(w) => w,
                 Err(e) => {
-                    if tmp.exists() {
+                    if !matches!(e.kind(), ErrorKind::Io(io) if io.kind() == std::io::ErrorKind::AlreadyExists)
+                    {
                         let _ = std::fs::remove_file(&tmp);
                     }
                     return Err(e);
@@ -513,6 +612,7 @@ pub fn copy_images(
                 written: AtomicU64::new(0),
                 queued: Mutex::new(Vec::new()),
                 writing: Mutex::new(()),
+                _lock: lock,
             });
         }
         let layouts: Vec<Layout<'_>> = targets
@@ -601,8 +701,13 @@ pub fn copy_images(
         }
     };
     let mut dirs: Vec<PathBuf> = Vec::new();
-    for (t, spec) in targets.iter().zip(specs) {
-        std::fs::rename(&t.tmp, &spec.target).ctx_file(&spec.target, "rename copy into place")?;
+    for (i, (t, spec)) in targets.iter().zip(specs).enumerate() {
+        if let Err(e) = rename_into_place(&t.tmp, &spec.target, spec.replace) {
+            for t in &targets[i..] {
+                let _ = std::fs::remove_file(&t.tmp);
+            }
+            return Err(e);
+        }
         if let Some(dir) = spec.target.parent().filter(|_| spec.durable) {
             if !dirs.iter().any(|d| d == dir) {
                 dirs.push(dir.to_path_buf());

@@ -124,14 +124,24 @@ fn now_rfc3339() -> String {
 }
 
 /// The name a disk goes by in `SNAPSHOT:DISK`: its file name, made unique
-/// within the snapshot by a `#N` suffix when two sources share one.
+/// within the snapshot by a `#N` suffix when two sources share one, and
+/// made to follow the manifest's name rule (a backslash becomes `_`).
 fn disk_names(sources: &[PathBuf]) -> Vec<String> {
     let mut names: Vec<String> = Vec::new();
     for s in sources {
-        let base = s
+        let mut base = s
             .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
+            .map(|n| n.to_string_lossy().replace('\\', "_"))
             .unwrap_or_else(|| "disk".into());
+        // Room for a `#N` suffix within the name's limit.
+        let room = super::validate::MAX_NAME - 8;
+        if base.len() > room {
+            let mut cut = room;
+            while !base.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            base.truncate(cut);
+        }
         let mut name = base.clone();
         let mut n = 2;
         while names.contains(&name) {
@@ -171,7 +181,7 @@ impl Repository {
         for (vm, m) in last {
             let mut chunks = HashSet::new();
             for d in &m.disks {
-                let Ok(index) = self.read_index(&d.index) else {
+                let Ok(index) = self.read_index(d) else {
                     continue;
                 };
                 for e in index.entries {
@@ -281,7 +291,7 @@ pub fn backup(
         disks,
     };
     repo.write_manifest(&manifest)?;
-    let manifest = repo.read_manifest(&repo.manifest_path(&manifest.id))?;
+    let manifest = repo.read_manifest(&manifest.id)?;
     Ok(BackupOutcome {
         manifest,
         duration: started.elapsed(),

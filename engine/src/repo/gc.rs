@@ -7,23 +7,24 @@
 //! committed while it waited are kept too.
 
 use std::collections::HashSet;
-use std::path::Path;
 
 use serde::Serialize;
 
+use super::tree::Kind;
 use super::Repository;
-use crate::error::{Error, ErrorKind, Result, ResultExt};
+use crate::error::{Error, ErrorKind, Result};
 
-/// Removes snapshots' manifests; their chunks stay until gc.
+/// Removes snapshots' manifests; their chunks stay until gc. A manifest is
+/// removed by the name of its file, which a valid manifest's id equals;
+/// a damaged one is refused, naming the manifest and what is wrong.
 pub fn forget(repo: &Repository, ids: &[String]) -> Result<Vec<String>> {
     let mut gone = Vec::new();
     for prefix in ids {
         let m = repo.find(prefix)?;
-        let path = repo.manifest_path(&m.id);
-        std::fs::remove_file(&path).ctx_file(&path, "remove manifest")?;
+        repo.remove_manifest(&m.id)?;
         gone.push(m.id);
     }
-    super::sync_dir(&repo.root().join("snapshots"))?;
+    repo.tree.sync_dir("snapshots")?;
     Ok(gone)
 }
 
@@ -60,7 +61,7 @@ pub fn gc(repo: &Repository, wait: bool) -> Result<GcReport> {
         report.snapshots += 1;
         for disk in &m.disks {
             let index = repo
-                .read_index(&disk.index)
+                .read_index(disk)
                 .map_err(|e| e.during("gc: read every index"))?;
             indexes.insert(disk.index.clone());
             for e in &index.entries {
@@ -70,44 +71,66 @@ pub fn gc(repo: &Repository, wait: bool) -> Result<GcReport> {
             }
         }
     }
-    let remove = |path: &Path, counter: &mut u64, bytes: &mut u64| -> Result<()> {
-        let len = path.metadata().map(|m| m.len()).unwrap_or(0);
-        std::fs::remove_file(path).ctx_file(path, "gc: remove")?;
+    let tree = &repo.tree;
+    let mut freed = 0u64;
+    // Removes a name in the tree (a link itself, never what it points
+    // at), counting the bytes a regular file held.
+    let mut remove = |rel: &str, kind: Kind, counter: &mut u64| -> Result<()> {
+        let len = match kind {
+            Kind::File => tree
+                .open_regular(rel, "gc: remove")
+                .ok()
+                .flatten()
+                .map_or(0, |(_, len)| len),
+            _ => 0,
+        };
+        tree.remove(rel, "gc: remove")?;
         *counter += 1;
-        *bytes += len;
+        freed += len;
         Ok(())
     };
-    let mut freed = 0u64;
-    let chunk_root = repo.root().join("chunks");
-    for prefix in std::fs::read_dir(&chunk_root).ctx_file(&chunk_root, "gc: list chunks")? {
-        let dir = prefix.ctx_file(&chunk_root, "gc: list chunks")?.path();
-        if !dir.is_dir() {
+    for prefix in tree.list("chunks", "gc: list chunks")? {
+        if prefix.kind != Kind::Dir {
+            // A link where a chunk directory belongs is damage for verify
+            // to report; gc neither follows it nor removes it.
             continue;
         }
-        for entry in std::fs::read_dir(&dir).ctx_file(&dir, "gc: list chunks")? {
-            let path = entry.ctx_file(&dir, "gc: list chunks")?.path();
-            let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-            let id = name.as_deref().and_then(|n| blake3::Hash::from_hex(n).ok());
+        let dir = format!("chunks/{}", prefix.name);
+        for entry in tree.list(&dir, "gc: list chunks")? {
+            let id = blake3::Hash::from_hex(&entry.name).ok();
             match id {
-                Some(id) if chunks.contains(&id) => report.chunks_kept += 1,
-                // Unreferenced chunks, and bad ones verify moved aside.
-                _ => remove(&path, &mut report.chunks_removed, &mut freed)?,
+                Some(id) if chunks.contains(&id) && entry.kind == Kind::File => {
+                    report.chunks_kept += 1
+                }
+                // Unreferenced chunks, bad ones verify moved aside, and
+                // links or special files where chunks belong.
+                _ if entry.kind != Kind::Dir => remove(
+                    &format!("{dir}/{}", entry.name),
+                    entry.kind,
+                    &mut report.chunks_removed,
+                )?,
+                _ => {}
             }
         }
     }
-    let index_root = repo.root().join("indexes");
-    for entry in std::fs::read_dir(&index_root).ctx_file(&index_root, "gc: list indexes")? {
-        let path = entry.ctx_file(&index_root, "gc: list indexes")?.path();
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-        if !name.is_some_and(|n| indexes.contains(&n)) {
-            remove(&path, &mut report.indexes_removed, &mut freed)?;
+    for entry in tree.list("indexes", "gc: list indexes")? {
+        if entry.kind != Kind::Dir && !(entry.kind == Kind::File && indexes.contains(&entry.name)) {
+            remove(
+                &format!("indexes/{}", entry.name),
+                entry.kind,
+                &mut report.indexes_removed,
+            )?;
         }
     }
     // No backup runs: every temporary file is a dead one's.
-    let tmp_root = repo.root().join("tmp");
-    for entry in std::fs::read_dir(&tmp_root).ctx_file(&tmp_root, "gc: list tmp")? {
-        let path = entry.ctx_file(&tmp_root, "gc: list tmp")?.path();
-        remove(&path, &mut report.temporary_removed, &mut freed)?;
+    for entry in tree.list("tmp", "gc: list tmp")? {
+        if entry.kind != Kind::Dir {
+            remove(
+                &format!("tmp/{}", entry.name),
+                entry.kind,
+                &mut report.temporary_removed,
+            )?;
+        }
     }
     report.bytes_freed = freed;
     repo.sync_all()?;

@@ -57,6 +57,15 @@ impl Index {
         virtual_size.div_ceil(chunk_size.max(1)).max(1)
     }
 
+    /// The plaintext length of the index of a disk of `virtual_size` at
+    /// `chunk_size`: what an index of that disk must be, and so the most
+    /// a reader allocates for one.
+    pub fn plain_len(virtual_size: u64, chunk_size: u64) -> u64 {
+        (ENTRY as u64)
+            .saturating_mul(Index::cells(virtual_size, chunk_size))
+            .saturating_add(HEAD as u64)
+    }
+
     /// The byte range of cell `i`.
     pub fn range(&self, i: usize) -> (u64, u64) {
         let start = i as u64 * self.chunk_size;

@@ -22,11 +22,15 @@ mod gc;
 pub mod index;
 pub mod manifest;
 mod store;
+pub mod tree;
+pub mod validate;
 
 pub use store::Listed;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+
+use tree::Tree;
 
 use serde::{Deserialize, Serialize};
 
@@ -55,8 +59,12 @@ pub struct Config {
 #[derive(Debug)]
 pub struct Repository {
     root: PathBuf,
+    tree: Tree,
     config: Config,
 }
+
+/// The config file is a few hundred bytes; anything far larger is not one.
+const CONFIG_LIMIT: u64 = 64 << 10;
 
 /// A lock on the repository, released on drop (and by the kernel when the
 /// process dies, so a killed backup never leaves it held).
@@ -95,23 +103,27 @@ impl Repository {
         };
         let repo = Repository {
             root: dir.to_path_buf(),
+            tree: Tree::open(dir).ctx_file(dir, "open repository")?,
             config,
         };
         let bytes = serde_json::to_vec_pretty(&repo.config).map_err(|e| {
             Error::from(ErrorKind::InvalidArgument(format!("config: {e}"))).in_file(dir)
         })?;
-        repo.place(&dir.join(CONFIG), &[&bytes], Durable::Now)?;
+        repo.place(CONFIG, &[&bytes], Durable::Now)?;
         Ok(repo)
     }
 
     pub fn open(dir: &Path) -> Result<Repository> {
         let path = dir.join(CONFIG);
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
+        let tree = match Tree::open(dir) {
+            Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(Error::from(ErrorKind::NotARepository { file: CONFIG }).in_file(dir))
             }
-            Err(e) => return Err(Error::io(e).in_file(&path).during("open repository")),
+            Err(e) => return Err(Error::io(e).in_file(dir).during("open repository")),
+        };
+        let Some(bytes) = tree.read_small(CONFIG, CONFIG_LIMIT, "open repository")? else {
+            return Err(Error::from(ErrorKind::NotARepository { file: CONFIG }).in_file(dir));
         };
         let config: Config = serde_json::from_slice(&bytes).map_err(|e| {
             Error::from(ErrorKind::Corrupt {
@@ -134,6 +146,7 @@ impl Repository {
         crate::digest::DigestPlan::new(0, config.chunk_size).map_err(|e| e.in_file(&path))?;
         Ok(Repository {
             root: dir.to_path_buf(),
+            tree,
             config,
         })
     }
@@ -146,10 +159,22 @@ impl Repository {
         &self.config
     }
 
+    /// The lock file, opened without following a link.
+    fn lock_file(&self) -> Result<(File, PathBuf)> {
+        let path = self.root.join("lock");
+        match self.tree.open_regular("lock", "open lock file")? {
+            Some((file, _)) => Ok((file, path)),
+            None => Err(Error::from(ErrorKind::Io(std::io::Error::from_raw_os_error(
+                libc::ENOENT,
+            )))
+            .in_file(&path)
+            .during("open lock file")),
+        }
+    }
+
     /// Held by every backup for its whole run.
     pub fn lock_shared(&self) -> Result<Lock> {
-        let path = self.root.join("lock");
-        let file = File::open(&path).ctx_file(&path, "open lock file")?;
+        let (file, path) = self.lock_file()?;
         file.lock_shared().ctx_file(&path, "lock repository")?;
         Ok(Lock { _file: file })
     }
@@ -158,8 +183,7 @@ impl Repository {
     /// be relying on a chunk gc is about to remove. `None` when `wait` is
     /// false and a backup holds the lock.
     pub fn lock_exclusive(&self, wait: bool) -> Result<Option<Lock>> {
-        let path = self.root.join("lock");
-        let file = File::open(&path).ctx_file(&path, "open lock file")?;
+        let (file, path) = self.lock_file()?;
         if wait {
             file.lock().ctx_file(&path, "lock repository")?;
         } else {
@@ -175,40 +199,47 @@ impl Repository {
     }
 
     /// A fresh name under `tmp/`, unique across processes.
-    fn tmp_path(&self, what: &str) -> PathBuf {
-        self.root.join("tmp").join(format!(
-            "{what}.{}.{}.tmp",
+    fn tmp_rel(&self, what: &str) -> String {
+        format!(
+            "tmp/{what}.{}.{}.tmp",
             std::process::id(),
             uuid::Uuid::new_v4().simple()
-        ))
+        )
     }
 
     /// Writes `parts`, one after another, to a temporary file and renames
-    /// it to `path`, so `path` only ever names a whole file; on failure the
-    /// temporary file is removed. `Now` fsyncs the file before the rename
-    /// and the directory after it; `Later` only starts writeback, leaving
-    /// durability to the backup's one [`Repository::sync_all`].
-    fn place(&self, path: &Path, parts: &[&[u8]], durable: Durable) -> Result<()> {
-        let tmp = self.tmp_path(durable.tag());
+    /// it to `rel` (beneath the root), so that name only ever holds a
+    /// whole file; on failure the temporary file is removed. `Now` fsyncs
+    /// the file before the rename and the directory after it; `Later` only
+    /// starts writeback, leaving durability to the backup's one
+    /// [`Repository::sync_all`].
+    fn place(&self, rel: &str, parts: &[&[u8]], durable: Durable) -> Result<()> {
+        let tmp = self.tmp_rel(durable.tag());
+        let tmp_path = self.tree.display(&tmp);
+        let mut created = false;
         let outcome = (|| {
-            let f = crate::io::create_new(&tmp).ctx_file(&tmp, "create")?;
+            let f = self.tree.create_new(&tmp, "create")?;
+            created = true;
             let mut at = 0u64;
             for part in parts {
-                f.write_all_at(part, at).ctx(&tmp, at, "write")?;
+                f.write_all_at(part, at).ctx(&tmp_path, at, "write")?;
                 at += part.len() as u64;
             }
             match durable {
-                Durable::Now => f.sync_all().ctx_file(&tmp, "flush")?,
+                Durable::Now => f.sync_all().ctx_file(&tmp_path, "flush")?,
                 Durable::Later(_) => crate::io::start_writeback(&f),
             }
-            std::fs::rename(&tmp, path).ctx_file(path, "rename into place")?;
+            self.tree.rename(&tmp, rel, "rename into place")?;
+            created = false;
             match durable {
-                Durable::Now => sync_dir(path.parent().unwrap_or(&self.root)),
+                Durable::Now => self
+                    .tree
+                    .sync_dir(rel.rsplit_once('/').map_or("", |(d, _)| d)),
                 Durable::Later(_) => Ok(()),
             }
         })();
-        if outcome.is_err() {
-            let _ = std::fs::remove_file(&tmp);
+        if created {
+            let _ = self.tree.remove(&tmp, "remove temporary file");
         }
         outcome
     }
@@ -216,7 +247,12 @@ impl Repository {
     /// Makes everything written so far durable: chunk data and the renames
     /// that named them.
     pub fn sync_all(&self) -> Result<()> {
-        let f = File::open(&self.root).ctx_file(&self.root, "open repository")?;
+        let f = File::from(
+            self.tree
+                .root()
+                .try_clone()
+                .ctx_file(&self.root, "open repository")?,
+        );
         crate::io::sync_filesystem(&f).ctx_file(&self.root, "flush repository")
     }
 }
@@ -238,12 +274,6 @@ impl Durable {
             Durable::Later(what) => what,
         }
     }
-}
-
-fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|f| f.sync_all())
-        .ctx_file(dir, "flush directory")
 }
 
 use std::os::unix::fs::FileExt;

@@ -2,18 +2,19 @@
 //! manifests, each written whole under `tmp/` and renamed into place.
 
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use super::blob::{self, BlobKind, Encoding, HEADER_LEN};
+use super::blob::{self, BlobKind, Encoding, Header, HEADER_LEN};
 use super::index::Index;
-use super::manifest::Manifest;
+use super::manifest::{Disk, Manifest};
+use super::tree::Kind;
 use super::{Durable, Repository};
-use crate::error::{Error, ErrorKind, Result, ResultExt};
+use crate::error::{Error, ErrorKind, Result};
 use crate::pipeline::Stored;
 
-/// An index plaintext larger than this is refused before it is allocated:
-/// 33 bytes a cell, so this is a 2 TiB disk at 1 KiB chunks.
-const INDEX_LIMIT: u64 = 33 << 31;
+/// A manifest file larger than this is refused unread. A manifest of a
+/// hundred disks is some 200 KiB.
+const MANIFEST_LIMIT: u64 = 16 << 20;
 
 /// What a snapshot listing found: a manifest, or why it could not be read.
 #[derive(Debug)]
@@ -23,36 +24,61 @@ pub struct Listed {
     pub manifest: Result<Manifest>,
 }
 
+/// A name in the tree that is not what the repository puts there.
+#[derive(Debug, Clone)]
+pub struct Stray {
+    pub path: PathBuf,
+    pub found: &'static str,
+    pub expected: &'static str,
+}
+
+/// The most bytes a blob holding `plain` bytes of plaintext can take in
+/// the store: its header, and the raw bytes or zstd's worst case.
+fn blob_limit(plain: u64) -> u64 {
+    let plain_usize = usize::try_from(plain).unwrap_or(usize::MAX);
+    HEADER_LEN as u64 + (zstd::zstd_safe::compress_bound(plain_usize) as u64).max(plain)
+}
+
 impl Repository {
-    pub fn chunk_path(&self, id: &blake3::Hash) -> PathBuf {
+    fn chunk_rel(id: &blake3::Hash) -> String {
         let hex = id.to_hex();
-        self.root.join("chunks").join(&hex[..2]).join(hex.as_str())
+        format!("chunks/{}/{}", &hex[..2], hex.as_str())
     }
 
-    pub fn index_path(&self, hex: &str) -> PathBuf {
-        self.root.join("indexes").join(hex)
+    /// Where a chunk is stored, for messages.
+    pub fn chunk_path(&self, id: &blake3::Hash) -> PathBuf {
+        self.tree.display(&Self::chunk_rel(id))
     }
 
-    pub fn manifest_path(&self, id: &str) -> PathBuf {
-        self.root.join("snapshots").join(format!("{id}.json"))
+    fn manifest_rel(id: &str) -> String {
+        format!("snapshots/{id}.json")
     }
 
     /// Whether a whole chunk is stored under `id`: its header must parse
-    /// and its length match the file's. A damaged or truncated file counts
-    /// as absent, so the next backup writes the chunk again.
+    /// and its length match the file's. A damaged or truncated file, or a
+    /// link or special file where the chunk should be, counts as absent,
+    /// so the next backup writes the chunk again (its rename replaces the
+    /// name, and never follows it).
     pub fn has_chunk(&self, id: &blake3::Hash) -> Result<bool> {
-        let path = self.chunk_path(id);
-        let file = match std::fs::File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-            Err(e) => return Err(Error::io(e).in_file(&path).during("look up chunk")),
+        let rel = Self::chunk_rel(id);
+        let file = match self.tree.open_regular(&rel, "look up chunk") {
+            Ok(Some((f, len))) => (f, len),
+            Ok(None) => return Ok(false),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::LinkInRepository | ErrorKind::NotRegular { .. }
+                ) =>
+            {
+                return Ok(false)
+            }
+            Err(e) => return Err(e),
         };
         let mut head = [0u8; HEADER_LEN];
-        if file.read_exact_at(&mut head, 0).is_err() {
+        if file.0.read_exact_at(&mut head, 0).is_err() {
             return Ok(false);
         }
-        let len = file.metadata().ctx_file(&path, "look up chunk")?.len();
-        Ok(blob::parse_header(BlobKind::Chunk, &head).is_ok_and(|h| h.blob_len() == len))
+        Ok(blob::parse_header(BlobKind::Chunk, &head).is_ok_and(|h| h.blob_len() == file.1))
     }
 
     /// Stores a chunk; `plain` is its plaintext, `stored` what the worker's
@@ -65,47 +91,125 @@ impl Repository {
         };
         let header = blob::encode_header(BlobKind::Chunk, encoding, payload, plain.len() as u64);
         self.place(
-            &self.chunk_path(id),
+            &Self::chunk_rel(id),
             &[&header, payload],
             Durable::Later("chunk"),
         )?;
         Ok((HEADER_LEN + payload.len()) as u64)
     }
 
+    /// Reads a blob whose plaintext must be `plain` bytes (or, with
+    /// `exact` false, at most that): the file must be a regular file, its
+    /// header must parse, and its length must be the header's, all before
+    /// the payload is read, so no file can make vsnap read or allocate
+    /// more than the blob's ceiling.
+    fn read_blob(
+        &self,
+        rel: &str,
+        kind: BlobKind,
+        plain: u64,
+        exact: bool,
+        op: &'static str,
+    ) -> Result<(Header, Vec<u8>)> {
+        let path = self.tree.display(rel);
+        let Some((file, len)) = self.tree.open_regular(rel, op)? else {
+            return Err(Error::from(ErrorKind::Io(std::io::Error::from_raw_os_error(
+                libc::ENOENT,
+            )))
+            .in_file(&path)
+            .during(op));
+        };
+        let mut head = [0u8; HEADER_LEN];
+        file.read_exact_at(&mut head, 0).map_err(|_| {
+            Error::from(ErrorKind::Truncated {
+                what: "blob header",
+                needed: HEADER_LEN as u64,
+                at: 0,
+                available: len,
+            })
+            .in_file(&path)
+            .during(op)
+        })?;
+        let header = blob::parse_header(kind, &head).map_err(|e| e.in_file(&path).during(op))?;
+        let name = match kind {
+            BlobKind::Chunk => "chunk",
+            BlobKind::Index => "index",
+        };
+        let fits = if exact {
+            header.plain_len == plain
+        } else {
+            header.plain_len <= plain
+        };
+        if !fits {
+            return Err(Error::from(ErrorKind::Corrupt {
+                what: name,
+                reason: format!(
+                    "holds {} bytes of plaintext where {}{plain} were expected",
+                    header.plain_len,
+                    if exact { "" } else { "at most " }
+                ),
+            })
+            .in_file(&path)
+            .during(op));
+        }
+        if header.blob_len() != len {
+            return Err(Error::from(ErrorKind::Truncated {
+                what: name,
+                needed: header.blob_len(),
+                at: 0,
+                available: len,
+            })
+            .in_file(&path)
+            .during(op));
+        }
+        let bytes =
+            self.tree
+                .read_bounded(rel, &file, len, blob_limit(header.plain_len), name, op)?;
+        Ok((header, bytes))
+    }
+
     /// Reads a chunk into `out` (its plaintext length), checking its CRC
     /// and that its plaintext hashes to its name.
     pub fn read_chunk(&self, id: &blake3::Hash, out: &mut [u8]) -> Result<()> {
-        let path = self.chunk_path(id);
-        let bytes = std::fs::read(&path).ctx_file(&path, "read chunk")?;
-        check_chunk(id, &bytes, out).map_err(|e| e.in_file(&path))
+        let rel = Self::chunk_rel(id);
+        let (_, bytes) =
+            self.read_blob(&rel, BlobKind::Chunk, out.len() as u64, true, "read chunk")?;
+        check_chunk(id, &bytes, out).map_err(|e| e.in_file(&self.tree.display(&rel)))
     }
 
     /// Writes an index; returns the BLAKE3 of its plaintext, its name.
     pub fn write_index(&self, index: &Index) -> Result<blake3::Hash> {
         let plain = index.to_bytes();
         let digest = blake3::hash(&plain);
-        let path = self.index_path(digest.to_hex().as_str());
-        if path.exists() {
+        let rel = format!("indexes/{}", digest.to_hex());
+        if let Some((Kind::File, _)) = self.tree.kind(&rel, "look up index")? {
             return Ok(digest);
         }
         let (header, payload) = blob::encode(BlobKind::Index, &plain, 3)?;
-        self.place(&path, &[&header, &payload], Durable::Later("index"))?;
+        self.place(&rel, &[&header, &payload], Durable::Later("index"))?;
         Ok(digest)
     }
 
-    /// Reads an index and checks that its plaintext hashes to its name.
-    pub fn read_index(&self, hex: &str) -> Result<Index> {
-        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+    /// Reads a disk's index and checks that it is the disk's: its
+    /// plaintext hashes to its name, and it covers the disk's virtual size
+    /// at the repository's chunk size. Its plaintext may be no longer than
+    /// such an index is, so an index can make vsnap allocate no more than
+    /// its disk's size implies.
+    pub fn read_index(&self, disk: &Disk) -> Result<Index> {
+        let hex = disk.index.as_str();
+        if !super::validate::is_digest_hex(hex) {
             return Err(ErrorKind::Corrupt {
                 what: "manifest",
                 reason: format!("{hex:?} is not an index name"),
             }
             .into());
         }
-        let path = self.index_path(hex);
-        let bytes = std::fs::read(&path).ctx_file(&path, "read index")?;
-        let plain =
-            blob::decode(BlobKind::Index, &bytes, INDEX_LIMIT).map_err(|e| e.in_file(&path))?;
+        let rel = format!("indexes/{hex}");
+        let path = self.tree.display(&rel);
+        let chunk_size = self.config.chunk_size;
+        let ceiling = Index::plain_len(disk.virtual_size, chunk_size);
+        let (_, bytes) = self.read_blob(&rel, BlobKind::Index, ceiling, false, "read index")?;
+        let plain = blob::decode(BlobKind::Index, &bytes, ceiling).map_err(|e| e.in_file(&path))?;
         let computed = blake3::hash(&plain).to_hex();
         if computed.as_str() != hex {
             return Err(Error::from(ErrorKind::DigestMismatch {
@@ -115,36 +219,65 @@ impl Repository {
             })
             .in_file(&path));
         }
-        Index::parse(&plain).map_err(|e| e.in_file(&path))
+        let index = Index::parse(&plain).map_err(|e| e.in_file(&path))?;
+        if index.virtual_size != disk.virtual_size || index.chunk_size != chunk_size {
+            return Err(Error::from(ErrorKind::Corrupt {
+                what: "index",
+                reason: format!(
+                    "covers {} bytes in chunks of {}, but the disk {:?} is {} bytes and the repository's chunks are {}",
+                    index.virtual_size, index.chunk_size, disk.name, disk.virtual_size, chunk_size
+                ),
+            })
+            .in_file(&path));
+        }
+        Ok(index)
     }
 
     /// Commits a snapshot: the manifest is written last, durably, and the
     /// snapshot exists from the rename on.
     pub fn write_manifest(&self, manifest: &Manifest) -> Result<()> {
         let bytes = manifest.to_bytes()?;
-        self.place(&self.manifest_path(&manifest.id), &[&bytes], Durable::Now)
+        self.place(&Self::manifest_rel(&manifest.id), &[&bytes], Durable::Now)
     }
 
-    pub fn read_manifest(&self, path: &Path) -> Result<Manifest> {
-        let bytes = std::fs::read(path).ctx_file(path, "read manifest")?;
-        Manifest::parse(&bytes).map_err(|e| e.in_file(path))
+    /// Reads the manifest of snapshot `id`, checks its self-digest, and
+    /// checks its names against the rules of [`super::validate`].
+    pub fn read_manifest(&self, id: &str) -> Result<Manifest> {
+        let rel = Self::manifest_rel(id);
+        let path = self.tree.display(&rel);
+        let Some(bytes) = self
+            .tree
+            .read_small(&rel, MANIFEST_LIMIT, "read manifest")?
+        else {
+            return Err(ErrorKind::NoSuchSnapshot(id.to_owned()).into());
+        };
+        let m = Manifest::parse(&bytes).map_err(|e| e.in_file(&path))?;
+        m.validate(id, self.config.chunk_size)
+            .map_err(|e| e.in_file(&path))?;
+        Ok(m)
     }
 
     /// Every snapshot, oldest first; a manifest that cannot be read is
     /// listed with its error rather than hidden.
     pub fn list(&self) -> Result<Vec<Listed>> {
-        let dir = self.root.join("snapshots");
         let mut out = Vec::new();
-        for entry in std::fs::read_dir(&dir).ctx_file(&dir, "list snapshots")? {
-            let entry = entry.ctx_file(&dir, "list snapshots")?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(id) = name.strip_suffix(".json") else {
+        for entry in self.tree.list("snapshots", "list snapshots")? {
+            let Some(id) = entry.name.strip_suffix(".json") else {
                 continue;
             };
-            let path = entry.path();
+            let rel = Self::manifest_rel(id);
+            let path = self.tree.display(&rel);
+            let manifest = match entry.kind {
+                Kind::File => self.read_manifest(id),
+                other => Err(Error::from(ErrorKind::NotRegular {
+                    what: "manifest file",
+                    found: other.name(),
+                })
+                .in_file(&path)),
+            };
             out.push(Listed {
                 id: id.to_owned(),
-                manifest: self.read_manifest(&path),
+                manifest,
                 path,
             });
         }
@@ -176,6 +309,83 @@ impl Repository {
             .into());
         }
         hits.swap_remove(0).manifest
+    }
+
+    /// Removes a snapshot's manifest, by the name its file has.
+    pub(super) fn remove_manifest(&self, id: &str) -> Result<()> {
+        self.tree.remove(&Self::manifest_rel(id), "remove manifest")
+    }
+
+    /// Names in the tree that the repository does not put there: links,
+    /// special files, files where directories belong and the reverse.
+    /// None of them is ever followed; verify reports them as damage.
+    pub fn strays(&self) -> Result<Vec<Stray>> {
+        let mut out = Vec::new();
+        let mut expect = |rel: &str, kind: Kind, expected: Kind, what: &'static str| {
+            if kind != expected {
+                out.push(Stray {
+                    path: self.tree.display(rel),
+                    found: kind.name(),
+                    expected: what,
+                });
+                false
+            } else {
+                true
+            }
+        };
+        let mut dirs = Vec::new();
+        for e in self.tree.list("", "check repository")? {
+            let expected = match e.name.as_str() {
+                "chunks" | "indexes" | "snapshots" | "tmp" => Kind::Dir,
+                _ => Kind::File,
+            };
+            if expect(&e.name, e.kind, expected, "what the repository keeps there")
+                && expected == Kind::Dir
+            {
+                dirs.push(e.name);
+            }
+        }
+        let mut leaves = Vec::new();
+        for d in dirs {
+            for e in self.tree.list(&d, "check repository")? {
+                let rel = format!("{d}/{}", e.name);
+                if d == "chunks" {
+                    if expect(&rel, e.kind, Kind::Dir, "a chunk directory") {
+                        leaves.push(rel);
+                    }
+                } else {
+                    expect(&rel, e.kind, Kind::File, "a regular file");
+                }
+            }
+        }
+        for d in leaves {
+            for e in self.tree.list(&d, "check repository")? {
+                let rel = format!("{d}/{}", e.name);
+                expect(&rel, e.kind, Kind::File, "a chunk file");
+            }
+        }
+        Ok(out)
+    }
+
+    /// A chunk's inode number, for reading in disk order; 0 when it is not
+    /// a plain name in the tree.
+    pub fn chunk_inode(&self, id: &blake3::Hash) -> u64 {
+        match self.tree.kind(&Self::chunk_rel(id), "look up chunk") {
+            Ok(Some((_, ino))) => ino,
+            _ => 0,
+        }
+    }
+
+    /// Moves a bad chunk aside (`*.bad`), so the next backup that meets its
+    /// content stores it again; gc removes it later.
+    pub fn move_chunk_aside(&self, id: &blake3::Hash) -> Result<bool> {
+        let rel = Self::chunk_rel(id);
+        if self.tree.kind(&rel, "move chunk aside")?.is_none() {
+            return Ok(false);
+        }
+        self.tree
+            .rename(&rel, &format!("{rel}.bad"), "move chunk aside")?;
+        Ok(true)
     }
 }
 

@@ -481,13 +481,16 @@ pub struct BatEntry {
     pub file_offset: u64,
 }
 
-/// A payload BAT entry. States 4 and 5 are reserved, and refused.
+/// A payload BAT entry. State 4 is reserved, and refused. State 5 is
+/// reserved in MS-VHDX 1.0 but was UNMAPPED in the v0.95 draft, and qemu
+/// writes and reads it so (`PAYLOAD_BLOCK_UNMAPPED_v095`): it reads as
+/// UNMAPPED, zeros, as qemu reads it.
 pub fn parse_payload_entry(raw: u64, index: u64) -> Result<BatEntry> {
     let state = match entry_state(raw) {
         0 => PayloadState::NotPresent,
         1 => PayloadState::Undefined,
         2 => PayloadState::Zero,
-        3 => PayloadState::Unmapped,
+        3 | 5 => PayloadState::Unmapped,
         6 => PayloadState::FullyPresent,
         7 => PayloadState::PartiallyPresent,
         s => {
@@ -680,6 +683,8 @@ mod tests {
         assert_eq!(bat_entries(5 << 30, 8 << 20, 512, false), 640 + 1);
         let e = parse_payload_entry((5 << 20) | 4, 3).unwrap_err();
         assert!(e.to_string().contains("reserved state 4"), "{e}");
+        let v095 = parse_payload_entry((5 << 20) | 5, 0).unwrap();
+        assert_eq!(v095.state, PayloadState::Unmapped);
         let ok = parse_payload_entry((5 << 20) | 6, 0).unwrap();
         assert_eq!(
             ok,
