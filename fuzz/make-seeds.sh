@@ -44,4 +44,13 @@ cp fixtures/vhdx/dirty-log.vhdx "$X/seed-vhdx-dirty-log"
 dd if="$T/d.vhdx" bs=4096 skip=16 count=1 status=none > "$XP/seed-header"
 dd if="$T/d.vhdx" bs=65536 skip=3 count=1 status=none > "$XP/seed-region-table"
 dd if=fixtures/vhdx/dirty-log.vhdx bs=4096 skip=256 count=2 status=none > "$XP/seed-log-entry"
-ls "$O"/seed-* "$P"/seed-* "$X"/seed-* "$XP"/seed-*
+# The repository's own files: a manifest of two disks (a VHD and a VHDX),
+# an index blob and a chunk blob, as a backup writes them.
+R=fuzz/corpus/repo_parse
+mkdir -p "$R"
+"$V" repo init --chunk-size 64K "$T/repo" >/dev/null
+"$V" backup -q --repo "$T/repo" --name vm "$T/d.vhd" "$T/d.vhdx" >/dev/null
+cp "$T"/repo/snapshots/*.json "$R/seed-manifest"
+cp "$(ls "$T"/repo/indexes/* | head -n 1)" "$R/seed-index"
+cp "$(find "$T/repo/chunks" -type f | sort | head -n 1)" "$R/seed-chunk"
+ls "$O"/seed-* "$P"/seed-* "$X"/seed-* "$XP"/seed-* "$R"/seed-*

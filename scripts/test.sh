@@ -9,6 +9,8 @@ command -v qemu-img >/dev/null 2>&1 || need_apt+=(qemu-utils)
 command -v qemu-io >/dev/null 2>&1 || need_apt+=(qemu-utils)
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
 command -v b3sum >/dev/null 2>&1 || need_apt+=(b3sum)
+# The hostile-repository suite reads each vsnap child's peak RSS from GNU time.
+[ -x /usr/bin/time ] || need_apt+=(time)
 # The agent's tests freeze ext4 filesystems they make on loop devices.
 command -v mkfs.ext4 >/dev/null 2>&1 || need_apt+=(e2fsprogs)
 command -v losetup >/dev/null 2>&1 || need_apt+=(mount)

@@ -21,8 +21,10 @@ disk while frozen.
 
 TCP needs --token-file: every operation is refused until `hello` carries the
 token, and a connection that sends no `hello` within --hello-timeout is
-closed. At most --max-connections are served at once; when descriptors run
-out (EMFILE, ENFILE) the agent backs off instead of spinning. While frozen,
+closed. At most --max-connections are open at once: at the cap a new one
+closes the oldest that has not authenticated, so idle peers cannot lock a
+coordinator out; when descriptors run out (EMFILE, ENFILE) the agent backs
+off instead of spinning. While frozen,
 log lines wait in memory, at most 10,000 of them; past that they are
 dropped and the count is logged at the thaw. The agent prints `listening on
 ADDRESS` on stdout once it is ready.
@@ -58,8 +60,9 @@ pub struct Args {
     /// Where the agent records what it froze [default: /run/vsnap/agent.frozen].
     #[arg(long, value_name = "FILE")]
     marker: Option<PathBuf>,
-    /// Connections served at once; further ones wait in the kernel's
-    /// backlog until one closes [default: 64].
+    /// Connections open at once. At the cap, a new connection closes the
+    /// oldest one that has not said hello yet, or is refused as busy when
+    /// all have [default: 64].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=65536))]
     max_connections: Option<u64>,
     /// How long a connection that needs the token may take to send

@@ -603,3 +603,126 @@ fn vsock_carries_the_same_protocol_where_the_kernel_has_a_loopback() {
         Err(_) => eprintln!("skipping: the vsock loopback (CID 1) did not answer within 3 s"),
     }
 }
+
+/// User plus system CPU time of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    rest[11].parse::<u64>().unwrap() + rest[12].parse::<u64>().unwrap()
+}
+
+/// Opens `n` TCP connections that never say anything.
+fn idle_connections(address: &str, n: usize) -> Vec<std::net::TcpStream> {
+    let addr: std::net::SocketAddr = address.strip_prefix("tcp:").unwrap().parse().unwrap();
+    (0..n)
+        .filter_map(|_| std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok())
+        .collect()
+}
+
+/// An agent on TCP with a token, its descriptors limited to 64 (as
+/// systemd's 1024 is to a flood of 1,100), and `extra` flags.
+fn limited_agent(dir: &Path, token: &str, extra: &[&str]) -> AgentProc {
+    let tf = dir.join("token");
+    std::fs::write(&tf, token).unwrap();
+    let mut args = vec!["--listen", "tcp:127.0.0.1:0", "--token-file", s(&tf)];
+    args.extend_from_slice(extra);
+    let agent = spawn_agent(dir, &args, "agent.err").unwrap();
+    let st = std::process::Command::new("prlimit")
+        .arg(format!("--pid={}", agent.child.id()))
+        .arg("--nofile=64:64")
+        .status()
+        .unwrap();
+    assert!(st.success(), "prlimit");
+    agent
+}
+
+#[test]
+fn idle_connections_neither_lock_a_coordinator_out_nor_spin_the_agent() {
+    let token = "correct-horse-battery-staple";
+
+    // At the connection cap, each newcomer closes the oldest idle one, so
+    // a coordinator arriving behind 300 idle peers is served at once.
+    let dir = tempfile::tempdir().unwrap();
+    let agent = limited_agent(
+        dir.path(),
+        token,
+        &["--max-connections", "16", "--hello-timeout", "30s"],
+    );
+    let pid = agent.child.id();
+    let cpu0 = cpu_ticks(pid);
+    let idle = idle_connections(&agent.address, 300);
+    assert!(idle.len() >= 250, "only {} connected", idle.len());
+    let t = Instant::now();
+    let mut w = Wire::connect(&agent.address);
+    assert_eq!(w.hello(Some(token))["ok"]["version"], 1);
+    w.ok("identify", Value::Null);
+    let waited = t.elapsed();
+    assert!(
+        waited < Duration::from_secs(5),
+        "the coordinator waited {waited:?}"
+    );
+    // The evicted were told why.
+    let mut told = 0;
+    for mut c in idle.iter().take(200) {
+        use std::io::Read;
+        c.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut buf = [0u8; 256];
+        if let Ok(n) = c.read(&mut buf) {
+            told += usize::from(String::from_utf8_lossy(&buf[..n]).contains("make room"));
+        }
+    }
+    assert!(
+        told >= 150,
+        "{told} of 200 told they were closed to make room"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let cpu = cpu_ticks(pid) - cpu0;
+    assert!(cpu < 100, "the agent used {cpu} ticks of CPU");
+    drop(idle);
+    let log = agent.stderr();
+    assert!(
+        log.lines().count() < 50,
+        "{} log lines:\n{log}",
+        log.lines().count()
+    );
+    eprintln!(
+        "cap: coordinator served in {waited:?}; agent CPU {cpu} ticks; {told} evictions seen"
+    );
+
+    // With a cap above the descriptors it has, accept fails with EMFILE:
+    // the agent backs off (no busy loop, a few log lines), the hello
+    // deadline frees descriptors, and the coordinator gets in.
+    let dir = tempfile::tempdir().unwrap();
+    let agent = limited_agent(
+        dir.path(),
+        token,
+        &["--max-connections", "1000", "--hello-timeout", "1s"],
+    );
+    let pid = agent.child.id();
+    let cpu0 = cpu_ticks(pid);
+    let idle = idle_connections(&agent.address, 300);
+    let t = Instant::now();
+    let mut w = Wire::connect(&agent.address);
+    assert_eq!(w.hello(Some(token))["ok"]["version"], 1);
+    let waited = t.elapsed();
+    let cpu = cpu_ticks(pid) - cpu0;
+    drop(idle);
+    let log = agent.stderr();
+    assert!(log.contains("backing off"), "{log}");
+    assert!(
+        log.lines().count() < 50,
+        "{} log lines:\n{log}",
+        log.lines().count()
+    );
+    assert!(cpu < 300, "the agent used {cpu} ticks of CPU in {waited:?}");
+    eprintln!(
+        "EMFILE: coordinator served in {waited:?}; agent CPU {cpu} ticks; {} log lines",
+        log.lines().count()
+    );
+}

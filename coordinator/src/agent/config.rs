@@ -30,8 +30,9 @@ pub struct AgentConfig {
     pub token_file: Option<PathBuf>,
     /// On a filesystem that is never frozen.
     pub marker: PathBuf,
-    /// Connections served at once; more wait in the kernel's backlog, so
-    /// idle peers cannot use up the agent's descriptors.
+    /// Connections open at once; at the cap a new one closes the oldest
+    /// that has not authenticated, so idle peers cannot use up the agent's
+    /// descriptors or lock a coordinator out.
     pub max_connections: usize,
     /// How long a connection that must authenticate may take to send its
     /// `hello` before it is closed.

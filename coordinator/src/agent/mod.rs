@@ -159,26 +159,22 @@ impl Agent {
     /// Serves until SIGINT or SIGTERM; a freeze still held then is thawed
     /// before returning.
     ///
-    /// A connection is accepted only once a slot is free, so at most
-    /// `max_connections` descriptors go to peers. When accept fails for
-    /// want of descriptors (EMFILE, ENFILE) or memory, the agent waits
-    /// before it tries again, and logs the first failure and then only
-    /// how many followed, instead of spinning on the error.
+    /// Connections are accepted at once, so the kernel's backlog never
+    /// fills behind idle peers, but at most `max_connections` stay open:
+    /// when another arrives at the cap, the oldest connection that has not
+    /// authenticated yet is closed to make room (a coordinator says hello
+    /// as soon as it connects, so it is never the oldest for long), and if
+    /// every open one has authenticated, the newcomer is told the agent is
+    /// busy. When accept fails for want of descriptors (EMFILE, ENFILE) or
+    /// memory, the agent waits before it tries again, and logs the first
+    /// failure and then only how many followed, instead of spinning.
     pub async fn serve(self) -> Result<()> {
         let token = Arc::new(self.token);
-        let slots = Arc::new(tokio::sync::Semaphore::new(self.max_connections));
-        let hello_timeout = self.hello_timeout;
+        let conns = Arc::new(Mutex::new(Conns::default()));
+        let (max, hello_timeout) = (self.max_connections, self.hello_timeout);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut failures = 0u64;
         loop {
-            let slot = tokio::select! {
-                slot = Arc::clone(&slots).acquire_owned() => match slot {
-                    Ok(s) => s,
-                    Err(_) => break,
-                },
-                _ = tokio::signal::ctrl_c() => break,
-                _ = term.recv() => break,
-            };
             tokio::select! {
                 conn = self.listener.accept() => match conn {
                     Ok((stream, peer)) => {
@@ -188,11 +184,15 @@ impl Agent {
                                 .log(format!("accept: {} more failures before this one", failures - 1));
                         }
                         failures = 0;
+                        let Some(admitted) = Conns::admit(&conns, max, token.is_some()) else {
+                            tokio::spawn(refuse_busy(stream, max));
+                            continue;
+                        };
                         let session = Arc::clone(&self.session);
                         let token = Arc::clone(&token);
                         tokio::spawn(async move {
-                            let _slot = slot;
-                            if let Err(e) = handle(stream, &session, token.as_deref(), hello_timeout).await {
+                            let r = handle(stream, &session, token.as_deref(), hello_timeout, &admitted).await;
+                            if let Err(e) = r {
                                 session.journal().log(format!("{peer}: {e}"));
                             }
                         });
@@ -214,6 +214,77 @@ impl Agent {
     }
 }
 
+/// The open connections: how many, and those still waiting to
+/// authenticate, oldest first, each with the signal that closes it.
+#[derive(Default)]
+struct Conns {
+    open: usize,
+    next: u64,
+    unauthenticated: std::collections::BTreeMap<u64, Arc<tokio::sync::Notify>>,
+}
+
+/// One admitted connection's place in [`Conns`], given back when dropped.
+struct Admitted {
+    conns: Arc<Mutex<Conns>>,
+    id: u64,
+    /// Notified when the connection must close to make room.
+    evict: Option<Arc<tokio::sync::Notify>>,
+}
+
+impl Conns {
+    /// Admits a connection, evicting the oldest unauthenticated one at the
+    /// cap; `None` when every open connection has authenticated.
+    fn admit(conns: &Arc<Mutex<Conns>>, max: usize, needs_auth: bool) -> Option<Admitted> {
+        let mut c = conns.lock().ok()?;
+        if c.open >= max {
+            let (_, oldest) = c.unauthenticated.pop_first()?;
+            oldest.notify_one();
+        }
+        c.open += 1;
+        c.next += 1;
+        let id = c.next;
+        let evict = needs_auth.then(|| {
+            let n = Arc::new(tokio::sync::Notify::new());
+            c.unauthenticated.insert(id, Arc::clone(&n));
+            n
+        });
+        Some(Admitted {
+            conns: Arc::clone(conns),
+            id,
+            evict,
+        })
+    }
+}
+
+impl Admitted {
+    /// The connection has authenticated: it is no longer evicted.
+    fn authenticated(&self) {
+        if let Ok(mut c) = self.conns.lock() {
+            c.unauthenticated.remove(&self.id);
+        }
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        if let Ok(mut c) = self.conns.lock() {
+            c.unauthenticated.remove(&self.id);
+            c.open = c.open.saturating_sub(1);
+        }
+    }
+}
+
+/// Tells a connection over the cap why it is closed.
+async fn refuse_busy(mut stream: BoxStream, max: usize) {
+    let e = WireError::new(
+        ErrorClass::OutOfResources,
+        format!("the agent has {max} connections open, all authenticated; try again later"),
+    );
+    let _ = stream
+        .write_all(&protocol::to_line(&Reply::err(None, e)))
+        .await;
+}
+
 /// How long to wait after the `n`th failed accept in a row: 10 ms, doubling
 /// up to 640 ms, so a passing shortage costs little and a lasting one
 /// costs no CPU.
@@ -226,28 +297,36 @@ async fn handle(
     session: &Arc<Session>,
     token: Option<&[u8]>,
     hello_timeout: std::time::Duration,
+    admitted: &Admitted,
 ) -> Result<()> {
     let (r, mut w) = tokio::io::split(stream);
     let mut r = BufReader::new(r);
     let mut authed = token.is_none();
     let hello_by = tokio::time::Instant::now() + hello_timeout;
+    let never = Arc::new(tokio::sync::Notify::new());
+    let evict = admitted.evict.as_ref().unwrap_or(&never);
     loop {
         // Until it has authenticated, a connection has until `hello_by` to
-        // say hello; an idle one is closed then, and its slot freed.
+        // say hello, and is closed sooner if newer ones need its place.
         let read = transport::read_line(&mut r);
         let read = if authed {
             read.await
         } else {
-            match tokio::time::timeout_at(hello_by, read).await {
+            let outcome = tokio::select! {
+                r = tokio::time::timeout_at(hello_by, read) => r.map_err(|_| {
+                    format!(
+                        "no hello within {}; closing",
+                        humantime::format_duration(hello_timeout)
+                    )
+                }),
+                _ = evict.notified() => Err(
+                    "closed to make room for newer connections; say hello first".to_owned(),
+                ),
+            };
+            match outcome {
                 Ok(r) => r,
-                Err(_) => {
-                    let e = WireError::new(
-                        ErrorClass::Unauthorized,
-                        format!(
-                            "no hello within {}; closing",
-                            humantime::format_duration(hello_timeout)
-                        ),
-                    );
+                Err(why) => {
+                    let e = WireError::new(ErrorClass::Unauthorized, why);
                     let _ = w.write_all(&protocol::to_line(&Reply::err(None, e))).await;
                     return Ok(());
                 }
@@ -285,6 +364,7 @@ async fn handle(
                     let given = h.token.as_deref().unwrap_or("").as_bytes();
                     if token.is_some_and(|t| config::token_matches(t, given)) {
                         authed = true;
+                        admitted.authenticated();
                         (session.dispatch(req).await, false)
                     } else {
                         let e = WireError::new(ErrorClass::Unauthorized, "wrong or missing token");
@@ -309,5 +389,36 @@ async fn handle(
         if close {
             return Ok(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_journal_holds_a_bounded_number_of_lines_while_frozen() {
+        let j = Journal::default();
+        j.hold();
+        for i in 0..JOURNAL_HELD_LINES + 25 {
+            j.log(format!("line {i}"));
+        }
+        {
+            let g = j.inner.lock().unwrap();
+            assert_eq!(g.lines.len(), JOURNAL_HELD_LINES);
+            assert_eq!(g.dropped, 25);
+            assert_eq!(g.lines[0], "vsnap agent: line 0");
+        }
+        j.release();
+        let g = j.inner.lock().unwrap();
+        assert!(!g.holding && g.lines.is_empty() && g.dropped == 0);
+    }
+
+    #[test]
+    fn accept_backs_off_from_10ms_to_640ms() {
+        assert_eq!(accept_backoff(1), std::time::Duration::from_millis(10));
+        assert_eq!(accept_backoff(2), std::time::Duration::from_millis(20));
+        assert_eq!(accept_backoff(7), std::time::Duration::from_millis(640));
+        assert_eq!(accept_backoff(1000), std::time::Duration::from_millis(640));
     }
 }

@@ -98,17 +98,15 @@ impl Repository {
         Ok((HEADER_LEN + payload.len()) as u64)
     }
 
-    /// Reads a blob whose plaintext must be `plain` bytes (or, with
-    /// `exact` false, at most that): the file must be a regular file, its
-    /// header must parse, and its length must be the header's, all before
-    /// the payload is read, so no file can make vsnap read or allocate
-    /// more than the blob's ceiling.
+    /// Reads a blob whose plaintext must be `plain` bytes: the file must
+    /// be a regular file, its header must parse, and its lengths must be
+    /// the ones expected, all before the payload is read, so no file can
+    /// make vsnap read or allocate more than the blob's ceiling.
     fn read_blob(
         &self,
         rel: &str,
         kind: BlobKind,
         plain: u64,
-        exact: bool,
         op: &'static str,
     ) -> Result<(Header, Vec<u8>)> {
         let path = self.tree.display(rel);
@@ -135,18 +133,12 @@ impl Repository {
             BlobKind::Chunk => "chunk",
             BlobKind::Index => "index",
         };
-        let fits = if exact {
-            header.plain_len == plain
-        } else {
-            header.plain_len <= plain
-        };
-        if !fits {
+        if header.plain_len != plain {
             return Err(Error::from(ErrorKind::Corrupt {
                 what: name,
                 reason: format!(
-                    "holds {} bytes of plaintext where {}{plain} were expected",
-                    header.plain_len,
-                    if exact { "" } else { "at most " }
+                    "holds {} bytes of plaintext where {plain} were expected",
+                    header.plain_len
                 ),
             })
             .in_file(&path)
@@ -172,8 +164,7 @@ impl Repository {
     /// and that its plaintext hashes to its name.
     pub fn read_chunk(&self, id: &blake3::Hash, out: &mut [u8]) -> Result<()> {
         let rel = Self::chunk_rel(id);
-        let (_, bytes) =
-            self.read_blob(&rel, BlobKind::Chunk, out.len() as u64, true, "read chunk")?;
+        let (_, bytes) = self.read_blob(&rel, BlobKind::Chunk, out.len() as u64, "read chunk")?;
         check_chunk(id, &bytes, out).map_err(|e| e.in_file(&self.tree.display(&rel)))
     }
 
@@ -192,7 +183,7 @@ impl Repository {
 
     /// Reads a disk's index and checks that it is the disk's: its
     /// plaintext hashes to its name, and it covers the disk's virtual size
-    /// at the repository's chunk size. Its plaintext may be no longer than
+    /// at the repository's chunk size. Its plaintext must be as long as
     /// such an index is, so an index can make vsnap allocate no more than
     /// its disk's size implies.
     pub fn read_index(&self, disk: &Disk) -> Result<Index> {
@@ -207,9 +198,10 @@ impl Repository {
         let rel = format!("indexes/{hex}");
         let path = self.tree.display(&rel);
         let chunk_size = self.config.chunk_size;
-        let ceiling = Index::plain_len(disk.virtual_size, chunk_size);
-        let (_, bytes) = self.read_blob(&rel, BlobKind::Index, ceiling, false, "read index")?;
-        let plain = blob::decode(BlobKind::Index, &bytes, ceiling).map_err(|e| e.in_file(&path))?;
+        let expected = Index::plain_len(disk.virtual_size, chunk_size);
+        let (_, bytes) = self.read_blob(&rel, BlobKind::Index, expected, "read index")?;
+        let plain =
+            blob::decode(BlobKind::Index, &bytes, expected).map_err(|e| e.in_file(&path))?;
         let computed = blake3::hash(&plain).to_hex();
         if computed.as_str() != hex {
             return Err(Error::from(ErrorKind::DigestMismatch {

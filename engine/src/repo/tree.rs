@@ -151,12 +151,17 @@ impl Tree {
     pub(super) fn dir(&self, rel: &str, op: &'static str) -> Result<OwnedFd> {
         self.resolve(rel, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty())
             .map_err(|e| match e {
-                Errno::NOTDIR => Error::from(ErrorKind::NotRegular {
-                    what: "directory",
-                    found: "file that is not a directory",
-                })
-                .in_file(&self.display(rel))
-                .during(op),
+                // O_DIRECTORY meets a link as "not a directory": say which.
+                Errno::NOTDIR => match self.kind(rel, op) {
+                    Ok(Some((Kind::Link, _))) => self.fail(rel, op, Errno::LOOP),
+                    Ok(Some((found, _))) => Error::from(ErrorKind::NotRegular {
+                        what: "directory",
+                        found: found.name(),
+                    })
+                    .in_file(&self.display(rel))
+                    .during(op),
+                    Ok(None) | Err(_) => self.fail(rel, op, e),
+                },
                 e => self.fail(rel, op, e),
             })
     }

@@ -142,6 +142,37 @@ impl Manifest {
     }
 }
 
+/// Runs every reader of the repository's own metadata over `data`, as the
+/// fuzz target and the mutation test do: the manifest parser (self-digest
+/// included) and, whatever the self-digest says, the name rules on the
+/// JSON; the blob envelope as an index and as a chunk, with their
+/// ceilings; and the index parser. None of them may panic, and none may
+/// allocate past the ceiling it is given.
+pub fn exercise(data: &[u8]) {
+    use super::blob::{self, BlobKind};
+    use super::index::Index;
+    const CHUNK: u64 = 4 << 20;
+    let _ = Manifest::parse(data);
+    if let Ok(m) = serde_json::from_slice::<Manifest>(data) {
+        let _ = m.validate(&m.id, m.chunk_size);
+        let _ = m.validate("0123456789abcdef", CHUNK);
+        for d in &m.disks {
+            let _ = Index::plain_len(d.virtual_size, CHUNK);
+        }
+    }
+    let ceiling = Index::plain_len(64 << 20, CHUNK);
+    if let Ok(plain) = blob::decode(BlobKind::Index, data, ceiling) {
+        let _ = Index::parse(&plain);
+    }
+    let _ = Index::parse(data);
+    if let Ok(h) = blob::parse_header(BlobKind::Chunk, data) {
+        if h.plain_len <= 64 << 10 {
+            let mut out = vec![0u8; h.plain_len as usize];
+            let _ = blob::decode_into(BlobKind::Chunk, data, &mut out);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

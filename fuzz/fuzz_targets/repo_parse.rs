@@ -1,0 +1,11 @@
+//! The repository's own metadata, as a hostile repository could hold it:
+//! manifests (self-digest, then the name rules on whatever JSON parses),
+//! index and chunk blobs with their ceilings, and index plaintext. Nothing
+//! may panic or allocate past a ceiling.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    vsnap_engine::repo::validate::exercise(data);
+});
