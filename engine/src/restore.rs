@@ -35,6 +35,30 @@ impl<'a> RepoImage<'a> {
     pub fn disk(&self) -> &Disk {
         &self.disk
     }
+
+    /// A chunk's bytes must be zero exactly where the piece map says: a
+    /// copy writes only the pieces marked as data, so a non-zero piece
+    /// marked clear would be left out of the restored file while the
+    /// digest, computed from what was read, still matched.
+    fn check_pieces(&self, start: u64, data: &[u8]) -> Result<()> {
+        let Some(p) = &self.index.pieces else {
+            return Ok(());
+        };
+        match p.check(start, data) {
+            None => Ok(()),
+            Some(piece) => Err(ErrorKind::Corrupt {
+                what: "index",
+                reason: format!(
+                    "{}: the piece map marks piece {piece} (at {}) {}, but its chunk holds {}",
+                    self.disk.index,
+                    piece * p.size,
+                    if p.get(piece) { "as data" } else { "as zeros" },
+                    if p.get(piece) { "zeros" } else { "data" },
+                ),
+            }
+            .into()),
+        }
+    }
 }
 
 impl DiskImage for RepoImage<'_> {
@@ -46,22 +70,40 @@ impl DiskImage for RepoImage<'_> {
         self.disk.virtual_size
     }
 
+    /// Data where the disk held non-zero bytes: by piece where the index
+    /// has a piece map, so a dynamic target allocates only the blocks that
+    /// hold data; by chunk in indexes written before the map.
     fn allocation_map(&self) -> Result<AllocationMap> {
         let mut b = MapBuilder::new(0);
-        for (i, e) in self.index.entries.iter().enumerate() {
-            let (offset, length) = self.index.range(i);
-            let kind = match e {
-                Entry::Data(_) => ExtentKind::Data,
-                Entry::Zero => ExtentKind::Zero,
-                Entry::Unallocated => ExtentKind::Unallocated,
-            };
+        let mut push = |offset, length, kind| {
             b.push(Extent {
                 offset,
                 length,
                 kind,
                 layer: None,
                 file_offset: None,
-            });
+            })
+        };
+        for (i, e) in self.index.entries.iter().enumerate() {
+            let (offset, length) = self.index.range(i);
+            match (e, &self.index.pieces) {
+                (Entry::Data(_), Some(p)) => {
+                    let mut at = offset;
+                    while at < offset + length {
+                        let len = p.size.min(offset + length - at);
+                        let kind = if p.get(at / p.size) {
+                            ExtentKind::Data
+                        } else {
+                            ExtentKind::Zero
+                        };
+                        push(at, len, kind);
+                        at += len;
+                    }
+                }
+                (Entry::Data(_), None) => push(offset, length, ExtentKind::Data),
+                (Entry::Zero, _) => push(offset, length, ExtentKind::Zero),
+                (Entry::Unallocated, _) => push(offset, length, ExtentKind::Unallocated),
+            }
         }
         Ok(b.finish())
     }
@@ -87,10 +129,12 @@ impl DiskImage for RepoImage<'_> {
             match self.index.entries.get(cell) {
                 Some(Entry::Data(id)) if pos == start && to == start + len => {
                     self.repo.read_chunk(id, dst)?;
+                    self.check_pieces(start, dst)?;
                 }
                 Some(Entry::Data(id)) => {
                     scratch.resize(len as usize, 0);
                     self.repo.read_chunk(id, &mut scratch)?;
+                    self.check_pieces(start, &scratch)?;
                     dst.copy_from_slice(&scratch[(pos - start) as usize..(to - start) as usize]);
                 }
                 _ => dst.fill(0),

@@ -54,9 +54,11 @@ impl VerifyReport {
 /// chunks are read.
 struct DiskCheck {
     who: String,
+    index: String,
     plan: DigestPlan,
     expected: String,
     leaves: Mutex<Vec<Option<Leaf>>>,
+    pieces: Option<crate::repo::index::Pieces>,
 }
 
 /// A referenced chunk: its plaintext length, who uses it, and where.
@@ -164,9 +166,11 @@ pub fn verify(
             }
             disks.push(DiskCheck {
                 who,
+                index: disk.index.clone(),
                 plan,
                 expected: disk.digest.clone(),
                 leaves: Mutex::new(leaves),
+                pieces: index.pieces,
             });
         }
     }
@@ -182,6 +186,8 @@ pub fn verify(
     let bytes = AtomicU64::new(0);
     let bad: Mutex<Vec<(blake3::Hash, Error)>> = Mutex::new(Vec::new());
     let failed: Mutex<Option<Error>> = Mutex::new(None);
+    // (disk, piece) pairs whose piece map disagrees with the chunk.
+    let misplaced: Mutex<Vec<(usize, u64)>> = Mutex::new(Vec::new());
     std::thread::scope(|s| {
         for _ in 0..threads.max(1) {
             s.spawn(|| {
@@ -198,6 +204,11 @@ pub fn verify(
                             for &(d, cell) in &u.at {
                                 let Some(disk) = disks.get(d) else { continue };
                                 let (offset, _) = disk.plan.leaf_range(cell);
+                                let wrong =
+                                    disk.pieces.as_ref().and_then(|p| p.check(offset, &buf));
+                                if let (Some(piece), Ok(mut m)) = (wrong, misplaced.lock()) {
+                                    m.push((d, piece));
+                                }
                                 let leaf = disk.plan.leaf(offset, &buf);
                                 match disk.leaves.lock() {
                                     Ok(mut l) => {
@@ -244,6 +255,20 @@ pub fn verify(
                 .get(&id)
                 .map(|c| c.affects.iter().cloned().collect())
                 .unwrap_or_default(),
+        });
+    }
+    let mut misplaced = misplaced.into_inner().map_err(|_| poisoned())?;
+    misplaced.sort_unstable();
+    misplaced.dedup_by_key(|m| m.0);
+    for (d, piece) in misplaced {
+        let Some(disk) = disks.get(d) else { continue };
+        report.problems.push(Problem {
+            what: "index",
+            name: disk.index.clone(),
+            error: format!(
+                "its piece map disagrees with the chunks, first at piece {piece}; a restore would leave data out or allocate zeros"
+            ),
+            affects: vec![disk.who.clone()],
         });
     }
     // Each disk whose chunks all read back: its digest, rebuilt, must be

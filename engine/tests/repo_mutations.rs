@@ -13,20 +13,28 @@ use vsnap_engine::repo::validate::exercise;
 use vsnap_engine::repo::Manifest;
 use vsnap_engine::ErrorKind;
 
+fn corpus() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/repo_parse")
+}
+
 fn seeds() -> Vec<Vec<u8>> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/repo_parse");
     ["seed-manifest", "seed-index", "seed-chunk"]
         .iter()
-        .map(|n| std::fs::read(dir.join(n)).unwrap())
+        .map(|n| std::fs::read(corpus().join(n)).unwrap())
         .collect()
 }
 
 #[test]
 fn mutated_repository_files_never_panic() {
-    let seeds = seeds();
-    for s in &seeds {
-        exercise(s);
+    // The committed corpus first: the fuzzer's finds, crashes it found
+    // (seed-crash-*) among them.
+    let mut n = 0;
+    for entry in std::fs::read_dir(corpus()).unwrap() {
+        exercise(&std::fs::read(entry.unwrap().path()).unwrap());
+        n += 1;
     }
+    assert!(n >= 4, "{n} corpus files");
+    let seeds = seeds();
     let mut runner = TestRunner::new(Config::with_cases(3000));
     let flips = prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8);
     let cut = prop::option::weighted(0.1, any::<prop::sample::Index>());

@@ -369,13 +369,7 @@ fn links_inside_the_repository_are_never_followed() {
         "gc skips what it cannot enter: {}",
         r.stderr
     );
-    let r = lab.vsnap(&[
-        "backup",
-        "-q",
-        "--name",
-        "vm",
-        lab.image.to_str().unwrap(),
-    ]);
+    let r = lab.vsnap(&["backup", "-q", "--name", "vm", lab.image.to_str().unwrap()]);
     fails(&r, 1, &["never follows links"]);
     let r = lab.restore(&lab.snap, &[]);
     fails(&r, 1, &["never follows links"]);
@@ -487,14 +481,16 @@ fn index_bombs_are_refused_before_they_are_allocated() {
     // An 8 MiB bomb small enough to pass the length check of the largest
     // index this disk can have: only decompression can catch it.
     let small = zero_bomb(8 << 20);
-    let ceiling = 24 + 33 * 8;
+    // 8 cells of 33 bytes after the 24-byte head, and 128 pieces of 64 KiB
+    // in 16 bytes of piece map.
+    let ceiling = 24 + 33 * 8 + 16;
     assert!(small.len() < ceiling as usize, "{} bytes", small.len());
     // The header's claim: the bomb's true size, a larger lie, a claim
     // within the ceiling over a payload longer than that claim allows, and
     // one over a payload that fits but would decompress past it.
     for (payload, claim, needle) in [
-        (&bomb, 4u64 << 30, "plaintext where 288 were expected"),
-        (&bomb, 16 << 30, "plaintext where 288 were expected"),
+        (&bomb, 4u64 << 30, "plaintext where 304 were expected"),
+        (&bomb, 16 << 30, "plaintext where 304 were expected"),
         (&bomb, ceiling, "more than the"),
         (&small, ceiling, "zstd"),
     ] {
@@ -526,7 +522,7 @@ fn what_verify_passes_restore_restores() {
     // Another disk's index, of the same size and of another size.
     for (size, needle, what) in [
         (8 * MIB, "the digest rebuilt from its chunks", "disk"),
-        (16 * MIB, "plaintext where 288 were expected", "index"),
+        (16 * MIB, "plaintext where 304 were expected", "index"),
     ] {
         let lab = Lab::new();
         let other = lab.p().join("src").join("other.vhd");
@@ -560,6 +556,51 @@ fn what_verify_passes_restore_restores() {
         let r = lab.restore(&lab.snap, &[]);
         assert_eq!(r.code, Some(1), "restore must refuse too: {}", r.stderr);
     }
+}
+
+#[test]
+fn a_piece_map_that_hides_data_is_refused() {
+    // Piece 0 of the first chunk, which holds data, marked as zeros: a
+    // restore would skip writing it while its digest (of what was read)
+    // still matched. The index is re-encoded, renamed by its new digest,
+    // and the manifest resealed to name it.
+    let lab = Lab::new();
+    let index = lab.index_of(&lab.snap);
+    let blob = std::fs::read(&index).unwrap();
+    let mut plain = if blob[10] == 1 {
+        zstd::decode_all(&blob[40..]).unwrap()
+    } else {
+        blob[40..].to_vec()
+    };
+    let count = u64::from_le_bytes(plain[16..24].try_into().unwrap()) as usize;
+    let map = 24 + 33 * count;
+    assert_eq!(plain[map] & 1, 1, "piece 0 holds data");
+    plain[map] &= !1;
+    let mut h = [0u8; 40];
+    h[..8].copy_from_slice(b"VSNAPIDX");
+    h[8..10].copy_from_slice(&1u16.to_le_bytes());
+    h[16..24].copy_from_slice(&(plain.len() as u64).to_le_bytes());
+    h[24..32].copy_from_slice(&(plain.len() as u64).to_le_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&h[..32]), &plain);
+    h[32..36].copy_from_slice(&crc.to_le_bytes());
+    let name = blake3::hash(&plain).to_hex().to_string();
+    std::fs::write(
+        lab.repo.join("indexes").join(&name),
+        [&h[..], &plain].concat(),
+    )
+    .unwrap();
+    reseal(&lab.manifest(&lab.snap), |m| {
+        m["disks"][0]["index"] = name.into()
+    });
+    verify_finds(&lab, "index", "piece map disagrees");
+    let before = lab.surroundings();
+    fails(
+        &lab.restore(&lab.snap, &[]),
+        1,
+        &["piece map marks piece 0", "as zeros"],
+    );
+    assert_eq!(std::fs::read_dir(&lab.out).unwrap().count(), 0);
+    assert_eq!(lab.surroundings(), before);
 }
 
 fn b3(path: &Path) -> String {

@@ -658,3 +658,93 @@ fn concurrent_backups_and_gc_all_succeed_and_verify() {
     let (code, report) = verify(&repo);
     assert_eq!(code, Some(0), "{report}");
 }
+
+/// Bytes `qemu-img map` reports as data: what the file has allocated.
+fn qemu_data_bytes(path: &Path) -> u64 {
+    let out = ok(Command::new("qemu-img")
+        .args(["map", "--output=json"])
+        .arg(path));
+    let v: Vec<Value> = serde_json::from_str(&out).unwrap();
+    v.iter()
+        .filter(|e| e["data"] == true)
+        .map(|e| e["length"].as_u64().unwrap())
+        .sum()
+}
+
+#[test]
+fn restore_allocates_the_blocks_copy_allocates() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    // 512 bytes in a 64 MiB disk: one 2 MiB block, inside one 4 MiB chunk.
+    let one = src.join("one-block.vhd");
+    qemu_image(&one, "dynamic", "64M", &[(0x5a, 0, 512)]);
+    // Five 512 KiB blocks written, spread over chunks.
+    let small = src.join("small-blocks.vhd");
+    ok(vsnap_cmd()
+        .args([
+            "create",
+            "--type",
+            "dynamic",
+            "--size",
+            "64M",
+            "--block-size",
+            "512K",
+        ])
+        .arg(&small));
+    for at in [0u64, 3 << 20, (9 << 20) + 4096, 20 << 20, (64 << 20) - 4096] {
+        let cmd = format!("write -P 0x33 {at} 4096");
+        ok(Command::new("qemu-io")
+            .args(["-f", "vpc", "-c", &cmd])
+            .arg(&small));
+    }
+    let sources = [
+        one.clone(),
+        small.clone(),
+        fixtures().join("vhdx/chain/grandchild.avhdx"),
+        fixtures().join("vhdx/dynamic-qemu.vhdx"),
+    ];
+    let repo = init(dir.path(), "4M");
+    let refs: Vec<&Path> = sources.iter().map(PathBuf::as_path).collect();
+    let snap = backup(&repo, "sparse", &refs);
+    let copies = dir.path().join("copies");
+    std::fs::create_dir(&copies).unwrap();
+    ok(vsnap_cmd()
+        .args(["copy", "-q", "--to"])
+        .arg(&copies)
+        .args(&sources));
+    let out = dir.path().join("restored");
+    let restored = restore_checked(&repo, &snap, &sources, &out);
+    for (src, _, restored) in restored {
+        let copy = copies.join(src.file_name().unwrap());
+        let (c, r) = (info(&copy), info(&restored));
+        // The blocks, as qemu maps them.
+        assert_eq!(
+            qemu_data_bytes(&copy),
+            qemu_data_bytes(&restored),
+            "{src:?}: copy and restore allocate different blocks"
+        );
+        // A VHD's allocated bytes are its blocks too. A VHDX's count the
+        // file's holes inside blocks, which a copy keeps at the source's
+        // 4 KiB holes and a restore at its 64 KiB pieces.
+        if c["format"] == "vhd" {
+            assert_eq!(c["allocated_bytes"], r["allocated_bytes"], "{src:?}");
+        }
+        assert!(
+            std::fs::metadata(&restored).unwrap().len() <= std::fs::metadata(&copy).unwrap().len(),
+            "{src:?}"
+        );
+        eprintln!(
+            "{}: blocks of {} bytes by copy and by restore ({} and {} in vsnap info)",
+            src.display(),
+            qemu_data_bytes(&restored),
+            c["allocated_bytes"],
+            r["allocated_bytes"]
+        );
+    }
+    assert_eq!(info(&out.join("one-block.vhd"))["allocated_bytes"], 2 << 20);
+    assert_eq!(
+        info(&out.join("small-blocks.vhd"))["allocated_bytes"],
+        5 * (512 << 10)
+    );
+}

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
-use super::index::{Entry, Index};
+use super::index::{Entry, Index, Pieces};
 use super::manifest::{Consistency, Disk, DiskStats, Identity, Manifest, MANIFEST_FORMAT};
 use super::Repository;
 use crate::error::{Error, ErrorKind, Result};
@@ -38,8 +38,11 @@ pub struct BackupOutcome {
 /// reading and hashing.
 struct RepoSink<'a> {
     repo: &'a Repository,
-    /// Each image's index, filled cell by cell as chunks arrive.
-    entries: Vec<Mutex<Vec<Entry>>>,
+    /// Each image's index, filled cell by cell as chunks arrive, with its
+    /// piece map.
+    entries: Vec<Mutex<(Vec<Entry>, Pieces)>>,
+    /// Each image's piece size, as its map has it.
+    piece_sizes: Vec<u64>,
     chunk_size: u64,
     new_chunks: Vec<AtomicU64>,
     new_bytes: Vec<AtomicU64>,
@@ -49,11 +52,24 @@ struct RepoSink<'a> {
 }
 
 impl RepoSink<'_> {
-    fn set(&self, image: usize, offset: u64, entry: Entry) -> Result<()> {
+    /// Records a cell's entry, and for a data cell which of its pieces
+    /// hold data (`data`, the cell's bytes).
+    fn set(&self, image: usize, offset: u64, entry: Entry, data: Option<&[u8]>) -> Result<()> {
         let cell = (offset / self.chunk_size) as usize;
-        let mut entries = self.entries[image]
+        let piece_size = self
+            .piece_sizes
+            .get(image)
+            .copied()
+            .unwrap_or(self.chunk_size);
+        let nonzero = match (entry, data) {
+            (Entry::Data(_), Some(data)) => Pieces::nonzero(piece_size, offset, data),
+            _ => Vec::new(),
+        };
+        let mut guard = self.entries[image]
             .lock()
             .map_err(|_| Error::io(std::io::Error::other("a worker panicked")))?;
+        let (entries, pieces) = &mut *guard;
+        pieces.set_all(&nonzero);
         match entries.get_mut(cell) {
             Some(slot) => {
                 *slot = entry;
@@ -115,7 +131,7 @@ impl Sink for RepoSink<'_> {
             (ChunkKind::Zero, _) => Entry::Zero,
             _ => Entry::Unallocated,
         };
-        self.set(image, record.offset, entry)
+        self.set(image, record.offset, entry, data.as_deref())
     }
 }
 
@@ -228,15 +244,22 @@ pub fn backup(
         .iter()
         .map(|i| i.allocation_map())
         .collect::<Result<Vec<_>>>()?;
+    let piece_sizes: Vec<u64> = images
+        .iter()
+        .map(|i| Pieces::size_for(i.block_size(), chunk_size))
+        .collect();
     let sink = RepoSink {
         repo,
         entries: images
             .iter()
-            .map(|i| {
+            .zip(&piece_sizes)
+            .map(|(i, &piece)| {
                 let n = Index::cells(i.virtual_size(), chunk_size) as usize;
-                Mutex::new(vec![Entry::Unallocated; n])
+                let pieces = Pieces::new(piece, i.virtual_size());
+                Mutex::new((vec![Entry::Unallocated; n], pieces))
             })
             .collect(),
+        piece_sizes: piece_sizes.clone(),
         chunk_size,
         new_chunks: images.iter().map(|_| AtomicU64::new(0)).collect(),
         new_bytes: images.iter().map(|_| AtomicU64::new(0)).collect(),
@@ -246,15 +269,18 @@ pub fn backup(
     let names = disk_names(sources);
     let mut disks = Vec::new();
     for (i, (image, digest)) in images.iter().zip(&digests).enumerate() {
-        let entries = std::mem::take(
+        let (entries, pieces) = std::mem::replace(
             &mut *sink.entries[i]
                 .lock()
                 .map_err(|_| Error::io(std::io::Error::other("a worker panicked")))?,
+            (Vec::new(), Pieces::new(chunk_size, 0)),
         );
+        let piece_size = pieces.size;
         let index = Index {
             virtual_size: image.virtual_size(),
             chunk_size,
             entries,
+            pieces: Some(pieces),
         };
         let index_digest = repo.write_index(&index)?;
         disks.push(Disk {
@@ -265,6 +291,7 @@ pub fn backup(
             identity: Identity::of(*image),
             digest: digest.digest.to_hex().to_string(),
             index: index_digest.to_hex().to_string(),
+            piece_size: Some(piece_size),
             stats: DiskStats {
                 bytes_read: digest.bytes_read,
                 data_chunks: digest.data_chunks,

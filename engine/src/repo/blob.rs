@@ -63,9 +63,10 @@ pub struct Header {
 }
 
 impl Header {
-    /// The whole blob's size on disk.
+    /// The whole blob's size on disk (saturating: a header may claim any
+    /// length, and no file is that long).
     pub fn blob_len(&self) -> u64 {
-        HEADER_LEN as u64 + self.stored_len
+        (HEADER_LEN as u64).saturating_add(self.stored_len)
     }
 }
 

@@ -101,6 +101,10 @@ pub struct Disk {
     pub digest: String,
     /// BLAKE3 of the index's plaintext, which also names its blob.
     pub index: String,
+    /// The piece size of the index's piece map (absent in manifests
+    /// written before it, whose indexes have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub piece_size: Option<u64>,
     pub stats: DiskStats,
 }
 

@@ -123,6 +123,15 @@ impl Manifest {
                     "a disk digest is 64 lowercase hex digits",
                 ));
             }
+            if let Some(p) = d.piece_size {
+                if !p.is_power_of_two() || p < super::index::MIN_PIECE || p > chunk_size {
+                    return Err(bad(
+                        format!("disks[{i}].piece_size"),
+                        &p.to_string(),
+                        "a piece size is a power of two from 4 KiB to the chunk size",
+                    ));
+                }
+            }
             if d.virtual_size > MAX_VIRTUAL_SIZE {
                 return Err(bad(
                     format!("disks[{i}].virtual_size"),
@@ -157,14 +166,18 @@ pub fn exercise(data: &[u8]) {
         let _ = m.validate(&m.id, m.chunk_size);
         let _ = m.validate("0123456789abcdef", CHUNK);
         for d in &m.disks {
-            let _ = Index::plain_len(d.virtual_size, CHUNK);
+            let _ = Index::plain_len(d.virtual_size, CHUNK, d.piece_size);
         }
     }
-    let ceiling = Index::plain_len(64 << 20, CHUNK);
+    let ceiling = Index::plain_len(64 << 20, CHUNK, Some(super::index::MIN_PIECE));
     if let Ok(plain) = blob::decode(BlobKind::Index, data, ceiling) {
-        let _ = Index::parse(&plain);
+        let _ = Index::parse(&plain, None);
+        let _ = Index::parse(&plain, Some(64 << 10));
     }
-    let _ = Index::parse(data);
+    let _ = Index::parse(data, None);
+    for piece in [4 << 10, 64 << 10] {
+        let _ = Index::parse(data, Some(piece));
+    }
     if let Ok(h) = blob::parse_header(BlobKind::Chunk, data) {
         if h.plain_len <= 64 << 10 {
             let mut out = vec![0u8; h.plain_len as usize];
