@@ -233,14 +233,12 @@ pub fn restore(
         .iter()
         .map(|s| RepoImage::open(repo, &s.disk))
         .collect::<Result<Vec<_>>>()?;
-    // The copy engine writes under a temporary name and renames only a
+    // The copy engine refuses a target that exists unless told to replace
+    // it, writes under a temporary name of its own, and renames only a
     // whole copy whose digest is the backup's, so with --force the old
     // file stays until its replacement is complete and checked.
     let mut copies = Vec::new();
     for (spec, image) in specs.iter().zip(&images) {
-        if spec.target.symlink_metadata().is_ok() && !spec.force {
-            return Err(ErrorKind::Exists(spec.target.clone()).into());
-        }
         let expect = blake3::Hash::from_hex(&spec.disk.digest).map_err(|_| ErrorKind::Corrupt {
             what: "manifest",
             reason: format!("disk digest {:?} is not BLAKE3 hex", spec.disk.digest),

@@ -574,11 +574,7 @@ pub fn copy_images(
         // A link at the target counts as a file there: it is never
         // written through, and replaced only with `replace`.
         if spec.target.symlink_metadata().is_ok() && !spec.replace {
-            return Err(Error::from(ErrorKind::InvalidArgument(
-                "the target exists already; vsnap does not overwrite".into(),
-            ))
-            .in_file(&spec.target)
-            .during("copy"));
+            return Err(Error::from(ErrorKind::Exists(spec.target.clone())).during("copy"));
         }
     }
     let maps = images

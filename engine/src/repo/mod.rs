@@ -22,7 +22,7 @@ mod gc;
 pub mod index;
 pub mod manifest;
 mod store;
-pub mod tree;
+mod tree;
 pub mod validate;
 
 pub use store::Listed;
@@ -164,11 +164,7 @@ impl Repository {
         let path = self.root.join("lock");
         match self.tree.open_regular("lock", "open lock file")? {
             Some((file, _)) => Ok((file, path)),
-            None => Err(Error::from(ErrorKind::Io(std::io::Error::from_raw_os_error(
-                libc::ENOENT,
-            )))
-            .in_file(&path)
-            .during("open lock file")),
+            None => Err(self.tree.missing("lock", "open lock file")),
         }
     }
 

@@ -4,7 +4,7 @@
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
-use super::blob::{self, BlobKind, Encoding, Header, HEADER_LEN};
+use super::blob::{self, BlobKind, Encoding, HEADER_LEN};
 use super::index::Index;
 use super::manifest::{Disk, Manifest};
 use super::tree::Kind;
@@ -108,14 +108,10 @@ impl Repository {
         kind: BlobKind,
         plain: u64,
         op: &'static str,
-    ) -> Result<(Header, Vec<u8>)> {
+    ) -> Result<Vec<u8>> {
         let path = self.tree.display(rel);
         let Some((file, len)) = self.tree.open_regular(rel, op)? else {
-            return Err(Error::from(ErrorKind::Io(std::io::Error::from_raw_os_error(
-                libc::ENOENT,
-            )))
-            .in_file(&path)
-            .during(op));
+            return Err(self.tree.missing(rel, op));
         };
         let mut head = [0u8; HEADER_LEN];
         file.read_exact_at(&mut head, 0).map_err(|_| {
@@ -154,17 +150,15 @@ impl Repository {
             .in_file(&path)
             .during(op));
         }
-        let bytes =
-            self.tree
-                .read_bounded(rel, &file, len, blob_limit(header.plain_len), name, op)?;
-        Ok((header, bytes))
+        self.tree
+            .read_bounded(rel, &file, len, blob_limit(header.plain_len), name, op)
     }
 
     /// Reads a chunk into `out` (its plaintext length), checking its CRC
     /// and that its plaintext hashes to its name.
     pub fn read_chunk(&self, id: &blake3::Hash, out: &mut [u8]) -> Result<()> {
         let rel = Self::chunk_rel(id);
-        let (_, bytes) = self.read_blob(&rel, BlobKind::Chunk, out.len() as u64, "read chunk")?;
+        let bytes = self.read_blob(&rel, BlobKind::Chunk, out.len() as u64, "read chunk")?;
         check_chunk(id, &bytes, out).map_err(|e| e.in_file(&self.tree.display(&rel)))
     }
 
@@ -199,7 +193,7 @@ impl Repository {
         let path = self.tree.display(&rel);
         let chunk_size = self.config.chunk_size;
         let expected = Index::plain_len(disk.virtual_size, chunk_size, disk.piece_size);
-        let (_, bytes) = self.read_blob(&rel, BlobKind::Index, expected, "read index")?;
+        let bytes = self.read_blob(&rel, BlobKind::Index, expected, "read index")?;
         let plain =
             blob::decode(BlobKind::Index, &bytes, expected).map_err(|e| e.in_file(&path))?;
         let computed = blake3::hash(&plain).to_hex();

@@ -96,6 +96,11 @@ impl Tree {
         }
     }
 
+    /// The error for a name that is not there, as the kernel says it.
+    pub(super) fn missing(&self, rel: &str, op: &'static str) -> Error {
+        self.fail(rel, op, Errno::NOENT)
+    }
+
     fn fail(&self, rel: &str, op: &'static str, e: Errno) -> Error {
         let kind = match e {
             // ELOOP: a link on the way; EXDEV: a path that would leave the
