@@ -354,6 +354,27 @@ fn links_inside_the_repository_are_never_followed() {
     verify_finds(&lab, "tree", "symbolic link");
     assert_eq!(lab.surroundings(), before, "gc or backup went through tmp/");
 
+    // A manifest that is a link to a file outside: listed as damage,
+    // never read through, and forget refuses it (the link stays).
+    let lab = Lab::new();
+    let manifest = lab.manifest(&lab.snap);
+    std::fs::rename(&manifest, lab.outside.join("moved.json")).unwrap();
+    std::os::unix::fs::symlink(lab.outside.join("moved.json"), &manifest).unwrap();
+    let before = lab.surroundings();
+    verify_finds(&lab, "manifest", "found a symbolic link");
+    fails(
+        &lab.vsnap(&["forget", &lab.snap]),
+        1,
+        &["found a symbolic link"],
+    );
+    fails(&lab.restore(&lab.snap, &[]), 1, &["found a symbolic link"]);
+    assert!(manifest
+        .symlink_metadata()
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(lab.surroundings(), before);
+
     // A chunk directory replaced by a link to a copy of it outside.
     let lab = Lab::new();
     let chunk = lab.chunks()[0].clone();
@@ -626,6 +647,54 @@ fn hash(path: &Path) -> String {
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     stdout(&o).split_whitespace().next().unwrap().to_owned()
+}
+
+#[test]
+fn a_killed_restore_leaves_nothing_the_next_one_trips_on() {
+    // A restore killed with SIGKILL while it writes leaves its temporary
+    // file; the next restore --force to the same target succeeds beside
+    // it and does not remove it (it is too young to be judged dead).
+    let lab = Lab::new();
+    let big = lab.p().join("src").join("big.vhd");
+    random_vhd(&big, 256 * MIB, 3, &[(0, 200 * MIB)]);
+    let snap = backup(&lab.repo, &big, "big");
+    let target = lab.out.join("big.vhd");
+    let what = format!("{snap}:big.vhd");
+    let mut leftover = None;
+    for delay_ms in [150u64, 80, 40, 250, 400] {
+        let mut child = vsnap_cmd()
+            .args(["restore", "-q", "--repo"])
+            .arg(&lab.repo)
+            .arg(&what)
+            .arg("--to")
+            .arg(&target)
+            .arg("--force")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        let _ = child.kill();
+        let _ = child.wait();
+        leftover = std::fs::read_dir(&lab.out)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.to_string_lossy().ends_with(".vsnap-tmp"));
+        if leftover.is_some() {
+            break;
+        }
+    }
+    let Some(leftover) = leftover else {
+        panic!("no restore was killed while writing, at any of five delays");
+    };
+    let r = lab.restore(&what, &["--force"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let m: Value = serde_json::from_slice(&std::fs::read(lab.manifest(&snap)).unwrap()).unwrap();
+    assert_eq!(hash(&target), m["disks"][0]["digest"].as_str().unwrap());
+    assert!(
+        leftover.exists(),
+        "a young leftover is not this run's to remove"
+    );
 }
 
 #[test]
