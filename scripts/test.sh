@@ -34,7 +34,29 @@ echo "== clippy";   cargo clippy --workspace --all-targets --locked -- -D warnin
 echo "== fuzz crate builds"
 cargo check --quiet --manifest-path fuzz/Cargo.toml --locked
 echo "== tests"
-cargo test --workspace --locked
+# A test that cannot run here says why and records it in VSNAP_SKIP_LOG;
+# cargo reports it "ok", so the summary below counts it as skipped. With
+# CI set, a test that would skip for lack of privileges fails instead.
+logs=$(mktemp -d); trap 'rm -rf "$logs"' EXIT
+export VSNAP_SKIP_LOG="$logs/skipped"
+: >"$VSNAP_SKIP_LOG"
+status=0
+cargo test --workspace --locked 2>&1 | tee "$logs/tests" || status=$?
+summary() {
+  python3 - "$logs/tests" "$VSNAP_SKIP_LOG" <<'PY'
+import re, sys
+text = open(sys.argv[1], errors="replace").read()
+passed = failed = ignored = 0
+for m in re.finditer(r"test result: \w+\. (\d+) passed; (\d+) failed; (\d+) ignored", text):
+    passed += int(m[1]); failed += int(m[2]); ignored += int(m[3])
+skips = [l for l in open(sys.argv[2]).read().splitlines() if l.strip()]
+for l in skips:
+    print(f"skipped: {l}")
+print(f"tests: {passed - len(skips)} passed, {failed} failed, {len(skips) + ignored} skipped")
+PY
+}
+if [ "$status" -ne 0 ]; then summary; exit "$status"; fi
 echo "== the README's main command, and the fixture tour"
 scripts/demo.sh >/dev/null
 scripts/tour.sh >/dev/null
+summary

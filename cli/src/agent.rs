@@ -38,8 +38,9 @@ Exit codes:
 #[derive(Debug, clap::Args)]
 #[command(after_help = AFTER)]
 pub struct Args {
-    /// Where to listen: unix:PATH, vsock:PORT or tcp:ADDR:PORT.
-    #[arg(long, value_name = "ADDRESS")]
+    /// Where to listen: unix:PATH, vsock:PORT or tcp:ADDR:PORT (or the
+    /// config file's `listen`).
+    #[arg(long, value_name = "ADDRESS", required_unless_present = "config")]
     listen: Option<String>,
     /// A mount to freeze (repeatable), or `auto` for every writable
     /// block-device filesystem, once per device. None: hooks only.

@@ -14,7 +14,7 @@ use vsnap_coordinator::provider::Choice;
 
 use crate::engine_args::EngineArgs;
 use crate::repo::RepoArg;
-use crate::units::human;
+use crate::units::{human, parse_chunk_size};
 use crate::FormatArg;
 
 #[derive(Debug, clap::Args)]
@@ -93,6 +93,11 @@ pub struct Args {
     /// The source format; `auto` detects it from the file's contents.
     #[arg(long = "source-format", value_enum, default_value_t)]
     source_format: FormatArg,
+    /// The chunk size this backup expects. A repository has one grid,
+    /// chosen at `vsnap repo init`; a different size is refused, naming
+    /// both. Omit it to use the repository's.
+    #[arg(long, value_name = "SIZE", value_parser = parse_chunk_size)]
+    pub chunk_size: Option<u64>,
     #[command(flatten)]
     pub engine: EngineArgs,
     #[command(flatten)]
@@ -128,17 +133,32 @@ struct JsonBackup {
     throughput_bytes_per_s: f64,
 }
 
+/// A `--chunk-size` that is not the repository's is refused: a backup can
+/// only cut the repository's grid.
+pub fn check_chunk_size(args: &Args, repo: &vsnap_engine::repo::Repository) -> Result<()> {
+    let have = repo.config().chunk_size;
+    match args.chunk_size {
+        Some(want) if want != have => Err(crate::usage::error(format!(
+            "--chunk-size {}: the repository {} uses chunks of {}, chosen at `vsnap repo init`; omit --chunk-size, or back up into a repository made with --chunk-size {}",
+            human(want),
+            repo.root().display(),
+            human(have),
+            human(want)
+        ))),
+        _ => Ok(()),
+    }
+}
+
 pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
     if let Some(inv) = &args.inventory {
         return crate::coordinated::run(args, inv, out);
     }
     let name = args.name.clone().unwrap_or_default();
     let repo = args.repo.open()?;
+    check_chunk_size(args, &repo)?;
     let images = crate::open_all(&args.images, args.source_format)?;
     let refs: Vec<&dyn DiskImage> = images.iter().map(|b| &**b).collect();
-    let opts = args
-        .engine
-        .options_with_chunk(false, repo.config().chunk_size);
+    let opts = args.engine.options(false, repo.config().chunk_size)?;
     args.engine.report_fallback(&opts);
     let progress = Progress::default();
     let spec = BackupOptions {

@@ -67,11 +67,10 @@ pub fn backup_inventory(
     // Slow work first: the repository is open, and each VM's last
     // snapshot's chunks are known, before any guest freezes.
     let repo = args.repo.open()?;
+    crate::backup::check_chunk_size(args, &repo)?;
     let names: Vec<&str> = vms.iter().map(|v| v.name.as_str()).collect();
     let preloaded = repo.preload(&names)?;
-    let opts = args
-        .engine
-        .options_with_chunk(false, repo.config().chunk_size);
+    let opts = args.engine.options(false, repo.config().chunk_size)?;
     args.engine.report_fallback(&opts);
     let host = crate::repo::host_name();
     let cancel = Arc::new(AtomicBool::new(false));

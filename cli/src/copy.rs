@@ -13,7 +13,7 @@ use vsnap_engine::pipeline::{
     self, copy_images, update_b3sums, CopySpec, Options, Progress, TargetFormat,
 };
 
-use crate::engine_args::EngineArgs;
+use crate::engine_args::{ChunkArg, EngineArgs};
 use crate::units::human;
 use crate::FormatArg;
 
@@ -75,6 +75,8 @@ pub struct Args {
     /// Print a JSON array, one object per image.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    chunk: ChunkArg,
     #[command(flatten)]
     engine: EngineArgs,
     /// The source format; `auto` detects it from the file's contents.
@@ -174,7 +176,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
         });
         names.push(name);
     }
-    let opts = args.engine.options(false);
+    let opts = args.engine.options(false, args.chunk.chunk_size)?;
     args.engine.report_fallback(&opts);
     let progress = Progress::default();
     let started = Instant::now();

@@ -8,19 +8,27 @@ use vsnap_engine::digest::ZeroCache;
 use vsnap_engine::io::{probe, IoMode};
 use vsnap_engine::pipeline::Options;
 
-use crate::units::parse_size;
+use crate::units::{human, parse_chunk_size, parse_size};
+
+/// `--chunk-size`, for the commands whose grid is the user's to choose
+/// (`hash`, `copy`); a repository's commands use the repository's.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ChunkArg {
+    /// Chunk size: the unit of reading, hashing and compressing, a power
+    /// of two from 1K to 64M.
+    #[arg(long, value_name = "SIZE", value_parser = parse_chunk_size, default_value = "4M")]
+    pub chunk_size: u64,
+}
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct EngineArgs {
-    /// Chunk size: a power of two of at least 1K.
-    #[arg(long, value_parser = parse_size, default_value = "4M")]
-    pub chunk_size: u64,
     /// Worker threads (default: one per core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
     /// Memory for chunk buffers, all images together; memory use does not
-    /// grow with the number or size of images.
-    #[arg(long, value_parser = parse_size, default_value = "256M")]
+    /// grow with the number or size of images. At least two chunks per
+    /// worker.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "256M")]
     pub memory: u64,
     /// Read engine: io_uring if the kernel allows it (auto), or forced.
     #[arg(long, value_enum, default_value_t = IoArg::Auto)]
@@ -57,13 +65,25 @@ pub enum IoArg {
 }
 
 impl EngineArgs {
-    pub fn options(&self, keep_chunks: bool) -> Options {
-        self.options_with_chunk(keep_chunks, self.chunk_size)
+    /// The engine's options at `chunk_size` (the user's, or a
+    /// repository's). A `--memory` below two chunks per worker is a usage
+    /// error that gives the floor, rather than being raised in silence.
+    pub fn options(&self, keep_chunks: bool, chunk_size: u64) -> anyhow::Result<Options> {
+        let opts = self.unchecked(keep_chunks, chunk_size);
+        let floor = 2 * opts.worker_count() as u64 * chunk_size;
+        if self.memory < floor {
+            return Err(crate::usage::error(format!(
+                "--memory {}: below the floor of {} (two {} chunks for each of {} workers); give at least that, or fewer --threads",
+                human(self.memory),
+                human(floor),
+                human(chunk_size),
+                opts.worker_count()
+            )));
+        }
+        Ok(opts)
     }
 
-    /// For commands whose chunk size is not the user's to choose (a
-    /// repository's grid).
-    pub fn options_with_chunk(&self, keep_chunks: bool, chunk_size: u64) -> Options {
+    fn unchecked(&self, keep_chunks: bool, chunk_size: u64) -> Options {
         Options {
             chunk_size,
             threads: self.threads,

@@ -9,7 +9,7 @@ use serde::Serialize;
 use vsnap_engine::format::DiskImage;
 use vsnap_engine::pipeline::{self, ChunkKind, Progress};
 
-use crate::engine_args::EngineArgs;
+use crate::engine_args::{ChunkArg, EngineArgs};
 use crate::FormatArg;
 
 #[derive(Debug, clap::Args)]
@@ -41,6 +41,8 @@ pub struct Args {
     #[arg(long, value_name = "LEVEL", num_args = 0..=1, default_missing_value = "1", require_equals = true,
           value_parser = clap::value_parser!(i32).range(-7..=22))]
     compress: Option<i32>,
+    #[command(flatten)]
+    chunk: ChunkArg,
     #[command(flatten)]
     engine: EngineArgs,
     /// The image format; `auto` detects it from the file's contents.
@@ -84,7 +86,7 @@ struct JsonDigest {
 pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
     let images = crate::open_all(&args.images, args.format)?;
     let refs: Vec<&dyn DiskImage> = images.iter().map(|b| &**b).collect();
-    let mut opts = args.engine.options(args.chunks);
+    let mut opts = args.engine.options(args.chunks, args.chunk.chunk_size)?;
     opts.compress = args.compress;
     args.engine.report_fallback(&opts);
     let progress = Progress::default();

@@ -8,6 +8,7 @@ mod coordinated;
 mod copy;
 mod create;
 mod demo;
+mod docs;
 mod engine_args;
 mod hash;
 mod info;
@@ -16,6 +17,7 @@ mod progress;
 mod repo;
 mod restore;
 mod units;
+mod usage;
 mod verify;
 
 use std::io::Write;
@@ -32,14 +34,16 @@ Exit codes:
 
 /// vsnap: snapshot and VHD copy engine for virtualization hosts.
 ///
-/// vsnap reads and writes VHD (Virtual PC / Hyper-V) and raw disk images,
-/// maps which ranges hold data, streams them into deduplicating backups,
-/// and coordinates application-consistent snapshots of many guests through
-/// their agents (`vsnap demo` shows it all). Formats are detected from
-/// file contents, never from names.
+/// vsnap reads and writes VHD (Virtual PC, Hyper-V), VHDX (Hyper-V) and
+/// raw disk images, maps which ranges hold data, streams them into
+/// deduplicating backups, and coordinates application-consistent
+/// snapshots of many guests through their agents (`vsnap demo` shows it
+/// all). Formats are detected from file contents; other disk formats
+/// (qcow2, VMDK, VDI, QED, LUKS), empty files and files named like a VHD
+/// that hold none are refused, not taken as raw.
 #[derive(Debug, Parser)]
 #[command(name = "vsnap", version, after_help = EXIT_CODES, propagate_version = true)]
-struct Cli {
+pub struct Cli {
     #[command(subcommand)]
     command: Command,
 }
@@ -53,7 +57,8 @@ enum Command {
     /// Show which ranges of an image hold data, and where, like `qemu-img map`.
     #[command(after_help = EXIT_CODES)]
     Map(map::Args),
-    /// Create a fixed, dynamic or differencing VHD.
+    /// Create a fixed, dynamic or differencing VHD, or a VHDX (.vhdx,
+    /// .avhdx).
     #[command(after_help = EXIT_CODES)]
     Create(create::Args),
     /// Print each image's virtual-disk BLAKE3 digest, in b3sum's format:
@@ -89,6 +94,10 @@ enum Command {
     /// `vsnap bench freeze` (what a freeze costs the guests).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Print shell completions: bash, zsh, fish or elvish.
+    Completions(docs::CompletionsArgs),
+    /// Write man pages for vsnap and every subcommand into a directory.
+    Man(docs::ManArgs),
 }
 
 /// `--format`: what the image is, or `auto` to detect it from its bytes.
@@ -144,12 +153,18 @@ fn main() -> ExitCode {
         Command::Agent(args) => agent::run(&args),
         Command::Demo(args) => demo::run(&args, &mut out),
         Command::Bench(cmd) => bench::run(&cmd, &mut out),
+        Command::Completions(args) => docs::completions(&args, &mut out),
+        Command::Man(args) => docs::man(&args, &mut out),
     }
     .and_then(|code| out.flush().map(|()| code).map_err(Into::into));
     match result {
         Ok(code) => code,
         // A reader that stopped early (`vsnap map x | head`) is not an error.
         Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
+        Err(err) if usage::is_usage(&err) => {
+            eprintln!("vsnap: error: {err:#}");
+            ExitCode::from(2)
+        }
         Err(err) => {
             eprintln!("vsnap: error: {err:#}");
             ExitCode::FAILURE

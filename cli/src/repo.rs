@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 use vsnap_engine::repo::{self, Repository};
 
-use crate::units::{human, parse_size};
+use crate::units::human;
 
 /// `--repo DIR`, or `$VSNAP_REPO`.
 #[derive(Debug, Clone, clap::Args)]
@@ -35,9 +35,9 @@ pub enum RepoCommand {
 pub struct InitArgs {
     dir: PathBuf,
     /// The chunk grid every backup into this repository uses: a power of
-    /// two of at least 1K. Smaller finds more duplicates and costs a
+    /// two from 1K to 64M. Smaller finds more duplicates and costs a
     /// bigger index.
-    #[arg(long, value_parser = parse_size, default_value = "4M")]
+    #[arg(long, value_name = "SIZE", value_parser = crate::units::parse_chunk_size, default_value = "4M")]
     chunk_size: u64,
 }
 

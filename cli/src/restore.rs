@@ -16,10 +16,14 @@ use crate::units::human;
 
 #[derive(Debug, clap::Args)]
 #[command(after_long_help = "\
-SNAPSHOT is a snapshot id or a unique prefix of one. With :DISK (a disk's
-name as `vsnap snapshots` shows it, or its position from 1) one disk is
-restored and PATH is the file to write; without it every disk of the
-snapshot is restored into the directory PATH, under its own name.
+SNAPSHOT is a snapshot id or a unique prefix of one. With :DISK one disk is
+restored: DISK is a disk's name as `vsnap snapshots` shows it, or its
+position in the snapshot counted from 1 (SNAP:1 is the first disk). PATH is
+then the file to write, or a directory to write it into under its own name.
+Without :DISK every disk of the snapshot is restored into the directory
+PATH, under its own name; a snapshot of one disk may also be restored to a
+file path. With --format other than same, names in a directory take the
+format's extension (.vhd, .vhdx, .raw), as `vsnap copy` names copies.
 
 Disks are restored in parallel, chunks straight from the repository, holes
 left sparse. With --format same (the default) each image gets back its
@@ -37,7 +41,7 @@ pub struct Args {
     /// SNAPSHOT or SNAPSHOT:DISK.
     #[arg(value_name = "SNAPSHOT[:DISK]")]
     what: String,
-    /// The file (with :DISK) or directory to restore to.
+    /// The directory to restore into, or the file to write (one disk).
     #[arg(long, value_name = "PATH")]
     to: PathBuf,
     #[arg(long = "format", value_enum, default_value_t)]
@@ -94,11 +98,25 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
                 force: args.force,
             }]
         }
+        // A one-disk snapshot restores to a file path as well.
+        None if !args.to.is_dir() && manifest.disks.len() == 1 => manifest
+            .disks
+            .iter()
+            .map(|d| RestoreSpec {
+                disk: d.clone(),
+                target: args.to.clone(),
+                format,
+                force: args.force,
+            })
+            .collect(),
         None => {
             if !args.to.is_dir() {
                 bail!(
-                    "--to {}: restoring a whole snapshot needs a directory (or name a disk: {}:DISK)",
+                    "--to {}: snapshot {} has {} disks, so restoring it whole needs a directory (or name one disk: {}:DISK or {}:N, N from 1)",
                     args.to.display(),
+                    manifest.id,
+                    manifest.disks.len(),
+                    manifest.id,
                     manifest.id
                 );
             }
@@ -116,9 +134,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
                 .collect::<Result<_>>()?
         }
     };
-    let opts = args
-        .engine
-        .options_with_chunk(false, repo.config().chunk_size);
+    let opts = args.engine.options(false, repo.config().chunk_size)?;
     let progress = Progress::default();
     let started = std::time::Instant::now();
     let results = args

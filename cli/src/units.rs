@@ -39,6 +39,21 @@ pub fn parse_size(text: &str) -> Result<u64> {
     bytes.with_context(|| format!("{text:?} is too large"))
 }
 
+/// The smallest and largest chunk: BLAKE3's own chunk, and a size past
+/// which a chunk no longer fits the buffer pool's budget several times.
+pub const MIN_CHUNK: u64 = 1 << 10;
+pub const MAX_CHUNK: u64 = 64 << 20;
+
+/// `--chunk-size`, checked as clap parses it, so a bad value is a usage
+/// error naming the flag and the value as typed.
+pub fn parse_chunk_size(text: &str) -> std::result::Result<u64, String> {
+    let n = parse_size(text).map_err(|e| format!("{e:#}"))?;
+    if !n.is_power_of_two() || !(MIN_CHUNK..=MAX_CHUNK).contains(&n) {
+        return Err("must be a power of two from 1K to 64M".into());
+    }
+    Ok(n)
+}
+
 /// `104857600` → `100 MiB`; exact values keep no decimals.
 pub fn human(bytes: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];

@@ -66,9 +66,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
     if let Some(image) = &args.against {
         return against(args, &repo, image, out);
     }
-    let opts = args
-        .engine
-        .options_with_chunk(false, repo.config().chunk_size);
+    let opts = args.engine.options(false, repo.config().chunk_size)?;
     let progress = Progress::default();
     let started = std::time::Instant::now();
     let report = args
@@ -144,7 +142,7 @@ fn against(
     };
     let images = crate::open_all(&[image.to_path_buf()], crate::FormatArg::Auto)?;
     let refs: Vec<&dyn DiskImage> = images.iter().map(|b| &**b).collect();
-    let opts = args.engine.options(false);
+    let opts = args.engine.options(false, repo.config().chunk_size)?;
     let progress = Progress::default();
     let digests = args
         .output

@@ -109,7 +109,9 @@ pub enum ErrorKind {
     NoSuchSnapshot(String),
     #[error("{prefix:?} matches {count} snapshots; give more of the id")]
     AmbiguousSnapshot { prefix: String, count: usize },
-    #[error("snapshot {snapshot} has no disk {disk:?} (it has {have})")]
+    #[error(
+        "snapshot {snapshot} has no disk {disk:?}; by position from 1, and by name, it has: {have}"
+    )]
     NoSuchDisk {
         snapshot: Box<str>,
         disk: Box<str>,
@@ -136,6 +138,13 @@ pub enum ErrorKind {
         claimed: u64,
         limit: u64,
     },
+    #[error("this is a {format} image, which vsnap does not read; {hint}")]
+    ForeignFormat {
+        format: &'static str,
+        hint: &'static str,
+    },
+    #[error("not a disk image: {0}")]
+    NotAnImage(&'static str),
     #[error("the image was opened read-only")]
     ReadOnly,
     #[error("neither VHDX header is valid: header 1: {first}; header 2: {second}")]

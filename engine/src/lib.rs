@@ -1,7 +1,7 @@
 //! vsnap's storage engine.
 //!
 //! Synchronous by design (no async runtime): the work is disk and CPU bound,
-//! and the coordinator drives it from its own threads. See shared/DESIGN.md
+//! and the coordinator drives it from its own threads. See docs/design.md
 //! for how the parts fit together.
 
 pub mod digest;

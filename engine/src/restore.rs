@@ -182,7 +182,8 @@ impl DiskImage for RepoImage<'_> {
     }
 }
 
-/// Picks a snapshot's disk by name (or by its position, from 1).
+/// Picks a snapshot's disk by name, or by its position counted from 1
+/// (`SNAP:1` is the first disk; `SNAP:0` names none, and says so).
 pub fn find_disk<'m>(manifest: &'m Manifest, name: &str) -> Result<&'m Disk> {
     let by_position = name
         .parse::<usize>()
@@ -201,7 +202,8 @@ pub fn find_disk<'m>(manifest: &'m Manifest, name: &str) -> Result<&'m Disk> {
                 have: manifest
                     .disks
                     .iter()
-                    .map(|d| d.name.as_str())
+                    .enumerate()
+                    .map(|(i, d)| format!("{} {}", i + 1, d.name))
                     .collect::<Vec<_>>()
                     .join(", ")
                     .into(),

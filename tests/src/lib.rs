@@ -173,13 +173,46 @@ impl Drop for SmallFs {
     }
 }
 
-/// True (after saying so on stderr) when `test` must be skipped because
+/// Why a test skips: for lack of privileges (which CI always has, so
+/// there it is a failure) or because this host lacks something.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lack {
+    Privilege,
+    Host,
+}
+
+/// Records that `test` skips, and why: on stderr as `SKIPPED test: why`,
+/// and as a line in the file `$VSNAP_SKIP_LOG` names, which the test
+/// command counts into its summary (a skipped test otherwise reports
+/// "ok"). With `CI` set, a skip for lack of privileges fails the test.
+pub fn skip(test: &str, why: &str, lack: Lack) {
+    if lack == Lack::Privilege && std::env::var_os("CI").is_some() {
+        panic!("{test} would skip ({why}), but CI runs as root and must run it");
+    }
+    eprintln!("SKIPPED {test}: {why}");
+    if let Some(log) = std::env::var_os("VSNAP_SKIP_LOG") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+        {
+            let _ = writeln!(f, "{test}: {why}");
+        }
+    }
+}
+
+/// True (after recording the skip) when `test` must be skipped because
 /// this process is not root: it mounts, freezes or attaches loop devices.
 pub fn skip_unless_root(test: &str) -> bool {
     if is_root() {
         return false;
     }
-    eprintln!("skipping {test}: it mounts, freezes or attaches loop devices, which needs root");
+    skip(
+        test,
+        "it mounts, freezes or attaches loop devices, which needs root",
+        Lack::Privilege,
+    );
     true
 }
 

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use vsnap_e2e::{skip_unless_root, write_hook, writes_block, AgentProc, LoopFs, Wire};
+use vsnap_e2e::{skip, skip_unless_root, write_hook, writes_block, AgentProc, LoopFs, Wire};
 
 const BLOCK: Duration = Duration::from_millis(400);
 
@@ -577,7 +577,11 @@ fn vsock_carries_the_same_protocol_where_the_kernel_has_a_loopback() {
     let agent = match spawn_agent(dir.path(), &["--listen", &listen], "agent.err") {
         Ok(a) => a,
         Err(e) => {
-            eprintln!("skipping: no AF_VSOCK here ({})", e.trim());
+            skip(
+                "vsock_carries_the_same_protocol_where_the_kernel_has_a_loopback",
+                &format!("no AF_VSOCK here ({})", e.trim()),
+                vsnap_e2e::Lack::Host,
+            );
             return;
         }
     };
@@ -599,8 +603,16 @@ fn vsock_carries_the_same_protocol_where_the_kernel_has_a_loopback() {
     });
     match connected {
         Ok(Ok((_, hello))) => assert_eq!(hello["version"], 1, "{hello}"),
-        Ok(Err(e)) => eprintln!("skipping: the vsock loopback (CID 1) is not available here: {e}"),
-        Err(_) => eprintln!("skipping: the vsock loopback (CID 1) did not answer within 3 s"),
+        Ok(Err(e)) => skip(
+            "vsock_carries_the_same_protocol_where_the_kernel_has_a_loopback",
+            &format!("the vsock loopback (CID 1) is not available here: {e}"),
+            vsnap_e2e::Lack::Host,
+        ),
+        Err(_) => skip(
+            "vsock_carries_the_same_protocol_where_the_kernel_has_a_loopback",
+            "the vsock loopback (CID 1) did not answer within 3 s",
+            vsnap_e2e::Lack::Host,
+        ),
     }
 }
 

@@ -372,8 +372,91 @@ fn hash_prints_what_b3sum_prints_for_the_raw_conversion() {
         .any(|c| c["kind"] == "unallocated" && c["id"].is_null()));
 
     let o = vsnap(&["hash", "--chunk-size", "3000", image.to_str().unwrap()]);
-    assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("power of two"), "{}", stderr(&o));
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o)
+            .contains("'3000' for '--chunk-size <SIZE>': must be a power of two from 1K to 64M"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+/// Every usage error exits 2 and names the flag and the value as typed.
+#[test]
+fn usage_errors_exit_2_and_name_the_flag_and_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = fixtures().join("dynamic-16k.vhd");
+    let repo = dir.path().join("repo");
+    let p = |p: &std::path::Path| p.to_str().unwrap().to_owned();
+    let cases: Vec<(Vec<String>, Vec<&str>)> = vec![
+        (
+            vec!["repo".into(), "init".into(), "--chunk-size".into(), "3M".into(), p(&repo)],
+            vec!["'3M' for '--chunk-size <SIZE>'", "must be a power of two from 1K to 64M"],
+        ),
+        (
+            vec!["hash".into(), "--chunk-size".into(), "128M".into(), p(&image)],
+            vec!["'128M' for '--chunk-size <SIZE>'"],
+        ),
+        (
+            vec!["hash".into(), "--memory".into(), "1K".into(), "--threads".into(), "2".into(), p(&image)],
+            vec!["--memory 1 KiB: below the floor of 16 MiB (two 4 MiB chunks for each of 2 workers)"],
+        ),
+        (vec!["agent".into()], vec!["--listen <ADDRESS>"]),
+        (
+            vec!["restore".into(), "--chunk-size".into(), "4M".into(), "x".into(), "--to".into(), "y".into()],
+            vec!["unexpected argument '--chunk-size'"],
+        ),
+    ];
+    for (args, needles) in cases {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = vsnap(&refs);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        for n in needles {
+            assert!(
+                stderr(&o).contains(n),
+                "{args:?}: want {n:?} in {}",
+                stderr(&o)
+            );
+        }
+    }
+    assert!(!repo.exists(), "a refused init made nothing");
+
+    // A backup's --chunk-size must be the repository's; both are named.
+    let o = vsnap(&["repo", "init", &p(&repo)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = vsnap(&[
+        "backup",
+        "--repo",
+        &p(&repo),
+        "--name",
+        "vm",
+        "--chunk-size",
+        "1M",
+        &p(&image),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("--chunk-size 1 MiB: the repository")
+            && stderr(&o).contains("uses chunks of 4 MiB"),
+        "{}",
+        stderr(&o)
+    );
+    let o = vsnap(&[
+        "backup",
+        "-q",
+        "--repo",
+        &p(&repo),
+        "--name",
+        "vm",
+        "--chunk-size",
+        "4M",
+        &p(&image),
+    ]);
+    assert!(
+        o.status.success(),
+        "the repository's own size is accepted: {}",
+        stderr(&o)
+    );
 }
 
 #[test]
@@ -481,4 +564,215 @@ fn bench_engine_reports_every_stage_on_both_kinds_of_data() {
     assert!(rate("zstd -1 compress", "incompressible") > rate("zstd -1 compress", "mixed"));
     // The read file is gone.
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+/// No silent format guess: foreign formats are named and refused with
+/// what to do, misnamed and empty files are errors, `--format raw` still
+/// forces raw, and a file taken as raw because nothing was recognised is
+/// said to be so.
+#[test]
+fn foreign_misnamed_and_empty_files_are_not_taken_as_raw_disks() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_owned();
+    let qemu = |args: &[&str]| {
+        let o = std::process::Command::new("qemu-img")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "qemu-img {args:?}: {}", stderr(&o));
+    };
+    let mut foreign = Vec::new();
+    for (fmt, name) in [
+        ("qcow2", "qcow2"),
+        ("vmdk", "VMDK"),
+        ("vdi", "VDI"),
+        ("qed", "QED"),
+    ] {
+        let f = d.join(format!("disk.{fmt}"));
+        qemu(&["create", "-q", "-f", fmt, &s(&f), "64M"]);
+        foreign.push((f, name, "qemu-img convert -O vpc"));
+    }
+    let luks = d.join("disk.luks");
+    qemu(&[
+        "create",
+        "-q",
+        "--object",
+        "secret,id=sec0,data=vsnap-test",
+        "-f",
+        "luks",
+        "-o",
+        "key-secret=sec0,iter-time=10",
+        &s(&luks),
+        "16M",
+    ]);
+    foreign.push((luks, "LUKS (an encrypted volume)", "cryptsetup"));
+    for (f, name, hint) in &foreign {
+        for cmd in [&["info"][..], &["hash"][..]] {
+            let mut args: Vec<String> = cmd.iter().map(|a| a.to_string()).collect();
+            args.push(s(f));
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            let o = vsnap(&refs);
+            assert_eq!(o.status.code(), Some(1), "{args:?}");
+            let e = stderr(&o);
+            assert!(
+                e.contains(&format!(
+                    "this is a {name} image, which vsnap does not read"
+                )),
+                "{e}"
+            );
+            assert!(e.contains(hint) && e.contains(&s(f)), "{e}");
+        }
+    }
+
+    // Named like a VHD, holding none: an error, unless --format raw.
+    let random = d.join("random.vhd");
+    std::fs::write(&random, random_bytes(5, 1 << 20)).unwrap();
+    let o = vsnap(&["info", &s(&random)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("named like a VHD or VHDX, but it holds neither"),
+        "{}",
+        stderr(&o)
+    );
+    let o = vsnap(&["info", "--format", "raw", &s(&random)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("format:         raw"));
+    assert!(
+        !stdout(&o).contains("no VHD or VHDX structure found"),
+        "forced, not guessed"
+    );
+
+    // Empty: an error, whatever its name.
+    for name in ["empty.vhd", "empty.img"] {
+        let f = d.join(name);
+        std::fs::write(&f, b"").unwrap();
+        let o = vsnap(&["info", &s(&f)]);
+        assert_eq!(o.status.code(), Some(1), "{name}");
+        assert!(
+            stderr(&o).contains("not a disk image: the file is empty"),
+            "{}",
+            stderr(&o)
+        );
+    }
+
+    // Nothing recognised, no VHD name: raw, and info says why.
+    let text = d.join("notes.txt");
+    std::fs::write(
+        &text,
+        "not a disk, but nothing says it is not\n".repeat(100),
+    )
+    .unwrap();
+    let o = vsnap(&["info", &s(&text)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("no VHD or VHDX structure found: the file is taken as a raw disk"),
+        "{}",
+        stdout(&o)
+    );
+}
+
+/// Disks are chosen by name or by position from 1 (`:0` says so), and a
+/// one-disk snapshot restores to a file path without naming its disk.
+#[test]
+fn restore_picks_disks_by_position_from_1_and_one_disk_snapshots_to_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_owned();
+    let repo = dir.path().join("repo");
+    let image = fixtures().join("dynamic-16k.vhd");
+    assert!(vsnap(&["repo", "init", &s(&repo)]).status.success());
+    let o = vsnap(&[
+        "backup",
+        "-q",
+        "--json",
+        "--repo",
+        &s(&repo),
+        "--name",
+        "vm",
+        &s(&image),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let snap: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let id = snap["snapshot"].as_str().unwrap();
+    let want = snap["disks"][0]["digest"].as_str().unwrap();
+
+    let file = dir.path().join("one.vhd");
+    let o = vsnap(&["restore", "-q", "--repo", &s(&repo), id, "--to", &s(&file)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).starts_with(want), "{}", stdout(&o));
+
+    let o = vsnap(&[
+        "restore",
+        "-q",
+        "--repo",
+        &s(&repo),
+        &format!("{id}:0"),
+        "--to",
+        &s(&dir.path().join("zero.vhd")),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains(
+            "has no disk \"0\"; by position from 1, and by name, it has: 1 dynamic-16k.vhd"
+        ),
+        "{}",
+        stderr(&o)
+    );
+    let o = vsnap(&[
+        "restore",
+        "-q",
+        "--repo",
+        &s(&repo),
+        &format!("{id}:1"),
+        "--to",
+        &s(&dir.path().join("first.vhd")),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).starts_with(want));
+}
+
+/// Completions for every shell clap_complete knows, and a man page for
+/// every subcommand, from the same definitions as --help.
+#[test]
+fn completions_and_man_pages_cover_every_subcommand() {
+    for shell in ["bash", "zsh", "fish", "elvish"] {
+        let o = vsnap(&["completions", shell]);
+        assert!(o.status.success(), "{shell}: {}", stderr(&o));
+        let text = stdout(&o);
+        for sub in ["backup", "restore", "verify", "agent", "completions"] {
+            assert!(text.contains(sub), "{shell} completions lack {sub}");
+        }
+    }
+    let o = vsnap(&["completions", "bash"]);
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("vsnap.bash");
+    std::fs::write(&script, &o.stdout).unwrap();
+    let st = std::process::Command::new("bash")
+        .arg("-n")
+        .arg(&script)
+        .status()
+        .unwrap();
+    assert!(st.success(), "bash -n rejects the completion script");
+    let o = vsnap(&["completions", "tcsh"]);
+    assert_eq!(o.status.code(), Some(2));
+
+    let man = dir.path().join("man1");
+    let o = vsnap(&["man", man.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for page in [
+        "vsnap",
+        "vsnap-backup",
+        "vsnap-repo-init",
+        "vsnap-restore",
+        "vsnap-bench-freeze",
+        "vsnap-agent",
+    ] {
+        let text = std::fs::read_to_string(man.join(format!("{page}.1"))).unwrap();
+        assert!(text.contains(".TH"), "{page}.1 is not a man page");
+    }
+    let restore = std::fs::read_to_string(man.join("vsnap-restore.1")).unwrap();
+    assert!(
+        restore.contains("counted from 1"),
+        "the page carries the long help"
+    );
 }

@@ -963,11 +963,19 @@ fn bench_freeze_without_root_or_inventory_says_what_it_needs() {
             .args(["bench", "freeze", "--rounds", "1"])
             .output();
         let Ok(o) = o else {
-            eprintln!("skipping: setpriv is not here");
+            vsnap_e2e::skip(
+                "bench_freeze_without_root_or_inventory_says_what_it_needs",
+                "setpriv is not here",
+                vsnap_e2e::Lack::Host,
+            );
             return;
         };
         if o.status.code() == Some(126) || o.status.code() == Some(127) {
-            eprintln!("skipping: user nobody cannot run the test binary here");
+            vsnap_e2e::skip(
+                "bench_freeze_without_root_or_inventory_says_what_it_needs",
+                "user nobody cannot run the test binary here",
+                vsnap_e2e::Lack::Host,
+            );
             return;
         }
         assert_eq!(o.status.code(), Some(1));

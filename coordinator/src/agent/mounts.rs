@@ -2,7 +2,7 @@
 //! the text of `/proc/self/mountinfo`, so the rules are tested without
 //! mounting anything.
 //!
-//! The rules (shared/reference/quiesce.md): block-device filesystems only
+//! The rules (docs/protocol.md): block-device filesystems only
 //! for `auto`; read-only and network filesystems skipped; one freeze per
 //! device, however many bind mounts show it; reverse mount order, so a
 //! filesystem mounted inside another freezes first, and `/` last.

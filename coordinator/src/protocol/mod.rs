@@ -1,4 +1,4 @@
-//! The vsnap agent protocol (shared/reference/quiesce.md): newline-delimited
+//! The vsnap agent protocol (docs/protocol.md): newline-delimited
 //! JSON over a unix socket, AF_VSOCK or TCP.
 //!
 //! A request is `{"id", "op", "args"}`; a reply `{"id", "ok": …}` or

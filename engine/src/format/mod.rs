@@ -9,6 +9,7 @@ pub mod extent;
 mod info;
 pub mod layered;
 pub mod raw;
+pub mod sniff;
 pub mod vhd;
 pub mod vhdx;
 
@@ -153,14 +154,44 @@ impl DiskImage for vhdx::VhdxImage {
 /// Works out an image's format from its bytes: `vhdxfile` at the start
 /// means VHDX; a VHD footer at the end (or its copy at the start) means
 /// VHD; anything else is raw.
+///
+/// Never a silent guess: an empty file, a file in a disk format vsnap
+/// does not read (qcow2, VMDK, VDI, QED, LUKS), and a file named `.vhd`,
+/// `.vhdx` or `.avhdx` that holds no such structure are errors that say
+/// what the file is and what to do. Anything else is raw.
 pub fn detect(path: &Path) -> Result<ImageFormat> {
-    Ok(if vhdx::file_looks_like_vhdx(path)? {
-        ImageFormat::Vhdx
-    } else if vhd::file_looks_like_vhd(path)? {
-        ImageFormat::Vhd
-    } else {
-        ImageFormat::Raw
-    })
+    use crate::error::{ErrorKind, ResultExt};
+    if vhdx::file_looks_like_vhdx(path)? {
+        return Ok(ImageFormat::Vhdx);
+    }
+    if vhd::file_looks_like_vhd(path)? {
+        return Ok(ImageFormat::Vhd);
+    }
+    let file = std::fs::File::open(path).ctx_file(path, "open image")?;
+    let len = crate::io::Storage::len(&file).ctx_file(path, "stat image")?;
+    if len == 0 {
+        return Err(crate::Error::from(ErrorKind::NotAnImage(
+            "the file is empty: an image holds at least its disk's bytes",
+        ))
+        .in_file(path));
+    }
+    let mut head = vec![0u8; (sniff::HEAD as u64).min(len) as usize];
+    crate::io::Storage::read_exact_at(&file, &mut head, 0).ctx(path, 0, "read image")?;
+    if let Some(f) = sniff::foreign(&head) {
+        return Err(crate::Error::from(ErrorKind::ForeignFormat {
+            format: f.name,
+            hint: f.hint,
+        })
+        .in_file(path));
+    }
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+    if name.as_deref().is_some_and(sniff::named_like_vhd) {
+        return Err(crate::Error::from(ErrorKind::NotAnImage(
+            "named like a VHD or VHDX, but it holds neither a VHD footer nor a VHDX identifier; if it really is a raw disk, say --format raw",
+        ))
+        .in_file(path));
+    }
+    Ok(ImageFormat::Raw)
 }
 
 /// Opens an image read-only, detecting its format unless one is given.
@@ -169,14 +200,11 @@ pub fn detect(path: &Path) -> Result<ImageFormat> {
 /// silently treated as raw: that would back up a corrupt image's container
 /// bytes as if they were the disk.
 pub fn open(path: &Path, format: Option<ImageFormat>) -> Result<Box<dyn DiskImage>> {
-    let format = match format {
-        Some(f) => f,
-        None => detect(path)?,
-    };
-    Ok(match format {
-        ImageFormat::Vhd => Box::new(vhd::VhdImage::open(path)?),
-        ImageFormat::Vhdx => Box::new(vhdx::VhdxImage::open(path)?),
-        ImageFormat::Raw => Box::new(raw::RawImage::open(path)?),
+    Ok(match (format, format.map_or_else(|| detect(path), Ok)?) {
+        (_, ImageFormat::Vhd) => Box::new(vhd::VhdImage::open(path)?),
+        (_, ImageFormat::Vhdx) => Box::new(vhdx::VhdxImage::open(path)?),
+        (Some(_), ImageFormat::Raw) => Box::new(raw::RawImage::open(path)?),
+        (None, ImageFormat::Raw) => Box::new(raw::RawImage::open_guessed(path)?),
     })
 }
 

@@ -16,6 +16,9 @@ pub struct RawImage {
     path: PathBuf,
     file: File,
     size: u64,
+    /// Taken as raw because detection recognised nothing (not because the
+    /// user said `--format raw`): `info` says so.
+    guessed: bool,
 }
 
 impl RawImage {
@@ -26,6 +29,15 @@ impl RawImage {
             path: path.to_path_buf(),
             file,
             size,
+            guessed: false,
+        })
+    }
+
+    /// A file detection found no structure in, taken as a raw disk.
+    pub fn open_guessed(path: &Path) -> Result<RawImage> {
+        Ok(RawImage {
+            guessed: true,
+            ..RawImage::open(path)?
         })
     }
 }
@@ -80,7 +92,11 @@ impl DiskImage for RawImage {
             timestamp: None,
             saved_state: None,
             parents: Vec::<LayerInfo>::new(),
-            warnings: Vec::new(),
+            warnings: if self.guessed {
+                vec![super::sniff::GUESSED_RAW.to_owned()]
+            } else {
+                Vec::new()
+            },
             vhdx: None,
         })
     }

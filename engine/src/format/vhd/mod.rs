@@ -1,4 +1,4 @@
-//! VHD: Virtual PC and Hyper-V's first disk format (shared/reference/vhd.md).
+//! VHD: Virtual PC and Hyper-V's first disk format (Microsoft's Virtual Hard Disk Image Format Specification).
 //!
 //! The byte-level structures ([`footer`], [`header`], [`bat`]) are pure
 //! parsers and serialisers. [`VhdLayer`] is one file over positional
