@@ -10,6 +10,9 @@ use vsnap_engine::pipeline::Options;
 
 use crate::units::{human, parse_chunk_size, parse_size};
 
+/// The buffer budget without `--memory`.
+const DEFAULT_MEMORY: u64 = 256 << 20;
+
 /// `--chunk-size`, for the commands whose grid is the user's to choose
 /// (`hash`, `copy`); a repository's commands use the repository's.
 #[derive(Debug, Clone, clap::Args)]
@@ -27,9 +30,9 @@ pub struct EngineArgs {
     pub threads: usize,
     /// Memory for chunk buffers, all images together; memory use does not
     /// grow with the number or size of images. At least two chunks per
-    /// worker.
-    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "256M")]
-    pub memory: u64,
+    /// worker [default: 256M, or two chunks per worker if that is more].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub memory: Option<u64>,
     /// Read engine: io_uring if the kernel allows it (auto), or forced.
     #[arg(long, value_enum, default_value_t = IoArg::Auto)]
     pub io: IoArg,
@@ -68,17 +71,23 @@ impl EngineArgs {
     /// The engine's options at `chunk_size` (the user's, or a
     /// repository's). A `--memory` below two chunks per worker is a usage
     /// error that gives the floor, rather than being raised in silence.
+    /// Without `--memory`, the default budget is raised to the floor on a
+    /// host with many cores.
     pub fn options(&self, keep_chunks: bool, chunk_size: u64) -> anyhow::Result<Options> {
-        let opts = self.unchecked(keep_chunks, chunk_size);
+        let mut opts = self.unchecked(keep_chunks, chunk_size);
         let floor = 2 * opts.worker_count() as u64 * chunk_size;
-        if self.memory < floor {
-            return Err(crate::usage::error(format!(
-                "--memory {}: below the floor of {} (two {} chunks for each of {} workers); give at least that, or fewer --threads",
-                human(self.memory),
-                human(floor),
-                human(chunk_size),
-                opts.worker_count()
-            )));
+        match self.memory {
+            Some(m) if m < floor => {
+                return Err(crate::usage::error(format!(
+                    "--memory {}: below the floor of {} (two {} chunks for each of {} workers); give at least that, or fewer --threads",
+                    human(m),
+                    human(floor),
+                    human(chunk_size),
+                    opts.worker_count()
+                )))
+            }
+            Some(m) => opts.memory = m,
+            None => opts.memory = DEFAULT_MEMORY.max(floor),
         }
         Ok(opts)
     }
@@ -88,7 +97,7 @@ impl EngineArgs {
             chunk_size,
             threads: self.threads,
             keep_chunks,
-            memory: self.memory,
+            memory: DEFAULT_MEMORY,
             compress: None,
             io: match self.io {
                 IoArg::Auto => IoMode::Auto,

@@ -420,6 +420,10 @@ fn usage_errors_exit_2_and_name_the_flag_and_value() {
         }
     }
     assert!(!repo.exists(), "a refused init made nothing");
+    // Without --memory, the default budget rises to the floor: many
+    // workers never make a plain command a usage error.
+    let o = vsnap(&["hash", "-q", "--threads", "96", &p(&image)]);
+    assert!(o.status.success(), "{}", stderr(&o));
 
     // A backup's --chunk-size must be the repository's; both are named.
     let o = vsnap(&["repo", "init", &p(&repo)]);
