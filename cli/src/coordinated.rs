@@ -13,7 +13,7 @@ use vsnap_coordinator::inventory::Inventory;
 use vsnap_coordinator::session::{self, Options, Report, VmSnapshot};
 use vsnap_engine::format::DiskImage;
 use vsnap_engine::pipeline::Progress;
-use vsnap_engine::repo::{backup, BackupOptions};
+use vsnap_engine::repo::{backup_all, BackupOptions, SnapshotPlan};
 
 use crate::backup::Args;
 use crate::units::human;
@@ -78,43 +78,82 @@ pub fn backup_inventory(
         preloaded_chunks: preloaded.known.values().map(|k| k.len() as u64).sum(),
         ..Streamed::default()
     };
+    // Every disk of every VM streams in one engine run: a VM does not wait
+    // for the one before it, and each VM's manifest is written as soon as
+    // its own disks are done.
     let stream = |items: &[VmSnapshot]| {
         let t = std::time::Instant::now();
-        let results = items
+        let mut results: Vec<Option<Result<String, String>>> = vec![None; items.len()];
+        let mut opened = Vec::new();
+        let mut which = Vec::new();
+        for (k, it) in items.iter().enumerate() {
+            if cancel.load(Ordering::Relaxed) {
+                results[k] = Some(Err("interrupted before its backup".to_string()));
+                continue;
+            }
+            match crate::open_all(&it.snapshots, FormatArg::Auto) {
+                Ok(images) => {
+                    opened.push(images);
+                    which.push(k);
+                }
+                Err(e) => results[k] = Some(Err(format!("{e:#}"))),
+            }
+        }
+        let plans: Vec<SnapshotPlan<'_>> = which
             .iter()
-            .map(|it| {
-                if cancel.load(Ordering::Relaxed) {
-                    return Err("interrupted before its backup".to_string());
+            .zip(&opened)
+            .map(|(&k, images)| {
+                let it = &items[k];
+                SnapshotPlan {
+                    images: images.iter().map(|b| &**b as &dyn DiskImage).collect(),
+                    sources: it.sources.clone(),
+                    options: BackupOptions {
+                        known: preloaded.known.get(&it.vm).cloned().unwrap_or_default(),
+                        vm: it.vm.clone(),
+                        host: host.clone(),
+                        consistency: it.consistency,
+                        freeze: Some(it.freeze.clone()),
+                        level: args.level,
+                    },
                 }
-                let images = crate::open_all(&it.snapshots, FormatArg::Auto)
-                    .map_err(|e| format!("{e:#}"))?;
-                let refs: Vec<&dyn DiskImage> = images.iter().map(|b| &**b).collect();
-                let known = preloaded.known.get(&it.vm).cloned().unwrap_or_default();
-                let spec = BackupOptions {
-                    known,
-                    vm: it.vm.clone(),
-                    host: host.clone(),
-                    consistency: it.consistency,
-                    freeze: Some(it.freeze.clone()),
-                    level: args.level,
-                };
-                let progress = Progress::default();
-                let outcome = args
-                    .output
-                    .run(&progress, || {
-                        backup(&repo, &refs, &it.sources, &opts, &spec, &progress)
-                    })
-                    .map_err(|e| e.to_string())?;
-                for d in &outcome.manifest.disks {
-                    streamed.virtual_bytes += d.virtual_size;
-                    streamed.bytes_read += d.stats.bytes_read;
-                    streamed.new_bytes += d.stats.new_bytes;
-                }
-                Ok(outcome.manifest.id)
             })
             .collect();
+        if !plans.is_empty() {
+            let progress = Progress::default();
+            let outcomes = args
+                .output
+                .run(&progress, || {
+                    backup_all(&repo, &plans, &opts, &progress, &|_, _| {})
+                })
+                .map_err(|e| e.to_string());
+            match outcomes {
+                Ok(outcomes) => {
+                    for (&k, outcome) in which.iter().zip(outcomes) {
+                        results[k] = Some(match outcome {
+                            Ok(o) => {
+                                for d in &o.manifest.disks {
+                                    streamed.virtual_bytes += d.virtual_size;
+                                    streamed.bytes_read += d.stats.bytes_read;
+                                    streamed.new_bytes += d.stats.new_bytes;
+                                }
+                                Ok(o.manifest.id)
+                            }
+                            Err(e) => Err(e.to_string()),
+                        });
+                    }
+                }
+                Err(e) => {
+                    for &k in &which {
+                        results[k] = Some(Err(e.clone()));
+                    }
+                }
+            }
+        }
         streamed.seconds = t.elapsed().as_secs_f64();
         results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err("not streamed".to_string())))
+            .collect::<Vec<_>>()
     };
     let sopts = Options {
         window,

@@ -89,6 +89,17 @@ pub trait Sink: Sync {
     ) {
     }
 
+    /// Called once per image when its last chunk is through (or, in a run
+    /// that isolates failures, when it failed), from the worker that
+    /// finished it: a repository writes a snapshot as soon as its own
+    /// disks are done, not when every disk of the run is.
+    fn image_done(
+        &self,
+        _image: usize,
+        _outcome: std::result::Result<&ImageDigest, &crate::Error>,
+    ) {
+    }
+
     /// [`Sink::put`], with what [`Sink::hash_slice`] hashed of the chunk.
     fn put_hashed(
         &self,
@@ -138,7 +149,16 @@ struct Job<'a> {
     next: AtomicU64,
     failed: AtomicBool,
     pool: BufferPool,
-    results: Vec<Mutex<Accum>>,
+    results: Vec<Mutex<Option<Accum>>>,
+    /// A failure of one image fails that image only (its other chunks are
+    /// skipped); otherwise the first failure stops the run.
+    isolate: bool,
+    /// Chunks of each image not yet through.
+    left: Vec<AtomicU64>,
+    /// Each image's first failure.
+    errors: Vec<Mutex<Option<crate::Error>>>,
+    /// Each image's outcome, once it is done.
+    done: Vec<Mutex<Option<Result<ImageDigest>>>>,
 }
 
 /// What a run learns about one image, filled in by the workers as they
@@ -218,12 +238,49 @@ impl Job<'_> {
             }
             let image = self.starts.partition_point(|&s| s <= global) - 1;
             let index = global - self.starts[image];
-            if let Err(e) = self.chunk(image, index, buf, zstd.as_mut(), &mut engine) {
-                self.failed.store(true, Ordering::Relaxed);
-                return Err(e);
+            let outcome = if self.has_failed(image) {
+                Ok(())
+            } else {
+                self.chunk(image, index, buf, zstd.as_mut(), &mut engine)
+            };
+            if let Err(e) = outcome {
+                if !self.isolate {
+                    self.failed.store(true, Ordering::Relaxed);
+                    return Err(e);
+                }
+                self.fail(image, e);
+            }
+            if self.left[image].fetch_sub(1, Ordering::AcqRel) == 1 {
+                self.finish(image);
             }
         }
         Ok(())
+    }
+
+    fn has_failed(&self, image: usize) -> bool {
+        self.errors[image].lock().map_or(true, |e| e.is_some())
+    }
+
+    fn fail(&self, image: usize, e: crate::Error) {
+        if let Ok(mut slot) = self.errors[image].lock() {
+            slot.get_or_insert(e);
+        }
+    }
+
+    /// Folds an image's digest (or takes its failure), tells the sink, and
+    /// keeps the outcome for the run's result.
+    fn finish(&self, image: usize) {
+        let failure = self.errors[image].lock().ok().and_then(|mut e| e.take());
+        let accum = self.results[image].lock().ok().and_then(|mut a| a.take());
+        let outcome = match (failure, accum) {
+            (Some(e), _) => Err(e),
+            (None, Some(accum)) => accum.finish(),
+            (None, None) => Err(panicked()),
+        };
+        self.sink.image_done(image, outcome.as_ref());
+        if let Ok(mut slot) = self.done[image].lock() {
+            *slot = Some(outcome);
+        }
     }
 
     fn chunk(
@@ -299,13 +356,16 @@ impl Job<'_> {
             .put_hashed(image, record, read.then_some(buf), stored, parts)?;
         Progress::add(&self.progress.done, length);
         if let Some(accum) = self.results.get(image) {
-            accum
-                .lock()
-                .map_err(|_| crate::Error::io(std::io::Error::other("a worker panicked")))?
-                .add(index, leaf, record, held)?;
+            if let Some(a) = accum.lock().map_err(|_| panicked())?.as_mut() {
+                a.add(index, leaf, record, held)?;
+            }
         }
         Ok(())
     }
+}
+
+fn panicked() -> crate::Error {
+    crate::Error::io(std::io::Error::other("a worker panicked"))
 }
 
 /// Hashes every image, all at once, with [`Options::worker_count`] threads.
@@ -323,7 +383,8 @@ pub fn hash_images(
 }
 
 /// Streams every image through `sink`, given each image's allocation map
-/// (computed beforehand, with the rest of the slow set-up).
+/// (computed beforehand, with the rest of the slow set-up). The first
+/// failure stops the run.
 pub fn run(
     images: &[&dyn DiskImage],
     maps: &[AllocationMap],
@@ -331,6 +392,34 @@ pub fn run(
     progress: &Progress,
     sink: &dyn Sink,
 ) -> Result<Vec<ImageDigest>> {
+    run_images(images, maps, opts, progress, sink, false)?
+        .into_iter()
+        .collect()
+}
+
+/// Streams every image through `sink` in one run, sharing its workers and
+/// its memory budget, where a failure of one image fails that image only:
+/// the others go on. Each image's outcome is returned, and handed to
+/// [`Sink::image_done`] as soon as the image is through. The outer error
+/// is one that stops the whole run (the I/O engine could not start).
+pub fn run_each(
+    images: &[&dyn DiskImage],
+    maps: &[AllocationMap],
+    opts: &Options,
+    progress: &Progress,
+    sink: &dyn Sink,
+) -> Result<Vec<Result<ImageDigest>>> {
+    run_images(images, maps, opts, progress, sink, true)
+}
+
+fn run_images(
+    images: &[&dyn DiskImage],
+    maps: &[AllocationMap],
+    opts: &Options,
+    progress: &Progress,
+    sink: &dyn Sink,
+    isolate: bool,
+) -> Result<Vec<Result<ImageDigest>>> {
     let plans = images
         .iter()
         .map(|i| DigestPlan::new(i.virtual_size(), opts.chunk_size))
@@ -345,19 +434,34 @@ pub fn run(
     Progress::add(&progress.total, size);
     let (io, _) = probe(opts.io, opts.queue_depth)
         .map_err(|e| crate::Error::io(e).during("start io_uring (--io uring)"))?;
-    let files = images
-        .iter()
-        .map(|i| LayerFiles::open(*i, opts.direct))
-        .collect::<Result<Vec<_>>>()?;
+    let mut errors = Vec::new();
+    let mut files = Vec::new();
+    for image in images {
+        match LayerFiles::open(*image, opts.direct) {
+            Ok(f) => {
+                files.push(f);
+                errors.push(Mutex::new(None));
+            }
+            Err(e) if isolate => {
+                files.push(None);
+                errors.push(Mutex::new(Some(e)));
+            }
+            Err(e) => return Err(e),
+        }
+    }
     let results = plans
         .iter()
-        .map(|p| Mutex::new(Accum::new(p, opts.keep_chunks)))
+        .map(|p| Mutex::new(Some(Accum::new(p, opts.keep_chunks))))
         .collect();
     let job = Job {
         images,
         files,
         io,
         sink,
+        left: plans.iter().map(|p| AtomicU64::new(p.leaves())).collect(),
+        done: plans.iter().map(|_| Mutex::new(None)).collect(),
+        errors,
+        isolate,
         plans,
         maps,
         starts,
@@ -374,19 +478,20 @@ pub fn run(
         let handles: Vec<_> = (0..workers).map(|_| s.spawn(|| job.work())).collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or(Ok(())))
+            .map(|h| h.join().unwrap_or(Err(panicked())))
             .collect()
     });
     for outcome in outcomes {
         outcome?;
     }
-    job.results
+    // Every image is done once every chunk was claimed and went through;
+    // one without an outcome lost a worker.
+    job.done
         .into_iter()
-        .map(|accum| {
-            accum
-                .into_inner()
-                .map_err(|_| crate::Error::io(std::io::Error::other("a worker panicked")))?
-                .finish()
+        .map(|d| {
+            d.into_inner()
+                .map_err(|_| panicked())
+                .map(|o| o.unwrap_or_else(|| Err(panicked())))
         })
         .collect()
 }

@@ -12,7 +12,7 @@ use super::manifest::{Consistency, Disk, DiskStats, Identity, Manifest, MANIFEST
 use super::Repository;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::DiskImage;
-use crate::pipeline::{run, Buffer, ChunkKind, ChunkRecord, Options, Progress, Sink, Stored};
+use crate::pipeline::{Buffer, ChunkKind, ChunkRecord, Options, Progress, Sink, Stored};
 
 #[derive(Debug, Clone)]
 pub struct BackupOptions {
@@ -49,6 +49,8 @@ struct RepoSink<'a> {
     /// Chunks known to be stored, by this run or before it: a chunk that
     /// repeats within the run is looked up and written once.
     known: Mutex<HashSet<blake3::Hash>>,
+    /// The snapshots being taken, committed as each one's disks finish.
+    snapshots: Option<Snapshots<'a>>,
 }
 
 impl RepoSink<'_> {
@@ -91,6 +93,14 @@ impl RepoSink<'_> {
 impl Sink for RepoSink<'_> {
     fn wants_ids(&self) -> bool {
         true
+    }
+
+    fn image_done(
+        &self,
+        image: usize,
+        outcome: std::result::Result<&crate::pipeline::ImageDigest, &Error>,
+    ) {
+        self.image_finished(image, outcome);
     }
 
     fn wants_payload(&self, _: usize, record: &ChunkRecord) -> Result<bool> {
@@ -213,6 +223,18 @@ impl Repository {
     }
 }
 
+/// One snapshot of a multi-snapshot backup: a VM's disks, and what to
+/// record with them.
+pub struct SnapshotPlan<'a> {
+    pub images: Vec<&'a dyn DiskImage>,
+    pub sources: Vec<PathBuf>,
+    pub options: BackupOptions,
+}
+
+/// Called from the worker that finished a snapshot, as soon as its own
+/// disks are done and its manifest is written (or it failed).
+pub type OnSnapshot<'a> = dyn Fn(usize, &Result<BackupOutcome>) + Sync + 'a;
+
 /// Backs up `images` (opened from `sources`) as one snapshot. The engine
 /// options' chunk size is the repository's; compression is always on.
 pub fn backup(
@@ -223,16 +245,43 @@ pub fn backup(
     backup: &BackupOptions,
     progress: &Progress,
 ) -> Result<BackupOutcome> {
+    let plan = SnapshotPlan {
+        images: images.to_vec(),
+        sources: sources.to_vec(),
+        options: backup.clone(),
+    };
+    backup_all(repo, &[plan], opts, progress, &|_, _| {})?
+        .pop()
+        .unwrap_or_else(|| Err(ErrorKind::InvalidArgument("no snapshot was taken".into()).into()))
+}
+
+/// Backs up several snapshots (one per VM, say) in one engine run: every
+/// disk of every snapshot streams at once, sharing the workers and the
+/// memory budget, so a VM does not wait for the one before it. Each
+/// snapshot's manifest is written as soon as its own disks are done, and
+/// a failure of one snapshot's disk fails that snapshot only. Returns each
+/// snapshot's outcome, in `plans`' order; the outer error stops them all
+/// (the repository could not be locked, the engine could not start). The
+/// zstd level is the first plan's.
+pub fn backup_all(
+    repo: &Repository,
+    plans: &[SnapshotPlan<'_>],
+    opts: &Options,
+    progress: &Progress,
+    on_done: &OnSnapshot<'_>,
+) -> Result<Vec<Result<BackupOutcome>>> {
     let started = Instant::now();
     let time = now_rfc3339();
-    if images.len() != sources.len() || images.is_empty() {
-        return Err(ErrorKind::InvalidArgument("one source path per image".into()).into());
+    for p in plans {
+        if p.images.len() != p.sources.len() || p.images.is_empty() {
+            return Err(ErrorKind::InvalidArgument("one source path per image".into()).into());
+        }
     }
     let _lock = repo.lock_shared()?;
     let chunk_size = repo.config().chunk_size;
     let opts = Options {
         chunk_size,
-        compress: Some(backup.level),
+        compress: Some(plans.first().map_or(1, |p| p.options.level)),
         keep_chunks: false,
         zero_cache: opts
             .zero_cache
@@ -240,14 +289,47 @@ pub fn backup(
             .filter(|c| c.leaf_size() == chunk_size),
         ..opts.clone()
     };
-    let maps = images
+    // Each snapshot's maps first: one whose disk cannot be mapped fails on
+    // its own, and the others run.
+    let mut out: Vec<Option<Result<BackupOutcome>>> = Vec::new();
+    let mut live: Vec<(usize, &SnapshotPlan<'_>)> = Vec::new();
+    let mut maps = Vec::new();
+    for (g, p) in plans.iter().enumerate() {
+        match p
+            .images
+            .iter()
+            .map(|i| i.allocation_map())
+            .collect::<Result<Vec<_>>>()
+        {
+            Ok(m) => {
+                maps.extend(m);
+                live.push((g, p));
+                out.push(None);
+            }
+            Err(e) => {
+                let failed = Err(e);
+                on_done(g, &failed);
+                out.push(Some(failed));
+            }
+        }
+    }
+    let images: Vec<&dyn DiskImage> = live
         .iter()
-        .map(|i| i.allocation_map())
-        .collect::<Result<Vec<_>>>()?;
+        .flat_map(|(_, p)| p.images.iter().copied())
+        .collect();
+    let owner: Vec<usize> = live
+        .iter()
+        .enumerate()
+        .flat_map(|(g, (_, p))| std::iter::repeat_n(g, p.images.len()))
+        .collect();
     let piece_sizes: Vec<u64> = images
         .iter()
         .map(|i| Pieces::size_for(i.block_size(), chunk_size))
         .collect();
+    let mut known = HashSet::new();
+    for p in plans {
+        known.extend(p.options.known.iter().copied());
+    }
     let sink = RepoSink {
         repo,
         entries: images
@@ -259,68 +341,190 @@ pub fn backup(
                 Mutex::new((vec![Entry::Unallocated; n], pieces))
             })
             .collect(),
-        piece_sizes: piece_sizes.clone(),
+        piece_sizes,
         chunk_size,
         new_chunks: images.iter().map(|_| AtomicU64::new(0)).collect(),
         new_bytes: images.iter().map(|_| AtomicU64::new(0)).collect(),
-        known: Mutex::new(backup.known.clone()),
+        known: Mutex::new(known),
+        snapshots: Some(Snapshots {
+            plans: live.iter().map(|(_, p)| *p).collect(),
+            index: live.iter().map(|(g, _)| *g).collect(),
+            owner,
+            started,
+            time,
+            state: live
+                .iter()
+                .map(|(_, p)| {
+                    Mutex::new(Pending {
+                        digests: vec![None; p.images.len()],
+                        left: p.images.len(),
+                        failed: false,
+                        outcome: None,
+                    })
+                })
+                .collect(),
+            on_done,
+        }),
     };
-    let digests = run(images, &maps, &opts, progress, &sink)?;
-    let names = disk_names(sources);
-    let mut disks = Vec::new();
-    for (i, (image, digest)) in images.iter().zip(&digests).enumerate() {
-        let (entries, pieces) = std::mem::replace(
-            &mut *sink.entries[i]
-                .lock()
-                .map_err(|_| Error::io(std::io::Error::other("a worker panicked")))?,
-            (Vec::new(), Pieces::new(chunk_size, 0)),
-        );
-        let piece_size = pieces.size;
-        let index = Index {
-            virtual_size: image.virtual_size(),
-            chunk_size,
-            entries,
-            pieces: Some(pieces),
-        };
-        let index_digest = repo.write_index(&index)?;
-        disks.push(Disk {
-            name: names[i].clone(),
-            source: std::path::absolute(&sources[i]).unwrap_or_else(|_| sources[i].clone()),
-            format: image.format(),
-            virtual_size: image.virtual_size(),
-            identity: Identity::of(*image),
-            digest: digest.digest.to_hex().to_string(),
-            index: index_digest.to_hex().to_string(),
-            piece_size: Some(piece_size),
-            stats: DiskStats {
-                bytes_read: digest.bytes_read,
-                data_chunks: digest.data_chunks,
-                zero_chunks: digest.zero_chunks,
-                unallocated_chunks: digest.unallocated_chunks,
-                new_chunks: sink.new_chunks[i].load(Ordering::Relaxed),
-                new_bytes: sink.new_bytes[i].load(Ordering::Relaxed),
-            },
-        });
+    if images.is_empty() {
+        return Ok(out.into_iter().flatten().collect());
     }
-    // Chunks and indexes durable before the manifest names them.
-    repo.sync_all()?;
-    let id = uuid::Uuid::new_v4().simple().to_string()[..16].to_owned();
-    let manifest = Manifest {
-        self_blake3: String::new(),
-        format: MANIFEST_FORMAT,
-        id,
-        time,
-        host: backup.host.clone(),
-        vm: backup.vm.clone(),
-        consistency: backup.consistency,
-        freeze: backup.freeze.clone(),
-        chunk_size,
-        disks,
+    let mut each = crate::pipeline::run_each(&images, &maps, &opts, progress, &sink)?;
+    let Some(snapshots) = sink.snapshots else {
+        return Err(panicked());
     };
-    repo.write_manifest(&manifest)?;
-    let manifest = repo.read_manifest(&manifest.id)?;
-    Ok(BackupOutcome {
-        manifest,
-        duration: started.elapsed(),
-    })
+    for (group, st) in snapshots.state.into_iter().enumerate() {
+        let st = st.into_inner().map_err(|_| panicked())?;
+        let outcome = match st.outcome {
+            Some(o) => o,
+            // A failed snapshot: the first failure among its own disks,
+            // as the engine gave it.
+            None => {
+                let first = snapshots.owner.partition_point(|&g| g < group);
+                let n = snapshots.plans[group].images.len();
+                let err = each[first..first + n]
+                    .iter_mut()
+                    .find_map(|r| std::mem::replace(r, Err(panicked())).err())
+                    .unwrap_or_else(panicked);
+                let failed = Err(err);
+                on_done(live[group].0, &failed);
+                failed
+            }
+        };
+        out[live[group].0] = Some(outcome);
+    }
+    Ok(out
+        .into_iter()
+        .map(|o| o.unwrap_or_else(|| Err(panicked())))
+        .collect())
+}
+
+fn panicked() -> Error {
+    Error::io(std::io::Error::other("a worker panicked"))
+}
+
+/// The snapshots a run is taking, and how far each has come.
+struct Snapshots<'a> {
+    /// The snapshots in the run (those whose disks could be mapped).
+    plans: Vec<&'a SnapshotPlan<'a>>,
+    /// The snapshot each image of the run belongs to.
+    owner: Vec<usize>,
+    started: Instant,
+    time: String,
+    state: Vec<Mutex<Pending>>,
+    /// Each snapshot's index in the caller's plans.
+    index: Vec<usize>,
+    on_done: &'a OnSnapshot<'a>,
+}
+
+struct Pending {
+    digests: Vec<Option<crate::pipeline::ImageDigest>>,
+    left: usize,
+    /// A disk of it failed: it is reported after the run, with the
+    /// engine's own error.
+    failed: bool,
+    /// Set when it was committed, or its commit failed.
+    outcome: Option<Result<BackupOutcome>>,
+}
+
+impl RepoSink<'_> {
+    /// An image is through: when it is its snapshot's last, the snapshot
+    /// is committed (indexes, one `syncfs`, the manifest) or failed.
+    fn image_finished(
+        &self,
+        image: usize,
+        outcome: std::result::Result<&crate::pipeline::ImageDigest, &Error>,
+    ) {
+        let Some(snaps) = &self.snapshots else { return };
+        let Some(&group) = snaps.owner.get(image) else {
+            return;
+        };
+        let first = snaps.owner.partition_point(|&g| g < group);
+        let Ok(mut st) = snaps.state[group].lock() else {
+            return;
+        };
+        match outcome {
+            Ok(d) => st.digests[image - first] = Some(d.clone()),
+            Err(_) => st.failed = true,
+        }
+        st.left -= 1;
+        if st.left > 0 || st.failed {
+            return;
+        }
+        let result = self.commit(snaps, group, first, &st.digests);
+        (snaps.on_done)(snaps.index[group], &result);
+        st.outcome = Some(result);
+    }
+
+    /// Writes a finished snapshot's indexes and, once they and its chunks
+    /// are durable, its manifest.
+    fn commit(
+        &self,
+        snaps: &Snapshots<'_>,
+        group: usize,
+        first: usize,
+        digests: &[Option<crate::pipeline::ImageDigest>],
+    ) -> Result<BackupOutcome> {
+        let plan = &snaps.plans[group];
+        let names = disk_names(&plan.sources);
+        let chunk_size = self.chunk_size;
+        let mut disks = Vec::new();
+        for (k, image) in plan.images.iter().enumerate() {
+            let i = first + k;
+            let digest = digests[k].as_ref().ok_or_else(panicked)?;
+            let (entries, pieces) = std::mem::replace(
+                &mut *self.entries[i].lock().map_err(|_| panicked())?,
+                (Vec::new(), Pieces::new(chunk_size, 0)),
+            );
+            let piece_size = pieces.size;
+            let index = Index {
+                virtual_size: image.virtual_size(),
+                chunk_size,
+                entries,
+                pieces: Some(pieces),
+            };
+            let index_digest = self.repo.write_index(&index)?;
+            let source = &plan.sources[k];
+            disks.push(Disk {
+                name: names[k].clone(),
+                source: std::path::absolute(source).unwrap_or_else(|_| source.clone()),
+                format: image.format(),
+                virtual_size: image.virtual_size(),
+                identity: Identity::of(*image),
+                digest: digest.digest.to_hex().to_string(),
+                index: index_digest.to_hex().to_string(),
+                piece_size: Some(piece_size),
+                stats: DiskStats {
+                    bytes_read: digest.bytes_read,
+                    data_chunks: digest.data_chunks,
+                    zero_chunks: digest.zero_chunks,
+                    unallocated_chunks: digest.unallocated_chunks,
+                    new_chunks: self.new_chunks[i].load(Ordering::Relaxed),
+                    new_bytes: self.new_bytes[i].load(Ordering::Relaxed),
+                },
+            });
+        }
+        // Chunks and indexes durable before the manifest names them.
+        self.repo.sync_all()?;
+        let id = uuid::Uuid::new_v4().simple().to_string()[..16].to_owned();
+        let o = &plan.options;
+        let manifest = Manifest {
+            self_blake3: String::new(),
+            format: MANIFEST_FORMAT,
+            id,
+            time: snaps.time.clone(),
+            host: o.host.clone(),
+            vm: o.vm.clone(),
+            consistency: o.consistency,
+            freeze: o.freeze.clone(),
+            chunk_size,
+            disks,
+        };
+        self.repo.write_manifest(&manifest)?;
+        let manifest = self.repo.read_manifest(&manifest.id)?;
+        Ok(BackupOutcome {
+            manifest,
+            duration: snaps.started.elapsed(),
+        })
+    }
 }

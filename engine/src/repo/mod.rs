@@ -34,7 +34,9 @@ use tree::Tree;
 
 use serde::{Deserialize, Serialize};
 
-pub use backup::{backup, BackupOptions, BackupOutcome, Preloaded};
+pub use backup::{
+    backup, backup_all, BackupOptions, BackupOutcome, OnSnapshot, Preloaded, SnapshotPlan,
+};
 pub use gc::{forget, gc, GcReport};
 pub use index::{Entry, Index};
 pub use manifest::{Consistency, Disk, DiskStats, Identity, Manifest};
