@@ -11,8 +11,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ErrorKind {
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
+    /// As in the engine's error: the message carries the cause, so it is
+    /// not also given as `source()`, which would print it twice.
+    #[error("I/O error: {0}")]
+    Io(std::io::Error),
     #[error("bad endpoint {spec:?}: {reason}")]
     BadEndpoint { spec: String, reason: String },
     #[error("bad configuration: {0}")]
@@ -95,10 +97,7 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match &self.kind {
-            ErrorKind::Io(e) => Some(e),
-            _ => None,
-        }
+        std::error::Error::source(&self.kind)
     }
 }
 
@@ -111,5 +110,25 @@ impl From<ErrorKind> for Error {
 impl From<std::io::Error> for Error {
     fn from(e: std::io::Error) -> Self {
         Error::new(ErrorKind::Io(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_io_error_is_printed_once() {
+        let e = Error::from(std::io::Error::from_raw_os_error(2))
+            .at("unix:/run/x.sock")
+            .during("connect");
+        assert_eq!(
+            e.to_string(),
+            "unix:/run/x.sock: connect: I/O error: No such file or directory (os error 2)"
+        );
+        assert!(
+            std::error::Error::source(&e).is_none(),
+            "the cause is in the message, not again in source()"
+        );
     }
 }
