@@ -70,9 +70,14 @@ pub struct Args {
     /// `hello` before it is closed [default: 10s].
     #[arg(long, value_name = "DURATION")]
     hello_timeout: Option<String>,
+    /// Do not flush the mounts in Prepare. By default Prepare runs syncfs
+    /// on every mount it will freeze, so that FIFREEZE (which writes back
+    /// dirty data first, while the application waits) finds little left.
+    #[arg(long)]
+    no_prepare_sync: bool,
     /// A TOML file with the same settings (listen, freeze, hooks,
     /// hold-limit, hook-timeout, token-file, marker, max-connections,
-    /// hello-timeout); flags override it.
+    /// hello-timeout, prepare-sync); flags override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
 }
@@ -91,6 +96,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             marker: args.marker.clone(),
             max_connections: args.max_connections.map(|n| n as usize),
             hello_timeout: args.hello_timeout.clone(),
+            prepare_sync: args.no_prepare_sync.then_some(false),
         },
     )?;
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -260,8 +260,8 @@ pub fn print_report(r: &Report, streamed: &Streamed, out: &mut dyn Write) -> Res
     )?;
     writeln!(
         out,
-        "{:<16} {:<17} {:<17} {:>7} {:>14} {:>14}",
-        "VM", "CONSISTENCY", "SNAPSHOT", "FROZEN", "FREEZE WINDOW", "HOST WINDOW"
+        "{:<16} {:<17} {:<17} {:>7} {:>10} {:>14} {:>14}",
+        "VM", "CONSISTENCY", "SNAPSHOT", "FROZEN", "STALL", "FREEZE WINDOW", "HOST WINDOW"
     )?;
     for v in &r.vms {
         let m = &v.metrics;
@@ -272,11 +272,12 @@ pub fn print_report(r: &Report, streamed: &Streamed, out: &mut dyn Write) -> Res
         };
         writeln!(
             out,
-            "{:<16} {:<17} {:<17} {:>7} {:>14} {:>14}",
+            "{:<16} {:<17} {:<17} {:>7} {:>10} {:>14} {:>14}",
             v.vm,
             v.consistency.unwrap_or("failed"),
             v.snapshot.as_deref().unwrap_or("-"),
             frozen,
+            ms(m.stall_us),
             ms(m.freeze_window_us),
             ms(m.host_window_us),
         )?;

@@ -66,14 +66,11 @@ pub struct SnapshotsArgs {
     json: bool,
 }
 
-/// The guest's freeze window on its agent's clock, as the coordinator
-/// recorded it in the manifest.
-fn freeze_window_us(m: &repo::Manifest) -> Option<u64> {
-    m.freeze
-        .as_ref()?
-        .get("guest")?
-        .get("freeze_window_us")?
-        .as_u64()
+/// One of the guest's freeze metrics (on its agent's clock), as the
+/// coordinator recorded them in the manifest: `freeze_window_us`, the
+/// time frozen, or `stall_us`, what the application waited.
+fn guest_us(m: &repo::Manifest, key: &str) -> Option<u64> {
+    m.freeze.as_ref()?.get("guest")?.get(key)?.as_u64()
 }
 
 pub fn run_snapshots(args: &SnapshotsArgs, out: &mut dyn Write) -> Result<ExitCode> {
@@ -90,6 +87,9 @@ pub fn run_snapshots(args: &SnapshotsArgs, out: &mut dyn Write) -> Result<ExitCo
                 /// The guest's freeze window, from the coordinator's
                 /// metrics; null for a snapshot taken without one.
                 freeze_window_us: Option<u64>,
+                /// What the guest's application waited (quiescing's start
+                /// to FITHAW's return); null without an agent that says.
+                stall_us: Option<u64>,
             },
             Bad {
                 id: String,
@@ -100,7 +100,8 @@ pub fn run_snapshots(args: &SnapshotsArgs, out: &mut dyn Write) -> Result<ExitCo
             .into_iter()
             .map(|l| match l.manifest {
                 Ok(m) => Item::Ok {
-                    freeze_window_us: freeze_window_us(&m),
+                    freeze_window_us: guest_us(&m, "freeze_window_us"),
+                    stall_us: guest_us(&m, "stall_us"),
                     manifest: Box::new(m),
                 },
                 Err(e) => Item::Bad {
@@ -114,8 +115,8 @@ pub fn run_snapshots(args: &SnapshotsArgs, out: &mut dyn Write) -> Result<ExitCo
     }
     writeln!(
         out,
-        "{:<16}  {:<20}  {:<12}  {:<16}  {:>9}  {:>5}  {:>10}  disks",
-        "ID", "TIME", "VM", "CONSISTENCY", "FROZEN", "DISKS", "SIZE"
+        "{:<16}  {:<20}  {:<12}  {:<16}  {:>9}  {:>9}  {:>5}  {:>10}  disks",
+        "ID", "TIME", "VM", "CONSISTENCY", "STALL", "FROZEN", "DISKS", "SIZE"
     )?;
     for l in listed {
         match l.manifest {
@@ -124,12 +125,14 @@ pub fn run_snapshots(args: &SnapshotsArgs, out: &mut dyn Write) -> Result<ExitCo
                 let names: Vec<&str> = m.disks.iter().map(|d| d.name.as_str()).collect();
                 writeln!(
                     out,
-                    "{:<16}  {:<20}  {:<12}  {:<16}  {:>9}  {:>5}  {:>10}  {}",
+                    "{:<16}  {:<20}  {:<12}  {:<16}  {:>9}  {:>9}  {:>5}  {:>10}  {}",
                     m.id,
                     m.time,
                     m.vm,
                     m.consistency.name(),
-                    freeze_window_us(&m)
+                    guest_us(&m, "stall_us")
+                        .map_or("-".into(), |us| format!("{:.1} ms", us as f64 / 1000.0)),
+                    guest_us(&m, "freeze_window_us")
                         .map_or("-".into(), |us| format!("{:.1} ms", us as f64 / 1000.0)),
                     m.disks.len(),
                     human(size),

@@ -38,6 +38,9 @@ pub struct Metrics {
     pub expected: Option<u64>,
     /// On the agent's clock: last FIFREEZE returned to first FITHAW.
     pub freeze_window_us: Option<u64>,
+    /// On the agent's clock: what the application waited, from the start
+    /// of quiescing (freeze hooks, then FIFREEZE) until FITHAW returned.
+    pub stall_us: Option<u64>,
     /// From the freeze acknowledgement to the thaw acknowledgement.
     pub host_window_us: Option<u64>,
     pub freeze_sent_at_us: Option<u64>,
@@ -47,6 +50,8 @@ pub struct Metrics {
     pub thaw_sent_at_us: Option<u64>,
     pub thaw_ack_at_us: Option<u64>,
     pub prepare_hooks_us: Option<u64>,
+    /// Prepare's flush of the mounts to freeze.
+    pub prepare_sync_us: Option<u64>,
     pub freeze_hooks_us: Option<u64>,
     pub fifreeze_us: Option<u64>,
     pub fithaw_us: Option<u64>,
@@ -293,6 +298,7 @@ impl Guest {
             Call::Identify => m.writers = v.get("writers").cloned(),
             Call::Prepare(t) => {
                 m.prepare_hooks_us = get_u64(v, "prepare_hooks_us");
+                m.prepare_sync_us = get_u64(v, "prepare_sync_us");
                 self.backup_type.clone_from(t);
             }
             Call::Freeze { .. } => {
@@ -304,6 +310,7 @@ impl Guest {
             }
             Call::Thaw => {
                 m.freeze_window_us = get_u64(v, "freeze_window_us");
+                m.stall_us = get_u64(v, "stall_us");
                 m.fithaw_us = get_u64(v, "fithaw_us");
                 m.thaw_hooks_us = get_u64(v, "thaw_hooks_us");
                 m.thaw_ack_at_us = Some(now);

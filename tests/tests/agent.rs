@@ -121,6 +121,8 @@ fn a_cycle_freezes_nested_mounts_inner_first_holds_writers_and_thaws() {
 
     let prep = w.ok("prepare", json!({"backup_type": "copy"}));
     assert_eq!(prep["state"], "PREPARED");
+    // Prepare flushed the mounts it will freeze.
+    assert!(prep["prepare_sync_us"].as_u64().is_some(), "{prep}");
     let fr = w.ok("freeze", json!({}));
     assert_eq!(fr["frozen"], 2, "{fr}");
     assert_eq!(fr["expected"], 2, "{fr}");
@@ -165,6 +167,9 @@ fn a_cycle_freezes_nested_mounts_inner_first_holds_writers_and_thaws() {
     let window = th["freeze_window_us"].as_u64().unwrap();
     // It spans at least the two blocked-write probes and the pause.
     assert!((850_000..30_000_000).contains(&window), "{th}");
+    // The stall holds the frozen window, the freeze hook and FIFREEZE.
+    let stall = th["stall_us"].as_u64().unwrap();
+    assert!(stall >= window, "{th}");
     assert!(!writes_block(&outer.mount, Duration::from_secs(10)));
     assert!(!writes_block(&inner.mount, Duration::from_secs(10)));
     assert!(!marker.exists(), "the marker outlived the thaw");

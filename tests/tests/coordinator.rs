@@ -308,6 +308,8 @@ fn four_guests_freeze_together_snapshot_by_reflink_and_restore_clean() {
         assert_eq!(v["metrics"]["expected"], 1);
         let w = v["metrics"]["freeze_window_us"].as_u64().unwrap();
         assert!(w > 0 && w < 10_000_000, "{v:#}");
+        let stall = v["metrics"]["stall_us"].as_u64().unwrap();
+        assert!(stall >= w, "the stall holds the frozen window: {v:#}");
     }
     let windows: Vec<u64> = vms
         .iter()
@@ -340,6 +342,10 @@ fn four_guests_freeze_together_snapshot_by_reflink_and_restore_clean() {
         let snap = snaps.iter().find(|s| s["id"] == id).unwrap();
         assert_eq!(snap["consistency"], "app-consistent", "{snap:#}");
         assert!(snap["freeze_window_us"].as_u64().is_some(), "{snap:#}");
+        assert!(
+            snap["stall_us"].as_u64() >= snap["freeze_window_us"].as_u64(),
+            "{snap:#}"
+        );
         let (_, sb) = lab.restored_ext4(id);
         assert!(
             !features_line(&sb).contains("needs_recovery"),
@@ -914,6 +920,8 @@ fn bench_freeze_measures_sane_windows_and_leaves_nothing_behind() {
         assert_eq!(s["app_consistent"], 2, "{s:#}");
         let fw = &s["freeze_window_us"];
         assert_eq!(fw["n"], 2, "{s:#}");
+        assert_eq!(s["stall_us"]["n"], 2, "{s:#}");
+        assert!(s["stall_us"]["max"].as_u64() >= fw["max"].as_u64(), "{s:#}");
         for k in ["p50", "p99", "max"] {
             let v = fw[k].as_u64().unwrap();
             assert!(v > 0 && v < hold_limit_us, "{k}: {s:#}");

@@ -36,7 +36,13 @@ guest into a repository beside them. Everything is thawed, unmounted and
 detached at the end, on error too. With --inventory it uses existing guests
 and builds nothing (no workload then: measure the guests' own).
 
-Freeze window: the agent's clock, last FIFREEZE returned to first FITHAW.
+Stall: the agent's clock, from the start of quiescing (freeze hooks, then
+FIFREEZE, which first writes back the filesystem's dirty data) until FITHAW
+returned: what the guest's application waits. Prepare flushes each mount
+(syncfs) first, so the freeze finds little to write; --no-prepare-sync
+measures without it.
+Freeze window: the agent's clock, last FIFREEZE returned to first FITHAW:
+the time the filesystem is frozen, inside the stall.
 Host window: the coordinator's, freeze acknowledged to thaw acknowledged.
 Write latency: one write plus fdatasync in a guest; `during` counts the
 writes that started while a backup ran.")]
@@ -75,6 +81,10 @@ pub struct Args {
     /// Quiet time before and between rounds, for the `outside` figures.
     #[arg(long, default_value = "1s")]
     pause: String,
+    /// The throw-away guests' agents skip Prepare's flush (syncfs), to
+    /// measure what it saves the stall.
+    #[arg(long)]
+    no_prepare_sync: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize)]
@@ -140,6 +150,8 @@ pub struct Summary {
     pub guests: usize,
     pub rounds: usize,
     pub freeze_window_us: Spread,
+    /// What the application waited: quiescing's start to FITHAW's return.
+    pub stall_us: Spread,
     pub host_window_us: Spread,
     pub barrier_skew_us: Spread,
     pub snapshot_us: Spread,
@@ -222,6 +234,7 @@ fn summarize(
         guests,
         rounds: mine.len(),
         freeze_window_us: per_vm(&|v| v.metrics.freeze_window_us),
+        stall_us: per_vm(&|v| v.metrics.stall_us),
         host_window_us: per_vm(&|v| v.metrics.host_window_us),
         barrier_skew_us: per_round(&|r| r.barrier_skew_us),
         snapshot_us: per_round(&|r| r.snapshot_us),
@@ -354,7 +367,13 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
                 human(size),
                 args.scratch.display()
             );
-            let lab = rt.block_on(Lab::build(&args.scratch, args.guests, size, window))?;
+            let lab = rt.block_on(Lab::build(
+                &args.scratch,
+                args.guests,
+                size,
+                window,
+                !args.no_prepare_sync,
+            ))?;
             let inv = lab.inventory()?;
             let repo = lab.dir.join("repo");
             vsnap_engine::repo::Repository::init(&repo, 4 << 20)?;
@@ -426,9 +445,10 @@ fn table(r: &Results, out: &mut dyn Write) -> Result<()> {
     )?;
     writeln!(
         out,
-        "{:>9} {:<8} {:>22} {:>16} {:>14} {:>14} {:>22} {:>16} {:>10}",
+        "{:>9} {:<8} {:>22} {:>22} {:>16} {:>14} {:>14} {:>22} {:>16} {:>10}",
         "DISK",
         "PROVIDER",
+        "STALL",
         "FREEZE WINDOW",
         "HOST WINDOW",
         "BARRIER SKEW",
@@ -439,6 +459,7 @@ fn table(r: &Results, out: &mut dyn Write) -> Result<()> {
     )?;
     for s in &r.summary {
         let f = &s.freeze_window_us;
+        let st = &s.stall_us;
         let (during, outside) = match &s.writes {
             Some(w) => (
                 format!("{} / {}", ms(w.during.p99), ms(w.during.max)),
@@ -448,13 +469,14 @@ fn table(r: &Results, out: &mut dyn Write) -> Result<()> {
         };
         writeln!(
             out,
-            "{:>9} {:<8} {:>22} {:>16} {:>14} {:>14} {:>22} {:>16} {:>10}",
+            "{:>9} {:<8} {:>22} {:>22} {:>16} {:>14} {:>14} {:>22} {:>16} {:>10}",
             if s.disk_size == 0 {
                 "-".into()
             } else {
                 human(s.disk_size)
             },
             s.provider,
+            format!("{} / {} / {}", ms(st.p50), ms(st.p99), ms(st.max)),
             format!("{} / {} / {}", ms(f.p50), ms(f.p99), ms(f.max)),
             format!(
                 "{} / {}",

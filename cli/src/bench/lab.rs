@@ -114,7 +114,13 @@ impl Lab {
     /// `n` guests of `size` bytes each under a new directory in `parent`,
     /// agents listening with `hold_limit`. Needs root, mkfs.xfs and
     /// mkfs.ext4.
-    pub async fn build(parent: &Path, n: usize, size: u64, hold_limit: Duration) -> Result<Lab> {
+    pub async fn build(
+        parent: &Path,
+        n: usize,
+        size: u64,
+        hold_limit: Duration,
+        prepare_sync: bool,
+    ) -> Result<Lab> {
         let dir = parent.join(format!("vsnap-bench-{}-{}", std::process::id(), n));
         if dir.exists() {
             bail!("{} exists; remove it first", dir.display());
@@ -179,6 +185,7 @@ impl Lab {
                 marker: lab.dir.join(format!("{name}.frozen")),
                 max_connections: vsnap_coordinator::agent::DEFAULT_MAX_CONNECTIONS,
                 hello_timeout: vsnap_coordinator::agent::DEFAULT_HELLO_TIMEOUT,
+                prepare_sync,
             };
             let agent = Agent::start(cfg).await?;
             let handle = tokio::spawn(async move {

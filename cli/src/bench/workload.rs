@@ -1,6 +1,7 @@
 //! The guests' applications for `vsnap bench freeze`: a writer in each
 //! guest's filesystem that records when every write started and how long
-//! it took (write plus fdatasync), so a freeze shows as a stall.
+//! it took (write plus fdatasync, or the write alone for `buffered`), so a
+//! freeze shows as a stall.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -24,6 +25,10 @@ pub enum Kind {
     /// 256 KiB writes going round the same file, each followed by fdatasync
     /// (a log or a backup of its own).
     Sequential,
+    /// 256 KiB writes going round the same file, never synced, one a
+    /// millisecond: the page cache holds the file's dirty data, which a
+    /// freeze must write back before it can freeze (a busy file server).
+    Buffered,
     None,
 }
 
@@ -96,13 +101,18 @@ fn write_loop(
         };
         let t = Instant::now();
         file.write_all_at(&data, slot * size as u64)?;
-        file.sync_data()?;
+        if kind != Kind::Buffered {
+            file.sync_data()?;
+        }
         let took = t.elapsed();
         let at = t.duration_since(epoch);
         samples.push((
             vsnap_coordinator::micros(at),
             u32::try_from(took.as_micros()).unwrap_or(u32::MAX),
         ));
+        if kind == Kind::Buffered {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     }
     Ok(samples)
 }

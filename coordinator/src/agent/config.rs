@@ -37,6 +37,9 @@ pub struct AgentConfig {
     /// How long a connection that must authenticate may take to send its
     /// `hello` before it is closed.
     pub hello_timeout: Duration,
+    /// Flush the mounts to freeze (`syncfs`) in Prepare, so that the
+    /// freeze, and the application's stall, find little left to write.
+    pub prepare_sync: bool,
 }
 
 pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
@@ -63,6 +66,8 @@ pub struct FileConfig {
     pub marker: Option<PathBuf>,
     pub max_connections: Option<usize>,
     pub hello_timeout: Option<String>,
+    /// `false` to skip Prepare's flush (default true).
+    pub prepare_sync: Option<bool>,
 }
 
 impl FileConfig {
@@ -223,6 +228,7 @@ impl AgentConfig {
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_MARKER)),
             max_connections,
             hello_timeout,
+            prepare_sync: flags.prepare_sync.or(file.prepare_sync).unwrap_or(true),
         })
     }
 }

@@ -19,6 +19,25 @@ pub struct Frozen {
     file: File,
 }
 
+/// Flushes each mount's filesystem (`syncfs`) before the freeze: FIFREEZE
+/// writes back dirty data first, and the application waits through it, so
+/// the flush is done in Prepare, outside the barrier. Returns what could
+/// not be flushed (only a slower freeze follows).
+pub fn sync_all(mounts: &[Mount]) -> Vec<String> {
+    let mut failed = Vec::new();
+    for m in mounts {
+        let flushed = File::open(&m.mount_point)
+            .and_then(|f| rustix::fs::syncfs(&f).map_err(std::io::Error::from));
+        if let Err(e) = flushed {
+            failed.push(format!(
+                "prepare: cannot flush {}: {e}",
+                m.mount_point.display()
+            ));
+        }
+    }
+    failed
+}
+
 /// Freezes `mounts` in the order given. `EBUSY` (frozen already) counts
 /// as frozen, `EOPNOTSUPP` skips the mount; any other error thaws what was
 /// frozen and fails, naming the mount.

@@ -20,6 +20,12 @@ use crate::protocol::{AgentState, ErrorClass, Op, Reply, Request, Step, WireErro
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Timings {
     pub prepare_hooks_us: Option<u64>,
+    /// Prepare's flush of the mounts it will freeze (`syncfs`), so that
+    /// FIFREEZE, which writes back dirty data first, finds little left.
+    pub prepare_sync_us: Option<u64>,
+    /// What the application saw: from the start of quiescing (freeze
+    /// hooks, then FIFREEZE) until FITHAW returned.
+    pub stall_us: Option<u64>,
     pub freeze_hooks_us: Option<u64>,
     pub fifreeze_us: Option<u64>,
     pub freeze_window_us: Option<u64>,
@@ -54,6 +60,8 @@ struct Inner {
     /// Hooks whose freeze succeeded: they get the thaw.
     frozen_hooks: Vec<PathBuf>,
     frozen_since: Option<Instant>,
+    /// When quiescing began: the start of the application's stall.
+    quiesce_started: Option<Instant>,
     expected: usize,
     generation: u64,
     watchdog: Option<tokio::task::JoinHandle<()>>,
@@ -98,6 +106,7 @@ impl Session {
                 frozen: Vec::new(),
                 frozen_hooks: Vec::new(),
                 frozen_since: None,
+                quiesce_started: None,
                 expected: 0,
                 generation: 0,
                 watchdog: None,
@@ -248,6 +257,7 @@ impl Session {
     async fn prepare(&self, inner: &mut Inner, backup_type: &str) -> Result<Value, WireError> {
         // A new cycle: what the last one reported is history now.
         inner.timings = Timings::default();
+        inner.quiesce_started = None;
         inner.failure = None;
         inner.watchdog_fired = false;
         inner.expected = 0;
@@ -257,8 +267,21 @@ impl Session {
             &mut t.prepare_hooks_us
         })
         .await?;
+        if self.cfg.prepare_sync {
+            let t = Instant::now();
+            let mounts = self.cfg.select().map(|s| s.freeze).unwrap_or_default();
+            // A mount that cannot be flushed here is only slower to freeze.
+            for m in tokio::task::block_in_place(|| freezer::sync_all(&mounts)) {
+                self.journal.log(m);
+            }
+            inner.timings.prepare_sync_us = us(t.elapsed());
+        }
         inner.state = AgentState::Prepared;
-        Ok(json!({"state": inner.state, "prepare_hooks_us": inner.timings.prepare_hooks_us}))
+        Ok(json!({
+            "state": inner.state,
+            "prepare_hooks_us": inner.timings.prepare_hooks_us,
+            "prepare_sync_us": inner.timings.prepare_sync_us,
+        }))
     }
 
     async fn freeze(
@@ -311,6 +334,7 @@ impl Session {
         inner.hold_limit = hold;
         inner.expected = sel.freeze.len();
 
+        inner.quiesce_started = Some(Instant::now());
         let ran = self.hooks.run(Action::Freeze, None, &[]).await;
         inner.timings.freeze_hooks_us = us(ran.elapsed);
         self.log_hooks(&ran);
@@ -394,6 +418,7 @@ impl Session {
         let t = Instant::now();
         let thawed = tokio::task::block_in_place(|| freezer::thaw_all(&mut inner.frozen));
         inner.timings.fithaw_us = us(t.elapsed());
+        inner.timings.stall_us = inner.quiesce_started.take().and_then(|q| us(q.elapsed()));
         inner.timings.freeze_window_us = window.and_then(us);
         if inner.frozen.is_empty() {
             if let Err(e) = self.marker.clear() {
@@ -446,6 +471,7 @@ impl Session {
         Ok(json!({
             "thawed": count,
             "freeze_window_us": inner.timings.freeze_window_us,
+            "stall_us": inner.timings.stall_us,
             "fithaw_us": inner.timings.fithaw_us,
             "thaw_hooks_us": inner.timings.thaw_hooks_us,
             "abort_hooks_us": inner.timings.abort_hooks_us,
