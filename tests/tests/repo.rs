@@ -749,3 +749,21 @@ fn restore_allocates_the_blocks_copy_allocates() {
         5 * (512 << 10)
     );
 }
+
+/// The smallest chunks a repository allows (1 KiB) make pieces of 1 KiB:
+/// such a repository backs up, verifies and restores like any other.
+#[test]
+fn a_repository_of_1k_chunks_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = init(dir.path(), "1K");
+    let image = fixtures().join("dynamic-16k.vhd");
+    let snap = backup(&repo, "tiny", &[image.as_path()]);
+    assert_eq!(verify(&repo).0, Some(0));
+    let out = dir.path().join("out");
+    for (src, _, restored) in restore_checked(&repo, &snap, std::slice::from_ref(&image), &out) {
+        assert_eq!(
+            info(src)["allocated_bytes"],
+            info(&restored)["allocated_bytes"]
+        );
+    }
+}

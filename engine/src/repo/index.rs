@@ -28,9 +28,19 @@ use crate::pipeline::ChunkKind;
 const HEAD: usize = 24;
 const ENTRY: usize = 33;
 
-/// The smallest and the largest piece a backup chooses.
+/// The smallest and the largest piece a backup chooses (never more than
+/// the chunk size, so a repository of 1 or 2 KiB chunks has pieces of its
+/// chunk size).
 pub const MIN_PIECE: u64 = 4 << 10;
 pub const MAX_PIECE: u64 = 64 << 10;
+
+/// The smallest piece an index may have: the smallest chunk.
+pub const LEAST_PIECE: u64 = 1 << 10;
+
+/// Whether `piece` is a piece size an index at `chunk_size` may have.
+pub fn valid_piece(piece: u64, chunk_size: u64) -> bool {
+    piece.is_power_of_two() && (LEAST_PIECE..=chunk_size).contains(&piece)
+}
 
 /// Which pieces of a disk hold non-zero bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -212,7 +222,7 @@ impl Index {
             )));
         }
         if let Some(p) = piece_size {
-            if !p.is_power_of_two() || p < MIN_PIECE || p > chunk_size {
+            if !valid_piece(p, chunk_size) {
                 return Err(corrupt(format!(
                     "piece size {p} for chunks of {chunk_size}"
                 )));
@@ -378,5 +388,9 @@ mod tests {
         assert_eq!(Pieces::size_for(Some(4096), 4 << 20), 4096);
         assert_eq!(Pieces::size_for(Some(512), 4 << 20), 4096);
         assert_eq!(Pieces::size_for(None, 16 << 10), 16 << 10);
+        // A repository of 1 KiB chunks has 1 KiB pieces, and they are valid.
+        assert_eq!(Pieces::size_for(Some(2 << 20), 1 << 10), 1 << 10);
+        assert!(valid_piece(1 << 10, 1 << 10) && !valid_piece(512, 1 << 10));
+        assert!(!valid_piece(8 << 10, 4 << 10) && !valid_piece(3 << 10, 4 << 10));
     }
 }

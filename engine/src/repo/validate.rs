@@ -124,11 +124,11 @@ impl Manifest {
                 ));
             }
             if let Some(p) = d.piece_size {
-                if !p.is_power_of_two() || p < super::index::MIN_PIECE || p > chunk_size {
+                if !super::index::valid_piece(p, chunk_size) {
                     return Err(bad(
                         format!("disks[{i}].piece_size"),
                         &p.to_string(),
-                        "a piece size is a power of two from 4 KiB to the chunk size",
+                        "a piece size is a power of two from 1 KiB to the chunk size",
                     ));
                 }
             }
@@ -169,13 +169,13 @@ pub fn exercise(data: &[u8]) {
             let _ = Index::plain_len(d.virtual_size, CHUNK, d.piece_size);
         }
     }
-    let ceiling = Index::plain_len(64 << 20, CHUNK, Some(super::index::MIN_PIECE));
+    let ceiling = Index::plain_len(64 << 20, CHUNK, Some(super::index::LEAST_PIECE));
     if let Ok(plain) = blob::decode(BlobKind::Index, data, ceiling) {
         let _ = Index::parse(&plain, None);
         let _ = Index::parse(&plain, Some(64 << 10));
     }
     let _ = Index::parse(data, None);
-    for piece in [4 << 10, 64 << 10] {
+    for piece in [1 << 10, 4 << 10, 64 << 10] {
         let _ = Index::parse(data, Some(piece));
     }
     if let Ok(h) = blob::parse_header(BlobKind::Chunk, data) {
