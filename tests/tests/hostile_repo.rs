@@ -468,13 +468,19 @@ fn reads_from_the_repository_are_bounded_and_never_block() {
     }
 }
 
-/// An index blob whose payload is `payload` and whose header claims
-/// `plain_len`, with a good CRC.
+/// An index blob whose payload is `payload` (one zstd frame) and whose
+/// header claims `plain_len`, with a good CRC.
 fn index_blob(payload: &[u8], plain_len: u64) -> Vec<u8> {
+    blob_bytes(payload, plain_len, 1)
+}
+
+/// An index blob with `encoding` (0 raw, 1 zstd), laid out as the README's
+/// format section says, with a good CRC.
+fn blob_bytes(payload: &[u8], plain_len: u64, encoding: u8) -> Vec<u8> {
     let mut h = [0u8; 40];
     h[..8].copy_from_slice(b"VSNAPIDX");
     h[8..10].copy_from_slice(&1u16.to_le_bytes());
-    h[10] = 1;
+    h[10] = encoding;
     h[16..24].copy_from_slice(&(payload.len() as u64).to_le_bytes());
     h[24..32].copy_from_slice(&plain_len.to_le_bytes());
     let crc = crc32c::crc32c_append(crc32c::crc32c(&h[..32]), payload);
@@ -597,17 +603,10 @@ fn a_piece_map_that_hides_data_is_refused() {
     let map = 24 + 33 * count;
     assert_eq!(plain[map] & 1, 1, "piece 0 holds data");
     plain[map] &= !1;
-    let mut h = [0u8; 40];
-    h[..8].copy_from_slice(b"VSNAPIDX");
-    h[8..10].copy_from_slice(&1u16.to_le_bytes());
-    h[16..24].copy_from_slice(&(plain.len() as u64).to_le_bytes());
-    h[24..32].copy_from_slice(&(plain.len() as u64).to_le_bytes());
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&h[..32]), &plain);
-    h[32..36].copy_from_slice(&crc.to_le_bytes());
     let name = blake3::hash(&plain).to_hex().to_string();
     std::fs::write(
         lab.repo.join("indexes").join(&name),
-        [&h[..], &plain].concat(),
+        blob_bytes(&plain, plain.len() as u64, 0),
     )
     .unwrap();
     reseal(&lab.manifest(&lab.snap), |m| {
