@@ -242,6 +242,12 @@ impl Error {
     pub(crate) fn io(err: std::io::Error) -> Self {
         Self::new(ErrorKind::Io(err))
     }
+
+    /// A worker thread panicked (a poisoned lock, a lost result): the
+    /// run's outcome cannot be trusted.
+    pub(crate) fn worker_panicked() -> Self {
+        Self::io(std::io::Error::other("a worker panicked"))
+    }
 }
 
 impl From<ErrorKind> for Error {

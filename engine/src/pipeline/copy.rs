@@ -259,7 +259,7 @@ impl CopySink<'_> {
                 match target.writing.try_lock() {
                     Ok(guard) => guard,
                     Err(TryLockError::WouldBlock) => return Ok(()),
-                    Err(TryLockError::Poisoned(_)) => return Err(panicked()),
+                    Err(TryLockError::Poisoned(_)) => return Err(Error::worker_panicked()),
                 }
             };
             loop {
@@ -282,11 +282,7 @@ impl CopySink<'_> {
 }
 
 fn lock<T>(m: &Mutex<T>) -> Result<MutexGuard<'_, T>> {
-    m.lock().map_err(|_| panicked())
-}
-
-fn panicked() -> Error {
-    Error::io(std::io::Error::other("a worker panicked"))
+    m.lock().map_err(|_| Error::worker_panicked())
 }
 
 impl Sink for CopySink<'_> {
@@ -639,7 +635,7 @@ pub fn copy_images(
             .zip(&layouts)
             .zip(targets.iter().zip(images))
         {
-            let fold = fold.into_inner().map_err(|_| panicked())?;
+            let fold = fold.into_inner().map_err(|_| Error::worker_panicked())?;
             // Every queued chunk is written by the worker that queued it or
             // by the one holding the file; one left over would be a hole
             // in the copy that its digest does not show.

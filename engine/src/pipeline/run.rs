@@ -275,7 +275,7 @@ impl Job<'_> {
         let outcome = match (failure, accum) {
             (Some(e), _) => Err(e),
             (None, Some(accum)) => accum.finish(),
-            (None, None) => Err(panicked()),
+            (None, None) => Err(crate::Error::worker_panicked()),
         };
         self.sink.image_done(image, outcome.as_ref());
         if let Ok(mut slot) = self.done[image].lock() {
@@ -356,16 +356,16 @@ impl Job<'_> {
             .put_hashed(image, record, read.then_some(buf), stored, parts)?;
         Progress::add(&self.progress.done, length);
         if let Some(accum) = self.results.get(image) {
-            if let Some(a) = accum.lock().map_err(|_| panicked())?.as_mut() {
+            if let Some(a) = accum
+                .lock()
+                .map_err(|_| crate::Error::worker_panicked())?
+                .as_mut()
+            {
                 a.add(index, leaf, record, held)?;
             }
         }
         Ok(())
     }
-}
-
-fn panicked() -> crate::Error {
-    crate::Error::io(std::io::Error::other("a worker panicked"))
 }
 
 /// Hashes every image, all at once, with [`Options::worker_count`] threads.
@@ -478,7 +478,7 @@ fn run_images(
         let handles: Vec<_> = (0..workers).map(|_| s.spawn(|| job.work())).collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or(Err(panicked())))
+            .map(|h| h.join().unwrap_or(Err(crate::Error::worker_panicked())))
             .collect()
     });
     for outcome in outcomes {
@@ -490,8 +490,8 @@ fn run_images(
         .into_iter()
         .map(|d| {
             d.into_inner()
-                .map_err(|_| panicked())
-                .map(|o| o.unwrap_or_else(|| Err(panicked())))
+                .map_err(|_| crate::Error::worker_panicked())
+                .map(|o| o.unwrap_or_else(|| Err(crate::Error::worker_panicked())))
         })
         .collect()
 }

@@ -69,7 +69,7 @@ impl RepoSink<'_> {
         };
         let mut guard = self.entries[image]
             .lock()
-            .map_err(|_| Error::io(std::io::Error::other("a worker panicked")))?;
+            .map_err(|_| Error::worker_panicked())?;
         let (entries, pieces) = &mut *guard;
         pieces.set_all(&nonzero);
         match entries.get_mut(cell) {
@@ -84,9 +84,7 @@ impl RepoSink<'_> {
     }
 
     fn known(&self) -> Result<std::sync::MutexGuard<'_, HashSet<blake3::Hash>>> {
-        self.known
-            .lock()
-            .map_err(|_| Error::io(std::io::Error::other("a worker panicked")))
+        self.known.lock().map_err(|_| Error::worker_panicked())
     }
 }
 
@@ -371,10 +369,10 @@ pub fn backup_all(
     }
     let mut each = crate::pipeline::run_each(&images, &maps, &opts, progress, &sink)?;
     let Some(snapshots) = sink.snapshots else {
-        return Err(panicked());
+        return Err(Error::worker_panicked());
     };
     for (group, st) in snapshots.state.into_iter().enumerate() {
-        let st = st.into_inner().map_err(|_| panicked())?;
+        let st = st.into_inner().map_err(|_| Error::worker_panicked())?;
         let outcome = match st.outcome {
             Some(o) => o,
             // A failed snapshot: the first failure among its own disks,
@@ -384,8 +382,8 @@ pub fn backup_all(
                 let n = snapshots.plans[group].images.len();
                 let err = each[first..first + n]
                     .iter_mut()
-                    .find_map(|r| std::mem::replace(r, Err(panicked())).err())
-                    .unwrap_or_else(panicked);
+                    .find_map(|r| std::mem::replace(r, Err(Error::worker_panicked())).err())
+                    .unwrap_or_else(Error::worker_panicked);
                 let failed = Err(err);
                 on_done(live[group].0, &failed);
                 failed
@@ -395,12 +393,8 @@ pub fn backup_all(
     }
     Ok(out
         .into_iter()
-        .map(|o| o.unwrap_or_else(|| Err(panicked())))
+        .map(|o| o.unwrap_or_else(|| Err(Error::worker_panicked())))
         .collect())
-}
-
-fn panicked() -> Error {
-    Error::io(std::io::Error::other("a worker panicked"))
 }
 
 /// The snapshots a run is taking, and how far each has come.
@@ -471,9 +465,11 @@ impl RepoSink<'_> {
         let mut disks = Vec::new();
         for (k, image) in plan.images.iter().enumerate() {
             let i = first + k;
-            let digest = digests[k].as_ref().ok_or_else(panicked)?;
+            let digest = digests[k].as_ref().ok_or_else(Error::worker_panicked)?;
             let (entries, pieces) = std::mem::replace(
-                &mut *self.entries[i].lock().map_err(|_| panicked())?,
+                &mut *self.entries[i]
+                    .lock()
+                    .map_err(|_| Error::worker_panicked())?,
                 (Vec::new(), Pieces::new(chunk_size, 0)),
             );
             let piece_size = pieces.size;

@@ -75,18 +75,9 @@ pub fn gc(repo: &Repository, wait: bool) -> Result<GcReport> {
     let mut freed = 0u64;
     // Removes a name in the tree (a link itself, never what it points
     // at), counting the bytes a regular file held.
-    let mut remove = |rel: &str, kind: Kind, counter: &mut u64| -> Result<()> {
-        let len = match kind {
-            Kind::File => tree
-                .open_regular(rel, "gc: remove")
-                .ok()
-                .flatten()
-                .map_or(0, |(_, len)| len),
-            _ => 0,
-        };
-        tree.remove(rel, "gc: remove")?;
+    let mut remove = |rel: &str, counter: &mut u64| -> Result<()> {
+        freed += tree.remove(rel, "gc: remove")?;
         *counter += 1;
-        freed += len;
         Ok(())
     };
     for prefix in tree.list("chunks", "gc: list chunks")? {
@@ -104,11 +95,9 @@ pub fn gc(repo: &Repository, wait: bool) -> Result<GcReport> {
                 }
                 // Unreferenced chunks, bad ones verify moved aside, and
                 // links or special files where chunks belong.
-                _ if entry.kind != Kind::Dir => remove(
-                    &format!("{dir}/{}", entry.name),
-                    entry.kind,
-                    &mut report.chunks_removed,
-                )?,
+                _ if entry.kind != Kind::Dir => {
+                    remove(&format!("{dir}/{}", entry.name), &mut report.chunks_removed)?
+                }
                 _ => {}
             }
         }
@@ -117,7 +106,6 @@ pub fn gc(repo: &Repository, wait: bool) -> Result<GcReport> {
         if entry.kind != Kind::Dir && !(entry.kind == Kind::File && indexes.contains(&entry.name)) {
             remove(
                 &format!("indexes/{}", entry.name),
-                entry.kind,
                 &mut report.indexes_removed,
             )?;
         }
@@ -127,7 +115,6 @@ pub fn gc(repo: &Repository, wait: bool) -> Result<GcReport> {
         if entry.kind != Kind::Dir {
             remove(
                 &format!("tmp/{}", entry.name),
-                entry.kind,
                 &mut report.temporary_removed,
             )?;
         }

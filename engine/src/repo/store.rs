@@ -299,7 +299,9 @@ impl Repository {
 
     /// Removes a snapshot's manifest, by the name its file has.
     pub(super) fn remove_manifest(&self, id: &str) -> Result<()> {
-        self.tree.remove(&Self::manifest_rel(id), "remove manifest")
+        self.tree
+            .remove(&Self::manifest_rel(id), "remove manifest")
+            .map(|_| ())
     }
 
     /// Names in the tree that the repository does not put there: links,

@@ -270,11 +270,19 @@ impl Tree {
             .map_err(|e| self.fail(to, op, e))
     }
 
-    /// Removes a name (a file, or a link itself) beneath the root.
-    pub(super) fn remove(&self, rel: &str, op: &'static str) -> Result<()> {
+    /// Removes a name (a file, or a link itself) beneath the root; returns
+    /// the bytes a regular file held (0 for anything else).
+    pub(super) fn remove(&self, rel: &str, op: &'static str) -> Result<u64> {
         let (d, name) = Self::split(rel);
         let dir = self.dir(d, op)?;
-        rustix::fs::unlinkat(&dir, name, AtFlags::empty()).map_err(|e| self.fail(rel, op, e))
+        let len = match rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) if Kind::of(FileType::from_raw_mode(st.st_mode)) == Kind::File => {
+                st.st_size.max(0) as u64
+            }
+            _ => 0,
+        };
+        rustix::fs::unlinkat(&dir, name, AtFlags::empty()).map_err(|e| self.fail(rel, op, e))?;
+        Ok(len)
     }
 
     /// What a name is, without following it; `None` when it does not exist.
