@@ -19,6 +19,13 @@ command -v fsfreeze >/dev/null 2>&1 || need_apt+=(util-linux)
 # reflink; one test quiesces through the stock QEMU guest agent.
 command -v mkfs.xfs >/dev/null 2>&1 || need_apt+=(xfsprogs)
 command -v qemu-ga >/dev/null 2>&1 || need_apt+=(qemu-guest-agent)
+# forget's policies are checked against restic's own.
+command -v restic >/dev/null 2>&1 || need_apt+=(restic)
+command -v debugfs >/dev/null 2>&1 || need_apt+=(e2fsprogs)
+command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
+command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium-driver)
 if [ ${#need_apt[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
   echo "installing: ${need_apt[*]}"
@@ -33,6 +40,12 @@ echo "== rustfmt";  cargo fmt --all -- --check
 echo "== clippy";   cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== fuzz crate builds"
 cargo check --quiet --manifest-path fuzz/Cargo.toml --locked
+echo "== the static guest agent, and the real VM the tests boot"
+# vm-assets fetches QEMU, a Debian kernel and busybox from Debian once
+# (target/vm); the initramfs is rebuilt each run around the current agent.
+scripts/agent-static.sh
+scripts/vm-assets.sh
+scripts/vm-initramfs.sh
 echo "== tests"
 # A test that cannot run here says why and records it in VSNAP_SKIP_LOG;
 # cargo reports it "ok", so the summary below counts it as skipped. With

@@ -14,7 +14,7 @@ use vsnap_coordinator::provider::Choice;
 
 use crate::engine_args::EngineArgs;
 use crate::repo::RepoArg;
-use crate::units::{human, parse_chunk_size};
+use crate::units::{human, parse_chunk_size, parse_duration};
 use crate::FormatArg;
 
 #[derive(Debug, clap::Args)]
@@ -66,12 +66,16 @@ pub struct Args {
     /// With --inventory: only these VMs (repeatable).
     #[arg(long = "vm", value_name = "NAME", requires = "inventory")]
     pub vms: Vec<String>,
-    /// With --inventory: how disks are snapshotted. auto: reflink where
-    /// the filesystem can clone (XFS with reflink, btrfs), else copy.
+    /// With --inventory: how disks are snapshotted. qmp: the VM's QEMU
+    /// redirects its writes to an overlay while the base is streamed, then
+    /// merges it back (needs `qmp = SOCKET` in the inventory; any
+    /// filesystem). reflink: a clone of each disk file (XFS with reflink,
+    /// btrfs). copy: the bytes, inside the freeze. auto: qmp for VMs with a
+    /// QMP socket, else reflink where the filesystem can clone, else copy.
     #[arg(
         long,
         default_value = "auto",
-        value_name = "auto|reflink|copy",
+        value_name = "auto|qmp|reflink|copy",
         requires = "inventory"
     )]
     pub provider: Choice,
@@ -81,9 +85,10 @@ pub struct Args {
         long,
         default_value = "10s",
         value_name = "DURATION",
+        value_parser = parse_duration,
         requires = "inventory"
     )]
-    pub window: String,
+    pub window: std::time::Duration,
     /// zstd level for new chunks.
     #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
     pub level: i32,
@@ -138,15 +143,21 @@ struct JsonBackup {
 pub fn check_chunk_size(args: &Args, repo: &vsnap_engine::repo::Repository) -> Result<()> {
     let have = repo.config().chunk_size;
     match args.chunk_size {
-        Some(want) if want != have => Err(crate::usage::error(format!(
-            "--chunk-size {}: the repository {} uses chunks of {}, chosen at `vsnap repo init`; omit --chunk-size, or back up into a repository made with --chunk-size {}",
-            human(want),
-            repo.root().display(),
-            human(have),
-            human(want)
-        ))),
+        Some(want) if want != have => Err(chunk_size_usage(want, have, repo.root())),
         _ => Ok(()),
     }
+}
+
+/// `--chunk-size WANT` against a repository of `have`: a usage error
+/// (exit 2) that says what to do, for plain and coordinated backups.
+pub fn chunk_size_usage(want: u64, have: u64, repo: &std::path::Path) -> anyhow::Error {
+    crate::usage::error(format!(
+        "--chunk-size {}: the repository {} uses chunks of {}, chosen at `vsnap repo init`; omit --chunk-size, or back up into a repository made with --chunk-size {}",
+        human(want),
+        repo.display(),
+        human(have),
+        human(want)
+    ))
 }
 
 pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
@@ -159,12 +170,12 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
     let images = crate::open_all(&args.images, args.source_format)?;
     let refs: Vec<&dyn DiskImage> = images.iter().map(|b| &**b).collect();
     let opts = args.engine.options(false, repo.config().chunk_size)?;
-    args.engine.report_fallback(&opts);
+    args.engine.report_fallback();
     let progress = Progress::default();
     let spec = BackupOptions {
         known: Default::default(),
         vm: name,
-        host: crate::repo::host_name(),
+        host: vsnap_engine::repo::host_name(),
         consistency: Consistency::CrashConsistent,
         freeze: None,
         level: args.level,

@@ -177,7 +177,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
         names.push(name);
     }
     let opts = args.engine.options(false, args.chunk.chunk_size)?;
-    args.engine.report_fallback(&opts);
+    args.engine.report_fallback();
     let progress = Progress::default();
     let started = Instant::now();
     let results = crate::progress::with_progress(&progress, args.progress, args.quiet, || {

@@ -9,17 +9,17 @@
 //! filesystem: the hooks are the writers. The real tests do the same with
 //! loop-mounted guests and FIFREEZE.
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
-use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::process::{Command, ExitCode};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use vsnap_engine::format::{DiskImage, ImageFormat};
-use vsnap_engine::pipeline::{copy_images, CopySpec, Options, Progress, TargetFormat};
+use vsnap_coordinator::backup::Plan;
+use vsnap_coordinator::inventory::Inventory;
+use vsnap_lab::{demo, AgentProc};
 
-use crate::background::Background;
+use crate::progress::{ProgressArg, ProgressArgs};
 use crate::units::{human, parse_size};
 
 #[derive(Debug, clap::Args)]
@@ -40,149 +40,29 @@ pub struct Args {
     /// Each VM's virtual disk size.
     #[arg(long, value_parser = parse_size, default_value = "256M")]
     disk_size: u64,
+    /// Then leave the VMs running under `vsnap serve` (a backup job every
+    /// 5 minutes, keeping the last 5, and a daily verify), print the
+    /// dashboard's address with its token, and serve until Ctrl-C.
+    #[arg(long)]
+    serve: bool,
+    /// With --serve: where the API and the dashboard listen.
+    #[arg(long, value_name = "ADDR", default_value = vsnap_service::config::DEFAULT_LISTEN, requires = "serve")]
+    listen: std::net::SocketAddr,
 }
 
-/// A VM's application: appends records to its log and fsyncs, and honours
-/// the hook's pause request (flush, acknowledge, wait). Its result: how
-/// many records it wrote, and the longest it was held.
-fn start_app(dir: &Path) -> Result<Background<(u64, Duration)>> {
-    std::fs::create_dir_all(dir)?;
-    let dir = dir.to_path_buf();
-    Ok(Background::spawn("the demo application", move |stop| {
-        let mut log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("records.log"))?;
-        let (pause, paused) = (dir.join("pause"), dir.join("paused"));
-        let mut n = 0u64;
-        let mut held = Duration::ZERO;
-        while !stop.load(Ordering::Relaxed) {
-            if pause.exists() {
-                log.sync_all()?;
-                std::fs::write(&paused, b"")?;
-                let t = Instant::now();
-                while pause.exists() && !stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                held = held.max(t.elapsed());
-                let _ = std::fs::remove_file(&paused);
-            }
-            writeln!(log, "record {n}")?;
-            log.sync_data()?;
-            n += 1;
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        Ok((n, held))
-    }))
-}
-
-/// The hook: `freeze` asks the application to pause and waits (up to 5 s)
-/// for it to say it has flushed; `thaw` and `abort` let it go on.
-fn hook_script(app: &Path) -> String {
-    let app = app.display();
-    format!(
-        r#"#!/bin/sh
-# The demo application's writer: pause it for the freeze, resume it after.
-case "$1" in
-  freeze)
-    touch "{app}/pause"
-    i=0
-    while [ ! -e "{app}/paused" ]; do
-      i=$((i + 1)); [ $i -gt 500 ] && {{ echo "the application did not pause" >&2; rm -f "{app}/pause"; exit 1; }}
-      sleep 0.01
-    done ;;
-  thaw|abort) rm -f "{app}/pause" ;;
-esac
-exit 0
-"#
-    )
-}
-
-struct AgentChild(Child);
-
-impl Drop for AgentChild {
-    fn drop(&mut self) {
-        // SIGTERM would be kinder, but nothing is frozen between backups
-        // and the agent freezes no filesystem here.
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_agent(vm_dir: &Path) -> Result<(AgentChild, String)> {
-    let exe = std::env::current_exe()?;
-    let sock = vm_dir.join("agent.sock");
-    let mut child = Command::new(exe)
-        .arg("agent")
+/// The VM's agent: a `vsnap agent` child of this process, whose writer
+/// is the application's hook (it freezes no filesystem here).
+fn start_agent(vm_dir: &Path) -> Result<AgentProc> {
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.arg("agent")
         .arg("--listen")
-        .arg(format!("unix:{}", sock.display()))
+        .arg(format!("unix:{}", vm_dir.join("agent.sock").display()))
         .arg("--hooks")
         .arg(vm_dir.join("hooks"))
         .arg("--marker")
-        .arg(vm_dir.join("agent.frozen"))
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(vm_dir.join("agent.log"))?)
-        .spawn()
-        .context("start vsnap agent")?;
-    let mut line = String::new();
-    if let Some(out) = child.stdout.take() {
-        std::io::BufReader::new(out).read_line(&mut line)?;
-    }
-    let child = AgentChild(child);
-    match line.trim().strip_prefix("listening on ") {
-        Some(a) => Ok((child, a.to_string())),
-        None => bail!(
-            "the agent of {} did not start: {}",
-            vm_dir.display(),
-            std::fs::read_to_string(vm_dir.join("agent.log")).unwrap_or_default()
-        ),
-    }
-}
-
-/// A guest disk: an ext4 filesystem made from a seed tree by
-/// `mkfs.ext4 -d`, converted to a dynamic VHD by vsnap's own writer.
-fn make_disk(vm_dir: &Path, name: &str, size: u64) -> Result<PathBuf> {
-    let seed = vm_dir.join("seed");
-    std::fs::create_dir_all(seed.join("etc"))?;
-    std::fs::create_dir_all(seed.join("srv/data"))?;
-    std::fs::write(seed.join("etc/hostname"), format!("{name}\n"))?;
-    let mut text = String::new();
-    for i in 0..60_000 {
-        text += &format!("{name} order {i} shipped to warehouse {}\n", i % 17);
-    }
-    std::fs::write(seed.join("srv/data/orders.csv"), &text)?;
-    let noise: Vec<u8> = (0..(1u32 << 20))
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect();
-    std::fs::write(seed.join("srv/data/blob.bin"), noise)?;
-    let raw = vm_dir.join("build.img");
-    std::fs::File::create(&raw)?.set_len(size)?;
-    let out = Command::new(mkfs_ext4())
-        .args(["-q", "-F", "-L", name, "-d"])
-        .arg(&seed)
-        .arg(&raw)
-        .output()
-        .context("run mkfs.ext4 (install e2fsprogs)")?;
-    if !out.status.success() {
-        bail!(
-            "mkfs.ext4 -d failed (it needs e2fsprogs 1.43 or later): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let disk = vm_dir.join("disk0.vhd");
-    let image = vsnap_engine::format::open(&raw, Some(ImageFormat::Raw))?;
-    let refs: Vec<&dyn DiskImage> = vec![&*image];
-    let spec = CopySpec {
-        target: disk.clone(),
-        format: TargetFormat::DynamicVhd,
-        replace: false,
-        expect: None,
-        durable: true,
-    };
-    copy_images(&refs, &[spec], &Options::default(), &Progress::default())?;
-    std::fs::remove_file(&raw)?;
-    std::fs::remove_dir_all(&seed)?;
-    Ok(disk)
+        .arg(vm_dir.join("agent.frozen"));
+    AgentProc::start(cmd, &vm_dir.join("agent.log"))
+        .with_context(|| format!("the agent of {} did not start", vm_dir.display()))
 }
 
 fn step(out: &mut dyn Write, what: &str) -> Result<()> {
@@ -197,28 +77,6 @@ fn vsnap(out: &mut dyn Write, args: &[&std::ffi::OsStr]) -> Result<bool> {
     out.write_all(&o.stdout)?;
     out.write_all(&o.stderr)?;
     Ok(o.status.success())
-}
-
-/// `mkfs.ext4` from PATH, or from the sbin directories a user's PATH
-/// often lacks.
-fn mkfs_ext4() -> PathBuf {
-    let name = "mkfs.ext4";
-    let from_path = std::env::var_os("PATH")
-        .map(|p| {
-            std::env::split_paths(&p)
-                .map(|d| d.join(name))
-                .collect::<Vec<_>>()
-        })
-        .unwrap_or_default();
-    from_path
-        .into_iter()
-        .chain(
-            ["/usr/sbin", "/sbin"]
-                .iter()
-                .map(|d| Path::new(d).join(name)),
-        )
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| PathBuf::from(name))
 }
 
 pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
@@ -248,13 +106,14 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
         let name = format!("vm{i}");
         let vm_dir = dir.join(&name);
         std::fs::create_dir_all(vm_dir.join("hooks"))?;
-        let disk = make_disk(&vm_dir, &name, args.disk_size)?;
+        let disk = demo::ext4_disk(&vm_dir, &name, args.disk_size)?;
         let hook = vm_dir.join("hooks/10-app");
-        std::fs::write(&hook, hook_script(&vm_dir.join("app")))?;
+        std::fs::write(&hook, demo::pause_hook(&vm_dir.join("app")))?;
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755))?;
-        apps.push(start_app(&vm_dir.join("app"))?);
-        let (agent, address) = start_agent(&vm_dir)?;
+        apps.push(demo::start_app(&vm_dir.join("app"))?);
+        let agent = start_agent(&vm_dir)?;
+        let address = agent.address.clone();
         agents.push(agent);
         writeln!(
             out,
@@ -278,17 +137,19 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
         out,
         "coordinated backup: prepare, freeze all, snapshot, thaw, stream",
     )?;
-    let words = [
-        "-q".as_ref(),
-        "--inventory".as_ref(),
-        inv.as_os_str(),
-        "--repo".as_ref(),
-        repo.as_os_str(),
-    ];
-    let backup = crate::coordinated::args_from(words)?;
-    let (report, streamed) = crate::coordinated::backup_inventory(&backup, &inv, None, None)?;
-    crate::coordinated::print_report(&report, &streamed, out)?;
-    if report.snapshots.iter().any(|s| s.provider.name() == "copy") {
+    let plan = Plan::new(Inventory::load(&inv)?.vms, repo.clone());
+    let quiet = ProgressArgs {
+        progress: ProgressArg::None,
+        quiet: true,
+    };
+    let report = crate::coordinated::run_plan(&plan, None, &quiet)?;
+    crate::coordinated::print_report(&report, out)?;
+    if report
+        .session
+        .snapshots
+        .iter()
+        .any(|s| s.provider.name() == "copy")
+    {
         writeln!(
             out,
             "(the copy provider: {}'s filesystem cannot clone files, so each disk was copied inside the freeze; on XFS with reflink or btrfs a snapshot is O(1))",
@@ -296,22 +157,29 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
         )?;
     }
     let code = crate::coordinated::exit_code(&report);
-    let mut held = Vec::new();
-    for app in apps {
-        held.push(app.finish()?);
-    }
-    drop(agents);
     if code != ExitCode::SUCCESS {
         return Ok(code);
     }
-    for (v, (records, longest)) in report.vms.iter().zip(&held) {
-        writeln!(
-            out,
-            "{}: its application wrote {records} records and was held at most {:.1} ms",
-            v.vm,
-            longest.as_secs_f64() * 1000.0
-        )?;
-    }
+    // Under the service the VMs and their applications go on; otherwise
+    // they stop here, and say how long they were held.
+    let running = if args.serve {
+        Some((agents, apps))
+    } else {
+        let mut held = Vec::new();
+        for app in apps {
+            held.push(app.finish()?);
+        }
+        drop(agents);
+        for (v, (records, longest)) in report.session.vms.iter().zip(&held) {
+            writeln!(
+                out,
+                "{}: its application wrote {records} records and was held at most {:.1} ms",
+                v.vm,
+                longest.as_secs_f64() * 1000.0
+            )?;
+        }
+        None
+    };
 
     step(
         out,
@@ -329,6 +197,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
         bail!("verify failed");
     }
     let first = report
+        .session
         .vms
         .first()
         .and_then(|v| v.snapshot.clone())
@@ -366,5 +235,34 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
         }
     }
     writeln!(out, "done; everything is in {}", dir.display())?;
-    Ok(ExitCode::SUCCESS)
+    let Some((agents, apps)) = running else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    let config = dir.join("serve.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "# vsnap demo --serve: the demo VMs under the service.\nrepository = \"repo\"\ninventory = \"inventory.toml\"\nstate_dir = \"state\"\nlisten = \"{}\"\n\n[[job]]\nname = \"demo\"\nschedule = \"*:0/5\"\nkeep = {{ last = 5 }}\ngc = true\n\n[[verify]]\nname = \"verify\"\nschedule = \"daily\"\noutdated_after = \"7d\"\n",
+            args.listen
+        ),
+    )?;
+    let token = vsnap_service::api::token::load_or_create(&dir.join("state"))?;
+    step(
+        out,
+        "the service: the VMs stay up, backed up every 5 minutes",
+    )?;
+    writeln!(
+        out,
+        "config:    {}\ndashboard: http://{}/?token={token}\nAPI:       curl -H 'Authorization: Bearer {token}' http://{}/api/v1/jobs\nCtrl-C stops the service and the demo VMs.",
+        config.display(),
+        args.listen,
+        args.listen
+    )?;
+    out.flush()?;
+    let served = crate::serve::run(&crate::serve::Args::of(config), out);
+    for app in apps {
+        let _ = app.finish();
+    }
+    drop(agents);
+    served
 }

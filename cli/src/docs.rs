@@ -48,7 +48,7 @@ pub fn man(args: &ManArgs, out: &mut dyn Write) -> Result<ExitCode> {
     let mut todo = vec![(String::from("vsnap"), crate::Cli::command())];
     while let Some((name, cmd)) = todo.pop() {
         let cmd = cmd.name(name.clone());
-        for sub in cmd.get_subcommands() {
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
             todo.push((format!("{name}-{}", sub.get_name()), sub.clone()));
         }
         let path = args.dir.join(format!("{name}.1"));

@@ -1,17 +1,13 @@
 //! The engine's tuning flags, shared by every command that streams images.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use clap::ValueEnum;
-use vsnap_engine::digest::ZeroCache;
 use vsnap_engine::io::{probe, IoMode};
-use vsnap_engine::pipeline::Options;
+use vsnap_engine::pipeline::{Options, Tuning};
+use vsnap_engine::ErrorKind;
 
 use crate::units::{human, parse_chunk_size, parse_size};
-
-/// The buffer budget without `--memory`.
-const DEFAULT_MEMORY: u64 = 256 << 20;
 
 /// `--chunk-size`, for the commands whose grid is the user's to choose
 /// (`hash`, `copy`); a repository's commands use the repository's.
@@ -68,37 +64,12 @@ pub enum IoArg {
 }
 
 impl EngineArgs {
-    /// The engine's options at `chunk_size` (the user's, or a
-    /// repository's). A `--memory` below two chunks per worker is a usage
-    /// error that gives the floor, rather than being raised in silence.
-    /// Without `--memory`, the default budget is raised to the floor on a
-    /// host with many cores.
-    pub fn options(&self, keep_chunks: bool, chunk_size: u64) -> anyhow::Result<Options> {
-        let mut opts = self.unchecked(keep_chunks, chunk_size);
-        let floor = 2 * opts.worker_count() as u64 * chunk_size;
-        match self.memory {
-            Some(m) if m < floor => {
-                return Err(crate::usage::error(format!(
-                    "--memory {}: below the floor of {} (two {} chunks for each of {} workers); give at least that, or fewer --threads",
-                    human(m),
-                    human(floor),
-                    human(chunk_size),
-                    opts.worker_count()
-                )))
-            }
-            Some(m) => opts.memory = m,
-            None => opts.memory = DEFAULT_MEMORY.max(floor),
-        }
-        Ok(opts)
-    }
-
-    fn unchecked(&self, keep_chunks: bool, chunk_size: u64) -> Options {
-        Options {
-            chunk_size,
+    /// The engine's tuning as given, for operations that learn the chunk
+    /// size themselves (a coordinated backup, from its repository).
+    pub fn tuning(&self) -> Tuning {
+        Tuning {
             threads: self.threads,
-            keep_chunks,
-            memory: DEFAULT_MEMORY,
-            compress: None,
+            memory: self.memory,
             io: match self.io {
                 IoArg::Auto => IoMode::Auto,
                 IoArg::Uring => IoMode::Uring,
@@ -106,11 +77,17 @@ impl EngineArgs {
             },
             direct: self.direct,
             queue_depth: self.queue_depth,
-            zero_cache: (!self.no_cache)
-                .then(cache_dir)
-                .flatten()
-                .map(|dir| Arc::new(ZeroCache::load(&dir, chunk_size))),
+            cache_dir: (!self.no_cache).then(cache_dir).flatten(),
         }
+    }
+
+    /// The engine's options at `chunk_size` (the user's, or a
+    /// repository's). A `--memory` below two chunks per worker is a usage
+    /// error that gives the floor.
+    pub fn options(&self, keep_chunks: bool, chunk_size: u64) -> anyhow::Result<Options> {
+        self.tuning()
+            .options(keep_chunks, chunk_size)
+            .map_err(|e| memory_usage(&e).unwrap_or_else(|| e.into()))
     }
 
     /// Keeps what this run learnt for the next; a cache that cannot be
@@ -125,9 +102,30 @@ impl EngineArgs {
 
     /// Says on stderr when `--io auto` had to fall back to sync reads, or
     /// io_uring to unregistered buffers.
-    pub fn report_fallback(&self, opts: &Options) {
-        if let Ok((_, Some(reason))) = probe(opts.io, opts.queue_depth) {
+    pub fn report_fallback(&self) {
+        let t = self.tuning();
+        if let Ok((_, Some(reason))) = probe(t.io, t.queue_depth) {
             eprintln!("vsnap: {reason}");
         }
     }
+}
+
+/// The engine's refusal of a memory budget, as the usage error of
+/// `--memory` (exit 2).
+pub fn memory_usage(e: &vsnap_engine::Error) -> Option<anyhow::Error> {
+    let ErrorKind::MemoryBelowFloor {
+        memory,
+        floor,
+        chunk_size,
+        workers,
+    } = e.kind()
+    else {
+        return None;
+    };
+    Some(crate::usage::error(format!(
+        "--memory {}: below the floor of {} (two {} chunks for each of {workers} workers); give at least that, or fewer --threads",
+        human(*memory),
+        human(*floor),
+        human(*chunk_size),
+    )))
 }

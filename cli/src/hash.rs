@@ -88,7 +88,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
     let refs: Vec<&dyn DiskImage> = images.iter().map(|b| &**b).collect();
     let mut opts = args.engine.options(args.chunks, args.chunk.chunk_size)?;
     opts.compress = args.compress;
-    args.engine.report_fallback(&opts);
+    args.engine.report_fallback();
     let progress = Progress::default();
     let digests = crate::progress::with_progress(&progress, args.progress, args.quiet, || {
         pipeline::hash_images(&refs, &opts, &progress)

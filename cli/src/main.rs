@@ -1,7 +1,5 @@
 //! The `vsnap` command line.
 
-mod agent;
-mod background;
 mod backup;
 mod bench;
 mod coordinated;
@@ -16,6 +14,7 @@ mod map;
 mod progress;
 mod repo;
 mod restore;
+mod serve;
 mod units;
 mod usage;
 mod verify;
@@ -85,7 +84,10 @@ enum Command {
     Gc(repo::GcArgs),
     /// Run the guest agent: quiesce this guest's writers (hooks, then
     /// fsfreeze) when the coordinator asks, and thaw within a hold limit.
-    Agent(agent::Args),
+    Agent(vsnap_agent::cli::Args),
+    /// Run the service: coordinated backups on calendar-event schedules,
+    /// with retention and gc, state kept in SQLite, until SIGTERM.
+    Serve(serve::Args),
     /// Build throw-away VMs (ext4 in dynamic VHDs, an agent each, a
     /// simulated application), back them all up app-consistently in one
     /// freeze window, verify and restore. Needs no root.
@@ -98,6 +100,13 @@ enum Command {
     Completions(docs::CompletionsArgs),
     /// Write man pages for vsnap and every subcommand into a directory.
     Man(docs::ManArgs),
+    /// The guard a coordinated backup starts for each qemu-ga guest it
+    /// freezes (not for people: see vsnap_coordinator::qga_guard).
+    #[command(name = "__qga-guard", hide = true)]
+    QgaGuard {
+        socket: std::path::PathBuf,
+        window_ms: u64,
+    },
 }
 
 /// `--format`: what the image is, or `auto` to detect it from its bytes.
@@ -134,6 +143,7 @@ impl FormatArg {
 }
 
 fn main() -> ExitCode {
+    vsnap_coordinator::failpoint::from_env();
     let cli = Cli::parse();
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
@@ -150,11 +160,13 @@ fn main() -> ExitCode {
         Command::Verify(args) => verify::run(&args, &mut out),
         Command::Forget(args) => repo::run_forget(&args, &mut out),
         Command::Gc(args) => repo::run_gc(&args, &mut out),
-        Command::Agent(args) => agent::run(&args),
+        Command::Agent(args) => vsnap_agent::cli::run(&args).map_err(Into::into),
+        Command::Serve(args) => serve::run(&args, &mut out),
         Command::Demo(args) => demo::run(&args, &mut out),
         Command::Bench(cmd) => bench::run(&cmd, &mut out),
         Command::Completions(args) => docs::completions(&args, &mut out),
         Command::Man(args) => docs::man(&args, &mut out),
+        Command::QgaGuard { socket, window_ms } => qga_guard(socket, window_ms),
     }
     .and_then(|code| out.flush().map(|()| code).map_err(Into::into));
     match result {
@@ -170,6 +182,15 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn qga_guard(socket: std::path::PathBuf, window_ms: u64) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let window = std::time::Duration::from_millis(window_ms);
+    rt.block_on(vsnap_coordinator::qga_guard::serve(socket, window))?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn is_broken_pipe(err: &anyhow::Error) -> bool {

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use serde::Serialize;
+use vsnap_engine::repo::retention::{self, KeepPolicy, Within};
 use vsnap_engine::repo::{self, Repository};
 
 use crate::units::human;
@@ -66,11 +67,10 @@ pub struct SnapshotsArgs {
     json: bool,
 }
 
-/// One of the guest's freeze metrics (on its agent's clock), as the
-/// coordinator recorded them in the manifest: `freeze_window_us`, the
-/// time frozen, or `stall_us`, what the application waited.
-fn guest_us(m: &repo::Manifest, key: &str) -> Option<u64> {
-    m.freeze.as_ref()?.get("guest")?.get(key)?.as_u64()
+/// The guest's figures the coordinator recorded in the manifest, when a
+/// coordinator took the snapshot.
+fn guest(m: &repo::Manifest) -> Option<&repo::GuestMetrics> {
+    m.freeze.as_ref().map(|f| &f.guest)
 }
 
 pub fn run_snapshots(args: &SnapshotsArgs, out: &mut dyn Write) -> Result<ExitCode> {
@@ -100,8 +100,8 @@ pub fn run_snapshots(args: &SnapshotsArgs, out: &mut dyn Write) -> Result<ExitCo
             .into_iter()
             .map(|l| match l.manifest {
                 Ok(m) => Item::Ok {
-                    freeze_window_us: guest_us(&m, "freeze_window_us"),
-                    stall_us: guest_us(&m, "stall_us"),
+                    freeze_window_us: guest(&m).and_then(|g| g.freeze_window_us),
+                    stall_us: guest(&m).and_then(|g| g.stall_us),
                     manifest: Box::new(m),
                 },
                 Err(e) => Item::Bad {
@@ -130,9 +130,11 @@ pub fn run_snapshots(args: &SnapshotsArgs, out: &mut dyn Write) -> Result<ExitCo
                     m.time,
                     m.vm,
                     m.consistency.name(),
-                    guest_us(&m, "stall_us")
+                    guest(&m)
+                        .and_then(|g| g.stall_us)
                         .map_or("-".into(), |us| format!("{:.1} ms", us as f64 / 1000.0)),
-                    guest_us(&m, "freeze_window_us")
+                    guest(&m)
+                        .and_then(|g| g.freeze_window_us)
                         .map_or("-".into(), |us| format!("{:.1} ms", us as f64 / 1000.0)),
                     m.disks.len(),
                     human(size),
@@ -152,20 +154,114 @@ pub fn run_snapshots(args: &SnapshotsArgs, out: &mut dyn Write) -> Result<ExitCo
 }
 
 #[derive(Debug, clap::Args)]
+#[command(after_long_help = "\
+With a policy instead of ids, each VM's snapshots are judged apart, with
+restic's rules: --keep-last N keeps the newest N; --keep-hourly, -daily,
+-weekly (ISO weeks), -monthly and -yearly N each keep the newest snapshot
+of each of the last N such periods that have one, in this host's local
+time; --keep-within 2y5m7d3h keeps every snapshot taken that long before
+the VM's newest one. A snapshot any rule keeps stays. --dry-run prints what
+would go and the rules that keep the rest, and removes nothing. A snapshot
+whose manifest cannot be read is never removed by a policy.
+
+Forgotten snapshots' chunks stay until `vsnap gc`.")]
 pub struct ForgetArgs {
     #[command(flatten)]
     repo: RepoArg,
-    /// Snapshot ids (or unique prefixes) to forget. Their chunks stay
-    /// until `vsnap gc`.
-    #[arg(required = true, value_name = "SNAPSHOT")]
+    /// Snapshot ids (or unique prefixes) to forget.
+    #[arg(value_name = "SNAPSHOT", required_unless_present_any = ["keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly", "keep_within"])]
     snapshots: Vec<String>,
+    /// Keep the newest N snapshots of each VM.
+    #[arg(long, value_name = "N", conflicts_with = "snapshots")]
+    keep_last: Option<u32>,
+    /// Keep the newest snapshot of each of the last N hours that have one.
+    #[arg(long, value_name = "N", conflicts_with = "snapshots")]
+    keep_hourly: Option<u32>,
+    /// ... of each of the last N days.
+    #[arg(long, value_name = "N", conflicts_with = "snapshots")]
+    keep_daily: Option<u32>,
+    /// ... of each of the last N ISO weeks.
+    #[arg(long, value_name = "N", conflicts_with = "snapshots")]
+    keep_weekly: Option<u32>,
+    /// ... of each of the last N months.
+    #[arg(long, value_name = "N", conflicts_with = "snapshots")]
+    keep_monthly: Option<u32>,
+    /// ... of each of the last N years.
+    #[arg(long, value_name = "N", conflicts_with = "snapshots")]
+    keep_yearly: Option<u32>,
+    /// Keep every snapshot this long before the VM's newest (restic's
+    /// form: 2y5m7d3h).
+    #[arg(long, value_name = "DURATION", conflicts_with = "snapshots", value_parser = parse_within)]
+    keep_within: Option<Within>,
+    /// Only these VMs (repeatable); every VM without it.
+    #[arg(long = "vm", value_name = "NAME", conflicts_with = "snapshots")]
+    vms: Vec<String>,
+    /// Print what a policy keeps and removes, and remove nothing.
+    #[arg(long, conflicts_with = "snapshots")]
+    dry_run: bool,
+    /// Print the decisions as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_within(s: &str) -> std::result::Result<Within, String> {
+    s.parse().map_err(|e: vsnap_engine::Error| e.to_string())
 }
 
 pub fn run_forget(args: &ForgetArgs, out: &mut dyn Write) -> Result<ExitCode> {
     let repo = args.repo.open()?;
-    for id in repo::forget(&repo, &args.snapshots)? {
-        writeln!(out, "forgot {id}")?;
+    if !args.snapshots.is_empty() {
+        let gone = repo::forget(&repo, &args.snapshots)?;
+        if args.json {
+            writeln!(out, "{}", serde_json::to_string_pretty(&gone)?)?;
+        } else {
+            for id in gone {
+                writeln!(out, "forgot {id}")?;
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
     }
+    let policy = KeepPolicy {
+        last: args.keep_last.unwrap_or(0),
+        hourly: args.keep_hourly.unwrap_or(0),
+        daily: args.keep_daily.unwrap_or(0),
+        weekly: args.keep_weekly.unwrap_or(0),
+        monthly: args.keep_monthly.unwrap_or(0),
+        yearly: args.keep_yearly.unwrap_or(0),
+        within: args.keep_within,
+    };
+    let planned = retention::plan(&repo, &policy, &args.vms)?;
+    let remove: Vec<String> = planned
+        .iter()
+        .filter(|p| !p.keep)
+        .map(|p| p.id.clone())
+        .collect();
+    if !args.dry_run && !remove.is_empty() {
+        repo::forget(&repo, &remove)?;
+    }
+    if args.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&planned)?)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    for p in &planned {
+        let what = match (p.keep, args.dry_run) {
+            (true, _) => format!("keep    ({})", p.reasons.join(", ")),
+            (false, true) => "would remove".to_string(),
+            (false, false) => "removed".to_string(),
+        };
+        writeln!(out, "{}  {:<20}  {:<12}  {what}", p.id, p.time, p.vm)?;
+    }
+    writeln!(
+        out,
+        "{} kept, {} {}",
+        planned.len() - remove.len(),
+        remove.len(),
+        if args.dry_run {
+            "would be removed (dry run)"
+        } else {
+            "removed; their chunks stay until `vsnap gc`"
+        }
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -212,12 +308,6 @@ pub fn run_gc(args: &GcArgs, out: &mut dyn Write) -> Result<ExitCode> {
 }
 
 /// This host's name, for the manifest.
-pub fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|_| "unknown".into())
-}
-
 /// Splits `SNAPSHOT[:DISK]`.
 pub fn split_target(s: &str) -> (&str, Option<&str>) {
     match s.split_once(':') {

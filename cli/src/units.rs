@@ -3,6 +3,17 @@
 
 use anyhow::{bail, Context, Result};
 
+/// Parses a duration as people write one (`500ms`, `10s`, `2m`), more
+/// than zero.
+pub fn parse_duration(text: &str) -> std::result::Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(text.trim())
+        .map_err(|e| format!("not a duration ({e}; say 500ms, 10s or 2m)"))?;
+    if d.is_zero() {
+        return Err("must be more than zero".into());
+    }
+    Ok(d)
+}
+
 /// Parses `N[K|M|G|T|P][i][B]`; suffixes are powers of 1024.
 pub fn parse_size(text: &str) -> Result<u64> {
     let t = text.trim();

@@ -4,7 +4,7 @@
 
 use std::fmt;
 
-use crate::protocol::ErrorClass;
+use vsnap_protocol::ErrorClass;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -37,6 +37,17 @@ pub enum ErrorKind {
     /// Stopped on request (SIGINT): the abort rules apply.
     #[error("interrupted")]
     Interrupted,
+    /// The engine's own error, with its context; its cause through
+    /// `source()`.
+    #[error(transparent)]
+    Engine(Box<vsnap_engine::Error>),
+    /// A repository cuts one chunk grid, chosen when it was made.
+    #[error("the repository {} uses chunks of {have} bytes, not the {want} asked for", .repo.display())]
+    ChunkSize {
+        repo: std::path::PathBuf,
+        have: u64,
+        want: u64,
+    },
 }
 
 #[derive(Debug)]
@@ -76,7 +87,9 @@ impl Error {
             ErrorKind::Io(_) | ErrorKind::Closed => ErrorClass::Retryable,
             ErrorKind::VersionMismatch { .. }
             | ErrorKind::BadEndpoint { .. }
-            | ErrorKind::Config(_) => ErrorClass::NonRetryable,
+            | ErrorKind::Config(_)
+            | ErrorKind::Engine(_)
+            | ErrorKind::ChunkSize { .. } => ErrorClass::NonRetryable,
             ErrorKind::Protocol(_) => ErrorClass::Protocol,
             ErrorKind::Interrupted => ErrorClass::NonRetryable,
         }
@@ -104,6 +117,26 @@ impl std::error::Error for Error {
 impl From<ErrorKind> for Error {
     fn from(kind: ErrorKind) -> Self {
         Error::new(kind)
+    }
+}
+
+/// The shared pieces' errors (endpoints, transports, the token file)
+/// become the coordinator's own kinds, with their context kept.
+impl From<vsnap_protocol::Error> for Error {
+    fn from(e: vsnap_protocol::Error) -> Self {
+        use vsnap_protocol::ErrorKind as P;
+        let kind = match e.kind {
+            P::Io(io) => ErrorKind::Io(io),
+            P::BadEndpoint { spec, reason } => ErrorKind::BadEndpoint { spec, reason },
+            P::Config(c) => ErrorKind::Config(c),
+            P::Timeout { op, ms } => ErrorKind::Timeout { op, ms },
+            other => ErrorKind::Protocol(other.to_string()),
+        };
+        Error {
+            kind,
+            at: e.at,
+            during: e.during,
+        }
     }
 }
 

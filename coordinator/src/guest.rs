@@ -5,13 +5,15 @@
 
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
-use serde_json::{json, Value};
+use vsnap_engine::repo::{Failure, GuestMetrics, Writer};
+use vsnap_protocol::{
+    Abort, AgentState, Complete, CompleteReply, ErrorClass, Freeze, FreezeReply, IdentifyReply, Op,
+    Prepare, PrepareReply, ThawReply,
+};
 
 use crate::client::AgentClient;
 use crate::error::{Error, ErrorKind, Result};
 use crate::inventory::{AgentSpec, Vm};
-use crate::protocol::{Abort, Complete, ErrorClass, Freeze, Op, Prepare};
 use crate::qga::QgaClient;
 
 enum Link {
@@ -19,46 +21,8 @@ enum Link {
     Qga(QgaClient),
 }
 
-/// What went wrong with a guest, and at which step.
-#[derive(Debug, Clone, Serialize)]
-pub struct Failure {
-    pub step: String,
-    pub class: ErrorClass,
-    pub message: String,
-}
-
-/// The reference's per-guest metrics. Times in µs; `*_at_us` are on the
-/// coordinator's monotonic clock, from the session's start.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Metrics {
-    pub agent: String,
-    /// What identify reported: the agent's writers.
-    pub writers: Option<Value>,
-    pub frozen: Option<u64>,
-    pub expected: Option<u64>,
-    /// On the agent's clock: last FIFREEZE returned to first FITHAW.
-    pub freeze_window_us: Option<u64>,
-    /// On the agent's clock: what the application waited, from the start
-    /// of quiescing (freeze hooks, then FIFREEZE) until FITHAW returned.
-    pub stall_us: Option<u64>,
-    /// From the freeze acknowledgement to the thaw acknowledgement.
-    pub host_window_us: Option<u64>,
-    pub freeze_sent_at_us: Option<u64>,
-    pub freeze_ack_at_us: Option<u64>,
-    /// When the coordinator sent this guest's thaw: its snapshots were
-    /// all taken then.
-    pub thaw_sent_at_us: Option<u64>,
-    pub thaw_ack_at_us: Option<u64>,
-    pub prepare_hooks_us: Option<u64>,
-    /// Prepare's flush of the mounts to freeze.
-    pub prepare_sync_us: Option<u64>,
-    pub freeze_hooks_us: Option<u64>,
-    pub fifreeze_us: Option<u64>,
-    pub fithaw_us: Option<u64>,
-    pub thaw_hooks_us: Option<u64>,
-    pub retries: u32,
-    pub failure: Option<Failure>,
-}
+/// The reference's per-guest metrics: what the manifest records.
+pub type Metrics = GuestMetrics;
 
 pub struct Guest {
     pub vm: Vm,
@@ -98,11 +62,19 @@ impl Call {
     }
 }
 
-pub const TRIES: u32 = 3;
-
-fn get_u64(v: &Value, k: &str) -> Option<u64> {
-    v.get(k).and_then(Value::as_u64)
+/// A call's answer, typed by the step: a vsnap agent's reply, or what
+/// qemu-ga said mapped into the same type.
+#[derive(Debug, Clone)]
+pub enum Answer {
+    Identify(IdentifyReply),
+    Prepare(PrepareReply),
+    Freeze(FreezeReply),
+    /// To `thaw` and to `abort`.
+    Thaw(ThawReply),
+    Complete(CompleteReply),
 }
+
+pub const TRIES: u32 = 3;
 
 impl Guest {
     pub fn new(vm: Vm, epoch: Instant) -> Result<Guest> {
@@ -115,7 +87,7 @@ impl Guest {
             } => {
                 let token = token_file
                     .as_deref()
-                    .map(crate::agent::read_token)
+                    .map(vsnap_protocol::read_token)
                     .transpose()?
                     .map(|t| String::from_utf8_lossy(&t).into_owned());
                 (endpoint.to_string(), token)
@@ -153,8 +125,7 @@ impl Guest {
             AgentSpec::Qga(p) => Some(Link::Qga(QgaClient::connect(p).await?)),
             AgentSpec::Vsnap { endpoint, .. } => {
                 let (c, hello) = AgentClient::connect(endpoint, self.token.clone()).await?;
-                let state = hello.get("state").and_then(Value::as_str).unwrap_or("");
-                if state == "FROZEN" {
+                if hello.state == AgentState::Frozen {
                     return Err(Error::from(ErrorKind::Agent {
                         class: ErrorClass::Retryable,
                         message: "the guest is frozen by another backup; its watchdog will thaw it"
@@ -190,53 +161,97 @@ impl Guest {
     fn fail(&mut self, step: &str, e: Error) -> Error {
         self.metrics.failure.get_or_insert(Failure {
             step: step.to_string(),
-            class: e.class(),
+            class: e.class().to_string(),
             message: e.to_string(),
         });
         e
     }
 
-    async fn once(&mut self, call: &Call, limit: Duration) -> Result<Value> {
+    async fn once(&mut self, call: &Call, limit: Duration) -> Result<Answer> {
         let mounts = self.vm.mounts.clone();
+        // qemu-ga cannot tell whose freeze it holds: an abort thaws only
+        // what this run froze, never a freeze found in place.
+        let froze = self.reported_frozen();
         match self.link.as_mut() {
             None => Err(ErrorKind::Closed.into()),
-            Some(Link::Vsnap(c)) => {
-                let op = match call {
-                    Call::Identify => Op::Identify,
-                    Call::Prepare(t) => Op::Prepare(Prepare {
+            Some(Link::Vsnap(c)) => Ok(match call {
+                Call::Identify => Answer::Identify(c.call_as(Op::Identify, limit).await?),
+                Call::Prepare(t) => {
+                    let op = Op::Prepare(Prepare {
                         backup_type: t.clone(),
-                    }),
-                    Call::Freeze { hold_limit_ms } => Op::Freeze(Freeze {
+                    });
+                    Answer::Prepare(c.call_as(op, limit).await?)
+                }
+                Call::Freeze { hold_limit_ms } => {
+                    let op = Op::Freeze(Freeze {
                         mounts,
                         hold_limit_ms: Some(*hold_limit_ms),
-                    }),
-                    Call::Thaw => Op::Thaw,
-                    Call::Abort(r) => Op::Abort(Abort { reason: r.clone() }),
-                    Call::Complete(s) => Op::Complete(Complete { success: *s }),
-                };
-                c.call_within(op, limit).await
-            }
+                    });
+                    Answer::Freeze(c.call_as(op, limit).await?)
+                }
+                Call::Thaw => Answer::Thaw(c.call_as(Op::Thaw, limit).await?),
+                Call::Abort(r) => {
+                    let op = Op::Abort(Abort { reason: r.clone() });
+                    Answer::Thaw(c.call_as(op, limit).await?)
+                }
+                Call::Complete(s) => {
+                    let op = Op::Complete(Complete { success: *s });
+                    Answer::Complete(c.call_as(op, limit).await?)
+                }
+            }),
             Some(Link::Qga(q)) => match call {
-                Call::Identify => Ok(json!({"writers": [{"kind": "qemu-ga"}]})),
+                Call::Identify => Ok(Answer::Identify(IdentifyReply {
+                    agent: "qemu-ga".into(),
+                    writers: vec![vsnap_protocol::Writer {
+                        kind: "qemu-ga".into(),
+                        mounts: None,
+                        hook: None,
+                    }],
+                    mounts: Vec::new(),
+                    skipped: Vec::new(),
+                    hooks: Vec::new(),
+                    host: None,
+                    protocol: None,
+                    state: None,
+                    hold_limit_ms: None,
+                })),
                 Call::Prepare(_) => {
                     let st = q.status().await?;
                     if st == "frozen" {
                         return Err(ErrorKind::Agent {
                             class: ErrorClass::NonRetryable,
-                            message: "qemu-ga reports the guest frozen already; thaw it (guest-fsfreeze-thaw) before a backup".into(),
+                            message: "qemu-ga reports this guest frozen already, by a backup still running or by one that died without thawing it (qemu-ga has no watchdog); this run leaves it as it is; if no backup is running, thaw it with guest-fsfreeze-thaw".into(),
                             mount: None,
                         }
                         .into());
                     }
-                    Ok(json!({}))
+                    Ok(Answer::Prepare(PrepareReply {
+                        state: AgentState::Prepared,
+                        prepare_hooks_us: None,
+                        prepare_sync_us: None,
+                    }))
                 }
                 Call::Freeze { .. } => {
-                    let n = q.freeze(mounts.as_deref(), limit).await?;
-                    let expected = mounts.as_ref().map(|m| m.len() as u64);
-                    Ok(json!({"frozen": n, "expected": expected}))
+                    let frozen = q.freeze(mounts.as_deref(), limit).await?;
+                    Ok(Answer::Freeze(FreezeReply {
+                        frozen,
+                        expected: mounts.as_ref().map(|m| m.len() as u64),
+                        mounts: Vec::new(),
+                        skipped: Vec::new(),
+                        hold_limit_ms: None,
+                        freeze_hooks_us: None,
+                        fifreeze_us: None,
+                    }))
                 }
-                Call::Thaw | Call::Abort(_) => Ok(json!({"thawed": q.thaw().await?})),
-                Call::Complete(_) => Ok(json!({})),
+                Call::Abort(_) if !froze => Ok(Answer::Thaw(ThawReply::default())),
+                Call::Thaw | Call::Abort(_) => Ok(Answer::Thaw(ThawReply {
+                    thawed: q.thaw().await?,
+                    ..ThawReply::default()
+                })),
+                Call::Complete(_) => Ok(Answer::Complete(CompleteReply {
+                    state: AgentState::Complete,
+                    complete_hooks_us: None,
+                })),
             },
         }
     }
@@ -249,7 +264,7 @@ impl Guest {
         call: Call,
         limit: Duration,
         deadline: Option<Instant>,
-    ) -> Result<Value> {
+    ) -> Result<Answer> {
         let step = call.step();
         let mut tries = 0;
         loop {
@@ -291,32 +306,43 @@ impl Guest {
         }
     }
 
-    fn record(&mut self, call: &Call, v: &Value) {
+    fn record(&mut self, call: &Call, answer: &Answer) {
         let now = self.now_us();
         let m = &mut self.metrics;
-        match call {
-            Call::Identify => m.writers = v.get("writers").cloned(),
-            Call::Prepare(t) => {
-                m.prepare_hooks_us = get_u64(v, "prepare_hooks_us");
-                m.prepare_sync_us = get_u64(v, "prepare_sync_us");
+        match (call, answer) {
+            (Call::Identify, Answer::Identify(r)) => {
+                m.writers = Some(
+                    r.writers
+                        .iter()
+                        .map(|w| Writer {
+                            kind: w.kind.clone(),
+                            mounts: w.mounts,
+                            hook: w.hook.clone(),
+                        })
+                        .collect(),
+                );
+            }
+            (Call::Prepare(t), Answer::Prepare(r)) => {
+                m.prepare_hooks_us = r.prepare_hooks_us;
+                m.prepare_sync_us = r.prepare_sync_us;
                 self.backup_type.clone_from(t);
             }
-            Call::Freeze { .. } => {
-                m.frozen = get_u64(v, "frozen");
-                m.expected = get_u64(v, "expected");
-                m.freeze_hooks_us = get_u64(v, "freeze_hooks_us");
-                m.fifreeze_us = get_u64(v, "fifreeze_us");
+            (Call::Freeze { .. }, Answer::Freeze(r)) => {
+                m.frozen = Some(r.frozen);
+                m.expected = r.expected;
+                m.freeze_hooks_us = r.freeze_hooks_us;
+                m.fifreeze_us = r.fifreeze_us;
                 m.freeze_ack_at_us = Some(now);
             }
-            Call::Thaw => {
-                m.freeze_window_us = get_u64(v, "freeze_window_us");
-                m.stall_us = get_u64(v, "stall_us");
-                m.fithaw_us = get_u64(v, "fithaw_us");
-                m.thaw_hooks_us = get_u64(v, "thaw_hooks_us");
+            (Call::Thaw, Answer::Thaw(r)) => {
+                m.freeze_window_us = r.freeze_window_us;
+                m.stall_us = r.stall_us;
+                m.fithaw_us = r.fithaw_us;
+                m.thaw_hooks_us = r.thaw_hooks_us;
                 m.thaw_ack_at_us = Some(now);
                 m.host_window_us = m.freeze_ack_at_us.map(|a| now.saturating_sub(a));
             }
-            Call::Abort(_) | Call::Complete(_) => {}
+            _ => {}
         }
     }
 
@@ -324,18 +350,21 @@ impl Guest {
     /// ones this agent freezes: a stranger would fail the freeze inside
     /// the barrier, with every other guest frozen.
     pub async fn identify(&mut self) -> Result<()> {
-        let v = self
+        let answer = self
             .call(Call::Identify, Duration::from_secs(5), None)
             .await?;
-        let (Some(want), Some(have)) = (&self.vm.mounts, v.get("mounts").and_then(Value::as_array))
-        else {
+        // qemu-ga names no mounts: it freezes what it is told to.
+        let (Some(want), Answer::Identify(r)) = (&self.vm.mounts, answer) else {
             return Ok(());
         };
+        if r.mounts.is_empty() && r.writers.iter().any(|w| w.kind == "qemu-ga") {
+            return Ok(());
+        }
         let norm = |m: &str| m.trim_end_matches('/').to_string();
-        let have: Vec<String> = have
+        let have: Vec<String> = r
+            .mounts
             .iter()
-            .filter_map(|m| m.get("mount_point").and_then(Value::as_str))
-            .map(norm)
+            .map(|m| norm(&m.mount_point.to_string_lossy()))
             .collect();
         if let Some(stranger) = want.iter().find(|w| !have.contains(&norm(w))) {
             let e = Error::from(ErrorKind::Agent {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::protocol::transport::Endpoint;
+use vsnap_protocol::transport::Endpoint;
 
 /// What a VM's snapshot may be when its guest cannot be quiesced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -21,6 +21,16 @@ pub enum Policy {
     /// Drop the guest from the barrier and back it up, labelled
     /// `crash-consistent`.
     AllowCrashConsistent,
+}
+
+impl Policy {
+    /// As the inventory and the manifest spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::AppConsistentOnly => "app-consistent-only",
+            Policy::AllowCrashConsistent => "allow-crash-consistent",
+        }
+    }
 }
 
 /// How the coordinator reaches a guest.
@@ -45,6 +55,10 @@ pub struct Vm {
     pub policy: Policy,
     /// The mounts to freeze; `None`: whatever the agent freezes.
     pub mounts: Option<Vec<String>>,
+    /// The QEMU monitor (QMP) of the process that runs this VM: with it,
+    /// the snapshot is an external overlay QEMU takes and merges back
+    /// (the `qmp` provider), whatever the disks' filesystem.
+    pub qmp: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,9 +66,11 @@ pub struct Inventory {
     pub vms: Vec<Vm>,
 }
 
-#[derive(Debug, Deserialize)]
+/// One `[[vm]]` table as written, before its checks: the inventory's, or
+/// one inline in another file (`vsnap serve`'s configuration).
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct FileVm {
+pub struct VmEntry {
     name: String,
     disks: Vec<PathBuf>,
     agent: String,
@@ -64,13 +80,15 @@ struct FileVm {
     mounts: Option<Vec<String>>,
     #[serde(default)]
     token_file: Option<PathBuf>,
+    #[serde(default)]
+    qmp: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
     #[serde(default)]
-    vm: Vec<FileVm>,
+    vm: Vec<VmEntry>,
 }
 
 impl Inventory {
@@ -91,6 +109,11 @@ impl Inventory {
         if file.vm.is_empty() {
             return Err(ErrorKind::Config("the inventory lists no [[vm]]".into()).into());
         }
+        Inventory::from_entries(file.vm, base)
+    }
+
+    /// Checks `[[vm]]` entries and resolves their paths from `base`.
+    pub fn from_entries(entries: Vec<VmEntry>, base: &Path) -> Result<Inventory> {
         let rel = |p: &Path| {
             if p.is_absolute() {
                 p.to_path_buf()
@@ -100,7 +123,7 @@ impl Inventory {
         };
         let mut names = HashSet::new();
         let mut vms = Vec::new();
-        for v in file.vm {
+        for v in entries {
             let bad =
                 |why: String| Error::from(ErrorKind::Config(format!("vm {:?}: {why}", v.name)));
             if v.name.is_empty() || v.name.contains('/') || v.name.contains(':') {
@@ -119,6 +142,7 @@ impl Inventory {
                     let endpoint =
                         match Endpoint::connect(s).map_err(|e| bad(format!("agent: {e}")))? {
                             Endpoint::Unix(p) => Endpoint::Unix(rel(&p)),
+                            Endpoint::Serial(p) => Endpoint::Serial(rel(&p)),
                             e => e,
                         };
                     if matches!(endpoint, Endpoint::Tcp(_)) && v.token_file.is_none() {
@@ -132,7 +156,7 @@ impl Inventory {
             };
             if v.token_file.is_some() && !matches!(agent, AgentSpec::Vsnap { .. }) {
                 return Err(bad(
-                    "token_file is for vsnap agents (unix:, vsock:, tcp:)".into()
+                    "token_file is for vsnap agents (unix:, vsock:, tcp:, serial:)".into(),
                 ));
             }
             let policy = match (v.policy, &agent) {
@@ -158,6 +182,7 @@ impl Inventory {
                 agent,
                 policy,
                 mounts: v.mounts,
+                qmp: v.qmp.as_deref().map(rel),
             });
         }
         Ok(Inventory { vms })
@@ -220,6 +245,7 @@ name = "q"
 disks = ["q.vhd"]
 agent = "qga:q.sock"
 policy = "allow-crash-consistent"
+qmp = "q-monitor.sock"
 "#,
         )
         .unwrap();
@@ -242,6 +268,8 @@ policy = "allow-crash-consistent"
             }
         );
         assert_eq!(inv.vms[2].agent, AgentSpec::None);
+        assert_eq!(inv.vms[2].qmp, None);
+        assert_eq!(inv.vms[3].qmp, Some(PathBuf::from("/inv/q-monitor.sock")));
         assert_eq!(inv.vms[2].policy, Policy::AllowCrashConsistent);
         assert_eq!(
             inv.vms[3].agent,

@@ -1,29 +1,28 @@
-//! The coordinator: vsnap's VSS requestor, and the agent it talks to.
+//! The coordinator: vsnap's VSS requestor, the host side. It speaks the
+//! agent protocol (`vsnap-protocol`) to guests, and never links the guest
+//! agent (`vsnap-agent`).
 //!
-//! - [`protocol`]: the messages, their framing and the transports.
-//! - [`agent`]: the guest side (`vsnap agent`): fsfreeze and exec-hook
-//!   writers, the watchdog and the crash marker.
 //! - [`client`] and [`qga`]: the coordinator's end of a vsnap agent, and
 //!   of the stock QEMU guest agent; [`guest`] puts both behind one face
 //!   with the retry rule.
 //! - [`inventory`]: the VMs, their disks, agents and policies.
 //! - [`provider`]: point-in-time snapshots of the disks (reflink, copy).
-//! - [`session`]: the coordinated backup itself.
+//! - [`session`]: the requestor's sequence over every guest.
+//! - [`backup`]: the whole coordinated backup as one call, the session
+//!   plus the repository and the engine.
 
-pub mod agent;
+pub mod backup;
 pub mod client;
 pub mod error;
+pub mod failpoint;
 pub mod guest;
 pub mod inventory;
-pub mod protocol;
 pub mod provider;
 pub mod qga;
+pub mod qga_guard;
+pub mod qmp;
 pub mod session;
 
 pub use error::{Error, ErrorKind, Result};
 
-/// A duration in whole µs, the unit of every timing the protocol and the
-/// reports carry (saturating: no duration here comes near 584,000 years).
-pub fn micros(d: std::time::Duration) -> u64 {
-    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
-}
+pub use vsnap_protocol::{micros, transport};

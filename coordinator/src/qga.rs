@@ -13,14 +13,34 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, ReadHalf, WriteHalf};
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::protocol::transport::{self, BoxStream, Endpoint};
-use crate::protocol::ErrorClass;
+use vsnap_protocol::transport::{self, BoxStream, Endpoint};
+use vsnap_protocol::ErrorClass;
 
 pub struct QgaClient {
     path: PathBuf,
     reader: BufReader<ReadHalf<BoxStream>>,
     writer: WriteHalf<BoxStream>,
     sync_id: u64,
+}
+
+/// A failed connect, said in qemu-ga's terms and named `qga:PATH`. A full
+/// backlog (EAGAIN) means another client holds the socket.
+fn connect_failure(e: Error, at: &str) -> Error {
+    let busy = matches!(&e.kind, ErrorKind::Io(io) if io.raw_os_error() == Some(libc::EAGAIN));
+    let kind = if busy {
+        ErrorKind::Agent {
+            class: ErrorClass::NonRetryable,
+            message: "qemu-ga's socket is busy: it takes one client at a time, and another (libvirt, or another backup) holds it".into(),
+            mount: None,
+        }
+    } else {
+        e.kind
+    };
+    Error {
+        kind,
+        at: Some(at.to_string()),
+        during: e.during,
+    }
 }
 
 /// qga's error classes, in the coordinator's terms.
@@ -31,9 +51,44 @@ fn class_of(qga_class: &str) -> ErrorClass {
     }
 }
 
+/// How long qemu-ga has to answer the first `guest-sync-delimited`. It
+/// answers in milliseconds; one that does not is serving another client
+/// (it takes one at a time) or is not qemu-ga, and either way waiting
+/// longer would not help.
+pub const SYNC_LIMIT: Duration = Duration::from_millis(1500);
+
 impl QgaClient {
+    /// Connects and resynchronises, failing within [`SYNC_LIMIT`] with
+    /// what is wrong: the socket busy with another client, a QMP monitor
+    /// where qemu-ga was expected, or no qemu-ga at all. Errors name the
+    /// agent as the inventory does, `qga:PATH`.
     pub async fn connect(path: &Path) -> Result<QgaClient> {
-        let stream = transport::connect(&Endpoint::Unix(path.to_path_buf())).await?;
+        Self::open(path, SYNC_LIMIT).await.map_err(|e| match e.kind {
+            ErrorKind::Timeout { .. } => Error::from(ErrorKind::Agent {
+                class: ErrorClass::NonRetryable,
+                message: format!(
+                    "qemu-ga did not answer guest-sync-delimited within {} ms: it takes one client at a time, and another (libvirt, or another backup) may hold this socket",
+                    SYNC_LIMIT.as_millis()
+                ),
+                mount: None,
+            })
+            .at(format!("qga:{}", path.display())),
+            _ => e,
+        })
+    }
+
+    /// Connects and resynchronises, waiting up to 30 s for an answer: for
+    /// a guard, whose turn comes when qemu-ga's current client leaves.
+    pub async fn connect_patiently(path: &Path) -> Result<QgaClient> {
+        Self::open(path, Duration::from_secs(30)).await
+    }
+
+    /// Connects (a failure named `qga:PATH`, a busy socket said so) and
+    /// resynchronises within `sync_limit`.
+    async fn open(path: &Path, sync_limit: Duration) -> Result<QgaClient> {
+        let stream = transport::connect(&Endpoint::Unix(path.to_path_buf()))
+            .await
+            .map_err(|e| connect_failure(e.into(), &format!("qga:{}", path.display())))?;
         let (r, w) = tokio::io::split(stream);
         let mut c = QgaClient {
             path: path.to_path_buf(),
@@ -41,7 +96,7 @@ impl QgaClient {
             writer: w,
             sync_id: u64::from(std::process::id()) << 20,
         };
-        c.sync().await?;
+        c.sync_within(sync_limit).await?;
         Ok(c)
     }
 
@@ -49,9 +104,15 @@ impl QgaClient {
         format!("qga:{}", self.path.display())
     }
 
-    /// `guest-sync-delimited`: everything before qga's 0xFF is a stale
-    /// answer and is dropped; the reply must echo our id.
+    /// `guest-sync-delimited`, within the usual 5 s.
     pub async fn sync(&mut self) -> Result<()> {
+        self.sync_within(Duration::from_secs(5)).await
+    }
+
+    /// `guest-sync-delimited`: qga answers with a 0xFF byte, then the id
+    /// echoed; every line before that answer is stale and dropped. A QMP
+    /// monitor greets with `{"QMP": ...}` instead, and is named as such.
+    async fn sync_within(&mut self, limit: Duration) -> Result<()> {
         self.sync_id += 1;
         let id = self.sync_id;
         let at = self.at();
@@ -65,26 +126,30 @@ impl QgaClient {
             msg.push(b'\n');
             self.writer.write_all(&msg).await?;
             loop {
-                let mut skip = Vec::new();
-                let n = self.reader.read_until(0xFF, &mut skip).await?;
-                if n == 0 {
-                    return Err(Error::from(ErrorKind::Closed));
+                let v = match self.read_reply().await {
+                    Ok(v) => v,
+                    // Half a stale line, or qga's complaint about our 0xFF.
+                    Err(e) if matches!(e.kind, ErrorKind::Protocol(_)) => continue,
+                    Err(e) => return Err(e),
+                };
+                if v.get("QMP").is_some() {
+                    return Err(Error::from(ErrorKind::Agent {
+                        class: ErrorClass::NonRetryable,
+                        message: "this socket is a QMP monitor, not qemu-ga: give the VM's guest-agent channel (the chardev of its org.qemu.guest_agent.0 port); a QMP socket is for the qmp provider".into(),
+                        mount: None,
+                    }));
                 }
-                if skip.last() != Some(&0xFF) {
-                    continue;
-                }
-                let v = self.read_reply().await?;
                 if v.get("return").and_then(Value::as_u64) == Some(id) {
                     return Ok(());
                 }
             }
         };
-        tokio::time::timeout(Duration::from_secs(5), work)
+        tokio::time::timeout(limit, work)
             .await
             .map_err(|_| {
                 Error::from(ErrorKind::Timeout {
                     op: "guest-sync-delimited".into(),
-                    ms: 5000,
+                    ms: u64::try_from(limit.as_millis()).unwrap_or(u64::MAX),
                 })
             })?
             .map_err(|e| e.at(at).during("guest-sync-delimited"))
@@ -92,7 +157,7 @@ impl QgaClient {
 
     async fn read_reply(&mut self) -> Result<Value> {
         let mut line = Vec::new();
-        let mut limited = (&mut self.reader).take(crate::protocol::MAX_LINE as u64);
+        let mut limited = (&mut self.reader).take(vsnap_protocol::MAX_LINE as u64);
         let n = limited.read_until(b'\n', &mut line).await?;
         if n == 0 {
             return Err(ErrorKind::Closed.into());

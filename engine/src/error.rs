@@ -138,6 +138,13 @@ pub enum ErrorKind {
         claimed: u64,
         limit: u64,
     },
+    #[error("a memory budget of {memory} bytes is below the floor of {floor} (two chunks of {chunk_size} bytes for each of {workers} workers); give at least that, or fewer threads")]
+    MemoryBelowFloor {
+        memory: u64,
+        floor: u64,
+        chunk_size: u64,
+        workers: usize,
+    },
     #[error("this is a {format} image, which vsnap does not read; {hint}")]
     ForeignFormat {
         format: &'static str,

@@ -20,14 +20,27 @@ pub fn vsnap_bin() -> PathBuf {
         let target_dir = profile_dir.parent().unwrap();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "-p", "vsnap", "--target-dir"])
-            .arg(target_dir)
-            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        // With the coordinator's kill points, for the crash tests; they
+        // do nothing unless FAILPOINTS names one.
+        cmd.args([
+            "build",
+            "--quiet",
+            "-p",
+            "vsnap",
+            "--features",
+            "failpoints",
+            "--target-dir",
+        ])
+        .arg(target_dir)
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
         if profile_dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }
         let status = cmd.status().unwrap();
-        assert!(status.success(), "cargo build -p vsnap failed");
+        assert!(
+            status.success(),
+            "cargo build -p vsnap --features failpoints failed"
+        );
         profile_dir.join("vsnap")
     })
     .clone()
@@ -70,6 +83,56 @@ pub fn qemu_info(path: &Path) -> serde_json::Value {
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// A new repository at `repo`, with the default chunk size.
+pub fn repo_init(repo: &Path) {
+    let o = vsnap_cmd()
+        .args(["repo", "init"])
+        .arg(repo)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "repo init: {}", stderr(&o));
+}
+
+/// Restores disk 1 of snapshot `id` in `repo` as raw to
+/// `dir/restored-ID.raw`, checks the ext4 on it with `e2fsck -fn`, and
+/// returns its path and `dumpe2fs -h`'s "Filesystem features:" line
+/// (where `needs_recovery` shows a journal left to replay).
+pub fn restore_ext4(repo: &Path, id: &str, dir: &Path) -> (PathBuf, String) {
+    let out = dir.join(format!("restored-{id}.raw"));
+    let o = vsnap_cmd()
+        .args(["restore", "-q", "--format", "raw", "--repo"])
+        .arg(repo)
+        .arg(format!("{id}:1"))
+        .arg("--to")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "e2fsck -fn {}: {}{}",
+        out.display(),
+        stdout(&fsck),
+        stderr(&fsck)
+    );
+    let sb = Command::new("dumpe2fs")
+        .arg("-h")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let features = stdout(&sb)
+        .lines()
+        .find(|l| l.starts_with("Filesystem features:"))
+        .unwrap_or("")
+        .to_string();
+    (out, features)
 }
 
 /// Every valid VHD fixture, nested folders included.
@@ -216,108 +279,7 @@ pub fn skip_unless_root(test: &str) -> bool {
     true
 }
 
-/// Whether this process is root; tests that mount, freeze or attach loop
-/// devices skip (saying so) without it.
-pub fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-}
-
-fn run_ok(cmd: &mut Command) -> String {
-    let o = cmd.output().unwrap();
-    assert!(
-        o.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).trim().to_string()
-}
-
-/// An ext4 filesystem in `IMAGE`, on a loop device, mounted at `MOUNT`: a
-/// guest disk that a test may freeze, because the test made it. Dropping
-/// it thaws, unmounts and detaches the loop device, even after a failed
-/// assertion.
-pub struct LoopFs {
-    pub image: PathBuf,
-    pub mount: PathBuf,
-    pub device: String,
-}
-
-impl LoopFs {
-    /// `size` in MiB; ext4 made with `mkfs.ext4` (a few MiB is enough).
-    pub fn new(image: &Path, mount: &Path, size_mib: u64) -> LoopFs {
-        LoopFs::made_with(image, mount, size_mib, &["mkfs.ext4", "-q", "-F"])
-    }
-
-    /// A sparse file of `size_mib` formatted by `mkfs` (the command and
-    /// its flags; the image path is appended), attached and mounted.
-    pub fn made_with(image: &Path, mount: &Path, size_mib: u64, mkfs: &[&str]) -> LoopFs {
-        let f = std::fs::File::create(image).unwrap();
-        f.set_len(size_mib << 20).unwrap();
-        drop(f);
-        run_ok(Command::new(mkfs[0]).args(&mkfs[1..]).arg(image));
-        LoopFs::attach(image, mount, None)
-    }
-
-    /// A guest disk: a fixed VHD of `size_mib` made by qemu-img, whose
-    /// data area (the file less its 512-byte footer) is attached through
-    /// `--sizelimit`, formatted ext4 on the loop device, and mounted.
-    pub fn in_fixed_vhd(vhd: &Path, mount: &Path, size_mib: u64) -> LoopFs {
-        qemu_image(vhd, "fixed,force_size=on", &format!("{size_mib}M"), &[]);
-        let data = std::fs::metadata(vhd).unwrap().len() - 512;
-        std::fs::create_dir_all(mount).unwrap();
-        let device = run_ok(
-            Command::new("losetup")
-                .args(["-f", "--show", "--sizelimit", &data.to_string()])
-                .arg(vhd),
-        );
-        let fs = LoopFs {
-            image: vhd.to_path_buf(),
-            mount: mount.to_path_buf(),
-            device,
-        };
-        run_ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&fs.device));
-        run_ok(Command::new("mount").arg(&fs.device).arg(mount));
-        fs
-    }
-
-    /// Attaches `image` (or its first `sizelimit` bytes) and mounts it.
-    pub fn attach(image: &Path, mount: &Path, sizelimit: Option<u64>) -> LoopFs {
-        std::fs::create_dir_all(mount).unwrap();
-        let mut cmd = Command::new("losetup");
-        cmd.args(["-f", "--show"]);
-        if let Some(n) = sizelimit {
-            cmd.args(["--sizelimit", &n.to_string()]);
-        }
-        let device = run_ok(cmd.arg(image));
-        let fs = LoopFs {
-            image: image.to_path_buf(),
-            mount: mount.to_path_buf(),
-            device,
-        };
-        run_ok(Command::new("mount").arg(&fs.device).arg(mount));
-        fs
-    }
-}
-
-impl Drop for LoopFs {
-    fn drop(&mut self) {
-        let _ = Command::new("fsfreeze").arg("-u").arg(&self.mount).output();
-        for _ in 0..50 {
-            let ok = Command::new("umount")
-                .arg(&self.mount)
-                .output()
-                .is_ok_and(|o| o.status.success());
-            if ok {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        let _ = Command::new("losetup").arg("-d").arg(&self.device).output();
-    }
-}
+pub use vsnap_lab::{is_root, AgentProc, LoopFs};
 
 /// Whether a write to `dir` blocks for `wait`: a frozen filesystem holds
 /// every writer. The probe thread finishes by itself once thawed.
@@ -342,51 +304,24 @@ fn random_name() -> String {
     )
 }
 
-/// A `vsnap agent` process, killed when dropped.
-pub struct AgentProc {
-    pub child: std::process::Child,
-    /// What it printed: `listening on ADDRESS`.
-    pub address: String,
-    pub stderr_path: PathBuf,
+/// Starts `vsnap agent ARGS` (this build's) and waits until it listens;
+/// its stderr goes to `stderr_path`. If it exits first, the error is what
+/// it said.
+pub fn start_agent(args: &[&str], stderr_path: &Path) -> Result<AgentProc, String> {
+    let mut cmd = vsnap_cmd();
+    cmd.arg("agent").args(args);
+    AgentProc::start(cmd, stderr_path).map_err(|e| match e {
+        vsnap_lab::Error::Command { stderr, .. } => stderr,
+        other => other.to_string(),
+    })
 }
 
-impl AgentProc {
-    /// Starts `vsnap agent ARGS` and waits until it listens. Its stderr
-    /// goes to `stderr_path`.
-    pub fn start(args: &[&str], stderr_path: &Path) -> Result<AgentProc, String> {
-        use std::io::BufRead;
-        let err = std::fs::File::create(stderr_path).unwrap();
-        let mut child = vsnap_cmd()
-            .arg("agent")
-            .args(args)
-            .stdout(std::process::Stdio::piped())
-            .stderr(err)
-            .spawn()
-            .unwrap();
-        let out = child.stdout.take().unwrap();
-        let mut line = String::new();
-        std::io::BufReader::new(out).read_line(&mut line).unwrap();
-        let Some(address) = line.trim().strip_prefix("listening on ") else {
-            let _ = child.wait();
-            return Err(std::fs::read_to_string(stderr_path).unwrap_or_default());
-        };
-        Ok(AgentProc {
-            address: address.to_string(),
-            child,
-            stderr_path: stderr_path.to_path_buf(),
-        })
-    }
-
-    pub fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
-    }
-}
-
-impl Drop for AgentProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A `vsnap agent` command of this build, for a lab guest to start with
+/// its own `--listen`, `--freeze`, `--hooks` and `--marker`.
+pub fn agent_cmd() -> Command {
+    let mut cmd = vsnap_cmd();
+    cmd.arg("agent");
+    cmd
 }
 
 /// A plain line-at-a-time client of the agent protocol over a real
@@ -484,59 +419,82 @@ pub fn write_hook(dir: &Path, name: &str, body: &str) {
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
 
-/// A guest's application: writes 4 KiB and fsyncs, over and over, into
-/// its filesystem, recording the slowest write (a freeze shows as a
-/// stall).
-pub struct Workload {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    handle: Option<std::thread::JoinHandle<(u64, std::time::Duration)>>,
+/// One HTTP/1.1 request over a fresh connection (`Connection: close`),
+/// with a bearer token when given: the status and the body. Enough for
+/// the service's API, without a client library between the test and the
+/// wire.
+pub fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(t) = token {
+        req += &format!("Authorization: Bearer {t}\r\n");
+    }
+    let body = body.unwrap_or("");
+    if !body.is_empty() {
+        req += "Content-Type: application/json\r\n";
+    }
+    req += &format!("Content-Length: {}\r\n\r\n{body}", body.len());
+    s.write_all(req.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    (
+        status,
+        if chunked {
+            dechunk(rest)
+        } else {
+            rest.to_string()
+        },
+    )
 }
 
-impl Workload {
-    pub fn start(dir: &Path) -> Workload {
-        use std::io::Write;
-        use std::sync::atomic::Ordering;
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = stop.clone();
-        let path = dir.join("app.log");
-        let handle = std::thread::spawn(move || {
-            let mut f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .unwrap();
-            let mut writes = 0u64;
-            let mut worst = std::time::Duration::ZERO;
-            let block = [0x61u8; 4096];
-            while !flag.load(Ordering::Relaxed) {
-                let t = std::time::Instant::now();
-                f.write_all(&block).unwrap();
-                f.sync_data().unwrap();
-                worst = worst.max(t.elapsed());
-                writes += 1;
-                if writes.is_multiple_of(256) {
-                    f.set_len(0).unwrap();
-                }
-            }
-            (writes, worst)
-        });
-        Workload {
-            stop,
-            handle: Some(handle),
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
         }
+        out += &rest[..n];
+        s = rest[n..].trim_start_matches("\r\n");
     }
-
-    /// Stops the writer; returns how many writes it made and its longest.
-    pub fn finish(mut self) -> (u64, std::time::Duration) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.handle.take().unwrap().join().unwrap()
-    }
+    out
 }
 
-impl Drop for Workload {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        // Not joined: a writer held by a frozen filesystem finishes after
-        // the thaw (which LoopFs's drop guarantees).
+/// A TCP port on 127.0.0.1 free now, and below the kernel's ephemeral
+/// range (32768 and up), so that no outgoing connection of another test
+/// takes it before whoever the caller starts binds it; each call of this
+/// process gives another.
+pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let base = 20_000 + (std::process::id() % 10_000) as u16;
+    let _ = NEXT.compare_exchange(0, base, Ordering::Relaxed, Ordering::Relaxed);
+    loop {
+        let p = NEXT.fetch_add(1, Ordering::Relaxed);
+        let p = if p >= 32_000 { 20_000 + p % 12_000 } else { p };
+        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
     }
 }

@@ -8,7 +8,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use vsnap_e2e::{skip, skip_unless_root, write_hook, writes_block, AgentProc, LoopFs, Wire};
+use vsnap_e2e::{
+    skip, skip_unless_root, start_agent, write_hook, writes_block, AgentProc, Lack, LoopFs, Wire,
+};
 
 const BLOCK: Duration = Duration::from_millis(400);
 
@@ -38,7 +40,7 @@ fn spawn_agent(dir: &Path, args: &[&str], err: &str) -> Result<AgentProc, String
         all.extend(["--marker", s(&marker)]);
     }
     all.extend_from_slice(args);
-    AgentProc::start(&all, &dir.join(err))
+    start_agent(&all, &dir.join(err))
 }
 
 /// A new connection that says hello, prepares and sends `freeze` with
@@ -69,12 +71,13 @@ fn a_cycle_freezes_nested_mounts_inner_first_holds_writers_and_thaws() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let outer = LoopFs::new(&dir.path().join("outer.img"), &dir.path().join("outer"), 16);
-    let inner = LoopFs::new(
+    let outer = LoopFs::ext4(&dir.path().join("outer.img"), &dir.path().join("outer"), 16).unwrap();
+    let inner = LoopFs::ext4(
         &dir.path().join("inner.img"),
         &outer.mount.join("inner"),
         16,
-    );
+    )
+    .unwrap();
     let log = dir.path().join("hooks.log");
     // The application writer flushes into its filesystem on `freeze`,
     // which only works because hooks run before FIFREEZE.
@@ -205,7 +208,7 @@ fn a_failing_freeze_hook_freezes_nothing_and_thaws_the_hooks_before_it() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let fs = LoopFs::new(&dir.path().join("g.img"), &dir.path().join("g"), 16);
+    let fs = LoopFs::ext4(&dir.path().join("g.img"), &dir.path().join("g"), 16).unwrap();
     let log = dir.path().join("hooks.log");
     let hooks = dir.path().join("hooks");
     write_hook(
@@ -275,7 +278,7 @@ fn the_watchdog_thaws_at_the_hold_limit_and_the_thaw_reports_timeout() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let fs = LoopFs::new(&dir.path().join("g.img"), &dir.path().join("g"), 16);
+    let fs = LoopFs::ext4(&dir.path().join("g.img"), &dir.path().join("g"), 16).unwrap();
     let agent = spawn_agent(
         dir.path(),
         &["--freeze", s(&fs.mount), "--hold-limit", "20s"],
@@ -314,13 +317,61 @@ fn the_watchdog_thaws_at_the_hold_limit_and_the_thaw_reports_timeout() {
     assert_eq!(w.ok("thaw", Value::Null)["thawed"], 1);
 }
 
+/// The RCU knob is the whole machine's: this test sets it, so it restores
+/// what it found whatever happens.
+struct Knob(String);
+
+impl Drop for Knob {
+    fn drop(&mut self) {
+        let _ = std::fs::write(vsnap_agent::rcu::KNOB, &self.0);
+    }
+}
+
+#[test]
+fn a_restarted_agent_turns_off_the_expedited_grace_periods_a_killed_one_left_on() {
+    let test = "a_restarted_agent_turns_off_the_expedited_grace_periods_a_killed_one_left_on";
+    if skip_unless_root(test) {
+        return;
+    }
+    let Ok(found) = std::fs::read_to_string(vsnap_agent::rcu::KNOB) else {
+        skip(
+            test,
+            "this kernel has no /sys/kernel/rcu_expedited",
+            Lack::Host,
+        );
+        return;
+    };
+    let _restore = Knob(found.trim().to_string());
+    let dir = tempfile::tempdir().unwrap();
+    // What an agent killed inside FIFREEZE leaves: its marker, saying it
+    // had turned expedited grace periods on, and the knob still on.
+    let marker = dir.path().join("agent.frozen");
+    std::fs::write(&marker, r#"{"pid":1,"mounts":[],"rcu_expedited":true}"#).unwrap();
+    std::fs::write(vsnap_agent::rcu::KNOB, "1").unwrap();
+    let agent = spawn_agent(dir.path(), &[], "agent.err").unwrap();
+    assert_eq!(
+        std::fs::read_to_string(vsnap_agent::rcu::KNOB)
+            .unwrap()
+            .trim(),
+        "0"
+    );
+    assert!(!marker.exists());
+    assert!(
+        agent
+            .stderr()
+            .contains("reset /sys/kernel/rcu_expedited (a previous agent died while it was on)"),
+        "{}",
+        agent.stderr()
+    );
+}
+
 #[test]
 fn a_restarted_agent_thaws_what_a_killed_one_left_frozen() {
     if skip_unless_root("a_restarted_agent_thaws_what_a_killed_one_left_frozen") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let fs = LoopFs::new(&dir.path().join("g.img"), &dir.path().join("g"), 16);
+    let fs = LoopFs::ext4(&dir.path().join("g.img"), &dir.path().join("g"), 16).unwrap();
     let marker = dir.path().join("agent.frozen");
     let mut first = spawn_agent(dir.path(), &["--freeze", s(&fs.mount)], "first.err").unwrap();
     let (_w, r) = hello_prepare_freeze(&first.address, json!({}));
@@ -355,7 +406,7 @@ fn sigterm_thaws_before_the_agent_exits() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let fs = LoopFs::new(&dir.path().join("g.img"), &dir.path().join("g"), 16);
+    let fs = LoopFs::ext4(&dir.path().join("g.img"), &dir.path().join("g"), 16).unwrap();
     let mut agent = spawn_agent(dir.path(), &["--freeze", s(&fs.mount)], "agent.err").unwrap();
     let (_w, r) = hello_prepare_freeze(&agent.address, json!({}));
     assert_eq!(r["ok"]["frozen"], 1, "{r}");
@@ -382,7 +433,7 @@ fn the_agent_refuses_a_marker_on_a_filesystem_it_freezes() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let fs = LoopFs::new(&dir.path().join("g.img"), &dir.path().join("g"), 16);
+    let fs = LoopFs::ext4(&dir.path().join("g.img"), &dir.path().join("g"), 16).unwrap();
     let e = spawn_agent(
         dir.path(),
         &[
@@ -393,8 +444,7 @@ fn the_agent_refuses_a_marker_on_a_filesystem_it_freezes() {
         ],
         "agent.err",
     )
-    .err()
-    .expect("an agent with its marker on a frozen filesystem started");
+    .expect_err("an agent with its marker on a frozen filesystem started");
     assert!(
         e.contains("which this agent freezes") && e.contains("--marker"),
         "{e}"
@@ -411,8 +461,7 @@ fn tcp_needs_the_token_before_any_operation() {
         &["--listen", "tcp:127.0.0.1:0", "--marker", s(&marker)],
         "none.err",
     )
-    .err()
-    .expect("a TCP agent started without a token");
+    .expect_err("a TCP agent started without a token");
     assert!(e.contains("--token-file"), "{e}");
 
     let short = dir.path().join("short");
@@ -429,8 +478,7 @@ fn tcp_needs_the_token_before_any_operation() {
         ],
         "short.err",
     )
-    .err()
-    .expect("a 3-character token was accepted");
+    .expect_err("a 3-character token was accepted");
     assert!(e.contains("16"), "{e}");
 
     let token = "correct-horse-battery-staple";
@@ -569,8 +617,7 @@ fn a_config_file_gives_the_same_settings_and_flags_override_it() {
 
     std::fs::write(&cfg, "listen = \"unix:/tmp/x\"\nhold_limit = \"90s\"\n").unwrap();
     let e = spawn_agent(dir.path(), &["--config", s(&cfg)], "bad.err")
-        .err()
-        .expect("an unknown key was accepted");
+        .expect_err("an unknown key was accepted");
     assert!(e.contains("hold_limit"), "{e}");
 }
 
@@ -585,7 +632,7 @@ fn vsock_carries_the_same_protocol_where_the_kernel_has_a_loopback() {
             skip(
                 "vsock_carries_the_same_protocol_where_the_kernel_has_a_loopback",
                 &format!("no AF_VSOCK here ({})", e.trim()),
-                vsnap_e2e::Lack::Host,
+                Lack::Host,
             );
             return;
         }
@@ -593,8 +640,7 @@ fn vsock_carries_the_same_protocol_where_the_kernel_has_a_loopback() {
     assert_eq!(agent.address, listen);
     // CID 1 is the local machine, served by the vsock_loopback module.
     let endpoint =
-        vsnap_coordinator::protocol::transport::Endpoint::connect(&format!("vsock:1:{port}"))
-            .unwrap();
+        vsnap_coordinator::transport::Endpoint::connect(&format!("vsock:1:{port}")).unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -607,16 +653,16 @@ fn vsock_carries_the_same_protocol_where_the_kernel_has_a_loopback() {
         .await
     });
     match connected {
-        Ok(Ok((_, hello))) => assert_eq!(hello["version"], 1, "{hello}"),
+        Ok(Ok((_, hello))) => assert_eq!(hello.version, 1, "{hello:?}"),
         Ok(Err(e)) => skip(
             "vsock_carries_the_same_protocol_where_the_kernel_has_a_loopback",
             &format!("the vsock loopback (CID 1) is not available here: {e}"),
-            vsnap_e2e::Lack::Host,
+            Lack::Host,
         ),
         Err(_) => skip(
             "vsock_carries_the_same_protocol_where_the_kernel_has_a_loopback",
             "the vsock loopback (CID 1) did not answer within 3 s",
-            vsnap_e2e::Lack::Host,
+            Lack::Host,
         ),
     }
 }

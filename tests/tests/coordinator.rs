@@ -11,112 +11,128 @@ use std::time::Duration;
 
 use serde_json::Value;
 use vsnap_e2e::{
-    skip_unless_root, vsnap_cmd, write_hook, writes_block, AgentProc, LoopFs, Workload,
+    agent_cmd, repo_init, restore_ext4, skip_unless_root, start_agent, vsnap_cmd, write_hook,
+    writes_block,
 };
+use vsnap_lab::workload::{self, Workload};
+use vsnap_lab::Guest;
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-/// One guest: its disk, its mounted filesystem, its agent.
-struct Guest {
-    name: String,
-    vhd: PathBuf,
-    agent: Option<AgentProc>,
-    hooks: PathBuf,
-    marker: PathBuf,
-    sock: PathBuf,
-    // Declared last: dropped after the agent, so the filesystem is thawed
-    // and unmounted once nothing uses it.
-    fs: LoopFs,
+/// Whose turn it is to freeze. A host-side qemu-ga's `guest-fsfreeze-thaw`
+/// (the only thaw it has) thaws every frozen filesystem it can see, not
+/// only those it froze: run alongside, it would thaw another test's guest
+/// in the middle of that test's freeze. So a test with a host-side qemu-ga
+/// runs alone, and the other freezing tests share their turn.
+static FREEZERS: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+enum Turn {
+    Shared(#[allow(dead_code)] std::sync::RwLockReadGuard<'static, ()>),
+    Alone(#[allow(dead_code)] std::sync::RwLockWriteGuard<'static, ()>),
 }
 
-/// The scratch filesystem and the guests on it. Fields drop in order:
-/// workloads, guests (agents, then their filesystems), then scratch.
+impl Turn {
+    fn shared() -> Turn {
+        Turn::Shared(FREEZERS.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn alone() -> Turn {
+        Turn::Alone(FREEZERS.write().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// The lab's guests, each with a `vsnap agent` child and a writer. Fields
+/// drop in order: workloads, then the lab (agents, filesystems, scratch),
+/// then the turn, once everything this test froze is gone.
 struct Lab {
-    dir: PathBuf,
     workloads: Vec<Workload>,
-    guests: Vec<Guest>,
-    scratch: LoopFs,
+    lab: vsnap_lab::Lab,
+    dir: PathBuf,
     _tmp: tempfile::TempDir,
+    _turn: Turn,
+}
+
+impl std::ops::Deref for Lab {
+    type Target = vsnap_lab::Lab;
+    fn deref(&self) -> &vsnap_lab::Lab {
+        &self.lab
+    }
+}
+
+impl std::ops::DerefMut for Lab {
+    fn deref_mut(&mut self) -> &mut vsnap_lab::Lab {
+        &mut self.lab
+    }
+}
+
+/// Starts the guest's `vsnap agent` with `extra` flags.
+fn start_guest_agent(g: &mut Guest, extra: &[&str]) {
+    g.spawn_agent(agent_cmd(), extra).unwrap();
 }
 
 impl Lab {
     /// `n` guests of `size_mib` each, agents started, writers running.
     fn new(n: usize, size_mib: u64) -> Lab {
+        Lab::taking(n, size_mib, Turn::shared())
+    }
+
+    fn taking(n: usize, size_mib: u64, turn: Turn) -> Lab {
         let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().to_path_buf();
-        let scratch = LoopFs::made_with(
-            &dir.join("scratch.img"),
-            &dir.join("scratch"),
-            (n as u64 * size_mib) + 512,
-            &["mkfs.xfs", "-q", "-f", "-m", "reflink=1"],
-        );
-        let mut guests = Vec::new();
-        for i in 0..n {
-            let name = format!("g{i}");
-            let vhd = scratch.mount.join(format!("{name}.vhd"));
-            let fs = LoopFs::in_fixed_vhd(&vhd, &dir.join(&name), size_mib);
+        let dir = tmp.path().join("lab");
+        let mut lab = vsnap_lab::Lab::build(&dir, n, size_mib << 20).unwrap();
+        for g in &mut lab.guests {
             std::fs::write(
-                fs.mount.join("data.txt"),
-                format!("guest {name}\n").repeat(1000),
+                g.mount().join("data.txt"),
+                format!("guest {}\n", g.name).repeat(1000),
             )
             .unwrap();
-            let hooks = dir.join(format!("{name}.hooks"));
-            std::fs::create_dir_all(&hooks).unwrap();
-            let mut g = Guest {
-                sock: dir.join(format!("{name}.sock")),
-                marker: dir.join(format!("{name}.frozen")),
-                name,
-                vhd,
-                agent: None,
-                hooks,
-                fs,
-            };
-            g.start_agent(&[]);
-            guests.push(g);
+            start_guest_agent(g, &[]);
         }
-        let workloads = guests
+        let epoch = std::time::Instant::now();
+        let workloads = lab
+            .guests
             .iter()
-            .map(|g| Workload::start(&g.fs.mount))
+            .enumerate()
+            .filter_map(|(i, g)| {
+                workload::start(
+                    workload::Kind::Random4kFsync,
+                    g.mount(),
+                    4 << 20,
+                    epoch,
+                    i as u64,
+                )
+                .unwrap()
+            })
             .collect();
         Lab {
-            dir,
             workloads,
-            guests,
-            scratch,
+            lab,
+            dir,
             _tmp: tmp,
+            _turn: turn,
         }
+    }
+
+    /// Whether any guest's directory holds snapshots (`.vsnap-snap`).
+    fn snapshots_left(&self) -> bool {
+        self.guests
+            .iter()
+            .any(|g| g.disk.parent().unwrap().join(".vsnap-snap").exists())
+    }
+
+    /// An inventory of every guest; `extra` adds lines to each [[vm]].
+    fn inventory(&self, extra: impl Fn(&Guest) -> String) -> PathBuf {
+        self.lab.inventory(extra).unwrap()
     }
 
     fn repo(&self) -> PathBuf {
         let repo = self.dir.join("repo");
         if !repo.exists() {
-            let o = vsnap_cmd()
-                .args(["repo", "init"])
-                .arg(&repo)
-                .output()
-                .unwrap();
-            assert!(o.status.success());
+            repo_init(&repo);
         }
         repo
-    }
-
-    /// An inventory of every guest; `extra` adds lines to each [[vm]].
-    fn inventory(&self, extra: impl Fn(&Guest) -> String) -> PathBuf {
-        let mut t = String::new();
-        for g in &self.guests {
-            t += &format!(
-                "[[vm]]\nname = \"{}\"\ndisks = [\"{}\"]\nagent = \"unix:{}\"\n{}\n",
-                g.name,
-                g.vhd.display(),
-                g.sock.display(),
-                extra(g)
-            );
-        }
-        let p = self.dir.join("inventory.toml");
-        std::fs::write(&p, t).unwrap();
-        p
     }
 
     fn backup(&self, inventory: &Path, args: &[&str]) -> (Option<i32>, Value, String) {
@@ -185,36 +201,9 @@ impl Lab {
     }
 
     /// Restores `id`'s disk to raw and reads its ext4 superblock.
-    fn restored_ext4(&self, id: &str) -> (PathBuf, String) {
-        let out = self.dir.join(format!("restored-{id}.raw"));
-        let o = vsnap_cmd()
-            .args(["restore", "-q", "--format", "raw", "--repo"])
-            .arg(self.repo())
-            .arg(format!("{id}:1"))
-            .arg("--to")
-            .arg(&out)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let fsck = Command::new("e2fsck")
-            .args(["-fn"])
-            .arg(&out)
-            .output()
-            .unwrap();
-        let features = Command::new("dumpe2fs")
-            .arg("-h")
-            .arg(&out)
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&features.stdout).into_owned();
-        assert!(
-            fsck.status.success(),
-            "e2fsck -fn {}: {}{}",
-            out.display(),
-            String::from_utf8_lossy(&fsck.stdout),
-            String::from_utf8_lossy(&fsck.stderr)
-        );
-        (out, text)
+    /// Restores `id`'s disk and checks its ext4: its features line.
+    fn restored_ext4(&self, id: &str) -> String {
+        restore_ext4(&self.repo(), id, &self.dir).1
     }
 
     fn all_writable(&self) -> bool {
@@ -222,40 +211,6 @@ impl Lab {
             .iter()
             .all(|g| !writes_block(&g.fs.mount, Duration::from_secs(10)))
     }
-}
-
-impl Guest {
-    fn start_agent(&mut self, extra: &[&str]) {
-        self.agent = None;
-        let mut args = vec![
-            "--listen".to_string(),
-            format!("unix:{}", self.sock.display()),
-            "--freeze".into(),
-            s(&self.fs.mount).into(),
-            "--hooks".into(),
-            s(&self.hooks).into(),
-            "--marker".into(),
-            s(&self.marker).into(),
-        ];
-        args.extend(extra.iter().map(|a| a.to_string()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let err = self.sock.with_extension("err");
-        self.agent = Some(AgentProc::start(&args, &err).unwrap());
-    }
-
-    fn agent_log(&self) -> String {
-        self.agent
-            .as_ref()
-            .map(AgentProc::stderr)
-            .unwrap_or_default()
-    }
-}
-
-fn features_line(dumpe2fs: &str) -> &str {
-    dumpe2fs
-        .lines()
-        .find(|l| l.starts_with("Filesystem features:"))
-        .unwrap_or("")
 }
 
 #[test]
@@ -320,7 +275,14 @@ fn four_guests_freeze_together_snapshot_by_reflink_and_restore_clean() {
         r["window_us"], r["barrier_skew_us"], r["snapshot_us"]
     );
     assert!(lab.all_writable());
-    let stalls: Vec<Duration> = lab.workloads.drain(..).map(|w| w.finish().1).collect();
+    let stalls: Vec<Duration> = lab
+        .workloads
+        .drain(..)
+        .map(|w| {
+            let longest = w.finish().unwrap().iter().map(|&(_, took)| took).max();
+            Duration::from_micros(longest.map_or(0, u64::from))
+        })
+        .collect();
     eprintln!("longest write stalls: {stalls:?}");
     // Hooks ran in VSS order in every guest.
     for g in &lab.guests {
@@ -333,7 +295,7 @@ fn four_guests_freeze_together_snapshot_by_reflink_and_restore_clean() {
         );
     }
     // Snapshots released.
-    assert!(!lab.scratch.mount.join(".vsnap-snap").exists());
+    assert!(!lab.snapshots_left());
     // Manifests: app-consistent, with the freeze metrics.
     let snaps = lab.snapshots();
     assert_eq!(snaps.len(), 4);
@@ -346,12 +308,8 @@ fn four_guests_freeze_together_snapshot_by_reflink_and_restore_clean() {
             snap["stall_us"].as_u64() >= snap["freeze_window_us"].as_u64(),
             "{snap:#}"
         );
-        let (_, sb) = lab.restored_ext4(id);
-        assert!(
-            !features_line(&sb).contains("needs_recovery"),
-            "{}",
-            features_line(&sb)
-        );
+        let features = lab.restored_ext4(id);
+        assert!(!features.contains("needs_recovery"), "{}", features);
     }
 }
 
@@ -367,7 +325,7 @@ fn without_an_agent_the_snapshot_is_crash_consistent_and_ext4_shows_it() {
         &inv,
         format!(
             "[[vm]]\nname = \"bare\"\ndisks = [\"{}\"]\nagent = \"none\"\npolicy = \"allow-crash-consistent\"\n",
-            g.vhd.display()
+            g.disk.display()
         ),
     )
     .unwrap();
@@ -378,12 +336,8 @@ fn without_an_agent_the_snapshot_is_crash_consistent_and_ext4_shows_it() {
     assert_eq!(v["providers"], serde_json::json!(["copy"]));
     // A copy of a mounted ext4 taken without a freeze keeps the journal's
     // needs_recovery flag; the frozen ones above do not.
-    let (_, sb) = lab.restored_ext4(v["snapshot"].as_str().unwrap());
-    assert!(
-        features_line(&sb).contains("needs_recovery"),
-        "{}",
-        features_line(&sb)
-    );
+    let features = lab.restored_ext4(v["snapshot"].as_str().unwrap());
+    assert!(features.contains("needs_recovery"), "{}", features);
 }
 
 #[test]
@@ -417,7 +371,7 @@ fn a_failing_freeze_hook_aborts_thaws_everyone_and_writes_nothing() {
     }
     assert!(lab.all_writable());
     assert!(lab.snapshots().is_empty(), "a manifest was written");
-    assert!(!lab.scratch.mount.join(".vsnap-snap").exists());
+    assert!(!lab.snapshots_left());
     for g in &lab.guests {
         assert!(!g.marker.exists(), "{}", g.agent_log());
     }
@@ -432,7 +386,7 @@ fn a_thaw_that_comes_too_late_is_not_app_consistent() {
     // Guest 1's agent holds a freeze for 20 ms at most; copying 128 MiB
     // of disk inside the freeze takes longer, so its watchdog thaws
     // before the coordinator's thaw arrives.
-    lab.guests[1].start_agent(&["--hold-limit", "20ms"]);
+    start_guest_agent(&mut lab.guests[1], &["--hold-limit", "20ms"]);
     let inv = lab.inventory(|g| {
         if g.name == "g1" {
             "policy = \"allow-crash-consistent\"".into()
@@ -491,15 +445,24 @@ fn a_killed_coordinator_leaves_guests_to_their_watchdogs_and_its_snapshots_to_th
     let t = std::time::Instant::now();
     // The agent goes on to freeze once the hook returns: its marker is
     // written right before FIFREEZE.
-    while !lab.guests[0].marker.exists() && t.elapsed() < Duration::from_secs(5) {
+    while !lab.guests[0].marker.exists() && t.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(10));
     }
-    std::thread::sleep(Duration::from_millis(50));
-    // Frozen now, with no coordinator.
-    assert!(writes_block(
-        &lab.guests[0].fs.mount,
-        Duration::from_millis(300)
-    ));
+    // Frozen after that, with no coordinator. How soon is not the point:
+    // it depends on the machine's load (FIFREEZE flushes the loop device
+    // while the other tests write theirs), and on whether this agent could
+    // expedite its grace periods. Writes block for the 2 s hold, which a
+    // 300 ms probe cannot miss.
+    let t = std::time::Instant::now();
+    while !writes_block(&lab.guests[0].fs.mount, Duration::from_millis(300)) {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "guest 0 never froze; marker {}; agent log:\n{}",
+            lab.guests[0].marker.exists(),
+            lab.guests[0].agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // The watchdog thaws within the 2 s hold limit the coordinator asked for.
     assert!(lab.all_writable());
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
@@ -511,13 +474,14 @@ fn a_killed_coordinator_leaves_guests_to_their_watchdogs_and_its_snapshots_to_th
     }
     assert!(logged(&lab), "{}", lab.guests[0].agent_log());
     // Its snapshot directory is still there; the next run removes it.
-    assert!(lab.scratch.mount.join(".vsnap-snap").exists());
+    assert!(lab.snapshots_left());
     std::fs::remove_file(lab.guests[0].hooks.join("10-signal-coordinator")).unwrap();
     let inv = lab.inventory(|_| String::new());
     let (code, r, err) = lab.backup(&inv, &[]);
     assert_eq!(code, Some(0), "{err}\n{r:#}");
-    assert_eq!(r["stale_snapshots_removed"], 1, "{r:#}");
-    assert!(!lab.scratch.mount.join(".vsnap-snap").exists());
+    // One stale run's directory beside each guest's disk.
+    assert_eq!(r["stale_snapshots_removed"], 2, "{r:#}");
+    assert!(!lab.snapshots_left());
 }
 
 #[test]
@@ -530,8 +494,9 @@ fn a_tcp_client_without_the_token_cannot_freeze() {
     std::fs::write(&token, "a-long-enough-secret-token\n").unwrap();
     let wrong = lab.dir.join("wrong");
     std::fs::write(&wrong, "a-long-enough-guessed-token\n").unwrap();
+    let (err, inv) = (lab.dir.join("tcp.err"), lab.dir.join("tcp.toml"));
     let g = &mut lab.guests[0];
-    g.agent = None;
+    g.stop_agent();
     let args = [
         "--listen",
         "tcp:127.0.0.1:0",
@@ -542,10 +507,10 @@ fn a_tcp_client_without_the_token_cannot_freeze() {
         "--marker",
         s(&g.marker),
     ];
-    g.agent = Some(AgentProc::start(&args, &lab.dir.join("tcp.err")).unwrap());
-    let addr = g.agent.as_ref().unwrap().address.clone();
-    let vhd = g.vhd.clone();
-    let inv = lab.dir.join("tcp.toml");
+    let agent = start_agent(&args, &err).unwrap();
+    let addr = agent.address.clone();
+    g.adopt_agent(agent);
+    let vhd = g.disk.clone();
     let write_inv = |tf: &Path| {
         std::fs::write(
             &inv,
@@ -574,6 +539,7 @@ fn a_tcp_client_without_the_token_cannot_freeze() {
 
 /// A stock qemu-ga on a unix socket, with `guest-fsfreeze-freeze` (every
 /// filesystem of the machine) blocked, so only freeze-list can run.
+/// A child process (qemu-ga, qemu-storage-daemon), killed when dropped.
 struct Qga(std::process::Child);
 
 impl Qga {
@@ -600,6 +566,27 @@ impl Qga {
     }
 }
 
+impl Qga {
+    /// qemu-storage-daemon with a QMP monitor at `sock`: a real QMP
+    /// peer with no VM behind it.
+    fn storage_daemon(sock: &Path) -> Qga {
+        let daemon = Qga(Command::new("qemu-storage-daemon")
+            .arg("--chardev")
+            .arg(format!(
+                "socket,path={},server=on,wait=off,id=m0",
+                sock.display()
+            ))
+            .args(["--monitor", "chardev=m0"])
+            .spawn()
+            .unwrap());
+        let t = std::time::Instant::now();
+        while !sock.exists() && t.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        daemon
+    }
+}
+
 impl Drop for Qga {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -607,28 +594,63 @@ impl Drop for Qga {
     }
 }
 
-#[test]
-fn the_stock_qemu_guest_agent_quiesces_through_freeze_list() {
-    if skip_unless_root("the_stock_qemu_guest_agent_quiesces_through_freeze_list") {
-        return;
+/// One guest quiesced by the stock qemu-ga instead of a vsnap agent, with
+/// `fill_mib` MiB of random data written into it first (so that copying
+/// its disk takes a while): the lab, qemu-ga, its socket and the guest's
+/// mount. Bound in that order, qemu-ga stops before the lab goes.
+fn qga_guest(size_mib: u64, fill_mib: u64) -> (Lab, Qga, PathBuf, PathBuf) {
+    let mut lab = Lab::taking(1, size_mib, Turn::alone());
+    lab.guests[0].stop_agent();
+    let mount = lab.guests[0].fs.mount.clone();
+    if fill_mib > 0 {
+        // Written through to the disk: a freeze that had to write back
+        // hundreds of MiB first would take longer than the short windows
+        // these tests keep, on a busy machine.
+        let fill = Command::new("dd")
+            .args(["if=/dev/urandom", "bs=4M", "status=none", "conv=fsync"])
+            .arg(format!("count={}", fill_mib / 4))
+            .arg(format!("of={}", mount.join("fill").display()))
+            .status()
+            .unwrap();
+        assert!(fill.success());
     }
-    let mut lab = Lab::new(1, 64);
-    lab.guests[0].agent = None;
-    let (_qga, sock) = Qga::start(&lab.dir);
+    let (qga, sock) = Qga::start(&lab.dir);
+    (lab, qga, sock, mount)
+}
+
+/// The qemu-ga guest's inventory, freezing its mount, at `lab.dir/file`,
+/// with `extra` lines.
+fn qga_inventory(lab: &Lab, sock: &Path, file: &str, extra: &str) -> PathBuf {
     let g = &lab.guests[0];
-    let inv = lab.dir.join("qga.toml");
+    let p = lab.dir.join(file);
     std::fs::write(
-        &inv,
+        &p,
         format!(
-            "[[vm]]\nname = \"q\"\ndisks = [\"{}\"]\nagent = \"qga:{}\"\nmounts = [\"{}\"]\n",
-            g.vhd.display(),
+            "[[vm]]\nname = \"q\"\ndisks = [\"{}\"]\nagent = \"qga:{}\"\nmounts = [\"{}\"]\n{extra}\n",
+            g.disk.display(),
             sock.display(),
             g.fs.mount.display()
         ),
     )
     .unwrap();
+    p
+}
+
+#[test]
+fn the_stock_qemu_guest_agent_quiesces_through_freeze_list() {
+    if skip_unless_root("the_stock_qemu_guest_agent_quiesces_through_freeze_list") {
+        return;
+    }
+    let (lab, _qga, sock, _) = qga_guest(64, 0);
+    let inv = qga_inventory(&lab, &sock, "qga.toml", "");
     let (code, r, err) = lab.backup(&inv, &[]);
     assert_eq!(code, Some(0), "{err}\n{r:#}");
+    // The guard stood down once the thaw came.
+    let guards = Command::new("pgrep")
+        .args(["-f", &format!("__qga-guard {}", sock.display())])
+        .output()
+        .unwrap();
+    assert!(!guards.status.success(), "a guard lingers after the thaw");
     let v = &r["vms"][0];
     assert_eq!(v["consistency"], "app-consistent", "{v:#}");
     assert_eq!(v["metrics"]["frozen"], 1, "{v:#}");
@@ -639,12 +661,386 @@ fn the_stock_qemu_guest_agent_quiesces_through_freeze_list() {
         v["metrics"]["host_window_us"], r["snapshot_us"]
     );
     assert!(lab.all_writable());
-    let (_, sb) = lab.restored_ext4(v["snapshot"].as_str().unwrap());
-    assert!(
-        !features_line(&sb).contains("needs_recovery"),
-        "{}",
-        features_line(&sb)
+    let features = lab.restored_ext4(v["snapshot"].as_str().unwrap());
+    assert!(!features.contains("needs_recovery"), "{}", features);
+}
+
+/// One qemu-ga command over a fresh connection (after qga's own resync),
+/// as another client would send it; its `return`. qemu-ga serves one
+/// client at a time, so a connection may wait for a guard's to close; one
+/// that fails is said, and tried again on a new connection.
+fn qga_exec(sock: &Path, cmd: Value) -> Value {
+    let t = std::time::Instant::now();
+    let mut tries = Vec::new();
+    while t.elapsed() < Duration::from_secs(30) {
+        match qga_exec_once(sock, &cmd) {
+            Ok(v) => {
+                if !tries.is_empty() {
+                    eprintln!("qga_exec {cmd}: answered after {tries:?}");
+                }
+                return v;
+            }
+            Err(e) => {
+                tries.push(format!("{e} after {:?}", t.elapsed()));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    let log = std::fs::read_to_string(sock.with_file_name("qga.log")).unwrap_or_default();
+    let last: Vec<&String> = tries.iter().rev().take(3).collect();
+    panic!(
+        "qemu-ga at {} never answered {cmd}: {} tries, the last {last:?}\nqga.log:\n{log}",
+        sock.display(),
+        tries.len()
     );
+}
+
+fn qga_exec_once(sock: &Path, cmd: &Value) -> std::io::Result<Value> {
+    use std::io::{BufRead, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sock)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut msg = vec![0xFFu8];
+    msg.extend(br#"{"execute":"guest-sync-delimited","arguments":{"id":4242}}"#);
+    msg.push(b'\n');
+    msg.extend(cmd.to_string().bytes());
+    msg.push(b'\n');
+    s.write_all(&msg)?;
+    let mut r = std::io::BufReader::new(s);
+    loop {
+        let mut line = Vec::new();
+        if r.read_until(b'\n', &mut line)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        let text = String::from_utf8_lossy(&line);
+        let text = text.trim_start_matches('\u{FFFD}').trim();
+        let Ok(v) = serde_json::from_str::<Value>(text) else {
+            continue;
+        };
+        if v["return"] != 4242 && v.get("error").is_none() {
+            return Ok(v["return"].clone());
+        }
+    }
+}
+
+/// An inventory of one VM on `agent`, with a small disk of its own.
+fn one_vm(dir: &Path, agent: &str) -> (PathBuf, PathBuf) {
+    std::fs::create_dir_all(dir).unwrap();
+    let disk = dir.join("d.vhd");
+    vsnap_e2e::qemu_image(&disk, "dynamic", "16M", &[(0x5a, 0, 65536)]);
+    let inv = dir.join("inv.toml");
+    std::fs::write(
+        &inv,
+        format!(
+            "[[vm]]\nname = \"q\"\ndisks = [\"{}\"]\nagent = \"{agent}\"\n",
+            disk.display()
+        ),
+    )
+    .unwrap();
+    let repo = dir.join("repo");
+    repo_init(&repo);
+    (inv, repo)
+}
+
+/// `vsnap backup --inventory`: its exit code, stderr, and how long it took.
+fn timed_backup(inv: &Path, repo: &Path) -> (Option<i32>, String, Duration) {
+    let t = std::time::Instant::now();
+    let o = vsnap_cmd()
+        .args(["backup", "-q", "--provider", "copy", "--inventory"])
+        .arg(inv)
+        .arg("--repo")
+        .arg(repo)
+        .output()
+        .unwrap();
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+        t.elapsed(),
+    )
+}
+
+#[test]
+fn qemu_ga_failures_are_quick_and_say_what_is_wrong_with_the_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (_qga, sock) = Qga::start(d);
+    let (inv, repo) = one_vm(d, &format!("qga:{}", sock.display()));
+
+    // Busy: another client holds qemu-ga, which serves one at a time.
+    let holder = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    {
+        use std::io::{Read, Write};
+        let mut h = &holder;
+        h.write_all(b"\xff{\"execute\":\"guest-sync-delimited\",\"arguments\":{\"id\":1}}\n")
+            .unwrap();
+        let mut buf = [0u8; 256];
+        let _ = h.read(&mut buf).unwrap();
+    }
+    let (code, err, took) = timed_backup(&inv, &repo);
+    eprintln!("busy qemu-ga: failed in {took:?}");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!("qga:{}", sock.display()))
+            && err.contains("one client at a time")
+            && err.contains("libvirt"),
+        "{err}"
+    );
+    assert!(took < Duration::from_secs(3), "{took:?}: {err}");
+    drop(holder);
+
+    // A QMP monitor given as qemu-ga (qemu-storage-daemon's is real QMP).
+    let qmp = d.join("qmp.sock");
+    let _daemon = Qga::storage_daemon(&qmp);
+    let (inv_qmp, _) = one_vm(&d.join("qmp-vm"), &format!("qga:{}", qmp.display()));
+    let (code, err, took) = timed_backup(&inv_qmp, &repo);
+    eprintln!("QMP given as qemu-ga: failed in {took:?}");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!("qga:{}", qmp.display()))
+            && err.contains("a QMP monitor, not qemu-ga"),
+        "{err}"
+    );
+    assert!(took < Duration::from_secs(3), "{took:?}: {err}");
+
+    // No socket at all: named as the inventory names it.
+    let gone = d.join("gone.sock");
+    let (inv_gone, _) = one_vm(&d.join("gone-vm"), &format!("qga:{}", gone.display()));
+    let (code, err, took) = timed_backup(&inv_gone, &repo);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!("qga:{}: connect:", gone.display())) && !err.contains("unix:"),
+        "{err}"
+    );
+    assert!(took < Duration::from_secs(3), "{took:?}: {err}");
+}
+
+#[test]
+fn the_qmp_provider_says_what_it_needs_before_any_freeze() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (inv, repo) = one_vm(&d.join("vm"), "none");
+    let run = |inv: &Path| {
+        let t = std::time::Instant::now();
+        let o = vsnap_cmd()
+            .args(["backup", "-q", "--provider", "qmp", "--inventory"])
+            .arg(inv)
+            .arg("--repo")
+            .arg(&repo)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "{:?}: {err}",
+            t.elapsed()
+        );
+        err
+    };
+    // No monitor named.
+    let err = run(&inv);
+    assert!(
+        err.contains("needs the VM's QEMU monitor") && err.contains("qmp = "),
+        "{err}"
+    );
+    let with_qmp = |sock: &Path| {
+        let text = std::fs::read_to_string(&inv).unwrap();
+        let p = d.join(format!(
+            "{}.toml",
+            sock.file_name().unwrap().to_string_lossy()
+        ));
+        std::fs::write(&p, format!("{text}qmp = \"{}\"\n", sock.display())).unwrap();
+        p
+    };
+    // No socket.
+    let gone = d.join("gone.sock");
+    let err = run(&with_qmp(&gone));
+    assert!(
+        err.contains(&format!("qmp:{}: connect:", gone.display())),
+        "{err}"
+    );
+    // A qemu-ga socket: it never greets.
+    let (_qga, qga) = Qga::start(d);
+    let err = run(&with_qmp(&qga));
+    assert!(
+        err.contains(&format!("qmp:{}", qga.display())) && err.contains("not a QMP monitor"),
+        "{err}"
+    );
+    // A real QMP monitor without the disk.
+    let qmp = d.join("qsd.sock");
+    let _daemon = Qga::storage_daemon(&qmp);
+    let err = run(&with_qmp(&qmp));
+    assert!(
+        err.contains("the VM has no disk") && err.contains("d.vhd"),
+        "{err}"
+    );
+    // Nothing was left beside the disk.
+    assert!(!d.join("vm").join(".vsnap-overlay").exists());
+    assert!(!d.join("vm").join(".vsnap-snap").exists());
+}
+
+#[test]
+fn the_window_is_kept_for_qemu_ga_guests_too() {
+    if skip_unless_root("the_window_is_kept_for_qemu_ga_guests_too") {
+        return;
+    }
+    // 384 MiB of data: copying the disk takes far longer than the window.
+    let (lab, _qga, sock, _) = qga_guest(512, 384);
+    let inv = |policy: &str| {
+        let file = format!("{policy}.toml");
+        qga_inventory(&lab, &sock, &file, &format!("policy = \"{policy}\""))
+    };
+    let window = ["--window", "400ms", "--provider", "copy"];
+    let (code, r, err) = lab.backup(&inv("allow-crash-consistent"), &window);
+    assert_eq!(code, Some(0), "{err}\n{r:#}");
+    let v = &r["vms"][0];
+    assert_eq!(v["consistency"], "crash-consistent", "{v:#}");
+    assert!(
+        v["degraded"]
+            .as_str()
+            .unwrap()
+            .contains("the 400 ms window passed before its snapshots were taken"),
+        "{v:#}"
+    );
+    // Thawed at the window's end, not when the copy finished.
+    let m = &v["metrics"];
+    let held = m["thaw_sent_at_us"].as_u64().unwrap() - m["freeze_sent_at_us"].as_u64().unwrap();
+    eprintln!(
+        "qemu-ga, window 400 ms: thaw sent {held} µs after the freeze, snapshot {} µs",
+        r["snapshot_us"]
+    );
+    assert!(
+        held < 1_400_000 && r["snapshot_us"].as_u64().unwrap() > held,
+        "{r:#}"
+    );
+    assert!(lab.all_writable());
+
+    let (code, r, err) = lab.backup(&inv("app-consistent-only"), &window);
+    assert_eq!(code, Some(1), "{err}\n{r:#}");
+    assert!(
+        err.contains("not app-consistent: the 400 ms window passed"),
+        "{err}"
+    );
+    assert!(r["vms"][0]["snapshot"].is_null(), "{r:#}");
+    assert!(lab.all_writable());
+}
+
+#[test]
+fn a_coordinator_killed_while_a_qemu_ga_guest_is_frozen_leaves_its_guard_to_thaw_it() {
+    if skip_unless_root(
+        "a_coordinator_killed_while_a_qemu_ga_guest_is_frozen_leaves_its_guard_to_thaw_it",
+    ) {
+        return;
+    }
+    // Enough data that copying the disk keeps the guest frozen a while.
+    let (lab, mut qga, sock, mount) = qga_guest(512, 384);
+    let inv = qga_inventory(&lab, &sock, "qga.toml", "");
+    let mut coordinator = vsnap_cmd()
+        .args([
+            "backup",
+            "-q",
+            "--provider",
+            "copy",
+            "--window",
+            "30s",
+            "--inventory",
+        ])
+        .arg(&inv)
+        .arg("--repo")
+        .arg(lab.repo())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !writes_block(&mount, Duration::from_millis(50)) {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the guest never froze"
+        );
+    }
+    // Right after the freeze, the coordinator dies: no thaw from it.
+    coordinator.kill().unwrap();
+    let killed = std::time::Instant::now();
+    let _ = coordinator.wait();
+    let t = std::time::Instant::now();
+    while writes_block(&mount, Duration::from_millis(20)) {
+        assert!(
+            t.elapsed() < Duration::from_secs(31),
+            "still frozen: no guard thawed it"
+        );
+    }
+    let thawed_after = killed.elapsed();
+    eprintln!("qemu-ga guard: thawed {thawed_after:?} after the coordinator was killed");
+    assert!(thawed_after < Duration::from_secs(2), "{thawed_after:?}");
+    // qemu-ga's own view, once the guard has let go of it. The host's
+    // qemu-ga has been seen to exit after such a thaw (its socket then
+    // refuses): that is said, not taken for the guard's failure, which
+    // the writes above already ruled out.
+    let status = serde_json::json!({"execute": "guest-fsfreeze-status"});
+    let t = std::time::Instant::now();
+    loop {
+        if let Some(exit) = qga.0.try_wait().unwrap() {
+            eprintln!("the host's qemu-ga exited ({exit}) after the guard's thaw");
+            break;
+        }
+        match qga_exec_once(&sock, &status) {
+            Ok(v) => {
+                assert_eq!(v, "thawed");
+                break;
+            }
+            Err(e) => assert!(t.elapsed() < Duration::from_secs(30), "qemu-ga: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(lab.all_writable());
+    // The guard is gone, its work done.
+    let t = std::time::Instant::now();
+    loop {
+        let o = Command::new("pgrep")
+            .args(["-f", &format!("__qga-guard {}", sock.display())])
+            .output()
+            .unwrap();
+        if !o.status.success() {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "the guard lingers");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_guest_found_frozen_through_qemu_ga_is_left_as_found_and_said_so_once() {
+    if skip_unless_root("a_guest_found_frozen_through_qemu_ga_is_left_as_found_and_said_so_once") {
+        return;
+    }
+    let (lab, _qga, sock, mount) = qga_guest(32, 0);
+    // Another backup froze the guest and is gone (or still running).
+    let n = qga_exec(
+        &sock,
+        serde_json::json!({"execute": "guest-fsfreeze-freeze-list",
+                           "arguments": {"mountpoints": [mount.to_str().unwrap()]}}),
+    );
+    assert_eq!(n, 1);
+    let inv = qga_inventory(&lab, &sock, "qga.toml", "");
+    let (code, r, err) = lab.backup(&inv, &[]);
+    assert_eq!(code, Some(1), "{err}\n{r:#}");
+    assert!(
+        err.contains("frozen already") && err.contains("leaves it as it is"),
+        "{err}"
+    );
+    assert!(!err.contains("every guest thawed"), "{err}");
+    assert!(err.contains("every guest this run froze thawed"), "{err}");
+    // Not thawed behind the other backup's back.
+    assert!(writes_block(&mount, Duration::from_millis(300)));
+    assert_eq!(
+        qga_exec(
+            &sock,
+            serde_json::json!({"execute": "guest-fsfreeze-status"})
+        ),
+        "frozen"
+    );
+    qga_exec(&sock, serde_json::json!({"execute": "guest-fsfreeze-thaw"}));
+    assert!(lab.all_writable());
 }
 
 #[test]
@@ -662,12 +1058,7 @@ fn forcing_reflink_where_the_filesystem_cannot_clone_says_so_before_any_freeze()
     )
     .unwrap();
     let repo = dir.path().join("repo");
-    assert!(vsnap_cmd()
-        .args(["repo", "init"])
-        .arg(&repo)
-        .status()
-        .unwrap()
-        .success());
+    repo_init(&repo);
     let run = |args: &[&str]| {
         vsnap_cmd()
             .args(["backup", "-q", "--inventory"])
@@ -703,7 +1094,12 @@ fn forcing_reflink_where_the_filesystem_cannot_clone_says_so_before_any_freeze()
     let o = run(&["--vm", "b"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("no vm \"b\" in the inventory"));
     let o = run(&["--window", "soon"]);
-    assert!(String::from_utf8_lossy(&o.stderr).contains("--window \"soon\" is not a duration"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("'soon' for '--window <DURATION>': not a duration"),
+        "{err}"
+    );
     // auto falls back to a copy, and agent "none" is crash-consistent.
     let o = run(&["--json"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -722,6 +1118,7 @@ fn forcing_reflink_where_the_filesystem_cannot_clone_says_so_before_any_freeze()
 
 #[test]
 fn the_demo_backs_up_its_vms_app_consistently_and_cleans_up_its_agents() {
+    let _turn = Turn::shared();
     let dir = tempfile::tempdir().unwrap();
     let demo = dir.path().join("demo");
     let o = vsnap_cmd()
@@ -788,9 +1185,11 @@ fn a_connection_that_breaks_is_retried_with_back_off() {
     let token = dir.path().join("token");
     std::fs::write(&token, "sixteen-or-more-characters\n").unwrap();
     // A peer that accepts the first connection and drops it at once, as
-    // an agent that crashed and restarts would.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
+    // an agent that crashed and restarts would. Its port is below the
+    // kernel's ephemeral range: no other test's outgoing connection can
+    // take it between the peer's close and the agent's bind.
+    let port = vsnap_e2e::free_port();
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
     let inv = dir.path().join("inv.toml");
     std::fs::write(
         &inv,
@@ -802,13 +1201,7 @@ fn a_connection_that_breaks_is_retried_with_back_off() {
     )
     .unwrap();
     let repo = dir.path().join("repo");
-    assert!(vsnap_cmd()
-        .args(["repo", "init"])
-        .arg(&repo)
-        .output()
-        .unwrap()
-        .status
-        .success());
+    repo_init(&repo);
     let backup = vsnap_cmd()
         .args(["backup", "-q", "--json", "--inventory"])
         .arg(&inv)
@@ -832,7 +1225,7 @@ fn a_connection_that_breaks_is_retried_with_back_off() {
         "--marker",
         s(&marker),
     ];
-    let _agent = AgentProc::start(&args, &dir.path().join("agent.err")).unwrap();
+    let _agent = start_agent(&args, &dir.path().join("agent.err")).unwrap();
     let o = backup.wait_with_output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let r: Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -889,6 +1282,7 @@ fn bench_freeze_measures_sane_windows_and_leaves_nothing_behind() {
     if skip_unless_root("bench_freeze_measures_sane_windows_and_leaves_nothing_behind") {
         return;
     }
+    let _turn = Turn::shared();
     let dir = tempfile::tempdir().unwrap();
     let svg = dir.path().join("freeze.svg");
     let o = vsnap_cmd()
@@ -1039,7 +1433,7 @@ fn bench_freeze_measures_an_inventory_of_existing_guests_without_touching_them()
     assert!(lab.all_writable());
     for g in &lab.guests {
         assert!(g.fs.mount.join("data.txt").exists());
-        assert!(std::os::unix::net::UnixStream::connect(&g.sock).is_ok());
+        assert!(std::os::unix::net::UnixStream::connect(&g.socket).is_ok());
     }
     // Its repository is gone.
     assert!(!std::fs::read_dir(&lab.dir).unwrap().any(|e| e
@@ -1069,7 +1463,7 @@ fn ctrl_c_on_the_coordinator_thaws_every_guest_at_once() {
     assert_eq!(r["aborted"], "interrupted", "{r:#}");
     assert!(lab.all_writable());
     assert!(lab.snapshots().is_empty());
-    assert!(!lab.scratch.mount.join(".vsnap-snap").exists());
+    assert!(!lab.snapshots_left());
     for g in &lab.guests {
         assert!(!g.marker.exists(), "{}", g.agent_log());
     }

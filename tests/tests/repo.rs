@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use serde_json::Value;
+use serde_json::{json, Value};
 use vsnap_e2e::*;
 
 const MIB: u64 = 1 << 20;
@@ -766,4 +766,78 @@ fn a_repository_of_1k_chunks_round_trips() {
             info(&restored)["allocated_bytes"]
         );
     }
+}
+
+#[test]
+fn forget_by_policy_judges_each_vm_apart_and_dry_run_removes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    assert!(vsnap(&["repo", "init", repo.to_str().unwrap()])
+        .status
+        .success());
+    let img = dir.path().join("a.vhd");
+    random_vhd(&img, 4 << 20, 11, &[(0, 1 << 20)]);
+    for (vm, n) in [("a", 3), ("b", 2)] {
+        for _ in 0..n {
+            let o = vsnap(&[
+                "backup",
+                "-q",
+                "--repo",
+                repo.to_str().unwrap(),
+                "--name",
+                vm,
+                img.to_str().unwrap(),
+            ]);
+            assert!(o.status.success(), "{}", stderr(&o));
+        }
+    }
+    let r = repo.to_str().unwrap();
+    let o = vsnap(&[
+        "forget",
+        "--repo",
+        r,
+        "--keep-last",
+        "1",
+        "--vm",
+        "a",
+        "--dry-run",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let plan: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let plan = plan.as_array().unwrap();
+    assert_eq!(plan.len(), 3, "only vm a: {plan:?}");
+    let kept: Vec<_> = plan.iter().filter(|p| p["keep"] == true).collect();
+    assert_eq!(kept.len(), 1);
+    assert_eq!(kept[0]["reasons"], json!(["last snapshot"]));
+    let count = |vm: &str| {
+        let o = vsnap(&["snapshots", "--json", "--repo", r]);
+        let all: Value = serde_json::from_slice(&o.stdout).unwrap();
+        all.as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["vm"] == vm)
+            .count()
+    };
+    assert_eq!(
+        (count("a"), count("b")),
+        (3, 2),
+        "a dry run removed something"
+    );
+    let o = vsnap(&["forget", "--repo", r, "--keep-last", "1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("2 kept, 3 removed"), "{}", stdout(&o));
+    assert_eq!((count("a"), count("b")), (1, 1));
+    // Bad policies are usage errors that say what is wrong.
+    let o = vsnap(&["forget", "--repo", r, "--keep-within", "3x"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("units are y, m, d and h"),
+        "{}",
+        stderr(&o)
+    );
+    let o = vsnap(&["forget", "--repo", r]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = vsnap(&["forget", "--repo", r, "x", "--keep-last", "1"]);
+    assert_eq!(o.status.code(), Some(2));
 }

@@ -29,8 +29,8 @@ pub struct Args {
     #[arg(long, value_parser = parse_size, default_value = "512M")]
     read_size: u64,
     /// How long each measurement runs at least.
-    #[arg(long, default_value = "1s")]
-    time: String,
+    #[arg(long, default_value = "1s", value_name = "DURATION", value_parser = crate::units::parse_duration)]
+    time: Duration,
     /// Print the results as JSON.
     #[arg(long)]
     json: bool,
@@ -143,7 +143,7 @@ fn read_rate(path: &std::path::Path, kind: IoKind, direct: bool, min: Duration) 
 }
 
 pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
-    let min = vsnap_coordinator::agent::parse_duration("--time", &args.time)?;
+    let min = args.time;
     let mut rows = Vec::new();
     for kind in ["incompressible", "mixed"] {
         let input = data(kind);

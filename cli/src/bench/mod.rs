@@ -3,9 +3,7 @@
 
 pub mod engine;
 pub mod freeze;
-mod lab;
 mod plot;
-mod workload;
 
 use std::io::Write;
 use std::process::ExitCode;

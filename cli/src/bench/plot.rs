@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::{anyhow, Result};
 use plotters::prelude::*;
 
-use super::freeze::Results;
+use vsnap_lab::freeze_bench::Results;
 
 const GIB: f64 = (1u64 << 30) as f64;
 

@@ -1,31 +1,37 @@
 //! Snapshot providers: a point-in-time image of every disk, taken inside
-//! the freeze. `reflink` clones each file (FICLONE: O(1) in the disk's
-//! size, XFS with reflink and btrfs); `copy` copies the bytes, the baseline
-//! that shows what reflink buys.
+//! the freeze.
+//! - `reflink` clones each disk file (FICLONE: O(1) in the disk's size,
+//!   XFS with reflink and btrfs); `copy` copies the bytes, the baseline
+//!   that shows what reflink buys ([`files`]).
+//! - `qmp` has the VM's QEMU redirect its writes to an overlay, streams
+//!   the base as it stands, and merges the overlay back after
+//!   ([`overlay`]): O(1) in the disk's size on any filesystem, and the cut
+//!   is QEMU's own, whatever the image format and cache mode.
 //!
-//! A snapshot of `DIR/disk.vhd` is `DIR/.vsnap-snap/RUN/disk.vhd`, beside
-//! its disk so a clone stays on one filesystem. `DIR/.vsnap-snap/RUN.lock`
-//! is locked for the run's whole life; a later run that can take the lock
-//! knows its owner died, and removes what it left.
+//! `auto` takes `qmp` for a VM whose inventory names its QMP socket, and
+//! otherwise reflink where the disk's filesystem can clone, copy elsewhere.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
+mod files;
+mod overlay;
+
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde::Serialize;
-use vsnap_engine::io::fsctl;
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::inventory::Vm;
 use crate::micros;
-
-pub const SNAP_DIR: &str = ".vsnap-snap";
+pub use files::SNAP_DIR;
+use files::{io_at, RunDir};
+pub use overlay::OVERLAY_DIR;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
     Reflink,
     Copy,
+    Qmp,
 }
 
 impl Kind {
@@ -33,13 +39,15 @@ impl Kind {
         match self {
             Kind::Reflink => "reflink",
             Kind::Copy => "copy",
+            Kind::Qmp => "qmp",
         }
     }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Choice {
-    /// Reflink where the disk's filesystem can, copy elsewhere.
+    /// `qmp` where the VM's monitor is known; else reflink where the
+    /// disk's filesystem can, copy elsewhere.
     Auto,
     Force(Kind),
 }
@@ -51,7 +59,10 @@ impl std::str::FromStr for Choice {
             "auto" => Ok(Choice::Auto),
             "reflink" => Ok(Choice::Force(Kind::Reflink)),
             "copy" => Ok(Choice::Force(Kind::Copy)),
-            _ => Err(format!("provider {s:?}: expected auto, reflink or copy")),
+            "qmp" => Ok(Choice::Force(Kind::Qmp)),
+            _ => Err(format!(
+                "provider {s:?}: expected auto, reflink, copy or qmp"
+            )),
         }
     }
 }
@@ -60,171 +71,173 @@ impl std::str::FromStr for Choice {
 #[derive(Debug, Clone, Serialize)]
 pub struct Snap {
     pub source: PathBuf,
+    /// What to stream: a clone or copy, or (`qmp`) the disk itself, which
+    /// stands still under its overlay.
     pub path: PathBuf,
     pub provider: Kind,
     pub took_us: u64,
 }
 
-/// A run's snapshot directories, locked; released (removed) on
-/// [`Prepared::release`] or when dropped, so an abort leaves nothing.
+/// How one disk (in plan order) is snapshotted.
 #[derive(Debug)]
-struct RunDir {
-    dir: PathBuf,
-    lock_path: PathBuf,
-    _lock: File,
+enum Step {
+    File {
+        source: PathBuf,
+        target: PathBuf,
+        kind: Kind,
+    },
+    /// Through QMP group `group`.
+    Overlay { group: usize, source: PathBuf },
+}
+
+/// What merging the overlays back did.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Merged {
+    /// From the first commit's start to the last one's end.
+    pub commit_us: Option<u64>,
+    /// Overlays that stay, with the VM running on them, for the next run
+    /// to merge; and overlay files that could not be removed.
+    pub errors: Vec<String>,
 }
 
 /// Everything decided before the freeze, so that inside it only the
-/// clones or copies remain.
-#[derive(Debug)]
+/// clones, copies or overlays remain.
 pub struct Prepared {
-    plan: Vec<(PathBuf, PathBuf, Kind)>,
+    plan: Vec<Step>,
     runs: Vec<RunDir>,
+    groups: Vec<overlay::Group>,
     /// Snapshot directories of dead runs that were removed.
     pub stale_removed: usize,
+    /// Overlays and commit jobs of dead runs that were merged back.
+    pub overlays_recovered: usize,
 }
 
-fn io_at(e: std::io::Error, p: &Path, what: &str) -> Error {
-    Error::from(e)
-        .at(p.display().to_string())
-        .during(what.to_string())
-}
-
-/// Removes what dead runs left in `dir/.vsnap-snap`: a run whose lock can
-/// be taken has no owner.
-fn clean_stale(snap_root: &Path) -> Result<usize> {
-    let entries = match std::fs::read_dir(snap_root) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => return Err(io_at(e, snap_root, "list snapshots")),
-    };
-    let mut removed = 0;
-    for e in entries {
-        let e = e.map_err(|e| io_at(e, snap_root, "list snapshots"))?;
-        let p = e.path();
-        let Some(name) = p.file_name().and_then(|n| n.to_str()).map(str::to_string) else {
-            continue;
-        };
-        if name.starts_with('.') {
-            continue;
-        }
-        if let Some(run) = name.strip_suffix(".lock") {
-            let Ok(f) = File::open(&p) else { continue };
-            if f.try_lock().is_ok() {
-                let dir = snap_root.join(run);
-                if dir.exists() {
-                    std::fs::remove_dir_all(&dir)
-                        .map_err(|e| io_at(e, &dir, "remove a stale snapshot"))?;
-                    removed += 1;
-                }
-                let _ = std::fs::remove_file(&p);
-            }
-        } else if p.is_dir() && !snap_root.join(format!("{name}.lock")).exists() {
-            // The lock goes first and is removed last, so a directory
-            // without one is what a release cut short left.
-            std::fs::remove_dir_all(&p).map_err(|e| io_at(e, &p, "remove a stale snapshot"))?;
-            removed += 1;
-        }
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared")
+            .field("plan", &self.plan)
+            .field("runs", &self.runs)
+            .field(
+                "groups",
+                &self
+                    .groups
+                    .iter()
+                    .map(|g| g.vm.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .finish()
     }
-    Ok(removed)
 }
 
-/// Whether `dir`'s filesystem can clone: a real FICLONE of a one-block
-/// file made for the purpose.
-fn can_reflink(dir: &Path) -> std::result::Result<(), std::io::Error> {
-    let a = dir.join(".probe-src");
-    let b = dir.join(".probe-dst");
-    let r = (|| {
-        // FICLONE reads the source: it must be open for reading.
-        let src = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&a)?;
-        src.write_all_at(&[0x5a; 4096], 0)?;
-        let dst = File::create(&b)?;
-        fsctl::clone_file(&src, &dst)
-    })();
-    let _ = std::fs::remove_file(&a);
-    let _ = std::fs::remove_file(&b);
-    r
-}
-
-/// Before the freeze: removes dead runs' snapshots, makes and locks this
-/// run's directories, and picks a provider for every disk (probing each
-/// filesystem with a real clone). Forcing reflink where a filesystem
-/// cannot clone is an error that says so.
-pub fn prepare(disks: &[PathBuf], choice: Choice, run_id: &str) -> Result<Prepared> {
+/// Before the freeze: picks a provider for every disk of every VM, removes
+/// what dead runs left (their snapshot directories; through QMP, their
+/// overlays and commit jobs, merged back), and makes and locks this run's
+/// directories (probing each filesystem with a real clone). Forcing a
+/// provider that cannot serve a disk is an error that says why.
+pub async fn prepare(vms: &[Vm], choice: Choice, run_id: &str) -> Result<Prepared> {
     let mut prepared = Prepared {
         plan: Vec::new(),
         runs: Vec::new(),
+        groups: Vec::new(),
         stale_removed: 0,
+        overlays_recovered: 0,
     };
-    for disk in disks {
-        let meta = std::fs::metadata(disk).map_err(|e| io_at(e, disk, "open disk"))?;
-        if !meta.is_file() {
-            return Err(Error::from(ErrorKind::Config("not a regular file".into()))
-                .at(disk.display().to_string()));
-        }
-        let parent = disk.parent().unwrap_or(Path::new("."));
-        let root = parent.join(SNAP_DIR);
-        let dir = root.join(run_id);
-        let same_dir = prepared
-            .plan
-            .iter()
-            .find(|(_, t, _)| t.parent() == Some(dir.as_path()))
-            .map(|p| p.2);
-        let kind = if let Some(k) = same_dir {
-            k
-        } else {
-            prepared.stale_removed += clean_stale(&root)?;
-            std::fs::create_dir_all(&root)
-                .map_err(|e| io_at(e, &root, "create the snapshot directory"))?;
-            // Locked under another name, then renamed: another run's clean-up
-            // never sees this lock file unlocked.
-            let lock_path = root.join(format!("{run_id}.lock"));
-            let fresh = root.join(format!(".{run_id}.new"));
-            let lock = File::create(&fresh).map_err(|e| io_at(e, &fresh, "create the run lock"))?;
-            lock.lock().map_err(|e| io_at(e, &fresh, "lock the run"))?;
-            std::fs::rename(&fresh, &lock_path)
-                .map_err(|e| io_at(e, &lock_path, "create the run lock"))?;
-            std::fs::create_dir(&dir)
-                .map_err(|e| io_at(e, &dir, "create the snapshot directory"))?;
-            prepared.runs.push(RunDir {
-                dir: dir.clone(),
-                lock_path,
-                _lock: lock,
-            });
-            match (choice, can_reflink(&dir)) {
-                (Choice::Force(Kind::Copy), _) => Kind::Copy,
-                (_, Ok(())) => Kind::Reflink,
-                (Choice::Auto, Err(_)) => Kind::Copy,
-                (Choice::Force(Kind::Reflink), Err(e)) => {
-                    return Err(Error::from(ErrorKind::Config(format!(
-                        "the reflink provider cannot serve this disk: its filesystem cannot clone files (FICLONE: {e}); use XFS with reflink or btrfs, or --provider copy"
-                    )))
-                    .at(disk.display().to_string()))
-                }
+    for vm in vms {
+        for disk in &vm.disks {
+            let meta = std::fs::metadata(disk).map_err(|e| io_at(e, disk, "open disk"))?;
+            if !meta.is_file() {
+                return Err(Error::from(ErrorKind::Config("not a regular file".into()))
+                    .at(disk.display().to_string()));
             }
-        };
-        let name = disk.file_name().unwrap_or_default();
-        let target = dir.join(name);
-        if prepared.plan.iter().any(|(_, t, _)| t == &target) {
-            return Err(
-                Error::from(ErrorKind::Config("this disk is listed twice".into()))
-                    .at(disk.display().to_string()),
-            );
         }
-        prepared.plan.push((disk.clone(), target, kind));
+        let qmp = match (choice, &vm.qmp) {
+            (Choice::Force(Kind::Qmp), None) => {
+                return Err(Error::from(ErrorKind::Config(format!(
+                    "vm {:?}: the qmp provider needs the VM's QEMU monitor: add qmp = \"/path/to/qmp.sock\" (QEMU's -qmp unix:…,server=on,wait=off) to its inventory entry",
+                    vm.name
+                ))))
+            }
+            (Choice::Force(Kind::Qmp) | Choice::Auto, Some(socket)) => Some(socket),
+            _ => None,
+        };
+        if let Some(socket) = qmp {
+            let (group, recovered) =
+                overlay::Group::prepare(&vm.name, socket, &vm.disks, run_id).await?;
+            prepared.overlays_recovered += recovered;
+            let g = prepared.groups.len();
+            prepared.plan.extend(group.disks().map(|d| Step::Overlay {
+                group: g,
+                source: d.to_path_buf(),
+            }));
+            prepared.groups.push(group);
+        } else {
+            tokio::task::block_in_place(|| prepared.add_files(&vm.disks, choice, run_id))?;
+        }
     }
     Ok(prepared)
 }
 
 impl Prepared {
+    fn add_files(&mut self, disks: &[PathBuf], choice: Choice, run_id: &str) -> Result<()> {
+        for disk in disks {
+            let parent = disk.parent().unwrap_or(Path::new("."));
+            let root = parent.join(SNAP_DIR);
+            let dir = root.join(run_id);
+            let same_dir = self.plan.iter().find_map(|s| match s {
+                Step::File { target, kind, .. } if target.parent() == Some(dir.as_path()) => {
+                    Some(*kind)
+                }
+                _ => None,
+            });
+            let kind = if let Some(k) = same_dir {
+                k
+            } else {
+                self.stale_removed += files::clean_stale(&root)?;
+                let run = files::lock_run(&root, run_id)?;
+                self.runs.push(run);
+                match (choice, files::can_reflink(&dir)) {
+                    (Choice::Force(Kind::Copy), _) => Kind::Copy,
+                    (_, Ok(())) => Kind::Reflink,
+                    (Choice::Auto, Err(_)) => Kind::Copy,
+                    (Choice::Force(k), Err(e)) => {
+                        return Err(Error::from(ErrorKind::Config(format!(
+                            "the {} provider cannot serve this disk: its filesystem cannot clone files (FICLONE: {e}); use XFS with reflink or btrfs, or --provider copy",
+                            k.name()
+                        )))
+                        .at(disk.display().to_string()))
+                    }
+                }
+            };
+            let name = disk.file_name().unwrap_or_default();
+            let target = dir.join(name);
+            if self
+                .plan
+                .iter()
+                .any(|s| matches!(s, Step::File { target: t, .. } if t == &target))
+            {
+                return Err(
+                    Error::from(ErrorKind::Config("this disk is listed twice".into()))
+                        .at(disk.display().to_string()),
+                );
+            }
+            self.plan.push(Step::File {
+                source: disk.clone(),
+                target,
+                kind,
+            });
+        }
+        Ok(())
+    }
+
     /// The providers chosen, disk by disk.
     pub fn kinds(&self) -> Vec<Kind> {
-        self.plan.iter().map(|p| p.2).collect()
+        self.plan
+            .iter()
+            .map(|s| match s {
+                Step::File { kind, .. } => *kind,
+                Step::Overlay { .. } => Kind::Qmp,
+            })
+            .collect()
     }
 
     /// How many disks there are to snapshot, in plan order.
@@ -236,28 +249,65 @@ impl Prepared {
         self.plan.is_empty()
     }
 
-    /// Inside the freeze: the snapshot of disk `i` (in the order given to
-    /// [`prepare`]). Safe to call from several threads for different
-    /// disks; the session decides how many run at once.
+    /// Inside the freeze: the snapshot of disk `i` (in inventory order).
+    /// Safe to call from several threads for different disks; the
+    /// session decides how many run at once. Blocks: call it where a
+    /// runtime's blocking work may run (`spawn_blocking`).
     pub fn take_one(&self, i: usize) -> Result<Snap> {
-        let Some((source, target, kind)) = self.plan.get(i) else {
-            return Err(ErrorKind::Config(format!("no disk {i} in this snapshot plan")).into());
-        };
         let t = Instant::now();
-        let src = File::open(source).map_err(|e| io_at(e, source, "open disk"))?;
-        let dst = File::create(target).map_err(|e| io_at(e, target, "create snapshot"))?;
-        match kind {
-            Kind::Reflink => {
-                fsctl::clone_file(&src, &dst).map_err(|e| io_at(e, source, "FICLONE"))?
+        match self.plan.get(i) {
+            None => Err(ErrorKind::Config(format!("no disk {i} in this snapshot plan")).into()),
+            Some(Step::File {
+                source,
+                target,
+                kind,
+            }) => {
+                let src = std::fs::File::open(source).map_err(|e| io_at(e, source, "open disk"))?;
+                let dst = std::fs::File::create(target)
+                    .map_err(|e| io_at(e, target, "create snapshot"))?;
+                match kind {
+                    Kind::Copy => {
+                        files::copy_bytes(&src, &dst).map_err(|e| io_at(e, source, "copy"))?
+                    }
+                    _ => files::clone_file(&src, &dst).map_err(|e| io_at(e, source, "FICLONE"))?,
+                }
+                Ok(Snap {
+                    source: source.clone(),
+                    path: target.clone(),
+                    provider: *kind,
+                    took_us: micros(t.elapsed()),
+                })
             }
-            Kind::Copy => copy_bytes(&src, &dst).map_err(|e| io_at(e, source, "copy"))?,
+            Some(Step::Overlay { group, source }) => {
+                let g = self.groups.get(*group).ok_or_else(|| {
+                    Error::from(ErrorKind::Config(format!("no QMP group {group}")))
+                })?;
+                let took_us = tokio::runtime::Handle::current().block_on(g.take())?;
+                Ok(Snap {
+                    source: source.clone(),
+                    path: source.clone(),
+                    provider: Kind::Qmp,
+                    took_us,
+                })
+            }
         }
-        Ok(Snap {
-            source: source.clone(),
-            path: target.clone(),
-            provider: *kind,
-            took_us: micros(t.elapsed()),
-        })
+    }
+
+    /// Merges every overlay taken back into its disk, and removes it. Safe
+    /// to call when none was taken, and more than once; call it after the
+    /// stream, and on every abort after the snapshot step.
+    pub async fn merge(&self) -> Merged {
+        let mut out = Merged::default();
+        let mut total = None;
+        for g in &self.groups {
+            let m = g.merge().await;
+            if m.commit_us > 0 || !m.errors.is_empty() {
+                total = Some(total.unwrap_or(0) + m.commit_us);
+            }
+            out.errors.extend(m.errors);
+        }
+        out.commit_us = total;
+        out
     }
 
     /// Removes this run's snapshots and unlocks. Also done on drop; this
@@ -266,7 +316,7 @@ impl Prepared {
         let runs = std::mem::take(&mut self.runs);
         let mut first = None;
         for r in runs {
-            if let Err(e) = release_run(&r) {
+            if let Err(e) = files::release_run(&r) {
                 first.get_or_insert(e);
             }
         }
@@ -277,39 +327,23 @@ impl Prepared {
 impl Drop for Prepared {
     fn drop(&mut self) {
         for r in std::mem::take(&mut self.runs) {
-            let _ = release_run(&r);
+            let _ = files::release_run(&r);
         }
     }
 }
 
-fn release_run(r: &RunDir) -> Result<()> {
-    match std::fs::remove_dir_all(&r.dir) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(io_at(e, &r.dir, "release snapshot"))
-        }
-        _ => {}
-    }
-    let _ = std::fs::remove_file(&r.lock_path);
-    if let Some(root) = r.dir.parent() {
-        // Empty once no other run uses it.
-        let _ = std::fs::remove_dir(root);
-    }
-    Ok(())
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// The baseline: every byte read and written again, holes kept (a block
-/// of zeros is not written), with positional I/O.
-fn copy_bytes(src: &File, dst: &File) -> std::io::Result<()> {
-    let len = src.metadata()?.len();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut at = 0u64;
-    while at < len {
-        let n = usize::try_from((len - at).min(buf.len() as u64)).unwrap_or(buf.len());
-        src.read_exact_at(&mut buf[..n], at)?;
-        if !vsnap_engine::digest::is_zero(&buf[..n]) {
-            dst.write_all_at(&buf[..n], at)?;
-        }
-        at += n as u64;
+    #[test]
+    fn providers_are_chosen_by_name() {
+        assert_eq!("qmp".parse::<Choice>(), Ok(Choice::Force(Kind::Qmp)));
+        assert_eq!("auto".parse::<Choice>(), Ok(Choice::Auto));
+        assert_eq!(
+            "zfs".parse::<Choice>(),
+            Err("provider \"zfs\": expected auto, reflink, copy or qmp".to_string())
+        );
+        assert_eq!(Kind::Qmp.name(), "qmp");
     }
-    dst.set_len(len)
 }

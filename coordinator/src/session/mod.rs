@@ -19,15 +19,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use serde_json::{json, Value};
-use vsnap_engine::repo::Consistency;
+use vsnap_engine::repo::{Consistency, Failure, FreezeRecord};
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::guest::{Call, Failure, Guest, Metrics};
-use crate::inventory::{Policy, Vm};
+use crate::guest::{Answer, Call, Guest, Metrics};
+use crate::inventory::{AgentSpec, Policy, Vm};
 use crate::micros;
-use crate::protocol::ErrorClass;
 use crate::provider::{self, Choice, Kind, Snap};
+use crate::qga_guard::Guard;
+use vsnap_protocol::ErrorClass;
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -43,6 +43,10 @@ pub struct Options {
     /// after the freeze barrier and between snapshots, each time leading
     /// to the abort rules (every guest thawed at once, no manifest).
     pub cancel: Option<Arc<AtomicBool>>,
+    /// The program that guards qemu-ga guests' freezes ([`crate::qga_guard`]:
+    /// the `vsnap` binary). Without one, a qemu-ga guest is frozen
+    /// unguarded: a coordinator that dies leaves it frozen.
+    pub guard: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -53,6 +57,7 @@ impl Default for Options {
             backup_type: "full".into(),
             epoch: None,
             cancel: None,
+            guard: None,
         }
     }
 }
@@ -67,7 +72,7 @@ pub struct VmSnapshot {
     pub snapshots: Vec<PathBuf>,
     pub consistency: Consistency,
     /// The reference's metrics, for the manifest.
-    pub freeze: Value,
+    pub freeze: FreezeRecord,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -96,7 +101,13 @@ pub struct Report {
     pub snapshot_us: Option<u64>,
     pub stream_us: Option<u64>,
     pub stale_snapshots_removed: usize,
-    /// The snapshots could not all be removed; the next run removes them.
+    /// Overlays (and their commit jobs) that dead runs left on QMP VMs,
+    /// merged back before this run's freeze.
+    pub overlays_recovered: usize,
+    /// Merging this run's overlays back, after the stream (`qmp`).
+    pub commit_us: Option<u64>,
+    /// The snapshots could not all be removed, or overlays not all merged
+    /// back; the next run does it.
     pub release_error: Option<String>,
     pub snapshots: Vec<Snap>,
     pub vms: Vec<VmReport>,
@@ -113,6 +124,8 @@ pub(super) struct Member {
     /// Why it has no snapshot.
     failed: Option<String>,
     backed_up: bool,
+    /// A qemu-ga guest's guard, armed before its freeze.
+    guard: Option<Guard>,
 }
 
 /// Runs `f` on every member at once, each in its own task; returns them
@@ -137,6 +150,13 @@ where
     out.into_iter().flatten().collect()
 }
 
+/// The guest is thawed: its guard, if it has one, stands down.
+pub(super) fn disarm(m: &mut Member) {
+    if let Some(g) = m.guard.take() {
+        tokio::task::block_in_place(|| g.disarm());
+    }
+}
+
 pub(super) fn failure_text(f: &Option<Failure>) -> String {
     f.as_ref()
         .map(|f| format!("{} failed ({}): {}", f.step, f.class, f.message))
@@ -146,10 +166,10 @@ pub(super) fn failure_text(f: &Option<Failure>) -> String {
 /// After a step: guests that failed it drop out (allow-crash-consistent)
 /// or abort the whole backup (app-consistent-only). Returns the reason
 /// to abort, if any.
-fn apply_policy(members: &mut [Member], ok: &[bool]) -> Option<String> {
+fn apply_policy(members: &mut [Member]) -> Option<String> {
     let mut abort = None;
-    for (m, ok) in members.iter_mut().zip(ok) {
-        if !m.quiesce || *ok {
+    for m in members.iter_mut() {
+        if !m.quiesce || m.guest.metrics.failure.is_none() {
             continue;
         }
         let why = failure_text(&m.guest.metrics.failure);
@@ -174,10 +194,13 @@ async fn abort_all(members: Vec<Member>, reason: &str) -> Vec<Member> {
         let reason = reason.clone();
         async move {
             if m.guest.connected() && (m.quiesce || m.guest.reported_frozen()) {
-                let _ = m
+                let done = m
                     .guest
                     .call(Call::Abort(reason), Duration::from_secs(30), None)
                     .await;
+                if done.is_ok() {
+                    disarm(&mut m);
+                }
             }
             m
         }
@@ -190,7 +213,7 @@ async fn abort_all(members: Vec<Member>, reason: &str) -> Vec<Member> {
 async fn release_dropped(members: Vec<Member>) -> Vec<Member> {
     par(members, |mut m| async move {
         if !m.quiesce && m.guest.reported_frozen() && m.guest.metrics.thaw_ack_at_us.is_none() {
-            let _ = m
+            let done = m
                 .guest
                 .call(
                     Call::Abort("dropped from the barrier".into()),
@@ -198,6 +221,9 @@ async fn release_dropped(members: Vec<Member>) -> Vec<Member> {
                     None,
                 )
                 .await;
+            if done.is_ok() {
+                disarm(&mut m);
+            }
         }
         m
     })
@@ -271,6 +297,16 @@ fn check_images(vms: &[Vm]) -> Result<()> {
     Ok(())
 }
 
+/// Merges the overlays back (`qmp`), saying in the report how long it
+/// took and what stays for the next run.
+async fn merged(prepared: &provider::Prepared, report: &mut Report) {
+    let m = prepared.merge().await;
+    report.commit_us = m.commit_us;
+    if !m.errors.is_empty() {
+        report.release_error = Some(m.errors.join("; "));
+    }
+}
+
 /// Runs one coordinated backup of `vms`. `stream` gets every VM whose
 /// snapshot is usable, after the thaw, and returns each one's snapshot id
 /// (or why it failed). An `Err` means nothing was frozen; an abort after
@@ -282,7 +318,6 @@ where
     let epoch = opts.epoch.unwrap_or_else(Instant::now);
     let window_ms = u64::try_from(opts.window.as_millis()).unwrap_or(u64::MAX);
     tokio::task::block_in_place(|| check_images(&vms))?;
-    let disks: Vec<PathBuf> = vms.iter().flat_map(|v| v.disks.clone()).collect();
     let run_id = format!(
         "{}-{}",
         std::process::id(),
@@ -292,9 +327,7 @@ where
                 .unwrap_or_default()
         )
     );
-    let prepared = Arc::new(tokio::task::block_in_place(|| {
-        provider::prepare(&disks, opts.provider, &run_id)
-    })?);
+    let prepared = Arc::new(provider::prepare(&vms, opts.provider, &run_id).await?);
     let all_kinds = prepared.kinds();
     let kinds: Vec<Vec<Kind>> = per_vm(&all_kinds, vms.iter().map(|v| v.disks.len()))
         .into_iter()
@@ -308,6 +341,7 @@ where
             degraded: (!guest.has_agent()).then(|| "no agent: nothing was quiesced".to_string()),
             failed: None,
             backed_up: false,
+            guard: None,
             guest,
         });
     }
@@ -319,6 +353,8 @@ where
         snapshot_us: None,
         stream_us: None,
         stale_snapshots_removed: prepared.stale_removed,
+        overlays_recovered: prepared.overlays_recovered,
+        commit_us: None,
         release_error: None,
         snapshots: Vec::new(),
         vms: Vec::new(),
@@ -339,20 +375,39 @@ where
         }
     })
     .await;
-    let ok: Vec<bool> = members
-        .iter()
-        .map(|m| m.guest.metrics.failure.is_none())
-        .collect();
     let cancelled = || {
         opts.cancel
             .as_ref()
             .is_some_and(|c| c.load(Ordering::Relaxed))
     };
-    let mut abort = apply_policy(&mut members, &ok);
+    let mut abort = apply_policy(&mut members);
     if abort.is_none() && cancelled() {
         abort = Some(INTERRUPTED.into());
     }
     if let Some(reason) = abort {
+        return Ok(aborted(members, reason, report, &kinds).await);
+    }
+
+    // Guards for qemu-ga guests, which have no watchdog of their own.
+    for m in members.iter_mut().filter(|m| m.quiesce) {
+        let AgentSpec::Qga(socket) = &m.guest.vm.agent else {
+            continue;
+        };
+        let Some(program) = &opts.guard else {
+            continue;
+        };
+        match Guard::arm(program, socket, opts.window) {
+            Ok(g) => m.guard = Some(g),
+            Err(e) => {
+                m.guest.metrics.failure = Some(Failure {
+                    step: "guard".into(),
+                    class: ErrorClass::NonRetryable.to_string(),
+                    message: e.to_string(),
+                });
+            }
+        }
+    }
+    if let Some(reason) = apply_policy(&mut members) {
         return Ok(aborted(members, reason, report, &kinds).await);
     }
 
@@ -365,18 +420,16 @@ where
             let call = Call::Freeze {
                 hold_limit_ms: window_ms,
             };
-            if let Ok(v) = m
+            if let Ok(Answer::Freeze(r)) = m
                 .guest
                 .call(call, Duration::from_secs(60), Some(deadline))
                 .await
             {
-                let frozen = v.get("frozen").and_then(Value::as_u64).unwrap_or(0);
-                let expected = v.get("expected").and_then(Value::as_u64);
-                if expected.is_some_and(|e| frozen < e) {
+                if let Some(expected) = r.expected.filter(|&e| r.frozen < e) {
                     m.guest.metrics.failure = Some(Failure {
                         step: "freeze".into(),
-                        class: ErrorClass::PartialFailure,
-                        message: format!("froze {frozen} of {} mounts", expected.unwrap_or(0)),
+                        class: ErrorClass::PartialFailure.to_string(),
+                        message: format!("froze {} of {expected} mounts", r.frozen),
                     });
                 }
             }
@@ -384,11 +437,7 @@ where
         m
     })
     .await;
-    let ok: Vec<bool> = members
-        .iter()
-        .map(|m| m.guest.metrics.failure.is_none())
-        .collect();
-    let mut abort = apply_policy(&mut members, &ok);
+    let mut abort = apply_policy(&mut members);
     if abort.is_none() && cancelled() {
         abort = Some(INTERRUPTED.into());
     }
@@ -412,13 +461,22 @@ where
     let members = release_dropped(members).await;
 
     // Snapshot, inside the freeze; each guest thawed once its disks are.
-    let step =
-        snapshot::snapshot_and_thaw(members, Arc::clone(&prepared), opts.cancel.clone()).await;
+    let step = snapshot::snapshot_and_thaw(
+        members,
+        Arc::clone(&prepared),
+        opts.cancel.clone(),
+        deadline,
+        window_ms,
+    )
+    .await;
     report.snapshot_us = Some(step.snapshot_us);
     let mut members = step.members;
     let snaps = match step.snaps {
         Ok(s) => s,
-        Err(reason) => return Ok(aborted(members, reason, report, &kinds).await),
+        Err(reason) => {
+            merged(&prepared, &mut report).await;
+            return Ok(aborted(members, reason, report, &kinds).await);
+        }
     };
     let first = members
         .iter()
@@ -450,16 +508,16 @@ where
             sources: m.guest.vm.disks.clone(),
             snapshots: mine.iter().map(|s| s.path.clone()).collect(),
             consistency,
-            freeze: json!({
-                "policy": m.guest.vm.policy,
-                "degraded": m.degraded,
-                "guest": m.guest.metrics,
-                "barrier_skew_us": report.barrier_skew_us,
-                "window_us": report.window_us,
-                "window_limit_ms": window_ms,
-                "snapshot_us": report.snapshot_us,
-                "providers": mine.iter().map(|s| s.provider).collect::<Vec<_>>(),
-            }),
+            freeze: FreezeRecord {
+                policy: m.guest.vm.policy.name().into(),
+                degraded: m.degraded.clone(),
+                guest: m.guest.metrics.clone(),
+                barrier_skew_us: report.barrier_skew_us,
+                window_us: report.window_us,
+                window_limit_ms: window_ms,
+                snapshot_us: report.snapshot_us,
+                providers: mine.iter().map(|s| s.provider.name().into()).collect(),
+            },
         });
         owners.push(i);
     }
@@ -490,6 +548,7 @@ where
     })
     .await;
     report.snapshots = snaps;
+    merged(&prepared, &mut report).await;
     let released = match Arc::try_unwrap(prepared) {
         Ok(p) => tokio::task::block_in_place(|| p.release()),
         // Unreachable once the snapshot thread has ended; the snapshots
@@ -497,7 +556,11 @@ where
         Err(_) => Ok(()),
     };
     if let Err(e) = released {
-        report.release_error = Some(e.to_string());
+        let e = e.to_string();
+        report.release_error = Some(match report.release_error.take() {
+            Some(before) => format!("{before}; {e}"),
+            None => e,
+        });
     }
     report.vms = report_of(&members, &kinds, &ids);
     Ok(report)

@@ -31,8 +31,10 @@ pub(super) struct Outcome {
 }
 
 /// Thaws one guest; a thaw that fails, or that a watchdog beat, means
-/// the snapshot may postdate the thaw: not app-consistent.
-pub(super) async fn thaw_member(mut m: Member) -> Member {
+/// the snapshot may postdate the thaw: not app-consistent. So does a thaw
+/// the coordinator sent because the window passed (`late`, why) before
+/// the guest's snapshots were all taken.
+pub(super) async fn thaw_member(mut m: Member, late: Option<String>) -> Member {
     if m.quiesce {
         m.guest.metrics.thaw_sent_at_us = Some(m.guest.now_us());
     }
@@ -41,8 +43,15 @@ pub(super) async fn thaw_member(mut m: Member) -> Member {
             .call(Call::Thaw, Duration::from_secs(30), None)
             .await
             .is_ok();
-    if !thawed {
-        let why = failure_text(&m.guest.metrics.failure);
+    if thawed {
+        super::disarm(&mut m);
+    }
+    let why = match (thawed, late) {
+        (_, Some(late)) if m.quiesce => Some(late),
+        (false, _) => Some(failure_text(&m.guest.metrics.failure)),
+        _ => None,
+    };
+    if let Some(why) = why {
         match m.guest.vm.policy {
             Policy::AllowCrashConsistent => m.degraded = Some(why),
             Policy::AppConsistentOnly => m.failed = Some(format!("not app-consistent: {why}")),
@@ -61,10 +70,18 @@ fn workers(disks: usize) -> usize {
         .min(disks.max(1))
 }
 
+/// Takes every disk's snapshot, thawing each guest as soon as its own
+/// are taken. At `deadline` (the window's end) every guest still frozen
+/// is thawed at once, whatever its agent: qemu-ga has no watchdog, so the
+/// coordinator is the one to keep the window. Its snapshots are still
+/// taken, but they postdate the thaw: its policy decides between failing
+/// it and labelling it crash-consistent.
 pub(super) async fn snapshot_and_thaw(
     members: Vec<Member>,
     prepared: Arc<Prepared>,
     cancel: Option<Arc<AtomicBool>>,
+    deadline: Instant,
+    window_ms: u64,
 ) -> Outcome {
     // Which guest each disk (in plan order) belongs to, and how many of
     // each guest's are still to take.
@@ -111,7 +128,26 @@ pub(super) async fn snapshot_and_thaw(
     let mut snaps: Vec<Option<Snap>> = (0..prepared.len()).map(|_| None).collect();
     let mut error = None;
     let mut snapshot_us = 0;
-    while let Some((i, r)) = rx.recv().await {
+    let window_end = tokio::time::sleep_until(deadline.into());
+    tokio::pin!(window_end);
+    let mut window_kept = false;
+    loop {
+        let next = tokio::select! {
+            next = rx.recv() => next,
+            () = &mut window_end, if !window_kept => {
+                window_kept = true;
+                for (vm, slot) in slots.iter_mut().enumerate() {
+                    if let Some(m) = slot.take() {
+                        let late = format!(
+                            "the {window_ms} ms window passed before its snapshots were taken; the coordinator thawed it, and its snapshots postdate the thaw"
+                        );
+                        thaws.spawn(async move { (vm, thaw_member(m, Some(late)).await) });
+                    }
+                }
+                continue;
+            }
+        };
+        let Some((i, r)) = next else { break };
         match r {
             Ok(s) => {
                 snaps[i] = Some(s);
@@ -120,7 +156,7 @@ pub(super) async fn snapshot_and_thaw(
                 if left[vm] == 0 {
                     snapshot_us = micros(started.elapsed());
                     if let Some(m) = slots[vm].take() {
-                        thaws.spawn(async move { (vm, thaw_member(m).await) });
+                        thaws.spawn(async move { (vm, thaw_member(m, None).await) });
                     }
                 }
             }

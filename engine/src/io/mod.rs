@@ -9,7 +9,6 @@
 #![allow(unsafe_code)]
 
 mod engine;
-pub mod fsctl;
 
 pub use engine::{open_for_read, probe, AlignedBuf, Engine, IoKind, IoMode, ReadOp, ALIGN};
 

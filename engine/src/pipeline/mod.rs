@@ -104,6 +104,75 @@ impl Options {
     }
 }
 
+/// The engine's tuning as a user gives it, before the chunk size is known:
+/// a repository's commands learn that from the repository, so the memory
+/// floor and the zero-leaf cache are settled only then, by [`Tuning::options`].
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    /// Worker threads; 0 means one per core.
+    pub threads: usize,
+    /// The buffer budget; `None` is [`DEFAULT_MEMORY`], raised to the
+    /// floor on a host with many cores.
+    pub memory: Option<u64>,
+    pub io: IoMode,
+    pub direct: bool,
+    pub queue_depth: u32,
+    /// Where the zero-leaf cache lives; `None` runs without it.
+    pub cache_dir: Option<std::path::PathBuf>,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            threads: 0,
+            memory: None,
+            io: IoMode::Auto,
+            direct: false,
+            queue_depth: 32,
+            cache_dir: None,
+        }
+    }
+}
+
+impl Tuning {
+    /// The engine's options at `chunk_size`. A given memory budget below
+    /// two chunks per worker is refused with the floor, rather than raised
+    /// in silence.
+    pub fn options(&self, keep_chunks: bool, chunk_size: u64) -> crate::Result<Options> {
+        let mut opts = Options {
+            chunk_size,
+            threads: self.threads,
+            keep_chunks,
+            memory: DEFAULT_MEMORY,
+            compress: None,
+            io: self.io,
+            direct: self.direct,
+            queue_depth: self.queue_depth,
+            zero_cache: None,
+        };
+        let workers = opts.worker_count();
+        let floor = 2 * workers as u64 * chunk_size;
+        opts.memory = match self.memory {
+            Some(m) if m < floor => {
+                return Err(crate::ErrorKind::MemoryBelowFloor {
+                    memory: m,
+                    floor,
+                    chunk_size,
+                    workers,
+                }
+                .into())
+            }
+            Some(m) => m,
+            None => DEFAULT_MEMORY.max(floor),
+        };
+        opts.zero_cache = self
+            .cache_dir
+            .as_deref()
+            .map(|dir| Arc::new(ZeroCache::load(dir, chunk_size)));
+        Ok(opts)
+    }
+}
+
 /// What a chunk turned out to be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]

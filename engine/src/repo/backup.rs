@@ -19,7 +19,7 @@ pub struct BackupOptions {
     pub vm: String,
     pub host: String,
     pub consistency: Consistency,
-    pub freeze: Option<serde_json::Value>,
+    pub freeze: Option<super::FreezeRecord>,
     /// zstd level for new chunks.
     pub level: i32,
     /// Chunks known to be stored already (a [`Preloaded`] set): they are

@@ -119,7 +119,7 @@ pub struct Manifest {
     pub vm: String,
     pub consistency: Consistency,
     /// The coordinator's freeze metrics, when a coordinator took it.
-    pub freeze: Option<serde_json::Value>,
+    pub freeze: Option<super::FreezeRecord>,
     pub chunk_size: u64,
     pub disks: Vec<Disk>,
 }

@@ -18,14 +18,16 @@
 
 pub mod backup;
 pub mod blob;
+mod freeze;
 mod gc;
 pub mod index;
 pub mod manifest;
+pub mod retention;
 mod store;
 mod tree;
 pub mod validate;
 
-pub use store::Listed;
+pub use store::{Listed, Usage};
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -37,6 +39,7 @@ use serde::{Deserialize, Serialize};
 pub use backup::{
     backup, backup_all, BackupOptions, BackupOutcome, OnSnapshot, Preloaded, SnapshotPlan,
 };
+pub use freeze::{Failure, FreezeRecord, GuestMetrics, Writer};
 pub use gc::{forget, gc, GcReport};
 pub use index::{Entry, Index};
 pub use manifest::{Consistency, Disk, DiskStats, Identity, Manifest};
@@ -275,3 +278,10 @@ impl Durable {
 }
 
 use std::os::unix::fs::FileExt;
+
+/// This host's name, as a manifest records who took the snapshot.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into())
+}

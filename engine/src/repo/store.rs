@@ -24,6 +24,15 @@ pub struct Listed {
     pub manifest: Result<Manifest>,
 }
 
+/// What [`Repository::usage`] counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Usage {
+    pub chunks: u64,
+    pub chunk_bytes: u64,
+    pub indexes: u64,
+    pub index_bytes: u64,
+}
+
 /// A name in the tree that is not what the repository puts there.
 #[derive(Debug, Clone)]
 pub struct Stray {
@@ -245,6 +254,33 @@ impl Repository {
 
     /// Every snapshot, oldest first; a manifest that cannot be read is
     /// listed with its error rather than hidden.
+    /// What the repository holds on disk: its chunks and indexes, and
+    /// their bytes (for a service's metrics). Walks the tree; it costs a
+    /// stat per file.
+    pub fn usage(&self) -> Result<Usage> {
+        let mut u = Usage::default();
+        let op = "measure the repository";
+        for prefix in self.tree.list("chunks", op)? {
+            if prefix.kind != Kind::Dir {
+                continue;
+            }
+            let dir = format!("chunks/{}", prefix.name);
+            for e in self.tree.list(&dir, op)? {
+                if e.kind == Kind::File {
+                    u.chunks += 1;
+                    u.chunk_bytes += self.tree.file_size(&format!("{dir}/{}", e.name), op)?;
+                }
+            }
+        }
+        for e in self.tree.list("indexes", op)? {
+            if e.kind == Kind::File {
+                u.indexes += 1;
+                u.index_bytes += self.tree.file_size(&format!("indexes/{}", e.name), op)?;
+            }
+        }
+        Ok(u)
+    }
+
     pub fn list(&self) -> Result<Vec<Listed>> {
         let mut out = Vec::new();
         for entry in self.tree.list("snapshots", "list snapshots")? {

@@ -285,6 +285,20 @@ impl Tree {
         Ok(len)
     }
 
+    /// A regular file's size, without following links; 0 for anything
+    /// else, or a name that went meanwhile.
+    pub(super) fn file_size(&self, rel: &str, op: &'static str) -> Result<u64> {
+        let (d, name) = Self::split(rel);
+        let dir = self.dir(d, op)?;
+        match rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) if Kind::of(FileType::from_raw_mode(st.st_mode)) == Kind::File => {
+                Ok(st.st_size.max(0) as u64)
+            }
+            Ok(_) | Err(Errno::NOENT) => Ok(0),
+            Err(e) => Err(self.fail(rel, op, e)),
+        }
+    }
+
     /// What a name is, without following it; `None` when it does not exist.
     pub(super) fn kind(&self, rel: &str, op: &'static str) -> Result<Option<(Kind, u64)>> {
         let (d, name) = Self::split(rel);

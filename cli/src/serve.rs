@@ -1,0 +1,139 @@
+//! `vsnap serve --config FILE`: the service, in the foreground (systemd
+//! runs it so; see contrib/). It parses, opens the state, runs the
+//! scheduler until SIGTERM or SIGINT, then aborts what is running by the
+//! session's rules (every guest thawed), records it, and exits.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use chrono::Utc;
+use vsnap_service::calendar::Zone;
+use vsnap_service::config::Config;
+use vsnap_service::runner::Service;
+use vsnap_service::scheduler;
+use vsnap_service::state::State;
+
+#[derive(clap::Args, Debug)]
+#[command(after_help = "\
+The configuration (TOML) names the repository, the VMs (inline [[vm]] tables, \
+or inventory = FILE), the jobs ([[job]]: name, schedule, vms, provider, window, \
+persistent, keep, gc, notify), verify jobs, notification targets, the listen \
+address and the state directory. Schedules are systemd calendar events: \
+`daily`, `Mon..Fri 02:00`, `*-*-* 00/4:00`, `Sat *-*-1..7 03:00`. \
+See the README's \"The service\".")]
+pub struct Args {
+    /// The service's configuration file.
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+    /// Check the configuration, print each job's next runs, and exit.
+    #[arg(long)]
+    check: bool,
+}
+
+impl Args {
+    /// Serving `config`, as `vsnap demo --serve` does.
+    pub fn of(config: PathBuf) -> Args {
+        Args {
+            config,
+            check: false,
+        }
+    }
+}
+
+pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
+    let cfg = Config::load(&args.config)?;
+    if args.check {
+        writeln!(
+            out,
+            "{}: {} VM(s), {} job(s)",
+            cfg.path.display(),
+            cfg.vms.len(),
+            cfg.jobs.len()
+        )?;
+        for j in &cfg.jobs {
+            let next: Vec<String> = j
+                .schedule
+                .elapses(Utc::now(), Zone::Local, 3)
+                .iter()
+                .map(|t| local(*t))
+                .collect();
+            writeln!(
+                out,
+                "job {} ({}; {}): next {}",
+                j.name,
+                j.schedule_text,
+                j.vms.join(", "),
+                if next.is_empty() {
+                    "never".into()
+                } else {
+                    next.join(", ")
+                }
+            )?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let (state, cut) = State::open(&cfg.state_dir)?;
+    let token = vsnap_service::api::token::load_or_create(&cfg.state_dir)?;
+    for id in cut {
+        eprintln!(
+            "vsnap serve: run {id} was in progress when the service stopped; it is marked failed"
+        );
+    }
+    // The API's reads run on the blocking pool: a few threads serve them
+    // (four SQLite readers), where tokio's default would grow to 512
+    // under load, each with its own allocator arena.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .max_blocking_threads(16)
+        .enable_all()
+        .build()
+        .context("start the runtime")?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(cfg.listen)
+            .await
+            .with_context(|| format!("listen on {} (listen in {})", cfg.listen, cfg.path.display()))?;
+        let address = listener.local_addr().context("the listening address")?;
+        let token_path = cfg.state_dir.join(vsnap_service::api::token::FILE);
+        let svc = Service::new(cfg, state, std::env::current_exe().ok());
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let sched = tokio::spawn(scheduler::run(
+            std::sync::Arc::clone(&svc),
+            Zone::Local,
+            stopped.clone(),
+        ));
+        let api = vsnap_service::api::Api::new(std::sync::Arc::clone(&svc), token, Zone::Local);
+        let http = tokio::spawn(vsnap_service::api::serve(listener, api, stopped));
+        eprintln!(
+            "vsnap serve: API on http://{address}/ (bearer token in {})",
+            token_path.display()
+        );
+        for d in scheduler::upcoming(&svc, Zone::Local) {
+            let at = d.at.map_or("never".into(), local);
+            eprintln!("vsnap serve: job {}: next run {at}", d.job);
+        }
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("listen for SIGTERM")?;
+        let signal = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = tokio::signal::ctrl_c() => "SIGINT",
+        };
+        let _ = stop.send(true);
+        let running = svc.active().len();
+        eprintln!("vsnap serve: {signal}: stopping; {running} run(s) abort by the session's rules (every guest thawed)");
+        svc.stop_all().await;
+        let _ = sched.await;
+        if let Ok(Err(e)) = http.await {
+            eprintln!("vsnap serve: the API stopped: {e}");
+        }
+        eprintln!("vsnap serve: stopped");
+        Ok::<_, anyhow::Error>(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn local(t: chrono::DateTime<Utc>) -> String {
+    t.with_timezone(&chrono::Local)
+        .format("%a %Y-%m-%d %H:%M:%S %Z")
+        .to_string()
+}

@@ -1,0 +1,187 @@
+//! The HTTP API (axum), on 127.0.0.1 unless the configuration says
+//! otherwise, and the dashboard at `/`. Every endpoint but `/healthz` and
+//! the dashboard's page (static, no data) needs `Authorization: Bearer
+//! TOKEN`, the token read from `state_dir/api.token`, which the first
+//! start creates with mode 0600. Errors are JSON (`{"error": "..."}`): 401
+//! without the token, 400 for a malformed query or body (saying what is
+//! wrong), 404 for an unknown job or run, 409 for a request the run's
+//! state refuses. A handler that panics answers 500 and the server serves
+//! on; a job that panics fails its run (see [`crate::runner`]).
+
+mod handlers;
+pub mod token;
+
+use std::sync::Arc;
+
+use axum::extract::{FromRequest, FromRequestParts, Request, State as AxState};
+use axum::http::{header, request::Parts, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use crate::calendar::Zone;
+use crate::runner::Service;
+
+/// The dashboard: one page, its styles and script inline, nothing from
+/// elsewhere. It holds no data; every call it makes needs the token.
+pub const DASHBOARD: &str = include_str!("dashboard.html");
+
+/// The OpenAPI description of this API, served at `/api/v1/openapi.json`.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+/// What the handlers share.
+pub struct Api {
+    pub svc: Arc<Service>,
+    pub token: String,
+    /// The clock schedules read.
+    pub zone: Zone,
+    /// The repository's usage, and when it was measured: a walk of the
+    /// chunk store, done at most every [`USAGE_TTL`].
+    pub usage: tokio::sync::Mutex<Option<(std::time::Instant, vsnap_engine::repo::Usage)>>,
+}
+
+/// How long a measure of the repository's usage serves `/metrics`.
+pub const USAGE_TTL: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl Api {
+    pub fn new(svc: Arc<Service>, token: String, zone: Zone) -> Arc<Api> {
+        Arc::new(Api {
+            svc,
+            token,
+            zone,
+            usage: tokio::sync::Mutex::new(None),
+        })
+    }
+}
+
+/// An error answer: a status and a sentence.
+#[derive(Debug)]
+pub struct ApiError(pub StatusCode, pub String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl ApiError {
+    fn not_found(what: impl Into<String>) -> ApiError {
+        ApiError(StatusCode::NOT_FOUND, what.into())
+    }
+
+    fn internal(e: &crate::Error) -> ApiError {
+        ApiError(StatusCode::INTERNAL_SERVER_ERROR, crate::error::chain(e))
+    }
+}
+
+/// `Query`, with a malformed query answered as a JSON 400 that says what
+/// is wrong.
+pub struct Q<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Q<T> {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|q| Q(q.0))
+            .map_err(|e| {
+                ApiError(
+                    StatusCode::BAD_REQUEST,
+                    format!("the query: {}", e.body_text()),
+                )
+            })
+    }
+}
+
+/// `Json`, with a malformed body answered as a JSON 400.
+pub struct Body<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        Json::<T>::from_request(req, state)
+            .await
+            .map(|j| Body(j.0))
+            .map_err(|e| {
+                ApiError(
+                    StatusCode::BAD_REQUEST,
+                    format!("the body: {}", e.body_text()),
+                )
+            })
+    }
+}
+
+async fn authorize(AxState(api): AxState<Arc<Api>>, req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if token::matches(&api.token, given) {
+        next.run(req).await
+    } else {
+        let mut r = ApiError(
+            StatusCode::UNAUTHORIZED,
+            "a bearer token is needed: Authorization: Bearer TOKEN, the token in the service's state_dir/api.token".into(),
+        )
+        .into_response();
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+        r
+    }
+}
+
+/// Every route.
+pub fn router(api: Arc<Api>) -> Router {
+    let guarded = Router::new()
+        .route("/api/v1/openapi.json", get(handlers::openapi))
+        .route("/api/v1/vms", get(handlers::vms))
+        .route("/api/v1/vms/{name}/history", get(handlers::vm_history))
+        .route("/api/v1/snapshots", get(handlers::snapshots))
+        .route("/api/v1/jobs", get(handlers::jobs))
+        .route("/api/v1/jobs/{name}/run", post(handlers::run_job))
+        .route("/api/v1/runs", get(handlers::runs))
+        .route("/api/v1/runs/{id}", get(handlers::run))
+        .route("/api/v1/runs/{id}/events", get(handlers::events))
+        .route("/api/v1/runs/{id}/cancel", post(handlers::cancel))
+        .route("/api/v1/verify", post(handlers::verify))
+        .route("/metrics", get(handlers::metrics))
+        .route_layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&api),
+            authorize,
+        ));
+    Router::new()
+        .route("/healthz", get(handlers::healthz))
+        .route("/", get(handlers::dashboard))
+        .merge(guarded)
+        .fallback(|| async { ApiError::not_found("no such endpoint; see /api/v1/openapi.json") })
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            |_: Box<dyn std::any::Any + Send>| {
+                ApiError(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "the request failed unexpectedly; the service goes on".into(),
+                )
+                .into_response()
+            },
+        ))
+        .with_state(api)
+}
+
+/// Serves `router` on `listener` until `stop` says so.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    api: Arc<Api>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(api))
+        .with_graceful_shutdown(async move {
+            let _ = stop.changed().await;
+        })
+        .await
+}

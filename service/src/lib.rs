@@ -1,0 +1,16 @@
+//! `vsnap serve`: one long-running process that runs coordinated backups
+//! unattended. Jobs fire on systemd-style calendar events
+//! ([`calendar`]).
+
+pub mod api;
+pub mod calendar;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod notify;
+pub mod runner;
+pub mod scheduler;
+pub mod state;
+mod work;
+
+pub use error::{Error, ErrorKind, Result};

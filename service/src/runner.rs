@@ -1,0 +1,271 @@
+//! Running jobs: one run per job at a time (a run that finds its job's
+//! previous one still going is recorded as skipped), each in its own task
+//! so that a panic fails that run and not the service, progress written to
+//! the state as it goes, and the retention and gc that follow a backup.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use vsnap_engine::pipeline::Progress;
+
+use crate::config::{Config, Job, VerifyJob};
+use crate::error::{ErrorKind, Result};
+use crate::state::{RunState, State, Trigger, VmResult};
+
+/// A run in progress.
+#[derive(Clone)]
+pub struct Active {
+    pub run: i64,
+    pub job: String,
+    pub cancel: Arc<AtomicBool>,
+    pub progress: Arc<Progress>,
+}
+
+/// What asking for a run did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Started {
+    Run(i64),
+    /// The job's previous run is still going; this one is recorded as
+    /// skipped.
+    Skipped(i64),
+}
+
+pub struct Service {
+    pub config: Config,
+    pub state: State,
+    active: Mutex<HashMap<String, Active>>,
+    /// The `vsnap` binary, which guards qemu-ga guests' freezes.
+    pub(crate) guard: Option<PathBuf>,
+    idle: tokio::sync::Notify,
+}
+
+/// How a run ended.
+pub(crate) struct Ended {
+    pub(crate) state: RunState,
+    pub(crate) error: Option<String>,
+    pub(crate) note: Option<String>,
+    pub(crate) vms: Vec<VmResult>,
+}
+
+impl Ended {
+    pub(crate) fn failed(error: String, vms: Vec<VmResult>) -> Ended {
+        Ended {
+            state: RunState::Failed,
+            error: Some(error),
+            note: None,
+            vms,
+        }
+    }
+}
+
+impl Service {
+    pub fn new(config: Config, state: State, guard: Option<PathBuf>) -> Arc<Service> {
+        Arc::new(Service {
+            config,
+            state,
+            active: Mutex::new(HashMap::new()),
+            guard,
+            idle: tokio::sync::Notify::new(),
+        })
+    }
+
+    fn active_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Active>> {
+        self.active.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The runs in progress.
+    pub fn active(&self) -> Vec<Active> {
+        self.active_map().values().cloned().collect()
+    }
+
+    pub fn job(&self, name: &str) -> Option<&Job> {
+        self.config.jobs.iter().find(|j| j.name == name)
+    }
+
+    pub fn verify_job(&self, name: &str) -> Option<&VerifyJob> {
+        self.config.verifies.iter().find(|j| j.name == name)
+    }
+
+    /// The schedule of job `name`, backup or verify.
+    pub fn schedule(&self, name: &str) -> Option<&crate::calendar::Calendar> {
+        self.job(name)
+            .map(|j| &j.schedule)
+            .or_else(|| self.verify_job(name).map(|j| &j.schedule))
+    }
+
+    /// Starts job `name` (backup or verify) now, unless its previous run
+    /// is still going (then the skip is recorded). Must be called inside a
+    /// multi-threaded tokio runtime.
+    pub fn start(
+        self: &Arc<Self>,
+        name: &str,
+        trigger: Trigger,
+        scheduled_for: Option<DateTime<Utc>>,
+    ) -> Result<Started> {
+        if let Some(job) = self.job(name).cloned() {
+            let notify = job.notify.clone();
+            return self.launch(
+                name,
+                "backup",
+                trigger,
+                scheduled_for,
+                notify,
+                move |svc, a| crate::work::backup(svc, job, a),
+            );
+        }
+        if let Some(job) = self.verify_job(name).cloned() {
+            let notify = job.notify.clone();
+            return self.launch(
+                name,
+                "verify",
+                trigger,
+                scheduled_for,
+                notify,
+                move |svc, a| crate::work::verify(svc, job.vms, job.outdated_after, None, a),
+            );
+        }
+        Err(ErrorKind::NotFound(format!("no job {name:?}")).into())
+    }
+
+    /// Verifies `snapshots` now (all, when empty), as run `verify`.
+    pub fn verify_now(self: &Arc<Self>, snapshots: Vec<String>) -> Result<Started> {
+        let vms: Vec<String> = self.config.vms.iter().map(|v| v.name.clone()).collect();
+        self.launch(
+            "verify",
+            "verify",
+            Trigger::Manual,
+            None,
+            Vec::new(),
+            move |svc, a| crate::work::verify(svc, vms, None, Some(snapshots), a),
+        )
+    }
+
+    /// Records run `name` and runs `work` in its own task, unless `name`'s
+    /// previous run is still going; then writes how it ended, and tells
+    /// the `notify` targets.
+    fn launch<F, Fut>(
+        self: &Arc<Self>,
+        name: &str,
+        kind: &str,
+        trigger: Trigger,
+        scheduled_for: Option<DateTime<Utc>>,
+        notify: Vec<String>,
+        work: F,
+    ) -> Result<Started>
+    where
+        F: FnOnce(Arc<Service>, Active) -> Fut,
+        Fut: std::future::Future<Output = Result<Ended>> + Send + 'static,
+    {
+        let mut active = self.active_map();
+        if let Some(a) = active.get(name) {
+            let why = format!("its previous run ({}) is still going", a.run);
+            return Ok(Started::Skipped(self.state.skip(
+                name,
+                kind,
+                trigger,
+                scheduled_for,
+                &why,
+            )?));
+        }
+        let run = self.state.begin(name, kind, trigger, scheduled_for)?;
+        let a = Active {
+            run,
+            job: name.to_string(),
+            cancel: Arc::new(AtomicBool::new(false)),
+            progress: Arc::new(Progress::default()),
+        };
+        active.insert(name.to_string(), a.clone());
+        drop(active);
+        let svc = Arc::clone(self);
+        let fut = work(Arc::clone(&svc), a.clone());
+        tokio::spawn(async move {
+            let ticker = {
+                let (svc, a) = (Arc::clone(&svc), a.clone());
+                tokio::spawn(async move {
+                    let mut every = tokio::time::interval(Duration::from_secs(1));
+                    loop {
+                        every.tick().await;
+                        let (done, total) = (
+                            Progress::get(&a.progress.done),
+                            Progress::get(&a.progress.total),
+                        );
+                        let _ = svc.state.progress(a.run, done, total);
+                    }
+                })
+            };
+            // Its own task: a panic in it fails this run, and only it.
+            let ended = match tokio::spawn(fut).await {
+                Ok(Ok(e)) => e,
+                Ok(Err(e)) => Ended::failed(crate::error::chain(&e), Vec::new()),
+                Err(j) => Ended::failed(
+                    format!("the run stopped unexpectedly: {}", panic_text(j)),
+                    Vec::new(),
+                ),
+            };
+            ticker.abort();
+            let (done, total) = (
+                Progress::get(&a.progress.done),
+                Progress::get(&a.progress.total),
+            );
+            let _ = svc.state.progress(a.run, done, total);
+            if let Err(e) = svc.state.finish(
+                a.run,
+                ended.state,
+                ended.error.as_deref(),
+                ended.note.as_deref(),
+                &ended.vms,
+            ) {
+                eprintln!("vsnap serve: run {}: {}", a.run, crate::error::chain(&e));
+            }
+            // Told before the run counts as ended, so a service that stops
+            // (SIGTERM) waits for its webhooks too.
+            crate::notify::after_run(&svc, &notify, a.run).await;
+            svc.active_map().remove(&a.job);
+            svc.idle.notify_waiters();
+        });
+        Ok(Started::Run(run))
+    }
+
+    /// Asks run `run` to stop by the abort rules (every guest thawed at
+    /// once); false when no such run is going.
+    pub fn cancel(&self, run: i64) -> bool {
+        let active = self.active_map();
+        let Some(a) = active.values().find(|a| a.run == run) else {
+            return false;
+        };
+        a.cancel.store(true, Ordering::Relaxed);
+        true
+    }
+
+    /// Asks every run to stop, and waits until none is left.
+    pub async fn stop_all(&self) {
+        loop {
+            let notified = self.idle.notified();
+            {
+                let active = self.active_map();
+                if active.is_empty() {
+                    return;
+                }
+                for a in active.values() {
+                    a.cancel.store(true, Ordering::Relaxed);
+                }
+            }
+            notified.await;
+        }
+    }
+}
+
+fn panic_text(j: tokio::task::JoinError) -> String {
+    match j.try_into_panic() {
+        Ok(p) => p
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".into()),
+        Err(j) => j.to_string(),
+    }
+}

@@ -1,0 +1,1040 @@
+//! `vsnap serve` as an operator runs it: dynamic VHDs made by qemu-img, a
+//! real repository, a rootless `vsnap agent` whose hook is the guest's
+//! writer (slow to pause, so runs overlap their schedule), the state in
+//! SQLite, and signals: SIGTERM, and SIGKILL with a restart.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vsnap_e2e::{http, qemu_image, repo_init, start_agent, vsnap_cmd, write_hook, AgentProc};
+use vsnap_service::state::{Run, State};
+
+/// A service's directory: two VMs (one with no agent, one whose agent's
+/// freeze hook takes `hook_secs`), a repository, and `jobs` appended to
+/// the configuration.
+struct Site {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    _agent: AgentProc,
+}
+
+impl Site {
+    fn new(hook_secs: &str, jobs: &str) -> Site {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        repo_init(&d.join("repo"));
+        qemu_image(&d.join("a.vhd"), "dynamic", "16M", &[(0x5a, 0, 1 << 20)]);
+        qemu_image(&d.join("slow.vhd"), "dynamic", "16M", &[(0xa5, 0, 1 << 20)]);
+        let hooks = d.join("hooks");
+        write_hook(
+            &hooks,
+            "10-app",
+            &format!(
+                "echo \"$1\" >> {log}\n[ \"$1\" = freeze ] && sleep {hook_secs}\nexit 0",
+                log = d.join("hook.log").display()
+            ),
+        );
+        let sock = d.join("agent.sock");
+        let agent = start_agent(
+            &[
+                "--listen",
+                &format!("unix:{}", sock.display()),
+                "--hooks",
+                hooks.to_str().unwrap(),
+                "--marker",
+                d.join("agent.frozen").to_str().unwrap(),
+            ],
+            &d.join("agent.log"),
+        )
+        .unwrap();
+        let config = d.join("serve.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"repository = "repo"
+state_dir = "state"
+listen = "127.0.0.1:0"
+
+[[vm]]
+name = "a"
+disks = ["a.vhd"]
+agent = "none"
+
+[[vm]]
+name = "slow"
+disks = ["slow.vhd"]
+agent = "unix:{}"
+{jobs}"#,
+                sock.display()
+            ),
+        )
+        .unwrap();
+        Site {
+            dir,
+            config,
+            _agent: agent,
+        }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    fn serve(&self, log: &str) -> Child {
+        self.serve_with(log, &[])
+    }
+
+    fn serve_with(&self, log: &str, env: &[(&str, &str)]) -> Child {
+        vsnap_cmd()
+            .envs(env.iter().copied())
+            .args(["serve", "--config"])
+            .arg(&self.config)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.path(log)).unwrap())
+            .spawn()
+            .unwrap()
+    }
+
+    /// The API's address, as the service logged it, and its token.
+    fn api(&self, log: &str) -> (String, String) {
+        self.wait_for("the API", Duration::from_secs(10), || {
+            self.log(log).contains("API on http://")
+        });
+        let text = self.log(log);
+        let addr = text
+            .split("API on http://")
+            .nth(1)
+            .and_then(|r| r.split('/').next())
+            .unwrap()
+            .to_string();
+        let token = std::fs::read_to_string(self.path("state/api.token")).unwrap();
+        (addr, token.trim().to_string())
+    }
+
+    fn runs(&self, job: &str) -> Vec<Run> {
+        if !self.path("state/state.sqlite").exists() {
+            return Vec::new();
+        }
+        let state = State::observe(&self.path("state")).unwrap();
+        let mut runs = state.runs(Some(job), 1000).unwrap();
+        runs.reverse();
+        runs
+    }
+
+    fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.path(name)).unwrap_or_default()
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(child.id().to_string())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+}
+
+/// How late each run started after its scheduled time.
+fn lateness(runs: &[Run]) -> Vec<Duration> {
+    runs.iter()
+        .filter(|r| r.state != "skipped")
+        .filter_map(|r| {
+            Some(
+                (r.started_at - r.scheduled_for?)
+                    .to_std()
+                    .unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+impl Site {
+    /// Waits up to `limit` for `done`; on failure, says what the service
+    /// logged and what its state holds.
+    fn wait_for(&self, what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+        let t = Instant::now();
+        while !done() {
+            if t.elapsed() > limit {
+                let runs = State::observe(&self.path("state")).map(|s| s.runs(None, 50));
+                panic!(
+                    "no {what} within {limit:?}\nruns: {runs:#?}\nlogs: {}{}{}",
+                    self.log("serve.log"),
+                    self.log("serve1.log"),
+                    self.log("agent.log")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+#[test]
+fn jobs_fire_on_time_skip_while_running_keep_what_retention_keeps_and_stop_on_sigterm() {
+    let site = Site::new(
+        "2.5",
+        r#"
+[[job]]
+name = "quick"
+schedule = "*:*:0/2"
+vms = ["a"]
+provider = "copy"
+keep = { last = 2 }
+gc = true
+
+[[job]]
+name = "slow"
+schedule = "*:*:*"
+vms = ["slow"]
+provider = "copy"
+"#,
+    );
+    // The configuration checks, and says when each job runs next.
+    let o = vsnap_cmd()
+        .args(["serve", "--check", "--config"])
+        .arg(&site.config)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(text.contains("job quick (*:*:0/2; a): next "), "{text}");
+
+    let mut serve = site.serve("serve.log");
+    site.wait_for("four quick runs", Duration::from_secs(30), || {
+        site.runs("quick")
+            .iter()
+            .filter(|r| r.state == "succeeded")
+            .count()
+            >= 4
+    });
+    // A slow run is going: SIGTERM aborts it by the rules, and the service
+    // exits.
+    site.wait_for("a slow run in progress", Duration::from_secs(10), || {
+        site.runs("slow")
+            .last()
+            .is_some_and(|r| r.state == "running")
+    });
+    // The metrics, as Prometheus' own checker reads them.
+    let (addr, token) = site.api("serve.log");
+    let (code, text) = http(&addr, "GET", "/metrics", Some(&token), None);
+    assert_eq!(code, 200, "{text}");
+    promtool_accepts(&text);
+    let chunks = std::fs::read_dir(site.path("repo/chunks"))
+        .unwrap()
+        .flatten()
+        .map(|d| std::fs::read_dir(d.path()).unwrap().count())
+        .sum::<usize>();
+    assert!(
+        text.contains(&format!("\nvsnap_repository_chunks {chunks}\n")),
+        "{text}"
+    );
+    assert!(
+        text.contains("vsnap_vm_failures_total{vm=\"a\"} 0\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("vsnap_vm_last_success_timestamp_seconds{vm=\"a\"} "),
+        "{text}"
+    );
+    // The slow VM's guest was quiesced (its writer's hook): each run's
+    // window is in the histogram, and its application waited out the
+    // hook's 2.5 s.
+    let count = |name: &str| -> u64 {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("{name}: {text}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let frozen = count("vsnap_vm_freeze_window_seconds_count{vm=\"slow\"}");
+    let succeeded = site
+        .runs("slow")
+        .iter()
+        .filter(|r| r.state == "succeeded")
+        .count() as u64;
+    assert_eq!(frozen, succeeded, "{text}");
+    let stall: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("vsnap_vm_last_stall_seconds{vm=\"slow\"} "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(stall >= 2.5, "{text}");
+    assert!(text.contains("vsnap_vm_dedup_ratio{vm=\"a\"} "), "{text}");
+    // The slow run waited for above is going; a quick one may be too.
+    let active = count("vsnap_runs_active");
+    assert!((1..=2).contains(&active), "{text}");
+
+    signal(&serve, "TERM");
+    let status = serve.wait().unwrap();
+    let log = site.log("serve.log");
+    assert!(status.success(), "{status:?}\n{log}");
+    assert!(log.contains("SIGTERM: stopping"), "{log}");
+
+    let quick = site.runs("quick");
+    let late = lateness(&quick);
+    let worst = late.iter().max().copied().unwrap_or_default();
+    eprintln!(
+        "{} quick runs, started after their time by at most {worst:?} ({late:?})",
+        late.len()
+    );
+    assert!(worst < Duration::from_secs(1), "{late:?}");
+    // A quick run's gc waits while the slow job's backup holds the
+    // repository, so a quick run may still be going at its next time.
+    assert!(
+        quick
+            .iter()
+            .all(|r| r.state == "succeeded" || r.state == "skipped"),
+        "{quick:#?}"
+    );
+    let notes: Vec<String> = quick.iter().filter_map(|r| r.note.clone()).collect();
+    assert!(
+        notes.iter().any(|n| n.contains("retention removed 1")),
+        "{notes:?}"
+    );
+
+    let slow = site.runs("slow");
+    let skipped: Vec<&Run> = slow.iter().filter(|r| r.state == "skipped").collect();
+    assert!(!skipped.is_empty(), "{slow:#?}");
+    assert!(skipped.iter().all(|r| r
+        .error
+        .as_deref()
+        .is_some_and(|e| e.contains("is still going"))));
+    let last = slow.last().unwrap();
+    assert_eq!(last.state, "cancelled", "{slow:#?}");
+    assert!(slow.iter().all(|r| r.state != "running"));
+    // Every freeze of the guest's writer was undone.
+    let hook = site.log("hook.log");
+    let froze = hook.lines().filter(|l| *l == "freeze").count();
+    let undone = hook
+        .lines()
+        .filter(|l| *l == "thaw" || *l == "abort")
+        .count();
+    assert!(froze > 0 && froze == undone, "{hook}");
+
+    // Retention kept the last two of VM a.
+    let o = vsnap_cmd()
+        .args(["snapshots", "--json", "--repo"])
+        .arg(site.path("repo"))
+        .output()
+        .unwrap();
+    let snaps: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let of_a = snaps
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["vm"] == "a")
+        .count();
+    assert_eq!(of_a, 2, "{snaps:#}");
+}
+
+#[test]
+fn a_killed_service_marks_its_run_failed_and_a_persistent_job_catches_up() {
+    let site = Site::new(
+        "30",
+        r#"
+[[job]]
+name = "slow"
+schedule = "*:*:0/2"
+vms = ["slow"]
+provider = "copy"
+window = "60s"
+
+[[job]]
+name = "persistent"
+schedule = "*:*:0/4"
+vms = ["a"]
+provider = "copy"
+
+[[job]]
+name = "forgetful"
+schedule = "*:*:0/4"
+vms = ["a"]
+provider = "copy"
+persistent = false
+"#,
+    );
+    let mut serve = site.serve("serve1.log");
+    site.wait_for("a slow run in progress", Duration::from_secs(10), || {
+        site.runs("slow").iter().any(|r| r.state == "running")
+    });
+    site.wait_for("both quick jobs fired", Duration::from_secs(10), || {
+        !site.runs("persistent").is_empty() && !site.runs("forgetful").is_empty()
+    });
+    serve.kill().unwrap();
+    let _ = serve.wait();
+    let killed_at = chrono::Utc::now();
+    // While it is down, the 4-second jobs' next elapse passes.
+    std::thread::sleep(Duration::from_secs(5));
+    let (p0, f0) = (site.runs("persistent").len(), site.runs("forgetful").len());
+
+    let mut serve = site.serve("serve2.log");
+    // At start-up, the interrupted run is marked failed, with the reason.
+    site.wait_for("the restart", Duration::from_secs(10), || {
+        site.log("serve2.log").contains("next run")
+    });
+    let slow = site.runs("slow");
+    let cut = slow
+        .iter()
+        .find(|r| r.state == "failed")
+        .expect("the run the kill cut short");
+    assert!(
+        cut.error
+            .as_deref()
+            .unwrap()
+            .contains("stopped while this run was in progress"),
+        "{cut:#?}"
+    );
+    assert!(site.log("serve2.log").contains(&format!(
+        "run {} was in progress when the service stopped",
+        cut.id
+    )));
+    // The persistent job runs what it missed at once; the other does not.
+    site.wait_for("the missed run", Duration::from_secs(3), || {
+        site.runs("persistent")
+            .iter()
+            .any(|r| r.trigger == "missed")
+    });
+    let missed = site
+        .runs("persistent")
+        .into_iter()
+        .find(|r| r.trigger == "missed")
+        .unwrap();
+    assert!(missed.scheduled_for.unwrap() > killed_at, "{missed:#?}");
+    assert_eq!(site.runs("persistent").len(), p0 + 1);
+    assert!(site.runs("forgetful")[f0..]
+        .iter()
+        .all(|r| r.trigger != "missed"));
+    signal(&serve, "TERM");
+    assert!(serve.wait().unwrap().success());
+}
+
+fn json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+#[test]
+fn the_api_needs_its_token_says_what_is_wrong_runs_and_cancels_jobs_and_streams_progress() {
+    let site = Site::new(
+        "4",
+        r#"
+[[job]]
+name = "slow"
+schedule = "2099-01-01"
+vms = ["slow"]
+provider = "copy"
+window = "60s"
+"#,
+    );
+    let mut serve = site.serve("serve.log");
+    let (addr, token) = site.api("serve.log");
+    let t = Some(token.as_str());
+    let get = |path: &str, token: Option<&str>| http(&addr, "GET", path, token, None);
+    let post = |path: &str| http(&addr, "POST", path, t, None);
+
+    // The token: made 0600, needed everywhere but /healthz.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(site.path("state/api.token"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    assert_eq!(get("/healthz", None), (200, r#"{"ok":true}"#.to_string()));
+    for (path, tok) in [
+        ("/api/v1/vms", None),
+        ("/api/v1/vms", Some("wrong")),
+        ("/metrics-nope", None),
+    ] {
+        let (code, body) = get(path, tok);
+        if path.starts_with("/api") {
+            assert_eq!(code, 401, "{body}");
+            assert!(
+                json(&body)["error"]
+                    .as_str()
+                    .unwrap()
+                    .contains("bearer token"),
+                "{body}"
+            );
+        } else {
+            assert_eq!(code, 404, "{body}");
+        }
+    }
+    // Bad input: named, as JSON.
+    let (code, body) = get("/api/v1/runs?limit=many", t);
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        json(&body)["error"].as_str().unwrap().contains("limit"),
+        "{body}"
+    );
+    let (code, body) = get("/api/v1/runs?colour=red", t);
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        json(&body)["error"].as_str().unwrap().contains("colour"),
+        "{body}"
+    );
+    assert_eq!(get("/api/v1/runs/xyz", t).0, 400);
+    assert_eq!(get("/api/v1/runs/424242", t).0, 404);
+    assert_eq!(get("/api/v1/snapshots?vm=nobody", t).0, 404);
+    assert_eq!(post("/api/v1/jobs/nope/run").0, 404);
+    assert_eq!(post("/api/v1/runs/424242/cancel").0, 404);
+
+    // What it serves.
+    let (code, body) = get("/api/v1/vms", t);
+    assert_eq!(code, 200, "{body}");
+    let vms = json(&body);
+    assert_eq!(vms[1]["name"], "slow");
+    assert_eq!(vms[1]["agent"], "vsnap");
+    // 2099-01-01 local time, whatever this machine's zone.
+    let next = vms[1]["jobs"][0]["next_run"].as_str().unwrap();
+    assert!(
+        next.starts_with("2098-12-31") || next.starts_with("2099-01-01"),
+        "{next}"
+    );
+    let (_, body) = get("/api/v1/openapi.json", t);
+    let doc = json(&body);
+    for p in [
+        "/healthz",
+        "/api/v1/vms",
+        "/api/v1/snapshots",
+        "/api/v1/jobs",
+        "/api/v1/jobs/{name}/run",
+        "/api/v1/runs",
+        "/api/v1/runs/{id}",
+        "/api/v1/runs/{id}/events",
+        "/api/v1/runs/{id}/cancel",
+    ] {
+        assert!(
+            doc["paths"].get(p).is_some(),
+            "{p} is not in the OpenAPI document"
+        );
+    }
+
+    // Run now; a second request while it runs is refused and recorded.
+    let (code, body) = post("/api/v1/jobs/slow/run");
+    assert_eq!(code, 202, "{body}");
+    let id = json(&body)["run"].as_i64().unwrap();
+    let (code, body) = post("/api/v1/jobs/slow/run");
+    assert_eq!(code, 409, "{body}");
+    let (_, body) = get("/api/v1/jobs", t);
+    assert_eq!(json(&body)[0]["running"], id, "{body}");
+    // Progress streams while it runs; cancel it (its freeze hook is still
+    // sleeping), and the stream ends with the run cancelled.
+    let events = {
+        let addr = addr.clone();
+        let token = token.clone();
+        std::thread::spawn(move || {
+            http(
+                &addr,
+                "GET",
+                &format!("/api/v1/runs/{id}/events"),
+                Some(&token),
+                None,
+            )
+        })
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    let (code, body) = post(&format!("/api/v1/runs/{id}/cancel"));
+    assert_eq!(code, 202, "{body}");
+    let (code, stream) = events.join().unwrap();
+    assert_eq!(code, 200);
+    assert!(stream.contains("event: progress"), "{stream}");
+    let end = stream
+        .split("event: end\ndata: ")
+        .nth(1)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap();
+    assert_eq!(json(end)["run"]["state"], "cancelled", "{stream}");
+    let (code, body) = post(&format!("/api/v1/runs/{id}/cancel"));
+    assert_eq!(code, 409, "{body}");
+    let (_, body) = get(&format!("/api/v1/runs/{id}"), t);
+    let run = json(&body);
+    assert_eq!(run["run"]["trigger"], "manual");
+    assert_eq!(run["run"]["state"], "cancelled");
+    let (_, body) = get("/api/v1/runs?job=slow", t);
+    let states: Vec<String> = json(&body)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["state"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(states, ["skipped", "cancelled"], "{body}");
+    let hook = site.log("hook.log");
+    assert!(hook.contains("freeze") && hook.contains("abort"), "{hook}");
+    signal(&serve, "TERM");
+    assert!(serve.wait().unwrap().success());
+}
+
+/// `promtool check metrics` (Debian package prometheus; the test command
+/// installs it) on `text`: no error, no lint.
+fn promtool_accepts(text: &str) {
+    use std::io::Write;
+    let mut p = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus; scripts/test.sh installs it)");
+    p.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let o = p.wait_with_output().unwrap();
+    assert!(
+        o.status.success() && o.stdout.is_empty() && o.stderr.is_empty(),
+        "promtool: {}{}\n{text}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// A local webhook receiver: answers 500 to its first `fail_first`
+/// requests, 200 after; keeps each request's path and body.
+struct Receiver {
+    addr: String,
+    got: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
+}
+
+impl Receiver {
+    fn start(fail_first: usize) -> Receiver {
+        use std::io::{BufRead, Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = std::sync::Arc::clone(&got);
+        std::thread::spawn(move || {
+            for (n, conn) in l.incoming().enumerate() {
+                let Ok(mut c) = conn else { continue };
+                let mut r = std::io::BufReader::new(c.try_clone().unwrap());
+                let mut first = String::new();
+                r.read_line(&mut first).unwrap();
+                let mut len = 0;
+                loop {
+                    let mut h = String::new();
+                    r.read_line(&mut h).unwrap();
+                    if h.trim().is_empty() {
+                        break;
+                    }
+                    if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap();
+                    }
+                }
+                let mut body = vec![0u8; len];
+                r.read_exact(&mut body).unwrap();
+                let path = first.split_whitespace().nth(1).unwrap_or("").to_string();
+                seen.lock()
+                    .unwrap()
+                    .push((path, String::from_utf8_lossy(&body).into_owned()));
+                let status = if n < fail_first {
+                    "500 Internal Server Error"
+                } else {
+                    "200 OK"
+                };
+                let _ = c.write_all(
+                    format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                        .as_bytes(),
+                );
+            }
+        });
+        Receiver { addr, got }
+    }
+
+    fn bodies(&self, path: &str) -> Vec<serde_json::Value> {
+        self.got
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(p, _)| p == path)
+            .map(|(_, b)| json(b))
+            .collect()
+    }
+}
+
+#[test]
+fn webhooks_tell_of_failures_with_retries_and_verify_jobs_skip_what_is_fresh() {
+    let hooks = Receiver::start(1);
+    let site = Site::new(
+        "0",
+        &format!(
+            r#"
+[[vm]]
+name = "gone"
+disks = ["a.vhd"]
+agent = "unix:/nonexistent/agent.sock"
+
+[[notify]]
+name = "ops"
+url = "http://{addr}/hook"
+retries = 3
+
+[[notify]]
+name = "chatty"
+url = "http://{addr}/ok"
+on_success = true
+
+[[job]]
+name = "broken"
+schedule = "2099-01-01"
+vms = ["gone"]
+notify = ["ops"]
+
+[[job]]
+name = "fine"
+schedule = "2099-01-01"
+vms = ["a"]
+provider = "copy"
+notify = ["ops", "chatty"]
+
+[[verify]]
+name = "check"
+schedule = "2099-01-01"
+vms = ["a"]
+outdated_after = "1h"
+notify = ["chatty"]
+"#,
+            addr = hooks.addr
+        ),
+    );
+    let mut serve = site.serve("serve.log");
+    let (addr, token) = site.api("serve.log");
+    let t = Some(token.as_str());
+    let post = |path: &str, body: Option<&str>| http(&addr, "POST", path, t, body);
+    let ended = |id: i64| -> serde_json::Value {
+        let mut run = serde_json::Value::Null;
+        site.wait_for("the run's end", Duration::from_secs(60), || {
+            run = json(&http(&addr, "GET", &format!("/api/v1/runs/{id}"), t, None).1);
+            run["run"]["state"] != "running"
+        });
+        run
+    };
+    let run_of = |(code, body): (u16, String)| -> i64 {
+        assert_eq!(code, 202, "{body}");
+        json(&body)["run"].as_i64().unwrap()
+    };
+
+    // A failure: "ops" answers 500 once, then 200; told on the retry.
+    let id = run_of(post("/api/v1/jobs/broken/run", None));
+    let run = ended(id);
+    assert_eq!(run["run"]["state"], "failed", "{run:#}");
+    site.wait_for("the webhook", Duration::from_secs(10), || {
+        hooks.bodies("/hook").len() == 2
+    });
+    let told = hooks.bodies("/hook");
+    assert_eq!(told[1]["event"], "vsnap.run");
+    assert_eq!(told[1]["run"]["id"], id);
+    assert_eq!(told[1]["run"]["state"], "failed");
+    assert!(
+        told[1]["run"]["error"].as_str().unwrap().contains("gone"),
+        "{told:#?}"
+    );
+    assert!(site
+        .log("serve.log")
+        .contains(&format!("run {id}: told ops (2 attempt(s))")));
+
+    // A success: only the target that asked for successes hears of it.
+    let id = run_of(post("/api/v1/jobs/fine/run", None));
+    assert_eq!(ended(id)["run"]["state"], "succeeded");
+    site.wait_for("the success webhook", Duration::from_secs(10), || {
+        hooks.bodies("/ok").len() == 1
+    });
+    assert_eq!(hooks.bodies("/hook").len(), 2);
+    assert_eq!(hooks.bodies("/ok")[0]["vms"][0]["vm"], "a");
+
+    // A verify job; run again within outdated_after, it has nothing to do.
+    let id = run_of(post("/api/v1/jobs/check/run", None));
+    let run = ended(id);
+    assert_eq!(run["run"]["state"], "succeeded", "{run:#}");
+    assert!(
+        run["run"]["note"]
+            .as_str()
+            .unwrap()
+            .starts_with("verified 1 snapshot(s)"),
+        "{run:#}"
+    );
+    let id = run_of(post("/api/v1/jobs/check/run", None));
+    assert!(ended(id)["run"]["note"]
+        .as_str()
+        .unwrap()
+        .starts_with("nothing to verify"));
+
+    // An ad hoc verify: a malformed body is named; a damaged chunk fails it.
+    for (body, says) in [
+        (r#"{"snapshots": 5}"#, "snapshots"),
+        (r#"{"colour": 1}"#, "colour"),
+        (r#"{"snapshots": ["../x"]}"#, "is not a snapshot id"),
+        ("{", "the body"),
+    ] {
+        let (code, text) = post("/api/v1/verify", Some(body));
+        assert_eq!(code, 400, "{body}: {text}");
+        assert!(
+            json(&text)["error"].as_str().unwrap().contains(says),
+            "{body}: {text}"
+        );
+    }
+    let id = run_of(post("/api/v1/verify", Some("{}")));
+    assert_eq!(ended(id)["run"]["state"], "succeeded");
+    let chunk = std::fs::read_dir(site.path("repo/chunks"))
+        .unwrap()
+        .flatten()
+        .flat_map(|d| std::fs::read_dir(d.path()).unwrap().flatten())
+        .map(|e| e.path())
+        .next()
+        .unwrap();
+    let mut bytes = std::fs::read(&chunk).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&chunk, bytes).unwrap();
+    let id = run_of(post("/api/v1/verify", Some("{}")));
+    let run = ended(id);
+    assert_eq!(run["run"]["state"], "failed", "{run:#}");
+    assert!(
+        run["run"]["error"].as_str().unwrap().contains("problem(s)"),
+        "{run:#}"
+    );
+    signal(&serve, "TERM");
+    assert!(serve.wait().unwrap().success());
+}
+
+/// A child process killed when dropped (chromedriver).
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn the_dashboard_in_a_real_browser_shows_the_vms_runs_a_job_and_charts_it() {
+    let test = "the_dashboard_in_a_real_browser_shows_the_vms_runs_a_job_and_charts_it";
+    let (Ok(driver), true) = (
+        Command::new("chromedriver").arg("--version").output(),
+        std::path::Path::new("/usr/bin/chromium").exists(),
+    ) else {
+        vsnap_e2e::skip(
+            test,
+            "no chromium and chromedriver (Debian packages chromium, chromium-driver; the test command installs them)",
+            vsnap_e2e::Lack::Host,
+        );
+        return;
+    };
+    eprintln!("{}", String::from_utf8_lossy(&driver.stdout).trim());
+    // Nothing comes from elsewhere: no CDN, no remote font.
+    let page = vsnap_service::api::DASHBOARD;
+    for remote in ["<script src", "<link", "@import", "url("] {
+        assert!(!page.contains(remote), "the dashboard loads {remote}");
+    }
+    let site = Site::new(
+        "0.2",
+        r#"
+[[job]]
+name = "fine"
+schedule = "2099-01-01"
+vms = ["a", "slow"]
+provider = "copy"
+"#,
+    );
+    let mut serve = site.serve("serve.log");
+    let (addr, token) = site.api("serve.log");
+    let port = vsnap_e2e::free_port();
+    let _driver = Killed(
+        Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(site.path("chromedriver.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    site.wait_for("chromedriver", Duration::from_secs(20), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let artifacts =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        use fantoccini::Locator::Css;
+        let mut caps = serde_json::Map::new();
+        caps.insert(
+            "goog:chromeOptions".into(),
+            serde_json::json!({
+                "binary": "/usr/bin/chromium",
+                "args": ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,1100"]
+            }),
+        );
+        let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        let b = fantoccini::ClientBuilder::new(connector)
+            .capabilities(caps)
+            .connect(&format!("http://127.0.0.1:{port}"))
+            .await
+            .unwrap();
+        b.goto(&format!("http://{addr}/?token={token}")).await.unwrap();
+        let wait = Duration::from_secs(60);
+        b.wait().at_most(wait).for_element(Css("tr[data-vm='slow']")).await.unwrap();
+        // The token left the address bar.
+        assert_eq!(b.current_url().await.unwrap().query(), None);
+        let points = |b: &fantoccini::Client| {
+            let b = b.clone();
+            async move {
+                b.find_all(Css("svg[data-vm='slow'] circle.window"))
+                    .await
+                    .map(|v| v.len())
+                    .unwrap_or(0)
+            }
+        };
+        let before = points(&b).await;
+        b.find(Css("button[data-run-job='fine']")).await.unwrap().click().await.unwrap();
+        // The run shows, goes through, and the chart gains its point.
+        let t = Instant::now();
+        loop {
+            let state = match b.find(Css("#runs tr[data-job='fine'] td.state")).await {
+                Ok(e) => e.text().await.unwrap_or_default(),
+                Err(_) => String::new(),
+            };
+            if state == "succeeded" && points(&b).await == before + 1 {
+                break;
+            }
+            assert!(
+                t.elapsed() < wait,
+                "the dashboard shows the run as {state:?} with {} point(s)",
+                points(&b).await
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let row = b.find(Css("tr[data-vm='slow']")).await.unwrap().text().await.unwrap();
+        assert!(row.contains("app-consistent") && row.contains(" ms"), "{row}");
+        let png = b.screenshot().await.unwrap();
+        assert!(png.starts_with(b"\x89PNG"));
+        std::fs::write(artifacts.join("dashboard.png"), png).unwrap();
+        eprintln!("dashboard screenshot: {}", artifacts.join("dashboard.png").display());
+        b.close().await.unwrap();
+    });
+    signal(&serve, "TERM");
+    assert!(serve.wait().unwrap().success());
+}
+
+#[test]
+fn demo_serve_leaves_its_vms_under_a_running_service_and_says_how_to_open_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = dir.path().join("demo");
+    let port = vsnap_e2e::free_port();
+    let out = dir.path().join("demo.out");
+    let mut child = vsnap_cmd()
+        .arg("demo")
+        .arg(&demo)
+        .args(["--vms", "2", "--disk-size", "32M", "--serve", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let read = || std::fs::read_to_string(&out).unwrap_or_default();
+    let t = Instant::now();
+    while !read().contains("dashboard: http://") {
+        assert!(t.elapsed() < Duration::from_secs(120), "{}", read());
+        assert!(child.try_wait().unwrap().is_none(), "{}", read());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let text = read();
+    let url = text
+        .lines()
+        .find_map(|l| l.strip_prefix("dashboard: "))
+        .unwrap()
+        .to_string();
+    let (addr, token) = url
+        .strip_prefix("http://")
+        .and_then(|u| u.split_once("/?token="))
+        .unwrap();
+    let t = Instant::now();
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(t.elapsed() < Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (code, page) = http(addr, "GET", "/", None, None);
+    assert_eq!(code, 200);
+    assert!(page.contains("<title>vsnap</title>"));
+    let (code, body) = http(addr, "POST", "/api/v1/jobs/demo/run", Some(token), None);
+    assert_eq!(code, 202, "{body}");
+    let id = json(&body)["run"].as_i64().unwrap();
+    let t = Instant::now();
+    let run = loop {
+        let run = json(
+            &http(
+                addr,
+                "GET",
+                &format!("/api/v1/runs/{id}"),
+                Some(token),
+                None,
+            )
+            .1,
+        );
+        if run["run"]["state"] != "running" {
+            break run;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(run["run"]["state"], "succeeded", "{run:#}");
+    assert_eq!(run["vms"][0]["consistency"], "app-consistent", "{run:#}");
+    signal(&child, "INT");
+    assert!(child.wait().unwrap().success(), "{}", read());
+    // Its VMs' agents went with it.
+    let left = Command::new("pgrep")
+        .args(["-f", &format!("agent --listen unix:{}", demo.display())])
+        .output()
+        .unwrap();
+    assert!(
+        !left.status.success(),
+        "{}",
+        String::from_utf8_lossy(&left.stdout)
+    );
+}
+
+#[test]
+fn a_job_that_panics_fails_its_run_and_the_service_serves_on() {
+    let site = Site::new(
+        "0",
+        r#"
+[[job]]
+name = "fine"
+schedule = "2099-01-01"
+vms = ["a"]
+provider = "copy"
+"#,
+    );
+    // The build's panic point panics the first run's task, once.
+    let mut serve = site.serve_with(
+        "serve.log",
+        &[("FAILPOINTS", "serve-job-panic=1*panic(a test panic)")],
+    );
+    let (addr, token) = site.api("serve.log");
+    let t = Some(token.as_str());
+    let ended = |want: &str| {
+        let (code, body) = http(&addr, "POST", "/api/v1/jobs/fine/run", t, None);
+        assert_eq!(code, 202, "{body}");
+        let id = json(&body)["run"].as_i64().unwrap();
+        let mut run = serde_json::Value::Null;
+        site.wait_for("the run's end", Duration::from_secs(30), || {
+            run = json(&http(&addr, "GET", &format!("/api/v1/runs/{id}"), t, None).1);
+            run["run"]["state"] != "running"
+        });
+        assert_eq!(run["run"]["state"], want, "{run:#}");
+        run
+    };
+    let run = ended("failed");
+    let error = run["run"]["error"].as_str().unwrap();
+    assert!(
+        error.contains("stopped unexpectedly") && error.contains("a test panic"),
+        "{error} (a vsnap built without the failpoints feature does not panic)"
+    );
+    assert_eq!(http(&addr, "GET", "/healthz", None, None).0, 200);
+    ended("succeeded");
+    signal(&serve, "TERM");
+    assert!(serve.wait().unwrap().success());
+}
