@@ -81,9 +81,12 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
             "vsnap serve: run {id} was in progress when the service stopped; it is marked failed"
         );
     }
+    // Before any thread starts: a long-running service must not let each
+    // of its threads keep a fragmented malloc arena (vsnap_service::alloc).
+    vsnap_service::alloc::limit_arenas(vsnap_service::alloc::SERVICE_ARENAS);
     // The API's reads run on the blocking pool: a few threads serve them
     // (four SQLite readers), where tokio's default would grow to 512
-    // under load, each with its own allocator arena.
+    // under load.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .max_blocking_threads(16)
         .enable_all()

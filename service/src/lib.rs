@@ -2,6 +2,7 @@
 //! unattended. Jobs fire on systemd-style calendar events
 //! ([`calendar`]).
 
+pub mod alloc;
 pub mod api;
 pub mod calendar;
 pub mod config;

@@ -565,8 +565,60 @@ window = "60s"
     assert_eq!(states, ["skipped", "cancelled"], "{body}");
     let hook = site.log("hook.log");
     assert!(hook.contains("freeze") && hook.contains("abort"), "{hook}");
+
+    // Many clients at once: the service's threads share its capped malloc
+    // arenas instead of each keeping one (vsnap_service::alloc).
+    std::thread::scope(|s| {
+        for c in 0..16 {
+            let get = &get;
+            s.spawn(move || {
+                for n in 0..25 {
+                    let path =
+                        ["/api/v1/vms", "/api/v1/runs", "/api/v1/jobs", "/metrics"][(c + n) % 4];
+                    assert_eq!(get(path, t).0, 200, "{path}");
+                }
+            });
+        }
+    });
+    let arenas = malloc_arenas(serve.id());
+    assert!(
+        arenas < vsnap_service::alloc::SERVICE_ARENAS as usize,
+        "{arenas} arenas beside the main one"
+    );
     signal(&serve, "TERM");
     assert!(serve.wait().unwrap().success());
+}
+
+/// The malloc arenas a process made beside glibc's main one: each is an
+/// anonymous read-write mapping at a 64 MiB boundary, the start of the
+/// 64 MiB glibc reserves for an arena's heap, followed by the reserve's
+/// inaccessible rest (or filling all of it).
+fn malloc_arenas(pid: u32) -> usize {
+    const HEAP_MAX: u64 = 64 << 20;
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let rows: Vec<(u64, u64, &str, bool)> = maps
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (a, b) = f[0].split_once('-').unwrap();
+            let range = (
+                u64::from_str_radix(a, 16).unwrap(),
+                u64::from_str_radix(b, 16).unwrap(),
+            );
+            (range.0, range.1, f[1], f.len() < 6 && f[4] == "0")
+        })
+        .collect();
+    rows.iter()
+        .enumerate()
+        .filter(|(i, &(start, end, perms, anon))| {
+            anon && perms == "rw-p"
+                && start % HEAP_MAX == 0
+                && (end - start == HEAP_MAX
+                    || rows
+                        .get(i + 1)
+                        .is_some_and(|n| n.0 == end && n.2 == "---p" && n.3))
+        })
+        .count()
 }
 
 /// `promtool check metrics` (Debian package prometheus; the test command
