@@ -11,6 +11,31 @@ use std::time::{Duration, Instant};
 use vsnap_e2e::{http, qemu_image, repo_init, start_agent, vsnap_cmd, write_hook, AgentProc};
 use vsnap_service::state::{Run, State};
 
+/// A child process killed when dropped, so that a failing test leaves no
+/// service, demo or chromedriver running (a child already waited for is
+/// not signalled again).
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl std::ops::Deref for Killed {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Killed {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
 /// A service's directory: two VMs (one with no agent, one whose agent's
 /// freeze hook takes `hook_secs`), a repository, and `jobs` appended to
 /// the configuration.
@@ -82,19 +107,21 @@ agent = "unix:{}"
         self.dir.path().join(p)
     }
 
-    fn serve(&self, log: &str) -> Child {
+    fn serve(&self, log: &str) -> Killed {
         self.serve_with(log, &[])
     }
 
-    fn serve_with(&self, log: &str, env: &[(&str, &str)]) -> Child {
-        vsnap_cmd()
-            .envs(env.iter().copied())
-            .args(["serve", "--config"])
-            .arg(&self.config)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(self.path(log)).unwrap())
-            .spawn()
-            .unwrap()
+    fn serve_with(&self, log: &str, env: &[(&str, &str)]) -> Killed {
+        Killed(
+            vsnap_cmd()
+                .envs(env.iter().copied())
+                .args(["serve", "--config"])
+                .arg(&self.config)
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(self.path(log)).unwrap())
+                .spawn()
+                .unwrap(),
+        )
     }
 
     /// The API's address, as the service logged it, and its token.
@@ -849,16 +876,6 @@ notify = ["chatty"]
     assert!(serve.wait().unwrap().success());
 }
 
-/// A child process killed when dropped (chromedriver).
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn the_dashboard_in_a_real_browser_shows_the_vms_runs_a_job_and_charts_it() {
     let test = "the_dashboard_in_a_real_browser_shows_the_vms_runs_a_job_and_charts_it";
@@ -977,15 +994,17 @@ fn demo_serve_leaves_its_vms_under_a_running_service_and_says_how_to_open_it() {
     let demo = dir.path().join("demo");
     let port = vsnap_e2e::free_port();
     let out = dir.path().join("demo.out");
-    let mut child = vsnap_cmd()
-        .arg("demo")
-        .arg(&demo)
-        .args(["--vms", "2", "--disk-size", "32M", "--serve", "--listen"])
-        .arg(format!("127.0.0.1:{port}"))
-        .stdout(std::fs::File::create(&out).unwrap())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Killed(
+        vsnap_cmd()
+            .arg("demo")
+            .arg(&demo)
+            .args(["--vms", "2", "--disk-size", "32M", "--serve", "--listen"])
+            .arg(format!("127.0.0.1:{port}"))
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let read = || std::fs::read_to_string(&out).unwrap_or_default();
     let t = Instant::now();
     while !read().contains("dashboard: http://") {
