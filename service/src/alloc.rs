@@ -1,15 +1,14 @@
 //! The C allocator's arenas: the one module of this crate allowed `unsafe`.
 //!
-//! glibc gives a thread that meets contention in malloc an arena of its
-//! own, up to eight per core, and keeps what is freed in each arena for
-//! that arena's reuse. The service's threads (the runtime's workers, and
-//! the blocking threads the API reads SQLite on) each left a fragmented
-//! arena behind: under 50 API clients the resident size grew by 22 % in
-//! 10 minutes, all of it in a dozen arenas, while heaptrack put the live
-//! heap flat at about 3.2 MiB. With two arenas the same load grew it by
-//! 8.5 %, slowing (docs/benchmarks.md). Trimming the arenas every 10 s
-//! (`malloc_trim`) did not slow it further: what remains is fragments
-//! inside pages still in use.
+//! The `vsnap` binary allocates through jemalloc, but SQLite (bundled C)
+//! still calls glibc's malloc, on whichever blocking thread runs the
+//! query. glibc gives a thread that meets contention an arena of its own,
+//! up to eight per core, each keeping what is freed for its own reuse.
+//! When all of the service's memory went through glibc, a dozen such
+//! arenas made its resident size grow by 22 % in 10 minutes under 50 API
+//! clients while heaptrack put the live heap flat at about 3.2 MiB; with
+//! two arenas, 8.5 % (docs/benchmarks.md). The cap stays for what C code
+//! still allocates there.
 #![allow(unsafe_code)]
 
 /// The cap the service sets: one arena beside the main one, for threads

@@ -593,8 +593,9 @@ window = "60s"
     let hook = site.log("hook.log");
     assert!(hook.contains("freeze") && hook.contains("abort"), "{hook}");
 
-    // Many clients at once: the service's threads share its capped malloc
-    // arenas instead of each keeping one (vsnap_service::alloc).
+    // Many clients at once: SQLite's C allocations on the service's
+    // threads share glibc's capped arenas instead of each thread keeping
+    // one (vsnap_service::alloc).
     std::thread::scope(|s| {
         for c in 0..16 {
             let get = &get;

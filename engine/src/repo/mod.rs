@@ -31,6 +31,7 @@ pub use store::{Listed, Usage};
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use tree::Tree;
 
@@ -66,6 +67,10 @@ pub struct Repository {
     root: PathBuf,
     tree: Tree,
     config: Config,
+    /// Buffers for chunks' stored bytes, reused across reads: a fresh
+    /// zeroed buffer of up to a chunk per read cost restore a fifth of its
+    /// time in page faults under an allocator that returns freed memory.
+    stored: Mutex<Vec<Vec<u8>>>,
 }
 
 /// The config file is a few hundred bytes; anything far larger is not one.
@@ -110,6 +115,7 @@ impl Repository {
             root: dir.to_path_buf(),
             tree: Tree::open(dir).ctx_file(dir, "open repository")?,
             config,
+            stored: Mutex::default(),
         };
         let bytes = serde_json::to_vec_pretty(&repo.config).map_err(|e| {
             Error::from(ErrorKind::InvalidArgument(format!("config: {e}"))).in_file(dir)
@@ -153,6 +159,7 @@ impl Repository {
             root: dir.to_path_buf(),
             tree,
             config,
+            stored: Mutex::default(),
         })
     }
 

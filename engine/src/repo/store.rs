@@ -15,6 +15,8 @@ use crate::pipeline::Stored;
 /// A manifest file larger than this is refused unread. A manifest of a
 /// hundred disks is some 200 KiB.
 const MANIFEST_LIMIT: u64 = 16 << 20;
+/// Buffers kept for chunks' stored bytes (see `Repository::give_stored`).
+const STORED_POOL: usize = 8;
 
 /// What a snapshot listing found: a manifest, or why it could not be read.
 #[derive(Debug)]
@@ -117,7 +119,8 @@ impl Repository {
         kind: BlobKind,
         plain: u64,
         op: &'static str,
-    ) -> Result<Vec<u8>> {
+        buf: &mut Vec<u8>,
+    ) -> Result<()> {
         let path = self.tree.display(rel);
         let Some((file, len)) = self.tree.open_regular(rel, op)? else {
             return Err(self.tree.missing(rel, op));
@@ -160,15 +163,45 @@ impl Repository {
             .during(op));
         }
         self.tree
-            .read_bounded(rel, &file, len, blob_limit(header.plain_len), name, op)
+            .read_bounded_into(rel, &file, len, blob_limit(header.plain_len), name, op, buf)
     }
 
     /// Reads a chunk into `out` (its plaintext length), checking its CRC
     /// and that its plaintext hashes to its name.
     pub fn read_chunk(&self, id: &blake3::Hash, out: &mut [u8]) -> Result<()> {
         let rel = Self::chunk_rel(id);
-        let bytes = self.read_blob(&rel, BlobKind::Chunk, out.len() as u64, "read chunk")?;
-        check_chunk(id, &bytes, out).map_err(|e| e.in_file(&self.tree.display(&rel)))
+        let mut bytes = self.take_stored();
+        let read = self
+            .read_blob(
+                &rel,
+                BlobKind::Chunk,
+                out.len() as u64,
+                "read chunk",
+                &mut bytes,
+            )
+            .and_then(|()| {
+                check_chunk(id, &bytes, out).map_err(|e| e.in_file(&self.tree.display(&rel)))
+            });
+        self.give_stored(bytes);
+        read
+    }
+
+    fn take_stored(&self) -> Vec<u8> {
+        self.stored
+            .lock()
+            .ok()
+            .and_then(|mut pool| pool.pop())
+            .unwrap_or_default()
+    }
+
+    /// Keeps at most [`STORED_POOL`] buffers: as many as reads that run at
+    /// once, on the machines vsnap is built for, and no more after a burst.
+    fn give_stored(&self, buf: Vec<u8>) {
+        if let Ok(mut pool) = self.stored.lock() {
+            if pool.len() < STORED_POOL {
+                pool.push(buf);
+            }
+        }
     }
 
     /// Writes an index; returns the BLAKE3 of its plaintext, its name.
@@ -202,7 +235,8 @@ impl Repository {
         let path = self.tree.display(&rel);
         let chunk_size = self.config.chunk_size;
         let expected = Index::plain_len(disk.virtual_size, chunk_size, disk.piece_size);
-        let bytes = self.read_blob(&rel, BlobKind::Index, expected, "read index")?;
+        let mut bytes = Vec::new();
+        self.read_blob(&rel, BlobKind::Index, expected, "read index", &mut bytes)?;
         let plain =
             blob::decode(BlobKind::Index, &bytes, expected).map_err(|e| e.in_file(&path))?;
         let computed = blake3::hash(&plain).to_hex();

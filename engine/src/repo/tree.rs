@@ -204,14 +204,17 @@ impl Tree {
         let Some((file, len)) = self.open_regular(rel, op)? else {
             return Ok(None);
         };
-        self.read_bounded(rel, &file, len, limit, "file", op)
-            .map(Some)
+        let mut buf = Vec::new();
+        self.read_bounded_into(rel, &file, len, limit, "file", op, &mut buf)?;
+        Ok(Some(buf))
     }
 
-    /// Reads `file` (of `len` bytes, as its `fstat` said) whole, once `len`
-    /// is known to be within `limit`. A file that changes length meanwhile
-    /// is read only up to `len`, and found short.
-    pub(super) fn read_bounded(
+    /// Reads `file` (of `len` bytes, as its `fstat` said) whole into
+    /// `buf`, once `len` is known to be within `limit`. A file that changes
+    /// length meanwhile is read only up to `len`, and found short. `buf` is
+    /// reused as it is, so a pooled buffer is zeroed only where it grows.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn read_bounded_into(
         &self,
         rel: &str,
         file: &File,
@@ -219,7 +222,8 @@ impl Tree {
         limit: u64,
         what: &'static str,
         op: &'static str,
-    ) -> Result<Vec<u8>> {
+        buf: &mut Vec<u8>,
+    ) -> Result<()> {
         use std::os::unix::fs::FileExt;
         if len > limit {
             return Err(Error::from(ErrorKind::TooLarge {
@@ -230,13 +234,12 @@ impl Tree {
             .in_file(&self.display(rel))
             .during(op));
         }
-        let mut buf = vec![0u8; len as usize];
-        file.read_exact_at(&mut buf, 0).map_err(|e| {
+        buf.resize(len as usize, 0);
+        file.read_exact_at(buf, 0).map_err(|e| {
             Error::from(ErrorKind::Io(e))
                 .in_file(&self.display(rel))
                 .during(op)
-        })?;
-        Ok(buf)
+        })
     }
 
     /// Creates a new file (it must not exist) for writing.
