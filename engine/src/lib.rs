@@ -4,6 +4,7 @@
 //! and the coordinator drives it from its own threads. See docs/design.md
 //! for how the parts fit together.
 
+pub mod cbt;
 pub mod digest;
 mod error;
 pub mod format;

@@ -20,6 +20,7 @@ pub mod demo;
 pub mod freeze_bench;
 pub mod guests;
 pub mod loopfs;
+pub mod rng;
 pub mod workload;
 
 use std::path::PathBuf;
@@ -27,6 +28,7 @@ use std::process::Command;
 
 pub use guests::{AgentProc, Guest, Lab};
 pub use loopfs::LoopFs;
+pub use rng::Rng;
 pub use workload::{Background, Kind, Sample};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

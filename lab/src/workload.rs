@@ -129,16 +129,13 @@ fn write_loop(
     };
     let data = vec![0xa5u8; size];
     let slots = (file_size / size as u64).max(1);
-    let mut x = seed | 1;
+    let mut rng = crate::Rng::new(seed | 1);
     let mut next = 0u64;
     let mut samples = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         let slot = if random {
-            // xorshift64: cheap, and every guest gets its own sequence.
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x % slots
+            // Every guest gets its own sequence.
+            rng.below(slots)
         } else {
             next = (next + 1) % slots;
             next

@@ -15,6 +15,7 @@ use chrono_tz::Europe::Berlin;
 use serde_json::Value;
 use vsnap_e2e::{skip, Lack};
 use vsnap_engine::repo::retention::{apply, KeepPolicy};
+use vsnap_lab::Rng;
 
 const TIMELINES: usize = 50;
 const POLICIES: usize = 10;
@@ -29,21 +30,6 @@ fn restic(repo: &Path, args: &[&str]) -> std::process::Output {
         .env("TZ", "Europe/Berlin")
         .output()
         .unwrap()
-}
-
-/// xorshift64: the same timelines every run.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 /// A timeline: 6 to 8 times going back from a start, with steps from
@@ -117,7 +103,8 @@ fn forget_keeps_exactly_what_restic_keeps_on_50_timelines() {
     std::fs::write(data.join("f"), b"x").unwrap();
     let o = restic(&repo, &["init"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let mut rng = Rng(0x5eed_1234_abcd_0001);
+    // The same timelines every run.
+    let mut rng = Rng::new(0x5eed_1234_abcd_0001);
     let lines: Vec<Vec<DateTime<Utc>>> = (0..TIMELINES).map(|_| timeline(&mut rng)).collect();
     // Two backups at a time (restic takes a shared lock for them).
     let jobs: Vec<(usize, DateTime<Utc>)> = lines

@@ -9,6 +9,7 @@
 #![allow(unsafe_code)]
 
 mod engine;
+pub mod fiemap;
 
 pub use engine::{open_for_read, probe, AlignedBuf, Engine, IoKind, IoMode, ReadOp, ALIGN};
 

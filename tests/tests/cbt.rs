@@ -1,0 +1,283 @@
+//! Changed-block tracking on a real XFS with reflink: after each round of
+//! random writes to a disk file, the FIEMAP comparison of a clone kept from
+//! the round before (the base) and a new clone must name every range whose
+//! bytes differ, and for images, every virtual-disk cell. Root only (it
+//! makes and mounts a loop filesystem, removed even when a test fails);
+//! skipped, saying so, elsewhere.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::fs::File;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::Command;
+
+use vsnap_e2e::{skip_unless_root, LoopFs};
+use vsnap_engine::cbt::{changed_cells, changed_ranges};
+use vsnap_engine::io::fiemap::fiemap;
+use vsnap_lab::Rng;
+
+fn seed() -> u64 {
+    let seed = std::env::var("VSNAP_CBT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        });
+    eprintln!("seed {seed} (VSNAP_CBT_SEED={seed} replays it)");
+    seed
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn reflink(from: &Path, to: &Path) {
+    let _ = std::fs::remove_file(to);
+    run(Command::new("cp").arg("--reflink=always").arg(from).arg(to));
+}
+
+fn xfs_io(file: &Path, cmd: &str) {
+    run(Command::new(vsnap_lab::sbin("xfs_io"))
+        .args(["-c", cmd])
+        .arg(file));
+}
+
+fn scratch(test: &str) -> Option<(tempfile::TempDir, LoopFs)> {
+    if skip_unless_root(test) {
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("mnt");
+    let fs = LoopFs::xfs_reflink(&dir.path().join("xfs.img"), &mnt, 512).unwrap();
+    Some((dir, fs))
+}
+
+/// The changed ranges between `base` and `new`, by FIEMAP.
+fn compare(base: &Path, new: &Path) -> Vec<Range<u64>> {
+    let (b, n) = (File::open(base).unwrap(), File::open(new).unwrap());
+    let (bl, nl) = (b.metadata().unwrap().len(), n.metadata().unwrap().len());
+    changed_ranges(&fiemap(&b).unwrap(), bl, &fiemap(&n).unwrap(), nl).unwrap()
+}
+
+fn total(r: &[Range<u64>]) -> u64 {
+    r.iter().map(|r| r.end - r.start).sum()
+}
+
+/// One random change to a raw image, in place or by replacing it: returns
+/// the bytes it may have touched, for the precision bound.
+fn mutate_raw(rng: &mut Rng, disk: &Path, content: &[u8]) -> u64 {
+    const MAX: u64 = 32 << 20;
+    let len = std::fs::metadata(disk).unwrap().len();
+    let at = rng.below(len.max(4096)) & !511;
+    let n = (1 + rng.below(64)) * 4096;
+    match rng.below(8) {
+        0 | 1 => {
+            let f = std::fs::OpenOptions::new().write(true).open(disk).unwrap();
+            let fill = (rng.next_u64() & 0xff) as u8 | 1;
+            f.write_all_at(&vec![fill; n as usize], at).unwrap();
+            n
+        }
+        2 => {
+            // The same bytes again: the content is unchanged, but the
+            // blocks are new, so they count as changed.
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(disk)
+                .unwrap();
+            let mut buf = vec![0u8; n.min(len.saturating_sub(at)) as usize];
+            f.read_exact_at(&mut buf, at).unwrap();
+            f.write_all_at(&buf, at).unwrap();
+            buf.len() as u64
+        }
+        3 => {
+            xfs_io(disk, &format!("fpunch {at} {n}"));
+            n
+        }
+        4 => {
+            xfs_io(disk, &format!("fzero -k {at} {n}"));
+            n
+        }
+        5 => {
+            let to = (rng.below(MAX) + 4096).min(MAX);
+            File::options()
+                .write(true)
+                .open(disk)
+                .unwrap()
+                .set_len(to)
+                .unwrap();
+            to.saturating_sub(len)
+        }
+        6 => {
+            // A small write that is not block-aligned.
+            let f = std::fs::OpenOptions::new().write(true).open(disk).unwrap();
+            f.write_all_at(b"vsnap", at + 3).unwrap();
+            8192
+        }
+        _ => {
+            // Replaced: a new file (a new inode) renamed over the old.
+            let tmp = disk.with_extension("new");
+            std::fs::write(&tmp, content).unwrap();
+            std::fs::rename(&tmp, disk).unwrap();
+            content.len() as u64
+        }
+    }
+}
+
+#[test]
+fn fiemap_of_two_clones_names_every_changed_byte_of_a_raw_image() {
+    let Some((dir, fs)) = scratch("fiemap_of_two_clones_names_every_changed_byte_of_a_raw_image")
+    else {
+        return;
+    };
+    let mnt = fs.mount.clone();
+    let disk = mnt.join("disk.raw");
+    let base = mnt.join("base.raw");
+    let new = mnt.join("new.raw");
+    let mut rng = Rng::new(seed());
+    let content: Vec<u8> = (0..16u64 << 20).map(|i| (i * 7 / 4096) as u8).collect();
+    std::fs::write(&disk, &content).unwrap();
+    reflink(&disk, &base);
+    let (mut changed_total, mut touched_total) = (0u64, 0u64);
+    for round in 0..100 {
+        let mut touched = 0;
+        for _ in 0..1 + rng.below(3) {
+            touched += mutate_raw(&mut rng, &disk, &content);
+        }
+        reflink(&disk, &new);
+        let changed = compare(&base, &new);
+        let (b, n) = (std::fs::read(&base).unwrap(), std::fs::read(&new).unwrap());
+        // Never wrong: outside the changed ranges, the bytes are the base's.
+        let mut at = 0usize;
+        for r in changed
+            .iter()
+            .chain(std::iter::once(&(n.len() as u64..u64::MAX)))
+        {
+            let end = (r.start as usize).min(n.len());
+            if at < end {
+                assert!(
+                    at < b.len() && end <= b.len() && b[at..end] == n[at..end],
+                    "round {round}: bytes {at}..{end} differ but were not named changed ({changed:?})"
+                );
+            }
+            at = r.end.min(n.len() as u64) as usize;
+        }
+        changed_total += total(&changed);
+        touched_total += touched;
+        std::fs::rename(&new, &base).unwrap();
+    }
+    eprintln!(
+        "100 rounds: {changed_total} bytes named changed for {touched_total} bytes written, punched, zeroed, grown or replaced"
+    );
+    // Useful, not only safe: a block is named for a few bytes written,
+    // and a fresh file as a whole, but not much more.
+    assert!(
+        changed_total <= touched_total + 100 * 3 * 8192,
+        "{changed_total} > {touched_total}"
+    );
+    drop(fs);
+    drop(dir);
+}
+
+/// One random change to a dynamic VHD: a guest's write through qemu-io
+/// (which allocates a block where there was none), or a punch or zero-range
+/// of the file under it.
+fn mutate_vhd(rng: &mut Rng, disk: &Path, virtual_size: u64) {
+    let at = rng.below(virtual_size) & !511;
+    let n = ((1 + rng.below(256)) * 512).min(virtual_size - at);
+    let cmd = match rng.below(6) {
+        0..=2 => format!("write -P {} {at} {n}", 1 + rng.below(250)),
+        3 => format!("write -z {at} {n}"),
+        op => {
+            // Under a guest's data, never the image's own metadata: a
+            // punched BAT or footer is another test (hostile images).
+            let image = vsnap_engine::format::open(disk, None).unwrap();
+            let map = image.allocation_map().unwrap();
+            let data: Vec<_> = map
+                .extents()
+                .iter()
+                .filter_map(|e| e.file_offset.map(|f| (f, e.length)))
+                .collect();
+            if data.is_empty() {
+                return;
+            }
+            let (f, len) = data[rng.below(data.len() as u64) as usize];
+            let off = f + (rng.below(len) & !4095);
+            let n = 4096.min(f + len - off);
+            let how = if op == 4 { "fpunch" } else { "fzero -k" };
+            xfs_io(disk, &format!("{how} {off} {n}"));
+            return;
+        }
+    };
+    run(Command::new("qemu-io")
+        .args(["-f", "vpc", "-c", &cmd])
+        .arg(disk));
+}
+
+#[test]
+fn fiemap_and_the_allocation_maps_name_every_changed_cell_of_a_dynamic_vhd() {
+    let Some((dir, fs)) =
+        scratch("fiemap_and_the_allocation_maps_name_every_changed_cell_of_a_dynamic_vhd")
+    else {
+        return;
+    };
+    let mnt = fs.mount.clone();
+    let disk = mnt.join("disk.vhd");
+    let base = mnt.join("base.vhd");
+    let new = mnt.join("new.vhd");
+    let size: u64 = 64 << 20;
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "vpc", "-o", "subformat=dynamic"])
+        .arg(&disk)
+        .arg(size.to_string()));
+    let mut rng = Rng::new(seed());
+    for _ in 0..8 {
+        mutate_vhd(&mut rng, &disk, size);
+    }
+    reflink(&disk, &base);
+    let cell: u64 = 1 << 20;
+    let (mut named, mut cells) = (0usize, 0usize);
+    for round in 0..100 {
+        for _ in 0..1 + rng.below(3) {
+            mutate_vhd(&mut rng, &disk, size);
+        }
+        reflink(&disk, &new);
+        let changed = compare(&base, &new);
+        let b = vsnap_engine::format::open(&base, None).unwrap();
+        let n = vsnap_engine::format::open(&new, None).unwrap();
+        let (bm, nm) = (b.allocation_map().unwrap(), n.allocation_map().unwrap());
+        let which = changed_cells(&bm, &nm, &changed, cell).unwrap();
+        let (mut x, mut y) = (vec![0u8; cell as usize], vec![0u8; cell as usize]);
+        for (i, &c) in which.iter().enumerate() {
+            if c {
+                continue;
+            }
+            let at = i as u64 * cell;
+            let len = cell.min(n.virtual_size() - at) as usize;
+            b.read_at(&mut x[..len], at).unwrap();
+            n.read_at(&mut y[..len], at).unwrap();
+            assert!(
+                x == y,
+                "round {round}: cell {i} differs but was not named changed"
+            );
+        }
+        named += which.iter().filter(|&&c| c).count();
+        cells += which.len();
+        drop((b, n));
+        std::fs::rename(&new, &base).unwrap();
+    }
+    eprintln!("100 rounds: {named} of {cells} cells named changed");
+    assert!(named < cells / 4, "{named} of {cells}");
+    drop(fs);
+    drop(dir);
+}
