@@ -59,6 +59,10 @@ struct DiskCheck {
     expected: String,
     leaves: Mutex<Vec<Option<Leaf>>>,
     pieces: Option<crate::repo::index::Pieces>,
+    /// The index's own leaves (zeros where a cell is not data), which an
+    /// incremental backup will trust: each must be the one rebuilt from
+    /// its chunk.
+    stored: Option<Vec<[u8; 32]>>,
 }
 
 /// A referenced chunk: its plaintext length, who uses it, and where.
@@ -171,6 +175,7 @@ pub fn verify(
                 expected: disk.digest.clone(),
                 leaves: Mutex::new(leaves),
                 pieces: index.pieces,
+                stored: index.leaves,
             });
         }
     }
@@ -279,6 +284,22 @@ pub fn verify(
         let Some(leaves) = leaves.into_iter().collect::<Option<Vec<Leaf>>>() else {
             continue;
         };
+        let wrong = disk.stored.as_ref().and_then(|stored| {
+            stored
+                .iter()
+                .zip(&leaves)
+                .position(|(s, leaf)| *s != [0; 32] && Leaf::from_bytes(&disk.plan, *s) != *leaf)
+        });
+        if let Some(cell) = wrong {
+            report.problems.push(Problem {
+                what: "index",
+                name: disk.index.clone(),
+                error: format!(
+                    "its leaf for cell {cell} is not the one its chunk hashes to; an incremental backup would fold a wrong digest from it"
+                ),
+                affects: vec![disk.who.clone()],
+            });
+        }
         let rebuilt = disk.plan.root(&leaves)?.to_hex();
         if rebuilt.as_str() != disk.expected {
             report.problems.push(Problem {

@@ -508,16 +508,16 @@ fn index_bombs_are_refused_before_they_are_allocated() {
     // An 8 MiB bomb small enough to pass the length check of the largest
     // index this disk can have: only decompression can catch it.
     let small = zero_bomb(8 << 20);
-    // 8 cells of 33 bytes after the 24-byte head, and 128 pieces of 64 KiB
-    // in 16 bytes of piece map.
-    let ceiling = 24 + 33 * 8 + 16;
+    // 8 cells of 33 bytes after the 24-byte head, 128 pieces of 64 KiB
+    // in 16 bytes of piece map, and 8 leaves of 32 bytes.
+    let ceiling = 24 + 33 * 8 + 16 + 32 * 8;
     assert!(small.len() < ceiling as usize, "{} bytes", small.len());
     // The header's claim: the bomb's true size, a larger lie, a claim
     // within the ceiling over a payload longer than that claim allows, and
     // one over a payload that fits but would decompress past it.
     for (payload, claim, needle) in [
-        (&bomb, 4u64 << 30, "plaintext where 304 were expected"),
-        (&bomb, 16 << 30, "plaintext where 304 were expected"),
+        (&bomb, 4u64 << 30, "plaintext where 560 were expected"),
+        (&bomb, 16 << 30, "plaintext where 560 were expected"),
         (&bomb, ceiling, "more than the"),
         (&small, ceiling, "zstd"),
     ] {
@@ -549,7 +549,7 @@ fn what_verify_passes_restore_restores() {
     // Another disk's index, of the same size and of another size.
     for (size, needle, what) in [
         (8 * MIB, "the digest rebuilt from its chunks", "disk"),
-        (16 * MIB, "plaintext where 304 were expected", "index"),
+        (16 * MIB, "plaintext where 560 were expected", "index"),
     ] {
         let lab = Lab::new();
         let other = lab.p().join("src").join("other.vhd");
@@ -592,25 +592,10 @@ fn a_piece_map_that_hides_data_is_refused() {
     // still matched. The index is re-encoded, renamed by its new digest,
     // and the manifest resealed to name it.
     let lab = Lab::new();
-    let index = lab.index_of(&lab.snap);
-    let blob = std::fs::read(&index).unwrap();
-    let mut plain = if blob[10] == 1 {
-        zstd::decode_all(&blob[40..]).unwrap()
-    } else {
-        blob[40..].to_vec()
-    };
-    let count = u64::from_le_bytes(plain[16..24].try_into().unwrap()) as usize;
-    let map = 24 + 33 * count;
-    assert_eq!(plain[map] & 1, 1, "piece 0 holds data");
-    plain[map] &= !1;
-    let name = blake3::hash(&plain).to_hex().to_string();
-    std::fs::write(
-        lab.repo.join("indexes").join(&name),
-        blob_bytes(&plain, plain.len() as u64, 0),
-    )
-    .unwrap();
-    reseal(&lab.manifest(&lab.snap), |m| {
-        m["disks"][0]["index"] = name.into()
+    reindex(&lab, |plain, count| {
+        let map = 24 + 33 * count;
+        assert_eq!(plain[map] & 1, 1, "piece 0 holds data");
+        plain[map] &= !1;
     });
     verify_finds(&lab, "index", "piece map disagrees");
     let before = lab.surroundings();
@@ -621,6 +606,52 @@ fn a_piece_map_that_hides_data_is_refused() {
     );
     assert_eq!(std::fs::read_dir(&lab.out).unwrap().count(), 0);
     assert_eq!(lab.surroundings(), before);
+}
+
+/// Edits the plaintext of the lab snapshot's index (`edit` gets it and
+/// its entry count), stores it under its new digest, and reseals the
+/// manifest to name it: a consistent forgery, as a hostile host makes.
+fn reindex(lab: &Lab, edit: impl FnOnce(&mut Vec<u8>, usize)) {
+    let index = lab.index_of(&lab.snap);
+    let blob = std::fs::read(&index).unwrap();
+    let mut plain = if blob[10] == 1 {
+        zstd::decode_all(&blob[40..]).unwrap()
+    } else {
+        blob[40..].to_vec()
+    };
+    let count = u64::from_le_bytes(plain[16..24].try_into().unwrap()) as usize;
+    edit(&mut plain, count);
+    let name = blake3::hash(&plain).to_hex().to_string();
+    std::fs::write(
+        lab.repo.join("indexes").join(&name),
+        blob_bytes(&plain, plain.len() as u64, 0),
+    )
+    .unwrap();
+    reseal(&lab.manifest(&lab.snap), |m| {
+        m["disks"][0]["index"] = name.into()
+    });
+}
+
+#[test]
+fn a_leaf_that_is_not_its_chunks_is_found_by_verify() {
+    // An incremental backup folds the digest from the index's leaves of
+    // the cells it does not read: a wrong one must not survive a verify.
+    let lab = Lab::new();
+    let mut cell = None;
+    reindex(&lab, |plain, count| {
+        let leaves = plain.len() - 32 * count;
+        let i = (0..count).find(|&i| plain[24 + 33 * i] == 2).unwrap();
+        plain[leaves + 32 * i] ^= 1;
+        cell = Some(i);
+    });
+    verify_finds(
+        &lab,
+        "index",
+        &format!(
+            "leaf for cell {} is not the one its chunk hashes to",
+            cell.unwrap()
+        ),
+    );
 }
 
 fn b3(path: &Path) -> String {

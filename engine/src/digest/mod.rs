@@ -36,6 +36,26 @@ pub enum Leaf {
     Cv(ChainingValue),
 }
 
+impl Leaf {
+    /// The leaf's 32 bytes, as an index stores them.
+    pub fn to_bytes(self) -> [u8; 32] {
+        match self {
+            Leaf::Root(h) => *h.as_bytes(),
+            Leaf::Cv(cv) => cv,
+        }
+    }
+
+    /// A stored leaf of the disk `plan` describes: the digest itself when
+    /// the disk is one leaf, a chaining value otherwise.
+    pub fn from_bytes(plan: &DigestPlan, bytes: [u8; 32]) -> Leaf {
+        if plan.leaves() == 1 {
+            Leaf::Root(blake3::Hash::from_bytes(bytes))
+        } else {
+            Leaf::Cv(bytes)
+        }
+    }
+}
+
 impl DigestPlan {
     pub fn new(disk_size: u64, leaf_size: u64) -> Result<Self> {
         if !leaf_size.is_power_of_two() || leaf_size < blake3::CHUNK_LEN as u64 {

@@ -27,6 +27,9 @@ pub struct ChunkRecord {
     /// With compression on: the bytes a data chunk would be stored as
     /// (compressed, or raw when zstd cannot make it smaller).
     pub stored: Option<u64>,
+    /// The chunk's leaf in the disk's digest: what an index keeps, so a
+    /// later backup that does not read the chunk can still fold the digest.
+    pub leaf: Leaf,
 }
 
 #[derive(Debug, Clone)]
@@ -339,6 +342,7 @@ impl Job<'_> {
             kind,
             id,
             stored: None,
+            leaf,
         };
         // Zero and unallocated chunks are never compressed: they are
         // never stored. Nor is a chunk the sink holds already.

@@ -38,9 +38,8 @@ pub struct BackupOutcome {
 /// reading and hashing.
 struct RepoSink<'a> {
     repo: &'a Repository,
-    /// Each image's index, filled cell by cell as chunks arrive, with its
-    /// piece map.
-    entries: Vec<Mutex<(Vec<Entry>, Pieces)>>,
+    /// Each image's index, filled cell by cell as chunks arrive.
+    cells: Vec<Mutex<Cells>>,
     /// Each image's piece size, as its map has it.
     piece_sizes: Vec<u64>,
     chunk_size: u64,
@@ -53,10 +52,35 @@ struct RepoSink<'a> {
     snapshots: Option<Snapshots<'a>>,
 }
 
+/// One image's index as the run fills it.
+struct Cells {
+    entries: Vec<Entry>,
+    pieces: Pieces,
+    leaves: Vec<[u8; 32]>,
+}
+
+impl Cells {
+    fn new(virtual_size: u64, chunk_size: u64, piece_size: u64) -> Cells {
+        let n = Index::cells(virtual_size, chunk_size) as usize;
+        Cells {
+            entries: vec![Entry::Unallocated; n],
+            pieces: Pieces::new(piece_size, virtual_size),
+            leaves: vec![[0; 32]; n],
+        }
+    }
+}
+
 impl RepoSink<'_> {
-    /// Records a cell's entry, and for a data cell which of its pieces
-    /// hold data (`data`, the cell's bytes).
-    fn set(&self, image: usize, offset: u64, entry: Entry, data: Option<&[u8]>) -> Result<()> {
+    /// Records a cell's entry and leaf, and for a data cell which of its
+    /// pieces hold data (`data`, the cell's bytes).
+    fn set(
+        &self,
+        image: usize,
+        offset: u64,
+        entry: Entry,
+        leaf: crate::digest::Leaf,
+        data: Option<&[u8]>,
+    ) -> Result<()> {
         let cell = (offset / self.chunk_size) as usize;
         let piece_size = self
             .piece_sizes
@@ -67,17 +91,20 @@ impl RepoSink<'_> {
             (Entry::Data(_), Some(data)) => Pieces::nonzero(piece_size, offset, data),
             _ => Vec::new(),
         };
-        let mut guard = self.entries[image]
+        let mut guard = self.cells[image]
             .lock()
             .map_err(|_| Error::worker_panicked())?;
-        let (entries, pieces) = &mut *guard;
-        pieces.set_all(&nonzero);
-        match entries.get_mut(cell) {
-            Some(slot) => {
+        let cells = &mut *guard;
+        cells.pieces.set_all(&nonzero);
+        match (cells.entries.get_mut(cell), cells.leaves.get_mut(cell)) {
+            (Some(slot), Some(leaf_slot)) => {
                 *slot = entry;
+                if matches!(entry, Entry::Data(_)) {
+                    *leaf_slot = leaf.to_bytes();
+                }
                 Ok(())
             }
-            None => Err(
+            _ => Err(
                 ErrorKind::InvalidArgument(format!("chunk at {offset} is past the index")).into(),
             ),
         }
@@ -139,7 +166,7 @@ impl Sink for RepoSink<'_> {
             (ChunkKind::Zero, _) => Entry::Zero,
             _ => Entry::Unallocated,
         };
-        self.set(image, record.offset, entry, data.as_deref())
+        self.set(image, record.offset, entry, record.leaf, data.as_deref())
     }
 }
 
@@ -330,14 +357,10 @@ pub fn backup_all(
     }
     let sink = RepoSink {
         repo,
-        entries: images
+        cells: images
             .iter()
             .zip(&piece_sizes)
-            .map(|(i, &piece)| {
-                let n = Index::cells(i.virtual_size(), chunk_size) as usize;
-                let pieces = Pieces::new(piece, i.virtual_size());
-                Mutex::new((vec![Entry::Unallocated; n], pieces))
-            })
+            .map(|(i, &piece)| Mutex::new(Cells::new(i.virtual_size(), chunk_size, piece)))
             .collect(),
         piece_sizes,
         chunk_size,
@@ -466,18 +489,17 @@ impl RepoSink<'_> {
         for (k, image) in plan.images.iter().enumerate() {
             let i = first + k;
             let digest = digests[k].as_ref().ok_or_else(Error::worker_panicked)?;
-            let (entries, pieces) = std::mem::replace(
-                &mut *self.entries[i]
-                    .lock()
-                    .map_err(|_| Error::worker_panicked())?,
-                (Vec::new(), Pieces::new(chunk_size, 0)),
+            let cells = std::mem::replace(
+                &mut *self.cells[i].lock().map_err(|_| Error::worker_panicked())?,
+                Cells::new(0, chunk_size, chunk_size),
             );
-            let piece_size = pieces.size;
+            let piece_size = cells.pieces.size;
             let index = Index {
                 virtual_size: image.virtual_size(),
                 chunk_size,
-                entries,
-                pieces: Some(pieces),
+                entries: cells.entries,
+                pieces: Some(cells.pieces),
+                leaves: Some(cells.leaves),
             };
             let index_digest = self.repo.write_index(&index)?;
             let source = &plan.sources[k];
@@ -490,6 +512,7 @@ impl RepoSink<'_> {
                 digest: digest.digest.to_hex().to_string(),
                 index: index_digest.to_hex().to_string(),
                 piece_size: Some(piece_size),
+                leaves: true,
                 stats: DiskStats {
                     bytes_read: digest.bytes_read,
                     data_chunks: digest.data_chunks,

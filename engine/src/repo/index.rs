@@ -13,6 +13,7 @@
 //! | 16 | 8 | entry count, `ceil(virtual size / chunk size)` (at least 1) |
 //! | 24 | 33 × count | entries: a kind byte (0 unallocated, 1 zero, 2 data), then a BLAKE3 digest (zeros unless data) |
 //! | 24 + 33 × count | ⌈⌈virtual size / piece size⌉ / 8⌉ | the piece map, when the manifest gives the disk a piece size: bit `i` (LSB first) set when piece `i` holds a non-zero byte |
+//! | after the piece map | 32 × count | the leaves, when the manifest says the index has them: for each data cell, the BLAKE3 chaining value of its bytes at its offset in the disk (the digest itself for a disk of one cell); zeros for other cells |
 //!
 //! The piece map lets a restore allocate a dynamic target's blocks where
 //! the disk holds data, not wherever a chunk does: a 4 MiB chunk with 512
@@ -20,6 +21,12 @@
 //! a power of two from 4 KiB up to the chunk size; the backup takes the
 //! source's block size, at most 64 KiB. Indexes written before the map
 //! (no piece size in their manifest) have none, and restore as before.
+//!
+//! The leaves let an incremental backup (see [`crate::cbt`]) fold the
+//! disk's digest, `b3sum` of the whole disk, from the cells it did not
+//! read: a leaf's value depends on its offset as well as its bytes, so the
+//! chunk's name alone does not give it. Zero cells need none: their leaf
+//! is computed without reading.
 
 use crate::digest::is_zero;
 use crate::error::{ErrorKind, Result};
@@ -27,6 +34,16 @@ use crate::pipeline::ChunkKind;
 
 const HEAD: usize = 24;
 const ENTRY: usize = 33;
+const LEAF: usize = 32;
+
+/// What an index holds beyond its entries, as its manifest announces it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Layout {
+    /// The piece map's piece size, if it has one.
+    pub piece_size: Option<u64>,
+    /// Whether it holds its data cells' leaves.
+    pub leaves: bool,
+}
 
 /// The smallest and the largest piece a backup chooses (never more than
 /// the chunk size, so a repository of 1 or 2 KiB chunks has pieces of its
@@ -146,6 +163,8 @@ pub struct Index {
     pub chunk_size: u64,
     pub entries: Vec<Entry>,
     pub pieces: Option<Pieces>,
+    /// Each cell's leaf (chaining value) where it is data; zeros elsewhere.
+    pub leaves: Option<Vec<[u8; 32]>>,
 }
 
 fn corrupt(reason: String) -> crate::Error {
@@ -163,13 +182,27 @@ impl Index {
     }
 
     /// The plaintext length of the index of a disk of `virtual_size` at
-    /// `chunk_size`, with a piece map of `piece_size` if any: what an index
-    /// of that disk must be, and so the most a reader allocates for one.
-    pub fn plain_len(virtual_size: u64, chunk_size: u64, piece_size: Option<u64>) -> u64 {
-        (ENTRY as u64)
-            .saturating_mul(Index::cells(virtual_size, chunk_size))
+    /// `chunk_size`, laid out as `layout` says: what an index of that disk
+    /// must be, and so the most a reader allocates for one.
+    pub fn plain_len(virtual_size: u64, chunk_size: u64, layout: Layout) -> u64 {
+        let cells = Index::cells(virtual_size, chunk_size);
+        let leaves = if layout.leaves { LEAF as u64 } else { 0 };
+        (ENTRY as u64 + leaves)
+            .saturating_mul(cells)
             .saturating_add(HEAD as u64)
-            .saturating_add(piece_size.map_or(0, |p| Pieces::bytes(p, virtual_size)))
+            .saturating_add(
+                layout
+                    .piece_size
+                    .map_or(0, |p| Pieces::bytes(p, virtual_size)),
+            )
+    }
+
+    /// The layout of this index, for its manifest.
+    pub fn layout(&self) -> Layout {
+        Layout {
+            piece_size: self.pieces.as_ref().map(|p| p.size),
+            leaves: self.leaves.is_some(),
+        }
     }
 
     /// The byte range of cell `i`.
@@ -195,12 +228,16 @@ impl Index {
         if let Some(p) = &self.pieces {
             out.extend_from_slice(&p.bits);
         }
+        for leaf in self.leaves.iter().flatten() {
+            out.extend_from_slice(leaf);
+        }
         out
     }
 
     /// Parses an index's plaintext, with a piece map of `piece_size` when
     /// its manifest gives one; never panics, whatever the bytes.
-    pub fn parse(bytes: &[u8], piece_size: Option<u64>) -> Result<Index> {
+    pub fn parse(bytes: &[u8], layout: Layout) -> Result<Index> {
+        let piece_size = layout.piece_size;
         if bytes.len() < HEAD {
             return Err(corrupt(format!(
                 "{} bytes, shorter than its header",
@@ -228,13 +265,18 @@ impl Index {
                 )));
             }
         }
-        let want = Index::plain_len(virtual_size, chunk_size, piece_size);
+        let want = Index::plain_len(virtual_size, chunk_size, layout);
         if bytes.len() as u64 != want {
             return Err(corrupt(format!(
-                "{} bytes where {count} entries{} need {want}",
+                "{} bytes where {count} entries{}{} need {want}",
                 bytes.len(),
                 if piece_size.is_some() {
-                    " and their piece map"
+                    ", their piece map"
+                } else {
+                    ""
+                },
+                if layout.leaves {
+                    " and their leaves"
                 } else {
                     ""
                 },
@@ -259,18 +301,60 @@ impl Index {
                 }
             })
             .collect::<Result<Vec<_>>>()?;
+        let leaves_at = bytes.len()
+            - if layout.leaves {
+                count as usize * LEAF
+            } else {
+                0
+            };
         let pieces = piece_size.map(|size| Pieces {
             size,
-            bits: bytes[map_at..].to_vec(),
+            bits: bytes[map_at..leaves_at].to_vec(),
         });
+        let leaves = if layout.leaves {
+            let mut out = Vec::with_capacity(count as usize);
+            for (i, (leaf, e)) in bytes[leaves_at..]
+                .chunks_exact(LEAF)
+                .zip(&entries)
+                .enumerate()
+            {
+                let mut a = [0u8; LEAF];
+                a.copy_from_slice(leaf);
+                match (e, a == [0; LEAF]) {
+                    (Entry::Data(_), true) => {
+                        return Err(corrupt(format!("entry {i} is data but has no leaf")))
+                    }
+                    (Entry::Zero | Entry::Unallocated, false) => {
+                        return Err(corrupt(format!("entry {i} is zeros but has a leaf")))
+                    }
+                    _ => {}
+                }
+                out.push(a);
+            }
+            Some(out)
+        } else {
+            None
+        };
         let index = Index {
             virtual_size,
             chunk_size,
             entries,
             pieces,
+            leaves,
         };
         index.check_pieces()?;
         Ok(index)
+    }
+
+    /// Cell `i`'s leaf in the digest of the disk `plan` describes, if the
+    /// index holds it (a data cell of an index with leaves).
+    pub fn leaf(&self, i: usize, plan: &crate::digest::DigestPlan) -> Option<crate::digest::Leaf> {
+        match (self.entries.get(i), self.leaves.as_ref()?.get(i)) {
+            (Some(Entry::Data(_)), Some(bytes)) => {
+                Some(crate::digest::Leaf::from_bytes(plan, *bytes))
+            }
+            _ => None,
+        }
     }
 
     /// A piece map agrees with its entries: pieces past the disk and in
@@ -309,6 +393,18 @@ impl Index {
 mod tests {
     use super::*;
 
+    const NONE: Layout = Layout {
+        piece_size: None,
+        leaves: false,
+    };
+
+    fn pieces_of(size: u64) -> Layout {
+        Layout {
+            piece_size: Some(size),
+            leaves: false,
+        }
+    }
+
     #[test]
     fn round_trips_and_refuses_damage() {
         let index = Index {
@@ -322,22 +418,71 @@ mod tests {
                 Entry::Data(blake3::hash(b"b")),
             ],
             pieces: None,
+            leaves: None,
         };
         let bytes = index.to_bytes();
-        assert_eq!(Index::parse(&bytes, None).unwrap(), index);
+        assert_eq!(Index::parse(&bytes, NONE).unwrap(), index);
         assert_eq!(index.range(4), (4096, 904));
         for cut in [0, 10, 24, bytes.len() - 1] {
-            assert!(Index::parse(&bytes[..cut], None).is_err(), "cut at {cut}");
+            assert!(Index::parse(&bytes[..cut], NONE).is_err(), "cut at {cut}");
         }
         let mut bad = bytes.clone();
         bad[HEAD + ENTRY] = 9;
-        assert!(Index::parse(&bad, None).is_err());
+        assert!(Index::parse(&bad, NONE).is_err());
         let mut bad = bytes;
         bad[HEAD + ENTRY + 5] = 1;
         assert!(
-            Index::parse(&bad, None).is_err(),
+            Index::parse(&bad, NONE).is_err(),
             "a zero entry naming a chunk"
         );
+    }
+
+    #[test]
+    fn leaves_round_trip_and_only_data_cells_have_them() {
+        let a = [7u8; 100];
+        let plan = crate::digest::DigestPlan::new(3000, 1024).unwrap();
+        let leaf = plan.leaf(2048, &a);
+        let index = Index {
+            virtual_size: 3000,
+            chunk_size: 1024,
+            entries: vec![
+                Entry::Zero,
+                Entry::Unallocated,
+                Entry::Data(blake3::hash(&a)),
+            ],
+            pieces: None,
+            leaves: Some(vec![[0; 32], [0; 32], leaf.to_bytes()]),
+        };
+        let layout = index.layout();
+        assert_eq!(
+            layout,
+            Layout {
+                piece_size: None,
+                leaves: true
+            }
+        );
+        let bytes = index.to_bytes();
+        assert_eq!(bytes.len() as u64, Index::plain_len(3000, 1024, layout));
+        let back = Index::parse(&bytes, layout).unwrap();
+        assert_eq!(back, index);
+        assert_eq!(back.leaf(2, &plan), Some(leaf));
+        assert_eq!(back.leaf(0, &plan), None);
+        let e = Index::parse(&bytes, NONE).unwrap_err().to_string();
+        assert!(e.contains("need 123"), "{e}");
+        let mut bad = bytes.clone();
+        bad[HEAD + 3 * ENTRY] = 1;
+        let e = Index::parse(&bad, layout).unwrap_err().to_string();
+        assert!(e.contains("entry 0 is zeros but has a leaf"), "{e}");
+        let mut bad = bytes;
+        let at = bad.len() - 32;
+        bad[at..].fill(0);
+        let e = Index::parse(&bad, layout).unwrap_err().to_string();
+        assert!(e.contains("entry 2 is data but has no leaf"), "{e}");
+        // A disk of one leaf: the stored leaf is the digest itself.
+        let one = crate::digest::DigestPlan::new(100, 1024).unwrap();
+        let root = one.leaf(0, &a);
+        assert_eq!(crate::digest::Leaf::from_bytes(&one, root.to_bytes()), root);
+        assert!(matches!(root, crate::digest::Leaf::Root(h) if h == blake3::hash(&a)));
     }
 
     #[test]
@@ -357,6 +502,7 @@ mod tests {
                 Entry::Data(blake3::hash(&[7u8; 100])),
             ],
             pieces: Some(pieces.clone()),
+            leaves: None,
         };
         assert_eq!(pieces.bits, vec![0b0000_0010, 0b0000_0001]);
         assert_eq!(pieces.check(0, &data), None);
@@ -364,26 +510,26 @@ mod tests {
         other[0] = 9;
         assert_eq!(pieces.check(0, &other), Some(0), "piece 0 is not clear");
         let bytes = index.to_bytes();
-        assert_eq!(Index::parse(&bytes, Some(16 << 10)).unwrap(), index);
+        assert_eq!(Index::parse(&bytes, pieces_of(16 << 10)).unwrap(), index);
         assert!(
-            Index::parse(&bytes, None).is_err(),
+            Index::parse(&bytes, NONE).is_err(),
             "a map the manifest does not announce"
         );
         assert!(
-            Index::parse(&bytes, Some(32 << 10)).is_err(),
+            Index::parse(&bytes, pieces_of(32 << 10)).is_err(),
             "the wrong piece size"
         );
         let mut bad = bytes.clone();
         let map = bad.len() - 2;
         bad[map] = 0; // the first data cell has no piece set
-        assert!(Index::parse(&bad, Some(16 << 10)).is_err());
+        assert!(Index::parse(&bad, pieces_of(16 << 10)).is_err());
         let mut bad = bytes.clone();
         bad[map] |= 0b0001_0000; // piece 4 is in the zero cell
-        assert!(Index::parse(&bad, Some(16 << 10)).is_err());
+        assert!(Index::parse(&bad, pieces_of(16 << 10)).is_err());
         let mut bad = bytes;
         let last = bad.len() - 1;
         bad[last] |= 0b0000_0010; // piece 9 is past the disk
-        assert!(Index::parse(&bad, Some(16 << 10)).is_err());
+        assert!(Index::parse(&bad, pieces_of(16 << 10)).is_err());
         assert_eq!(Pieces::size_for(Some(2 << 20), 4 << 20), 64 << 10);
         assert_eq!(Pieces::size_for(Some(4096), 4 << 20), 4096);
         assert_eq!(Pieces::size_for(Some(512), 4 << 20), 4096);

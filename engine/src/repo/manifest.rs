@@ -105,7 +105,21 @@ pub struct Disk {
     /// written before it, whose indexes have none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub piece_size: Option<u64>,
+    /// Whether the index holds its data cells' leaves (absent, false, in
+    /// manifests written before them).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub leaves: bool,
     pub stats: DiskStats,
+}
+
+impl Disk {
+    /// How this disk's index is laid out.
+    pub fn layout(&self) -> super::index::Layout {
+        super::index::Layout {
+            piece_size: self.piece_size,
+            leaves: self.leaves,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -234,7 +234,7 @@ impl Repository {
         let rel = format!("indexes/{hex}");
         let path = self.tree.display(&rel);
         let chunk_size = self.config.chunk_size;
-        let expected = Index::plain_len(disk.virtual_size, chunk_size, disk.piece_size);
+        let expected = Index::plain_len(disk.virtual_size, chunk_size, disk.layout());
         let mut bytes = Vec::new();
         self.read_blob(&rel, BlobKind::Index, expected, "read index", &mut bytes)?;
         let plain =
@@ -248,7 +248,7 @@ impl Repository {
             })
             .in_file(&path));
         }
-        let index = Index::parse(&plain, disk.piece_size).map_err(|e| e.in_file(&path))?;
+        let index = Index::parse(&plain, disk.layout()).map_err(|e| e.in_file(&path))?;
         if index.virtual_size != disk.virtual_size || index.chunk_size != chunk_size {
             return Err(Error::from(ErrorKind::Corrupt {
                 what: "index",

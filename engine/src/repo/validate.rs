@@ -159,24 +159,34 @@ impl Manifest {
 /// allocate past the ceiling it is given.
 pub fn exercise(data: &[u8]) {
     use super::blob::{self, BlobKind};
-    use super::index::Index;
+    use super::index::{Index, Layout};
     const CHUNK: u64 = 4 << 20;
     let _ = Manifest::parse(data);
     if let Ok(m) = serde_json::from_slice::<Manifest>(data) {
         let _ = m.validate(&m.id, m.chunk_size);
         let _ = m.validate("0123456789abcdef", CHUNK);
         for d in &m.disks {
-            let _ = Index::plain_len(d.virtual_size, CHUNK, d.piece_size);
+            let _ = Index::plain_len(d.virtual_size, CHUNK, d.layout());
         }
     }
-    let ceiling = Index::plain_len(64 << 20, CHUNK, Some(super::index::LEAST_PIECE));
+    let layouts = [None, Some(1 << 10), Some(4 << 10), Some(64 << 10)]
+        .into_iter()
+        .flat_map(|piece_size| [false, true].map(|leaves| Layout { piece_size, leaves }));
+    let ceiling = Index::plain_len(
+        64 << 20,
+        CHUNK,
+        Layout {
+            piece_size: Some(super::index::LEAST_PIECE),
+            leaves: true,
+        },
+    );
     if let Ok(plain) = blob::decode(BlobKind::Index, data, ceiling) {
-        let _ = Index::parse(&plain, None);
-        let _ = Index::parse(&plain, Some(64 << 10));
+        for layout in layouts.clone() {
+            let _ = Index::parse(&plain, layout);
+        }
     }
-    let _ = Index::parse(data, None);
-    for piece in [1 << 10, 4 << 10, 64 << 10] {
-        let _ = Index::parse(data, Some(piece));
+    for layout in layouts {
+        let _ = Index::parse(data, layout);
     }
     if let Ok(h) = blob::parse_header(BlobKind::Chunk, data) {
         if h.plain_len <= 64 << 10 {
