@@ -174,6 +174,7 @@ pub async fn run(plan: &Plan, progress: &Progress, cancel: Arc<AtomicBool>) -> R
                         freeze: Some(it.freeze.clone()),
                         level: plan.level,
                     },
+                    tracking: Vec::new(),
                 }
             })
             .collect();

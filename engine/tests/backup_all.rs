@@ -64,6 +64,7 @@ fn plan<'a>(vm: &str, images: Vec<&'a dyn DiskImage>, sources: Vec<PathBuf>) -> 
             level: 1,
             known: Default::default(),
         },
+        tracking: Vec::new(),
     }
 }
 

@@ -31,7 +31,7 @@ pub use b3sums::{update_b3sums, B3SUMS};
 pub use copy::{copy_images, CopyResult, CopySpec, TargetFormat};
 pub use file_digest::FileParts;
 pub use pool::{Buffer, BufferPool};
-pub use run::{hash_images, run, run_each, ChunkRecord, ImageDigest, NoSink, Sink};
+pub use run::{hash_images, run, run_each, ChunkRecord, ImageDigest, Known, NoSink, Sink};
 
 /// How a data chunk is stored, as the worker's zstd left it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -42,6 +42,8 @@ pub struct ImageDigest {
     pub data_chunks: u64,
     pub zero_chunks: u64,
     pub unallocated_chunks: u64,
+    /// Chunks taken unread from what the caller knew (see [`Known`]).
+    pub reused_chunks: u64,
     /// With compression on: the data chunks' stored size, all together.
     pub stored_bytes: u64,
     /// Every chunk in order, when [`Options::keep_chunks`] asked for them.
@@ -122,6 +124,16 @@ pub trait Sink: Sync {
 /// 6 % against hashing the whole 4 MiB chunk twice).
 const HASH_SLICE: usize = 1 << 20;
 
+/// What a run knows of a cell already, so it does not read it: a cell an
+/// incremental backup found unchanged since the snapshot before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Known {
+    /// All zeros, as the last backup found it.
+    Zero,
+    /// The stored chunk `id`, whose leaf in this disk's digest is `leaf`.
+    Data { id: blake3::Hash, leaf: Leaf },
+}
+
 /// The sink of a plain hash run.
 pub struct NoSink;
 
@@ -144,6 +156,8 @@ struct Job<'a> {
     sink: &'a dyn Sink,
     plans: Vec<DigestPlan>,
     maps: &'a [AllocationMap],
+    /// Per image, per cell, what is known without reading (empty: nothing).
+    known: &'a [Vec<Option<Known>>],
     /// `starts[i]` is the global index of image i's first chunk.
     starts: Vec<u64>,
     total: u64,
@@ -186,6 +200,7 @@ impl Accum {
                 data_chunks: 0,
                 zero_chunks: 0,
                 unallocated_chunks: 0,
+                reused_chunks: 0,
                 stored_bytes: 0,
                 chunks: Vec::new(),
             },
@@ -300,10 +315,16 @@ impl Job<'_> {
         let read = held > 0;
         buf.truncate(length as usize);
         let mut parts = FileParts::default();
-        let zero_leaf = || match &self.opts.zero_cache {
-            Some(cache) => cache.zero_leaf(plan, index),
-            None => plan.zero_leaf(offset, length),
-        };
+        let zero_leaf = || self.zero_leaf(plan, index);
+        let known = self
+            .known
+            .get(image)
+            .and_then(|k| k.get(index as usize).copied())
+            .flatten()
+            .filter(|_| read);
+        if let Some(k) = known {
+            return self.known_chunk(image, index, k, buf);
+        }
         let (leaf, kind, id) = if read {
             match &self.files[image] {
                 Some(files) => read_chunk(&self.maps[image], files, offset, &mut buf, engine)?,
@@ -358,17 +379,67 @@ impl Job<'_> {
         });
         self.sink
             .put_hashed(image, record, read.then_some(buf), stored, parts)?;
-        Progress::add(&self.progress.done, length);
+        self.account(image, index, record, held, false)
+    }
+
+    /// Counts a chunk that went through into its image's totals and digest.
+    fn account(
+        &self,
+        image: usize,
+        index: u64,
+        record: ChunkRecord,
+        read: u64,
+        reused: bool,
+    ) -> Result<()> {
+        Progress::add(&self.progress.done, record.length);
         if let Some(accum) = self.results.get(image) {
             if let Some(a) = accum
                 .lock()
                 .map_err(|_| crate::Error::worker_panicked())?
                 .as_mut()
             {
-                a.add(index, leaf, record, held)?;
+                a.add(index, record.leaf, record, read)?;
+                a.totals.reused_chunks += u64::from(reused);
             }
         }
         Ok(())
+    }
+
+    /// The leaf of zero cell `index`, from the cache when there is one.
+    fn zero_leaf(&self, plan: &DigestPlan, index: u64) -> Leaf {
+        match &self.opts.zero_cache {
+            Some(cache) => cache.zero_leaf(plan, index),
+            None => {
+                let (offset, length) = plan.leaf_range(index);
+                plan.zero_leaf(offset, length)
+            }
+        }
+    }
+}
+
+impl Job<'_> {
+    /// A cell known without reading: its record and leaf come from what
+    /// the caller knew, nothing is read, hashed or stored, and the sink
+    /// gets no bytes. The buffer goes straight back to the pool.
+    fn known_chunk(&self, image: usize, index: u64, known: Known, buf: Buffer) -> Result<()> {
+        drop(buf);
+        let plan = &self.plans[image];
+        let (offset, length) = plan.leaf_range(index);
+        let (leaf, kind, id) = match known {
+            Known::Data { id, leaf } => (leaf, ChunkKind::Data, Some(id)),
+            Known::Zero => (self.zero_leaf(plan, index), ChunkKind::Zero, None),
+        };
+        let record = ChunkRecord {
+            offset,
+            length,
+            kind,
+            id,
+            stored: None,
+            leaf,
+        };
+        self.sink
+            .put_hashed(image, record, None, None, FileParts::default())?;
+        self.account(image, index, record, 0, true)
     }
 }
 
@@ -396,7 +467,7 @@ pub fn run(
     progress: &Progress,
     sink: &dyn Sink,
 ) -> Result<Vec<ImageDigest>> {
-    run_images(images, maps, opts, progress, sink, false)?
+    run_images(images, maps, &[], opts, progress, sink, false)?
         .into_iter()
         .collect()
 }
@@ -406,19 +477,23 @@ pub fn run(
 /// the others go on. Each image's outcome is returned, and handed to
 /// [`Sink::image_done`] as soon as the image is through. The outer error
 /// is one that stops the whole run (the I/O engine could not start).
+/// `known` gives, per image, the cells not to read (see [`Known`]); an
+/// image it has no list for is read whole.
 pub fn run_each(
     images: &[&dyn DiskImage],
     maps: &[AllocationMap],
+    known: &[Vec<Option<Known>>],
     opts: &Options,
     progress: &Progress,
     sink: &dyn Sink,
 ) -> Result<Vec<Result<ImageDigest>>> {
-    run_images(images, maps, opts, progress, sink, true)
+    run_images(images, maps, known, opts, progress, sink, true)
 }
 
 fn run_images(
     images: &[&dyn DiskImage],
     maps: &[AllocationMap],
+    known: &[Vec<Option<Known>>],
     opts: &Options,
     progress: &Progress,
     sink: &dyn Sink,
@@ -468,6 +543,7 @@ fn run_images(
         isolate,
         plans,
         maps,
+        known,
         starts,
         total,
         opts,

@@ -12,7 +12,7 @@ use super::manifest::{Consistency, Disk, DiskStats, Identity, Manifest, MANIFEST
 use super::Repository;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::DiskImage;
-use crate::pipeline::{Buffer, ChunkKind, ChunkRecord, Options, Progress, Sink, Stored};
+use crate::pipeline::{Buffer, ChunkKind, ChunkRecord, Known, Options, Progress, Sink, Stored};
 
 #[derive(Debug, Clone)]
 pub struct BackupOptions {
@@ -42,6 +42,9 @@ struct RepoSink<'a> {
     cells: Vec<Mutex<Cells>>,
     /// Each image's piece size, as its map has it.
     piece_sizes: Vec<u64>,
+    /// Each image's piece map from the snapshot before, where cells are
+    /// taken from it unread: their pieces are copied from it.
+    prior_pieces: Vec<Option<Pieces>>,
     chunk_size: u64,
     new_chunks: Vec<AtomicU64>,
     new_bytes: Vec<AtomicU64>,
@@ -89,6 +92,11 @@ impl RepoSink<'_> {
             .unwrap_or(self.chunk_size);
         let nonzero = match (entry, data) {
             (Entry::Data(_), Some(data)) => Pieces::nonzero(piece_size, offset, data),
+            // A cell taken from the snapshot before, unread.
+            (Entry::Data(_), None) => match self.prior_pieces.get(image) {
+                Some(Some(prior)) => prior.set_in(offset, self.chunk_size),
+                _ => Vec::new(),
+            },
             _ => Vec::new(),
         };
         let mut guard = self.cells[image]
@@ -254,6 +262,29 @@ pub struct SnapshotPlan<'a> {
     pub images: Vec<&'a dyn DiskImage>,
     pub sources: Vec<PathBuf>,
     pub options: BackupOptions,
+    /// Changed-block tracking, one per image, or empty where the caller
+    /// does not track changes.
+    pub tracking: Vec<DiskTracking>,
+}
+
+/// What changed-block tracking found for one disk before its backup.
+#[derive(Debug, Clone, Default)]
+pub struct DiskTracking {
+    /// The cells to take from the snapshot before, unread.
+    pub reuse: Option<Reuse>,
+    /// Why the disk is read whole, if it is.
+    pub fallback: Option<String>,
+    /// The clone kept as the base for the next backup.
+    pub base: Option<super::BaseRecord>,
+}
+
+/// The snapshot before, for one disk: its id, its index, and which cells
+/// of the disk are unchanged since.
+#[derive(Debug, Clone)]
+pub struct Reuse {
+    pub since: String,
+    pub index: Index,
+    pub unchanged: Vec<bool>,
 }
 
 /// Called from the worker that finished a snapshot, as soon as its own
@@ -274,6 +305,7 @@ pub fn backup(
         images: images.to_vec(),
         sources: sources.to_vec(),
         options: backup.clone(),
+        tracking: Vec::new(),
     };
     backup_all(repo, &[plan], opts, progress, &|_, _| {})?
         .pop()
@@ -355,6 +387,21 @@ pub fn backup_all(
     for p in plans {
         known.extend(p.options.known.iter().copied());
     }
+    let tracking: Vec<Option<&DiskTracking>> = live
+        .iter()
+        .flat_map(|(_, p)| (0..p.images.len()).map(|k| p.tracking.get(k)))
+        .collect();
+    let mut reusable = Vec::with_capacity(images.len());
+    let mut prior_pieces = Vec::with_capacity(images.len());
+    for ((image, t), &piece) in images.iter().zip(&tracking).zip(&piece_sizes) {
+        let reuse = t.and_then(|t| t.reuse.as_ref());
+        let (cells, pieces) = match reuse {
+            Some(r) => reusable_cells(repo, *image, r, piece, chunk_size, &known)?,
+            None => (Vec::new(), None),
+        };
+        reusable.push(cells);
+        prior_pieces.push(pieces);
+    }
     let sink = RepoSink {
         repo,
         cells: images
@@ -363,6 +410,7 @@ pub fn backup_all(
             .map(|(i, &piece)| Mutex::new(Cells::new(i.virtual_size(), chunk_size, piece)))
             .collect(),
         piece_sizes,
+        prior_pieces,
         chunk_size,
         new_chunks: images.iter().map(|_| AtomicU64::new(0)).collect(),
         new_bytes: images.iter().map(|_| AtomicU64::new(0)).collect(),
@@ -390,7 +438,7 @@ pub fn backup_all(
     if images.is_empty() {
         return Ok(out.into_iter().flatten().collect());
     }
-    let mut each = crate::pipeline::run_each(&images, &maps, &opts, progress, &sink)?;
+    let mut each = crate::pipeline::run_each(&images, &maps, &reusable, &opts, progress, &sink)?;
     let Some(snapshots) = sink.snapshots else {
         return Err(Error::worker_panicked());
     };
@@ -418,6 +466,49 @@ pub fn backup_all(
         .into_iter()
         .map(|o| o.unwrap_or_else(|| Err(Error::worker_panicked())))
         .collect())
+}
+
+/// The cells of `image` a backup may take from the snapshot before
+/// unread, as [`Known`] for the engine, and that snapshot's piece map to
+/// copy their pieces from. A cell qualifies when tracking found it
+/// unchanged and the index before can stand for it: a zero cell, or a data
+/// cell with its leaf whose chunk is still stored. Anything that does not
+/// fit (another geometry, another piece size, no leaves) reuses nothing.
+fn reusable_cells(
+    repo: &Repository,
+    image: &dyn DiskImage,
+    reuse: &Reuse,
+    piece: u64,
+    chunk_size: u64,
+    known: &HashSet<blake3::Hash>,
+) -> Result<(Vec<Option<Known>>, Option<Pieces>)> {
+    let index = &reuse.index;
+    let cells = Index::cells(image.virtual_size(), chunk_size) as usize;
+    let pieces = index.pieces.as_ref().filter(|p| p.size == piece);
+    if index.virtual_size != image.virtual_size()
+        || index.chunk_size != chunk_size
+        || index.entries.len() != cells
+        || reuse.unchanged.len() != cells
+        || index.leaves.is_none()
+        || pieces.is_none()
+    {
+        return Ok((Vec::new(), None));
+    }
+    let plan = crate::digest::DigestPlan::new(image.virtual_size(), chunk_size)?;
+    let mut out = Vec::with_capacity(cells);
+    for (i, (entry, &same)) in index.entries.iter().zip(&reuse.unchanged).enumerate() {
+        out.push(match (same, entry) {
+            (false, _) | (_, Entry::Unallocated) => None,
+            (true, Entry::Zero) => Some(Known::Zero),
+            (true, Entry::Data(id)) => match index.leaf(i, &plan) {
+                Some(leaf) if known.contains(id) || repo.has_chunk(id)? => {
+                    Some(Known::Data { id: *id, leaf })
+                }
+                _ => None,
+            },
+        });
+    }
+    Ok((out, pieces.cloned()))
 }
 
 /// The snapshots a run is taking, and how far each has come.
@@ -513,6 +604,12 @@ impl RepoSink<'_> {
                 index: index_digest.to_hex().to_string(),
                 piece_size: Some(piece_size),
                 leaves: true,
+                tracking: plan.tracking.get(k).map(|t| super::Tracking {
+                    since: t.reuse.as_ref().map(|r| r.since.clone()),
+                    reused_cells: digest.reused_chunks,
+                    fallback: t.fallback.clone(),
+                    base: t.base.clone(),
+                }),
                 stats: DiskStats {
                     bytes_read: digest.bytes_read,
                     data_chunks: digest.data_chunks,

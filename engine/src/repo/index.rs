@@ -104,6 +104,15 @@ impl Pieces {
             .collect()
     }
 
+    /// The pieces set in the cell of `cell_size` bytes at `offset`.
+    pub fn set_in(&self, offset: u64, cell_size: u64) -> Vec<u64> {
+        let size = self.size.max(1);
+        let first = offset / size;
+        (first..first + cell_size.div_ceil(size))
+            .filter(|&p| self.get(p))
+            .collect()
+    }
+
     pub fn set_all(&mut self, pieces: &[u64]) {
         for &p in pieces {
             self.set(p);

@@ -78,6 +78,38 @@ impl Identity {
     }
 }
 
+/// The reflink clone a backup kept as the disk's base: the next backup
+/// compares its extents with a new clone's (see [`crate::cbt`]). Its
+/// content is this snapshot's disk; the next backup checks that the file
+/// is still the one recorded before it trusts it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BaseRecord {
+    pub path: PathBuf,
+    pub device: u64,
+    pub inode: u64,
+    pub size: u64,
+    /// Its change time, in nanoseconds since the epoch: any write or
+    /// metadata change to the file moves it.
+    pub ctime_ns: i64,
+}
+
+/// How a disk's backup used changed-block tracking.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tracking {
+    /// The snapshot whose index gave the unchanged cells.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    /// Cells taken from it without reading.
+    #[serde(default)]
+    pub reused_cells: u64,
+    /// Why the disk was read whole where tracking was asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<String>,
+    /// The base kept for the next backup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<BaseRecord>,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskStats {
     pub bytes_read: u64,
@@ -109,6 +141,9 @@ pub struct Disk {
     /// manifests written before them).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub leaves: bool,
+    /// Changed-block tracking, where the backup asked for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracking: Option<Tracking>,
     pub stats: DiskStats,
 }
 

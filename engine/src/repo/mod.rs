@@ -43,7 +43,7 @@ pub use backup::{
 pub use freeze::{Failure, FreezeRecord, GuestMetrics, Writer};
 pub use gc::{forget, gc, GcReport};
 pub use index::{Entry, Index};
-pub use manifest::{Consistency, Disk, DiskStats, Identity, Manifest};
+pub use manifest::{BaseRecord, Consistency, Disk, DiskStats, Identity, Manifest, Tracking};
 
 use crate::error::{Error, ErrorKind, Result, ResultExt};
 
