@@ -6,9 +6,9 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use serde::Serialize;
-use vsnap_engine::format::DiskImage;
+use vsnap_engine::cbt::backup_files;
 use vsnap_engine::pipeline::Progress;
-use vsnap_engine::repo::{backup, BackupOptions, Consistency};
+use vsnap_engine::repo::{BackupOptions, Consistency};
 
 use vsnap_coordinator::provider::Choice;
 
@@ -92,6 +92,13 @@ pub struct Args {
     /// zstd level for new chunks.
     #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
     pub level: i32,
+    /// Read every image whole. By default an image on a filesystem that
+    /// can clone files (XFS with reflink, btrfs) is cloned into a
+    /// `.vsnap-base` directory beside it, the clone is read, and kept: the
+    /// next backup compares it with a new clone and reads only what
+    /// changed. A kept clone costs the blocks written to the image since.
+    #[arg(long, conflicts_with = "inventory")]
+    pub no_track: bool,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
@@ -119,6 +126,10 @@ struct JsonDisk {
     data_chunks: u64,
     new_chunks: u64,
     new_bytes: u64,
+    /// Changed-block tracking: the snapshot the unchanged cells came from
+    /// and how many, or why the disk was read whole; and the base kept.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tracking: Option<vsnap_engine::repo::Tracking>,
 }
 
 #[derive(Serialize)]
@@ -167,8 +178,6 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
     let name = args.name.clone().unwrap_or_default();
     let repo = args.repo.open()?;
     check_chunk_size(args, &repo)?;
-    let images = crate::open_all(&args.images, args.source_format)?;
-    let refs: Vec<&dyn DiskImage> = images.iter().map(|b| &**b).collect();
     let opts = args.engine.options(false, repo.config().chunk_size)?;
     args.engine.report_fallback();
     let progress = Progress::default();
@@ -183,7 +192,15 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
     let outcome = args
         .output
         .run(&progress, || {
-            backup(&repo, &refs, &args.images, &opts, &spec, &progress)
+            backup_files(
+                &repo,
+                &args.images,
+                args.source_format.forced(),
+                &opts,
+                &spec,
+                &progress,
+                !args.no_track,
+            )
         })
         .context("backup failed")?;
     args.engine.save_cache(&opts);
@@ -212,6 +229,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
                 data_chunks: d.stats.data_chunks,
                 new_chunks: d.stats.new_chunks,
                 new_bytes: d.stats.new_bytes,
+                tracking: d.tracking.clone(),
             })
             .collect(),
         bytes_read: read,
@@ -234,6 +252,20 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
     )?;
     for d in &m.disks {
         writeln!(out, "{}  {}", d.digest, d.name)?;
+        match &d.tracking {
+            Some(t) if t.since.is_some() => writeln!(
+                out,
+                "  {} of {} chunk(s) unchanged since {}, taken unread",
+                t.reused_cells,
+                d.stats.data_chunks + d.stats.zero_chunks + d.stats.unallocated_chunks,
+                t.since.as_deref().unwrap_or_default()
+            )?,
+            Some(vsnap_engine::repo::Tracking {
+                fallback: Some(why),
+                ..
+            }) => writeln!(out, "  read whole: {why}")?,
+            _ => {}
+        }
     }
     let dedup = report
         .dedup_ratio

@@ -185,7 +185,7 @@ fn now_rfc3339() -> String {
 /// The name a disk goes by in `SNAPSHOT:DISK`: its file name, made unique
 /// within the snapshot by a `#N` suffix when two sources share one, and
 /// made to follow the manifest's name rule (a backslash becomes `_`).
-fn disk_names(sources: &[PathBuf]) -> Vec<String> {
+pub fn disk_names(sources: &[PathBuf]) -> Vec<String> {
     let mut names: Vec<String> = Vec::new();
     for s in sources {
         let mut base = s

@@ -14,6 +14,10 @@
 //! parsers reported. Whatever they cannot vouch for is a [`Fallback`]: the
 //! caller reads everything, and says why.
 
+mod base;
+
+pub use base::{backup_files, release, track, Tracked, BASE_DIR};
+
 use std::fmt;
 use std::ops::Range;
 

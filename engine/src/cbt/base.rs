@@ -1,0 +1,397 @@
+//! Bases: the reflink clone each backup keeps of each disk for the next.
+//!
+//! A backup of `DIR/disk.vhd` clones it to `DIR/.vsnap-base/disk.vhd.ID`
+//! (FICLONE: the extents are shared, nothing is copied) and reads the
+//! clone, a point-in-time copy, instead of the live file. The clone's
+//! identity (device, inode, size, change time) goes into the snapshot's
+//! manifest. The next backup finds the newest snapshot of the same VM and
+//! disk with a base, checks the file is still the one recorded, compares
+//! the two clones ([`super::changed_ranges`], [`super::changed_cells`]),
+//! and takes every unchanged cell from that snapshot's index unread. Once
+//! the new snapshot is committed, the old base is removed: one base per
+//! disk. A base costs the blocks overwritten in the disk since it was
+//! made, which it alone still holds.
+//!
+//! Whatever cannot be checked falls back to reading the disk whole, and
+//! the reason is kept in the manifest. A base is removed only where vsnap
+//! puts bases (a `.vsnap-base` directory) and only if the file there is the
+//! one recorded, so a manifest cannot make vsnap remove anything else.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result, ResultExt};
+use crate::format::{self, DiskImage, ImageFormat};
+use crate::io::fiemap::fiemap;
+use crate::repo::backup::{DiskTracking, Reuse};
+use crate::repo::{BaseRecord, Manifest, Repository};
+
+/// The directory beside a disk where its bases live.
+pub const BASE_DIR: &str = ".vsnap-base";
+
+/// The filesystems (statfs magic) that may clone files: XFS (if made with
+/// reflink, which FICLONE then tells), btrfs, OCFS2 and bcachefs.
+const CLONING: [i64; 4] = [0x5846_5342, 0x9123_683e, 0x7461_636f, 0xca45_1a4e];
+
+/// A disk being backed up with tracking: the clone the backup reads (or
+/// the source itself, where it cannot be cloned), and what tracking found.
+#[derive(Debug)]
+pub struct Tracked {
+    /// What the backup reads: the new clone, or the source.
+    pub image: Box<dyn DiskImage>,
+    pub tracking: DiskTracking,
+    /// The new clone, removed if the backup fails.
+    clone: Option<PathBuf>,
+    /// The base before, removed once the new snapshot is committed.
+    previous: Option<BaseRecord>,
+}
+
+/// Clones `source` for a backup as disk `name` of `vm`, and works out from
+/// the last such snapshot's base which cells changed. A source that cannot
+/// be cloned is read as it is, with the reason as the fallback. Errors are
+/// those that stop the backup: the source cannot be opened or parsed.
+pub fn track(
+    repo: &Repository,
+    vm: &str,
+    name: &str,
+    source: &Path,
+    format: Option<ImageFormat>,
+) -> Result<Tracked> {
+    let clone = match make_clone(source) {
+        Ok(c) => c,
+        Err(why) => {
+            return Ok(Tracked {
+                image: format::open(source, format)?,
+                tracking: DiskTracking {
+                    fallback: Some(why),
+                    ..DiskTracking::default()
+                },
+                clone: None,
+                previous: None,
+            })
+        }
+    };
+    let opened = format::open(&clone, format).and_then(|image| {
+        let record = record_of(&clone)?;
+        Ok((image, record))
+    });
+    let (image, record) = match opened {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = std::fs::remove_file(&clone);
+            return Err(e);
+        }
+    };
+    let previous = last_base(repo, vm, name);
+    let (reuse, fallback) = match &previous {
+        None => (
+            None,
+            Some("no earlier snapshot of this disk has a base".to_owned()),
+        ),
+        Some((m, base)) => match compare(repo, m, name, base, &*image, &clone, format) {
+            Ok(reuse) => (Some(reuse), None),
+            Err(why) => (None, Some(why)),
+        },
+    };
+    Ok(Tracked {
+        image,
+        tracking: DiskTracking {
+            reuse,
+            fallback,
+            base: Some(record),
+        },
+        clone: Some(clone),
+        previous: previous.map(|(_, b)| b),
+    })
+}
+
+impl Tracked {
+    /// After the backup: on success the base before is released (the new
+    /// clone is the base now); on failure the new clone is.
+    pub fn finish(self, committed: bool) -> Result<()> {
+        if committed {
+            if let Some(old) = &self.previous {
+                release(old)?;
+            }
+        } else if let Some(clone) = &self.clone {
+            match std::fs::remove_file(clone) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(Error::io(e).in_file(clone).during("remove the new base"))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Removes the base `record` names, if it is where vsnap keeps bases and
+/// still the file recorded; anything else is left alone. Returns whether
+/// a file was removed.
+pub fn release(record: &BaseRecord) -> Result<bool> {
+    if !in_base_dir(&record.path) {
+        return Ok(false);
+    }
+    match std::fs::symlink_metadata(&record.path) {
+        Ok(m) if m.is_file() && m.dev() == record.device && m.ino() == record.inode => {
+            std::fs::remove_file(&record.path)
+                .ctx_file(&record.path, "remove an old base")
+                .map(|()| true)
+        }
+        _ => Ok(false),
+    }
+}
+
+/// Whether `path` is a file directly inside a `.vsnap-base` directory.
+fn in_base_dir(path: &Path) -> bool {
+    path.is_absolute()
+        && path.file_name().is_some()
+        && path
+            .parent()
+            .and_then(Path::file_name)
+            .is_some_and(|d| d == BASE_DIR)
+        && !path
+            .components()
+            .any(|c| matches!(c, std::path::Component::ParentDir))
+}
+
+/// A new clone of `source` in its base directory, or why there is none.
+fn make_clone(source: &Path) -> std::result::Result<PathBuf, String> {
+    let source = std::path::absolute(source).map_err(|e| format!("{}: {e}", source.display()))?;
+    let (Some(dir), Some(file)) = (source.parent(), source.file_name()) else {
+        return Err(format!("{}: not a file path", source.display()));
+    };
+    let base_dir = dir.join(BASE_DIR);
+    let fail = |what: &str, p: &Path, e: std::io::Error| format!("{what} {}: {e}", p.display());
+    // Nothing is made beside a disk on a filesystem that cannot clone.
+    let fs = rustix::fs::statfs(dir).map_err(|e| fail("cannot statfs", dir, e.into()))?;
+    if !CLONING.contains(&(fs.f_type as i64)) {
+        return Err(format!(
+            "the filesystem of {} cannot clone files (type {:#x}; XFS with reflink and btrfs can); the disk is read whole",
+            source.display(),
+            fs.f_type
+        ));
+    }
+    match std::fs::create_dir(&base_dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+            return Err(fail("cannot create", &base_dir, e))
+        }
+        _ => {}
+    }
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let clone = base_dir.join(format!("{}.{}", file.to_string_lossy(), &id[..16]));
+    let src = std::fs::File::open(&source).map_err(|e| fail("cannot open", &source, e))?;
+    let dst = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&clone)
+        .map_err(|e| fail("cannot create", &clone, e))?;
+    if let Err(e) = rustix::fs::ioctl_ficlone(&dst, &src) {
+        drop(dst);
+        let _ = std::fs::remove_file(&clone);
+        let _ = std::fs::remove_dir(&base_dir);
+        return Err(format!(
+            "the filesystem of {} cannot clone files (FICLONE: {e}); the disk is read whole",
+            source.display()
+        ));
+    }
+    Ok(clone)
+}
+
+fn record_of(path: &Path) -> Result<BaseRecord> {
+    let m = std::fs::symlink_metadata(path).ctx_file(path, "record the new base")?;
+    Ok(BaseRecord {
+        path: path.to_path_buf(),
+        device: m.dev(),
+        inode: m.ino(),
+        size: m.size(),
+        ctime_ns: m.ctime() * 1_000_000_000 + m.ctime_nsec(),
+    })
+}
+
+/// The snapshot of `vm` whose base for disk `name` is the file on disk:
+/// the newest such, since each backup releases the base before it. (A
+/// manifest's time has whole seconds, so the listing's order alone cannot
+/// tell two backups of one second apart.) Where no base is intact, the
+/// newest snapshot with one, so that its base is compared (and refused,
+/// saying why) and released.
+fn last_base(repo: &Repository, vm: &str, name: &str) -> Option<(Manifest, BaseRecord)> {
+    let listed = repo.list().ok()?;
+    let with_base: Vec<(Manifest, BaseRecord)> = listed
+        .into_iter()
+        .rev()
+        .filter_map(|l| {
+            let m = l.manifest.ok().filter(|m| m.vm == vm)?;
+            let base = m
+                .disks
+                .iter()
+                .find(|d| d.name == name)?
+                .tracking
+                .as_ref()?
+                .base
+                .clone()?;
+            Some((m, base))
+        })
+        .collect();
+    let intact = with_base
+        .iter()
+        .position(|(_, b)| in_base_dir(&b.path) && record_of(&b.path).is_ok_and(|now| now == *b));
+    with_base.into_iter().nth(intact.unwrap_or(0))
+}
+
+/// What the base before and the new clone say changed, as the cells to
+/// take from `before`'s index; or why nothing can be taken.
+fn compare(
+    repo: &Repository,
+    before: &Manifest,
+    name: &str,
+    base: &BaseRecord,
+    image: &dyn DiskImage,
+    clone: &Path,
+    format: Option<ImageFormat>,
+) -> std::result::Result<Reuse, String> {
+    let disk = before
+        .disks
+        .iter()
+        .find(|d| d.name == name)
+        .ok_or("the snapshot before has no such disk")?;
+    if !in_base_dir(&base.path) {
+        return Err(format!(
+            "the base {} is not in a {BASE_DIR} directory",
+            base.path.display()
+        ));
+    }
+    let now = record_of(&base.path).map_err(|e| format!("the base is gone: {e}"))?;
+    let here = std::fs::symlink_metadata(clone).map_err(|e| e.to_string())?;
+    if here.dev() != base.device {
+        // Physical addresses on two devices say nothing about each other.
+        return Err(format!(
+            "the base {} is on another filesystem than the disk",
+            base.path.display()
+        ));
+    }
+    if now != *base {
+        return Err(format!(
+            "the base {} is not the file recorded with snapshot {}",
+            base.path.display(),
+            before.id
+        ));
+    }
+    let index = repo
+        .read_index(disk)
+        .map_err(|e| format!("the snapshot before cannot be read: {e}"))?;
+    if index.leaves.is_none() {
+        return Err("the snapshot before has no leaves in its index".into());
+    }
+    let old = format::open(&base.path, format).map_err(|e| format!("the base: {e}"))?;
+    same_geometry(&*old, image)?;
+    let files = |p: &Path| -> std::result::Result<_, String> {
+        let f = std::fs::File::open(p).map_err(|e| format!("{}: {e}", p.display()))?;
+        let len = f.metadata().map_err(|e| e.to_string())?.len();
+        let extents = fiemap(&f).map_err(|e| format!("FIEMAP of {}: {e}", p.display()))?;
+        Ok((extents, len))
+    };
+    let (old_extents, old_len) = files(&base.path)?;
+    let (new_extents, new_len) = files(clone)?;
+    let changed = super::changed_ranges(&old_extents, old_len, &new_extents, new_len)
+        .map_err(|f| f.to_string())?;
+    let maps = (old.allocation_map(), image.allocation_map());
+    let (Ok(old_map), Ok(new_map)) = maps else {
+        return Err("an allocation map cannot be read".into());
+    };
+    let cells = super::changed_cells(&old_map, &new_map, &changed, index.chunk_size)
+        .map_err(|f| f.to_string())?;
+    Ok(Reuse {
+        since: before.id.clone(),
+        index,
+        unchanged: cells.into_iter().map(|c| !c).collect(),
+    })
+}
+
+/// The two images agree in what cell-for-cell comparison relies on.
+fn same_geometry(old: &dyn DiskImage, new: &dyn DiskImage) -> std::result::Result<(), String> {
+    if old.format() != new.format()
+        || old.virtual_size() != new.virtual_size()
+        || old.block_size() != new.block_size()
+    {
+        return Err(format!(
+            "the image changed from {} of {} bytes to {} of {} bytes",
+            old.format().name(),
+            old.virtual_size(),
+            new.format().name(),
+            new.virtual_size()
+        ));
+    }
+    for image in [old, new] {
+        if image.layer_paths().len() > 1 {
+            return Err("the disk is a differencing chain, whose parents are not compared".into());
+        }
+        // A container read with a warning (a VHDX whose log was replayed
+        // in memory, say) is more than its file's bytes say. A raw disk
+        // is its bytes; its one warning is that it is raw.
+        if image.format() != ImageFormat::Raw {
+            let warnings = image.info().map(|i| i.warnings).unwrap_or_default();
+            if let Some(w) = warnings.first() {
+                return Err(format!("the image was read with a warning: {w}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Backs up `sources` as one crash-consistent snapshot, as
+/// [`crate::repo::backup`] does, with changed-block tracking when `track`
+/// is set: each source is cloned and the clone read, unchanged cells come
+/// from the snapshot before, and the clone is kept as the next base.
+pub fn backup_files(
+    repo: &Repository,
+    sources: &[PathBuf],
+    format: Option<ImageFormat>,
+    opts: &crate::pipeline::Options,
+    spec: &crate::repo::BackupOptions,
+    progress: &crate::pipeline::Progress,
+    track: bool,
+) -> Result<crate::repo::BackupOutcome> {
+    use crate::repo::backup::{backup_all, disk_names, SnapshotPlan};
+    let names = disk_names(sources);
+    let mut tracked: Vec<Tracked> = Vec::new();
+    let mut plain: Vec<Box<dyn DiskImage>> = Vec::new();
+    for (source, name) in sources.iter().zip(&names) {
+        if track {
+            match self::track(repo, &spec.vm, name, source, format) {
+                Ok(t) => tracked.push(t),
+                Err(e) => {
+                    for t in tracked {
+                        let _ = t.finish(false);
+                    }
+                    return Err(e);
+                }
+            }
+        } else {
+            plain.push(format::open(source, format)?);
+        }
+    }
+    let images: Vec<&dyn DiskImage> = if track {
+        tracked.iter().map(|t| &*t.image).collect()
+    } else {
+        plain.iter().map(|i| &**i).collect()
+    };
+    let plan = SnapshotPlan {
+        images,
+        sources: sources.to_vec(),
+        options: spec.clone(),
+        tracking: tracked.iter().map(|t| t.tracking.clone()).collect(),
+    };
+    let outcome = backup_all(repo, &[plan], opts, progress, &|_, _| {}).and_then(|mut all| {
+        all.pop().unwrap_or_else(|| {
+            Err(Error::from(crate::ErrorKind::InvalidArgument(
+                "no snapshot was taken".into(),
+            )))
+        })
+    });
+    let committed = outcome.is_ok();
+    for t in tracked {
+        t.finish(committed)?;
+    }
+    outcome
+}
