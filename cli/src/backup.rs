@@ -255,9 +255,8 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
         match &d.tracking {
             Some(t) if t.since.is_some() => writeln!(
                 out,
-                "  {} of {} chunk(s) unchanged since {}, taken unread",
+                "  {} allocated chunk(s) unchanged since {}, taken unread",
                 t.reused_cells,
-                d.stats.data_chunks + d.stats.zero_chunks + d.stats.unallocated_chunks,
                 t.since.as_deref().unwrap_or_default()
             )?,
             Some(vsnap_engine::repo::Tracking {

@@ -271,7 +271,9 @@ gc deletes only while no backup runs: backups hold the repository's lock
 shared, and gc waits to hold it alone (or, with --no-wait, fails at once).
 It then reads every manifest, so snapshots committed while it waited are
 kept, and removes chunks and indexes no snapshot references, chunks that
-verify moved aside (*.bad), and temporary files of backups that died.
+verify moved aside (*.bad), temporary files of backups that died, and the
+clones such backups left in the .vsnap-base directories beside the disks
+(bases no snapshot of this repository records).
 gc refuses to run while a manifest is damaged: it cannot tell what that
 snapshot references. Run `vsnap verify`, then forget or repair it.")]
 pub struct GcArgs {
@@ -295,11 +297,12 @@ pub fn run_gc(args: &GcArgs, out: &mut dyn Write) -> Result<ExitCode> {
     } else if !args.quiet {
         writeln!(
             out,
-            "{} snapshot(s) kept; removed {} chunk(s), {} index(es), {} temporary file(s); freed {}; {} chunk(s) remain",
+            "{} snapshot(s) kept; removed {} chunk(s), {} index(es), {} temporary file(s), {} dead base(s); freed {}; {} chunk(s) remain",
             report.snapshots,
             report.chunks_removed,
             report.indexes_removed,
             report.temporary_removed,
+            report.bases_removed,
             human(report.bytes_freed),
             report.chunks_kept
         )?;

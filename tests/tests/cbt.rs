@@ -422,3 +422,142 @@ fn incremental_backups_of_a_raw_image_equal_full_ones_round_after_round() {
         },
     );
 }
+
+fn backup_json(repo: &Path, disk: &Path, extra: &[&str]) -> serde_json::Value {
+    let o = vsnap_e2e::vsnap_cmd()
+        .args(["backup", "--json", "-q", "--name", "vm", "--repo"])
+        .arg(repo)
+        .args(extra)
+        .arg(disk)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+fn bases_in(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(dir.join(".vsnap-base"))
+        .map(|d| d.map(|e| e.unwrap().path()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn vsnap_backup_keeps_one_base_says_why_it_reads_whole_and_forget_and_gc_release_bases() {
+    let test =
+        "vsnap_backup_keeps_one_base_says_why_it_reads_whole_and_forget_and_gc_release_bases";
+    let Some((dir, fs)) = scratch(test) else {
+        return;
+    };
+    let repo = dir.path().join("repo");
+    vsnap_e2e::repo_init(&repo);
+    let mnt = fs.mount.clone();
+    let disk = mnt.join("disk.vhd");
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "vpc", "-o", "subformat=dynamic"])
+        .arg(&disk)
+        .arg("64M"));
+    let io = |cmd: &str| {
+        run(Command::new("qemu-io")
+            .args(["-f", "vpc", "-c", cmd])
+            .arg(&disk))
+    };
+    io("write -P 7 0 40M");
+
+    let first = backup_json(&repo, &disk, &[]);
+    let d = &first["disks"][0];
+    assert!(
+        d["tracking"]["fallback"]
+            .as_str()
+            .unwrap()
+            .contains("no earlier snapshot"),
+        "{d}"
+    );
+    let base1 = d["tracking"]["base"]["path"].as_str().unwrap().to_owned();
+    assert_eq!(bases_in(&mnt), [Path::new(&base1)]);
+
+    // One MiB written: its 4 MiB chunk is read, and at most one more (a
+    // VHD's blocks start 512 bytes into a 4 KiB filesystem block, so the
+    // block that holds a rewritten footer also holds the end of the last
+    // data block).
+    io("write -P 9 5M 1M");
+    let second = backup_json(&repo, &disk, &[]);
+    let d = &second["disks"][0];
+    assert_eq!(d["tracking"]["since"], first["snapshot"], "{d}");
+    let reused = d["tracking"]["reused_cells"].as_u64().unwrap();
+    assert!(reused >= 8, "{d}");
+    assert_eq!(d["bytes_read"], (10 - reused) << 22, "{d}");
+    let base2 = d["tracking"]["base"]["path"].as_str().unwrap().to_owned();
+    assert_eq!(
+        bases_in(&mnt),
+        [Path::new(&base2)],
+        "the old base is released"
+    );
+
+    // Nothing changed: nothing read. The text output says so.
+    let o = vsnap_e2e::vsnap_cmd()
+        .args(["backup", "--name", "vm", "--repo"])
+        .arg(&repo)
+        .arg(&disk)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("10 allocated chunk(s) unchanged since"),
+        "{text}"
+    );
+    assert!(text.contains("read 0 B"), "{text}");
+
+    // A base touched since its backup is not trusted.
+    let base3 = bases_in(&mnt).remove(0);
+    run(Command::new("touch").arg(&base3));
+    let fourth = backup_json(&repo, &disk, &[]);
+    let d = &fourth["disks"][0];
+    let why = d["tracking"]["fallback"].as_str().unwrap();
+    assert!(why.contains("is not the file recorded"), "{why}");
+    assert_eq!(d["bytes_read"], 40 << 20);
+    assert_eq!(bases_in(&mnt).len(), 1);
+
+    // --no-track makes no clone and records nothing.
+    let plain = backup_json(&repo, &disk, &["--no-track"]);
+    assert!(plain["disks"][0].get("tracking").is_none());
+    assert_eq!(bases_in(&mnt).len(), 1);
+
+    // A clone a killed backup left, and one of another repository: gc
+    // removes the first only.
+    let base = bases_in(&mnt).remove(0);
+    let name = base.file_name().unwrap().to_str().unwrap().to_owned();
+    let tag = name.rsplit('.').nth(1).unwrap();
+    let dead = mnt
+        .join(".vsnap-base")
+        .join(format!("disk.vhd.{tag}.dead0000dead0000"));
+    let other = mnt
+        .join(".vsnap-base")
+        .join("disk.vhd.0123abcd.other000other000");
+    reflink(&disk, &dead);
+    reflink(&disk, &other);
+    let o = vsnap_e2e::vsnap_cmd()
+        .args(["gc", "--json", "--repo"])
+        .arg(&repo)
+        .output()
+        .unwrap();
+    let gc: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(gc["bases_removed"], 1, "{gc}");
+    let mut left = vec![base.clone(), other.clone()];
+    left.sort();
+    assert_eq!(bases_in(&mnt), left);
+
+    // Forgetting the snapshot a base stands for releases it.
+    let id = fourth["snapshot"].as_str().unwrap();
+    let o = vsnap_e2e::vsnap_cmd()
+        .args(["forget", "--repo"])
+        .arg(&repo)
+        .arg(id)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(bases_in(&mnt), [other]);
+    drop(fs);
+    drop(dir);
+}

@@ -44,6 +44,9 @@ pub struct Tracked {
     clone: Option<PathBuf>,
     /// The base before, removed once the new snapshot is committed.
     previous: Option<BaseRecord>,
+    /// A lock on the new clone while the backup runs, so that gc, which
+    /// removes clones no snapshot records, leaves it alone.
+    _lock: Option<std::fs::File>,
 }
 
 /// Clones `source` for a backup as disk `name` of `vm`, and works out from
@@ -57,7 +60,7 @@ pub fn track(
     source: &Path,
     format: Option<ImageFormat>,
 ) -> Result<Tracked> {
-    let clone = match make_clone(source) {
+    let (clone, lock) = match make_clone(source, &repo_tag(repo)) {
         Ok(c) => c,
         Err(why) => {
             return Ok(Tracked {
@@ -68,6 +71,7 @@ pub fn track(
                 },
                 clone: None,
                 previous: None,
+                _lock: None,
             })
         }
     };
@@ -102,6 +106,7 @@ pub fn track(
         },
         clone: Some(clone),
         previous: previous.map(|(_, b)| b),
+        _lock: Some(lock),
     })
 }
 
@@ -155,8 +160,9 @@ fn in_base_dir(path: &Path) -> bool {
             .any(|c| matches!(c, std::path::Component::ParentDir))
 }
 
-/// A new clone of `source` in its base directory, or why there is none.
-fn make_clone(source: &Path) -> std::result::Result<PathBuf, String> {
+/// A new clone of `source` in its base directory, locked, or why there is
+/// none.
+fn make_clone(source: &Path, tag: &str) -> std::result::Result<(PathBuf, std::fs::File), String> {
     let source = std::path::absolute(source).map_err(|e| format!("{}: {e}", source.display()))?;
     let (Some(dir), Some(file)) = (source.parent(), source.file_name()) else {
         return Err(format!("{}: not a file path", source.display()));
@@ -179,7 +185,7 @@ fn make_clone(source: &Path) -> std::result::Result<PathBuf, String> {
         _ => {}
     }
     let id = uuid::Uuid::new_v4().simple().to_string();
-    let clone = base_dir.join(format!("{}.{}", file.to_string_lossy(), &id[..16]));
+    let clone = base_dir.join(format!("{}.{tag}.{}", file.to_string_lossy(), &id[..16]));
     let src = std::fs::File::open(&source).map_err(|e| fail("cannot open", &source, e))?;
     let dst = std::fs::OpenOptions::new()
         .write(true)
@@ -195,7 +201,65 @@ fn make_clone(source: &Path) -> std::result::Result<PathBuf, String> {
             source.display()
         ));
     }
-    Ok(clone)
+    // Locked before anything could see it unlocked: gc only removes a
+    // clone it can lock.
+    dst.lock().map_err(|e| fail("cannot lock", &clone, e))?;
+    Ok((clone, dst))
+}
+
+/// What names a repository's bases (`NAME.TAG.RANDOM`): the start of its
+/// id, so that two repositories backing up one disk never take each
+/// other's bases for their own.
+fn repo_tag(repo: &Repository) -> String {
+    repo.config().id.simple().to_string()[..8].to_owned()
+}
+
+/// Whether the base file `name` was made for the repository of `tag`.
+fn tagged(name: &std::ffi::OsStr, tag: &str) -> bool {
+    name.to_str()
+        .and_then(|n| n.rsplit('.').nth(1))
+        .is_some_and(|t| t == tag)
+}
+
+/// Removes what this repository's backups that died before their commit
+/// left in the `.vsnap-base` directories of `kept` (the bases its
+/// snapshots record): every other file there made for this repository
+/// that no running backup holds locked. Returns how many it removed.
+pub fn sweep_bases(repo: &Repository, kept: &std::collections::HashSet<PathBuf>) -> Result<u64> {
+    let tag = repo_tag(repo);
+    let mut dirs: Vec<&Path> = kept
+        .iter()
+        .filter(|p| in_base_dir(p))
+        .filter_map(|p| p.parent())
+        .collect();
+    dirs.sort();
+    dirs.dedup();
+    let mut removed = 0;
+    for dir in dirs {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            let is_file = e.file_type().is_ok_and(|t| t.is_file());
+            if !is_file || kept.contains(&path) || !tagged(&e.file_name(), &tag) {
+                continue;
+            }
+            use std::os::unix::fs::OpenOptionsExt;
+            let Ok(f) = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&path)
+            else {
+                continue;
+            };
+            if f.try_lock().is_ok() {
+                std::fs::remove_file(&path).ctx_file(&path, "gc: remove a dead backup's clone")?;
+                removed += 1;
+            }
+        }
+    }
+    Ok(removed)
 }
 
 fn record_of(path: &Path) -> Result<BaseRecord> {
@@ -233,10 +297,19 @@ fn last_base(repo: &Repository, vm: &str, name: &str) -> Option<(Manifest, BaseR
             Some((m, base))
         })
         .collect();
+    let now = |b: &BaseRecord| record_of(&b.path).ok().filter(|_| in_base_dir(&b.path));
     let intact = with_base
         .iter()
-        .position(|(_, b)| in_base_dir(&b.path) && record_of(&b.path).is_ok_and(|now| now == *b));
-    with_base.into_iter().nth(intact.unwrap_or(0))
+        .position(|(_, b)| now(b).is_some_and(|n| n == *b));
+    // Else one whose file is still there, changed: compared, refused, and
+    // released (it is the same file, by device and inode).
+    let present = || {
+        with_base
+            .iter()
+            .position(|(_, b)| now(b).is_some_and(|n| n.device == b.device && n.inode == b.inode))
+    };
+    let at = intact.or_else(present).unwrap_or(0);
+    with_base.into_iter().nth(at)
 }
 
 /// What the base before and the new clone say changed, as the cells to

@@ -19,13 +19,27 @@ use crate::error::{Error, ErrorKind, Result};
 /// a damaged one is refused, naming the manifest and what is wrong.
 pub fn forget(repo: &Repository, ids: &[String]) -> Result<Vec<String>> {
     let mut gone = Vec::new();
+    let mut bases = Vec::new();
     for prefix in ids {
         let m = repo.find(prefix)?;
         repo.remove_manifest(&m.id)?;
+        bases.extend(bases_of(&m));
         gone.push(m.id);
     }
     repo.tree.sync_dir("snapshots")?;
+    // A base stands for its snapshot's content: with the snapshot gone it
+    // can serve no backup. Only a file where vsnap keeps bases, and still
+    // the one recorded, is removed.
+    for b in &bases {
+        crate::cbt::release(b)?;
+    }
     Ok(gone)
+}
+
+fn bases_of(m: &super::Manifest) -> impl Iterator<Item = super::BaseRecord> + '_ {
+    m.disks
+        .iter()
+        .filter_map(|d| d.tracking.as_ref().and_then(|t| t.base.clone()))
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -35,6 +49,9 @@ pub struct GcReport {
     pub chunks_removed: u64,
     pub indexes_removed: u64,
     pub temporary_removed: u64,
+    /// Kept clones in the `.vsnap-base` directories the snapshots name
+    /// that no snapshot records (a backup killed before its commit).
+    pub bases_removed: u64,
     /// Bytes freed, chunks, indexes and temporary files together.
     pub bytes_freed: u64,
 }
@@ -52,6 +69,7 @@ pub fn gc(repo: &Repository, wait: bool) -> Result<GcReport> {
     let mut report = GcReport::default();
     let mut chunks: HashSet<blake3::Hash> = HashSet::new();
     let mut indexes: HashSet<String> = HashSet::new();
+    let mut bases: HashSet<std::path::PathBuf> = HashSet::new();
     for listed in repo.list()? {
         // Deleting with a snapshot unreadable would delete its chunks:
         // a damaged manifest stops gc until verify or forget deals with it.
@@ -59,6 +77,7 @@ pub fn gc(repo: &Repository, wait: bool) -> Result<GcReport> {
             .manifest
             .map_err(|e| e.during("gc: read every manifest"))?;
         report.snapshots += 1;
+        bases.extend(bases_of(&m).map(|b| b.path));
         for disk in &m.disks {
             let index = repo
                 .read_index(disk)
@@ -119,6 +138,7 @@ pub fn gc(repo: &Repository, wait: bool) -> Result<GcReport> {
             )?;
         }
     }
+    report.bases_removed = crate::cbt::sweep_bases(repo, &bases)?;
     report.bytes_freed = freed;
     repo.sync_all()?;
     Ok(report)
