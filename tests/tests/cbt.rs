@@ -476,6 +476,11 @@ fn vsnap_backup_keeps_one_base_says_why_it_reads_whole_and_forget_and_gc_release
     );
     let base1 = d["tracking"]["base"]["path"].as_str().unwrap().to_owned();
     assert_eq!(bases_in(&mnt), [Path::new(&base1)]);
+    // The disk's data, readable by its owner alone.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(Path::new(&base1)), 0o600);
+    assert_eq!(mode(&mnt.join(".vsnap-base")), 0o700);
 
     // One MiB written: its 4 MiB chunk is read, and at most one more (a
     // VHD's blocks start 512 bytes into a 4 KiB filesystem block, so the

@@ -178,7 +178,10 @@ fn make_clone(source: &Path, tag: &str) -> std::result::Result<(PathBuf, std::fs
             fs.f_type
         ));
     }
-    match std::fs::create_dir(&base_dir) {
+    // Only the owner may read the clones: they hold the disks' data, and
+    // a disk file is often readable by its owner alone.
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    match std::fs::DirBuilder::new().mode(0o700).create(&base_dir) {
         Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
             return Err(fail("cannot create", &base_dir, e))
         }
@@ -190,6 +193,7 @@ fn make_clone(source: &Path, tag: &str) -> std::result::Result<(PathBuf, std::fs
     let dst = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
+        .mode(0o600)
         .open(&clone)
         .map_err(|e| fail("cannot create", &clone, e))?;
     if let Err(e) = rustix::fs::ioctl_ficlone(&dst, &src) {
@@ -464,7 +468,12 @@ pub fn backup_files(
     });
     let committed = outcome.is_ok();
     for t in tracked {
-        t.finish(committed)?;
+        // A file that could not be removed here is only space, and is not
+        // lost: an old base is released when its snapshot is forgotten
+        // (the next backups compare with the new one), and a failed
+        // backup's clone, which no snapshot records, by gc. The backup's
+        // outcome is what to report.
+        let _ = t.finish(committed);
     }
     outcome
 }
