@@ -196,6 +196,12 @@ fn make_clone(source: &Path, tag: &str) -> std::result::Result<(PathBuf, std::fs
         .mode(0o600)
         .open(&clone)
         .map_err(|e| fail("cannot create", &clone, e))?;
+    // Locked at once: gc only removes a clone it can lock.
+    if let Err(e) = dst.lock() {
+        drop(dst);
+        let _ = std::fs::remove_file(&clone);
+        return Err(fail("cannot lock", &clone, e));
+    }
     if let Err(e) = rustix::fs::ioctl_ficlone(&dst, &src) {
         drop(dst);
         let _ = std::fs::remove_file(&clone);
@@ -205,9 +211,6 @@ fn make_clone(source: &Path, tag: &str) -> std::result::Result<(PathBuf, std::fs
             source.display()
         ));
     }
-    // Locked before anything could see it unlocked: gc only removes a
-    // clone it can lock.
-    dst.lock().map_err(|e| fail("cannot lock", &clone, e))?;
     Ok((clone, dst))
 }
 
