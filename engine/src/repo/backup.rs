@@ -496,19 +496,58 @@ fn reusable_cells(
     }
     let plan = crate::digest::DigestPlan::new(image.virtual_size(), chunk_size)?;
     let mut out = Vec::with_capacity(cells);
+    let mut check = Vec::new();
     for (i, (entry, &same)) in index.entries.iter().zip(&reuse.unchanged).enumerate() {
         out.push(match (same, entry) {
             (false, _) | (_, Entry::Unallocated) => None,
             (true, Entry::Zero) => Some(Known::Zero),
             (true, Entry::Data(id)) => match index.leaf(i, &plan) {
-                Some(leaf) if known.contains(id) || repo.has_chunk(id)? => {
+                Some(leaf) => {
+                    if !known.contains(id) {
+                        check.push((i, *id));
+                    }
                     Some(Known::Data { id: *id, leaf })
                 }
-                _ => None,
+                None => None,
             },
         });
     }
+    // A chunk no longer in place is read again instead.
+    for i in missing_chunks(repo, &check)? {
+        if let Some(slot) = out.get_mut(i) {
+            *slot = None;
+        }
+    }
     Ok((out, pieces.cloned()))
+}
+
+/// Which of `check`'s chunks are not in place, looked up by a few threads
+/// at once: each lookup waits on the disk (a cold directory and inode),
+/// not on a core.
+fn missing_chunks(repo: &Repository, check: &[(usize, blake3::Hash)]) -> Result<Vec<usize>> {
+    const LOOKUPS: usize = 8;
+    let per = check.len().div_ceil(LOOKUPS).max(1);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = check
+            .chunks(per)
+            .map(|part| {
+                s.spawn(move || -> Result<Vec<usize>> {
+                    let mut gone = Vec::new();
+                    for (i, id) in part {
+                        if !repo.chunk_in_place(id)? {
+                            gone.push(*i);
+                        }
+                    }
+                    Ok(gone)
+                })
+            })
+            .collect();
+        let mut gone = Vec::new();
+        for h in handles {
+            gone.extend(h.join().map_err(|_| Error::worker_panicked())??);
+        }
+        Ok(gone)
+    })
 }
 
 /// The snapshots a run is taking, and how far each has come.
