@@ -49,13 +49,14 @@ pub struct Tracked {
     _lock: Option<std::fs::File>,
 }
 
-/// Clones `source` for a backup as disk `name` of `vm`, and works out from
-/// the last such snapshot's base which cells changed. A source that cannot
+/// Clones `source` for a backup as disk `name` of a VM whose readable
+/// snapshots are `history` (oldest first), and works out from the last
+/// such snapshot's base which cells changed. A source that cannot
 /// be cloned is read as it is, with the reason as the fallback. Errors are
 /// those that stop the backup: the source cannot be opened or parsed.
 pub fn track(
     repo: &Repository,
-    vm: &str,
+    history: &[Manifest],
     name: &str,
     source: &Path,
     format: Option<ImageFormat>,
@@ -86,7 +87,7 @@ pub fn track(
             return Err(e);
         }
     };
-    let previous = last_base(repo, vm, name);
+    let previous = last_base(history, name);
     let (reuse, fallback) = match &previous {
         None => (
             None,
@@ -286,13 +287,11 @@ fn record_of(path: &Path) -> Result<BaseRecord> {
 /// tell two backups of one second apart.) Where no base is intact, the
 /// newest snapshot with one, so that its base is compared (and refused,
 /// saying why) and released.
-fn last_base(repo: &Repository, vm: &str, name: &str) -> Option<(Manifest, BaseRecord)> {
-    let listed = repo.list().ok()?;
-    let with_base: Vec<(Manifest, BaseRecord)> = listed
-        .into_iter()
+fn last_base(history: &[Manifest], name: &str) -> Option<(Manifest, BaseRecord)> {
+    let with_base: Vec<(Manifest, BaseRecord)> = history
+        .iter()
         .rev()
-        .filter_map(|l| {
-            let m = l.manifest.ok().filter(|m| m.vm == vm)?;
+        .filter_map(|m| {
             let base = m
                 .disks
                 .iter()
@@ -301,7 +300,7 @@ fn last_base(repo: &Repository, vm: &str, name: &str) -> Option<(Manifest, BaseR
                 .as_ref()?
                 .base
                 .clone()?;
-            Some((m, base))
+            Some((m.clone(), base))
         })
         .collect();
     let now = |b: &BaseRecord| record_of(&b.path).ok().filter(|_| in_base_dir(&b.path));
@@ -434,11 +433,25 @@ pub fn backup_files(
 ) -> Result<crate::repo::BackupOutcome> {
     use crate::repo::backup::{backup_all, disk_names, SnapshotPlan};
     let names = disk_names(sources);
+    // The VM's snapshots, read once for all its disks. An unreadable
+    // listing only means no base is found: the disks are read whole.
+    let history: Vec<Manifest> = if track {
+        repo.list()
+            .map(|l| {
+                l.into_iter()
+                    .filter_map(|l| l.manifest.ok())
+                    .filter(|m| m.vm == spec.vm)
+                    .collect()
+            })
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
     let mut tracked: Vec<Tracked> = Vec::new();
     let mut plain: Vec<Box<dyn DiskImage>> = Vec::new();
     for (source, name) in sources.iter().zip(&names) {
         if track {
-            match self::track(repo, &spec.vm, name, source, format) {
+            match self::track(repo, &history, name, source, format) {
                 Ok(t) => tracked.push(t),
                 Err(e) => {
                     for t in tracked {
