@@ -97,7 +97,8 @@ pub struct Args {
     /// `.vsnap-base` directory beside it, the clone is read, and kept: the
     /// next backup compares it with a new clone and reads only what
     /// changed. A kept clone costs the blocks written to the image since.
-    #[arg(long, conflicts_with = "inventory")]
+    /// With --inventory, the reflink provider's snapshots are kept so.
+    #[arg(long)]
     pub no_track: bool,
     /// Print the result as JSON.
     #[arg(long)]

@@ -35,6 +35,7 @@ pub fn plan(args: &Args, inventory: &Path) -> Result<Plan> {
         tuning: args.engine.tuning(),
         // This binary guards qemu-ga guests' freezes (`vsnap __qga-guard`).
         guard: std::env::current_exe().ok(),
+        track: !args.no_track,
         ..Plan::new(vms, args.repo.repo.clone())
     })
 }
@@ -180,6 +181,13 @@ pub fn print_report(report: &Report, out: &mut dyn Write) -> Result<()> {
             streamed.seconds,
             human((streamed.virtual_bytes as f64 / streamed.seconds) as u64)
         )?;
+        if streamed.reused_chunks > 0 {
+            writeln!(
+                out,
+                "changed-block tracking: {} chunk(s) unchanged since the last backup, taken unread",
+                streamed.reused_chunks
+            )?;
+        }
     }
     if r.overlays_recovered > 0 {
         writeln!(

@@ -36,9 +36,10 @@ pub enum RepoCommand {
 pub struct InitArgs {
     dir: PathBuf,
     /// The chunk grid every backup into this repository uses: a power of
-    /// two from 1K to 64M. Smaller finds more duplicates and costs a
-    /// bigger index.
-    #[arg(long, value_name = "SIZE", value_parser = crate::units::parse_chunk_size, default_value = "4M")]
+    /// two from 1K to 64M. Smaller finds more duplicates and makes an
+    /// incremental backup read less, and costs a bigger index and more
+    /// chunk files. The default is a dynamic VHD's block.
+    #[arg(long, value_name = "SIZE", value_parser = crate::units::parse_chunk_size, default_value = "2M")]
     chunk_size: u64,
 }
 

@@ -13,13 +13,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use vsnap_engine::format::DiskImage;
+use vsnap_engine::cbt::Tracked;
 use vsnap_engine::pipeline::{Progress, Tuning};
-use vsnap_engine::repo::{backup_all, BackupOptions, Repository, SnapshotPlan};
+use vsnap_engine::repo::{
+    backup_all, disk_names, BackupOptions, Manifest, Repository, SnapshotPlan,
+};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::inventory::Vm;
-use crate::provider::Choice;
+use crate::provider::{Choice, Kind};
 use crate::session::{self, VmSnapshot};
 
 /// What to back up, where, and how.
@@ -45,6 +47,11 @@ pub struct Plan {
     /// binary, which runs [`crate::qga_guard::serve`]); `None` freezes
     /// them unguarded.
     pub guard: Option<PathBuf>,
+    /// Changed-block tracking: each reflink snapshot is kept as its disk's
+    /// base for the next backup, which reads only the cells that changed
+    /// since (see [`vsnap_engine::cbt`]). Other providers' snapshots share
+    /// no blocks with the disk to compare, and are read whole.
+    pub track: bool,
 }
 
 impl Plan {
@@ -60,6 +67,7 @@ impl Plan {
             tuning: Tuning::default(),
             epoch: None,
             guard: None,
+            track: true,
         }
     }
 }
@@ -71,6 +79,8 @@ pub struct Streamed {
     pub preloaded_chunks: u64,
     pub virtual_bytes: u64,
     pub bytes_read: u64,
+    /// Chunks changed-block tracking found unchanged, taken unread.
+    pub reused_chunks: u64,
     pub new_bytes: u64,
     pub seconds: f64,
 }
@@ -138,21 +148,25 @@ pub async fn run(plan: &Plan, progress: &Progress, cancel: Arc<AtomicBool>) -> R
     let stream = |items: &[VmSnapshot]| {
         let t = Instant::now();
         let mut results: Vec<Option<std::result::Result<String, String>>> = vec![None; items.len()];
-        let mut opened = Vec::new();
+        // Each VM's snapshots, listed once for all of them; an unreadable
+        // listing only means no base is found and the disks are read whole.
+        let history: Vec<Manifest> = if plan.track {
+            repo.list()
+                .map(|l| l.into_iter().filter_map(|l| l.manifest.ok()).collect())
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let mut opened: Vec<Vec<Tracked>> = Vec::new();
         let mut which = Vec::new();
         for (k, it) in items.iter().enumerate() {
             if cancel.load(Ordering::Relaxed) {
                 results[k] = Some(Err("interrupted before its backup".to_string()));
                 continue;
             }
-            let images: std::result::Result<Vec<_>, _> = it
-                .snapshots
-                .iter()
-                .map(|p| vsnap_engine::format::open(p, None))
-                .collect();
-            match images {
-                Ok(images) => {
-                    opened.push(images);
+            match open_disks(&repo, &history, it, plan.track) {
+                Ok(disks) => {
+                    opened.push(disks);
                     which.push(k);
                 }
                 Err(e) => results[k] = Some(Err(e.to_string())),
@@ -161,10 +175,10 @@ pub async fn run(plan: &Plan, progress: &Progress, cancel: Arc<AtomicBool>) -> R
         let plans: Vec<SnapshotPlan<'_>> = which
             .iter()
             .zip(&opened)
-            .map(|(&k, images)| {
+            .map(|(&k, disks)| {
                 let it = &items[k];
                 SnapshotPlan {
-                    images: images.iter().map(|b| &**b as &dyn DiskImage).collect(),
+                    images: disks.iter().map(|d| &*d.image).collect(),
                     sources: it.sources.clone(),
                     options: BackupOptions {
                         known: preloaded.known.get(&it.vm).cloned().unwrap_or_default(),
@@ -174,20 +188,24 @@ pub async fn run(plan: &Plan, progress: &Progress, cancel: Arc<AtomicBool>) -> R
                         freeze: Some(it.freeze.clone()),
                         level: plan.level,
                     },
-                    tracking: Vec::new(),
+                    tracking: disks.iter().map(|d| d.tracking.clone()).collect(),
                 }
             })
             .collect();
+        let mut committed = vec![false; opened.len()];
         if !plans.is_empty() {
             match backup_all(&repo, &plans, &opts, progress, &|_, _| {}) {
                 Ok(outcomes) => {
-                    for (&k, outcome) in which.iter().zip(outcomes) {
+                    for ((&k, outcome), done) in which.iter().zip(outcomes).zip(&mut committed) {
+                        *done = outcome.is_ok();
                         results[k] = Some(match outcome {
                             Ok(o) => {
                                 for d in &o.manifest.disks {
                                     streamed.virtual_bytes += d.virtual_size;
                                     streamed.bytes_read += d.stats.bytes_read;
                                     streamed.new_bytes += d.stats.new_bytes;
+                                    streamed.reused_chunks +=
+                                        d.tracking.as_ref().map_or(0, |t| t.reused_cells);
                                 }
                                 Ok(o.manifest.id)
                             }
@@ -200,6 +218,16 @@ pub async fn run(plan: &Plan, progress: &Progress, cancel: Arc<AtomicBool>) -> R
                         results[k] = Some(Err(e.to_string()));
                     }
                 }
+            }
+        }
+        drop(plans);
+        for (disks, ok) in opened.into_iter().zip(committed) {
+            for d in disks {
+                // On success the base before goes (the new snapshot is the
+                // base now), on failure the new clone. A file that could
+                // not be removed is only space: an old base goes when its
+                // snapshot is forgotten, a failed backup's clone with gc.
+                let _ = d.finish(ok);
             }
         }
         streamed.seconds = t.elapsed().as_secs_f64();
@@ -228,6 +256,47 @@ pub async fn run(plan: &Plan, progress: &Progress, cancel: Arc<AtomicBool>) -> R
         streamed,
         warnings,
     })
+}
+
+/// A VM's snapshots opened for its backup: with tracking, each reflink
+/// snapshot is adopted as the disk's next base and compared with the one
+/// before; any other is read whole, saying why.
+fn open_disks(
+    repo: &Repository,
+    history: &[Manifest],
+    it: &VmSnapshot,
+    track: bool,
+) -> vsnap_engine::Result<Vec<Tracked>> {
+    let history: Vec<Manifest> = history.iter().filter(|m| m.vm == it.vm).cloned().collect();
+    let names = disk_names(&it.sources);
+    let mut out: Vec<Tracked> = Vec::new();
+    for (k, snapshot) in it.snapshots.iter().enumerate() {
+        let kind = it.kinds.get(k).copied();
+        let disk = match (track, kind, it.sources.get(k), names.get(k)) {
+            (true, Some(Kind::Reflink), Some(source), Some(name)) => {
+                vsnap_engine::cbt::adopt(repo, &history, name, source, snapshot, None)
+            }
+            (true, kind, _, _) => vsnap_engine::format::open(snapshot, None).map(|image| {
+                let why = match kind {
+                    Some(Kind::Qmp) => "the qmp provider's snapshot is the disk under an overlay, which keeps no base",
+                    _ => "the copy provider's snapshot shares no blocks with the disk to compare",
+                };
+                Tracked::untracked(image, format!("{why}; the disk is read whole"))
+            }),
+            (false, ..) => vsnap_engine::format::open(snapshot, None)
+                .map(|image| Tracked::untracked(image, "tracking is off (--no-track)".into())),
+        };
+        match disk {
+            Ok(d) => out.push(d),
+            Err(e) => {
+                for d in out {
+                    let _ = d.finish(false);
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(out)
 }
 
 impl From<vsnap_engine::Error> for Error {

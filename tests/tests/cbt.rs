@@ -282,6 +282,27 @@ fn fiemap_and_the_allocation_maps_name_every_changed_cell_of_a_dynamic_vhd() {
     drop(dir);
 }
 
+/// The engine's options for the library tests' repositories, of 256 KiB
+/// chunks (more cells, so more chances to be wrong, in a small disk).
+fn small_chunks() -> vsnap_engine::pipeline::Options {
+    vsnap_engine::pipeline::Options {
+        chunk_size: 256 << 10,
+        threads: 2,
+        ..Default::default()
+    }
+}
+
+fn crash_consistent(vm: &str) -> vsnap_engine::repo::BackupOptions {
+    vsnap_engine::repo::BackupOptions {
+        vm: vm.into(),
+        host: "h".into(),
+        consistency: vsnap_engine::repo::Consistency::CrashConsistent,
+        freeze: None,
+        level: 1,
+        known: Default::default(),
+    }
+}
+
 /// The whole chain through the library, as `vsnap backup` runs it: after
 /// each round of random changes, an incremental backup (a new clone
 /// compared with the base before) and a full one of the same content
@@ -289,25 +310,13 @@ fn fiemap_and_the_allocation_maps_name_every_changed_cell_of_a_dynamic_vhd() {
 /// one base is kept.
 fn rounds(test: &str, vhd: bool, make: impl Fn(&Path), mutate: impl Fn(&mut Rng, &Path)) {
     use vsnap_engine::cbt::backup_files;
-    use vsnap_engine::pipeline::{Options, Progress};
-    use vsnap_engine::repo::{BackupOptions, Consistency, Repository};
+    use vsnap_engine::pipeline::Progress;
+    use vsnap_engine::repo::{BackupOptions, Repository};
     let Some((dir, fs)) = scratch(test) else {
         return;
     };
     let repo = Repository::init(&dir.path().join("repo"), 256 << 10).unwrap();
-    let opts = Options {
-        chunk_size: 256 << 10,
-        threads: 2,
-        ..Options::default()
-    };
-    let spec = BackupOptions {
-        vm: "vm".into(),
-        host: "h".into(),
-        consistency: Consistency::CrashConsistent,
-        freeze: None,
-        level: 1,
-        known: Default::default(),
-    };
+    let (opts, spec) = (small_chunks(), crash_consistent("vm"));
     let disk = fs.mount.join("disk.img");
     make(&disk);
     let backup = |source: &Path, vm: &str, track| {
@@ -482,17 +491,17 @@ fn vsnap_backup_keeps_one_base_says_why_it_reads_whole_and_forget_and_gc_release
     assert_eq!(mode(Path::new(&base1)), 0o600);
     assert_eq!(mode(&mnt.join(".vsnap-base")), 0o700);
 
-    // One MiB written: its 4 MiB chunk is read, and at most one more (a
-    // VHD's blocks start 512 bytes into a 4 KiB filesystem block, so the
-    // block that holds a rewritten footer also holds the end of the last
-    // data block).
+    // One MiB written: its 2 MiB chunk (the repository's default) is
+    // read, and at most one more (a VHD's blocks start 512 bytes into a
+    // 4 KiB filesystem block, so the block that holds a rewritten footer
+    // also holds the end of the last data block).
     io("write -P 9 5M 1M");
     let second = backup_json(&repo, &disk, &[]);
     let d = &second["disks"][0];
     assert_eq!(d["tracking"]["since"], first["snapshot"], "{d}");
     let reused = d["tracking"]["reused_cells"].as_u64().unwrap();
-    assert!(reused >= 8, "{d}");
-    assert_eq!(d["bytes_read"], (10 - reused) << 22, "{d}");
+    assert!(reused >= 18, "{d}");
+    assert_eq!(d["bytes_read"], (20 - reused) << 21, "{d}");
     let base2 = d["tracking"]["base"]["path"].as_str().unwrap().to_owned();
     assert_eq!(
         bases_in(&mnt),
@@ -509,7 +518,7 @@ fn vsnap_backup_keeps_one_base_says_why_it_reads_whole_and_forget_and_gc_release
         .unwrap();
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(
-        text.contains("10 allocated chunk(s) unchanged since"),
+        text.contains("20 allocated chunk(s) unchanged since"),
         "{text}"
     );
     assert!(text.contains("read 0 B"), "{text}");
@@ -563,6 +572,131 @@ fn vsnap_backup_keeps_one_base_says_why_it_reads_whole_and_forget_and_gc_release
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(bases_in(&mnt), [other]);
+    drop(fs);
+    drop(dir);
+}
+
+/// The coordinated backup with the reflink provider keeps each disk's
+/// snapshot clone as its base: after every round of random writes to two
+/// disks (a dynamic VHD and a raw image), its incremental snapshot equals
+/// a full backup of the same clones, one base per disk is kept, and no
+/// snapshot directory is left.
+#[test]
+fn coordinated_backups_keep_their_reflink_snapshots_as_bases_and_equal_full_ones() {
+    use vsnap_coordinator::backup::{run as coordinate, Plan};
+    use vsnap_coordinator::inventory::Inventory;
+    use vsnap_coordinator::provider::{Choice, Kind};
+    use vsnap_engine::repo::Repository;
+    let test = "coordinated_backups_keep_their_reflink_snapshots_as_bases_and_equal_full_ones";
+    let Some((dir, fs)) = scratch(test) else {
+        return;
+    };
+    let root = dir.path().join("repo");
+    let repo = Repository::init(&root, 256 << 10).unwrap();
+    let size: u64 = 32 << 20;
+    let vhd = fs.mount.join("a.vhd");
+    let raw = fs.mount.join("b.img");
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "vpc", "-o", "subformat=dynamic"])
+        .arg(&vhd)
+        .arg(size.to_string()));
+    let content: Vec<u8> = (0..8u64 << 20).map(|i| (i * 5 / 4096) as u8).collect();
+    std::fs::write(&raw, &content).unwrap();
+    let inv = dir.path().join("inv.toml");
+    std::fs::write(
+        &inv,
+        format!(
+            "[[vm]]\nname = \"vm\"\ndisks = [\"{}\", \"{}\"]\nagent = \"none\"\npolicy = \"allow-crash-consistent\"\n",
+            vhd.display(),
+            raw.display()
+        ),
+    )
+    .unwrap();
+    let vms = Inventory::load(&inv).unwrap().vms;
+    let plan = Plan {
+        provider: Choice::Force(Kind::Reflink),
+        ..Plan::new(vms, root.clone())
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let backup = || {
+        let r = rt
+            .block_on(coordinate(
+                &plan,
+                &vsnap_engine::pipeline::Progress::default(),
+                Default::default(),
+            ))
+            .unwrap();
+        assert!(r.failure().is_none(), "{:?}", r.failure());
+        assert_eq!(r.session.vms[0].providers, [Kind::Reflink, Kind::Reflink]);
+        let id = r.session.vms[0].snapshot.clone().unwrap();
+        (repo.read_manifest(&id).unwrap(), r.streamed)
+    };
+    let (opts, spec) = (small_chunks(), crash_consistent("full"));
+    let (first, _) = backup();
+    for d in &first.disks {
+        let t = d.tracking.as_ref().unwrap();
+        assert!(t.base.is_some() && t.since.is_none(), "{t:?}");
+    }
+    let mut rng = Rng::new(seed());
+    let (mut reused, mut cells) = (0u64, 0u64);
+    let mut prev = first.id.clone();
+    for round in 0..40 {
+        for _ in 0..1 + rng.below(3) {
+            if rng.below(2) == 0 {
+                mutate_vhd(&mut rng, &vhd, size);
+            } else {
+                mutate_raw(&mut rng, &raw, &content);
+            }
+        }
+        let (inc, streamed) = backup();
+        assert!(
+            !fs.mount
+                .join(vsnap_coordinator::provider::SNAP_DIR)
+                .exists(),
+            "round {round}: the snapshot directory is left"
+        );
+        assert_eq!(
+            bases_in(&fs.mount).len(),
+            2,
+            "round {round}: one base per disk"
+        );
+        let mut round_reused = 0;
+        for d in &inc.disks {
+            let t = d.tracking.as_ref().unwrap();
+            let base = t.base.as_ref().unwrap();
+            let full = vsnap_engine::cbt::backup_files(
+                &repo,
+                std::slice::from_ref(&base.path),
+                None,
+                &opts,
+                &spec,
+                &vsnap_engine::pipeline::Progress::default(),
+                false,
+            )
+            .unwrap()
+            .manifest
+            .disks
+            .remove(0);
+            assert_eq!(d.digest, full.digest, "round {round}, {}: digests", d.name);
+            assert_eq!(d.index, full.index, "round {round}, {}: indexes", d.name);
+            if t.fallback.is_none() {
+                assert_eq!(t.since.as_ref(), Some(&prev), "round {round}, {}", d.name);
+                reused += t.reused_cells;
+                round_reused += t.reused_cells;
+                // Allocated cells: those a full backup reads.
+                cells += d.stats.data_chunks + d.stats.zero_chunks;
+            }
+        }
+        assert_eq!(streamed.reused_chunks, round_reused, "round {round}");
+        prev = inc.id.clone();
+    }
+    eprintln!("{test}: 40 rounds, {reused} of {cells} allocated cells taken unread");
+    assert!(reused > cells / 2, "{reused} of {cells}");
+    drop(rt);
     drop(fs);
     drop(dir);
 }

@@ -441,7 +441,7 @@ fn usage_errors_exit_2_and_name_the_flag_and_value() {
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(
         stderr(&o).contains("--chunk-size 1 MiB: the repository")
-            && stderr(&o).contains("uses chunks of 4 MiB"),
+            && stderr(&o).contains("uses chunks of 2 MiB"),
         "{}",
         stderr(&o)
     );
@@ -453,7 +453,7 @@ fn usage_errors_exit_2_and_name_the_flag_and_value() {
         "--name",
         "vm",
         "--chunk-size",
-        "4M",
+        "2M",
         &p(&image),
     ]);
     assert!(

@@ -70,6 +70,8 @@ pub struct VmSnapshot {
     pub sources: Vec<PathBuf>,
     /// The point-in-time copies to read.
     pub snapshots: Vec<PathBuf>,
+    /// The provider that made each of them.
+    pub kinds: Vec<Kind>,
     pub consistency: Consistency,
     /// The reference's metrics, for the manifest.
     pub freeze: FreezeRecord,
@@ -507,6 +509,7 @@ where
             vm: m.guest.vm.name.clone(),
             sources: m.guest.vm.disks.clone(),
             snapshots: mine.iter().map(|s| s.path.clone()).collect(),
+            kinds: mine.iter().map(|s| s.provider).collect(),
             consistency,
             freeze: FreezeRecord {
                 policy: m.guest.vm.policy.name().into(),

@@ -61,21 +61,42 @@ pub fn track(
     source: &Path,
     format: Option<ImageFormat>,
 ) -> Result<Tracked> {
-    let (clone, lock) = match make_clone(source, &repo_tag(repo)) {
-        Ok(c) => c,
-        Err(why) => {
-            return Ok(Tracked {
-                image: format::open(source, format)?,
-                tracking: DiskTracking {
-                    fallback: Some(why),
-                    ..DiskTracking::default()
-                },
-                clone: None,
-                previous: None,
-                _lock: None,
-            })
-        }
-    };
+    match make_clone(source, &repo_tag(repo)) {
+        Ok((clone, lock)) => track_clone(repo, history, name, clone, lock, format),
+        Err(why) => Ok(Tracked::untracked(format::open(source, format)?, why)),
+    }
+}
+
+/// [`track`] for a disk whose point-in-time clone a snapshot provider
+/// made already (the coordinator's reflink provider, inside the freeze):
+/// `snapshot` is moved into the base directory beside `source` (a rename,
+/// so its blocks stay shared with the disk) and becomes the backup's clone
+/// and next base. A snapshot that cannot be moved is read where it is,
+/// whole, with the reason as the fallback.
+pub fn adopt(
+    repo: &Repository,
+    history: &[Manifest],
+    name: &str,
+    source: &Path,
+    snapshot: &Path,
+    format: Option<ImageFormat>,
+) -> Result<Tracked> {
+    match move_clone(source, snapshot, &repo_tag(repo)) {
+        Ok((clone, lock)) => track_clone(repo, history, name, clone, lock, format),
+        Err(why) => Ok(Tracked::untracked(format::open(snapshot, format)?, why)),
+    }
+}
+
+/// Tracking of the new clone `clone` (locked by `lock`): its record, and
+/// which cells changed since the last snapshot's base.
+fn track_clone(
+    repo: &Repository,
+    history: &[Manifest],
+    name: &str,
+    clone: PathBuf,
+    lock: std::fs::File,
+    format: Option<ImageFormat>,
+) -> Result<Tracked> {
     let opened = format::open(&clone, format).and_then(|image| {
         let record = record_of(&clone)?;
         Ok((image, record))
@@ -112,6 +133,21 @@ pub fn track(
 }
 
 impl Tracked {
+    /// A disk read as it is, whole, for the reason `why`: nothing is kept
+    /// and nothing released after it.
+    pub fn untracked(image: Box<dyn DiskImage>, why: String) -> Tracked {
+        Tracked {
+            image,
+            tracking: DiskTracking {
+                fallback: Some(why),
+                ..DiskTracking::default()
+            },
+            clone: None,
+            previous: None,
+            _lock: None,
+        }
+    }
+
     /// After the backup: on success the base before is released (the new
     /// clone is the base now); on failure the new clone is.
     pub fn finish(self, committed: bool) -> Result<()> {
@@ -161,17 +197,18 @@ fn in_base_dir(path: &Path) -> bool {
             .any(|c| matches!(c, std::path::Component::ParentDir))
 }
 
-/// A new clone of `source` in its base directory, locked, or why there is
-/// none.
-fn make_clone(source: &Path, tag: &str) -> std::result::Result<(PathBuf, std::fs::File), String> {
+/// The base directory beside `source` (made if missing, the owner's
+/// alone: clones hold the disks' data, and a disk file is often readable
+/// by its owner alone) and the name of a new base of `source` in it, or
+/// why there is none. Nothing is made beside a disk on a filesystem that
+/// cannot clone.
+fn new_base(source: &Path, tag: &str) -> std::result::Result<PathBuf, String> {
     let source = std::path::absolute(source).map_err(|e| format!("{}: {e}", source.display()))?;
     let (Some(dir), Some(file)) = (source.parent(), source.file_name()) else {
         return Err(format!("{}: not a file path", source.display()));
     };
-    let base_dir = dir.join(BASE_DIR);
-    let fail = |what: &str, p: &Path, e: std::io::Error| format!("{what} {}: {e}", p.display());
-    // Nothing is made beside a disk on a filesystem that cannot clone.
-    let fs = rustix::fs::statfs(dir).map_err(|e| fail("cannot statfs", dir, e.into()))?;
+    let fs =
+        rustix::fs::statfs(dir).map_err(|e| format!("cannot statfs {}: {e}", dir.display()))?;
     if !CLONING.contains(&(fs.f_type as i64)) {
         return Err(format!(
             "the filesystem of {} cannot clone files (type {:#x}; XFS with reflink and btrfs can); the disk is read whole",
@@ -179,18 +216,25 @@ fn make_clone(source: &Path, tag: &str) -> std::result::Result<(PathBuf, std::fs
             fs.f_type
         ));
     }
-    // Only the owner may read the clones: they hold the disks' data, and
-    // a disk file is often readable by its owner alone.
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let base_dir = dir.join(BASE_DIR);
+    use std::os::unix::fs::DirBuilderExt;
     match std::fs::DirBuilder::new().mode(0o700).create(&base_dir) {
         Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
-            return Err(fail("cannot create", &base_dir, e))
+            return Err(format!("cannot create {}: {e}", base_dir.display()))
         }
         _ => {}
     }
     let id = uuid::Uuid::new_v4().simple().to_string();
-    let clone = base_dir.join(format!("{}.{tag}.{}", file.to_string_lossy(), &id[..16]));
-    let src = std::fs::File::open(&source).map_err(|e| fail("cannot open", &source, e))?;
+    Ok(base_dir.join(format!("{}.{tag}.{}", file.to_string_lossy(), &id[..16])))
+}
+
+/// A new clone of `source` in its base directory, locked, or why there is
+/// none.
+fn make_clone(source: &Path, tag: &str) -> std::result::Result<(PathBuf, std::fs::File), String> {
+    let clone = new_base(source, tag)?;
+    let fail = |what: &str, p: &Path, e: std::io::Error| format!("{what} {}: {e}", p.display());
+    use std::os::unix::fs::OpenOptionsExt;
+    let src = std::fs::File::open(source).map_err(|e| fail("cannot open", source, e))?;
     let dst = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -206,13 +250,57 @@ fn make_clone(source: &Path, tag: &str) -> std::result::Result<(PathBuf, std::fs
     if let Err(e) = rustix::fs::ioctl_ficlone(&dst, &src) {
         drop(dst);
         let _ = std::fs::remove_file(&clone);
-        let _ = std::fs::remove_dir(&base_dir);
+        if let Some(dir) = clone.parent() {
+            let _ = std::fs::remove_dir(dir);
+        }
         return Err(format!(
             "the filesystem of {} cannot clone files (FICLONE: {e}); the disk is read whole",
             source.display()
         ));
     }
     Ok((clone, dst))
+}
+
+/// `snapshot`, a clone of `source` a provider made, moved into the base
+/// directory beside `source` and locked, or why it could not be.
+fn move_clone(
+    source: &Path,
+    snapshot: &Path,
+    tag: &str,
+) -> std::result::Result<(PathBuf, std::fs::File), String> {
+    let clone = new_base(source, tag)?;
+    let fail = |what: &str, e: std::io::Error| {
+        format!(
+            "cannot {what} the snapshot {} to keep it as the next base: {e}; the disk is read whole",
+            snapshot.display()
+        )
+    };
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(snapshot)
+        .map_err(|e| fail("open", e))?;
+    if !f.metadata().map_err(|e| fail("stat", e))?.is_file() {
+        return Err(format!(
+            "the snapshot {} is not a regular file; the disk is read whole",
+            snapshot.display()
+        ));
+    }
+    // Locked first (the lock goes with the file when it moves), so gc,
+    // which removes the clones it can lock, never sees it unlocked.
+    f.lock().map_err(|e| fail("lock", e))?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| fail("restrict", e))?;
+    rustix::fs::renameat_with(
+        rustix::fs::CWD,
+        snapshot,
+        rustix::fs::CWD,
+        &clone,
+        rustix::fs::RenameFlags::NOREPLACE,
+    )
+    .map_err(|e| fail("move", e.into()))?;
+    Ok((clone, f))
 }
 
 /// What names a repository's bases (`NAME.TAG.RANDOM`): the start of its

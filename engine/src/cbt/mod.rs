@@ -16,7 +16,7 @@
 
 mod base;
 
-pub use base::{backup_files, release, sweep_bases, track, Tracked, BASE_DIR};
+pub use base::{adopt, backup_files, release, sweep_bases, track, Tracked, BASE_DIR};
 
 use std::fmt;
 use std::ops::Range;
