@@ -1,7 +1,7 @@
 //! The repository's own metadata, as a hostile repository could hold it:
 //! manifests (self-digest, then the name rules on whatever JSON parses),
-//! index and chunk blobs with their ceilings, and index plaintext. Nothing
-//! may panic or allocate past a ceiling.
+//! index and chunk blobs with their ceilings, index plaintext, and pack
+//! trailers. Nothing may panic or allocate past a ceiling.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

@@ -22,6 +22,7 @@ mod freeze;
 mod gc;
 pub mod index;
 pub mod manifest;
+pub mod pack;
 pub mod retention;
 mod store;
 mod tree;

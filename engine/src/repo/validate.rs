@@ -194,6 +194,10 @@ pub fn exercise(data: &[u8]) {
             let _ = blob::decode_into(BlobKind::Chunk, data, &mut out);
         }
     }
+    // A pack's trailer, as the whole object and as its last bytes of a
+    // larger one.
+    let _ = super::pack::parse_trailer(data, data.len() as u64);
+    let _ = super::pack::parse_trailer(data, (data.len() as u64).saturating_mul(3));
 }
 
 #[cfg(test)]
