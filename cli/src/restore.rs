@@ -38,7 +38,8 @@ Exit codes:
      restored digest differs (the message says which disk)
   2  bad command-line usage")]
 pub struct Args {
-    /// SNAPSHOT or SNAPSHOT:DISK.
+    /// SNAPSHOT or SNAPSHOT:DISK: a snapshot id or a prefix of one that
+    /// names one snapshot, or `latest` for the newest.
     #[arg(value_name = "SNAPSHOT[:DISK]")]
     what: String,
     /// The directory to restore into, or the file to write (one disk).

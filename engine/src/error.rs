@@ -107,7 +107,7 @@ pub enum ErrorKind {
     NotARepository { file: &'static str },
     #[error("no snapshot matches {0:?}; `vsnap snapshots` lists them")]
     NoSuchSnapshot(String),
-    #[error("{prefix:?} matches {count} snapshots; give more of the id")]
+    #[error("{prefix:?} matches {count} snapshots; name one by more of its id (`vsnap snapshots` lists them)")]
     AmbiguousSnapshot { prefix: String, count: usize },
     #[error(
         "snapshot {snapshot} has no disk {disk:?}; by position from 1, and by name, it has: {have}"

@@ -841,3 +841,38 @@ fn forget_by_policy_judges_each_vm_apart_and_dry_run_removes_nothing() {
     let o = vsnap(&["forget", "--repo", r, "x", "--keep-last", "1"]);
     assert_eq!(o.status.code(), Some(2));
 }
+
+#[test]
+fn latest_names_the_newest_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = init(dir.path(), "64K");
+    let disk = dir.path().join("disk.raw");
+    let restore = |to: &Path| {
+        vsnap_cmd()
+            .args(["restore", "-q", "--repo"])
+            .arg(&repo)
+            .arg("latest:1")
+            .arg("--to")
+            .arg(to)
+            .output()
+            .unwrap()
+    };
+    let o = restore(&dir.path().join("none.raw"));
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("no snapshot matches \"latest\""),
+        "{}",
+        stderr(&o)
+    );
+    std::fs::write(&disk, random_bytes(1, 256 << 10)).unwrap();
+    backup(&repo, "vm", &[disk.as_path()]);
+    // A manifest's time has whole seconds.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let second = random_bytes(2, 256 << 10);
+    std::fs::write(&disk, &second).unwrap();
+    backup(&repo, "vm", &[disk.as_path()]);
+    let out = dir.path().join("out.raw");
+    let o = restore(&out);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&out).unwrap(), second);
+}

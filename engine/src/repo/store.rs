@@ -364,8 +364,32 @@ impl Repository {
         Ok(out)
     }
 
-    /// The snapshot whose id starts with `prefix`.
+    /// The snapshot whose id starts with `prefix`; `latest` is the newest
+    /// readable one. (An id is hex, so no id is taken for `latest`.) A
+    /// manifest's time has whole seconds: where several share the newest,
+    /// which is newest is not known, and `latest` is refused as ambiguous.
     pub fn find(&self, prefix: &str) -> Result<Manifest> {
+        if prefix == "latest" {
+            let mut readable: Vec<Manifest> = self
+                .list()?
+                .into_iter()
+                .filter_map(|l| l.manifest.ok())
+                .collect();
+            let newest = readable.last().map(|m| m.time.clone());
+            let count = readable
+                .iter()
+                .filter(|m| Some(&m.time) == newest.as_ref())
+                .count();
+            return match (readable.pop(), count) {
+                (None, _) => Err(ErrorKind::NoSuchSnapshot(prefix.to_owned()).into()),
+                (Some(m), 1) => Ok(m),
+                (Some(_), count) => Err(ErrorKind::AmbiguousSnapshot {
+                    prefix: prefix.to_owned(),
+                    count,
+                }
+                .into()),
+            };
+        }
         let mut hits: Vec<Listed> = self
             .list()?
             .into_iter()
