@@ -188,7 +188,13 @@ pub async fn run(plan: &Plan, progress: &Progress, cancel: Arc<AtomicBool>) -> R
                         freeze: Some(it.freeze.clone()),
                         level: plan.level,
                     },
-                    tracking: disks.iter().map(|d| d.tracking.clone()).collect(),
+                    // Without tracking the manifest says nothing of it,
+                    // as for `vsnap backup --no-track`.
+                    tracking: if plan.track {
+                        disks.iter().map(|d| d.tracking.clone()).collect()
+                    } else {
+                        Vec::new()
+                    },
                 }
             })
             .collect();
@@ -284,7 +290,7 @@ fn open_disks(
                 Tracked::untracked(image, format!("{why}; the disk is read whole"))
             }),
             (false, ..) => vsnap_engine::format::open(snapshot, None)
-                .map(|image| Tracked::untracked(image, "tracking is off (--no-track)".into())),
+                .map(|image| Tracked::untracked(image, "tracking is off".into())),
         };
         match disk {
             Ok(d) => out.push(d),

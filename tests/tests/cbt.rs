@@ -696,6 +696,29 @@ fn coordinated_backups_keep_their_reflink_snapshots_as_bases_and_equal_full_ones
     }
     eprintln!("{test}: 40 rounds, {reused} of {cells} allocated cells taken unread");
     assert!(reused > cells / 2, "{reused} of {cells}");
+    // Without tracking: read whole, nothing said of it, no base touched.
+    let before = bases_in(&fs.mount);
+    let plan = Plan {
+        track: false,
+        ..plan.clone()
+    };
+    let r = rt
+        .block_on(coordinate(
+            &plan,
+            &vsnap_engine::pipeline::Progress::default(),
+            Default::default(),
+        ))
+        .unwrap();
+    let m = repo
+        .read_manifest(r.session.vms[0].snapshot.as_deref().unwrap())
+        .unwrap();
+    assert!(m.disks.iter().all(|d| d.tracking.is_none()), "{m:?}");
+    assert_eq!(r.streamed.reused_chunks, 0);
+    assert_eq!(bases_in(&fs.mount), before);
+    assert!(!fs
+        .mount
+        .join(vsnap_coordinator::provider::SNAP_DIR)
+        .exists());
     drop(rt);
     drop(fs);
     drop(dir);
