@@ -622,10 +622,11 @@ fn coordinated_backups_keep_their_reflink_snapshots_as_bases_and_equal_full_ones
         .enable_all()
         .build()
         .unwrap();
-    let backup = || {
+    // One coordinated backup: its snapshot's manifest and what it streamed.
+    let run = |plan: &Plan| {
         let r = rt
             .block_on(coordinate(
-                &plan,
+                plan,
                 &vsnap_engine::pipeline::Progress::default(),
                 Default::default(),
             ))
@@ -635,6 +636,7 @@ fn coordinated_backups_keep_their_reflink_snapshots_as_bases_and_equal_full_ones
         let id = r.session.vms[0].snapshot.clone().unwrap();
         (repo.read_manifest(&id).unwrap(), r.streamed)
     };
+    let backup = || run(&plan);
     let (opts, spec) = (small_chunks(), crash_consistent("full"));
     let (first, _) = backup();
     for d in &first.disks {
@@ -698,22 +700,12 @@ fn coordinated_backups_keep_their_reflink_snapshots_as_bases_and_equal_full_ones
     assert!(reused > cells / 2, "{reused} of {cells}");
     // Without tracking: read whole, nothing said of it, no base touched.
     let before = bases_in(&fs.mount);
-    let plan = Plan {
+    let (m, streamed) = run(&Plan {
         track: false,
         ..plan.clone()
-    };
-    let r = rt
-        .block_on(coordinate(
-            &plan,
-            &vsnap_engine::pipeline::Progress::default(),
-            Default::default(),
-        ))
-        .unwrap();
-    let m = repo
-        .read_manifest(r.session.vms[0].snapshot.as_deref().unwrap())
-        .unwrap();
+    });
     assert!(m.disks.iter().all(|d| d.tracking.is_none()), "{m:?}");
-    assert_eq!(r.streamed.reused_chunks, 0);
+    assert_eq!(streamed.reused_chunks, 0);
     assert_eq!(bases_in(&fs.mount), before);
     assert!(!fs
         .mount
