@@ -35,7 +35,8 @@ Exit codes:
   2  bad command-line usage
   3  damage found (or the image differs)")]
 pub struct Args {
-    /// Snapshots to verify (ids or unique prefixes); all when none.
+    /// Snapshots to verify (ids, unique prefixes, or `latest` for the
+    /// newest); all when none.
     #[arg(value_name = "SNAPSHOT")]
     snapshots: Vec<String>,
     /// Compare SNAPSHOT:DISK with this image by digest.

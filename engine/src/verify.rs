@@ -78,7 +78,8 @@ fn poisoned() -> Error {
 }
 
 /// Verifies the snapshots whose ids start with one of `only` (all when
-/// empty), with `threads` readers. `zero_cache`, when it is for the
+/// empty; `latest` is the newest, as [`Repository::find`] says), with
+/// `threads` readers. `zero_cache`, when it is for the
 /// repository's chunk size, saves hashing the zeros of sparse disks.
 pub fn verify(
     repo: &Repository,
@@ -103,6 +104,13 @@ pub fn verify(
     }
     let mut chunks: HashMap<blake3::Hash, Use> = HashMap::new();
     let mut disks: Vec<DiskCheck> = Vec::new();
+    let only: Vec<String> = only
+        .iter()
+        .map(|p| match p.as_str() {
+            "latest" => repo.find(p).map(|m| m.id),
+            _ => Ok(p.clone()),
+        })
+        .collect::<Result<_>>()?;
     let listed = repo.list()?;
     if let Some(prefix) = only
         .iter()

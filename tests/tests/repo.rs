@@ -875,4 +875,14 @@ fn latest_names_the_newest_snapshot() {
     let o = restore(&out);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(std::fs::read(&out).unwrap(), second);
+    // verify takes it too: one snapshot of the two.
+    let o = vsnap_cmd()
+        .args(["verify", "--json", "--repo"])
+        .arg(&repo)
+        .arg("latest")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["snapshots"], 1, "{v}");
 }
