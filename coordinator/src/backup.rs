@@ -148,15 +148,6 @@ pub async fn run(plan: &Plan, progress: &Progress, cancel: Arc<AtomicBool>) -> R
     let stream = |items: &[VmSnapshot]| {
         let t = Instant::now();
         let mut results: Vec<Option<std::result::Result<String, String>>> = vec![None; items.len()];
-        // Each VM's snapshots, listed once for all of them; an unreadable
-        // listing only means no base is found and the disks are read whole.
-        let history: Vec<Manifest> = if plan.track {
-            repo.list()
-                .map(|l| l.into_iter().filter_map(|l| l.manifest.ok()).collect())
-                .unwrap_or_default()
-        } else {
-            Vec::new()
-        };
         let mut opened: Vec<Vec<Tracked>> = Vec::new();
         let mut which = Vec::new();
         for (k, it) in items.iter().enumerate() {
@@ -164,7 +155,10 @@ pub async fn run(plan: &Plan, progress: &Progress, cancel: Arc<AtomicBool>) -> R
                 results[k] = Some(Err("interrupted before its backup".to_string()));
                 continue;
             }
-            match open_disks(&repo, &history, it, plan.track) {
+            // Each VM's snapshots as the preload listed them, before the
+            // freeze.
+            let history = preloaded.history.get(&it.vm).map_or(&[][..], Vec::as_slice);
+            match open_disks(&repo, history, it, plan.track) {
                 Ok(disks) => {
                     opened.push(disks);
                     which.push(k);
@@ -264,8 +258,8 @@ pub async fn run(plan: &Plan, progress: &Progress, cancel: Arc<AtomicBool>) -> R
     })
 }
 
-/// A VM's snapshots opened for its backup: with tracking, each reflink
-/// snapshot is adopted as the disk's next base and compared with the one
+/// A VM's snapshots opened for its backup, given its snapshots before
+/// (`history`, oldest first): with tracking, each reflink snapshot is adopted as the disk's next base and compared with the one
 /// before; any other is read whole, saying why.
 fn open_disks(
     repo: &Repository,
@@ -273,14 +267,13 @@ fn open_disks(
     it: &VmSnapshot,
     track: bool,
 ) -> vsnap_engine::Result<Vec<Tracked>> {
-    let history: Vec<Manifest> = history.iter().filter(|m| m.vm == it.vm).cloned().collect();
     let names = disk_names(&it.sources);
     let mut out: Vec<Tracked> = Vec::new();
     for (k, snapshot) in it.snapshots.iter().enumerate() {
         let kind = it.kinds.get(k).copied();
         let disk = match (track, kind, it.sources.get(k), names.get(k)) {
             (true, Some(Kind::Reflink), Some(source), Some(name)) => {
-                vsnap_engine::cbt::adopt(repo, &history, name, source, snapshot, None)
+                vsnap_engine::cbt::adopt(repo, history, name, source, snapshot, None)
             }
             (true, kind, _, _) => vsnap_engine::format::open(snapshot, None).map(|image| {
                 let why = match kind {

@@ -220,6 +220,10 @@ pub fn disk_names(sources: &[PathBuf]) -> Vec<String> {
 pub struct Preloaded {
     _lock: super::Lock,
     pub known: HashMap<String, HashSet<blake3::Hash>>,
+    /// Each VM's readable snapshots, oldest first: where changed-block
+    /// tracking finds the base before, without listing the repository
+    /// again.
+    pub history: HashMap<String, Vec<Manifest>>,
 }
 
 impl Repository {
@@ -229,15 +233,15 @@ impl Repository {
     /// meets them, as without a preload.
     pub fn preload(&self, vms: &[&str]) -> Result<Preloaded> {
         let lock = self.lock_shared()?;
-        let mut last: HashMap<String, Manifest> = HashMap::new();
-        // Oldest first, so each VM ends with its newest.
+        let mut history: HashMap<String, Vec<Manifest>> = HashMap::new();
+        // Oldest first, so each VM's list ends with its newest.
         for m in self.list()?.into_iter().filter_map(|l| l.manifest.ok()) {
             if vms.contains(&m.vm.as_str()) {
-                last.insert(m.vm.clone(), m);
+                history.entry(m.vm.clone()).or_default().push(m);
             }
         }
         let mut known = HashMap::new();
-        for (vm, m) in last {
+        for (vm, m) in history.iter().filter_map(|(vm, h)| Some((vm, h.last()?))) {
             let mut chunks = HashSet::new();
             for d in &m.disks {
                 let Ok(index) = self.read_index(d) else {
@@ -250,9 +254,13 @@ impl Repository {
                 }
             }
             chunks.retain(|h| self.has_chunk(h).unwrap_or(false));
-            known.insert(vm, chunks);
+            known.insert(vm.clone(), chunks);
         }
-        Ok(Preloaded { _lock: lock, known })
+        Ok(Preloaded {
+            _lock: lock,
+            known,
+            history,
+        })
     }
 }
 
