@@ -32,6 +32,13 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
+# The object-storage tests run against a real S3 server on loopback that
+# checks request signatures. 0.14.1 is the newest that builds on this
+# machine's Rust (1.95).
+if ! command -v s3s-fs >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/s3s-fs" ]; then
+  echo "installing: s3s-fs (cargo install)"
+  cargo install --quiet --locked s3s-fs@0.14.1 --features binary
+fi
 for c in rustfmt clippy; do
   rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c"
 done

@@ -12,28 +12,35 @@ use vsnap_engine::repo::{self, Repository};
 
 use crate::units::human;
 
-/// `--repo DIR`, or `$VSNAP_REPO`.
+/// `--repo DIR|s3://BUCKET/PREFIX`, or `$VSNAP_REPO`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RepoArg {
-    /// The repository directory (made by `vsnap repo init`).
-    #[arg(long, env = "VSNAP_REPO", value_name = "DIR")]
+    /// The repository (made by `vsnap repo init`): a directory, or
+    /// s3://BUCKET/PREFIX in S3-compatible object storage, with the
+    /// credentials and endpoint of the AWS environment (AWS_ACCESS_KEY_ID,
+    /// AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT_URL) or of
+    /// ~/.aws/credentials.
+    #[arg(long, env = "VSNAP_REPO", value_name = "DIR|s3://BUCKET/PREFIX")]
     pub repo: PathBuf,
 }
 
 impl RepoArg {
     pub fn open(&self) -> Result<Repository> {
-        Ok(Repository::open(&self.repo)?)
+        Ok(vsnap_s3::open(&self.repo)?)
     }
 }
 
 #[derive(Debug, clap::Subcommand)]
 pub enum RepoCommand {
-    /// Create an empty repository in DIR (new, or empty).
+    /// Create an empty repository: in DIR (new, or empty), or in a bucket
+    /// under s3://BUCKET/PREFIX (a prefix that holds no repository).
     Init(InitArgs),
 }
 
 #[derive(Debug, clap::Args)]
 pub struct InitArgs {
+    /// A directory, or s3://BUCKET/PREFIX (the bucket must exist).
+    #[arg(value_name = "DIR|s3://BUCKET/PREFIX")]
     dir: PathBuf,
     /// The chunk grid every backup into this repository uses: a power of
     /// two from 1K to 64M. Smaller finds more duplicates and makes an
@@ -41,15 +48,25 @@ pub struct InitArgs {
     /// chunk files. The default is a dynamic VHD's block.
     #[arg(long, value_name = "SIZE", value_parser = crate::units::parse_chunk_size, default_value = "2M")]
     chunk_size: u64,
+    /// In object storage, new chunks go into packs of about this size, one
+    /// PUT each, from 1M to 1G. Bigger packs mean
+    /// fewer requests; smaller ones less to re-send when an upload fails.
+    /// A local repository keeps a file per chunk and ignores it.
+    #[arg(long, value_name = "SIZE", value_parser = crate::units::parse_pack_size, default_value = "32M")]
+    pack_size: u64,
 }
 
 pub fn run_repo(cmd: &RepoCommand, out: &mut dyn Write) -> Result<ExitCode> {
     match cmd {
         RepoCommand::Init(a) => {
-            let r = Repository::init(&a.dir, a.chunk_size)?;
+            let r = vsnap_s3::init(&a.dir, a.chunk_size, a.pack_size)?;
+            let packs = match r.config().pack_size {
+                Some(p) => format!(", packs of {}", human(p)),
+                None => String::new(),
+            };
             writeln!(
                 out,
-                "created repository {} (id {}, chunks of {})",
+                "created repository {} (id {}, chunks of {}{packs})",
                 a.dir.display(),
                 r.config().id,
                 human(a.chunk_size)

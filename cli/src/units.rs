@@ -65,6 +65,15 @@ pub fn parse_chunk_size(text: &str) -> std::result::Result<u64, String> {
     Ok(n)
 }
 
+/// `--pack-size`, checked as clap parses it.
+pub fn parse_pack_size(text: &str) -> std::result::Result<u64, String> {
+    let n = parse_size(text).map_err(|e| format!("{e:#}"))?;
+    if !vsnap_engine::repo::PACK_SIZE_RANGE.contains(&n) {
+        return Err("must be from 1M to 1G".into());
+    }
+    Ok(n)
+}
+
 /// `104857600` → `100 MiB`; exact values keep no decimals.
 pub fn human(bytes: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];

@@ -124,7 +124,7 @@ impl Report {
 pub async fn run(plan: &Plan, progress: &Progress, cancel: Arc<AtomicBool>) -> Result<Report> {
     // Slow work first: the repository is open, and each VM's last
     // snapshot's chunks are known, before any guest freezes.
-    let repo = Repository::open(&plan.repo)?;
+    let repo = vsnap_s3::open(&plan.repo)?;
     let have = repo.config().chunk_size;
     if let Some(want) = plan.chunk_size.filter(|&w| w != have) {
         return Err(ErrorKind::ChunkSize {

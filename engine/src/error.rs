@@ -160,6 +160,14 @@ pub enum ErrorKind {
     UnknownRequired { what: &'static str, guid: String },
     #[error("the VHDX log must be replayed before the image can be read, and cannot be: {reason}")]
     LogReplay { reason: String },
+    /// An object store failed or refused a request; the message says what
+    /// to do, the client's own error is the source.
+    #[error("{reason}")]
+    Remote {
+        reason: String,
+        #[source]
+        cause: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    },
     /// The message already includes the cause, so it is not also exposed
     /// as `source()` (which would print it twice); match on the kind for it.
     #[error("I/O error: {0}")]

@@ -102,6 +102,14 @@ pub fn verify(
             affects: Vec::new(),
         });
     }
+    for (path, error) in repo.damaged_pack_indexes()? {
+        report.problems.push(Problem {
+            what: "pack index",
+            name: path.display().to_string(),
+            error,
+            affects: Vec::new(),
+        });
+    }
     let mut chunks: HashMap<blake3::Hash, Use> = HashMap::new();
     let mut disks: Vec<DiskCheck> = Vec::new();
     let only: Vec<String> = only

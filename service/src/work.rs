@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use vsnap_coordinator::backup::{self, Plan};
-use vsnap_engine::repo::{self, retention, Repository};
+use vsnap_engine::repo::{self, retention};
 
 use crate::config::Job;
 use crate::error::{ErrorKind, Result};
@@ -33,7 +33,7 @@ pub(crate) async fn backup(svc: Arc<Service>, job: Job, a: Active) -> Result<End
     let report = backup::run(&plan, &a.progress, Arc::clone(&a.cancel))
         .await
         .map_err(|e| crate::Error::from(ErrorKind::Backup(Box::new(e))))?;
-    let repo = Repository::open(&cfg.repository)
+    let repo = vsnap_s3::open(&cfg.repository)
         .map_err(|e| crate::Error::from(ErrorKind::Engine(Box::new(e))))?;
     let vms: Vec<VmResult> = report
         .session
@@ -131,7 +131,7 @@ pub(crate) async fn verify(
 ) -> Result<Ended> {
     let engine = |e: vsnap_engine::Error| crate::Error::from(ErrorKind::Engine(Box::new(e)));
     tokio::task::block_in_place(|| {
-        let repo = Repository::open(&svc.config.repository).map_err(engine)?;
+        let repo = vsnap_s3::open(&svc.config.repository).map_err(engine)?;
         let listed = repo.list().map_err(engine)?;
         let mut ids: Vec<String> = match only.filter(|o| !o.is_empty()) {
             Some(ids) => {

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
+pub mod s3;
+
 /// The workspace's `vsnap` binary, built fresh for this test run.
 ///
 /// `cargo test -p vsnap-e2e` alone would not rebuild another package's

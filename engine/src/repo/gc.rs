@@ -26,7 +26,9 @@ pub fn forget(repo: &Repository, ids: &[String]) -> Result<Vec<String>> {
         bases.extend(bases_of(&m));
         gone.push(m.id);
     }
-    repo.tree.sync_dir("snapshots")?;
+    if let super::Backing::Dir(tree) = &repo.backing {
+        tree.sync_dir("snapshots")?;
+    }
     // A base stands for its snapshot's content: with the snapshot gone it
     // can serve no backup. Only a file where vsnap keeps bases, and still
     // the one recorded, is removed.
@@ -90,7 +92,7 @@ pub fn gc(repo: &Repository, wait: bool) -> Result<GcReport> {
             }
         }
     }
-    let tree = &repo.tree;
+    let tree = repo.tree("gc")?;
     let mut freed = 0u64;
     // Removes a name in the tree (a link itself, never what it points
     // at), counting the bytes a regular file held.

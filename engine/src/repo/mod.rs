@@ -18,21 +18,27 @@
 
 pub mod backup;
 pub mod blob;
+mod bucket;
 mod freeze;
 mod gc;
 pub mod index;
 pub mod manifest;
+pub mod objects;
 pub mod pack;
 pub mod retention;
 mod store;
 mod tree;
 pub mod validate;
 
+pub use bucket::{parse_pack_index, DEFAULT_PACK_SIZE, PACK_SIZE_RANGE};
+pub use objects::{ObjectInfo, ObjectStore};
 pub use store::{Listed, Usage};
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+
+use bucket::Bucket;
 
 use tree::Tree;
 
@@ -72,12 +78,25 @@ pub struct Config {
     /// Every index of this repository uses this grid, so identical
     /// content in different disks and snapshots has identical chunks.
     pub chunk_size: u64,
+    /// The size at which a pack is closed and uploaded, in a repository in
+    /// object storage; absent in a local one, which keeps a file a chunk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pack_size: Option<u64>,
+}
+
+/// Where a repository keeps its files.
+#[derive(Debug)]
+enum Backing {
+    /// A local directory: a file per chunk, renamed into place.
+    Dir(Tree),
+    /// Object storage: chunks in packs.
+    Bucket(Box<Bucket>),
 }
 
 #[derive(Debug)]
 pub struct Repository {
     root: PathBuf,
-    tree: Tree,
+    backing: Backing,
     config: Config,
     /// Buffers for chunks' stored bytes, reused across reads: a fresh
     /// zeroed buffer of up to a chunk per read cost restore a fifth of its
@@ -92,7 +111,26 @@ const CONFIG_LIMIT: u64 = 64 << 10;
 /// process dies, so a killed backup never leaves it held).
 #[derive(Debug)]
 pub struct Lock {
-    _file: File,
+    _held: Held,
+}
+
+#[derive(Debug)]
+enum Held {
+    File(#[allow(dead_code)] File),
+    /// A lease object, removed on drop; one left by a backup that died
+    /// is stale once old, by the rule gc applies (docs/repository.md).
+    Lease {
+        store: Arc<dyn ObjectStore>,
+        key: String,
+    },
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Held::Lease { store, key } = self {
+            let _ = store.delete(key);
+        }
+    }
 }
 
 impl Repository {
@@ -122,10 +160,11 @@ impl Repository {
             version: REPO_VERSION,
             id: uuid::Uuid::new_v4(),
             chunk_size,
+            pack_size: None,
         };
         let repo = Repository {
             root: dir.to_path_buf(),
-            tree: Tree::open(dir).ctx_file(dir, "open repository")?,
+            backing: Backing::Dir(Tree::open(dir).ctx_file(dir, "open repository")?),
             config,
             stored: Mutex::default(),
         };
@@ -148,31 +187,91 @@ impl Repository {
         let Some(bytes) = tree.read_small(CONFIG, CONFIG_LIMIT, "open repository")? else {
             return Err(Error::from(ErrorKind::NotARepository { file: CONFIG }).in_file(dir));
         };
-        let config: Config = serde_json::from_slice(&bytes).map_err(|e| {
-            Error::from(ErrorKind::Corrupt {
+        let config = parse_config(&bytes, dir, &path)?;
+        if config.pack_size.is_some() {
+            return Err(Error::from(ErrorKind::Corrupt {
                 what: "repository config",
-                reason: e.to_string(),
-            })
-            .in_file(&path)
-        })?;
-        if config.format != FORMAT_NAME {
-            return Err(Error::from(ErrorKind::NotARepository { file: CONFIG }).in_file(dir));
-        }
-        if config.version != REPO_VERSION {
-            return Err(Error::from(ErrorKind::UnsupportedVersion {
-                what: "repository",
-                found: config.version,
-                expected: REPO_VERSION,
+                reason: "it sets a pack size, which only a repository in object storage has".into(),
             })
             .in_file(&path));
         }
-        crate::digest::DigestPlan::new(0, config.chunk_size).map_err(|e| e.in_file(&path))?;
         Ok(Repository {
             root: dir.to_path_buf(),
-            tree,
+            backing: Backing::Dir(tree),
             config,
             stored: Mutex::default(),
         })
+    }
+
+    /// Makes a new repository in object storage, under a prefix that must
+    /// hold no repository yet. `cache` is the host's cache directory for
+    /// pack indexes (`None`: none is kept).
+    pub fn init_bucket(
+        store: Arc<dyn ObjectStore>,
+        chunk_size: u64,
+        pack_size: u64,
+        cache: Option<&Path>,
+    ) -> Result<Repository> {
+        crate::digest::DigestPlan::new(0, chunk_size)?;
+        let root = PathBuf::from(store.location());
+        check_pack_size(pack_size).map_err(|e| e.in_file(&root))?;
+        let config = Config {
+            format: FORMAT_NAME.into(),
+            version: REPO_VERSION,
+            id: uuid::Uuid::new_v4(),
+            chunk_size,
+            pack_size: Some(pack_size),
+        };
+        let bytes = serde_json::to_vec_pretty(&config).map_err(|e| {
+            Error::from(ErrorKind::InvalidArgument(format!("config: {e}"))).in_file(&root)
+        })?;
+        store.probe()?;
+        if !store.put_new(CONFIG, bytes)? {
+            return Err(Error::from(ErrorKind::InvalidArgument(
+                "a repository is there already; a new one needs a prefix of its own".into(),
+            ))
+            .in_file(&root));
+        }
+        Ok(Repository::bucket(store, config, cache))
+    }
+
+    /// Opens a repository in object storage.
+    pub fn open_bucket(store: Arc<dyn ObjectStore>, cache: Option<&Path>) -> Result<Repository> {
+        let root = PathBuf::from(store.location());
+        let path = root.join(CONFIG);
+        let Some(bytes) = store.get(CONFIG, CONFIG_LIMIT)? else {
+            store.probe()?;
+            return Err(Error::from(ErrorKind::NotARepository { file: CONFIG }).in_file(&root));
+        };
+        let config = parse_config(&bytes, &root, &path)?;
+        let Some(pack_size) = config.pack_size else {
+            return Err(Error::from(ErrorKind::Corrupt {
+                what: "repository config",
+                reason: "it sets no pack size, which a repository in object storage needs".into(),
+            })
+            .in_file(&path));
+        };
+        check_pack_size(pack_size).map_err(|e| e.in_file(&path))?;
+        Ok(Repository::bucket(store, config, cache))
+    }
+
+    fn bucket(store: Arc<dyn ObjectStore>, config: Config, cache: Option<&Path>) -> Repository {
+        let cache = cache.map(|c| c.join(config.id.to_string()).join("packindex"));
+        Repository {
+            root: PathBuf::from(store.location()),
+            backing: Backing::Bucket(Box::new(Bucket::new(
+                store,
+                config.pack_size.unwrap_or(DEFAULT_PACK_SIZE),
+                cache,
+            ))),
+            config,
+            stored: Mutex::default(),
+        }
+    }
+
+    /// Whether this repository is in object storage.
+    pub fn is_bucket(&self) -> bool {
+        matches!(self.backing, Backing::Bucket(_))
     }
 
     pub fn root(&self) -> &Path {
@@ -184,26 +283,61 @@ impl Repository {
     }
 
     /// The lock file, opened without following a link.
-    fn lock_file(&self) -> Result<(File, PathBuf)> {
+    fn lock_file(&self, tree: &Tree) -> Result<(File, PathBuf)> {
         let path = self.root.join("lock");
-        match self.tree.open_regular("lock", "open lock file")? {
+        match tree.open_regular("lock", "open lock file")? {
             Some((file, _)) => Ok((file, path)),
-            None => Err(self.tree.missing("lock", "open lock file")),
+            None => Err(tree.missing("lock", "open lock file")),
         }
     }
 
-    /// Held by every backup for its whole run.
+    /// Held by every backup for its whole run: a shared flock in a local
+    /// repository, a lease object in a bucket.
     pub fn lock_shared(&self) -> Result<Lock> {
-        let (file, path) = self.lock_file()?;
-        file.lock_shared().ctx_file(&path, "lock repository")?;
-        Ok(Lock { _file: file })
+        match &self.backing {
+            Backing::Dir(tree) => {
+                let (file, path) = self.lock_file(tree)?;
+                file.lock_shared().ctx_file(&path, "lock repository")?;
+                Ok(Lock {
+                    _held: Held::File(file),
+                })
+            }
+            Backing::Bucket(b) => {
+                let key = format!(
+                    "{}{}.{}.{}.json",
+                    bucket::LEASES,
+                    host_name(),
+                    std::process::id(),
+                    uuid::Uuid::new_v4().simple()
+                );
+                let body = serde_json::json!({
+                    "host": host_name(),
+                    "pid": std::process::id(),
+                    "started": chrono::Utc::now().to_rfc3339(),
+                });
+                b.store().put(&key, body.to_string().into_bytes())?;
+                Ok(Lock {
+                    _held: Held::Lease {
+                        store: b.shared_store(),
+                        key,
+                    },
+                })
+            }
+        }
     }
 
     /// Held by gc while it deletes: no backup runs meanwhile, so none can
     /// be relying on a chunk gc is about to remove. `None` when `wait` is
     /// false and a backup holds the lock.
     pub fn lock_exclusive(&self, wait: bool) -> Result<Option<Lock>> {
-        let (file, path) = self.lock_file()?;
+        let Backing::Dir(tree) = &self.backing else {
+            return Err(Error::from(ErrorKind::InvalidArgument(
+                "gc of a repository in object storage is not built yet; its packs stay until it is"
+                    .into(),
+            ))
+            .in_file(&self.root));
+        };
+        let (file, path) = self.lock_file(tree)?;
         if wait {
             file.lock().ctx_file(&path, "lock repository")?;
         } else {
@@ -215,7 +349,9 @@ impl Repository {
                 }
             }
         }
-        Ok(Some(Lock { _file: file }))
+        Ok(Some(Lock {
+            _held: Held::File(file),
+        }))
     }
 
     /// A fresh name under `tmp/`, unique across processes.
@@ -233,12 +369,28 @@ impl Repository {
     /// the file before the rename and the directory after it; `Later` only
     /// starts writeback, leaving durability to the backup's one
     /// [`Repository::sync_all`].
+    ///
+    /// In a bucket the object is created with a conditional put: one there
+    /// already is left alone, which for a name that is a hash is the same
+    /// content, and for a manifest (`Now`) is refused.
     fn place(&self, rel: &str, parts: &[&[u8]], durable: Durable) -> Result<()> {
+        let tree = match &self.backing {
+            Backing::Dir(tree) => tree,
+            Backing::Bucket(b) => {
+                let created = b.store().put_new(rel, parts.concat())?;
+                return match durable {
+                    Durable::Now if !created => {
+                        Err(Error::from(ErrorKind::Exists(b.display(rel))).during("create"))
+                    }
+                    _ => Ok(()),
+                };
+            }
+        };
         let tmp = self.tmp_rel(durable.tag());
-        let tmp_path = self.tree.display(&tmp);
+        let tmp_path = tree.display(&tmp);
         let mut created = false;
         let outcome = (|| {
-            let f = self.tree.create_new(&tmp, "create")?;
+            let f = tree.create_new(&tmp, "create")?;
             created = true;
             let mut at = 0u64;
             for part in parts {
@@ -249,32 +401,71 @@ impl Repository {
                 Durable::Now => f.sync_all().ctx_file(&tmp_path, "flush")?,
                 Durable::Later(_) => crate::io::start_writeback(&f),
             }
-            self.tree.rename(&tmp, rel, "rename into place")?;
+            tree.rename(&tmp, rel, "rename into place")?;
             created = false;
             match durable {
-                Durable::Now => self
-                    .tree
-                    .sync_dir(rel.rsplit_once('/').map_or("", |(d, _)| d)),
+                Durable::Now => tree.sync_dir(rel.rsplit_once('/').map_or("", |(d, _)| d)),
                 Durable::Later(_) => Ok(()),
             }
         })();
         if created {
-            let _ = self.tree.remove(&tmp, "remove temporary file");
+            let _ = tree.remove(&tmp, "remove temporary file");
         }
         outcome
     }
 
-    /// Makes everything written so far durable: chunk data and the renames
-    /// that named them.
+    /// Makes everything written so far durable, and in a bucket findable:
+    /// chunk data and the renames that named them, or the open pack and
+    /// the pack index of every pack uploaded.
     pub fn sync_all(&self) -> Result<()> {
-        let f = File::from(
-            self.tree
-                .root()
-                .try_clone()
-                .ctx_file(&self.root, "open repository")?,
-        );
-        crate::io::sync_filesystem(&f).ctx_file(&self.root, "flush repository")
+        match &self.backing {
+            Backing::Dir(tree) => {
+                let f = File::from(
+                    tree.root()
+                        .try_clone()
+                        .ctx_file(&self.root, "open repository")?,
+                );
+                crate::io::sync_filesystem(&f).ctx_file(&self.root, "flush repository")
+            }
+            Backing::Bucket(b) => b.flush(),
+        }
     }
+}
+
+/// The config's bytes, checked: its format, version and chunk size.
+fn parse_config(bytes: &[u8], root: &Path, path: &Path) -> Result<Config> {
+    let config: Config = serde_json::from_slice(bytes).map_err(|e| {
+        Error::from(ErrorKind::Corrupt {
+            what: "repository config",
+            reason: e.to_string(),
+        })
+        .in_file(path)
+    })?;
+    if config.format != FORMAT_NAME {
+        return Err(Error::from(ErrorKind::NotARepository { file: CONFIG }).in_file(root));
+    }
+    if config.version != REPO_VERSION {
+        return Err(Error::from(ErrorKind::UnsupportedVersion {
+            what: "repository",
+            found: config.version,
+            expected: REPO_VERSION,
+        })
+        .in_file(path));
+    }
+    crate::digest::DigestPlan::new(0, config.chunk_size).map_err(|e| e.in_file(path))?;
+    Ok(config)
+}
+
+fn check_pack_size(size: u64) -> Result<()> {
+    if PACK_SIZE_RANGE.contains(&size) {
+        return Ok(());
+    }
+    Err(ErrorKind::InvalidArgument(format!(
+        "a pack size of {size} bytes is outside {}..={} (1 MiB to 1 GiB)",
+        PACK_SIZE_RANGE.start(),
+        PACK_SIZE_RANGE.end()
+    ))
+    .into())
 }
 
 /// When a file written by [`Repository::place`] must be on disk.

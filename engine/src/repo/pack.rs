@@ -241,14 +241,15 @@ impl PackBuilder {
 
     /// Appends chunk `id`'s blob (its whole envelope, as
     /// [`super::blob::encode_header`] and the payload make it).
-    pub fn push(&mut self, id: blake3::Hash, blob: &[u8]) -> Result<()> {
-        let length = u32::try_from(blob.len())
+    /// `parts` are the blob's pieces (header, payload), back to back.
+    pub fn push(&mut self, id: blake3::Hash, parts: &[&[u8]]) -> Result<()> {
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        let length = u32::try_from(total)
             .ok()
             .filter(|&l| l as usize >= HEADER_LEN)
             .ok_or_else(|| {
                 ErrorKind::InvalidArgument(format!(
-                    "a packed blob is {} bytes; it must hold a header and fit in 4 GiB",
-                    blob.len()
+                    "a packed blob is {total} bytes; it must hold a header and fit in 4 GiB"
                 ))
             })?;
         if self.entries.len() as u64 >= MAX_ENTRIES {
@@ -258,9 +259,11 @@ impl PackBuilder {
             id,
             offset: self.bytes.len() as u64,
             length,
-            crc: crc32c::crc32c(blob),
+            crc: parts.iter().fold(0, |crc, p| crc32c::crc32c_append(crc, p)),
         });
-        self.bytes.extend_from_slice(blob);
+        for p in parts {
+            self.bytes.extend_from_slice(p);
+        }
         Ok(())
     }
 
@@ -273,8 +276,9 @@ impl PackBuilder {
         self.entries.is_empty()
     }
 
-    pub fn contains(&self, id: &blake3::Hash) -> bool {
-        self.entries.iter().any(|e| e.id == *id)
+    /// The chunks added so far, in order.
+    pub fn ids(&self) -> impl Iterator<Item = blake3::Hash> + '_ {
+        self.entries.iter().map(|e| e.id)
     }
 
     /// The finished pack's bytes, its name (their BLAKE3) and its entries.
@@ -343,7 +347,7 @@ mod tests {
         let mut blobs = Vec::new();
         for (i, &n) in sizes.iter().enumerate() {
             let (id, b) = blob(i as u8, n);
-            p.push(id, &b).unwrap();
+            p.push(id, &[&b]).unwrap();
             blobs.push(b);
         }
         let (bytes, name, entries) = p.finish();

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use super::blob::{self, BlobKind, Encoding, HEADER_LEN};
 use super::index::Index;
 use super::manifest::{Disk, Manifest};
-use super::tree::Kind;
-use super::{Durable, Repository};
+use super::tree::{Kind, Tree};
+use super::{Backing, Durable, Repository};
 use crate::error::{Error, ErrorKind, Result};
 use crate::pipeline::Stored;
 
@@ -58,7 +58,30 @@ impl Repository {
 
     /// Where a chunk is stored, for messages.
     pub fn chunk_path(&self, id: &blake3::Hash) -> PathBuf {
-        self.tree.display(&Self::chunk_rel(id))
+        match &self.backing {
+            Backing::Dir(tree) => tree.display(&Self::chunk_rel(id)),
+            Backing::Bucket(b) => b.display(&format!("{}…/{}", super::bucket::PACKS, id.to_hex())),
+        }
+    }
+
+    /// A name in the repository, for messages.
+    fn display(&self, rel: &str) -> PathBuf {
+        match &self.backing {
+            Backing::Dir(tree) => tree.display(rel),
+            Backing::Bucket(b) => b.display(rel),
+        }
+    }
+
+    /// The local directory's tree; an error naming `op` for a repository
+    /// in object storage, for the operations only a directory has.
+    pub(super) fn tree(&self, op: &'static str) -> Result<&Tree> {
+        match &self.backing {
+            Backing::Dir(tree) => Ok(tree),
+            Backing::Bucket(_) => Err(Error::from(ErrorKind::InvalidArgument(format!(
+                "{op} is not built yet for a repository in object storage"
+            )))
+            .in_file(&self.root)),
+        }
     }
 
     fn manifest_rel(id: &str) -> String {
@@ -71,7 +94,11 @@ impl Repository {
     /// so the next backup writes the chunk again (its rename replaces the
     /// name, and never follows it).
     pub fn has_chunk(&self, id: &blake3::Hash) -> Result<bool> {
-        let Some(file) = self.open_chunk(id)? else {
+        let tree = match &self.backing {
+            Backing::Dir(tree) => tree,
+            Backing::Bucket(b) => return b.has_chunk(id),
+        };
+        let Some(file) = Self::open_chunk(tree, id)? else {
             return Ok(false);
         };
         let mut head = [0u8; HEADER_LEN];
@@ -87,18 +114,18 @@ impl Repository {
     /// must catch is a chunk moved aside or removed since; reading each
     /// one's header cold cost most of an unchanged backup's time.
     pub fn chunk_in_place(&self, id: &blake3::Hash) -> Result<bool> {
-        Ok(self
-            .open_chunk(id)?
-            .is_some_and(|(_, len)| len >= HEADER_LEN as u64))
+        match &self.backing {
+            Backing::Dir(tree) => {
+                Ok(Self::open_chunk(tree, id)?.is_some_and(|(_, len)| len >= HEADER_LEN as u64))
+            }
+            Backing::Bucket(b) => b.has_chunk(id),
+        }
     }
 
     /// The chunk file `id`, opened; `None` where it is missing, or a link
     /// or special file stands in its place.
-    fn open_chunk(&self, id: &blake3::Hash) -> Result<Option<(std::fs::File, u64)>> {
-        match self
-            .tree
-            .open_regular(&Self::chunk_rel(id), "look up chunk")
-        {
+    fn open_chunk(tree: &Tree, id: &blake3::Hash) -> Result<Option<(std::fs::File, u64)>> {
+        match tree.open_regular(&Self::chunk_rel(id), "look up chunk") {
             Ok(found) => Ok(found),
             Err(e)
                 if matches!(
@@ -121,6 +148,9 @@ impl Repository {
             Stored::Raw => (Encoding::Raw, plain),
         };
         let header = blob::encode_header(BlobKind::Chunk, encoding, payload, plain.len() as u64);
+        if let Backing::Bucket(b) = &self.backing {
+            return b.write_chunk(id, &[&header, payload]);
+        }
         self.place(
             &Self::chunk_rel(id),
             &[&header, payload],
@@ -141,9 +171,20 @@ impl Repository {
         op: &'static str,
         buf: &mut Vec<u8>,
     ) -> Result<()> {
-        let path = self.tree.display(rel);
-        let Some((file, len)) = self.tree.open_regular(rel, op)? else {
-            return Err(self.tree.missing(rel, op));
+        let tree = match &self.backing {
+            Backing::Dir(tree) => tree,
+            Backing::Bucket(b) => {
+                let path = b.display(rel);
+                let Some(bytes) = b.store().get(rel, blob_limit(plain))? else {
+                    return Err(super::bucket::missing(&path, op));
+                };
+                *buf = bytes;
+                return check_blob(kind, buf, plain).map_err(|e| e.in_file(&path).during(op));
+            }
+        };
+        let path = tree.display(rel);
+        let Some((file, len)) = tree.open_regular(rel, op)? else {
+            return Err(tree.missing(rel, op));
         };
         let mut head = [0u8; HEADER_LEN];
         file.read_exact_at(&mut head, 0).map_err(|_| {
@@ -156,34 +197,10 @@ impl Repository {
             .in_file(&path)
             .during(op)
         })?;
-        let header = blob::parse_header(kind, &head).map_err(|e| e.in_file(&path).during(op))?;
-        let name = match kind {
-            BlobKind::Chunk => "chunk",
-            BlobKind::Index => "index",
-        };
-        if header.plain_len != plain {
-            return Err(Error::from(ErrorKind::Corrupt {
-                what: name,
-                reason: format!(
-                    "holds {} bytes of plaintext where {plain} were expected",
-                    header.plain_len
-                ),
-            })
-            .in_file(&path)
-            .during(op));
-        }
-        if header.blob_len() != len {
-            return Err(Error::from(ErrorKind::Truncated {
-                what: name,
-                needed: header.blob_len(),
-                at: 0,
-                available: len,
-            })
-            .in_file(&path)
-            .during(op));
-        }
-        self.tree
-            .read_bounded_into(rel, &file, len, blob_limit(header.plain_len), name, op, buf)
+        let header =
+            check_head(kind, &head, plain, len).map_err(|e| e.in_file(&path).during(op))?;
+        let name = blob_name(kind);
+        tree.read_bounded_into(rel, &file, len, blob_limit(header.plain_len), name, op, buf)
     }
 
     /// Reads a chunk into `out` (its plaintext length), checking its CRC
@@ -191,17 +208,20 @@ impl Repository {
     pub fn read_chunk(&self, id: &blake3::Hash, out: &mut [u8]) -> Result<()> {
         let rel = Self::chunk_rel(id);
         let mut bytes = self.take_stored();
-        let read = self
-            .read_blob(
+        let read = match &self.backing {
+            Backing::Dir(_) => self.read_blob(
                 &rel,
                 BlobKind::Chunk,
                 out.len() as u64,
                 "read chunk",
                 &mut bytes,
-            )
-            .and_then(|()| {
-                check_chunk(id, &bytes, out).map_err(|e| e.in_file(&self.tree.display(&rel)))
-            });
+            ),
+            Backing::Bucket(b) => b.read_chunk_blob(id, &mut bytes).and_then(|()| {
+                check_blob(BlobKind::Chunk, &bytes, out.len() as u64)
+                    .map_err(|e| e.in_file(&self.chunk_path(id)).during("read chunk"))
+            }),
+        }
+        .and_then(|()| check_chunk(id, &bytes, out).map_err(|e| e.in_file(&self.chunk_path(id))));
         self.give_stored(bytes);
         read
     }
@@ -229,8 +249,10 @@ impl Repository {
         let plain = index.to_bytes();
         let digest = blake3::hash(&plain);
         let rel = format!("indexes/{}", digest.to_hex());
-        if let Some((Kind::File, _)) = self.tree.kind(&rel, "look up index")? {
-            return Ok(digest);
+        if let Backing::Dir(tree) = &self.backing {
+            if let Some((Kind::File, _)) = tree.kind(&rel, "look up index")? {
+                return Ok(digest);
+            }
         }
         let (header, payload) = blob::encode(BlobKind::Index, &plain, 3)?;
         self.place(&rel, &[&header, &payload], Durable::Later("index"))?;
@@ -252,7 +274,7 @@ impl Repository {
             .into());
         }
         let rel = format!("indexes/{hex}");
-        let path = self.tree.display(&rel);
+        let path = self.display(&rel);
         let chunk_size = self.config.chunk_size;
         let expected = Index::plain_len(disk.virtual_size, chunk_size, disk.layout());
         let mut bytes = Vec::new();
@@ -293,11 +315,15 @@ impl Repository {
     /// checks its names against the rules of [`super::validate`].
     pub fn read_manifest(&self, id: &str) -> Result<Manifest> {
         let rel = Self::manifest_rel(id);
-        let path = self.tree.display(&rel);
-        let Some(bytes) = self
-            .tree
-            .read_small(&rel, MANIFEST_LIMIT, "read manifest")?
-        else {
+        let path = self.display(&rel);
+        let bytes = match &self.backing {
+            Backing::Dir(tree) => tree.read_small(&rel, MANIFEST_LIMIT, "read manifest")?,
+            Backing::Bucket(b) => b
+                .store()
+                .get(&rel, MANIFEST_LIMIT)
+                .map_err(|e| e.during("read manifest"))?,
+        };
+        let Some(bytes) = bytes else {
             return Err(ErrorKind::NoSuchSnapshot(id.to_owned()).into());
         };
         let m = Manifest::parse(&bytes).map_err(|e| e.in_file(&path))?;
@@ -314,22 +340,36 @@ impl Repository {
     pub fn usage(&self) -> Result<Usage> {
         let mut u = Usage::default();
         let op = "measure the repository";
-        for prefix in self.tree.list("chunks", op)? {
+        let tree = match &self.backing {
+            Backing::Dir(tree) => tree,
+            Backing::Bucket(b) => {
+                u.chunks = b.chunk_count()?;
+                for o in b.store().list(super::bucket::PACKS)? {
+                    u.chunk_bytes += o.size;
+                }
+                for o in b.store().list("indexes/")? {
+                    u.indexes += 1;
+                    u.index_bytes += o.size;
+                }
+                return Ok(u);
+            }
+        };
+        for prefix in tree.list("chunks", op)? {
             if prefix.kind != Kind::Dir {
                 continue;
             }
             let dir = format!("chunks/{}", prefix.name);
-            for e in self.tree.list(&dir, op)? {
+            for e in tree.list(&dir, op)? {
                 if e.kind == Kind::File {
                     u.chunks += 1;
-                    u.chunk_bytes += self.tree.file_size(&format!("{dir}/{}", e.name), op)?;
+                    u.chunk_bytes += tree.file_size(&format!("{dir}/{}", e.name), op)?;
                 }
             }
         }
-        for e in self.tree.list("indexes", op)? {
+        for e in tree.list("indexes", op)? {
             if e.kind == Kind::File {
                 u.indexes += 1;
-                u.index_bytes += self.tree.file_size(&format!("indexes/{}", e.name), op)?;
+                u.index_bytes += tree.file_size(&format!("indexes/{}", e.name), op)?;
             }
         }
         Ok(u)
@@ -337,12 +377,26 @@ impl Repository {
 
     pub fn list(&self) -> Result<Vec<Listed>> {
         let mut out = Vec::new();
-        for entry in self.tree.list("snapshots", "list snapshots")? {
+        let entries = match &self.backing {
+            Backing::Dir(tree) => tree.list("snapshots", "list snapshots")?,
+            Backing::Bucket(b) => b
+                .store()
+                .list("snapshots/")?
+                .into_iter()
+                .filter_map(|o| {
+                    Some(super::tree::Entry {
+                        name: o.key.strip_prefix("snapshots/")?.to_owned(),
+                        kind: Kind::File,
+                    })
+                })
+                .collect(),
+        };
+        for entry in entries {
             let Some(id) = entry.name.strip_suffix(".json") else {
                 continue;
             };
             let rel = Self::manifest_rel(id);
-            let path = self.tree.display(&rel);
+            let path = self.display(&rel);
             let manifest = match entry.kind {
                 Kind::File => self.read_manifest(id),
                 other => Err(Error::from(ErrorKind::NotRegular {
@@ -413,20 +467,26 @@ impl Repository {
 
     /// Removes a snapshot's manifest, by the name its file has.
     pub(super) fn remove_manifest(&self, id: &str) -> Result<()> {
-        self.tree
-            .remove(&Self::manifest_rel(id), "remove manifest")
-            .map(|_| ())
+        let rel = Self::manifest_rel(id);
+        match &self.backing {
+            Backing::Dir(tree) => tree.remove(&rel, "remove manifest").map(|_| ()),
+            Backing::Bucket(b) => b.store().delete(&rel),
+        }
     }
 
     /// Names in the tree that the repository does not put there: links,
     /// special files, files where directories belong and the reverse.
     /// None of them is ever followed; verify reports them as damage.
     pub fn strays(&self) -> Result<Vec<Stray>> {
+        let tree = match &self.backing {
+            Backing::Dir(tree) => tree,
+            Backing::Bucket(b) => return b.strays(),
+        };
         let mut out = Vec::new();
         let mut expect = |rel: &str, kind: Kind, expected: Kind, what: &'static str| {
             if kind != expected {
                 out.push(Stray {
-                    path: self.tree.display(rel),
+                    path: tree.display(rel),
                     found: kind.name(),
                     expected: what,
                 });
@@ -436,7 +496,7 @@ impl Repository {
             }
         };
         let mut dirs = Vec::new();
-        for e in self.tree.list("", "check repository")? {
+        for e in tree.list("", "check repository")? {
             let expected = match e.name.as_str() {
                 "chunks" | "indexes" | "snapshots" | "tmp" => Kind::Dir,
                 _ => Kind::File,
@@ -449,7 +509,7 @@ impl Repository {
         }
         let mut leaves = Vec::new();
         for d in dirs {
-            for e in self.tree.list(&d, "check repository")? {
+            for e in tree.list(&d, "check repository")? {
                 let rel = format!("{d}/{}", e.name);
                 if d == "chunks" {
                     if expect(&rel, e.kind, Kind::Dir, "a chunk directory") {
@@ -461,7 +521,7 @@ impl Repository {
             }
         }
         for d in leaves {
-            for e in self.tree.list(&d, "check repository")? {
+            for e in tree.list(&d, "check repository")? {
                 let rel = format!("{d}/{}", e.name);
                 expect(&rel, e.kind, Kind::File, "a chunk file");
             }
@@ -469,10 +529,24 @@ impl Repository {
         Ok(out)
     }
 
+    /// Pack indexes in the bucket that could not be read, and why (none in
+    /// a local repository): verify reports them, and their chunks count as
+    /// absent.
+    pub fn damaged_pack_indexes(&self) -> Result<Vec<(PathBuf, String)>> {
+        match &self.backing {
+            Backing::Dir(_) => Ok(Vec::new()),
+            Backing::Bucket(b) => b.damaged(),
+        }
+    }
+
     /// A chunk's inode number, for reading in disk order; 0 when it is not
     /// a plain name in the tree.
     pub fn chunk_inode(&self, id: &blake3::Hash) -> u64 {
-        match self.tree.kind(&Self::chunk_rel(id), "look up chunk") {
+        let tree = match &self.backing {
+            Backing::Dir(tree) => tree,
+            Backing::Bucket(b) => return b.chunk_order(id),
+        };
+        match tree.kind(&Self::chunk_rel(id), "look up chunk") {
             Ok(Some((_, ino))) => ino,
             _ => 0,
         }
@@ -480,15 +554,60 @@ impl Repository {
 
     /// Moves a bad chunk aside (`*.bad`), so the next backup that meets its
     /// content stores it again; gc removes it later.
+    ///
+    /// A chunk in a pack cannot be moved alone: in a bucket nothing moves,
+    /// and verify reports the chunk all the same.
     pub fn move_chunk_aside(&self, id: &blake3::Hash) -> Result<bool> {
+        let Backing::Dir(tree) = &self.backing else {
+            return Ok(false);
+        };
         let rel = Self::chunk_rel(id);
-        if self.tree.kind(&rel, "move chunk aside")?.is_none() {
+        if tree.kind(&rel, "move chunk aside")?.is_none() {
             return Ok(false);
         }
-        self.tree
-            .rename(&rel, &format!("{rel}.bad"), "move chunk aside")?;
+        tree.rename(&rel, &format!("{rel}.bad"), "move chunk aside")?;
         Ok(true)
     }
+}
+
+fn blob_name(kind: BlobKind) -> &'static str {
+    match kind {
+        BlobKind::Chunk => "chunk",
+        BlobKind::Index => "index",
+    }
+}
+
+/// Checks a blob's header (its first bytes) against what the reader
+/// expects, before any more of it is read: a plaintext of `plain` bytes,
+/// in a blob of `len`.
+fn check_head(kind: BlobKind, head: &[u8], plain: u64, len: u64) -> Result<blob::Header> {
+    let header = blob::parse_header(kind, head)?;
+    let name = blob_name(kind);
+    if header.plain_len != plain {
+        return Err(ErrorKind::Corrupt {
+            what: name,
+            reason: format!(
+                "holds {} bytes of plaintext where {plain} were expected",
+                header.plain_len
+            ),
+        }
+        .into());
+    }
+    if header.blob_len() != len {
+        return Err(ErrorKind::Truncated {
+            what: name,
+            needed: header.blob_len(),
+            at: 0,
+            available: len,
+        }
+        .into());
+    }
+    Ok(header)
+}
+
+/// [`check_head`] for a blob read whole.
+fn check_blob(kind: BlobKind, bytes: &[u8], plain: u64) -> Result<()> {
+    check_head(kind, bytes, plain, bytes.len() as u64).map(|_| ())
 }
 
 /// Checks a chunk blob's bytes and decodes them into `out`.

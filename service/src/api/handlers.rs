@@ -123,12 +123,10 @@ pub async fn snapshots(State(api): State<Arc<Api>>, Q(q): Q<SnapshotQuery>) -> A
         }
     }
     let root = api.svc.config.repository.clone();
-    let listed = tokio::task::spawn_blocking(move || {
-        vsnap_engine::repo::Repository::open(&root).and_then(|r| r.list())
-    })
-    .await
-    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let listed = tokio::task::spawn_blocking(move || vsnap_s3::open(&root).and_then(|r| r.list()))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let mut out: Vec<Value> = listed
         .into_iter()
         .filter_map(|l| match l.manifest {
@@ -327,12 +325,11 @@ pub async fn metrics(State(api): State<Arc<Api>>) -> Result<impl IntoResponse, A
             .is_some_and(|(at, _)| at.elapsed() < super::USAGE_TTL);
         if !fresh {
             let root = api.svc.config.repository.clone();
-            let measured = tokio::task::spawn_blocking(move || {
-                vsnap_engine::repo::Repository::open(&root).and_then(|r| r.usage())
-            })
-            .await
-            .ok()
-            .and_then(Result::ok);
+            let measured =
+                tokio::task::spawn_blocking(move || vsnap_s3::open(&root).and_then(|r| r.usage()))
+                    .await
+                    .ok()
+                    .and_then(Result::ok);
             if let Some(u) = measured {
                 *cached = Some((std::time::Instant::now(), u));
             }

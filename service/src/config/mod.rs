@@ -4,7 +4,7 @@
 //! listen address. Every error names the file, the line and the key.
 //!
 //! ```toml
-//! repository = "/backups/repo"
+//! repository = "/backups/repo"    # or "s3://BUCKET/PREFIX"
 //! inventory = "/etc/vsnap/inventory.toml"
 //! listen = "127.0.0.1:8420"
 //! state_dir = "/var/lib/vsnap"
@@ -352,7 +352,11 @@ impl Config {
         }
         Ok(Config {
             path: path.to_path_buf(),
-            repository: rel(file.repository.get_ref()),
+            // A bucket's address is not a path to resolve.
+            repository: match file.repository.get_ref() {
+                r if r.to_str().is_some_and(|t| t.starts_with("s3://")) => r.clone(),
+                r => rel(r),
+            },
             vms,
             listen,
             state_dir,

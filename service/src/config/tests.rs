@@ -150,3 +150,16 @@ fn what_toml_itself_refuses_names_the_line() {
         "{e}"
     );
 }
+
+#[test]
+fn a_bucket_address_is_kept_as_written() {
+    let text = "repository = \"s3://backups/site-a\"\n[[vm]]\nname = \"a\"\ndisks = [\"a.vhd\"]\nagent = \"none\"\n";
+    let c = Config::parse(text, Path::new("/etc/vsnap/serve.toml")).unwrap();
+    assert_eq!(c.repository, Path::new("s3://backups/site-a"));
+    let c = Config::parse(
+        &text.replace("s3://backups/site-a", "repo"),
+        Path::new("/etc/vsnap/serve.toml"),
+    )
+    .unwrap();
+    assert_eq!(c.repository, Path::new("/etc/vsnap/repo"));
+}

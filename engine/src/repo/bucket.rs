@@ -1,0 +1,629 @@
+//! A repository in object storage: chunks go into packs
+//! ([`super::pack`]), and pack-index objects say which pack holds which
+//! chunk, so a chunk costs no request of its own.
+//!
+//! ```text
+//! PREFIX/vsnap-repository     the config (JSON), created once
+//! PREFIX/packs/HEX            packs, named by the BLAKE3 of their bytes
+//! PREFIX/packindex/HEX        pack indexes, named by the BLAKE3 of their bytes
+//! PREFIX/indexes/HEX          disk indexes, as in a local repository
+//! PREFIX/snapshots/ID.json    manifests; a snapshot exists once its manifest does
+//! PREFIX/leases/NAME.json     one per running backup (gc reads them)
+//! ```
+//!
+//! Every object but a lease is created with a conditional put and never
+//! replaced, so hosts share a bucket with no lock service. A backup's packs
+//! are uploaded as they fill; its pack index goes up once they all have,
+//! and its manifest once that has: a backup that dies leaves packs no index
+//! lists, which no reader uses and gc removes, and never a snapshot that
+//! names what was not stored.
+//!
+//! A pack index is a header, then a record per pack, little-endian:
+//!
+//! | part | size | field |
+//! |---|---|---|
+//! | header | 24 | magic `VSNAPPIX` 8, version u16 (1), zero 6, number of records u64 |
+//! | record | 48 + T | pack name 32, the pack's length u64, T u64, then the pack's own trailer (T bytes) |
+//!
+//! The trailer is the pack's, byte for byte, so a pack index is checked by
+//! the same parser as a pack, and its records say all a reader needs to
+//! fetch a chunk with one ranged GET. Pack indexes are cached on the host
+//! (they are immutable and named by their hash, so a cached copy whose hash
+//! matches its name is the object).
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+
+use super::objects::ObjectStore;
+use super::pack::{self, PackBuilder, PackEntry};
+use crate::error::{Error, ErrorKind, Result};
+
+pub(super) const PACKS: &str = "packs/";
+pub(super) const PACK_INDEXES: &str = "packindex/";
+pub(super) const LEASES: &str = "leases/";
+
+const MAGIC: &[u8; 8] = b"VSNAPPIX";
+const VERSION: u16 = 1;
+const HEAD_LEN: usize = 24;
+const RECORD_HEAD: usize = 48;
+
+/// A pack index larger than this is refused unread: one backup's index
+/// holds at most [`PACKS_PER_INDEX`] packs' trailers, some 100 MiB at the
+/// largest packs of the smallest chunks.
+const PACK_INDEX_LIMIT: u64 = 1 << 30;
+/// A backup writes a pack index at least every this many packs, so one
+/// that dies after hours has indexed most of what it uploaded.
+const PACKS_PER_INDEX: usize = 1024;
+
+/// The pack sizes a repository may use. Below a mebibyte a pack saves few
+/// requests; above a gibibyte a failed upload costs too much to repeat.
+pub const PACK_SIZE_RANGE: std::ops::RangeInclusive<u64> = (1 << 20)..=(1 << 30);
+/// The default: inside the 16–64 MiB that restic, rustic and kopia use,
+/// 32 PUTs per GiB of new data.
+pub const DEFAULT_PACK_SIZE: u64 = 32 << 20;
+
+/// Where a chunk is: its pack (a number into [`Known::packs`]) and entry.
+#[derive(Debug, Clone, Copy)]
+struct Loc {
+    pack: u32,
+    offset: u64,
+    length: u32,
+    crc: u32,
+}
+
+impl Loc {
+    fn entry(&self, id: blake3::Hash) -> PackEntry {
+        PackEntry {
+            id,
+            offset: self.offset,
+            length: self.length,
+            crc: self.crc,
+        }
+    }
+}
+
+/// Every chunk the pack indexes list.
+#[derive(Debug, Default)]
+struct Known {
+    packs: Vec<blake3::Hash>,
+    pack_numbers: HashMap<blake3::Hash, u32>,
+    chunks: HashMap<blake3::Hash, Loc>,
+    /// Pack indexes that could not be read, and why: their chunks count
+    /// as absent (a backup stores them again) and verify reports them.
+    damaged: Vec<(PathBuf, String)>,
+}
+
+impl Known {
+    fn add(&mut self, pack: blake3::Hash, entries: &[PackEntry]) -> Result<()> {
+        let n = match self.pack_numbers.get(&pack) {
+            Some(&n) => n,
+            None => {
+                let n = u32::try_from(self.packs.len()).map_err(|_| {
+                    Error::from(ErrorKind::InvalidArgument(
+                        "more than 2^32 packs in one repository".into(),
+                    ))
+                })?;
+                self.packs.push(pack);
+                self.pack_numbers.insert(pack, n);
+                n
+            }
+        };
+        for e in entries {
+            // The first pack listed keeps a chunk that two packs hold
+            // (two hosts stored it at once): either copy is the chunk.
+            self.chunks.entry(e.id).or_insert(Loc {
+                pack: n,
+                offset: e.offset,
+                length: e.length,
+                crc: e.crc,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A pack uploaded whose pack index is not yet written.
+#[derive(Debug)]
+struct Uploaded {
+    name: blake3::Hash,
+    len: u64,
+    trailer: Vec<u8>,
+}
+
+#[derive(Debug, Default)]
+struct Writer {
+    open: PackBuilder,
+    /// Chunks in the open pack or in one being uploaded.
+    pending: HashSet<blake3::Hash>,
+    uploaded: Vec<Uploaded>,
+}
+
+#[derive(Debug)]
+pub(super) struct Bucket {
+    store: Arc<dyn ObjectStore>,
+    pack_size: u64,
+    /// This repository's pack-index cache, `None` without a cache directory.
+    cache: Option<PathBuf>,
+    known: RwLock<Option<Known>>,
+    writer: Mutex<Writer>,
+}
+
+fn poisoned() -> Error {
+    Error::worker_panicked()
+}
+
+impl Bucket {
+    pub(super) fn new(store: Arc<dyn ObjectStore>, pack_size: u64, cache: Option<PathBuf>) -> Self {
+        Bucket {
+            store,
+            pack_size,
+            cache,
+            known: RwLock::new(None),
+            writer: Mutex::default(),
+        }
+    }
+
+    pub(super) fn store(&self) -> &dyn ObjectStore {
+        &*self.store
+    }
+
+    pub(super) fn shared_store(&self) -> Arc<dyn ObjectStore> {
+        Arc::clone(&self.store)
+    }
+
+    /// A key's address, for messages.
+    pub(super) fn display(&self, key: &str) -> PathBuf {
+        PathBuf::from(format!("{}/{key}", self.store.location()))
+    }
+
+    /// Reads every pack index once, from the cache where it has them.
+    fn ensure_loaded(&self) -> Result<()> {
+        if self.known.read().map_err(|_| poisoned())?.is_some() {
+            return Ok(());
+        }
+        let mut known = Known::default();
+        for obj in self.store.list(PACK_INDEXES)? {
+            let Some(hex) = obj.key.strip_prefix(PACK_INDEXES) else {
+                continue;
+            };
+            let path = self.display(&obj.key);
+            let parsed = self.read_pack_index(hex, obj.size).and_then(|bytes| {
+                parse_pack_index(&bytes).map_err(|e| e.in_file(&path).during("read pack index"))
+            });
+            match parsed {
+                Ok(packs) => {
+                    for (name, entries) in packs {
+                        known.add(name, &entries)?;
+                    }
+                }
+                // Unreachable or refusing servers stop the command; a
+                // damaged object only means less is known.
+                Err(e) if matches!(e.kind(), ErrorKind::Remote { .. }) => return Err(e),
+                Err(e) => known.damaged.push((path, e.to_string())),
+            }
+        }
+        let mut slot = self.known.write().map_err(|_| poisoned())?;
+        if slot.is_none() {
+            *slot = Some(known);
+        }
+        Ok(())
+    }
+
+    /// A pack index's bytes, checked against its name.
+    fn read_pack_index(&self, hex: &str, size: u64) -> Result<Vec<u8>> {
+        let key = format!("{PACK_INDEXES}{hex}");
+        let path = self.display(&key);
+        let Ok(name) = blake3::Hash::from_hex(hex) else {
+            return Err(Error::from(ErrorKind::Corrupt {
+                what: "pack index",
+                reason: "its name is not a BLAKE3 digest".into(),
+            })
+            .in_file(&path));
+        };
+        let cached = self.cache.as_ref().map(|c| c.join(hex));
+        if let Some(bytes) = cached.as_ref().and_then(|c| std::fs::read(c).ok()) {
+            if blake3::hash(&bytes) == name {
+                return Ok(bytes);
+            }
+        }
+        if size > PACK_INDEX_LIMIT {
+            return Err(Error::from(ErrorKind::TooLarge {
+                what: "pack index",
+                claimed: size,
+                limit: PACK_INDEX_LIMIT,
+            })
+            .in_file(&path));
+        }
+        let Some(bytes) = self.store.get(&key, PACK_INDEX_LIMIT)? else {
+            return Err(missing(&path, "read pack index"));
+        };
+        let computed = blake3::hash(&bytes);
+        if computed != name {
+            return Err(Error::from(ErrorKind::DigestMismatch {
+                what: "pack index",
+                expected: hex.into(),
+                found: computed.to_hex().to_string().into(),
+            })
+            .in_file(&path));
+        }
+        if let Some(c) = cached {
+            // Only a cache: a host that cannot keep it fetches again.
+            let _ = write_cache(&c, &bytes);
+        }
+        Ok(bytes)
+    }
+
+    /// Whether the chunk is stored, or on its way in this process.
+    pub(super) fn has_chunk(&self, id: &blake3::Hash) -> Result<bool> {
+        let in_index = self.with_known(|k| k.chunks.contains_key(id))?;
+        Ok(in_index
+            || self
+                .writer
+                .lock()
+                .map_err(|_| poisoned())?
+                .pending
+                .contains(id))
+    }
+
+    /// A number that orders chunks as they lie in the bucket, pack by pack.
+    pub(super) fn chunk_order(&self, id: &blake3::Hash) -> u64 {
+        self.known
+            .read()
+            .ok()
+            .and_then(|k| {
+                k.as_ref()?
+                    .chunks
+                    .get(id)
+                    .map(|l| (u64::from(l.pack) << 32) | (l.offset >> 8))
+            })
+            .unwrap_or(0)
+    }
+
+    /// Adds a chunk's blob to the open pack, and uploads the pack once it
+    /// is full, from this worker's thread while the others go on. Returns
+    /// the bytes added: none for a chunk stored already.
+    pub(super) fn write_chunk(&self, id: &blake3::Hash, parts: &[&[u8]]) -> Result<u64> {
+        if self.has_chunk(id)? {
+            return Ok(0);
+        }
+        let full = {
+            let mut w = self.writer.lock().map_err(|_| poisoned())?;
+            if !w.pending.insert(*id) {
+                return Ok(0);
+            }
+            w.open.push(*id, parts)?;
+            if w.open.len() >= self.pack_size {
+                Some(std::mem::take(&mut w.open))
+            } else {
+                None
+            }
+        };
+        if let Some(pack) = full {
+            self.upload(pack)?;
+        }
+        Ok(parts.iter().map(|p| p.len() as u64).sum())
+    }
+
+    fn upload(&self, pack: PackBuilder) -> Result<()> {
+        let ids: Vec<blake3::Hash> = pack.ids().collect();
+        let (bytes, name, entries) = pack.finish();
+        let len = bytes.len() as u64;
+        let data_end = entries.last().map_or(0, |e| e.offset + u64::from(e.length));
+        let trailer = bytes[data_end as usize..].to_vec();
+        // The same name is the same bytes: a pack there already is this one.
+        let put = self
+            .store
+            .put_new(&format!("{PACKS}{}", name.to_hex()), bytes);
+        let mut w = self.writer.lock().map_err(|_| poisoned())?;
+        for id in &ids {
+            w.pending.remove(id);
+        }
+        put?;
+        {
+            let mut known = self.known.write().map_err(|_| poisoned())?;
+            known
+                .get_or_insert_with(Known::default)
+                .add(name, &entries)?;
+        }
+        w.uploaded.push(Uploaded { name, len, trailer });
+        let full = w.uploaded.len() >= PACKS_PER_INDEX;
+        drop(w);
+        if full {
+            self.write_pack_index()?;
+        }
+        Ok(())
+    }
+
+    /// Uploads the open pack and then the pack index of every pack this
+    /// process uploaded since the last: after it, every chunk written is
+    /// in the bucket and findable, and a manifest may name it.
+    pub(super) fn flush(&self) -> Result<()> {
+        let open = {
+            let mut w = self.writer.lock().map_err(|_| poisoned())?;
+            std::mem::take(&mut w.open)
+        };
+        if !open.is_empty() {
+            self.upload(open)?;
+        }
+        self.write_pack_index()
+    }
+
+    fn write_pack_index(&self) -> Result<()> {
+        let mut w = self.writer.lock().map_err(|_| poisoned())?;
+        if w.uploaded.is_empty() {
+            return Ok(());
+        }
+        let bytes = encode_pack_index(&w.uploaded);
+        let hex = blake3::hash(&bytes).to_hex();
+        if let Some(c) = &self.cache {
+            let _ = write_cache(&c.join(hex.as_str()), &bytes);
+        }
+        self.store.put_new(&format!("{PACK_INDEXES}{hex}"), bytes)?;
+        w.uploaded.clear();
+        Ok(())
+    }
+
+    /// A chunk's blob, checked against its pack entry's length and CRC.
+    pub(super) fn read_chunk_blob(&self, id: &blake3::Hash, buf: &mut Vec<u8>) -> Result<()> {
+        let found = self.with_known(|k| {
+            let l = k.chunks.get(id)?;
+            Some((*k.packs.get(l.pack as usize)?, l.entry(*id)))
+        })?;
+        let Some((pack, entry)) = found else {
+            return Err(missing(
+                &self.display(&format!("{PACKS}…/{}", id.to_hex())),
+                "read chunk",
+            ));
+        };
+        let key = format!("{PACKS}{}", pack.to_hex());
+        let bytes = self.store.get_range(&key, entry.range())?;
+        entry.check(&bytes).map_err(|e| {
+            e.in_file(&self.display(&key))
+                .at(entry.offset)
+                .during("read chunk")
+        })?;
+        *buf = bytes;
+        Ok(())
+    }
+
+    /// Objects under the prefix whose names the repository does not make:
+    /// verify reports them as damage, and nothing reads them.
+    pub(super) fn strays(&self) -> Result<Vec<super::store::Stray>> {
+        let hex = |s: &str| blake3::Hash::from_hex(s).is_ok();
+        let mut out = Vec::new();
+        for o in self.store.list("")? {
+            let k = o.key.as_str();
+            let expected = if let Some(rest) = k.strip_prefix(PACKS) {
+                (!hex(rest)).then_some("a pack named by its BLAKE3")
+            } else if let Some(rest) = k.strip_prefix(PACK_INDEXES) {
+                (!hex(rest)).then_some("a pack index named by its BLAKE3")
+            } else if let Some(rest) = k.strip_prefix("indexes/") {
+                (!hex(rest)).then_some("an index named by its BLAKE3")
+            } else if let Some(rest) = k.strip_prefix("snapshots/") {
+                (!rest.ends_with(".json") || rest.contains('/')).then_some("a manifest, ID.json")
+            } else if k.starts_with(LEASES) || k == super::CONFIG {
+                None
+            } else {
+                Some("what the repository keeps there")
+            };
+            if let Some(expected) = expected {
+                out.push(super::store::Stray {
+                    path: self.display(k),
+                    found: "object",
+                    expected,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// The pack indexes that could not be read, and why.
+    pub(super) fn damaged(&self) -> Result<Vec<(PathBuf, String)>> {
+        self.with_known(|k| k.damaged.clone())
+    }
+
+    /// The chunks the pack indexes list, for [`super::Repository::usage`].
+    pub(super) fn chunk_count(&self) -> Result<u64> {
+        self.with_known(|k| k.chunks.len() as u64)
+    }
+
+    /// `f` of what the pack indexes say, read first if they are not yet.
+    fn with_known<T>(&self, f: impl FnOnce(&Known) -> T) -> Result<T> {
+        self.ensure_loaded()?;
+        let known = self.known.read().map_err(|_| poisoned())?;
+        Ok(match known.as_ref() {
+            Some(k) => f(k),
+            None => f(&Known::default()),
+        })
+    }
+}
+
+pub(super) fn missing(path: &std::path::Path, op: &'static str) -> Error {
+    Error::io(std::io::Error::from(std::io::ErrorKind::NotFound))
+        .in_file(path)
+        .during(op)
+}
+
+fn write_cache(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().ok_or(std::io::ErrorKind::InvalidInput)?;
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".{}.tmp", uuid::Uuid::new_v4().simple()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
+fn encode_pack_index(packs: &[Uploaded]) -> Vec<u8> {
+    let total: usize = packs.iter().map(|p| RECORD_HEAD + p.trailer.len()).sum();
+    let mut out = Vec::with_capacity(HEAD_LEN + total);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&[0; 6]);
+    out.extend_from_slice(&(packs.len() as u64).to_le_bytes());
+    for p in packs {
+        out.extend_from_slice(p.name.as_bytes());
+        out.extend_from_slice(&p.len.to_le_bytes());
+        out.extend_from_slice(&(p.trailer.len() as u64).to_le_bytes());
+        out.extend_from_slice(&p.trailer);
+    }
+    out
+}
+
+fn corrupt(reason: String) -> Error {
+    ErrorKind::Corrupt {
+        what: "pack index",
+        reason,
+    }
+    .into()
+}
+
+fn le64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_le_bytes(a)
+}
+
+/// The packs a pack index lists, each with its entries; a pure function
+/// that trusts nothing: every record's trailer is parsed as its pack's
+/// would be, and must be exactly as long as it says.
+pub fn parse_pack_index(bytes: &[u8]) -> Result<Vec<(blake3::Hash, Vec<PackEntry>)>> {
+    if bytes.len() < HEAD_LEN {
+        return Err(ErrorKind::Truncated {
+            what: "pack index header",
+            needed: HEAD_LEN as u64,
+            at: 0,
+            available: bytes.len() as u64,
+        }
+        .into());
+    }
+    if &bytes[..8] != MAGIC {
+        return Err(ErrorKind::BadMagic {
+            what: "pack index",
+            expected: "VSNAPPIX",
+            found: String::from_utf8_lossy(&bytes[..8]).into_owned(),
+        }
+        .into());
+    }
+    let version = u16::from_le_bytes([bytes[8], bytes[9]]);
+    if version != VERSION {
+        return Err(ErrorKind::UnsupportedVersion {
+            what: "pack index",
+            found: u32::from(version),
+            expected: u32::from(VERSION),
+        }
+        .into());
+    }
+    if bytes[10..16].iter().any(|&b| b != 0) {
+        return Err(corrupt("reserved bytes of the header are not zero".into()));
+    }
+    let count = le64(&bytes[16..]);
+    let most = (bytes.len() - HEAD_LEN) / (RECORD_HEAD + pack::TAIL_LEN);
+    if count > most as u64 {
+        return Err(corrupt(format!(
+            "it claims {count} packs; {} bytes hold at most {most}",
+            bytes.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(count as usize);
+    let mut seen = HashSet::new();
+    let mut at = HEAD_LEN;
+    for i in 0..count {
+        let rest = &bytes[at..];
+        if rest.len() < RECORD_HEAD {
+            return Err(corrupt(format!("record {i} is cut short at byte {at}")));
+        }
+        let mut name = [0u8; 32];
+        name.copy_from_slice(&rest[..32]);
+        let name = blake3::Hash::from_bytes(name);
+        let pack_len = le64(&rest[32..]);
+        let trailer_len = le64(&rest[40..]);
+        let body = &rest[RECORD_HEAD..];
+        if trailer_len > body.len() as u64 {
+            return Err(corrupt(format!(
+                "record {i} claims a trailer of {trailer_len} bytes; {} remain",
+                body.len()
+            )));
+        }
+        let trailer = &body[..trailer_len as usize];
+        let wanted = pack::trailer_len(trailer, pack_len)
+            .map_err(|e| corrupt(format!("record {i}: {e}")))?;
+        if wanted != trailer_len {
+            return Err(corrupt(format!(
+                "record {i} holds {trailer_len} bytes of trailer; its tail says {wanted}"
+            )));
+        }
+        let entries = pack::parse_trailer(trailer, pack_len)
+            .map_err(|e| corrupt(format!("record {i}: {e}")))?;
+        if !seen.insert(name) {
+            return Err(corrupt(format!("record {i} lists pack {name} again")));
+        }
+        out.push((name, entries));
+        at += RECORD_HEAD + trailer_len as usize;
+    }
+    if at != bytes.len() {
+        return Err(corrupt(format!(
+            "{} bytes follow the last record",
+            bytes.len() - at
+        )));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pack_of(blobs: &[(u8, usize)]) -> Uploaded {
+        let mut b = PackBuilder::new();
+        for &(tag, len) in blobs {
+            let blob = vec![tag; len];
+            b.push(blake3::hash(&blob), &[&blob]).unwrap();
+        }
+        let (bytes, name, entries) = b.finish();
+        let end = entries.last().map_or(0, |e| e.offset + u64::from(e.length)) as usize;
+        Uploaded {
+            name,
+            len: bytes.len() as u64,
+            trailer: bytes[end..].to_vec(),
+        }
+    }
+
+    #[test]
+    fn pack_indexes_round_trip_and_refuse_damage() {
+        let packs = [pack_of(&[(1, 100), (2, 50)]), pack_of(&[(3, 64)])];
+        let bytes = encode_pack_index(&packs);
+        let parsed = parse_pack_index(&bytes).unwrap();
+        assert_eq!(parsed.len(), 2);
+        assert_eq!(parsed[0].0, packs[0].name);
+        assert_eq!(parsed[0].1.len(), 2);
+        assert_eq!(parsed[0].1[1].offset, 100);
+        assert_eq!(parsed[1].1[0].length, 64);
+
+        let kind = |b: &[u8]| parse_pack_index(b).unwrap_err().to_string();
+        assert!(kind(&bytes[..10]).contains("truncated"));
+        let mut bad = bytes.clone();
+        bad[0] = b'X';
+        assert!(kind(&bad).contains("bad magic"));
+        let mut bad = bytes.clone();
+        bad[16] = 200;
+        assert!(kind(&bad).contains("claims 200 packs"));
+        // A flipped entry byte fails the trailer's CRC.
+        let mut bad = bytes.clone();
+        bad[HEAD_LEN + RECORD_HEAD + 40] ^= 1;
+        assert!(kind(&bad).contains("checksum"), "{}", kind(&bad));
+        let mut bad = bytes.clone();
+        bad.push(0);
+        assert!(kind(&bad).contains("1 bytes follow"));
+        let twice = encode_pack_index(&[pack_of(&[(1, 100)]), pack_of(&[(1, 100)])]);
+        assert!(kind(&twice).contains("again"));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn pack_index_parser_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600)) {
+            let _ = parse_pack_index(&bytes);
+        }
+    }
+}
