@@ -297,9 +297,15 @@ snapshot references. Run `vsnap verify`, then forget or repair it.")]
 pub struct GcArgs {
     #[command(flatten)]
     repo: RepoArg,
-    /// Fail at once if a backup is running, instead of waiting for it.
+    /// Fail at once if a backup is running, instead of waiting for it (in
+    /// a directory; in a bucket gc runs beside backups).
     #[arg(long)]
     no_wait: bool,
+    /// In a bucket: nothing younger than this is removed, and packs found
+    /// dead are condemned first and deleted by a gc run at least this much
+    /// later, once every backup that began before the condemnation ended.
+    #[arg(long, value_name = "DURATION", value_parser = crate::units::parse_duration_or_zero, default_value = "1h")]
+    grace: std::time::Duration,
     #[arg(long)]
     json: bool,
     /// Print nothing on success.
@@ -309,9 +315,25 @@ pub struct GcArgs {
 
 pub fn run_gc(args: &GcArgs, out: &mut dyn Write) -> Result<ExitCode> {
     let repo = args.repo.open()?;
-    let report = repo::gc(&repo, !args.no_wait).context("gc failed")?;
+    let opts = repo::GcOptions {
+        wait: !args.no_wait,
+        grace: args.grace,
+    };
+    let report = repo::gc(&repo, &opts).context("gc failed")?;
     if args.json {
         writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+    } else if !args.quiet && repo.is_bucket() {
+        writeln!(
+            out,
+            "{} snapshot(s) kept; condemned {} dead pack(s), removed {} pack(s) and {} index(es), freed {}; {} condemned pack(s) wait for {} running backup(s) or the grace period",
+            report.snapshots,
+            report.packs_condemned,
+            report.packs_removed,
+            report.indexes_removed,
+            human(report.bytes_freed),
+            report.packs_waiting,
+            report.running_backups
+        )?;
     } else if !args.quiet {
         writeln!(
             out,

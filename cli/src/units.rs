@@ -6,8 +6,7 @@ use anyhow::{bail, Context, Result};
 /// Parses a duration as people write one (`500ms`, `10s`, `2m`), more
 /// than zero.
 pub fn parse_duration(text: &str) -> std::result::Result<std::time::Duration, String> {
-    let d = humantime::parse_duration(text.trim())
-        .map_err(|e| format!("not a duration ({e}; say 500ms, 10s or 2m)"))?;
+    let d = parse_duration_or_zero(text)?;
     if d.is_zero() {
         return Err("must be more than zero".into());
     }
@@ -63,6 +62,12 @@ pub fn parse_chunk_size(text: &str) -> std::result::Result<u64, String> {
         return Err("must be a power of two from 1K to 64M".into());
     }
     Ok(n)
+}
+
+/// [`parse_duration`], where zero means "none".
+pub fn parse_duration_or_zero(text: &str) -> std::result::Result<std::time::Duration, String> {
+    humantime::parse_duration(text.trim())
+        .map_err(|e| format!("not a duration ({e}; say 500ms, 10s or 2m)"))
 }
 
 /// `--pack-size`, checked as clap parses it.

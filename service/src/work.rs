@@ -102,7 +102,8 @@ pub(crate) async fn backup(svc: Arc<Service>, job: Job, a: Active) -> Result<End
         }
     }
     if job.gc {
-        if let Err(e) = tokio::task::block_in_place(|| repo::gc(&repo, true)) {
+        if let Err(e) = tokio::task::block_in_place(|| repo::gc(&repo, &repo::GcOptions::default()))
+        {
             return Ok(Ended::failed(
                 format!("the backup succeeded, gc failed: {e}"),
                 vms,

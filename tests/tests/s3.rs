@@ -46,6 +46,46 @@ fn backup(s3: &S3Server, repo: &str, image: &Path) -> Value {
     )
 }
 
+/// `vsnap repo init` of a bucket repository with small chunks and packs.
+fn init(s3: &S3Server, url: &str, chunk: &str, pack: &str) -> String {
+    ok(
+        s3,
+        &[
+            "repo",
+            "init",
+            "--chunk-size",
+            chunk,
+            "--pack-size",
+            pack,
+            url,
+        ],
+    )
+}
+
+/// Restores snapshot `snap` (a backup's JSON report) and checks that the
+/// restore's digests are the backup's.
+fn restores_to_its_digest(s3: &S3Server, url: &str, snap: &Value, dir: &Path) {
+    let id = snap["snapshot"].as_str().unwrap();
+    let out = dir.join(format!("r-{id}.vhd"));
+    let o = ok(
+        s3,
+        &[
+            "restore",
+            "--json",
+            "--repo",
+            url,
+            id,
+            "--to",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        o.contains(snap["disks"][0]["digest"].as_str().unwrap()),
+        "{o}"
+    );
+    std::fs::remove_file(&out).unwrap();
+}
+
 fn count(s3: &S3Server, prefix: &str, dir: &str) -> usize {
     s3.objects(prefix, dir).len()
 }
@@ -61,18 +101,7 @@ fn a_bucket_repository_backs_up_restores_and_verifies_as_a_local_one_does() {
     // 14 MiB of distinct random chunks, holes elsewhere.
     random_vhd(&img, 32 * MIB, 1, &[(0, 10 * MIB), (20 * MIB, 4 * MIB)]);
     let url = "s3://vsnap/site-a";
-    let init = ok(
-        &s3,
-        &[
-            "repo",
-            "init",
-            "--chunk-size",
-            "1M",
-            "--pack-size",
-            "4M",
-            url,
-        ],
-    );
+    let init = init(&s3, url, "1M", "4M");
     assert!(init.contains("packs of 4 MiB"), "{init}");
     let local = dir.path().join("local");
     ok(
@@ -261,18 +290,7 @@ fn damaged_objects_in_the_bucket_are_refused() {
     let img = dir.path().join("a.vhd");
     random_vhd(&img, 8 * MIB, 2, &[(0, 6 * MIB)]);
     let url = "s3://vsnap/hostile";
-    ok(
-        &s3,
-        &[
-            "repo",
-            "init",
-            "--chunk-size",
-            "1M",
-            "--pack-size",
-            "2M",
-            url,
-        ],
-    );
+    init(&s3, url, "1M", "2M");
     let b = backup(&s3, url, &img);
     let snap = b["snapshot"].as_str().unwrap().to_owned();
 
@@ -353,4 +371,200 @@ fn damaged_objects_in_the_bucket_are_refused() {
     let o = run(&s3, &["verify", "-q", "--json", "--repo", url]);
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(v.to_string().contains("packs/not-a-pack"), "{v}");
+}
+
+/// Writes `len` random bytes at `at` into a dynamic VHD through qemu-io.
+fn rewrite(img: &Path, seed: u64, at: u64, len: u64) {
+    let dir = img.parent().unwrap();
+    let src = dir.join(format!("patch-{seed}.raw"));
+    std::fs::write(&src, random_bytes(seed, len as usize)).unwrap();
+    let o = Command::new("qemu-io")
+        .args(["-f", "vpc", "-c"])
+        .arg(format!("write -s {} {at} {len}", src.display()))
+        .arg(img)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::remove_file(&src).unwrap();
+}
+
+#[test]
+fn two_hosts_back_up_into_one_bucket_while_gc_runs_and_nothing_is_lost() {
+    let test = "two_hosts_back_up_into_one_bucket_while_gc_runs_and_nothing_is_lost";
+    let Some(s3) = S3Server::start(test) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let url = "s3://vsnap/fleet";
+    init(&s3, url, "256K", "1M");
+    // Two hosts' disks; a shared region makes them deduplicate into each
+    // other's packs.
+    let images: Vec<_> = ["a", "b"]
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let img = dir.path().join(format!("{n}.vhd"));
+            random_vhd(&img, 8 * MIB, 10 + i as u64, &[(0, 3 * MIB)]);
+            rewrite(&img, 99, 4 * MIB, MIB);
+            img
+        })
+        .collect();
+    let spawn_backup = |host: &str, img: &Path| {
+        s3.env(&mut vsnap_cmd())
+            .env("VSNAP_HOST", host)
+            .args(["backup", "-q", "--json", "--name", host, "--repo", url])
+            .arg(img)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let gc = || {
+        s3.env(&mut vsnap_cmd())
+            .args(["gc", "--json", "--grace", "0s", "--repo", url])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let finish = |c: std::process::Child| -> Value {
+        let o = c.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    // Each host's snapshots, as their backups reported them.
+    let mut kept: Vec<(String, Value)> = Vec::new();
+    let mut removed = 0;
+    let mut condemned = 0;
+    for round in 0..10u64 {
+        // Each host changes a MiB of its disk, so every round leaves
+        // chunks that forget makes dead.
+        for (i, img) in images.iter().enumerate() {
+            rewrite(img, round * 2 + i as u64 + 1000, MIB * (round % 3), MIB);
+        }
+        let a = spawn_backup("host-a", &images[0]);
+        let b = spawn_backup("host-b", &images[1]);
+        let g = gc();
+        for (host, out) in [("host-a", finish(a)), ("host-b", finish(b))] {
+            kept.push((host.to_owned(), out));
+        }
+        let report = finish(g);
+        removed += report["packs_removed"].as_u64().unwrap();
+        condemned += report["packs_condemned"].as_u64().unwrap();
+        // Keep each host's last two snapshots.
+        for host in ["host-a", "host-b"] {
+            let mine: Vec<usize> = (0..kept.len()).filter(|&i| kept[i].0 == host).collect();
+            if mine.len() > 2 {
+                let (_, gone) = kept.remove(mine[0]);
+                ok(
+                    &s3,
+                    &["forget", "--repo", url, gone["snapshot"].as_str().unwrap()],
+                );
+            }
+        }
+        let list: Vec<Value> =
+            serde_json::from_str(&ok(&s3, &["snapshots", "--json", "--repo", url])).unwrap();
+        let mut have: Vec<(String, String)> = list
+            .iter()
+            .map(|m| {
+                (
+                    m["host"].as_str().unwrap().to_owned(),
+                    m["id"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        have.sort();
+        let mut want: Vec<(String, String)> = kept
+            .iter()
+            .map(|(h, v)| (h.clone(), v["snapshot"].as_str().unwrap().to_owned()))
+            .collect();
+        want.sort();
+        assert_eq!(have, want, "round {round}: snapshots lost or left");
+        let v = json(&s3, &["verify", "-q", "--json", "--repo", url]);
+        assert_eq!(v["problems"], serde_json::json!([]), "round {round}: {v}");
+    }
+    // With the backups over, two more runs a second apart delete what
+    // the last rounds condemned.
+    for _ in 0..2 {
+        std::thread::sleep(Duration::from_millis(2100));
+        let report = finish(gc());
+        removed += report["packs_removed"].as_u64().unwrap();
+        condemned += report["packs_condemned"].as_u64().unwrap();
+    }
+    assert!(
+        condemned > 0 && removed > 0,
+        "condemned {condemned}, removed {removed}"
+    );
+    let v = json(&s3, &["verify", "-q", "--json", "--repo", url]);
+    assert_eq!(v["problems"], serde_json::json!([]), "{v}");
+    assert!(
+        s3.objects("fleet", "leases").is_empty(),
+        "leases left behind"
+    );
+    // Every snapshot kept restores to the digest its backup reported.
+    for (_, snap) in &kept {
+        restores_to_its_digest(&s3, url, snap, dir.path());
+    }
+}
+
+#[test]
+fn gc_condemns_first_and_deletes_only_after_every_older_backup_ends() {
+    let test = "gc_condemns_first_and_deletes_only_after_every_older_backup_ends";
+    let Some(s3) = S3Server::start(test) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let url = "s3://vsnap/leases";
+    init(&s3, url, "256K", "1M");
+    let img = dir.path().join("a.vhd");
+    random_vhd(&img, 4 * MIB, 5, &[(0, 2 * MIB)]);
+    let first = backup(&s3, url, &img);
+    let first_id = first["snapshot"].as_str().unwrap().to_owned();
+    rewrite(&img, 6, 0, 2 * MIB);
+    let second = backup(&s3, url, &img);
+    ok(&s3, &["forget", "--repo", url, &first_id]);
+    let packs_before = count(&s3, "leases", "packs");
+
+    // A backup on another host, begun now and still running: its lease.
+    let lease = s3.object_file("leases", "leases/backup.other.1.0.json");
+    std::fs::create_dir_all(lease.parent().unwrap()).unwrap();
+    std::fs::write(&lease, br#"{"kind":"backup","host":"other","pid":1}"#).unwrap();
+    let gc = || -> Value {
+        std::thread::sleep(Duration::from_millis(1100));
+        json(&s3, &["gc", "--json", "--grace", "0s", "--repo", url])
+    };
+    let r = gc();
+    let condemned = r["packs_condemned"].as_u64().unwrap();
+    assert!(condemned >= 2, "{r}");
+    assert_eq!(r["packs_removed"], 0, "{r}");
+    assert_eq!(r["running_backups"], 1, "{r}");
+    assert_eq!(count(&s3, "leases", "condemned"), 1);
+
+    // A backup begun after the condemnation does not reuse its packs: the
+    // first snapshot's content is stored again.
+    rewrite(&img, 5, 0, 2 * MIB);
+    let again = backup(&s3, url, &img);
+    assert!(
+        again["disks"][0]["new_chunks"].as_u64().unwrap() >= 8,
+        "{again}"
+    );
+
+    // The other backup began before the condemnation: nothing goes while
+    // it runs.
+    let r = gc();
+    assert_eq!(r["packs_removed"], 0, "{r}");
+    assert_eq!(r["packs_waiting"], condemned, "{r}");
+    assert_eq!(count(&s3, "leases", "packs"), packs_before + 2);
+
+    // It ends; the condemned packs go, and every snapshot still verifies.
+    std::fs::remove_file(&lease).unwrap();
+    let r = gc();
+    assert_eq!(r["packs_removed"], condemned, "{r}");
+    assert_eq!(count(&s3, "leases", "condemned"), 0);
+    let v = json(&s3, &["verify", "-q", "--json", "--repo", url]);
+    assert_eq!(v["problems"], serde_json::json!([]), "{v}");
+    assert_eq!(v["snapshots"], 2);
+    for snap in [&second, &again] {
+        restores_to_its_digest(&s3, url, snap, dir.path());
+    }
 }

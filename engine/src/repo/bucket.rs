@@ -42,6 +42,39 @@ use crate::error::{Error, ErrorKind, Result};
 pub(super) const PACKS: &str = "packs/";
 pub(super) const PACK_INDEXES: &str = "packindex/";
 pub(super) const LEASES: &str = "leases/";
+pub(super) const CONDEMNED: &str = "condemned/";
+/// A condemnation list is a JSON list of pack names: 64 MiB is a million
+/// packs, far past any one gc's.
+pub(super) const CONDEMNED_LIMIT: u64 = 64 << 20;
+
+/// A condemnation: the packs gc found dead, which no backup that begins
+/// after it is written may reuse, and which a later gc deletes once every
+/// backup that began before it has ended.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub(super) struct Condemned {
+    pub packs: Vec<String>,
+}
+
+/// A condemnation's packs, each name checked.
+pub(super) fn parse_condemned(bytes: &[u8]) -> Result<Vec<blake3::Hash>> {
+    let c: Condemned = serde_json::from_slice(bytes).map_err(|e| {
+        Error::from(ErrorKind::Corrupt {
+            what: "condemnation list",
+            reason: e.to_string(),
+        })
+    })?;
+    c.packs
+        .iter()
+        .map(|p| {
+            blake3::Hash::from_hex(p).map_err(|_| {
+                Error::from(ErrorKind::Corrupt {
+                    what: "condemnation list",
+                    reason: format!("{p:?} is not a pack name"),
+                })
+            })
+        })
+        .collect()
+}
 
 const MAGIC: &[u8; 8] = b"VSNAPPIX";
 const VERSION: u16 = 1;
@@ -89,6 +122,8 @@ struct Known {
     packs: Vec<blake3::Hash>,
     pack_numbers: HashMap<blake3::Hash, u32>,
     chunks: HashMap<blake3::Hash, Loc>,
+    /// Packs a gc condemned: read from, never reused.
+    condemned: HashSet<blake3::Hash>,
     /// Pack indexes that could not be read, and why: their chunks count
     /// as absent (a backup stores them again) and verify reports them.
     damaged: Vec<(PathBuf, String)>,
@@ -123,12 +158,12 @@ impl Known {
     }
 }
 
-/// A pack uploaded whose pack index is not yet written.
-#[derive(Debug)]
-struct Uploaded {
-    name: blake3::Hash,
-    len: u64,
-    trailer: Vec<u8>,
+/// A pack as a pack index records it: its name, length and trailer.
+#[derive(Debug, Clone)]
+pub(super) struct Record {
+    pub name: blake3::Hash,
+    pub len: u64,
+    pub trailer: Vec<u8>,
 }
 
 #[derive(Debug, Default)]
@@ -136,7 +171,7 @@ struct Writer {
     open: PackBuilder,
     /// Chunks in the open pack or in one being uploaded.
     pending: HashSet<blake3::Hash>,
-    uploaded: Vec<Uploaded>,
+    uploaded: Vec<Record>,
 }
 
 #[derive(Debug)]
@@ -203,6 +238,18 @@ impl Bucket {
                 Err(e) => known.damaged.push((path, e.to_string())),
             }
         }
+        for obj in self.store.list(CONDEMNED)? {
+            let path = self.display(&obj.key);
+            let Some(bytes) = self.store.get(&obj.key, CONDEMNED_LIMIT)? else {
+                continue;
+            };
+            match parse_condemned(&bytes) {
+                Ok(packs) => known.condemned.extend(packs),
+                Err(e) => known
+                    .damaged
+                    .push((path.clone(), e.in_file(&path).to_string())),
+            }
+        }
         let mut slot = self.known.write().map_err(|_| poisoned())?;
         if slot.is_none() {
             *slot = Some(known);
@@ -211,7 +258,7 @@ impl Bucket {
     }
 
     /// A pack index's bytes, checked against its name.
-    fn read_pack_index(&self, hex: &str, size: u64) -> Result<Vec<u8>> {
+    pub(super) fn read_pack_index(&self, hex: &str, size: u64) -> Result<Vec<u8>> {
         let key = format!("{PACK_INDEXES}{hex}");
         let path = self.display(&key);
         let Ok(name) = blake3::Hash::from_hex(hex) else {
@@ -256,7 +303,15 @@ impl Bucket {
 
     /// Whether the chunk is stored, or on its way in this process.
     pub(super) fn has_chunk(&self, id: &blake3::Hash) -> Result<bool> {
-        let in_index = self.with_known(|k| k.chunks.contains_key(id))?;
+        // A chunk in a condemned pack is stored again rather than reused:
+        // gc may delete the pack once the backups older than it end.
+        let in_index = self.with_known(|k| {
+            k.chunks.get(id).is_some_and(|l| {
+                k.packs
+                    .get(l.pack as usize)
+                    .is_some_and(|p| !k.condemned.contains(p))
+            })
+        })?;
         Ok(in_index
             || self
                 .writer
@@ -326,7 +381,7 @@ impl Bucket {
                 .get_or_insert_with(Known::default)
                 .add(name, &entries)?;
         }
-        w.uploaded.push(Uploaded { name, len, trailer });
+        w.uploaded.push(Record { name, len, trailer });
         let full = w.uploaded.len() >= PACKS_PER_INDEX;
         drop(w);
         if full {
@@ -402,7 +457,7 @@ impl Bucket {
                 (!hex(rest)).then_some("an index named by its BLAKE3")
             } else if let Some(rest) = k.strip_prefix("snapshots/") {
                 (!rest.ends_with(".json") || rest.contains('/')).then_some("a manifest, ID.json")
-            } else if k.starts_with(LEASES) || k == super::CONFIG {
+            } else if k.starts_with(LEASES) || k.starts_with(CONDEMNED) || k == super::CONFIG {
                 None
             } else {
                 Some("what the repository keeps there")
@@ -455,7 +510,7 @@ fn write_cache(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     })
 }
 
-fn encode_pack_index(packs: &[Uploaded]) -> Vec<u8> {
+pub(super) fn encode_pack_index(packs: &[Record]) -> Vec<u8> {
     let total: usize = packs.iter().map(|p| RECORD_HEAD + p.trailer.len()).sum();
     let mut out = Vec::with_capacity(HEAD_LEN + total);
     out.extend_from_slice(MAGIC);
@@ -489,6 +544,15 @@ fn le64(b: &[u8]) -> u64 {
 /// that trusts nothing: every record's trailer is parsed as its pack's
 /// would be, and must be exactly as long as it says.
 pub fn parse_pack_index(bytes: &[u8]) -> Result<Vec<(blake3::Hash, Vec<PackEntry>)>> {
+    Ok(pack_index_records(bytes)?
+        .into_iter()
+        .map(|(r, entries)| (r.name, entries))
+        .collect())
+}
+
+/// [`parse_pack_index`], keeping each record whole, for gc to write the
+/// records it keeps into a new pack index.
+pub(super) fn pack_index_records(bytes: &[u8]) -> Result<Vec<(Record, Vec<PackEntry>)>> {
     if bytes.len() < HEAD_LEN {
         return Err(ErrorKind::Truncated {
             what: "pack index header",
@@ -559,7 +623,14 @@ pub fn parse_pack_index(bytes: &[u8]) -> Result<Vec<(blake3::Hash, Vec<PackEntry
         if !seen.insert(name) {
             return Err(corrupt(format!("record {i} lists pack {name} again")));
         }
-        out.push((name, entries));
+        out.push((
+            Record {
+                name,
+                len: pack_len,
+                trailer: trailer.to_vec(),
+            },
+            entries,
+        ));
         at += RECORD_HEAD + trailer_len as usize;
     }
     if at != bytes.len() {
@@ -575,7 +646,7 @@ pub fn parse_pack_index(bytes: &[u8]) -> Result<Vec<(blake3::Hash, Vec<PackEntry
 mod tests {
     use super::*;
 
-    fn pack_of(blobs: &[(u8, usize)]) -> Uploaded {
+    fn pack_of(blobs: &[(u8, usize)]) -> Record {
         let mut b = PackBuilder::new();
         for &(tag, len) in blobs {
             let blob = vec![tag; len];
@@ -583,7 +654,7 @@ mod tests {
         }
         let (bytes, name, entries) = b.finish();
         let end = entries.last().map_or(0, |e| e.offset + u64::from(e.length)) as usize;
-        Uploaded {
+        Record {
             name,
             len: bytes.len() as u64,
             trailer: bytes[end..].to_vec(),

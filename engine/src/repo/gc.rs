@@ -44,6 +44,47 @@ fn bases_of(m: &super::Manifest) -> impl Iterator<Item = super::BaseRecord> + '_
         .filter_map(|d| d.tracking.as_ref().and_then(|t| t.base.clone()))
 }
 
+/// What the snapshots reference, as gc's mark finds it.
+pub(super) struct Marked {
+    pub snapshots: usize,
+    pub chunks: HashSet<blake3::Hash>,
+    /// Index names.
+    pub indexes: HashSet<String>,
+    /// Kept clones the snapshots record.
+    pub bases: HashSet<std::path::PathBuf>,
+}
+
+/// Reads every manifest and every index they name. Deleting with a
+/// snapshot unreadable would delete its chunks: a damaged manifest or
+/// index stops gc until verify or forget deals with it.
+pub(super) fn mark(repo: &Repository) -> Result<Marked> {
+    let mut m = Marked {
+        snapshots: 0,
+        chunks: HashSet::new(),
+        indexes: HashSet::new(),
+        bases: HashSet::new(),
+    };
+    for listed in repo.list()? {
+        let manifest = listed
+            .manifest
+            .map_err(|e| e.during("gc: read every manifest"))?;
+        m.snapshots += 1;
+        m.bases.extend(bases_of(&manifest).map(|b| b.path));
+        for disk in &manifest.disks {
+            let index = repo
+                .read_index(disk)
+                .map_err(|e| e.during("gc: read every index"))?;
+            m.indexes.insert(disk.index.clone());
+            for e in &index.entries {
+                if let super::Entry::Data(id) = e {
+                    m.chunks.insert(*id);
+                }
+            }
+        }
+    }
+    Ok(m)
+}
+
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct GcReport {
     pub snapshots: usize,
@@ -56,42 +97,67 @@ pub struct GcReport {
     pub bases_removed: u64,
     /// Bytes freed, chunks, indexes and temporary files together.
     pub bytes_freed: u64,
+    /// In a bucket: packs found dead and condemned by this run, deleted
+    /// by a later one (docs/repository.md has the rule).
+    pub packs_condemned: u64,
+    /// In a bucket: packs deleted, condemned ones and unindexed ones.
+    pub packs_removed: u64,
+    /// In a bucket: condemned packs kept for now, because a backup that
+    /// began before their condemnation still runs or the grace period
+    /// has not passed.
+    pub packs_waiting: u64,
+    /// In a bucket: unindexed packs too young to remove (a running
+    /// backup's, perhaps).
+    pub packs_young: u64,
+    pub pack_indexes_rewritten: u64,
+    pub stale_leases_removed: u64,
+    /// Backups running while gc ran, by their leases.
+    pub running_backups: u64,
+}
+
+/// How gc runs.
+#[derive(Debug, Clone)]
+pub struct GcOptions {
+    /// In a directory: wait for running backups to end; otherwise fail at
+    /// once if one is running.
+    pub wait: bool,
+    /// In a bucket: nothing younger than this is removed or condemned,
+    /// and a condemnation is this old before its packs go.
+    pub grace: std::time::Duration,
+}
+
+/// The default grace period in a bucket.
+pub const DEFAULT_GRACE: std::time::Duration = std::time::Duration::from_secs(3600);
+
+impl Default for GcOptions {
+    fn default() -> Self {
+        GcOptions {
+            wait: true,
+            grace: DEFAULT_GRACE,
+        }
+    }
 }
 
 /// Removes every chunk and index that no snapshot references, and the
 /// temporary files of backups that died. `wait`: wait for running backups
 /// to end; otherwise fail at once if one is running.
-pub fn gc(repo: &Repository, wait: bool) -> Result<GcReport> {
-    let Some(_lock) = repo.lock_exclusive(wait)? else {
+///
+/// In a bucket gc takes no lock: it runs beside backups, by the lease
+/// rule of [`super::bucket_gc`].
+pub fn gc(repo: &Repository, opts: &GcOptions) -> Result<GcReport> {
+    if let super::Backing::Bucket(b) = &repo.backing {
+        return super::bucket_gc::gc(repo, b, opts.grace);
+    }
+    let Some(_lock) = repo.lock_exclusive(opts.wait)? else {
         return Err(Error::from(ErrorKind::InvalidArgument(
             "a backup is running; run gc when it ends, or without --no-wait to wait for it".into(),
         ))
         .in_file(repo.root()));
     };
     let mut report = GcReport::default();
-    let mut chunks: HashSet<blake3::Hash> = HashSet::new();
-    let mut indexes: HashSet<String> = HashSet::new();
-    let mut bases: HashSet<std::path::PathBuf> = HashSet::new();
-    for listed in repo.list()? {
-        // Deleting with a snapshot unreadable would delete its chunks:
-        // a damaged manifest stops gc until verify or forget deals with it.
-        let m = listed
-            .manifest
-            .map_err(|e| e.during("gc: read every manifest"))?;
-        report.snapshots += 1;
-        bases.extend(bases_of(&m).map(|b| b.path));
-        for disk in &m.disks {
-            let index = repo
-                .read_index(disk)
-                .map_err(|e| e.during("gc: read every index"))?;
-            indexes.insert(disk.index.clone());
-            for e in &index.entries {
-                if let super::Entry::Data(id) = e {
-                    chunks.insert(*id);
-                }
-            }
-        }
-    }
+    let marked = mark(repo)?;
+    report.snapshots = marked.snapshots;
+    let (chunks, indexes, bases) = (marked.chunks, marked.indexes, marked.bases);
     let tree = repo.tree("gc")?;
     let mut freed = 0u64;
     // Removes a name in the tree (a link itself, never what it points

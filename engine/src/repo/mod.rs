@@ -19,9 +19,11 @@
 pub mod backup;
 pub mod blob;
 mod bucket;
+mod bucket_gc;
 mod freeze;
 mod gc;
 pub mod index;
+mod lease;
 pub mod manifest;
 pub mod objects;
 pub mod pack;
@@ -49,7 +51,7 @@ pub use backup::{
     SnapshotPlan,
 };
 pub use freeze::{Failure, FreezeRecord, GuestMetrics, Writer};
-pub use gc::{forget, gc, GcReport};
+pub use gc::{forget, gc, GcOptions, GcReport, DEFAULT_GRACE};
 pub use index::{Entry, Index};
 pub use manifest::{BaseRecord, Consistency, Disk, DiskStats, Identity, Manifest, Tracking};
 
@@ -117,20 +119,8 @@ pub struct Lock {
 #[derive(Debug)]
 enum Held {
     File(#[allow(dead_code)] File),
-    /// A lease object, removed on drop; one left by a backup that died
-    /// is stale once old, by the rule gc applies (docs/repository.md).
-    Lease {
-        store: Arc<dyn ObjectStore>,
-        key: String,
-    },
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        if let Held::Lease { store, key } = self {
-            let _ = store.delete(key);
-        }
-    }
+    /// A lease object, kept fresh while held and removed on drop.
+    Lease(#[allow(dead_code)] lease::Lease),
 }
 
 impl Repository {
@@ -302,27 +292,9 @@ impl Repository {
                     _held: Held::File(file),
                 })
             }
-            Backing::Bucket(b) => {
-                let key = format!(
-                    "{}{}.{}.{}.json",
-                    bucket::LEASES,
-                    host_name(),
-                    std::process::id(),
-                    uuid::Uuid::new_v4().simple()
-                );
-                let body = serde_json::json!({
-                    "host": host_name(),
-                    "pid": std::process::id(),
-                    "started": chrono::Utc::now().to_rfc3339(),
-                });
-                b.store().put(&key, body.to_string().into_bytes())?;
-                Ok(Lock {
-                    _held: Held::Lease {
-                        store: b.shared_store(),
-                        key,
-                    },
-                })
-            }
+            Backing::Bucket(b) => Ok(Lock {
+                _held: Held::Lease(lease::Lease::take(b.shared_store(), "backup")?),
+            }),
         }
     }
 
@@ -330,13 +302,8 @@ impl Repository {
     /// be relying on a chunk gc is about to remove. `None` when `wait` is
     /// false and a backup holds the lock.
     pub fn lock_exclusive(&self, wait: bool) -> Result<Option<Lock>> {
-        let Backing::Dir(tree) = &self.backing else {
-            return Err(Error::from(ErrorKind::InvalidArgument(
-                "gc of a repository in object storage is not built yet; its packs stay until it is"
-                    .into(),
-            ))
-            .in_file(&self.root));
-        };
+        // A bucket has no lock to take: gc there works by leases.
+        let tree = self.tree("an exclusive lock")?;
         let (file, path) = self.lock_file(tree)?;
         if wait {
             file.lock().ctx_file(&path, "lock repository")?;
@@ -489,8 +456,16 @@ impl Durable {
 
 use std::os::unix::fs::FileExt;
 
-/// This host's name, as a manifest records who took the snapshot.
+/// This host's name, as a manifest records who took the snapshot:
+/// `$VSNAP_HOST` where set (a container's host name is its own, not the
+/// hypervisor's), else the kernel's.
 pub fn host_name() -> String {
+    if let Ok(h) = std::env::var("VSNAP_HOST") {
+        let h = h.trim();
+        if !h.is_empty() && h.len() <= 253 && !h.chars().any(char::is_control) {
+            return h.to_owned();
+        }
+    }
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_owned())
         .unwrap_or_else(|_| "unknown".into())

@@ -1,0 +1,216 @@
+//! gc of a repository in a bucket, while other hosts back up into it:
+//! no lock, only leases, server times and two steps a grace period apart.
+//!
+//! **The danger.** A backup that meets a chunk a pack index lists reuses
+//! it, and only names it in its manifest at the end. A pack that gc finds
+//! unreferenced may so still be referenced by a backup running now.
+//!
+//! **The rule.** A run of gc, at server time `now`:
+//! 1. *Marks* every chunk and index the manifests name. A manifest it
+//!    cannot read stops it: deleting with a snapshot unread would delete
+//!    that snapshot's chunks.
+//! 2. *Deletes* the packs of every earlier condemnation written at `T`
+//!    when `now - T` is at least the grace period and no live lease began
+//!    at or before `T + 1 s` (S3 times have whole seconds): every backup
+//!    that could have reused them has ended, and its manifest was marked.
+//!    A pack the mark found referenced again is spared. The pack indexes
+//!    that listed the deleted packs are rewritten without them first, so
+//!    no index ever names a pack that is gone.
+//! 3. *Condemns* the indexed packs with no chunk marked, uploaded at least
+//!    the grace period ago: a list under `condemned/` that backups read
+//!    when they start, and whose packs they then never reuse.
+//! 4. *Removes* packs no pack index lists (a backup that died before
+//!    indexing them) and disk indexes no manifest names, when older than
+//!    the grace period and older than every live lease's start: a running
+//!    backup's own uploads are younger than its lease.
+//!
+//! A lease is live while rewritten within [`super::lease::STALE`].
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, SystemTime};
+
+use super::bucket::{self, Bucket, Record, CONDEMNED, CONDEMNED_LIMIT, PACKS, PACK_INDEXES};
+use super::gc::GcReport;
+use super::lease::{self, Lease};
+use super::Repository;
+use crate::error::{Error, ErrorKind, Result};
+
+/// A pack as a pack index lists it: the record, and its entries.
+type Indexed = (Record, Vec<super::pack::PackEntry>);
+
+/// S3 times have whole seconds: a lease that began in the same second as
+/// a condemnation counts as begun before it.
+const CLOCK_GRAIN: Duration = Duration::from_secs(1);
+
+pub(super) fn gc(repo: &Repository, b: &Bucket, grace: Duration) -> Result<GcReport> {
+    let store = b.store();
+    let own = Lease::take(b.shared_store(), "gc")?;
+    let now = own.started;
+    let (leases, stale) = lease::read(store, now)?;
+    let others: Vec<&lease::Live> = leases.iter().filter(|l| l.key != own.key()).collect();
+    let oldest = others.iter().map(|l| l.started).min();
+    let mut report = GcReport::default();
+
+    // 1. Mark.
+    let marked = super::gc::mark(repo)?;
+    report.snapshots = marked.snapshots;
+    let (chunks, indexes) = (marked.chunks, marked.indexes);
+
+    // What the bucket holds: packs, and which pack index lists each.
+    let objects: HashMap<String, (u64, SystemTime)> = store
+        .list(PACKS)?
+        .into_iter()
+        .filter_map(|o| Some((o.key.strip_prefix(PACKS)?.to_owned(), (o.size, o.modified))))
+        .collect();
+    let mut pack_indexes: Vec<(String, Vec<Indexed>)> = Vec::new();
+    for o in store.list(PACK_INDEXES)? {
+        let Some(hex) = o.key.strip_prefix(PACK_INDEXES) else {
+            continue;
+        };
+        let path = b.display(&o.key);
+        // A pack index gc cannot read leaves its packs' fate unknown:
+        // they would look unindexed, and be removed. gc stops instead.
+        let records = b
+            .read_pack_index(hex, o.size)
+            .and_then(|bytes| bucket::pack_index_records(&bytes).map_err(|e| e.in_file(&path)))
+            .map_err(|e| e.during("gc: read every pack index"))?;
+        pack_indexes.push((o.key, records));
+    }
+    let mut live_packs: HashMap<String, bool> = HashMap::new();
+    for (_, records) in &pack_indexes {
+        for (r, entries) in records {
+            let live = entries.iter().any(|e| chunks.contains(&e.id));
+            *live_packs.entry(r.name.to_hex().to_string()).or_default() |= live;
+        }
+    }
+    // Strictly older than `now` by a whole grain too: an object of gc's
+    // own second may be a backup's that began after gc read the leases.
+    let old_enough = |t: SystemTime| t + grace + CLOCK_GRAIN <= now;
+    let before_every_lease = |t: SystemTime| oldest.is_none_or(|o| t + CLOCK_GRAIN < o);
+
+    // 2. Delete what earlier runs condemned, where the rule allows.
+    let mut condemned_before: HashSet<String> = HashSet::new();
+    let mut doomed: HashSet<String> = HashSet::new();
+    let mut done: Vec<String> = Vec::new();
+    for o in store.list(CONDEMNED)? {
+        let packs = match store.get(&o.key, CONDEMNED_LIMIT)? {
+            Some(bytes) => bucket::parse_condemned(&bytes).ok(),
+            None => continue,
+        };
+        // An unreadable list condemns nothing: it is removed, and its
+        // packs are judged again by this run.
+        let Some(packs) = packs else {
+            done.push(o.key);
+            continue;
+        };
+        let names: Vec<String> = packs.iter().map(|p| p.to_hex().to_string()).collect();
+        let settled =
+            old_enough(o.modified) && others.iter().all(|l| l.started > o.modified + CLOCK_GRAIN);
+        if settled {
+            for n in names {
+                if !live_packs.get(&n).copied().unwrap_or(false) {
+                    doomed.insert(n);
+                }
+            }
+            done.push(o.key);
+        } else {
+            report.packs_waiting += names.len() as u64;
+            condemned_before.extend(names);
+        }
+    }
+
+    // The pack indexes that list a doomed pack are rewritten without it,
+    // into one new pack index, before any pack goes.
+    let mut keep: Vec<Record> = Vec::new();
+    let mut rewritten: Vec<String> = Vec::new();
+    for (key, records) in &pack_indexes {
+        if records
+            .iter()
+            .any(|(r, _)| doomed.contains(r.name.to_hex().as_str()))
+        {
+            keep.extend(
+                records
+                    .iter()
+                    .filter(|(r, _)| !doomed.contains(r.name.to_hex().as_str()))
+                    .map(|(r, _)| r.clone()),
+            );
+            rewritten.push(key.clone());
+        }
+    }
+    if !keep.is_empty() {
+        let bytes = bucket::encode_pack_index(&keep);
+        let key = format!("{PACK_INDEXES}{}", blake3::hash(&bytes).to_hex());
+        store.put_new(&key, bytes)?;
+    }
+    for key in &rewritten {
+        store.delete(key)?;
+        report.pack_indexes_rewritten += 1;
+    }
+    for n in &doomed {
+        if let Some((size, _)) = objects.get(n) {
+            store.delete(&format!("{PACKS}{n}"))?;
+            report.packs_removed += 1;
+            report.bytes_freed += size;
+        }
+    }
+    for key in &done {
+        store.delete(key)?;
+    }
+
+    // 3. Condemn the dead packs not yet condemned.
+    let mut fresh: Vec<String> = live_packs
+        .iter()
+        .filter(|(n, live)| {
+            !**live
+                && !doomed.contains(*n)
+                && !condemned_before.contains(*n)
+                && objects.get(*n).is_some_and(|(_, t)| old_enough(*t))
+        })
+        .map(|(n, _)| n.clone())
+        .collect();
+    fresh.sort();
+    if !fresh.is_empty() {
+        report.packs_condemned = fresh.len() as u64;
+        let body = serde_json::to_vec(&bucket::Condemned { packs: fresh }).map_err(|e| {
+            Error::from(ErrorKind::InvalidArgument(format!(
+                "condemnation list: {e}"
+            )))
+        })?;
+        let key = format!("{CONDEMNED}{}.json", uuid::Uuid::new_v4().simple());
+        store.put_new(&key, body)?;
+    }
+
+    // 4. Unindexed packs and unnamed disk indexes, old and older than
+    // every running backup.
+    for (n, (size, t)) in &objects {
+        if live_packs.contains_key(n) {
+            continue;
+        }
+        if old_enough(*t) && before_every_lease(*t) {
+            store.delete(&format!("{PACKS}{n}"))?;
+            report.packs_removed += 1;
+            report.bytes_freed += size;
+        } else {
+            report.packs_young += 1;
+        }
+    }
+    for o in store.list("indexes/")? {
+        let name = o.key.strip_prefix("indexes/").unwrap_or_default();
+        if indexes.contains(name) {
+            continue;
+        }
+        if old_enough(o.modified) && before_every_lease(o.modified) {
+            store.delete(&o.key)?;
+            report.indexes_removed += 1;
+            report.bytes_freed += o.size;
+        }
+    }
+    for key in stale {
+        store.delete(&key)?;
+        report.stale_leases_removed += 1;
+    }
+    report.chunks_kept = chunks.len() as u64;
+    report.running_backups = others.iter().filter(|l| l.kind != "gc").count() as u64;
+    drop(own);
+    Ok(report)
+}
