@@ -17,6 +17,7 @@
 //! Only filesystems the lab made are ever frozen.
 
 pub mod demo;
+pub mod fault_proxy;
 pub mod freeze_bench;
 pub mod guests;
 pub mod loopfs;

@@ -64,21 +64,19 @@ fn init(s3: &S3Server, url: &str, chunk: &str, pack: &str) -> String {
 
 /// Restores snapshot `snap` (a backup's JSON report) and checks that the
 /// restore's digests are the backup's.
-fn restores_to_its_digest(s3: &S3Server, url: &str, snap: &Value, dir: &Path) {
+/// `run` runs a vsnap command that must succeed and returns its stdout.
+fn restores_to_its_digest(run: &dyn Fn(&[&str]) -> String, url: &str, snap: &Value, dir: &Path) {
     let id = snap["snapshot"].as_str().unwrap();
     let out = dir.join(format!("r-{id}.vhd"));
-    let o = ok(
-        s3,
-        &[
-            "restore",
-            "--json",
-            "--repo",
-            url,
-            id,
-            "--to",
-            out.to_str().unwrap(),
-        ],
-    );
+    let o = run(&[
+        "restore",
+        "--json",
+        "--repo",
+        url,
+        id,
+        "--to",
+        out.to_str().unwrap(),
+    ]);
     assert!(
         o.contains(snap["disks"][0]["digest"].as_str().unwrap()),
         "{o}"
@@ -503,7 +501,7 @@ fn two_hosts_back_up_into_one_bucket_while_gc_runs_and_nothing_is_lost() {
     );
     // Every snapshot kept restores to the digest its backup reported.
     for (_, snap) in &kept {
-        restores_to_its_digest(&s3, url, snap, dir.path());
+        restores_to_its_digest(&|a| ok(&s3, a), url, snap, dir.path());
     }
 }
 
@@ -565,6 +563,150 @@ fn gc_condemns_first_and_deletes_only_after_every_older_backup_ends() {
     assert_eq!(v["problems"], serde_json::json!([]), "{v}");
     assert_eq!(v["snapshots"], 2);
     for snap in [&second, &again] {
-        restores_to_its_digest(&s3, url, snap, dir.path());
+        restores_to_its_digest(&|a| ok(&s3, a), url, snap, dir.path());
     }
+}
+
+#[test]
+fn a_faulty_network_is_survived_and_damage_in_transit_never_accepted() {
+    use vsnap_e2e::s3::ACCESS_KEY as KEY;
+    use vsnap_lab::fault_proxy::{FaultProxy, Faults};
+    let test = "a_faulty_network_is_survived_and_damage_in_transit_never_accepted";
+    let Some(s3) = S3Server::start(test) else {
+        return;
+    };
+    let flaky = Faults {
+        drop: 0.03,
+        slow_down: 0.03,
+        internal: 0.03,
+        truncate: 0.03,
+        corrupt_ranges: 0.0,
+        latency: Duration::from_millis(1),
+    };
+    let proxy = FaultProxy::start(([127, 0, 0, 1], s3.port).into(), flaky.clone(), 7).unwrap();
+    let via = |args: &[&str]| -> Output {
+        env_for(&mut vsnap_cmd(), &proxy.endpoint(), KEY, SECRET_KEY)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let via_ok = |args: &[&str]| -> String {
+        let o = via(args);
+        assert!(o.status.success(), "{args:?}: {}{}", stdout(&o), stderr(&o));
+        stdout(&o)
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let url = "s3://vsnap/faulty";
+    let img = dir.path().join("a.vhd");
+    random_vhd(&img, 16 * MIB, 21, &[(0, 12 * MIB)]);
+    via_ok(&[
+        "repo",
+        "init",
+        "--chunk-size",
+        "512K",
+        "--pack-size",
+        "1M",
+        url,
+    ]);
+
+    // Drops, SlowDowns, 500s and cut bodies: every command retries
+    // through them, and the results are exact.
+    let mut snaps = Vec::new();
+    for round in 0..3u64 {
+        rewrite(&img, 300 + round, round * MIB, MIB);
+        let out = via_ok(&[
+            "backup",
+            "-q",
+            "--json",
+            "--name",
+            "vm1",
+            "--repo",
+            url,
+            img.to_str().unwrap(),
+        ]);
+        snaps.push(serde_json::from_str::<Value>(&out).unwrap());
+    }
+    let v: Value =
+        serde_json::from_str(&via_ok(&["verify", "-q", "--json", "--repo", url])).unwrap();
+    assert_eq!(v["problems"], serde_json::json!([]), "{v}");
+    for snap in &snaps {
+        restores_to_its_digest(&via_ok, url, snap, dir.path());
+    }
+    let t = proxy.tally();
+    assert!(t.faults >= 10, "{t:?}");
+
+    // A byte flipped in a fifth of the ranged reads: each damaged blob
+    // fails its CRC and is fetched again; the restore is exact.
+    proxy.set_faults(Faults {
+        corrupt_ranges: 0.2,
+        ..Faults::default()
+    });
+    let before = proxy.tally().faults;
+    let last = &snaps[2];
+    let id = last["snapshot"].as_str().unwrap();
+    restores_to_its_digest(&via_ok, url, last, dir.path());
+    assert!(proxy.tally().faults > before);
+
+    // Every ranged read damaged: refused, never written out.
+    proxy.set_faults(Faults {
+        corrupt_ranges: 1.0,
+        ..Faults::default()
+    });
+    let out = dir.path().join("never.vhd");
+    let o = via(&["restore", "--repo", url, id, "--to", out.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("bad packed blob checksum"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!out.exists());
+    let o = via(&["verify", "-q", "--json", "--repo", url]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+
+    // A backup killed while it uploads leaves no snapshot, and the
+    // repository verifies clean.
+    proxy.set_faults(Faults {
+        latency: Duration::from_millis(60),
+        ..Faults::default()
+    });
+    rewrite(&img, 400, 0, 8 * MIB);
+    let mut child = env_for(&mut vsnap_cmd(), &proxy.endpoint(), KEY, SECRET_KEY)
+        .args(["backup", "-q", "--name", "vm1", "--repo", url])
+        .arg(&img)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(900));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let list: Vec<Value> =
+        serde_json::from_str(&ok(&s3, &["snapshots", "--json", "--repo", url])).unwrap();
+    assert_eq!(list.len(), 3);
+    let v = json(&s3, &["verify", "-q", "--json", "--repo", url]);
+    assert_eq!(v["problems"], serde_json::json!([]), "{v}");
+
+    // A server that only fails: the backup gives up with the server's
+    // answer, and leaves no snapshot.
+    proxy.set_faults(Faults {
+        internal: 1.0,
+        ..Faults::default()
+    });
+    let t0 = Instant::now();
+    let o = via(&[
+        "backup",
+        "-q",
+        "--name",
+        "vm1",
+        "--repo",
+        url,
+        img.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("InternalError"), "{}", stderr(&o));
+    assert!(t0.elapsed() < Duration::from_secs(60), "{:?}", t0.elapsed());
+    let list: Vec<Value> =
+        serde_json::from_str(&ok(&s3, &["snapshots", "--json", "--repo", url])).unwrap();
+    assert_eq!(list.len(), 3);
 }

@@ -89,6 +89,9 @@ const PACK_INDEX_LIMIT: u64 = 1 << 30;
 /// that dies after hours has indexed most of what it uploaded.
 const PACKS_PER_INDEX: usize = 1024;
 
+/// How often a blob whose CRC fails is fetched before it is refused.
+const READ_ATTEMPTS: u32 = 3;
+
 /// The pack sizes a repository may use. Below a mebibyte a pack saves few
 /// requests; above a gibibyte a failed upload costs too much to repeat.
 pub const PACK_SIZE_RANGE: std::ops::RangeInclusive<u64> = (1 << 20)..=(1 << 30);
@@ -432,14 +435,25 @@ impl Bucket {
             ));
         };
         let key = format!("{PACKS}{}", pack.to_hex());
-        let bytes = self.store.get_range(&key, entry.range())?;
-        entry.check(&bytes).map_err(|e| {
-            e.in_file(&self.display(&key))
-                .at(entry.offset)
-                .during("read chunk")
-        })?;
-        *buf = bytes;
-        Ok(())
+        // A blob that fails its CRC may have been damaged on the way: it
+        // is fetched again, and refused only if it fails every time.
+        let mut attempt = 0;
+        loop {
+            let bytes = self.store.get_range(&key, entry.range())?;
+            match entry.check(&bytes) {
+                Ok(()) => {
+                    *buf = bytes;
+                    return Ok(());
+                }
+                Err(e) if attempt + 1 >= READ_ATTEMPTS => {
+                    return Err(e
+                        .in_file(&self.display(&key))
+                        .at(entry.offset)
+                        .during("read chunk"))
+                }
+                Err(_) => attempt += 1,
+            }
+        }
     }
 
     /// Objects under the prefix whose names the repository does not make:

@@ -137,6 +137,10 @@ pub(super) fn gc(repo: &Repository, b: &Bucket, grace: Duration) -> Result<GcRep
             rewritten.push(key.clone());
         }
     }
+    // Two hosts that stored the same chunks in the same order made the
+    // same pack, and each listed it: it is written once.
+    let mut seen = HashSet::new();
+    keep.retain(|r| seen.insert(r.name));
     if !keep.is_empty() {
         let bytes = bucket::encode_pack_index(&keep);
         let key = format!("{PACK_INDEXES}{}", blake3::hash(&bytes).to_hex());

@@ -216,7 +216,7 @@ impl Repository {
             Error::from(ErrorKind::InvalidArgument(format!("config: {e}"))).in_file(&root)
         })?;
         store.probe()?;
-        if !store.put_new(CONFIG, bytes)? {
+        if !store.put_new(CONFIG, bytes.clone())? && !already(&*store, CONFIG, &bytes) {
             return Err(Error::from(ErrorKind::InvalidArgument(
                 "a repository is there already; a new one needs a prefix of its own".into(),
             ))
@@ -344,9 +344,10 @@ impl Repository {
         let tree = match &self.backing {
             Backing::Dir(tree) => tree,
             Backing::Bucket(b) => {
-                let created = b.store().put_new(rel, parts.concat())?;
+                let bytes = parts.concat();
+                let created = b.store().put_new(rel, bytes.clone())?;
                 return match durable {
-                    Durable::Now if !created => {
+                    Durable::Now if !created && !already(b.store(), rel, &bytes) => {
                         Err(Error::from(ErrorKind::Exists(b.display(rel))).during("create"))
                     }
                     _ => Ok(()),
@@ -397,6 +398,18 @@ impl Repository {
             Backing::Bucket(b) => b.flush(),
         }
     }
+}
+
+/// Whether `key` holds exactly `bytes`: a conditional create refused
+/// because an earlier try of the same request took effect and only its
+/// answer was lost, and the client's retry met the object it had made.
+fn already(store: &dyn ObjectStore, key: &str, bytes: &[u8]) -> bool {
+    let limit = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
+    store
+        .get(key, limit)
+        .ok()
+        .flatten()
+        .is_some_and(|b| b == bytes)
 }
 
 /// The config's bytes, checked: its format, version and chunk size.

@@ -1,0 +1,270 @@
+//! A fault-injecting HTTP proxy for an S3 server on loopback: it drops
+//! connections (before the request reaches the server, or after, so the
+//! request took effect and its answer was lost), answers 503 SlowDown and
+//! 500 InternalError, truncates response bodies, flips a byte in ranged
+//! reads' bodies, and adds latency, each at a rate of its own, drawn from a
+//! seeded generator. It counts requests by kind, so benchmarks read PUT and
+//! GET counts off it too.
+//!
+//! Requests pass through unchanged, their `Host` header included, so the
+//! server checks the signatures the client made for the proxy's address.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+use crate::rng::Rng;
+
+/// How often each fault happens, as a fraction of requests (0 to 1).
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    /// The connection is closed without an answer.
+    pub drop: f64,
+    /// 503 SlowDown, the server's request-rate limit.
+    pub slow_down: f64,
+    /// 500 InternalError.
+    pub internal: f64,
+    /// The answer's body is cut short of its Content-Length.
+    pub truncate: f64,
+    /// One byte of a ranged read's body is flipped.
+    pub corrupt_ranges: f64,
+    /// Added to every request.
+    pub latency: Duration,
+}
+
+/// Requests seen and faults made.
+#[derive(Debug, Default)]
+pub struct Counts {
+    pub get: AtomicU64,
+    pub put: AtomicU64,
+    pub list: AtomicU64,
+    pub delete: AtomicU64,
+    pub other: AtomicU64,
+    pub faults: AtomicU64,
+}
+
+/// A snapshot of [`Counts`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Tally {
+    pub get: u64,
+    pub put: u64,
+    pub list: u64,
+    pub delete: u64,
+    pub other: u64,
+    pub faults: u64,
+}
+
+struct Shared {
+    upstream: SocketAddr,
+    faults: Mutex<Faults>,
+    rng: Mutex<Rng>,
+    counts: Counts,
+    client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+}
+
+/// The proxy, serving on 127.0.0.1 until dropped.
+pub struct FaultProxy {
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl std::fmt::Debug for FaultProxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FaultProxy")
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+enum Fault {
+    None,
+    DropBefore,
+    DropAfter,
+    SlowDown,
+    Internal,
+    Truncate,
+    Corrupt,
+}
+
+impl FaultProxy {
+    /// Listens on an ephemeral port of 127.0.0.1 and forwards to `upstream`.
+    pub fn start(upstream: SocketAddr, faults: Faults, seed: u64) -> std::io::Result<FaultProxy> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            upstream,
+            faults: Mutex::new(faults),
+            rng: Mutex::new(Rng::new(seed)),
+            counts: Counts::default(),
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        });
+        let s = Arc::clone(&shared);
+        runtime.spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let s = Arc::clone(&s);
+                tokio::spawn(async move {
+                    let service =
+                        hyper::service::service_fn(move |req| handle(Arc::clone(&s), req));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Ok(FaultProxy {
+            addr,
+            shared,
+            runtime: Some(runtime),
+        })
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Changes the faults from the next request on.
+    pub fn set_faults(&self, faults: Faults) {
+        if let Ok(mut f) = self.shared.faults.lock() {
+            *f = faults;
+        }
+    }
+
+    pub fn tally(&self) -> Tally {
+        let c = &self.shared.counts;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Tally {
+            get: l(&c.get),
+            put: l(&c.put),
+            list: l(&c.list),
+            delete: l(&c.delete),
+            other: l(&c.other),
+            faults: l(&c.faults),
+        }
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+fn s3_error(status: StatusCode, code: &str) -> Response<Full<Bytes>> {
+    let body = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code><Message>injected by the fault proxy</Message></Error>"
+    );
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r
+}
+
+fn pick(s: &Shared, ranged: bool) -> (Fault, Duration) {
+    let (Ok(f), Ok(mut rng)) = (s.faults.lock(), s.rng.lock()) else {
+        return (Fault::None, Duration::ZERO);
+    };
+    let roll = rng.below(1_000_000) as f64 / 1_000_000.0;
+    let mut edge = 0.0;
+    let mut hit = |rate: f64| {
+        edge += rate;
+        roll < edge
+    };
+    let fault = if hit(f.drop / 2.0) {
+        Fault::DropBefore
+    } else if hit(f.drop / 2.0) {
+        Fault::DropAfter
+    } else if hit(f.slow_down) {
+        Fault::SlowDown
+    } else if hit(f.internal) {
+        Fault::Internal
+    } else if hit(f.truncate) {
+        Fault::Truncate
+    } else if ranged && hit(f.corrupt_ranges) {
+        Fault::Corrupt
+    } else {
+        Fault::None
+    };
+    (fault, f.latency)
+}
+
+/// A dropped connection: hyper closes it when the service fails.
+#[derive(Debug)]
+struct Dropped;
+
+impl std::fmt::Display for Dropped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("connection dropped by the fault proxy")
+    }
+}
+
+impl std::error::Error for Dropped {}
+
+async fn handle(s: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Dropped> {
+    let c = &s.counts;
+    let counter = match *req.method() {
+        hyper::Method::GET if req.uri().query().is_some_and(|q| q.contains("list-type")) => &c.list,
+        hyper::Method::GET | hyper::Method::HEAD => &c.get,
+        hyper::Method::PUT => &c.put,
+        hyper::Method::DELETE => &c.delete,
+        _ => &c.other,
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    let ranged = req.headers().contains_key(hyper::header::RANGE);
+    let (fault, latency) = pick(&s, ranged);
+    if !matches!(fault, Fault::None) {
+        c.faults.fetch_add(1, Ordering::Relaxed);
+    }
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    match fault {
+        Fault::DropBefore => return Err(Dropped),
+        Fault::SlowDown => return Ok(s3_error(StatusCode::SERVICE_UNAVAILABLE, "SlowDown")),
+        Fault::Internal => return Ok(s3_error(StatusCode::INTERNAL_SERVER_ERROR, "InternalError")),
+        _ => {}
+    }
+    let (mut parts, body) = req.into_parts();
+    let body = body.collect().await.map_err(|_| Dropped)?.to_bytes();
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    parts.uri = format!("http://{}{path}", s.upstream)
+        .parse()
+        .map_err(|_| Dropped)?;
+    let answer = s
+        .client
+        .request(Request::from_parts(parts, Full::new(body)))
+        .await
+        .map_err(|_| Dropped)?;
+    let (parts, body) = answer.into_parts();
+    let mut bytes = body
+        .collect()
+        .await
+        .map_err(|_| Dropped)?
+        .to_bytes()
+        .to_vec();
+    match fault {
+        Fault::DropAfter => return Err(Dropped),
+        // The headers keep the whole length: hyper stops the connection
+        // when the body ends short of it, as a server that died would.
+        Fault::Truncate if bytes.len() > 1 => bytes.truncate(bytes.len() / 2),
+        Fault::Corrupt if !bytes.is_empty() => {
+            let mid = bytes.len() / 2;
+            bytes[mid] ^= 0x20;
+        }
+        _ => {}
+    }
+    Ok(Response::from_parts(parts, Full::new(Bytes::from(bytes))))
+}
