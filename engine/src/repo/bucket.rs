@@ -37,6 +37,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use super::objects::ObjectStore;
 use super::pack::{self, PackBuilder, PackEntry};
+use super::readahead::{window_range, ReadAhead, Window};
 use crate::error::{Error, ErrorKind, Result};
 
 pub(super) const PACKS: &str = "packs/";
@@ -124,6 +125,9 @@ impl Loc {
 struct Known {
     packs: Vec<blake3::Hash>,
     pack_numbers: HashMap<blake3::Hash, u32>,
+    /// Each pack's blobs, (offset, length) in order, by pack number: what
+    /// a coalesced read fetches with a chunk.
+    layouts: Vec<Vec<(u64, u32)>>,
     chunks: HashMap<blake3::Hash, Loc>,
     /// Packs a gc condemned: read from, never reused.
     condemned: HashSet<blake3::Hash>,
@@ -144,6 +148,8 @@ impl Known {
                 })?;
                 self.packs.push(pack);
                 self.pack_numbers.insert(pack, n);
+                self.layouts
+                    .push(entries.iter().map(|e| (e.offset, e.length)).collect());
                 n
             }
         };
@@ -185,6 +191,7 @@ pub(super) struct Bucket {
     cache: Option<PathBuf>,
     known: RwLock<Option<Known>>,
     writer: Mutex<Writer>,
+    readahead: ReadAhead,
 }
 
 fn poisoned() -> Error {
@@ -199,6 +206,7 @@ impl Bucket {
             cache,
             known: RwLock::new(None),
             writer: Mutex::default(),
+            readahead: ReadAhead::default(),
         }
     }
 
@@ -426,15 +434,37 @@ impl Bucket {
     pub(super) fn read_chunk_blob(&self, id: &blake3::Hash, buf: &mut Vec<u8>) -> Result<()> {
         let found = self.with_known(|k| {
             let l = k.chunks.get(id)?;
-            Some((*k.packs.get(l.pack as usize)?, l.entry(*id)))
+            let window = k
+                .layouts
+                .get(l.pack as usize)
+                .and_then(|blobs| window_range(blobs, l.offset));
+            Some((*k.packs.get(l.pack as usize)?, l.pack, l.entry(*id), window))
         })?;
-        let Some((pack, entry)) = found else {
+        let Some((pack, number, entry, window)) = found else {
             return Err(missing(
                 &self.display(&format!("{PACKS}…/{}", id.to_hex())),
                 "read chunk",
             ));
         };
         let key = format!("{PACKS}{}", pack.to_hex());
+        // With its neighbours first; on its own where that fails.
+        let fetch = || {
+            let range = window?;
+            let bytes = self.store.get_range(&key, range.clone()).ok()?;
+            Some(Window {
+                start: range.start,
+                bytes,
+            })
+        };
+        if let Some(bytes) = self
+            .readahead
+            .blob(number, entry.offset, entry.length, fetch)
+        {
+            if entry.check(&bytes).is_ok() {
+                *buf = bytes;
+                return Ok(());
+            }
+        }
         // A blob that fails its CRC may have been damaged on the way: it
         // is fetched again, and refused only if it fails every time.
         let mut attempt = 0;

@@ -27,6 +27,7 @@ mod lease;
 pub mod manifest;
 pub mod objects;
 pub mod pack;
+mod readahead;
 pub mod retention;
 mod store;
 mod tree;
