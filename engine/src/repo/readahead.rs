@@ -63,21 +63,26 @@ impl ReadAhead {
         let window = slot.get_or_init(|| {
             let w = fetch();
             if let (Some(w), Ok(mut s)) = (&w, self.slots.lock()) {
-                s.bytes += w.bytes.len() as u64;
-                while s.bytes > BUDGET && s.order.len() > 1 {
-                    let Some(old) = s.order.pop_front() else {
-                        break;
-                    };
-                    if old == key {
-                        s.order.push_back(old);
-                        continue;
-                    }
-                    if let Some(gone) = s.map.remove(&old) {
-                        let size = gone
-                            .get()
-                            .and_then(Option::as_ref)
-                            .map_or(0, |w| w.bytes.len());
-                        s.bytes = s.bytes.saturating_sub(size as u64);
+                // A window evicted while it was being fetched is no longer
+                // in the map; its bytes go when its readers are done, so
+                // only a window still kept counts against the budget.
+                if s.map.get(&key).is_some_and(|kept| Arc::ptr_eq(kept, &slot)) {
+                    s.bytes += w.bytes.len() as u64;
+                    while s.bytes > BUDGET && s.order.len() > 1 {
+                        let Some(old) = s.order.pop_front() else {
+                            break;
+                        };
+                        if old == key {
+                            s.order.push_back(old);
+                            continue;
+                        }
+                        if let Some(gone) = s.map.remove(&old) {
+                            let size = gone
+                                .get()
+                                .and_then(Option::as_ref)
+                                .map_or(0, |w| w.bytes.len());
+                            s.bytes = s.bytes.saturating_sub(size as u64);
+                        }
                     }
                 }
             }
