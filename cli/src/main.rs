@@ -15,6 +15,7 @@ mod progress;
 mod repo;
 mod restore;
 mod serve;
+mod sync;
 mod units;
 mod usage;
 mod verify;
@@ -74,7 +75,7 @@ enum Command {
     /// Copy images into a directory in parallel, with each image's digest
     /// computed in the same pass and a B3SUMS file for `b3sum -c`.
     Copy(copy::Args),
-    /// Manage repositories: `vsnap repo init DIR`.
+    /// Manage repositories: `vsnap repo init DIR`, `vsnap repo sync SRC DST`.
     #[command(subcommand)]
     Repo(repo::RepoCommand),
     /// Back up images into a repository as one snapshot, storing each

@@ -35,6 +35,10 @@ pub enum RepoCommand {
     /// Create an empty repository: in DIR (new, or empty), or in a bucket
     /// under s3://BUCKET/PREFIX (a prefix that holds no repository).
     Init(InitArgs),
+    /// Copy the snapshots one repository lacks from another, and only the
+    /// chunks it lacks: the off-site copy, directory to bucket or back.
+    /// Resumable, and checked chunk by chunk.
+    Sync(crate::sync::Args),
 }
 
 #[derive(Debug, clap::Args)]
@@ -58,6 +62,7 @@ pub struct InitArgs {
 
 pub fn run_repo(cmd: &RepoCommand, out: &mut dyn Write) -> Result<ExitCode> {
     match cmd {
+        RepoCommand::Sync(a) => return crate::sync::run(a, out),
         RepoCommand::Init(a) => {
             let r = vsnap_s3::init(&a.dir, a.chunk_size, a.pack_size)?;
             let packs = match r.config().pack_size {

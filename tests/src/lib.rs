@@ -500,3 +500,18 @@ pub fn free_port() -> u16 {
         }
     }
 }
+
+/// Writes `len` random bytes at `at` into a dynamic VHD through qemu-io.
+pub fn rewrite_vhd(img: &Path, seed: u64, at: u64, len: u64) {
+    let dir = img.parent().unwrap();
+    let src = dir.join(format!("patch-{seed}.raw"));
+    std::fs::write(&src, random_bytes(seed, len as usize)).unwrap();
+    let o = Command::new("qemu-io")
+        .args(["-f", "vpc", "-c"])
+        .arg(format!("write -s {} {at} {len}", src.display()))
+        .arg(img)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::remove_file(&src).unwrap();
+}

@@ -371,21 +371,6 @@ fn damaged_objects_in_the_bucket_are_refused() {
     assert!(v.to_string().contains("packs/not-a-pack"), "{v}");
 }
 
-/// Writes `len` random bytes at `at` into a dynamic VHD through qemu-io.
-fn rewrite(img: &Path, seed: u64, at: u64, len: u64) {
-    let dir = img.parent().unwrap();
-    let src = dir.join(format!("patch-{seed}.raw"));
-    std::fs::write(&src, random_bytes(seed, len as usize)).unwrap();
-    let o = Command::new("qemu-io")
-        .args(["-f", "vpc", "-c"])
-        .arg(format!("write -s {} {at} {len}", src.display()))
-        .arg(img)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    std::fs::remove_file(&src).unwrap();
-}
-
 #[test]
 fn two_hosts_back_up_into_one_bucket_while_gc_runs_and_nothing_is_lost() {
     let test = "two_hosts_back_up_into_one_bucket_while_gc_runs_and_nothing_is_lost";
@@ -403,7 +388,7 @@ fn two_hosts_back_up_into_one_bucket_while_gc_runs_and_nothing_is_lost() {
         .map(|(i, n)| {
             let img = dir.path().join(format!("{n}.vhd"));
             random_vhd(&img, 8 * MIB, 10 + i as u64, &[(0, 3 * MIB)]);
-            rewrite(&img, 99, 4 * MIB, MIB);
+            rewrite_vhd(&img, 99, 4 * MIB, MIB);
             img
         })
         .collect();
@@ -438,7 +423,7 @@ fn two_hosts_back_up_into_one_bucket_while_gc_runs_and_nothing_is_lost() {
         // Each host changes a MiB of its disk, so every round leaves
         // chunks that forget makes dead.
         for (i, img) in images.iter().enumerate() {
-            rewrite(img, round * 2 + i as u64 + 1000, MIB * (round % 3), MIB);
+            rewrite_vhd(img, round * 2 + i as u64 + 1000, MIB * (round % 3), MIB);
         }
         let a = spawn_backup("host-a", &images[0]);
         let b = spawn_backup("host-b", &images[1]);
@@ -518,7 +503,7 @@ fn gc_condemns_first_and_deletes_only_after_every_older_backup_ends() {
     random_vhd(&img, 4 * MIB, 5, &[(0, 2 * MIB)]);
     let first = backup(&s3, url, &img);
     let first_id = first["snapshot"].as_str().unwrap().to_owned();
-    rewrite(&img, 6, 0, 2 * MIB);
+    rewrite_vhd(&img, 6, 0, 2 * MIB);
     let second = backup(&s3, url, &img);
     ok(&s3, &["forget", "--repo", url, &first_id]);
     let packs_before = count(&s3, "leases", "packs");
@@ -540,7 +525,7 @@ fn gc_condemns_first_and_deletes_only_after_every_older_backup_ends() {
 
     // A backup begun after the condemnation does not reuse its packs: the
     // first snapshot's content is stored again.
-    rewrite(&img, 5, 0, 2 * MIB);
+    rewrite_vhd(&img, 5, 0, 2 * MIB);
     let again = backup(&s3, url, &img);
     assert!(
         again["disks"][0]["new_chunks"].as_u64().unwrap() >= 8,
@@ -613,7 +598,7 @@ fn a_faulty_network_is_survived_and_damage_in_transit_never_accepted() {
     // through them, and the results are exact.
     let mut snaps = Vec::new();
     for round in 0..3u64 {
-        rewrite(&img, 300 + round, round * MIB, MIB);
+        rewrite_vhd(&img, 300 + round, round * MIB, MIB);
         let out = via_ok(&[
             "backup",
             "-q",
@@ -670,7 +655,7 @@ fn a_faulty_network_is_survived_and_damage_in_transit_never_accepted() {
         latency: Duration::from_millis(60),
         ..Faults::default()
     });
-    rewrite(&img, 400, 0, 8 * MIB);
+    rewrite_vhd(&img, 400, 0, 8 * MIB);
     let mut child = env_for(&mut vsnap_cmd(), &proxy.endpoint(), KEY, SECRET_KEY)
         .args(["backup", "-q", "--name", "vm1", "--repo", url])
         .arg(&img)

@@ -30,12 +30,14 @@ pub mod pack;
 mod readahead;
 pub mod retention;
 mod store;
+mod sync;
 mod tree;
 pub mod validate;
 
 pub use bucket::{parse_pack_index, DEFAULT_PACK_SIZE, PACK_SIZE_RANGE};
 pub use objects::{ObjectInfo, ObjectStore};
 pub use store::{Listed, Usage};
+pub use sync::{sync, SyncFailure, SyncOptions, SyncReport};
 
 use std::fs::File;
 use std::path::{Path, PathBuf};

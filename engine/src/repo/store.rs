@@ -65,7 +65,7 @@ impl Repository {
     }
 
     /// A name in the repository, for messages.
-    fn display(&self, rel: &str) -> PathBuf {
+    pub(super) fn display(&self, rel: &str) -> PathBuf {
         match &self.backing {
             Backing::Dir(tree) => tree.display(rel),
             Backing::Bucket(b) => b.display(rel),
@@ -206,24 +206,50 @@ impl Repository {
     /// Reads a chunk into `out` (its plaintext length), checking its CRC
     /// and that its plaintext hashes to its name.
     pub fn read_chunk(&self, id: &blake3::Hash, out: &mut [u8]) -> Result<()> {
-        let rel = Self::chunk_rel(id);
         let mut bytes = self.take_stored();
-        let read = match &self.backing {
-            Backing::Dir(_) => self.read_blob(
-                &rel,
-                BlobKind::Chunk,
-                out.len() as u64,
-                "read chunk",
-                &mut bytes,
-            ),
-            Backing::Bucket(b) => b.read_chunk_blob(id, &mut bytes).and_then(|()| {
-                check_blob(BlobKind::Chunk, &bytes, out.len() as u64)
+        let read = self.read_chunk_checked(id, &mut bytes, out);
+        self.give_stored(bytes);
+        read
+    }
+
+    /// Reads a chunk's stored blob into `bytes` and its plaintext into
+    /// `out`, checked: header, lengths, CRC, and the plaintext's BLAKE3.
+    fn read_chunk_checked(
+        &self,
+        id: &blake3::Hash,
+        bytes: &mut Vec<u8>,
+        out: &mut [u8],
+    ) -> Result<()> {
+        let rel = Self::chunk_rel(id);
+        match &self.backing {
+            Backing::Dir(_) => {
+                self.read_blob(&rel, BlobKind::Chunk, out.len() as u64, "read chunk", bytes)
+            }
+            Backing::Bucket(b) => b.read_chunk_blob(id, bytes).and_then(|()| {
+                check_blob(BlobKind::Chunk, bytes, out.len() as u64)
                     .map_err(|e| e.in_file(&self.chunk_path(id)).during("read chunk"))
             }),
         }
-        .and_then(|()| check_chunk(id, &bytes, out).map_err(|e| e.in_file(&self.chunk_path(id))));
-        self.give_stored(bytes);
-        read
+        .and_then(|()| check_chunk(id, bytes, out).map_err(|e| e.in_file(&self.chunk_path(id))))
+    }
+
+    /// Copies chunk `id` (of `out.len()` bytes of plaintext) from `src`
+    /// into this repository as it is stored, without compressing it again,
+    /// once it has passed every check a restore makes. Returns the bytes
+    /// written: none where this repository has it already.
+    pub(super) fn copy_chunk_from(
+        &self,
+        src: &Repository,
+        id: &blake3::Hash,
+        bytes: &mut Vec<u8>,
+        out: &mut [u8],
+    ) -> Result<u64> {
+        src.read_chunk_checked(id, bytes, out)?;
+        if let Backing::Bucket(b) = &self.backing {
+            return b.write_chunk(id, &[bytes]);
+        }
+        self.place(&Self::chunk_rel(id), &[bytes], Durable::Later("chunk"))?;
+        Ok(bytes.len() as u64)
     }
 
     fn take_stored(&self) -> Vec<u8> {
@@ -314,6 +340,11 @@ impl Repository {
     /// Reads the manifest of snapshot `id`, checks its self-digest, and
     /// checks its names against the rules of [`super::validate`].
     pub fn read_manifest(&self, id: &str) -> Result<Manifest> {
+        self.read_manifest_bytes(id).map(|(m, _)| m)
+    }
+
+    /// [`Repository::read_manifest`], with the file's bytes as they are.
+    pub(super) fn read_manifest_bytes(&self, id: &str) -> Result<(Manifest, Vec<u8>)> {
         let rel = Self::manifest_rel(id);
         let path = self.display(&rel);
         let bytes = match &self.backing {
@@ -329,7 +360,14 @@ impl Repository {
         let m = Manifest::parse(&bytes).map_err(|e| e.in_file(&path))?;
         m.validate(id, self.config.chunk_size)
             .map_err(|e| e.in_file(&path))?;
-        Ok(m)
+        Ok((m, bytes))
+    }
+
+    /// Commits a snapshot from another repository: its manifest's bytes,
+    /// checked already by [`Repository::read_manifest_bytes`], written as
+    /// they are, so the copy's self-digest is the original's.
+    pub(super) fn place_manifest(&self, id: &str, bytes: &[u8]) -> Result<()> {
+        self.place(&Self::manifest_rel(id), &[bytes], Durable::Now)
     }
 
     /// Every snapshot, oldest first; a manifest that cannot be read is
