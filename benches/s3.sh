@@ -4,7 +4,8 @@
 # text, hole) backed up, restored and verified into each, RUNS rounds
 # interleaved, medians and ratios, and the bucket's PUT and GET counts.
 # The bucket is s3s-fs on 127.0.0.1, on the same disk as the directory,
-# behind the tests' proxy (counting, no faults). Warm cache.
+# timed directly and again through the tests' proxy (which counts the
+# requests), with s3s-fs's own CPU time. Warm cache.
 #
 #   SIZE_GIB=2 RUNS=3 benches/s3.sh [WORKDIR]   (default /tmp/vsnap-s3-bench)
 set -euo pipefail

@@ -24,6 +24,11 @@ pub struct RepoImage<'a> {
 impl<'a> RepoImage<'a> {
     pub fn open(repo: &'a Repository, disk: &Disk) -> Result<RepoImage<'a>> {
         let index = repo.read_index(disk)?;
+        // A restore reads a disk's cells in order.
+        repo.plan_reads(index.entries.iter().filter_map(|e| match e {
+            Entry::Data(id) => Some(id),
+            _ => None,
+        }))?;
         Ok(RepoImage {
             repo,
             footer: disk.identity.footer()?,

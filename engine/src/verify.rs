@@ -201,6 +201,11 @@ pub fn verify(
         .map(|id| (repo.chunk_inode(id), *id.as_bytes()))
         .collect();
     order.sort_unstable();
+    let planned: Vec<blake3::Hash> = order
+        .iter()
+        .map(|&(_, raw)| blake3::Hash::from_bytes(raw))
+        .collect();
+    repo.plan_reads(&planned)?;
     let total: u64 = chunks.values().map(|c| c.len).sum();
     Progress::add(&progress.total, total);
     let next = AtomicUsize::new(0);

@@ -99,31 +99,48 @@ fn bench() -> Result<(), String> {
     }
     let proxy = FaultProxy::start(([127, 0, 0, 1], port).into(), Faults::default(), 1)
         .map_err(|e| e.to_string())?;
-    let cmd = |repo: &str| {
+    let server_pid = _server.0.id();
+    let direct = format!("http://127.0.0.1:{port}");
+    let cmd = |repo: &str, endpoint: &str| {
         let mut c = Command::new(&vsnap);
         c.env("AWS_ACCESS_KEY_ID", KEY)
             .env("AWS_SECRET_ACCESS_KEY", SECRET)
             .env("AWS_REGION", "us-east-1")
-            .env("AWS_ENDPOINT_URL", proxy.endpoint())
+            .env("AWS_ENDPOINT_URL", endpoint)
             .env("VSNAP_CACHE_DIR", work.join("cache"))
             .env("VSNAP_REPO", repo);
         c
     };
-    // [kind][op] -> seconds per run; ops: backup, restore, verify.
-    let mut secs = [[vec![], vec![], vec![]], [vec![], vec![], vec![]]];
+    // [kind][op] -> seconds per run; ops: backup, restore, verify. Kinds:
+    // a directory, the bucket directly, the bucket through the counting
+    // proxy (which costs a store-and-forward of every body).
+    let mut secs = [
+        [vec![], vec![], vec![]],
+        [vec![], vec![], vec![]],
+        [vec![], vec![], vec![]],
+    ];
+    // s3s-fs's own CPU seconds per op, in the direct rounds.
+    let mut server_cpu = [vec![], vec![], vec![]];
     let mut requests = [Tally::default(); 3];
     let mut new_bytes = 0u64;
     for round in 0..runs {
-        for (k, kind) in ["dir", "s3"].iter().enumerate() {
-            let repo = match *kind {
-                "dir" => work.join(format!("repo-{round}")).display().to_string(),
-                _ => format!("s3://vsnap/repo-{round}"),
+        for (k, kind) in ["dir", "s3", "s3-proxy"].iter().enumerate() {
+            let (repo, endpoint) = match *kind {
+                "dir" => (
+                    work.join(format!("repo-{round}")).display().to_string(),
+                    direct.clone(),
+                ),
+                "s3" => (format!("s3://vsnap/repo-{round}"), direct.clone()),
+                _ => (format!("s3://vsnap/proxied-{round}"), proxy.endpoint()),
             };
+            let cmd = |repo: &str| cmd(repo, &endpoint);
             run(cmd(&repo).args(["repo", "init", &repo]))?;
+            let c0 = cpu_secs(server_pid);
             let t0 = proxy.tally();
             let (b, out) = run(cmd(&repo)
                 .args(["backup", "-q", "--json", "--no-track", "--name", "d"])
                 .arg(&img))?;
+            let c1 = cpu_secs(server_pid);
             let t1 = proxy.tally();
             let id = out
                 .split("\"snapshot\": \"")
@@ -131,7 +148,7 @@ fn bench() -> Result<(), String> {
                 .and_then(|r| r.split('"').next())
                 .ok_or("no snapshot id in backup's output")?
                 .to_owned();
-            if *kind == "s3" {
+            if *kind != "dir" {
                 new_bytes = out
                     .split("\"new_bytes\": ")
                     .last()
@@ -142,13 +159,20 @@ fn bench() -> Result<(), String> {
             let to = work.join("out.vhd");
             let _ = std::fs::remove_file(&to);
             let (r, _) = run(cmd(&repo).args(["restore", "-q", &id, "--to"]).arg(&to))?;
+            let c2 = cpu_secs(server_pid);
             let t2 = proxy.tally();
             let (v, _) = run(cmd(&repo).args(["verify", "-q"]))?;
+            let c3 = cpu_secs(server_pid);
             let t3 = proxy.tally();
             secs[k][0].push(b.as_secs_f64());
             secs[k][1].push(r.as_secs_f64());
             secs[k][2].push(v.as_secs_f64());
             if *kind == "s3" {
+                server_cpu[0].push(c1 - c0);
+                server_cpu[1].push(c2 - c1);
+                server_cpu[2].push(c3 - c2);
+            }
+            if *kind == "s3-proxy" {
                 requests = [diff(t0, t1), diff(t1, t2), diff(t2, t3)];
             }
             let _ = std::fs::remove_file(&to);
@@ -157,7 +181,9 @@ fn bench() -> Result<(), String> {
             }
         }
         // The bucket's round is removed by the server's files.
-        let _ = std::fs::remove_dir_all(data.join("vsnap").join(format!("repo-{round}")));
+        for name in [format!("repo-{round}"), format!("proxied-{round}")] {
+            let _ = std::fs::remove_dir_all(data.join("vsnap").join(name));
+        }
     }
     let gib = size_gib;
     let new_gib = new_bytes as f64 / f64::from(1u32 << 30);
@@ -165,21 +191,26 @@ fn bench() -> Result<(), String> {
         "dynamic VHD, {gib} GiB allocated ({new_gib:.2} GiB stored after zstd), warm cache, medians of {runs}"
     );
     println!(
-        "  {:<8} {:>10} {:>10} {:>8} {:>12}",
-        "op", "directory", "bucket", "ratio", "MiB/s bucket"
+        "  {:<8} {:>10} {:>10} {:>8} {:>12} {:>14} {:>16}",
+        "op", "directory", "bucket", "ratio", "MiB/s bucket", "s3s-fs CPU", "via proxy, ratio"
     );
     for (i, op) in ["backup", "restore", "verify"].iter().enumerate() {
         let d = median(&mut secs[0][i]);
         let s = median(&mut secs[1][i]);
+        let p = median(&mut secs[2][i]);
+        let cpu = median(&mut server_cpu[i]);
         println!(
-            "  {op:<8} {:>8.0} ms {:>8.0} ms {:>7.0}% {:>12.0}",
+            "  {op:<8} {:>8.0} ms {:>8.0} ms {:>7.0}% {:>12.0} {:>12.0} ms {:>8.0} ms {:>4.0}%",
             d * 1000.0,
             s * 1000.0,
             d / s * 100.0,
-            gib * 1024.0 / s
+            gib * 1024.0 / s,
+            cpu * 1000.0,
+            p * 1000.0,
+            d / p * 100.0
         );
     }
-    println!("requests to the bucket (last round), per GiB allocated / per GiB stored:");
+    println!("requests to the bucket (last round, through the proxy), per GiB allocated / per GiB stored:");
     for (i, op) in ["backup", "restore", "verify"].iter().enumerate() {
         let t = requests[i];
         println!(
@@ -195,4 +226,20 @@ fn bench() -> Result<(), String> {
         );
     }
     Ok(())
+}
+
+/// A process's user and system CPU time so far, in seconds, from
+/// /proc/PID/stat (fields 14 and 15, in the kernel's USER_HZ of 100).
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The command name, in parentheses, may hold spaces: count from after it.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
 }

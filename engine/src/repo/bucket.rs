@@ -37,7 +37,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use super::objects::ObjectStore;
 use super::pack::{self, PackBuilder, PackEntry};
-use super::readahead::{window_range, ReadAhead, Window};
+use super::readahead::{window_range, Planned, ReadAhead, Window};
 use crate::error::{Error, ErrorKind, Result};
 
 pub(super) const PACKS: &str = "packs/";
@@ -191,7 +191,7 @@ pub(super) struct Bucket {
     cache: Option<PathBuf>,
     known: RwLock<Option<Known>>,
     writer: Mutex<Writer>,
-    readahead: ReadAhead,
+    readahead: Arc<ReadAhead>,
 }
 
 fn poisoned() -> Error {
@@ -206,7 +206,7 @@ impl Bucket {
             cache,
             known: RwLock::new(None),
             writer: Mutex::default(),
-            readahead: ReadAhead::default(),
+            readahead: Arc::default(),
         }
     }
 
@@ -456,9 +456,17 @@ impl Bucket {
                 bytes,
             })
         };
+        let store = Arc::clone(&self.store);
+        let ahead = move |w: &Planned| {
+            let bytes = store.get_range(&w.object, w.range.clone()).ok()?;
+            Some(Window {
+                start: w.range.start,
+                bytes,
+            })
+        };
         if let Some(bytes) = self
             .readahead
-            .blob(number, entry.offset, entry.length, fetch)
+            .blob(number, entry.offset, entry.length, fetch, &ahead)
         {
             if entry.check(&bytes).is_ok() {
                 *buf = bytes;
@@ -484,6 +492,30 @@ impl Bucket {
                 Err(_) => attempt += 1,
             }
         }
+    }
+
+    /// Says which chunks will be read, in order, so that the windows
+    /// holding them are fetched ahead of the reads.
+    pub(super) fn plan_reads<'a>(
+        &self,
+        ids: impl IntoIterator<Item = &'a blake3::Hash>,
+    ) -> Result<()> {
+        let windows = self.with_known(|k| {
+            ids.into_iter()
+                .filter_map(|id| {
+                    let l = k.chunks.get(id)?;
+                    let pack = k.packs.get(l.pack as usize)?;
+                    let range = window_range(k.layouts.get(l.pack as usize)?, l.offset)?;
+                    Some(Planned {
+                        window: super::readahead::key(l.pack, l.offset),
+                        object: format!("{PACKS}{}", pack.to_hex()),
+                        range,
+                    })
+                })
+                .collect::<Vec<_>>()
+        })?;
+        self.readahead.plan(windows);
+        Ok(())
     }
 
     /// Objects under the prefix whose names the repository does not make:

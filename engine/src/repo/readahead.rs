@@ -8,18 +8,30 @@
 //! A window is the blobs whose starts fall in one [`WINDOW`]-aligned
 //! stretch of a pack, fetched whole by the first reader that needs one of
 //! them; readers of its other blobs wait for that fetch rather than make
-//! their own. Windows are kept up to a byte budget, oldest dropped first.
-//! Nothing here is trusted: every blob cut from a window is checked
-//! against its pack entry, and a window that cannot be fetched or a blob
-//! that fails its check is read again on its own.
+//! their own. A reader that says which chunks it will read, in order
+//! ([`ReadAhead::plan`]), has the next [`AHEAD`] windows of its plan
+//! fetched in the background while it works through the current one, so
+//! several GETs are in flight, not one. Windows are kept up to a byte
+//! budget, oldest dropped first. Nothing here is trusted: every blob cut
+//! from a window is checked against its pack entry, and a window that
+//! cannot be fetched or a blob that fails its check is read again on its
+//! own.
 
 use std::collections::{HashMap, VecDeque};
+use std::ops::Range;
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// A window's span in a pack.
 pub(super) const WINDOW: u64 = 16 << 20;
 /// Windows kept at most, in bytes: eight windows.
 const BUDGET: u64 = 8 * WINDOW;
+/// Windows of a plan fetched ahead of the one being read: with the one
+/// read, half the budget, so what is fetched ahead is not dropped before
+/// it is read.
+const AHEAD: usize = 3;
+/// A plan longer than this (10 TiB of 16 MiB windows) starts over: it is
+/// only a hint, and a long-running service must not grow it forever.
+const PLAN_LIMIT: usize = 1 << 20;
 
 /// The bytes of one window: from `start` in the pack.
 #[derive(Debug)]
@@ -28,77 +40,159 @@ pub(super) struct Window {
     pub bytes: Vec<u8>,
 }
 
+/// (pack number, window number in the pack).
+type Key = (u32, u64);
+type Slot = Arc<OnceLock<Option<Window>>>;
+
 #[derive(Debug, Default)]
 struct Slots {
-    map: HashMap<(u32, u64), Arc<OnceLock<Option<Window>>>>,
-    order: VecDeque<(u32, u64)>,
+    map: HashMap<Key, Slot>,
+    order: VecDeque<Key>,
     bytes: u64,
+}
+
+/// A window a reader said it will need: where it is in the bucket.
+#[derive(Debug, Clone)]
+pub(super) struct Planned {
+    pub window: Key,
+    pub object: String,
+    pub range: Range<u64>,
+}
+
+#[derive(Debug, Default)]
+struct Plan {
+    list: Vec<Planned>,
+    at: HashMap<Key, usize>,
 }
 
 #[derive(Debug, Default)]
 pub(super) struct ReadAhead {
     slots: Mutex<Slots>,
+    plan: Mutex<Plan>,
+}
+
+/// The window key of the blob at `offset` of pack number `pack`.
+pub(super) fn key(pack: u32, offset: u64) -> Key {
+    (pack, offset / WINDOW)
 }
 
 impl ReadAhead {
+    /// Adds windows a reader will need, in the order it will need them;
+    /// windows planned already keep their place.
+    pub(super) fn plan(&self, windows: impl IntoIterator<Item = Planned>) {
+        let Ok(mut plan) = self.plan.lock() else {
+            return;
+        };
+        if plan.list.len() > PLAN_LIMIT {
+            *plan = Plan::default();
+        }
+        for w in windows {
+            if plan.at.contains_key(&w.window) {
+                continue;
+            }
+            let n = plan.list.len();
+            plan.at.insert(w.window, n);
+            plan.list.push(w);
+        }
+    }
+
     /// The blob `offset..offset + length` of pack number `pack`, from its
     /// window, which `fetch` reads when no reader has yet. `None` when the
-    /// window could not be read or does not hold the blob.
-    pub(super) fn blob(
-        &self,
+    /// window could not be read or does not hold the blob. The plan's next
+    /// windows are fetched meanwhile, by `ahead`.
+    pub(super) fn blob<A>(
+        self: &Arc<Self>,
         pack: u32,
         offset: u64,
         length: u32,
         fetch: impl FnOnce() -> Option<Window>,
-    ) -> Option<Vec<u8>> {
-        let key = (pack, offset / WINDOW);
-        let slot = {
-            let mut s = self.slots.lock().ok()?;
-            let slot = s.map.entry(key).or_default().clone();
-            if !s.order.contains(&key) {
-                s.order.push_back(key);
-            }
-            slot
-        };
-        let window = slot.get_or_init(|| {
-            let w = fetch();
-            if let (Some(w), Ok(mut s)) = (&w, self.slots.lock()) {
-                // A window evicted while it was being fetched is no longer
-                // in the map; its bytes go when its readers are done, so
-                // only a window still kept counts against the budget.
-                if s.map.get(&key).is_some_and(|kept| Arc::ptr_eq(kept, &slot)) {
-                    s.bytes += w.bytes.len() as u64;
-                    while s.bytes > BUDGET && s.order.len() > 1 {
-                        let Some(old) = s.order.pop_front() else {
-                            break;
-                        };
-                        if old == key {
-                            s.order.push_back(old);
-                            continue;
-                        }
-                        if let Some(gone) = s.map.remove(&old) {
-                            let size = gone
-                                .get()
-                                .and_then(Option::as_ref)
-                                .map_or(0, |w| w.bytes.len());
-                            s.bytes = s.bytes.saturating_sub(size as u64);
-                        }
-                    }
-                }
-            }
-            w
-        });
+        ahead: &A,
+    ) -> Option<Vec<u8>>
+    where
+        A: Fn(&Planned) -> Option<Window> + Clone + Send + 'static,
+    {
+        let key = key(pack, offset);
+        let slot = self.slot(key, false)?;
+        self.fetch_ahead(key, ahead);
+        let window = slot.get_or_init(|| self.fetched(key, &slot, fetch()));
         let w = window.as_ref()?;
         let from = usize::try_from(offset.checked_sub(w.start)?).ok()?;
         let to = from.checked_add(length as usize)?;
         w.bytes.get(from..to).map(<[u8]>::to_vec)
+    }
+
+    /// The window's slot, made where there is none; with `only_new`,
+    /// `None` where there is one already.
+    fn slot(&self, key: Key, only_new: bool) -> Option<Slot> {
+        let mut s = self.slots.lock().ok()?;
+        if let Some(slot) = s.map.get(&key) {
+            return (!only_new).then(|| Arc::clone(slot));
+        }
+        let slot = Slot::default();
+        s.map.insert(key, Arc::clone(&slot));
+        s.order.push_back(key);
+        Some(slot)
+    }
+
+    /// Starts fetching the windows the plan puts after `key` that are
+    /// neither kept nor on their way, each from a thread of its own.
+    fn fetch_ahead<A>(self: &Arc<Self>, key: Key, ahead: &A)
+    where
+        A: Fn(&Planned) -> Option<Window> + Clone + Send + 'static,
+    {
+        let next: Vec<Planned> = match self.plan.lock() {
+            Ok(plan) => match plan.at.get(&key) {
+                Some(&at) => plan.list.iter().skip(at + 1).take(AHEAD).cloned().collect(),
+                None => return,
+            },
+            Err(_) => return,
+        };
+        for w in next {
+            let Some(slot) = self.slot(w.window, true) else {
+                continue;
+            };
+            let (me, ahead) = (Arc::clone(self), ahead.clone());
+            std::thread::spawn(move || {
+                slot.get_or_init(|| me.fetched(w.window, &slot, ahead(&w)));
+            });
+        }
+    }
+
+    /// Counts a window just fetched against the budget, dropping the
+    /// oldest others while it is over.
+    fn fetched(&self, key: Key, slot: &Slot, w: Option<Window>) -> Option<Window> {
+        if let (Some(w), Ok(mut s)) = (&w, self.slots.lock()) {
+            // A window evicted while it was being fetched is no longer in
+            // the map; its bytes go when its readers are done, so only a
+            // window still kept counts against the budget.
+            if s.map.get(&key).is_some_and(|kept| Arc::ptr_eq(kept, slot)) {
+                s.bytes += w.bytes.len() as u64;
+                while s.bytes > BUDGET && s.order.len() > 1 {
+                    let Some(old) = s.order.pop_front() else {
+                        break;
+                    };
+                    if old == key {
+                        s.order.push_back(old);
+                        continue;
+                    }
+                    if let Some(gone) = s.map.remove(&old) {
+                        let size = gone
+                            .get()
+                            .and_then(Option::as_ref)
+                            .map_or(0, |w| w.bytes.len());
+                        s.bytes = s.bytes.saturating_sub(size as u64);
+                    }
+                }
+            }
+        }
+        w
     }
 }
 
 /// The range of the window of a pack holding the blob at `offset`: from
 /// the first blob that starts in its stretch to the end of the last, given
 /// the pack's blobs as (offset, length), sorted.
-pub(super) fn window_range(blobs: &[(u64, u32)], offset: u64) -> Option<std::ops::Range<u64>> {
+pub(super) fn window_range(blobs: &[(u64, u32)], offset: u64) -> Option<Range<u64>> {
     let lo = offset / WINDOW * WINDOW;
     let hi = lo + WINDOW;
     let first = blobs.partition_point(|&(o, _)| o < lo);
@@ -128,9 +222,18 @@ mod tests {
         assert_eq!(window_range(&[], 0), None);
     }
 
+    /// What a window of `n` bytes from `start` fetched ahead holds.
+    fn made(w: &Planned) -> Option<Window> {
+        let len = (w.range.end - w.range.start) as usize;
+        Some(Window {
+            start: w.range.start,
+            bytes: (0..len).map(|i| i as u8).collect(),
+        })
+    }
+
     #[test]
     fn one_fetch_serves_a_window_and_a_bad_one_serves_nothing() {
-        let ra = ReadAhead::default();
+        let ra = Arc::new(ReadAhead::default());
         let mut fetches = 0;
         let mut fetch = || {
             fetches += 1;
@@ -139,12 +242,64 @@ mod tests {
                 bytes: (0..100u8).collect(),
             })
         };
-        assert_eq!(ra.blob(0, 10, 3, &mut fetch), Some(vec![0, 1, 2]));
-        assert_eq!(ra.blob(0, 50, 2, || None), Some(vec![40, 41]));
+        let none = |_: &Planned| None;
+        assert_eq!(ra.blob(0, 10, 3, &mut fetch, &none), Some(vec![0, 1, 2]));
+        assert_eq!(ra.blob(0, 50, 2, || None, &none), Some(vec![40, 41]));
         // Past the window's bytes: nothing, never a panic.
-        assert_eq!(ra.blob(0, 105, 10, || None), None);
-        assert_eq!(ra.blob(0, 5, 1, || None), None);
+        assert_eq!(ra.blob(0, 105, 10, || None, &none), None);
+        assert_eq!(ra.blob(0, 5, 1, || None, &none), None);
         assert_eq!(fetches, 1);
-        assert_eq!(ra.blob(1, 0, 1, || None), None);
+        assert_eq!(ra.blob(1, 0, 1, || None, &none), None);
+    }
+
+    #[test]
+    fn the_next_windows_of_a_plan_are_fetched_ahead_once() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let ra = Arc::new(ReadAhead::default());
+        let planned = |pack: u32, n: u64| Planned {
+            window: (pack, n),
+            object: format!("p{pack}"),
+            range: n * WINDOW..n * WINDOW + 64,
+        };
+        let plan = [
+            planned(0, 0),
+            planned(0, 1),
+            planned(3, 0),
+            planned(1, 2),
+            planned(2, 0),
+        ];
+        ra.plan(plan.iter().cloned());
+        // Planned twice: the first place holds.
+        ra.plan([planned(0, 1)]);
+        let count = Arc::new(AtomicUsize::new(0));
+        let ahead = {
+            let count = Arc::clone(&count);
+            move |w: &Planned| {
+                count.fetch_add(1, Ordering::SeqCst);
+                made(w)
+            }
+        };
+        let first = ra.blob(0, 4, 2, || made(&plan[0]), &ahead);
+        assert_eq!(first, Some(vec![4, 5]));
+        // The three after the first are fetched in the background, and a
+        // reader of one uses that fetch instead of making its own.
+        let waited = std::time::Instant::now();
+        while count.load(Ordering::SeqCst) < 3 {
+            assert!(waited.elapsed().as_secs() < 10, "nothing fetched ahead");
+            std::thread::yield_now();
+        }
+        let next = ra.blob(3, 8, 2, || panic!("fetched twice"), &ahead);
+        assert_eq!(next, Some(vec![8, 9]));
+        let next = ra.blob(0, WINDOW + 1, 1, || panic!("fetched twice"), &ahead);
+        assert_eq!(next, Some(vec![1]));
+        // Reading the second planned window started the fetch of the
+        // fifth; its reader has it from there, or fetches it itself.
+        let last = ra.blob(2, 0, 1, || made(&plan[4]), &ahead);
+        assert_eq!(last, Some(vec![0]));
+        assert!(count.load(Ordering::SeqCst) <= 4);
+        // Unplanned windows fetch nothing ahead.
+        let before = count.load(Ordering::SeqCst);
+        assert_eq!(ra.blob(9, 0, 1, || None, &ahead), None);
+        assert_eq!(count.load(Ordering::SeqCst), before);
     }
 }

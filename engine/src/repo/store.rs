@@ -590,6 +590,16 @@ impl Repository {
         }
     }
 
+    /// Says which chunks will be read next, in the order they will be: a
+    /// bucket fetches the packs' windows that hold them ahead of the
+    /// reads. A directory needs no warning.
+    pub fn plan_reads<'a>(&self, ids: impl IntoIterator<Item = &'a blake3::Hash>) -> Result<()> {
+        match &self.backing {
+            Backing::Dir(_) => Ok(()),
+            Backing::Bucket(b) => b.plan_reads(ids),
+        }
+    }
+
     /// Moves a bad chunk aside (`*.bad`), so the next backup that meets its
     /// content stores it again; gc removes it later.
     ///

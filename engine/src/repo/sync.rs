@@ -185,6 +185,7 @@ fn copy_snapshot(
     // In the order the source holds them: a directory's inodes, or a
     // bucket's packs, so neighbouring chunks share one ranged read.
     todo.sort_unstable_by_key(|t| (t.0, *t.1.as_bytes()));
+    src.plan_reads(todo.iter().map(|t| &t.1))?;
     Progress::add(&progress.total, todo.iter().map(|t| t.2).sum());
     let copied = copy_chunks(src, dst, &todo, threads, progress)?;
     report.chunks_copied += todo.len() as u64;
