@@ -311,6 +311,11 @@ pub struct GcArgs {
     /// later, once every backup that began before the condemnation ended.
     #[arg(long, value_name = "DURATION", value_parser = crate::units::parse_duration_or_zero, default_value = "1h")]
     grace: std::time::Duration,
+    /// In a bucket: a pack whose live chunks fill less than this percent
+    /// of it has them copied into new packs and is condemned with the dead
+    /// ones; 0 never repacks.
+    #[arg(long, value_name = "PERCENT", default_value_t = repo::DEFAULT_REPACK_BELOW, value_parser = clap::value_parser!(u8).range(0..=100))]
+    repack_below: u8,
     #[arg(long)]
     json: bool,
     /// Print nothing on success.
@@ -323,6 +328,7 @@ pub fn run_gc(args: &GcArgs, out: &mut dyn Write) -> Result<ExitCode> {
     let opts = repo::GcOptions {
         wait: !args.no_wait,
         grace: args.grace,
+        repack_below: args.repack_below,
     };
     let report = repo::gc(&repo, &opts).context("gc failed")?;
     if args.json {
@@ -330,8 +336,11 @@ pub fn run_gc(args: &GcArgs, out: &mut dyn Write) -> Result<ExitCode> {
     } else if !args.quiet && repo.is_bucket() {
         writeln!(
             out,
-            "{} snapshot(s) kept; condemned {} dead pack(s), removed {} pack(s) and {} index(es), freed {}; {} condemned pack(s) wait for {} running backup(s) or the grace period",
+            "{} snapshot(s) kept; repacked {} pack(s) ({} chunk(s), {}), condemned {} pack(s), removed {} pack(s) and {} index(es), freed {}; {} condemned pack(s) wait for {} running backup(s) or the grace period",
             report.snapshots,
+            report.packs_repacked,
+            report.chunks_repacked,
+            human(report.bytes_repacked),
             report.packs_condemned,
             report.packs_removed,
             report.indexes_removed,

@@ -236,6 +236,7 @@ pub fn restore(
     opts: &Options,
     progress: &Progress,
 ) -> Result<Vec<CopyResult>> {
+    let _lease = repo.lease_for_reading("restore")?;
     let images = specs
         .iter()
         .map(|s| RepoImage::open(repo, &s.disk))

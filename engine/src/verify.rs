@@ -88,6 +88,7 @@ pub fn verify(
     zero_cache: Option<&ZeroCache>,
     progress: &Progress,
 ) -> Result<VerifyReport> {
+    let _lease = repo.lease_for_reading("verify")?;
     let mut report = VerifyReport::default();
     let chunk_size = repo.config().chunk_size;
     let zero_cache = zero_cache.filter(|c| c.leaf_size() == chunk_size);

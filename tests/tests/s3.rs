@@ -402,9 +402,12 @@ fn two_hosts_back_up_into_one_bucket_while_gc_runs_and_nothing_is_lost() {
             .spawn()
             .unwrap()
     };
+    // Repacking any pack with a dead chunk in it: gc copies while the
+    // backups reuse.
     let gc = || {
         s3.env(&mut vsnap_cmd())
-            .args(["gc", "--json", "--grace", "0s", "--repo", url])
+            .args(["gc", "--json", "--grace", "0s", "--repack-below", "90"])
+            .args(["--repo", url])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -419,6 +422,7 @@ fn two_hosts_back_up_into_one_bucket_while_gc_runs_and_nothing_is_lost() {
     let mut kept: Vec<(String, Value)> = Vec::new();
     let mut removed = 0;
     let mut condemned = 0;
+    let mut repacked = 0;
     for round in 0..10u64 {
         // Each host changes a MiB of its disk, so every round leaves
         // chunks that forget makes dead.
@@ -434,6 +438,7 @@ fn two_hosts_back_up_into_one_bucket_while_gc_runs_and_nothing_is_lost() {
         let report = finish(g);
         removed += report["packs_removed"].as_u64().unwrap();
         condemned += report["packs_condemned"].as_u64().unwrap();
+        repacked += report["packs_repacked"].as_u64().unwrap();
         // Keep each host's last two snapshots.
         for host in ["host-a", "host-b"] {
             let mine: Vec<usize> = (0..kept.len()).filter(|&i| kept[i].0 == host).collect();
@@ -473,10 +478,13 @@ fn two_hosts_back_up_into_one_bucket_while_gc_runs_and_nothing_is_lost() {
         let report = finish(gc());
         removed += report["packs_removed"].as_u64().unwrap();
         condemned += report["packs_condemned"].as_u64().unwrap();
+        repacked += report["packs_repacked"].as_u64().unwrap();
     }
+    // Partly dead packs were repacked beside the backups too.
+    eprintln!("{test}: condemned {condemned}, repacked {repacked}, removed {removed}");
     assert!(
-        condemned > 0 && removed > 0,
-        "condemned {condemned}, removed {removed}"
+        condemned > 0 && removed > 0 && repacked > 0,
+        "condemned {condemned}, repacked {repacked}, removed {removed}"
     );
     let v = json(&s3, &["verify", "-q", "--json", "--repo", url]);
     assert_eq!(v["problems"], serde_json::json!([]), "{v}");
@@ -550,6 +558,75 @@ fn gc_condemns_first_and_deletes_only_after_every_older_backup_ends() {
     for snap in [&second, &again] {
         restores_to_its_digest(&|a| ok(&s3, a), url, snap, dir.path());
     }
+}
+
+#[test]
+fn gc_repacks_a_mostly_dead_pack_and_deletes_it_only_later() {
+    let test = "gc_repacks_a_mostly_dead_pack_and_deletes_it_only_later";
+    let Some(s3) = S3Server::start(test) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let url = "s3://vsnap/repack";
+    init(&s3, url, "1M", "4M");
+    let img = dir.path().join("a.vhd");
+    random_vhd(&img, 16 * MIB, 8, &[(0, 12 * MIB)]);
+    // One worker: chunks go into packs in disk order, 4 a pack.
+    let backup1 = |img: &Path| -> Value {
+        let args = ["backup", "-q", "--json", "--threads", "1", "--name", "vm1"];
+        json(
+            &s3,
+            &[&args[..], &["--repo", url, img.to_str().unwrap()]].concat(),
+        )
+    };
+    let first = backup1(&img);
+    assert_eq!(count(&s3, "repack", "packs"), 3);
+    // Three of the first pack's four chunks are rewritten, and the only
+    // snapshot that named them forgotten: that pack is a quarter live.
+    rewrite_vhd(&img, 9, 0, 3 * MIB);
+    let second = backup1(&img);
+    ok(
+        &s3,
+        &["forget", "--repo", url, first["snapshot"].as_str().unwrap()],
+    );
+    let gc = || -> Value {
+        std::thread::sleep(Duration::from_millis(1100));
+        json(&s3, &["gc", "--json", "--grace", "0s", "--repo", url])
+    };
+    let old_packs = s3.objects("repack", "packs");
+
+    let r = gc();
+    assert_eq!(r["packs_repacked"], 1, "{r}");
+    assert_eq!(r["chunks_repacked"], 1, "{r}");
+    assert_eq!(r["packs_condemned"], 1, "{r}");
+    assert_eq!(r["packs_removed"], 0, "{r}");
+    let v = json(&s3, &["verify", "-q", "--json", "--repo", url]);
+    assert_eq!(v["problems"], serde_json::json!([]), "{v}");
+
+    // A backup now finds the live chunk in its new pack, not the
+    // condemned one, and stores nothing again.
+    let third = backup1(&img);
+    assert_eq!(third["disks"][0]["new_chunks"], 0, "{third}");
+
+    // The next run deletes the condemned pack; nothing else goes.
+    let r = gc();
+    assert_eq!(r["packs_removed"], 1, "{r}");
+    assert_eq!(r["packs_repacked"], 0, "{r}");
+    let now = s3.objects("repack", "packs");
+    let gone: Vec<_> = old_packs.iter().filter(|p| !now.contains(p)).collect();
+    assert_eq!(gone.len(), 1, "{gone:?}");
+    let v = json(&s3, &["verify", "-q", "--json", "--repo", url]);
+    assert_eq!(v["problems"], serde_json::json!([]), "{v}");
+    assert_eq!(v["snapshots"], 2);
+    for snap in [&second, &third] {
+        restores_to_its_digest(&|a| ok(&s3, a), url, snap, dir.path());
+    }
+    // --repack-below 0 never repacks.
+    let o = ok(
+        &s3,
+        &["gc", "--repack-below", "0", "--grace", "0s", "--repo", url],
+    );
+    assert!(o.contains("repacked 0 pack(s)"), "{o}");
 }
 
 #[test]

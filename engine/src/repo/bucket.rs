@@ -153,15 +153,29 @@ impl Known {
                 n
             }
         };
+        let condemned = self.condemned.contains(&pack);
         for e in entries {
-            // The first pack listed keeps a chunk that two packs hold
-            // (two hosts stored it at once): either copy is the chunk.
-            self.chunks.entry(e.id).or_insert(Loc {
+            let loc = Loc {
                 pack: n,
                 offset: e.offset,
                 length: e.length,
                 crc: e.crc,
-            });
+            };
+            // The first pack listed keeps a chunk that two packs hold (two
+            // hosts stored it at once, or gc repacked it): either copy is
+            // the chunk, but one in a pack not condemned outlives the
+            // other, and a backup may reuse only that one.
+            match self.chunks.entry(e.id) {
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(loc);
+                }
+                std::collections::hash_map::Entry::Occupied(mut o) => {
+                    let was = self.packs.get(o.get().pack as usize);
+                    if !condemned && was.is_some_and(|p| self.condemned.contains(p)) {
+                        o.insert(loc);
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -229,6 +243,20 @@ impl Bucket {
             return Ok(());
         }
         let mut known = Known::default();
+        // Condemnations first: a chunk a repacked pack and its copy both
+        // hold is then found in the copy.
+        for obj in self.store.list(CONDEMNED)? {
+            let path = self.display(&obj.key);
+            let Some(bytes) = self.store.get(&obj.key, CONDEMNED_LIMIT)? else {
+                continue;
+            };
+            match parse_condemned(&bytes) {
+                Ok(packs) => known.condemned.extend(packs),
+                Err(e) => known
+                    .damaged
+                    .push((path.clone(), e.in_file(&path).to_string())),
+            }
+        }
         for obj in self.store.list(PACK_INDEXES)? {
             let Some(hex) = obj.key.strip_prefix(PACK_INDEXES) else {
                 continue;
@@ -247,18 +275,6 @@ impl Bucket {
                 // damaged object only means less is known.
                 Err(e) if matches!(e.kind(), ErrorKind::Remote { .. }) => return Err(e),
                 Err(e) => known.damaged.push((path, e.to_string())),
-            }
-        }
-        for obj in self.store.list(CONDEMNED)? {
-            let path = self.display(&obj.key);
-            let Some(bytes) = self.store.get(&obj.key, CONDEMNED_LIMIT)? else {
-                continue;
-            };
-            match parse_condemned(&bytes) {
-                Ok(packs) => known.condemned.extend(packs),
-                Err(e) => known
-                    .damaged
-                    .push((path.clone(), e.in_file(&path).to_string())),
             }
         }
         let mut slot = self.known.write().map_err(|_| poisoned())?;
@@ -353,6 +369,13 @@ impl Bucket {
         if self.has_chunk(id)? {
             return Ok(0);
         }
+        self.add_to_pack(id, parts)
+    }
+
+    /// Adds a chunk's blob to the open pack whatever the pack indexes
+    /// say: for gc, which copies the live chunks of a mostly-dead pack
+    /// into new packs before it condemns the old one.
+    pub(super) fn add_to_pack(&self, id: &blake3::Hash, parts: &[&[u8]]) -> Result<u64> {
         let full = {
             let mut w = self.writer.lock().map_err(|_| poisoned())?;
             if !w.pending.insert(*id) {

@@ -13,12 +13,16 @@
 //!    when `now - T` is at least the grace period and no live lease began
 //!    at or before `T + 1 s` (S3 times have whole seconds): every backup
 //!    that could have reused them has ended, and its manifest was marked.
-//!    A pack the mark found referenced again is spared. The pack indexes
+//!    A pack that holds the only copy of a chunk the mark found (a backup
+//!    reused it before the condemnation) is spared. The pack indexes
 //!    that listed the deleted packs are rewritten without them first, so
 //!    no index ever names a pack that is gone.
-//! 3. *Condemns* the indexed packs with no chunk marked, uploaded at least
-//!    the grace period ago: a list under `condemned/` that backups read
-//!    when they start, and whose packs they then never reuse.
+//! 3. *Repacks and condemns.* The indexed packs uploaded at least the
+//!    grace period ago whose marked chunks fill less than
+//!    `--repack-below` of them have those chunks copied into new packs,
+//!    indexed ([`super::bucket_repack`]). Then they and the packs with no
+//!    chunk marked are condemned: a list under `condemned/` that backups
+//!    read when they start, and whose packs they then never reuse.
 //! 4. *Removes* packs no pack index lists (a backup that died before
 //!    indexing them) and disk indexes no manifest names, when older than
 //!    the grace period and older than every live lease's start: a running
@@ -35,14 +39,14 @@ use super::lease::{self, Lease};
 use super::Repository;
 use crate::error::{Error, ErrorKind, Result};
 
-/// A pack as a pack index lists it: the record, and its entries.
-type Indexed = (Record, Vec<super::pack::PackEntry>);
+use super::bucket_repack::{self, Indexed};
 
 /// S3 times have whole seconds: a lease that began in the same second as
 /// a condemnation counts as begun before it.
 const CLOCK_GRAIN: Duration = Duration::from_secs(1);
 
-pub(super) fn gc(repo: &Repository, b: &Bucket, grace: Duration) -> Result<GcReport> {
+pub(super) fn gc(repo: &Repository, b: &Bucket, opts: &super::GcOptions) -> Result<GcReport> {
+    let grace = opts.grace;
     let store = b.store();
     let own = Lease::take(b.shared_store(), "gc")?;
     let now = own.started;
@@ -107,17 +111,17 @@ pub(super) fn gc(repo: &Repository, b: &Bucket, grace: Duration) -> Result<GcRep
         let settled =
             old_enough(o.modified) && others.iter().all(|l| l.started > o.modified + CLOCK_GRAIN);
         if settled {
-            for n in names {
-                if !live_packs.get(&n).copied().unwrap_or(false) {
-                    doomed.insert(n);
-                }
-            }
+            doomed.extend(names);
             done.push(o.key);
         } else {
             report.packs_waiting += names.len() as u64;
             condemned_before.extend(names);
         }
     }
+
+    // A condemned pack that holds the only copy of a chunk the mark found
+    // (a backup reused it before the condemnation) is spared.
+    let doomed = bucket_repack::deletable(doomed, &pack_indexes, &chunks);
 
     // The pack indexes that list a doomed pack are rewritten without it,
     // into one new pack index, before any pack goes.
@@ -161,7 +165,24 @@ pub(super) fn gc(repo: &Repository, b: &Bucket, grace: Duration) -> Result<GcRep
         store.delete(key)?;
     }
 
-    // 3. Condemn the dead packs not yet condemned.
+    // 3. Repack the mostly dead, then condemn them with the dead packs
+    // not yet condemned.
+    let eligible = |n: &str| {
+        !doomed.contains(n)
+            && !condemned_before.contains(n)
+            && objects.get(n).is_some_and(|(_, t)| old_enough(*t))
+    };
+    let repacked = bucket_repack::repack(
+        b,
+        repo.config().chunk_size,
+        &pack_indexes,
+        &chunks,
+        opts.repack_below,
+        eligible,
+    )?;
+    report.packs_repacked = repacked.packs.len() as u64;
+    report.chunks_repacked = repacked.chunks;
+    report.bytes_repacked = repacked.bytes;
     let mut fresh: Vec<String> = live_packs
         .iter()
         .filter(|(n, live)| {
@@ -171,6 +192,7 @@ pub(super) fn gc(repo: &Repository, b: &Bucket, grace: Duration) -> Result<GcRep
                 && objects.get(*n).is_some_and(|(_, t)| old_enough(*t))
         })
         .map(|(n, _)| n.clone())
+        .chain(repacked.packs)
         .collect();
     fresh.sort();
     if !fresh.is_empty() {
@@ -214,7 +236,7 @@ pub(super) fn gc(repo: &Repository, b: &Bucket, grace: Duration) -> Result<GcRep
         report.stale_leases_removed += 1;
     }
     report.chunks_kept = chunks.len() as u64;
-    report.running_backups = others.iter().filter(|l| l.kind != "gc").count() as u64;
+    report.running_backups = others.iter().filter(|l| l.kind == "backup").count() as u64;
     drop(own);
     Ok(report)
 }

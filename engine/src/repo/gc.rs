@@ -110,6 +110,12 @@ pub struct GcReport {
     /// backup's, perhaps).
     pub packs_young: u64,
     pub pack_indexes_rewritten: u64,
+    /// In a bucket: mostly dead packs whose live chunks this run copied
+    /// into new packs, and condemned.
+    pub packs_repacked: u64,
+    pub chunks_repacked: u64,
+    /// Stored bytes those copies wrote.
+    pub bytes_repacked: u64,
     pub stale_leases_removed: u64,
     /// Backups running while gc ran, by their leases.
     pub running_backups: u64,
@@ -124,7 +130,15 @@ pub struct GcOptions {
     /// In a bucket: nothing younger than this is removed or condemned,
     /// and a condemnation is this old before its packs go.
     pub grace: std::time::Duration,
+    /// In a bucket: a pack whose live chunks fill less than this percent
+    /// of it is repacked; 0 never repacks.
+    pub repack_below: u8,
 }
+
+/// The default share under which a pack is repacked: half. A pack more
+/// than half dead costs more to keep than its live half costs to copy
+/// once (a PUT and a GET per pack, against storage paid every month).
+pub const DEFAULT_REPACK_BELOW: u8 = 50;
 
 /// The default grace period in a bucket.
 pub const DEFAULT_GRACE: std::time::Duration = std::time::Duration::from_secs(3600);
@@ -134,6 +148,7 @@ impl Default for GcOptions {
         GcOptions {
             wait: true,
             grace: DEFAULT_GRACE,
+            repack_below: DEFAULT_REPACK_BELOW,
         }
     }
 }
@@ -146,7 +161,7 @@ impl Default for GcOptions {
 /// rule of [`super::bucket_gc`].
 pub fn gc(repo: &Repository, opts: &GcOptions) -> Result<GcReport> {
     if let super::Backing::Bucket(b) = &repo.backing {
-        return super::bucket_gc::gc(repo, b, opts.grace);
+        return super::bucket_gc::gc(repo, b, opts);
     }
     let Some(_lock) = repo.lock_exclusive(opts.wait)? else {
         return Err(Error::from(ErrorKind::InvalidArgument(

@@ -56,7 +56,8 @@ fn secs(t: SystemTime) -> u64 {
 }
 
 impl Lease {
-    /// Writes a lease of `kind` (`backup` or `gc`) and learns its start
+    /// Writes a lease of `kind` (`backup`, `restore`, `verify` or `gc`)
+    /// and learns its start
     /// from the server.
     pub(super) fn take(store: Arc<dyn ObjectStore>, kind: &str) -> Result<Lease> {
         let host = super::host_name();

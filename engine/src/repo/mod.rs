@@ -20,6 +20,7 @@ pub mod backup;
 pub mod blob;
 mod bucket;
 mod bucket_gc;
+mod bucket_repack;
 mod freeze;
 mod gc;
 pub mod index;
@@ -54,7 +55,7 @@ pub use backup::{
     SnapshotPlan,
 };
 pub use freeze::{Failure, FreezeRecord, GuestMetrics, Writer};
-pub use gc::{forget, gc, GcOptions, GcReport, DEFAULT_GRACE};
+pub use gc::{forget, gc, GcOptions, GcReport, DEFAULT_GRACE, DEFAULT_REPACK_BELOW};
 pub use index::{Entry, Index};
 pub use manifest::{BaseRecord, Consistency, Disk, DiskStats, Identity, Manifest, Tracking};
 
@@ -298,6 +299,20 @@ impl Repository {
             Backing::Bucket(b) => Ok(Lock {
                 _held: Held::Lease(lease::Lease::take(b.shared_store(), "backup")?),
             }),
+        }
+    }
+
+    /// Held by a restore or verify in a bucket: gc repacks packs that hold
+    /// live chunks, and deletes them only once every lease older than
+    /// their condemnation has ended, so a long read that found a chunk in
+    /// such a pack can still fetch it. A directory needs none: its gc
+    /// removes only what no snapshot names.
+    pub fn lease_for_reading(&self, kind: &'static str) -> Result<Option<Lock>> {
+        match &self.backing {
+            Backing::Dir(_) => Ok(None),
+            Backing::Bucket(b) => Ok(Some(Lock {
+                _held: Held::Lease(lease::Lease::take(b.shared_store(), kind)?),
+            })),
         }
     }
 

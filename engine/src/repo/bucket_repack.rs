@@ -1,0 +1,195 @@
+//! Repacking in a bucket: a pack whose live chunks fill less than a share
+//! of it has its live chunks copied into new packs, and is then condemned
+//! like a dead one, to go by the same lease rule (see
+//! [`super::bucket_gc`]). Without it, a pack with one live chunk of
+//! sixteen would be kept whole for as long as that chunk lives.
+//!
+//! The copies are made before the condemnation is written, and indexed
+//! (the new pack index uploaded) before it too, so every marked chunk is
+//! findable in a pack no one condemned from the moment its old pack is.
+//! A chunk is copied only once it has passed a restore's checks (the pack
+//! entry's CRC, the blob's own, and the BLAKE3 of its plaintext): damage
+//! is never repacked into a pack that looks sound. A pack with a chunk
+//! that fails them is left as it is, for verify to report.
+
+use std::collections::{HashMap, HashSet};
+
+use super::blob::{self, BlobKind};
+use super::bucket::{Bucket, Record, PACKS};
+use super::pack::PackEntry;
+use crate::error::{Error, ErrorKind, Result};
+
+/// A pack as a pack index lists it: the record, and its entries.
+pub(super) type Indexed = (Record, Vec<PackEntry>);
+
+/// What one repack did.
+#[derive(Debug, Default)]
+pub(super) struct Repacked {
+    /// The packs whose live chunks are now elsewhere: to be condemned.
+    pub packs: Vec<String>,
+    pub chunks: u64,
+    /// Stored bytes copied.
+    pub bytes: u64,
+    /// Packs left alone because a chunk in them failed its checks.
+    pub damaged: u64,
+}
+
+/// For each pack (by hex name), the packs that hold each chunk.
+fn holders(pack_indexes: &[(String, Vec<Indexed>)]) -> HashMap<blake3::Hash, HashSet<String>> {
+    let mut h: HashMap<blake3::Hash, HashSet<String>> = HashMap::new();
+    for (_, records) in pack_indexes {
+        for (r, entries) in records {
+            let name = r.name.to_hex().to_string();
+            for e in entries {
+                h.entry(e.id).or_default().insert(name.clone());
+            }
+        }
+    }
+    h
+}
+
+/// Of the packs in `doomed`, those that can go: no marked chunk in them
+/// is held only by packs in the set. A pack that still holds the one copy
+/// of a marked chunk is taken out, and the set checked again.
+pub(super) fn deletable(
+    mut doomed: HashSet<String>,
+    pack_indexes: &[(String, Vec<Indexed>)],
+    marked: &HashSet<blake3::Hash>,
+) -> HashSet<String> {
+    let holders = holders(pack_indexes);
+    let mut contents: HashMap<String, Vec<blake3::Hash>> = HashMap::new();
+    for (_, records) in pack_indexes {
+        for (r, entries) in records {
+            contents
+                .entry(r.name.to_hex().to_string())
+                .or_default()
+                .extend(
+                    entries
+                        .iter()
+                        .map(|e| e.id)
+                        .filter(|id| marked.contains(id)),
+                );
+        }
+    }
+    loop {
+        let needed: Vec<String> = doomed
+            .iter()
+            .filter(|p| {
+                contents.get(*p).is_some_and(|ids| {
+                    ids.iter().any(|id| {
+                        holders
+                            .get(id)
+                            .is_none_or(|hs| hs.iter().all(|h| doomed.contains(h)))
+                    })
+                })
+            })
+            .cloned()
+            .collect();
+        if needed.is_empty() {
+            return doomed;
+        }
+        for p in needed {
+            doomed.remove(&p);
+        }
+    }
+}
+
+/// Copies the live chunks of every pack `eligible` allows whose live
+/// blobs are less than `below_percent` of its blob bytes (and more than
+/// none: a dead pack is condemned as it is) into new packs, and indexes
+/// them. Chunks another pack outside the repack holds are not copied.
+pub(super) fn repack(
+    b: &Bucket,
+    chunk_size: u64,
+    pack_indexes: &[(String, Vec<Indexed>)],
+    marked: &HashSet<blake3::Hash>,
+    below_percent: u8,
+    eligible: impl Fn(&str) -> bool,
+) -> Result<Repacked> {
+    let mut out = Repacked::default();
+    if below_percent == 0 {
+        return Ok(out);
+    }
+    let mut chosen: HashMap<String, Vec<PackEntry>> = HashMap::new();
+    for (_, records) in pack_indexes {
+        for (r, entries) in records {
+            let name = r.name.to_hex().to_string();
+            if chosen.contains_key(&name) || !eligible(&name) {
+                continue;
+            }
+            let total: u64 = entries.iter().map(|e| u64::from(e.length)).sum();
+            let live: Vec<PackEntry> = entries
+                .iter()
+                .filter(|e| marked.contains(&e.id))
+                .cloned()
+                .collect();
+            let live_bytes: u64 = live.iter().map(|e| u64::from(e.length)).sum();
+            if !live.is_empty() && live_bytes * 100 < total * u64::from(below_percent) {
+                chosen.insert(name, live);
+            }
+        }
+    }
+    if chosen.is_empty() {
+        return Ok(out);
+    }
+    let holders = holders(pack_indexes);
+    let mut names: Vec<String> = chosen.keys().cloned().collect();
+    names.sort();
+    let mut copied: HashSet<blake3::Hash> = HashSet::new();
+    let mut buf = Vec::new();
+    for name in names {
+        let Some(live) = chosen.get(&name) else {
+            continue;
+        };
+        // Copies elsewhere, outside the repack, need none here.
+        let todo: Vec<&PackEntry> = live
+            .iter()
+            .filter(|e| {
+                !copied.contains(&e.id)
+                    && !holders
+                        .get(&e.id)
+                        .is_some_and(|hs| hs.iter().any(|h| !chosen.contains_key(h)))
+            })
+            .collect();
+        b.plan_reads(todo.iter().map(|e| &e.id))?;
+        let mut sound = true;
+        for e in &todo {
+            match read_checked(b, &e.id, chunk_size, &mut buf) {
+                Ok(()) => {
+                    out.bytes += b.add_to_pack(&e.id, &[&buf])?;
+                    out.chunks += 1;
+                    copied.insert(e.id);
+                }
+                Err(err) if matches!(err.kind(), ErrorKind::Remote { .. }) => return Err(err),
+                Err(_) => {
+                    sound = false;
+                    break;
+                }
+            }
+        }
+        if sound {
+            out.packs.push(name);
+        } else {
+            out.damaged += 1;
+        }
+    }
+    b.flush()?;
+    Ok(out)
+}
+
+/// A chunk's blob from its pack, with every check a restore makes.
+fn read_checked(b: &Bucket, id: &blake3::Hash, chunk_size: u64, buf: &mut Vec<u8>) -> Result<()> {
+    b.read_chunk_blob(id, buf)?;
+    let path = b.display(&format!("{PACKS}…/{}", id.to_hex()));
+    let plain = blob::decode(BlobKind::Chunk, buf, chunk_size).map_err(|e| e.in_file(&path))?;
+    let computed = blake3::hash(&plain);
+    if computed != *id {
+        return Err(Error::from(ErrorKind::DigestMismatch {
+            what: "chunk",
+            expected: id.to_hex().to_string().into(),
+            found: computed.to_hex().to_string().into(),
+        })
+        .in_file(&path));
+    }
+    Ok(())
+}
