@@ -219,7 +219,8 @@ impl ObjectStore for S3Store {
             })
             .in_file(&PathBuf::from(format!("{}/{key}", self.location))));
         }
-        Ok(bytes.to_vec())
+        // Without a copy where the body is one buffer of its own.
+        Ok(Vec::from(bytes))
     }
 
     fn put_new(&self, key: &str, bytes: Vec<u8>) -> Result<bool> {

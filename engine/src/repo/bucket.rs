@@ -487,14 +487,12 @@ impl Bucket {
                 bytes,
             })
         };
-        if let Some(bytes) = self
+        if self
             .readahead
-            .blob(number, entry.offset, entry.length, fetch, &ahead)
+            .blob(number, entry.offset, entry.length, fetch, &ahead, buf)
+            && entry.check(buf).is_ok()
         {
-            if entry.check(&bytes).is_ok() {
-                *buf = bytes;
-                return Ok(());
-            }
+            return Ok(());
         }
         // A blob that fails its CRC may have been damaged on the way: it
         // is fetched again, and refused only if it fails every time.

@@ -96,10 +96,11 @@ impl ReadAhead {
         }
     }
 
-    /// The blob `offset..offset + length` of pack number `pack`, from its
-    /// window, which `fetch` reads when no reader has yet. `None` when the
-    /// window could not be read or does not hold the blob. The plan's next
-    /// windows are fetched meanwhile, by `ahead`.
+    /// Copies the blob `offset..offset + length` of pack number `pack`
+    /// into `out` (reusing its allocation), from its window, which `fetch`
+    /// reads when no reader has yet. `false` when the window could not be
+    /// read or does not hold the blob. The plan's next windows are fetched
+    /// meanwhile, by `ahead`.
     pub(super) fn blob<A>(
         self: &Arc<Self>,
         pack: u32,
@@ -107,18 +108,27 @@ impl ReadAhead {
         length: u32,
         fetch: impl FnOnce() -> Option<Window>,
         ahead: &A,
-    ) -> Option<Vec<u8>>
+        out: &mut Vec<u8>,
+    ) -> bool
     where
         A: Fn(&Planned) -> Option<Window> + Clone + Send + 'static,
     {
         let key = key(pack, offset);
-        let slot = self.slot(key, false)?;
+        let Some(slot) = self.slot(key, false) else {
+            return false;
+        };
         self.fetch_ahead(key, ahead);
         let window = slot.get_or_init(|| self.fetched(key, &slot, fetch()));
-        let w = window.as_ref()?;
-        let from = usize::try_from(offset.checked_sub(w.start)?).ok()?;
-        let to = from.checked_add(length as usize)?;
-        w.bytes.get(from..to).map(<[u8]>::to_vec)
+        let Some(bytes) = window.as_ref().and_then(|w| {
+            let from = usize::try_from(offset.checked_sub(w.start)?).ok()?;
+            let to = from.checked_add(length as usize)?;
+            w.bytes.get(from..to)
+        }) else {
+            return false;
+        };
+        out.clear();
+        out.extend_from_slice(bytes);
+        true
     }
 
     /// The window's slot, made where there is none; with `only_new`,
@@ -243,13 +253,16 @@ mod tests {
             })
         };
         let none = |_: &Planned| None;
-        assert_eq!(ra.blob(0, 10, 3, &mut fetch, &none), Some(vec![0, 1, 2]));
-        assert_eq!(ra.blob(0, 50, 2, || None, &none), Some(vec![40, 41]));
+        let mut out = Vec::new();
+        assert!(ra.blob(0, 10, 3, &mut fetch, &none, &mut out));
+        assert_eq!(out, [0, 1, 2]);
+        assert!(ra.blob(0, 50, 2, || None, &none, &mut out));
+        assert_eq!(out, [40, 41]);
         // Past the window's bytes: nothing, never a panic.
-        assert_eq!(ra.blob(0, 105, 10, || None, &none), None);
-        assert_eq!(ra.blob(0, 5, 1, || None, &none), None);
+        assert!(!ra.blob(0, 105, 10, || None, &none, &mut out));
+        assert!(!ra.blob(0, 5, 1, || None, &none, &mut out));
         assert_eq!(fetches, 1);
-        assert_eq!(ra.blob(1, 0, 1, || None, &none), None);
+        assert!(!ra.blob(1, 0, 1, || None, &none, &mut out));
     }
 
     #[test]
@@ -279,8 +292,9 @@ mod tests {
                 made(w)
             }
         };
-        let first = ra.blob(0, 4, 2, || made(&plan[0]), &ahead);
-        assert_eq!(first, Some(vec![4, 5]));
+        let mut out = Vec::new();
+        assert!(ra.blob(0, 4, 2, || made(&plan[0]), &ahead, &mut out));
+        assert_eq!(out, [4, 5]);
         // The three after the first are fetched in the background, and a
         // reader of one uses that fetch instead of making its own.
         let waited = std::time::Instant::now();
@@ -288,18 +302,19 @@ mod tests {
             assert!(waited.elapsed().as_secs() < 10, "nothing fetched ahead");
             std::thread::yield_now();
         }
-        let next = ra.blob(3, 8, 2, || panic!("fetched twice"), &ahead);
-        assert_eq!(next, Some(vec![8, 9]));
-        let next = ra.blob(0, WINDOW + 1, 1, || panic!("fetched twice"), &ahead);
-        assert_eq!(next, Some(vec![1]));
+        assert!(ra.blob(3, 8, 2, || panic!("fetched twice"), &ahead, &mut out));
+        assert_eq!(out, [8, 9]);
+        let second = WINDOW + 1;
+        assert!(ra.blob(0, second, 1, || panic!("fetched twice"), &ahead, &mut out));
+        assert_eq!(out, [1]);
         // Reading the second planned window started the fetch of the
         // fifth; its reader has it from there, or fetches it itself.
-        let last = ra.blob(2, 0, 1, || made(&plan[4]), &ahead);
-        assert_eq!(last, Some(vec![0]));
+        assert!(ra.blob(2, 0, 1, || made(&plan[4]), &ahead, &mut out));
+        assert_eq!(out, [0]);
         assert!(count.load(Ordering::SeqCst) <= 4);
         // Unplanned windows fetch nothing ahead.
         let before = count.load(Ordering::SeqCst);
-        assert_eq!(ra.blob(9, 0, 1, || None, &ahead), None);
+        assert!(!ra.blob(9, 0, 1, || None, &ahead, &mut out));
         assert_eq!(count.load(Ordering::SeqCst), before);
     }
 }
