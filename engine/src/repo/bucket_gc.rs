@@ -119,9 +119,27 @@ pub(super) fn gc(repo: &Repository, b: &Bucket, opts: &super::GcOptions) -> Resu
         }
     }
 
+    // Only a pack that is there holds a chunk: a record of a pack gone
+    // missing is damage for verify, never a copy to rely on.
+    let present = |keep: &dyn Fn(&str) -> bool| -> Vec<(String, Vec<Indexed>)> {
+        pack_indexes
+            .iter()
+            .map(|(key, records)| {
+                let kept = records
+                    .iter()
+                    .filter(|(r, _)| {
+                        let n = r.name.to_hex();
+                        objects.contains_key(n.as_str()) && keep(n.as_str())
+                    })
+                    .cloned()
+                    .collect();
+                (key.clone(), kept)
+            })
+            .collect()
+    };
     // A condemned pack that holds the only copy of a chunk the mark found
     // (a backup reused it before the condemnation) is spared.
-    let doomed = bucket_repack::deletable(doomed, &pack_indexes, &chunks);
+    let doomed = bucket_repack::deletable(doomed, &present(&|_| true), &chunks);
 
     // The pack indexes that list a doomed pack are rewritten without it,
     // into one new pack index, before any pack goes.
@@ -172,10 +190,12 @@ pub(super) fn gc(repo: &Repository, b: &Bucket, opts: &super::GcOptions) -> Resu
             && !condemned_before.contains(n)
             && objects.get(n).is_some_and(|(_, t)| old_enough(*t))
     };
+    // Judged by the packs that outlive this run's deletions.
+    let surviving = present(&|n| !doomed.contains(n));
     let repacked = bucket_repack::repack(
         b,
         repo.config().chunk_size,
-        &pack_indexes,
+        &surviving,
         &chunks,
         opts.repack_below,
         eligible,

@@ -193,3 +193,48 @@ fn read_checked(b: &Bucket, id: &blake3::Hash, chunk_size: u64, buf: &mut Vec<u8
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pack(n: u8, ids: &[u8]) -> Indexed {
+        let entries = ids
+            .iter()
+            .map(|&i| PackEntry {
+                id: blake3::Hash::from_bytes([i; 32]),
+                offset: 0,
+                length: 1,
+                crc: 0,
+            })
+            .collect();
+        let record = Record {
+            name: blake3::Hash::from_bytes([n; 32]),
+            len: 1,
+            trailer: Vec::new(),
+        };
+        (record, entries)
+    }
+
+    fn name(n: u8) -> String {
+        blake3::Hash::from_bytes([n; 32]).to_hex().to_string()
+    }
+
+    #[test]
+    fn a_pack_goes_only_where_its_marked_chunks_live_on_elsewhere() {
+        let indexes = vec![("a".to_owned(), vec![pack(1, &[10, 11]), pack(2, &[10])])];
+        let marked: HashSet<blake3::Hash> = [blake3::Hash::from_bytes([10; 32])].into();
+        let set = |ns: &[u8]| -> HashSet<String> { ns.iter().map(|&n| name(n)).collect() };
+        // Chunk 10 lives on in pack 2; 11 is dead.
+        assert_eq!(deletable(set(&[1]), &indexes, &marked), set(&[1]));
+        // Pack 2 holds 10 alone once pack 1 is gone.
+        assert_eq!(deletable(set(&[2]), &indexes, &marked), set(&[2]));
+        // Both at once would lose 10: both are kept.
+        assert_eq!(deletable(set(&[1, 2]), &indexes, &marked), set(&[]));
+        // Nothing marked: both go.
+        assert_eq!(
+            deletable(set(&[1, 2]), &indexes, &HashSet::new()),
+            set(&[1, 2])
+        );
+    }
+}
