@@ -235,6 +235,8 @@ async fn handle(s: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Full<
         hyper::Method::GET | hyper::Method::HEAD => &c.get,
         hyper::Method::PUT => &c.put,
         hyper::Method::DELETE => &c.delete,
+        // object_store removes objects with S3's DeleteObjects: a POST.
+        hyper::Method::POST if req.uri().query().is_some_and(|q| q.contains("delete")) => &c.delete,
         _ => &c.other,
     };
     counter.fetch_add(1, Ordering::Relaxed);

@@ -146,16 +146,19 @@ fn sync_copies_only_what_is_missing_resumes_after_a_kill_and_comes_back() {
         assert_eq!(Some(&ours), theirs.as_ref().ok(), "manifest {file} differs");
     }
 
-    // Nothing missing: nothing is written but the run's lease.
+    // Nothing missing: nothing is written but the run's lease, which it
+    // removes.
     let before = proxy.tally();
     let r = json(&ep, &["repo", "sync", "-q", "--json", local_s, url]);
     assert_eq!(r["present"], 3, "{r}");
     assert_eq!(r["chunks_copied"], 0, "{r}");
+    let after = proxy.tally();
     assert_eq!(
-        proxy.tally().put,
+        after.put,
         before.put + 1,
         "a sync with nothing to copy wrote"
     );
+    assert_eq!(after.delete, before.delete + 1, "its lease was not removed");
 
     let v = json(&ep, &["verify", "-q", "--json", "--repo", url]);
     assert_eq!(v["problems"], serde_json::json!([]), "{v}");
