@@ -120,17 +120,7 @@ pub fn verify(
             _ => Ok(p.clone()),
         })
         .collect::<Result<_>>()?;
-    let listed = repo.list()?;
-    if let Some(prefix) = only
-        .iter()
-        .find(|p| !listed.iter().any(|l| l.id.starts_with(p.as_str())))
-    {
-        return Err(crate::ErrorKind::NoSuchSnapshot(prefix.clone()).into());
-    }
-    for l in listed {
-        if !only.is_empty() && !only.iter().any(|p| l.id.starts_with(p.as_str())) {
-            continue;
-        }
+    for l in repo.list_only(&only)? {
         report.snapshots += 1;
         let m = match l.manifest {
             Ok(m) => m,

@@ -471,20 +471,20 @@ impl Bucket {
         };
         let key = format!("{PACKS}{}", pack.to_hex());
         // With its neighbours first; on its own where that fails.
-        let fetch = || {
-            let range = window?;
-            let bytes = self.store.get_range(&key, range.clone()).ok()?;
-            Some(Window {
-                start: range.start,
-                bytes,
-            })
-        };
+        // The reader's own fetch and the ones ahead of it are the same GET.
         let store = Arc::clone(&self.store);
         let ahead = move |w: &Planned| {
             let bytes = store.get_range(&w.object, w.range.clone()).ok()?;
             Some(Window {
                 start: w.range.start,
                 bytes,
+            })
+        };
+        let fetch = || {
+            ahead(&Planned {
+                window: super::readahead::key(number, entry.offset),
+                object: key.clone(),
+                range: window?,
             })
         };
         if self

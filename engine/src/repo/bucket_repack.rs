@@ -17,7 +17,7 @@ use std::collections::{HashMap, HashSet};
 use super::blob::{self, BlobKind};
 use super::bucket::{Bucket, Record, PACKS};
 use super::pack::PackEntry;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{ErrorKind, Result};
 
 /// A pack as a pack index lists it: the record, and its entries.
 pub(super) type Indexed = (Record, Vec<PackEntry>);
@@ -181,17 +181,9 @@ pub(super) fn repack(
 fn read_checked(b: &Bucket, id: &blake3::Hash, chunk_size: u64, buf: &mut Vec<u8>) -> Result<()> {
     b.read_chunk_blob(id, buf)?;
     let path = b.display(&format!("{PACKS}…/{}", id.to_hex()));
-    let plain = blob::decode(BlobKind::Chunk, buf, chunk_size).map_err(|e| e.in_file(&path))?;
-    let computed = blake3::hash(&plain);
-    if computed != *id {
-        return Err(Error::from(ErrorKind::DigestMismatch {
-            what: "chunk",
-            expected: id.to_hex().to_string().into(),
-            found: computed.to_hex().to_string().into(),
-        })
-        .in_file(&path));
-    }
-    Ok(())
+    blob::decode(BlobKind::Chunk, buf, chunk_size)
+        .and_then(|plain| super::store::check_digest(id, &plain))
+        .map_err(|e| e.in_file(&path))
 }
 
 #[cfg(test)]

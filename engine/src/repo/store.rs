@@ -148,15 +148,18 @@ impl Repository {
             Stored::Raw => (Encoding::Raw, plain),
         };
         let header = blob::encode_header(BlobKind::Chunk, encoding, payload, plain.len() as u64);
+        self.put_chunk_blob(id, &[&header, payload])
+    }
+
+    /// Stores a chunk's blob, given as parts: into the open pack in a
+    /// bucket, as a file renamed into place in a directory. Returns the
+    /// bytes written.
+    fn put_chunk_blob(&self, id: &blake3::Hash, parts: &[&[u8]]) -> Result<u64> {
         if let Backing::Bucket(b) = &self.backing {
-            return b.write_chunk(id, &[&header, payload]);
+            return b.write_chunk(id, parts);
         }
-        self.place(
-            &Self::chunk_rel(id),
-            &[&header, payload],
-            Durable::Later("chunk"),
-        )?;
-        Ok((HEADER_LEN + payload.len()) as u64)
+        self.place(&Self::chunk_rel(id), parts, Durable::Later("chunk"))?;
+        Ok(parts.iter().map(|p| p.len() as u64).sum())
     }
 
     /// Reads a blob whose plaintext must be `plain` bytes: the file must
@@ -245,11 +248,7 @@ impl Repository {
         out: &mut [u8],
     ) -> Result<u64> {
         src.read_chunk_checked(id, bytes, out)?;
-        if let Backing::Bucket(b) = &self.backing {
-            return b.write_chunk(id, &[bytes]);
-        }
-        self.place(&Self::chunk_rel(id), &[bytes], Durable::Later("chunk"))?;
-        Ok(bytes.len() as u64)
+        self.put_chunk_blob(id, &[bytes])
     }
 
     fn take_stored(&self) -> Vec<u8> {
@@ -454,6 +453,25 @@ impl Repository {
             time(a).cmp(&time(b)).then_with(|| a.id.cmp(&b.id))
         });
         Ok(out)
+    }
+
+    /// [`Repository::list`], only the snapshots whose ids start with one
+    /// of `prefixes` (all of them when there are none); a prefix that
+    /// matches no snapshot is an error.
+    pub fn list_only(&self, prefixes: &[String]) -> Result<Vec<Listed>> {
+        let listed = self.list()?;
+        if let Some(prefix) = prefixes
+            .iter()
+            .find(|p| !listed.iter().any(|l| l.id.starts_with(p.as_str())))
+        {
+            return Err(ErrorKind::NoSuchSnapshot(prefix.clone()).into());
+        }
+        Ok(listed
+            .into_iter()
+            .filter(|l| {
+                prefixes.is_empty() || prefixes.iter().any(|p| l.id.starts_with(p.as_str()))
+            })
+            .collect())
     }
 
     /// The snapshot whose id starts with `prefix`; `latest` is the newest
@@ -661,7 +679,12 @@ fn check_blob(kind: BlobKind, bytes: &[u8], plain: u64) -> Result<()> {
 /// Checks a chunk blob's bytes and decodes them into `out`.
 pub(super) fn check_chunk(id: &blake3::Hash, bytes: &[u8], out: &mut [u8]) -> Result<()> {
     blob::decode_into(BlobKind::Chunk, bytes, out)?;
-    let computed = blake3::hash(out);
+    check_digest(id, out)
+}
+
+/// Checks that a chunk's plaintext hashes to its name.
+pub(super) fn check_digest(id: &blake3::Hash, plain: &[u8]) -> Result<()> {
+    let computed = blake3::hash(plain);
     if computed != *id {
         return Err(ErrorKind::DigestMismatch {
             what: "chunk",

@@ -99,20 +99,10 @@ pub fn sync(
     // keeps clear of, what this run reads and writes.
     let _src_lock = src.lock_shared()?;
     let _dst_lock = dst.lock_shared()?;
-    let listed = src.list()?;
-    if let Some(prefix) = opts
-        .only
-        .iter()
-        .find(|p| !listed.iter().any(|l| l.id.starts_with(p.as_str())))
-    {
-        return Err(ErrorKind::NoSuchSnapshot(prefix.clone()).into());
-    }
+    let listed = src.list_only(&opts.only)?;
     let there: HashSet<String> = dst.list()?.into_iter().map(|l| l.id).collect();
     let mut report = SyncReport::default();
     for l in listed {
-        if !opts.only.is_empty() && !opts.only.iter().any(|p| l.id.starts_with(p.as_str())) {
-            continue;
-        }
         report.snapshots += 1;
         if there.contains(&l.id) {
             match same_snapshot(src, dst, &l.id) {
@@ -186,11 +176,12 @@ fn copy_snapshot(
     // bucket's packs, so neighbouring chunks share one ranged read.
     todo.sort_unstable_by_key(|t| (t.0, *t.1.as_bytes()));
     src.plan_reads(todo.iter().map(|t| &t.1))?;
-    Progress::add(&progress.total, todo.iter().map(|t| t.2).sum());
+    let plain: u64 = todo.iter().map(|t| t.2).sum();
+    Progress::add(&progress.total, plain);
     let copied = copy_chunks(src, dst, &todo, threads, progress)?;
     report.chunks_copied += todo.len() as u64;
     report.bytes_copied += copied;
-    report.plain_bytes_copied += todo.iter().map(|t| t.2).sum::<u64>();
+    report.plain_bytes_copied += plain;
     for (disk, index) in manifest.disks.iter().zip(&indexes) {
         let name = dst.write_index(index)?;
         if name.to_hex().as_str() != disk.index {
