@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -179,11 +179,61 @@ impl Drop for FaultProxy {
     }
 }
 
-fn s3_error(status: StatusCode, code: &str) -> Response<Full<Bytes>> {
+/// An answer's body, whole or cut short: a cut body ends in an error, so
+/// hyper closes the connection short of the Content-Length the headers
+/// kept, as a server that died mid-answer would.
+struct Answer {
+    data: Option<Bytes>,
+    cut: bool,
+}
+
+impl Answer {
+    fn whole(data: impl Into<Bytes>) -> Self {
+        Answer {
+            data: Some(data.into()),
+            cut: false,
+        }
+    }
+}
+
+impl Body for Answer {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        let next = match self.data.take() {
+            Some(d) => Some(Ok(Frame::data(d))),
+            None if self.cut => {
+                self.cut = false;
+                Some(Err(std::io::Error::other("cut short by the fault proxy")))
+            }
+            None => None,
+        };
+        std::task::Poll::Ready(next)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none() && !self.cut
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match (&self.data, self.cut) {
+            (Some(d), false) => SizeHint::with_exact(d.len() as u64),
+            (None, false) => SizeHint::with_exact(0),
+            // Unknown, so hyper keeps the upstream's Content-Length.
+            (_, true) => SizeHint::default(),
+        }
+    }
+}
+
+fn s3_error(status: StatusCode, code: &str) -> Response<Answer> {
     let body = format!(
         "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code><Message>injected by the fault proxy</Message></Error>"
     );
-    let mut r = Response::new(Full::new(Bytes::from(body)));
+    let mut r = Response::new(Answer::whole(body));
     *r.status_mut() = status;
     r
 }
@@ -228,7 +278,7 @@ impl std::fmt::Display for Dropped {
 
 impl std::error::Error for Dropped {}
 
-async fn handle(s: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Dropped> {
+async fn handle(s: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Answer>, Dropped> {
     let c = &s.counts;
     let counter = match *req.method() {
         hyper::Method::GET if req.uri().query().is_some_and(|q| q.contains("list-type")) => &c.list,
@@ -272,16 +322,23 @@ async fn handle(s: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Full<
         .map_err(|_| Dropped)?
         .to_bytes()
         .to_vec();
+    let mut cut = false;
     match fault {
         Fault::DropAfter => return Err(Dropped),
-        // The headers keep the whole length: hyper stops the connection
-        // when the body ends short of it, as a server that died would.
-        Fault::Truncate if bytes.len() > 1 => bytes.truncate(bytes.len() / 2),
+        // The headers keep the whole length, and the body stops halfway.
+        Fault::Truncate if bytes.len() > 1 => {
+            bytes.truncate(bytes.len() / 2);
+            cut = true;
+        }
         Fault::Corrupt if !bytes.is_empty() => {
             let mid = bytes.len() / 2;
             bytes[mid] ^= 0x20;
         }
         _ => {}
     }
-    Ok(Response::from_parts(parts, Full::new(Bytes::from(bytes))))
+    let body = Answer {
+        data: Some(Bytes::from(bytes)),
+        cut,
+    };
+    Ok(Response::from_parts(parts, body))
 }
