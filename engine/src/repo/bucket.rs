@@ -33,10 +33,11 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 
+use super::bucket_upload::Uploader;
 use super::objects::ObjectStore;
-use super::pack::{self, PackBuilder, PackEntry};
+use super::pack::{self, PackEntry};
 use super::readahead::{window_range, Planned, ReadAhead, Window};
 use crate::error::{Error, ErrorKind, Result};
 
@@ -83,13 +84,9 @@ const HEAD_LEN: usize = 24;
 const RECORD_HEAD: usize = 48;
 
 /// A pack index larger than this is refused unread: one backup's index
-/// holds at most [`PACKS_PER_INDEX`] packs' trailers, some 100 MiB at the
+/// holds at most 1,024 packs' trailers, some 100 MiB at the
 /// largest packs of the smallest chunks.
 const PACK_INDEX_LIMIT: u64 = 1 << 30;
-/// A backup writes a pack index at least every this many packs, so one
-/// that dies after hours has indexed most of what it uploaded.
-const PACKS_PER_INDEX: usize = 1024;
-
 /// How often a blob whose CRC fails is fetched before it is refused.
 const READ_ATTEMPTS: u32 = 3;
 
@@ -122,7 +119,7 @@ impl Loc {
 
 /// Every chunk the pack indexes list.
 #[derive(Debug, Default)]
-struct Known {
+pub(super) struct Known {
     packs: Vec<blake3::Hash>,
     pack_numbers: HashMap<blake3::Hash, u32>,
     /// Each pack's blobs, (offset, length) in order, by pack number: what
@@ -137,7 +134,7 @@ struct Known {
 }
 
 impl Known {
-    fn add(&mut self, pack: blake3::Hash, entries: &[PackEntry]) -> Result<()> {
+    pub(super) fn add(&mut self, pack: blake3::Hash, entries: &[PackEntry]) -> Result<()> {
         let n = match self.pack_numbers.get(&pack) {
             Some(&n) => n,
             None => {
@@ -189,37 +186,33 @@ pub(super) struct Record {
     pub trailer: Vec<u8>,
 }
 
-#[derive(Debug, Default)]
-struct Writer {
-    open: PackBuilder,
-    /// Chunks in the open pack or in one being uploaded.
-    pending: HashSet<blake3::Hash>,
-    uploaded: Vec<Record>,
-}
-
 #[derive(Debug)]
 pub(super) struct Bucket {
     store: Arc<dyn ObjectStore>,
-    pack_size: u64,
     /// This repository's pack-index cache, `None` without a cache directory.
     cache: Option<PathBuf>,
-    known: RwLock<Option<Known>>,
-    writer: Mutex<Writer>,
+    known: Arc<RwLock<Option<Known>>>,
+    packer: Arc<Uploader>,
     readahead: Arc<ReadAhead>,
 }
 
-fn poisoned() -> Error {
+pub(super) fn poisoned() -> Error {
     Error::worker_panicked()
 }
 
 impl Bucket {
     pub(super) fn new(store: Arc<dyn ObjectStore>, pack_size: u64, cache: Option<PathBuf>) -> Self {
+        let known = Arc::default();
         Bucket {
+            packer: Arc::new(Uploader::new(
+                Arc::clone(&store),
+                pack_size,
+                cache.clone(),
+                Arc::clone(&known),
+            )),
             store,
-            pack_size,
             cache,
-            known: RwLock::new(None),
-            writer: Mutex::default(),
+            known,
             readahead: Arc::default(),
         }
     }
@@ -339,13 +332,7 @@ impl Bucket {
                     .is_some_and(|p| !k.condemned.contains(p))
             })
         })?;
-        Ok(in_index
-            || self
-                .writer
-                .lock()
-                .map_err(|_| poisoned())?
-                .pending
-                .contains(id))
+        Ok(in_index || self.packer.pending(id)?)
     }
 
     /// A number that orders chunks as they lie in the bucket, pack by pack.
@@ -362,9 +349,9 @@ impl Bucket {
             .unwrap_or(0)
     }
 
-    /// Adds a chunk's blob to the open pack, and uploads the pack once it
-    /// is full, from this worker's thread while the others go on. Returns
-    /// the bytes added: none for a chunk stored already.
+    /// Adds a chunk's blob to the open pack, and starts the pack's upload
+    /// once it is full ([`super::bucket_upload`]). Returns the bytes added:
+    /// none for a chunk stored already.
     pub(super) fn write_chunk(&self, id: &blake3::Hash, parts: &[&[u8]]) -> Result<u64> {
         if self.has_chunk(id)? {
             return Ok(0);
@@ -376,81 +363,15 @@ impl Bucket {
     /// say: for gc, which copies the live chunks of a mostly-dead pack
     /// into new packs before it condemns the old one.
     pub(super) fn add_to_pack(&self, id: &blake3::Hash, parts: &[&[u8]]) -> Result<u64> {
-        let full = {
-            let mut w = self.writer.lock().map_err(|_| poisoned())?;
-            if !w.pending.insert(*id) {
-                return Ok(0);
-            }
-            w.open.push(*id, parts)?;
-            if w.open.len() >= self.pack_size {
-                Some(std::mem::take(&mut w.open))
-            } else {
-                None
-            }
-        };
-        if let Some(pack) = full {
-            self.upload(pack)?;
-        }
-        Ok(parts.iter().map(|p| p.len() as u64).sum())
+        self.packer.add(id, parts)
     }
 
-    fn upload(&self, pack: PackBuilder) -> Result<()> {
-        let ids: Vec<blake3::Hash> = pack.ids().collect();
-        let (bytes, name, entries) = pack.finish();
-        let len = bytes.len() as u64;
-        let data_end = entries.last().map_or(0, |e| e.offset + u64::from(e.length));
-        let trailer = bytes[data_end as usize..].to_vec();
-        // The same name is the same bytes: a pack there already is this one.
-        let put = self
-            .store
-            .put_new(&format!("{PACKS}{}", name.to_hex()), bytes);
-        let mut w = self.writer.lock().map_err(|_| poisoned())?;
-        for id in &ids {
-            w.pending.remove(id);
-        }
-        put?;
-        {
-            let mut known = self.known.write().map_err(|_| poisoned())?;
-            known
-                .get_or_insert_with(Known::default)
-                .add(name, &entries)?;
-        }
-        w.uploaded.push(Record { name, len, trailer });
-        let full = w.uploaded.len() >= PACKS_PER_INDEX;
-        drop(w);
-        if full {
-            self.write_pack_index()?;
-        }
-        Ok(())
-    }
-
-    /// Uploads the open pack and then the pack index of every pack this
-    /// process uploaded since the last: after it, every chunk written is
-    /// in the bucket and findable, and a manifest may name it.
+    /// Uploads the open pack, waits for every upload and then uploads the
+    /// pack index of every pack this process uploaded since the last:
+    /// after it, every chunk written is in the bucket and findable, and a
+    /// manifest may name it.
     pub(super) fn flush(&self) -> Result<()> {
-        let open = {
-            let mut w = self.writer.lock().map_err(|_| poisoned())?;
-            std::mem::take(&mut w.open)
-        };
-        if !open.is_empty() {
-            self.upload(open)?;
-        }
-        self.write_pack_index()
-    }
-
-    fn write_pack_index(&self) -> Result<()> {
-        let mut w = self.writer.lock().map_err(|_| poisoned())?;
-        if w.uploaded.is_empty() {
-            return Ok(());
-        }
-        let bytes = encode_pack_index(&w.uploaded);
-        let hex = blake3::hash(&bytes).to_hex();
-        if let Some(c) = &self.cache {
-            let _ = write_cache(&c.join(hex.as_str()), &bytes);
-        }
-        self.store.put_new(&format!("{PACK_INDEXES}{hex}"), bytes)?;
-        w.uploaded.clear();
-        Ok(())
+        self.packer.flush()
     }
 
     /// A chunk's blob, checked against its pack entry's length and CRC.
@@ -597,7 +518,7 @@ pub(super) fn missing(path: &std::path::Path, op: &'static str) -> Error {
         .during(op)
 }
 
-fn write_cache(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(super) fn write_cache(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().ok_or(std::io::ErrorKind::InvalidInput)?;
     std::fs::create_dir_all(dir)?;
     let tmp = dir.join(format!(".{}.tmp", uuid::Uuid::new_v4().simple()));
@@ -742,6 +663,7 @@ pub(super) fn pack_index_records(bytes: &[u8]) -> Result<Vec<(Record, Vec<PackEn
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::repo::pack::PackBuilder;
 
     fn pack_of(blobs: &[(u8, usize)]) -> Record {
         let mut b = PackBuilder::new();

@@ -21,6 +21,7 @@ pub mod blob;
 mod bucket;
 mod bucket_gc;
 mod bucket_repack;
+mod bucket_upload;
 mod freeze;
 mod gc;
 pub mod index;

@@ -1,0 +1,230 @@
+//! A bucket's write path: chunks go into the open pack, and a full pack
+//! is uploaded by a thread of its own, so the worker that filled it goes
+//! back to hashing and compressing while the PUT runs. At most
+//! [`IN_FLIGHT`] packs are on their way at once: a worker that fills one
+//! more waits for a slot, which bounds the memory to that many packs.
+//!
+//! **A failed upload fails every flush after it.** Its chunks were pending
+//! while it ran, so another worker (of this snapshot or of another in the
+//! same run) may have reused one and named it; no manifest may follow a
+//! flush that cannot vouch for every chunk written since the bucket was
+//! opened. The first caller to meet the failure gets the server's error,
+//! every later one an error that repeats it.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+
+use super::bucket::{encode_pack_index, poisoned, write_cache, Known, Record, PACKS, PACK_INDEXES};
+use super::objects::ObjectStore;
+use super::pack::PackBuilder;
+use crate::error::{Error, ErrorKind, Result};
+
+/// Packs uploading at once. Two keep the server busy while a worker fills
+/// the next, as a double buffer does.
+const IN_FLIGHT: usize = 2;
+
+/// A backup writes a pack index at least every this many packs, so one
+/// that dies after hours has indexed most of what it uploaded.
+const PACKS_PER_INDEX: usize = 1024;
+
+#[derive(Debug, Default)]
+struct Writer {
+    open: PackBuilder,
+    /// Chunks in the open pack or in one being uploaded.
+    pending: HashSet<blake3::Hash>,
+    uploaded: Vec<Record>,
+}
+
+#[derive(Debug, Default)]
+struct Uploads {
+    running: usize,
+    failed: Option<Failed>,
+}
+
+#[derive(Debug)]
+enum Failed {
+    /// Not yet reported to anyone.
+    Fresh(Error),
+    /// Reported once; its message, for every later caller.
+    Told(String),
+}
+
+#[derive(Debug)]
+pub(super) struct Uploader {
+    store: Arc<dyn ObjectStore>,
+    pack_size: u64,
+    cache: Option<PathBuf>,
+    known: Arc<RwLock<Option<Known>>>,
+    writer: Mutex<Writer>,
+    uploads: Mutex<Uploads>,
+    changed: Condvar,
+}
+
+impl Uploader {
+    pub(super) fn new(
+        store: Arc<dyn ObjectStore>,
+        pack_size: u64,
+        cache: Option<PathBuf>,
+        known: Arc<RwLock<Option<Known>>>,
+    ) -> Self {
+        Uploader {
+            store,
+            pack_size,
+            cache,
+            known,
+            writer: Mutex::default(),
+            uploads: Mutex::default(),
+            changed: Condvar::new(),
+        }
+    }
+
+    /// Whether the chunk is in the open pack or in one uploading.
+    pub(super) fn pending(&self, id: &blake3::Hash) -> Result<bool> {
+        Ok(self
+            .writer
+            .lock()
+            .map_err(|_| poisoned())?
+            .pending
+            .contains(id))
+    }
+
+    /// Adds a chunk's blob to the open pack, and starts its upload once it
+    /// is full. Returns the bytes added: none for a chunk already pending.
+    pub(super) fn add(self: &Arc<Self>, id: &blake3::Hash, parts: &[&[u8]]) -> Result<u64> {
+        self.check()?;
+        let full = {
+            let mut w = self.writer.lock().map_err(|_| poisoned())?;
+            if !w.pending.insert(*id) {
+                return Ok(0);
+            }
+            w.open.push(*id, parts)?;
+            if w.open.len() >= self.pack_size {
+                Some(std::mem::take(&mut w.open))
+            } else {
+                None
+            }
+        };
+        if let Some(pack) = full {
+            self.start(pack)?;
+        }
+        Ok(parts.iter().map(|p| p.len() as u64).sum())
+    }
+
+    /// Uploads the open pack, waits for every upload, and then uploads the
+    /// pack index of every pack uploaded since the last: after it, every
+    /// chunk written is in the bucket and findable, and a manifest may
+    /// name it.
+    pub(super) fn flush(self: &Arc<Self>) -> Result<()> {
+        let open = {
+            let mut w = self.writer.lock().map_err(|_| poisoned())?;
+            std::mem::take(&mut w.open)
+        };
+        if !open.is_empty() {
+            self.start(open)?;
+        }
+        self.wait(|u| u.running == 0)?;
+        self.check()?;
+        self.write_pack_index()
+    }
+
+    /// Waits for a slot, then uploads `pack` on a thread of its own.
+    fn start(self: &Arc<Self>, pack: PackBuilder) -> Result<()> {
+        self.wait(|u| u.running < IN_FLIGHT)?;
+        self.check()?;
+        self.uploads.lock().map_err(|_| poisoned())?.running += 1;
+        let me = Arc::clone(self);
+        let spawned = std::thread::Builder::new()
+            .name("vsnap-upload".into())
+            .spawn(move || {
+                let outcome = me.upload(pack);
+                if let Ok(mut u) = me.uploads.lock() {
+                    u.running -= 1;
+                    if let Err(e) = outcome {
+                        u.failed.get_or_insert(Failed::Fresh(e));
+                    }
+                }
+                me.changed.notify_all();
+            });
+        if let Err(e) = spawned {
+            self.uploads.lock().map_err(|_| poisoned())?.running -= 1;
+            self.changed.notify_all();
+            return Err(Error::io(e).during("start a pack's upload"));
+        }
+        Ok(())
+    }
+
+    fn wait(&self, ready: impl Fn(&Uploads) -> bool) -> Result<()> {
+        let u = self.uploads.lock().map_err(|_| poisoned())?;
+        let _ready = self
+            .changed
+            .wait_while(u, |u| !ready(u) && u.failed.is_none())
+            .map_err(|_| poisoned())?;
+        Ok(())
+    }
+
+    /// The failure of an earlier upload, if one failed.
+    fn check(&self) -> Result<()> {
+        let mut u = self.uploads.lock().map_err(|_| poisoned())?;
+        match u.failed.take() {
+            None => Ok(()),
+            Some(Failed::Fresh(e)) => {
+                u.failed = Some(Failed::Told(e.to_string()));
+                Err(e)
+            }
+            Some(Failed::Told(msg)) => {
+                let err = Error::from(ErrorKind::Remote {
+                    reason: format!("an earlier pack upload failed: {msg}"),
+                    cause: None,
+                });
+                u.failed = Some(Failed::Told(msg));
+                Err(err)
+            }
+        }
+    }
+
+    fn upload(&self, pack: PackBuilder) -> Result<()> {
+        let ids: Vec<blake3::Hash> = pack.ids().collect();
+        let (bytes, name, entries) = pack.finish();
+        let len = bytes.len() as u64;
+        let data_end = entries.last().map_or(0, |e| e.offset + u64::from(e.length));
+        let trailer = bytes.get(data_end as usize..).unwrap_or_default().to_vec();
+        // The same name is the same bytes: a pack there already is this one.
+        let put = self
+            .store
+            .put_new(&format!("{PACKS}{}", name.to_hex()), bytes);
+        let mut w = self.writer.lock().map_err(|_| poisoned())?;
+        for id in &ids {
+            w.pending.remove(id);
+        }
+        put?;
+        {
+            let mut known = self.known.write().map_err(|_| poisoned())?;
+            known
+                .get_or_insert_with(Known::default)
+                .add(name, &entries)?;
+        }
+        w.uploaded.push(Record { name, len, trailer });
+        let full = w.uploaded.len() >= PACKS_PER_INDEX;
+        drop(w);
+        if full {
+            self.write_pack_index()?;
+        }
+        Ok(())
+    }
+
+    fn write_pack_index(&self) -> Result<()> {
+        let mut w = self.writer.lock().map_err(|_| poisoned())?;
+        if w.uploaded.is_empty() {
+            return Ok(());
+        }
+        let bytes = encode_pack_index(&w.uploaded);
+        let hex = blake3::hash(&bytes).to_hex();
+        if let Some(c) = &self.cache {
+            let _ = write_cache(&c.join(hex.as_str()), &bytes);
+        }
+        self.store.put_new(&format!("{PACK_INDEXES}{hex}"), bytes)?;
+        w.uploaded.clear();
+        Ok(())
+    }
+}
