@@ -576,6 +576,85 @@ fn vsnap_backup_keeps_one_base_says_why_it_reads_whole_and_forget_and_gc_release
     drop(dir);
 }
 
+/// In a bucket, gc runs beside backups: it removes the clone a dead
+/// backup left on this host, never one a running backup holds locked, and
+/// that one once its lock is gone and no manifest records it.
+#[test]
+fn bucket_gc_removes_dead_backups_clones_and_spares_locked_ones() {
+    let test = "bucket_gc_removes_dead_backups_clones_and_spares_locked_ones";
+    let Some((dir, fs)) = scratch(test) else {
+        return;
+    };
+    let Some(s3) = vsnap_e2e::s3::S3Server::start(test) else {
+        return;
+    };
+    let url = "s3://vsnap/cbt";
+    let vsnap = |args: &[&str]| -> serde_json::Value {
+        let o = s3
+            .env(&mut vsnap_e2e::vsnap_cmd())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        serde_json::from_slice(&o.stdout).unwrap_or(serde_json::Value::Null)
+    };
+    vsnap(&["repo", "init", url]);
+    let mnt = fs.mount.clone();
+    let disk = mnt.join("disk.vhd");
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "vpc", "-o", "subformat=dynamic"])
+        .arg(&disk)
+        .arg("16M"));
+    run(Command::new("qemu-io")
+        .args(["-f", "vpc", "-c", "write -P 7 0 8M"])
+        .arg(&disk));
+    let disk_arg = disk.to_str().unwrap();
+    let b = vsnap(&[
+        "backup", "--json", "-q", "--name", "vm", "--repo", url, disk_arg,
+    ]);
+    let base = Path::new(b["disks"][0]["tracking"]["base"]["path"].as_str().unwrap()).to_owned();
+    assert_eq!(bases_in(&mnt), std::slice::from_ref(&base));
+    // A dead backup's clone, a running one's (locked, as a backup holds
+    // its clone until its commit), and another repository's.
+    let name = base.file_name().unwrap().to_str().unwrap().to_owned();
+    let tag = name.rsplit('.').nth(1).unwrap();
+    let at = |n: &str| mnt.join(".vsnap-base").join(n);
+    let dead = at(&format!("disk.vhd.{tag}.dead0000dead0000"));
+    let running = at(&format!("disk.vhd.{tag}.live0000live0000"));
+    let other = at("disk.vhd.0123abcd.other000other000");
+    for c in [&dead, &running, &other] {
+        reflink(&disk, c);
+    }
+    let lock = File::open(&running).unwrap();
+    lock.lock().unwrap();
+    let gc = || vsnap(&["gc", "--json", "--grace", "0s", "--repo", url]);
+    let report = gc();
+    assert_eq!(report["bases_removed"], 1, "{report}");
+    let mut left = vec![base.clone(), running.clone(), other.clone()];
+    left.sort();
+    assert_eq!(bases_in(&mnt), left);
+    drop(lock);
+    let report = gc();
+    assert_eq!(report["bases_removed"], 1, "{report}");
+    let mut left = vec![base.clone(), other];
+    left.sort();
+    assert_eq!(bases_in(&mnt), left);
+    // The recorded base still serves: the next backup reads nothing new.
+    let next = vsnap(&[
+        "backup", "--json", "-q", "--name", "vm", "--repo", url, disk_arg,
+    ]);
+    let d = &next["disks"][0];
+    assert_eq!(d["tracking"]["since"], b["snapshot"], "{d}");
+    assert_eq!(d["bytes_read"], 0, "{d}");
+    drop(s3);
+    drop(fs);
+    drop(dir);
+}
+
 /// The coordinated backup with the reflink provider keeps each disk's
 /// snapshot clone as its base: after every round of random writes to two
 /// disks (a dynamic VHD and a raw image), its incremental snapshot equals

@@ -321,7 +321,17 @@ fn tagged(name: &std::ffi::OsStr, tag: &str) -> bool {
 /// left in the `.vsnap-base` directories of `kept` (the bases its
 /// snapshots record): every other file there made for this repository
 /// that no running backup holds locked. Returns how many it removed.
-pub fn sweep_bases(repo: &Repository, kept: &std::collections::HashSet<PathBuf>) -> Result<u64> {
+///
+/// A backup keeps its new clone locked until its manifest is committed.
+/// In a bucket, backups run while gc does, so one may commit after gc's
+/// mark and unlock before this sweep: each clone is therefore locked here
+/// first, and then checked against the bases `recorded` reads afresh,
+/// which then include that backup's.
+pub fn sweep_bases(
+    repo: &Repository,
+    kept: &std::collections::HashSet<PathBuf>,
+    recorded: &dyn Fn() -> Result<std::collections::HashSet<PathBuf>>,
+) -> Result<u64> {
     let tag = repo_tag(repo);
     let mut dirs: Vec<&Path> = kept
         .iter()
@@ -330,7 +340,8 @@ pub fn sweep_bases(repo: &Repository, kept: &std::collections::HashSet<PathBuf>)
         .collect();
     dirs.sort();
     dirs.dedup();
-    let mut removed = 0;
+    // Unrecorded clones, each with the lock that keeps them ours.
+    let mut dead: Vec<(PathBuf, std::fs::File)> = Vec::new();
     for dir in dirs {
         let Ok(entries) = std::fs::read_dir(dir) else {
             continue;
@@ -350,10 +361,18 @@ pub fn sweep_bases(repo: &Repository, kept: &std::collections::HashSet<PathBuf>)
                 continue;
             };
             if f.try_lock().is_ok() {
-                std::fs::remove_file(&path).ctx_file(&path, "gc: remove a dead backup's clone")?;
-                removed += 1;
+                dead.push((path, f));
             }
         }
+    }
+    if dead.is_empty() {
+        return Ok(0);
+    }
+    let now = recorded()?;
+    let mut removed = 0;
+    for (path, _lock) in dead.iter().filter(|(p, _)| !now.contains(p)) {
+        std::fs::remove_file(path).ctx_file(path, "gc: remove a dead backup's clone")?;
+        removed += 1;
     }
     Ok(removed)
 }

@@ -27,6 +27,11 @@
 //!    indexing them) and disk indexes no manifest names, when older than
 //!    the grace period and older than every live lease's start: a running
 //!    backup's own uploads are younger than its lease.
+//! 5. *Sweeps* the changed-block-tracking clones of this host's backups
+//!    that died before their commit, as a directory's gc does: a running
+//!    backup holds its clone locked, and a clone is removed only if,
+//!    locked by gc, no manifest read after the lock records it
+//!    ([`crate::cbt::sweep_bases`]).
 //!
 //! A lease is live while rewritten within [`super::lease::STALE`].
 
@@ -58,7 +63,7 @@ pub(super) fn gc(repo: &Repository, b: &Bucket, opts: &super::GcOptions) -> Resu
     // 1. Mark.
     let marked = super::gc::mark(repo)?;
     report.snapshots = marked.snapshots;
-    let (chunks, indexes) = (marked.chunks, marked.indexes);
+    let (chunks, indexes, bases) = (marked.chunks, marked.indexes, marked.bases);
 
     // What the bucket holds: packs, and which pack index lists each.
     let objects: HashMap<String, (u64, SystemTime)> = store
@@ -255,6 +260,9 @@ pub(super) fn gc(repo: &Repository, b: &Bucket, opts: &super::GcOptions) -> Resu
         store.delete(&key)?;
         report.stale_leases_removed += 1;
     }
+    // 5. The clones of this host's backups that died before their commit.
+    report.bases_removed =
+        crate::cbt::sweep_bases(repo, &bases, &|| super::gc::recorded_bases(repo))?;
     report.chunks_kept = chunks.len() as u64;
     report.running_backups = others.iter().filter(|l| l.kind == "backup").count() as u64;
     drop(own);

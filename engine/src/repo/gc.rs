@@ -38,6 +38,18 @@ pub fn forget(repo: &Repository, ids: &[String]) -> Result<Vec<String>> {
     Ok(gone)
 }
 
+/// The bases the snapshots record now, every manifest read.
+pub(super) fn recorded_bases(repo: &Repository) -> Result<HashSet<std::path::PathBuf>> {
+    let mut out = HashSet::new();
+    for listed in repo.list()? {
+        let manifest = listed
+            .manifest
+            .map_err(|e| e.during("gc: read every manifest"))?;
+        out.extend(bases_of(&manifest).map(|b| b.path));
+    }
+    Ok(out)
+}
+
 fn bases_of(m: &super::Manifest) -> impl Iterator<Item = super::BaseRecord> + '_ {
     m.disks
         .iter()
@@ -221,7 +233,7 @@ pub fn gc(repo: &Repository, opts: &GcOptions) -> Result<GcReport> {
             )?;
         }
     }
-    report.bases_removed = crate::cbt::sweep_bases(repo, &bases)?;
+    report.bases_removed = crate::cbt::sweep_bases(repo, &bases, &|| recorded_bases(repo))?;
     report.bytes_freed = freed;
     repo.sync_all()?;
     Ok(report)
