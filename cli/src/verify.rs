@@ -23,8 +23,10 @@ Checks every manifest's self-digest, every index's digest, and reads every
 chunk the chosen snapshots reference (all snapshots when none is named), in
 inode order: its CRC32C, its decompression and the BLAKE3 of its plaintext,
 which must equal its name. Each problem is reported with the snapshots and
-disks it hits. Bad chunks are moved aside (renamed *.bad), so the next
-backup that meets their content stores it again.
+disks it hits. Bad chunks are moved aside (renamed *.bad; in a bucket,
+where objects are never rewritten, recorded under bad/), so the next
+backup that meets their content stores it again, and the snapshots that
+named them read the new copy.
 
 With SNAPSHOT:DISK --against IMAGE, compares a backed-up disk with a live
 image instead: the image's virtual-disk digest against the one recorded.

@@ -9,6 +9,8 @@
 //! PREFIX/indexes/HEX          disk indexes, as in a local repository
 //! PREFIX/snapshots/ID.json    manifests; a snapshot exists once its manifest does
 //! PREFIX/leases/NAME.json     one per running backup (gc reads them)
+//! PREFIX/condemned/ID.json    packs gc condemned, deleted by a later run
+//! PREFIX/bad/ID.json          copies of chunks verify found bad
 //! ```
 //!
 //! Every object but a lease is created with a conditional put and never
@@ -31,10 +33,12 @@
 //! (they are immutable and named by their hash, so a cached copy whose hash
 //! matches its name is the object).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
+use super::bucket_known;
+pub(super) use super::bucket_known::Known;
 use super::bucket_upload::Uploader;
 use super::objects::ObjectStore;
 use super::pack::{self, PackEntry};
@@ -97,87 +101,6 @@ pub const PACK_SIZE_RANGE: std::ops::RangeInclusive<u64> = (1 << 20)..=(1 << 30)
 /// 32 PUTs per GiB of new data.
 pub const DEFAULT_PACK_SIZE: u64 = 32 << 20;
 
-/// Where a chunk is: its pack (a number into [`Known::packs`]) and entry.
-#[derive(Debug, Clone, Copy)]
-struct Loc {
-    pack: u32,
-    offset: u64,
-    length: u32,
-    crc: u32,
-}
-
-impl Loc {
-    fn entry(&self, id: blake3::Hash) -> PackEntry {
-        PackEntry {
-            id,
-            offset: self.offset,
-            length: self.length,
-            crc: self.crc,
-        }
-    }
-}
-
-/// Every chunk the pack indexes list.
-#[derive(Debug, Default)]
-pub(super) struct Known {
-    packs: Vec<blake3::Hash>,
-    pack_numbers: HashMap<blake3::Hash, u32>,
-    /// Each pack's blobs, (offset, length) in order, by pack number: what
-    /// a coalesced read fetches with a chunk.
-    layouts: Vec<Vec<(u64, u32)>>,
-    chunks: HashMap<blake3::Hash, Loc>,
-    /// Packs a gc condemned: read from, never reused.
-    condemned: HashSet<blake3::Hash>,
-    /// Pack indexes that could not be read, and why: their chunks count
-    /// as absent (a backup stores them again) and verify reports them.
-    damaged: Vec<(PathBuf, String)>,
-}
-
-impl Known {
-    pub(super) fn add(&mut self, pack: blake3::Hash, entries: &[PackEntry]) -> Result<()> {
-        let n = match self.pack_numbers.get(&pack) {
-            Some(&n) => n,
-            None => {
-                let n = u32::try_from(self.packs.len()).map_err(|_| {
-                    Error::from(ErrorKind::InvalidArgument(
-                        "more than 2^32 packs in one repository".into(),
-                    ))
-                })?;
-                self.packs.push(pack);
-                self.pack_numbers.insert(pack, n);
-                self.layouts
-                    .push(entries.iter().map(|e| (e.offset, e.length)).collect());
-                n
-            }
-        };
-        let condemned = self.condemned.contains(&pack);
-        for e in entries {
-            let loc = Loc {
-                pack: n,
-                offset: e.offset,
-                length: e.length,
-                crc: e.crc,
-            };
-            // The first pack listed keeps a chunk that two packs hold (two
-            // hosts stored it at once, or gc repacked it): either copy is
-            // the chunk, but one in a pack not condemned outlives the
-            // other, and a backup may reuse only that one.
-            match self.chunks.entry(e.id) {
-                std::collections::hash_map::Entry::Vacant(v) => {
-                    v.insert(loc);
-                }
-                std::collections::hash_map::Entry::Occupied(mut o) => {
-                    let was = self.packs.get(o.get().pack as usize);
-                    if !condemned && was.is_some_and(|p| self.condemned.contains(p)) {
-                        o.insert(loc);
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
 /// A pack as a pack index records it: its name, length and trailer.
 #[derive(Debug, Clone)]
 pub(super) struct Record {
@@ -236,20 +159,17 @@ impl Bucket {
             return Ok(());
         }
         let mut known = Known::default();
-        // Condemnations first: a chunk a repacked pack and its copy both
-        // hold is then found in the copy.
-        for obj in self.store.list(CONDEMNED)? {
-            let path = self.display(&obj.key);
-            let Some(bytes) = self.store.get(&obj.key, CONDEMNED_LIMIT)? else {
-                continue;
-            };
-            match parse_condemned(&bytes) {
-                Ok(packs) => known.condemned.extend(packs),
-                Err(e) => known
-                    .damaged
-                    .push((path.clone(), e.in_file(&path).to_string())),
-            }
-        }
+        // Condemnations and bad copies first: a chunk two packs hold is
+        // then found in the better copy as the pack indexes are added.
+        let condemned = self.read_lists(CONDEMNED, CONDEMNED_LIMIT, parse_condemned)?;
+        let bad = self.read_lists(
+            bucket_known::BAD,
+            bucket_known::BAD_LIMIT,
+            bucket_known::parse_bad,
+        )?;
+        known.condemned.extend(condemned.0);
+        known.bad.extend(bad.0);
+        known.damaged.extend(condemned.1.into_iter().chain(bad.1));
         for obj in self.store.list(PACK_INDEXES)? {
             let Some(hex) = obj.key.strip_prefix(PACK_INDEXES) else {
                 continue;
@@ -275,6 +195,67 @@ impl Bucket {
             *slot = Some(known);
         }
         Ok(())
+    }
+
+    /// Every item of the JSON lists under `prefix`, and the lists that
+    /// could not be read, with why: a damaged list only means less is
+    /// known, and verify reports it.
+    #[allow(clippy::type_complexity)]
+    fn read_lists<T>(
+        &self,
+        prefix: &str,
+        limit: u64,
+        parse: fn(&[u8]) -> Result<Vec<T>>,
+    ) -> Result<(Vec<T>, Vec<(PathBuf, String)>)> {
+        let (mut items, mut damaged) = (Vec::new(), Vec::new());
+        for obj in self.store.list(prefix)? {
+            let path = self.display(&obj.key);
+            let Some(bytes) = self.store.get(&obj.key, limit)? else {
+                continue;
+            };
+            match parse(&bytes) {
+                Ok(got) => items.extend(got),
+                Err(e) => {
+                    let why = e.in_file(&path).to_string();
+                    damaged.push((path, why));
+                }
+            }
+        }
+        Ok((items, damaged))
+    }
+
+    /// Records the copy of `id` in use as bad, so that no backup reuses
+    /// it and the next one to meet the chunk stores it again. Returns
+    /// whether a copy was recorded (none for a chunk no pack index lists,
+    /// or one recorded already).
+    pub(super) fn set_aside(&self, id: &blake3::Hash) -> Result<bool> {
+        let Some(pack) = self.with_known(|k| k.pack_of(id))? else {
+            return Ok(false);
+        };
+        if self.with_known(|k| k.bad.contains(&(pack, *id)))? {
+            return Ok(false);
+        }
+        let record = bucket_known::BadCopies {
+            copies: vec![bucket_known::BadCopy {
+                pack: pack.to_hex().to_string(),
+                chunk: id.to_hex().to_string(),
+            }],
+        };
+        let body = serde_json::to_vec(&record).map_err(|e| {
+            Error::from(ErrorKind::InvalidArgument(format!(
+                "bad-copies record: {e}"
+            )))
+        })?;
+        let key = format!(
+            "{}{}.json",
+            bucket_known::BAD,
+            uuid::Uuid::new_v4().simple()
+        );
+        self.store.put_new(&key, body)?;
+        if let Some(k) = self.known.write().map_err(|_| poisoned())?.as_mut() {
+            k.bad.insert((pack, *id));
+        }
+        Ok(true)
     }
 
     /// A pack index's bytes, checked against its name.
@@ -323,15 +304,10 @@ impl Bucket {
 
     /// Whether the chunk is stored, or on its way in this process.
     pub(super) fn has_chunk(&self, id: &blake3::Hash) -> Result<bool> {
-        // A chunk in a condemned pack is stored again rather than reused:
-        // gc may delete the pack once the backups older than it end.
-        let in_index = self.with_known(|k| {
-            k.chunks.get(id).is_some_and(|l| {
-                k.packs
-                    .get(l.pack as usize)
-                    .is_some_and(|p| !k.condemned.contains(p))
-            })
-        })?;
+        // A chunk in a condemned pack is stored again rather than reused
+        // (gc may delete the pack once the backups older than it end), and
+        // so is one whose only copy verify found bad.
+        let in_index = self.with_known(|k| k.reusable(id))?;
         Ok(in_index || self.packer.pending(id)?)
     }
 
@@ -475,7 +451,11 @@ impl Bucket {
                 (!hex(rest)).then_some("an index named by its BLAKE3")
             } else if let Some(rest) = k.strip_prefix("snapshots/") {
                 (!rest.ends_with(".json") || rest.contains('/')).then_some("a manifest, ID.json")
-            } else if k.starts_with(LEASES) || k.starts_with(CONDEMNED) || k == super::CONFIG {
+            } else if k.starts_with(LEASES)
+                || k.starts_with(CONDEMNED)
+                || k.starts_with(bucket_known::BAD)
+                || k == super::CONFIG
+            {
                 None
             } else {
                 Some("what the repository keeps there")

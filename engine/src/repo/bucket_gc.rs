@@ -44,6 +44,7 @@ use super::lease::{self, Lease};
 use super::Repository;
 use crate::error::{Error, ErrorKind, Result};
 
+use super::bucket_known::{self, BAD, BAD_LIMIT};
 use super::bucket_repack::{self, Indexed};
 
 /// S3 times have whole seconds: a lease that began in the same second as
@@ -142,9 +143,22 @@ pub(super) fn gc(repo: &Repository, b: &Bucket, opts: &super::GcOptions) -> Resu
             })
             .collect()
     };
-    // A condemned pack that holds the only copy of a chunk the mark found
-    // (a backup reused it before the condemnation) is spared.
-    let doomed = bucket_repack::deletable(doomed, &present(&|_| true), &chunks);
+    // The copies verify recorded as bad, which never count as a chunk's
+    // copy elsewhere. An unreadable record is dropped, as an unreadable
+    // condemnation is: it only stood for copies to store again.
+    let mut bad = bucket_repack::BadCopies::new();
+    let mut bad_records: Vec<(String, Vec<(blake3::Hash, blake3::Hash)>)> = Vec::new();
+    for o in store.list(BAD)? {
+        let Some(bytes) = store.get(&o.key, BAD_LIMIT)? else {
+            continue;
+        };
+        let pairs = bucket_known::parse_bad(&bytes).unwrap_or_default();
+        bad.extend(pairs.iter().copied());
+        bad_records.push((o.key, pairs));
+    }
+    // A condemned pack that holds the only sound copy of a chunk the mark
+    // found (a backup reused it before the condemnation) is spared.
+    let doomed = bucket_repack::deletable(doomed, &present(&|_| true), &chunks, &bad);
 
     // The pack indexes that list a doomed pack are rewritten without it,
     // into one new pack index, before any pack goes.
@@ -187,6 +201,16 @@ pub(super) fn gc(repo: &Repository, b: &Bucket, opts: &super::GcOptions) -> Resu
     for key in &done {
         store.delete(key)?;
     }
+    // Records of bad copies whose packs are all gone.
+    for (key, pairs) in &bad_records {
+        let gone = |p: &blake3::Hash| {
+            let n = p.to_hex();
+            !objects.contains_key(n.as_str()) || doomed.contains(n.as_str())
+        };
+        if pairs.iter().all(|(p, _)| gone(p)) {
+            store.delete(key)?;
+        }
+    }
 
     // 3. Repack the mostly dead, then condemn them with the dead packs
     // not yet condemned.
@@ -202,6 +226,7 @@ pub(super) fn gc(repo: &Repository, b: &Bucket, opts: &super::GcOptions) -> Resu
         repo.config().chunk_size,
         &surviving,
         &chunks,
+        &bad,
         opts.repack_below,
         eligible,
     )?;

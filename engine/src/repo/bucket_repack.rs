@@ -34,13 +34,20 @@ pub(super) struct Repacked {
     pub damaged: u64,
 }
 
-/// For each pack (by hex name), the packs that hold each chunk.
-fn holders(pack_indexes: &[(String, Vec<Indexed>)]) -> HashMap<blake3::Hash, HashSet<String>> {
+/// (pack, chunk) copies verify recorded as bad.
+pub(super) type BadCopies = HashSet<(blake3::Hash, blake3::Hash)>;
+
+/// For each chunk, the packs (by hex name) that hold a copy of it not
+/// recorded as bad: a bad copy never stands in for a sound one.
+fn holders(
+    pack_indexes: &[(String, Vec<Indexed>)],
+    bad: &BadCopies,
+) -> HashMap<blake3::Hash, HashSet<String>> {
     let mut h: HashMap<blake3::Hash, HashSet<String>> = HashMap::new();
     for (_, records) in pack_indexes {
         for (r, entries) in records {
             let name = r.name.to_hex().to_string();
-            for e in entries {
+            for e in entries.iter().filter(|e| !bad.contains(&(r.name, e.id))) {
                 h.entry(e.id).or_default().insert(name.clone());
             }
         }
@@ -49,14 +56,16 @@ fn holders(pack_indexes: &[(String, Vec<Indexed>)]) -> HashMap<blake3::Hash, Has
 }
 
 /// Of the packs in `doomed`, those that can go: no marked chunk in them
-/// is held only by packs in the set. A pack that still holds the one copy
-/// of a marked chunk is taken out, and the set checked again.
+/// is held soundly only by packs in the set. A pack that still holds the
+/// one sound copy of a marked chunk is taken out, and the set checked
+/// again; so is one whose copy, even recorded bad, is the only one.
 pub(super) fn deletable(
     mut doomed: HashSet<String>,
     pack_indexes: &[(String, Vec<Indexed>)],
     marked: &HashSet<blake3::Hash>,
+    bad: &BadCopies,
 ) -> HashSet<String> {
-    let holders = holders(pack_indexes);
+    let holders = holders(pack_indexes, bad);
     let mut contents: HashMap<String, Vec<blake3::Hash>> = HashMap::new();
     for (_, records) in pack_indexes {
         for (r, entries) in records {
@@ -97,12 +106,13 @@ pub(super) fn deletable(
 /// Copies the live chunks of every pack `eligible` allows whose live
 /// blobs are less than `below_percent` of its blob bytes (and more than
 /// none: a dead pack is condemned as it is) into new packs, and indexes
-/// them. Chunks another pack outside the repack holds are not copied.
+/// them. Chunks a pack outside the repack holds soundly are not copied.
 pub(super) fn repack(
     b: &Bucket,
     chunk_size: u64,
     pack_indexes: &[(String, Vec<Indexed>)],
     marked: &HashSet<blake3::Hash>,
+    bad: &BadCopies,
     below_percent: u8,
     eligible: impl Fn(&str) -> bool,
 ) -> Result<Repacked> {
@@ -132,7 +142,7 @@ pub(super) fn repack(
     if chosen.is_empty() {
         return Ok(out);
     }
-    let holders = holders(pack_indexes);
+    let holders = holders(pack_indexes, bad);
     let mut names: Vec<String> = chosen.keys().cloned().collect();
     names.sort();
     let mut copied: HashSet<blake3::Hash> = HashSet::new();
@@ -217,16 +227,37 @@ mod tests {
         let indexes = vec![("a".to_owned(), vec![pack(1, &[10, 11]), pack(2, &[10])])];
         let marked: HashSet<blake3::Hash> = [blake3::Hash::from_bytes([10; 32])].into();
         let set = |ns: &[u8]| -> HashSet<String> { ns.iter().map(|&n| name(n)).collect() };
+        let none = BadCopies::new();
         // Chunk 10 lives on in pack 2; 11 is dead.
-        assert_eq!(deletable(set(&[1]), &indexes, &marked), set(&[1]));
+        assert_eq!(deletable(set(&[1]), &indexes, &marked, &none), set(&[1]));
         // Pack 2 holds 10 alone once pack 1 is gone.
-        assert_eq!(deletable(set(&[2]), &indexes, &marked), set(&[2]));
+        assert_eq!(deletable(set(&[2]), &indexes, &marked, &none), set(&[2]));
         // Both at once would lose 10: both are kept.
-        assert_eq!(deletable(set(&[1, 2]), &indexes, &marked), set(&[]));
+        assert_eq!(deletable(set(&[1, 2]), &indexes, &marked, &none), set(&[]));
         // Nothing marked: both go.
         assert_eq!(
-            deletable(set(&[1, 2]), &indexes, &HashSet::new()),
+            deletable(set(&[1, 2]), &indexes, &HashSet::new(), &none),
             set(&[1, 2])
         );
+    }
+
+    #[test]
+    fn a_bad_copy_never_stands_in_for_a_sound_one_nor_goes_as_the_last() {
+        let indexes = vec![("a".to_owned(), vec![pack(1, &[10, 11]), pack(2, &[10])])];
+        let marked: HashSet<blake3::Hash> = [blake3::Hash::from_bytes([10; 32])].into();
+        let set = |ns: &[u8]| -> HashSet<String> { ns.iter().map(|&n| name(n)).collect() };
+        let id = blake3::Hash::from_bytes([10; 32]);
+        // Pack 2's copy of 10 is bad: pack 1 holds the only sound one.
+        let bad: BadCopies = [(blake3::Hash::from_bytes([2; 32]), id)].into();
+        assert_eq!(deletable(set(&[1]), &indexes, &marked, &bad), set(&[]));
+        // Pack 2 may go: 10 is sound in pack 1.
+        assert_eq!(deletable(set(&[2]), &indexes, &marked, &bad), set(&[2]));
+        // Both copies bad: neither goes, the last one unread is kept.
+        let both: BadCopies = [
+            (blake3::Hash::from_bytes([1; 32]), id),
+            (blake3::Hash::from_bytes([2; 32]), id),
+        ]
+        .into();
+        assert_eq!(deletable(set(&[1, 2]), &indexes, &marked, &both), set(&[]));
     }
 }

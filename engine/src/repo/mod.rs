@@ -20,6 +20,7 @@ pub mod backup;
 pub mod blob;
 mod bucket;
 mod bucket_gc;
+mod bucket_known;
 mod bucket_repack;
 mod bucket_upload;
 mod freeze;

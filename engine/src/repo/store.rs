@@ -624,8 +624,9 @@ impl Repository {
     /// A chunk in a pack cannot be moved alone: in a bucket nothing moves,
     /// and verify reports the chunk all the same.
     pub fn move_chunk_aside(&self, id: &blake3::Hash) -> Result<bool> {
-        let Backing::Dir(tree) = &self.backing else {
-            return Ok(false);
+        let tree = match &self.backing {
+            Backing::Dir(tree) => tree,
+            Backing::Bucket(b) => return b.set_aside(id),
         };
         let rel = Self::chunk_rel(id);
         if tree.kind(&rel, "move chunk aside")?.is_none() {
