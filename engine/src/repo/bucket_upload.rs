@@ -98,6 +98,12 @@ impl Uploader {
             if !w.pending.insert(*id) {
                 return Ok(0);
             }
+            if w.open.is_empty() {
+                // Room for the pack, the blob that fills it past its size,
+                // and its trailer.
+                let room = self.pack_size.saturating_add(self.pack_size / 4);
+                w.open.reserve(usize::try_from(room).unwrap_or(usize::MAX));
+            }
             w.open.push(*id, parts)?;
             if w.open.len() >= self.pack_size {
                 Some(std::mem::take(&mut w.open))

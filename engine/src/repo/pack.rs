@@ -267,6 +267,13 @@ impl PackBuilder {
         Ok(())
     }
 
+    /// Makes room for `bytes` more without moving what is there: a pack
+    /// grown blob by blob would be copied at each doubling, and its new
+    /// pages faulted in each time.
+    pub fn reserve(&mut self, bytes: usize) {
+        self.bytes.reserve(bytes);
+    }
+
     /// The blobs' bytes so far: what decides when a pack is full.
     pub fn len(&self) -> u64 {
         self.bytes.len() as u64
