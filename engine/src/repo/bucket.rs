@@ -119,6 +119,9 @@ pub(super) struct Bucket {
     readahead: Arc<ReadAhead>,
 }
 
+/// Objects that could not be read, and why.
+type Unreadable = Vec<(PathBuf, String)>;
+
 pub(super) fn poisoned() -> Error {
     Error::worker_panicked()
 }
@@ -200,13 +203,12 @@ impl Bucket {
     /// Every item of the JSON lists under `prefix`, and the lists that
     /// could not be read, with why: a damaged list only means less is
     /// known, and verify reports it.
-    #[allow(clippy::type_complexity)]
     fn read_lists<T>(
         &self,
         prefix: &str,
         limit: u64,
         parse: fn(&[u8]) -> Result<Vec<T>>,
-    ) -> Result<(Vec<T>, Vec<(PathBuf, String)>)> {
+    ) -> Result<(Vec<T>, Unreadable)> {
         let (mut items, mut damaged) = (Vec::new(), Vec::new());
         for obj in self.store.list(prefix)? {
             let path = self.display(&obj.key);

@@ -50,6 +50,30 @@ enum Failed {
     Told(String),
 }
 
+/// An upload's slot: given back when the upload ends, however it ends,
+/// so that a flush never waits for an upload that panicked.
+struct Slot(Arc<Uploader>);
+
+impl Slot {
+    fn fail(&self, e: Error) {
+        if let Ok(mut u) = self.0.uploads.lock() {
+            u.failed.get_or_insert(Failed::Fresh(e));
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.fail(Error::worker_panicked());
+        }
+        if let Ok(mut u) = self.0.uploads.lock() {
+            u.running = u.running.saturating_sub(1);
+        }
+        self.0.changed.notify_all();
+    }
+}
+
 #[derive(Debug)]
 pub(super) struct Uploader {
     store: Arc<dyn ObjectStore>,
@@ -104,7 +128,10 @@ impl Uploader {
                 let room = self.pack_size.saturating_add(self.pack_size / 4);
                 w.open.reserve(usize::try_from(room).unwrap_or(usize::MAX));
             }
-            w.open.push(*id, parts)?;
+            if let Err(e) = w.open.push(*id, parts) {
+                w.pending.remove(id);
+                return Err(e);
+            }
             if w.open.len() >= self.pack_size {
                 Some(std::mem::take(&mut w.open))
             } else {
@@ -136,28 +163,41 @@ impl Uploader {
 
     /// Waits for a slot, then uploads `pack` on a thread of its own.
     fn start(self: &Arc<Self>, pack: PackBuilder) -> Result<()> {
-        self.wait(|u| u.running < IN_FLIGHT)?;
-        self.check()?;
-        self.uploads.lock().map_err(|_| poisoned())?.running += 1;
-        let me = Arc::clone(self);
+        {
+            // Waited for and taken under one lock, so that two workers
+            // never both take the last slot.
+            let u = self.uploads.lock().map_err(|_| poisoned())?;
+            let mut u = self
+                .changed
+                .wait_while(u, |u| u.running >= IN_FLIGHT && u.failed.is_none())
+                .map_err(|_| poisoned())?;
+            if u.failed.is_none() {
+                u.running += 1;
+            } else {
+                drop(u);
+                return self.check();
+            }
+        }
+        let slot = Slot(Arc::clone(self));
         let spawned = std::thread::Builder::new()
             .name("vsnap-upload".into())
             .spawn(move || {
-                let outcome = me.upload(pack);
-                if let Ok(mut u) = me.uploads.lock() {
-                    u.running -= 1;
-                    if let Err(e) = outcome {
-                        u.failed.get_or_insert(Failed::Fresh(e));
-                    }
+                if let Err(e) = slot.0.upload(pack) {
+                    slot.fail(e);
                 }
-                me.changed.notify_all();
             });
-        if let Err(e) = spawned {
-            self.uploads.lock().map_err(|_| poisoned())?.running -= 1;
-            self.changed.notify_all();
-            return Err(Error::io(e).during("start a pack's upload"));
+        match spawned {
+            Ok(_) => Ok(()),
+            // The pack's chunks stay pending, never uploaded: as sticky
+            // as a failed upload.
+            Err(e) => {
+                let err = Error::io(e).during("start a pack's upload");
+                if let Ok(mut u) = self.uploads.lock() {
+                    u.failed.get_or_insert(Failed::Told(err.to_string()));
+                }
+                Err(err)
+            }
         }
-        Ok(())
     }
 
     fn wait(&self, ready: impl Fn(&Uploads) -> bool) -> Result<()> {
