@@ -260,10 +260,19 @@ pub fn verify(
     report.bytes = bytes.into_inner();
     let mut bad = bad.into_inner().map_err(|_| poisoned())?;
     bad.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    let ids: Vec<blake3::Hash> = bad.iter().map(|(id, _)| *id).collect();
+    match repo.move_chunks_aside(&ids) {
+        Ok(n) => report.moved_aside = n,
+        // The chunks are reported all the same; only the repair waits
+        // for a later run.
+        Err(e) => report.problems.push(Problem {
+            what: "chunk",
+            name: format!("{} bad chunk(s)", ids.len()),
+            error: format!("could not be set aside: {e}"),
+            affects: Vec::new(),
+        }),
+    }
     for (id, e) in bad {
-        if repo.move_chunk_aside(&id).unwrap_or(false) {
-            report.moved_aside += 1;
-        }
         report.problems.push(Problem {
             what: "chunk",
             name: id.to_hex().to_string(),

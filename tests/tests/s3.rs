@@ -295,22 +295,37 @@ fn damaged_objects_in_the_bucket_are_refused() {
     let b = backup(&s3, url, &img);
     let snap = b["snapshot"].as_str().unwrap().to_owned();
 
-    // One flipped byte inside a pack: the blob fails its entry's CRC, on
-    // verify and on restore; nothing is written from it.
-    let pack = s3.objects("hostile", "packs")[0].clone();
-    let mut bytes = std::fs::read(&pack).unwrap();
-    bytes[100] ^= 0x40;
-    std::fs::write(&pack, &bytes).unwrap();
+    // One flipped byte inside each of two packs: each blob fails its
+    // entry's CRC, on verify and on restore; nothing is written from it.
+    let packs = s3.objects("hostile", "packs");
+    assert!(packs.len() >= 2, "{packs:?}");
+    let flip = |pack: &Path| {
+        let mut bytes = std::fs::read(pack).unwrap();
+        bytes[100] ^= 0x40;
+        std::fs::write(pack, &bytes).unwrap();
+    };
+    flip(&packs[0]);
+    flip(&packs[1]);
     let o = run(&s3, &["verify", "-q", "--json", "--repo", url]);
     assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     let problems = v["problems"].as_array().unwrap();
-    assert_eq!(problems.len(), 1, "{v}");
-    let error = problems[0]["error"].as_str().unwrap();
-    assert!(error.contains("bad packed blob checksum"), "{error}");
-    assert!(error.contains("s3://vsnap/hostile/packs/"), "{error}");
-    // Verify recorded the bad copy, as a directory's moves it aside.
-    assert_eq!(v["moved_aside"], 1, "{v}");
+    assert_eq!(problems.len(), 2, "{v}");
+    for p in problems {
+        let error = p["error"].as_str().unwrap();
+        assert!(error.contains("bad packed blob checksum"), "{error}");
+        assert!(error.contains("s3://vsnap/hostile/packs/"), "{error}");
+    }
+    // Verify recorded both bad copies in one object, as a directory's
+    // moves them aside; a second verify records nothing more.
+    assert_eq!(v["moved_aside"], 2, "{v}");
+    let records = s3.objects("hostile", "bad");
+    assert_eq!(records.len(), 1);
+    let record: Value = serde_json::from_slice(&std::fs::read(&records[0]).unwrap()).unwrap();
+    assert_eq!(record["copies"].as_array().unwrap().len(), 2, "{record}");
+    let o = run(&s3, &["verify", "-q", "--json", "--repo", url]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["moved_aside"], 0, "{v}");
     assert_eq!(s3.objects("hostile", "bad").len(), 1);
     let out = dir.path().join("out.vhd");
     let o = run(
@@ -334,7 +349,7 @@ fn damaged_objects_in_the_bucket_are_refused() {
     // than reuse the bad copy; the first snapshot then reads the new copy,
     // verifies clean and restores to its digest, the bad byte still there.
     let again = backup(&s3, url, &img);
-    assert_eq!(again["disks"][0]["new_chunks"], 1, "{again}");
+    assert_eq!(again["disks"][0]["new_chunks"], 2, "{again}");
     let v = json(&s3, &["verify", "-q", "--json", "--repo", url]);
     assert_eq!(v["problems"], serde_json::json!([]), "{v}");
     restores_to_its_digest(&|a| ok(&s3, a), url, &b, dir.path());
@@ -344,8 +359,11 @@ fn damaged_objects_in_the_bucket_are_refused() {
     assert_eq!(s3.objects("hostile", "bad").len(), 1);
     let v = json(&s3, &["verify", "-q", "--json", "--repo", url]);
     assert_eq!(v["problems"], serde_json::json!([]), "{v}");
-    bytes[100] ^= 0x40;
-    std::fs::write(&pack, &bytes).unwrap();
+    for pack in &packs[..2] {
+        if pack.exists() {
+            flip(pack);
+        }
+    }
 
     // A pack index whose content is not one, and one that is not what its
     // name says: verify names each; its chunks would count as absent.

@@ -36,6 +36,7 @@
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
+use std::time::SystemTime;
 
 use super::bucket_known;
 pub(super) use super::bucket_known::Known;
@@ -119,6 +120,13 @@ pub(super) struct Bucket {
     readahead: Arc<ReadAhead>,
 }
 
+/// One list object under `condemned/` or `bad/`, as read.
+pub(super) struct Listed<T> {
+    pub key: String,
+    pub modified: SystemTime,
+    pub items: Result<Vec<T>>,
+}
+
 /// Objects that could not be read, and why.
 type Unreadable = Vec<(PathBuf, String)>;
 
@@ -200,6 +208,32 @@ impl Bucket {
         Ok(())
     }
 
+    /// Every JSON list object under `prefix`, each with its key, its
+    /// server time and what it parsed to (an error names the object).
+    /// One read serves every process's start and gc, which also needs to
+    /// know which object said what, to delete the ones it has settled.
+    pub(super) fn read_listed<T>(
+        &self,
+        prefix: &str,
+        limit: u64,
+        parse: fn(&[u8]) -> Result<Vec<T>>,
+    ) -> Result<Vec<Listed<T>>> {
+        let mut listed = Vec::new();
+        for obj in self.store.list(prefix)? {
+            // Gone since the listing: another host's gc settled it.
+            let Some(bytes) = self.store.get(&obj.key, limit)? else {
+                continue;
+            };
+            let path = self.display(&obj.key);
+            listed.push(Listed {
+                items: parse(&bytes).map_err(|e| e.in_file(&path)),
+                key: obj.key,
+                modified: obj.modified,
+            });
+        }
+        Ok(listed)
+    }
+
     /// Every item of the JSON lists under `prefix`, and the lists that
     /// could not be read, with why: a damaged list only means less is
     /// known, and verify reports it.
@@ -210,54 +244,60 @@ impl Bucket {
         parse: fn(&[u8]) -> Result<Vec<T>>,
     ) -> Result<(Vec<T>, Unreadable)> {
         let (mut items, mut damaged) = (Vec::new(), Vec::new());
-        for obj in self.store.list(prefix)? {
-            let path = self.display(&obj.key);
-            let Some(bytes) = self.store.get(&obj.key, limit)? else {
-                continue;
-            };
-            match parse(&bytes) {
+        for l in self.read_listed(prefix, limit, parse)? {
+            match l.items {
                 Ok(got) => items.extend(got),
-                Err(e) => {
-                    let why = e.in_file(&path).to_string();
-                    damaged.push((path, why));
-                }
+                Err(e) => damaged.push((self.display(&l.key), e.to_string())),
             }
         }
         Ok((items, damaged))
     }
 
-    /// Records the copy of `id` in use as bad, so that no backup reuses
-    /// it and the next one to meet the chunk stores it again. Returns
-    /// whether a copy was recorded (none for a chunk no pack index lists,
-    /// or one recorded already).
-    pub(super) fn set_aside(&self, id: &blake3::Hash) -> Result<bool> {
-        let Some(pack) = self.with_known(|k| k.pack_of(id))? else {
-            return Ok(false);
-        };
-        if self.with_known(|k| k.bad.contains(&(pack, *id)))? {
-            return Ok(false);
-        }
-        let record = bucket_known::BadCopies {
-            copies: vec![bucket_known::BadCopy {
-                pack: pack.to_hex().to_string(),
-                chunk: id.to_hex().to_string(),
-            }],
-        };
-        let body = serde_json::to_vec(&record).map_err(|e| {
-            Error::from(ErrorKind::InvalidArgument(format!(
-                "bad-copies record: {e}"
-            )))
+    /// Records the copies of `ids` in use as bad, so that no backup
+    /// reuses them and the next one to meet the chunks stores them again.
+    /// One verify run's finds go in one object (or a few, for very many),
+    /// which every process reads when it starts. Returns how many copies
+    /// were recorded: none for a chunk no pack index lists, or one
+    /// recorded already.
+    pub(super) fn set_aside(&self, ids: &[blake3::Hash]) -> Result<u64> {
+        let mut fresh: Vec<(blake3::Hash, blake3::Hash)> = Vec::new();
+        self.with_known(|k| {
+            for id in ids {
+                if let Some(pack) = k.pack_of(id) {
+                    if !k.bad.contains(&(pack, *id)) {
+                        fresh.push((pack, *id));
+                    }
+                }
+            }
         })?;
-        let key = format!(
-            "{}{}.json",
-            bucket_known::BAD,
-            uuid::Uuid::new_v4().simple()
-        );
-        self.store.put_new(&key, body)?;
-        if let Some(k) = self.known.write().map_err(|_| poisoned())?.as_mut() {
-            k.bad.insert((pack, *id));
+        let mut seen = HashSet::new();
+        fresh.retain(|c| seen.insert(*c));
+        for batch in fresh.chunks(bucket_known::BAD_PER_RECORD) {
+            let record = bucket_known::BadCopies {
+                copies: batch
+                    .iter()
+                    .map(|(pack, chunk)| bucket_known::BadCopy {
+                        pack: pack.to_hex().to_string(),
+                        chunk: chunk.to_hex().to_string(),
+                    })
+                    .collect(),
+            };
+            let body = serde_json::to_vec(&record).map_err(|e| {
+                Error::from(ErrorKind::InvalidArgument(format!(
+                    "bad-copies record: {e}"
+                )))
+            })?;
+            let key = format!(
+                "{}{}.json",
+                bucket_known::BAD,
+                uuid::Uuid::new_v4().simple()
+            );
+            self.store.put_new(&key, body)?;
+            if let Some(k) = self.known.write().map_err(|_| poisoned())?.as_mut() {
+                k.bad.extend(batch.iter().copied());
+            }
         }
-        Ok(true)
+        Ok(fresh.len() as u64)
     }
 
     /// A pack index's bytes, checked against its name.

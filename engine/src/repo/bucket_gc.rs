@@ -102,23 +102,19 @@ pub(super) fn gc(repo: &Repository, b: &Bucket, opts: &super::GcOptions) -> Resu
     let mut condemned_before: HashSet<String> = HashSet::new();
     let mut doomed: HashSet<String> = HashSet::new();
     let mut done: Vec<String> = Vec::new();
-    for o in store.list(CONDEMNED)? {
-        let packs = match store.get(&o.key, CONDEMNED_LIMIT)? {
-            Some(bytes) => bucket::parse_condemned(&bytes).ok(),
-            None => continue,
-        };
+    for l in b.read_listed(CONDEMNED, CONDEMNED_LIMIT, bucket::parse_condemned)? {
         // An unreadable list condemns nothing: it is removed, and its
         // packs are judged again by this run.
-        let Some(packs) = packs else {
-            done.push(o.key);
+        let Ok(packs) = l.items else {
+            done.push(l.key);
             continue;
         };
         let names: Vec<String> = packs.iter().map(|p| p.to_hex().to_string()).collect();
         let settled =
-            old_enough(o.modified) && others.iter().all(|l| l.started > o.modified + CLOCK_GRAIN);
+            old_enough(l.modified) && others.iter().all(|o| o.started > l.modified + CLOCK_GRAIN);
         if settled {
             doomed.extend(names);
-            done.push(o.key);
+            done.push(l.key);
         } else {
             report.packs_waiting += names.len() as u64;
             condemned_before.extend(names);
@@ -148,13 +144,10 @@ pub(super) fn gc(repo: &Repository, b: &Bucket, opts: &super::GcOptions) -> Resu
     // condemnation is: it only stood for copies to store again.
     let mut bad = bucket_repack::BadCopies::new();
     let mut bad_records: Vec<(String, Vec<(blake3::Hash, blake3::Hash)>)> = Vec::new();
-    for o in store.list(BAD)? {
-        let Some(bytes) = store.get(&o.key, BAD_LIMIT)? else {
-            continue;
-        };
-        let pairs = bucket_known::parse_bad(&bytes).unwrap_or_default();
+    for l in b.read_listed(BAD, BAD_LIMIT, bucket_known::parse_bad)? {
+        let pairs = l.items.unwrap_or_default();
         bad.extend(pairs.iter().copied());
-        bad_records.push((o.key, pairs));
+        bad_records.push((l.key, pairs));
     }
     // A condemned pack that holds the only sound copy of a chunk the mark
     // found (a backup reused it before the condemnation) is spared.

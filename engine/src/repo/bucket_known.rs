@@ -18,6 +18,9 @@ use crate::error::{Error, ErrorKind, Result};
 pub(super) const BAD: &str = "bad/";
 /// A bad-copies record is one verify run's finds: 64 MiB is far past any.
 pub(super) const BAD_LIMIT: u64 = 64 << 20;
+/// Copies per record: a copy takes 150 bytes of JSON, so a record of this
+/// many stays under a tenth of [`BAD_LIMIT`].
+pub(super) const BAD_PER_RECORD: usize = 40_000;
 
 /// One bad copy, as `bad/ID.json` lists it.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]

@@ -618,22 +618,27 @@ impl Repository {
         }
     }
 
-    /// Moves a bad chunk aside (`*.bad`), so the next backup that meets its
-    /// content stores it again; gc removes it later.
-    ///
-    /// A chunk in a pack cannot be moved alone: in a bucket nothing moves,
-    /// and verify reports the chunk all the same.
-    pub fn move_chunk_aside(&self, id: &blake3::Hash) -> Result<bool> {
+    /// Sets bad chunks aside, so the next backup that meets their content
+    /// stores it again. A directory renames each to `*.bad` (gc removes
+    /// it later); a bucket, whose objects are never rewritten, records
+    /// the copies in use as bad, in one `bad/` object for the lot.
+    /// Returns how many were set aside: a chunk gone, or set aside
+    /// already, is not counted.
+    pub fn move_chunks_aside(&self, ids: &[blake3::Hash]) -> Result<u64> {
         let tree = match &self.backing {
             Backing::Dir(tree) => tree,
-            Backing::Bucket(b) => return b.set_aside(id),
+            Backing::Bucket(b) => return b.set_aside(ids),
         };
-        let rel = Self::chunk_rel(id);
-        if tree.kind(&rel, "move chunk aside")?.is_none() {
-            return Ok(false);
+        let mut moved = 0;
+        for id in ids {
+            let rel = Self::chunk_rel(id);
+            if tree.kind(&rel, "move chunk aside")?.is_none() {
+                continue;
+            }
+            tree.rename(&rel, &format!("{rel}.bad"), "move chunk aside")?;
+            moved += 1;
         }
-        tree.rename(&rel, &format!("{rel}.bad"), "move chunk aside")?;
-        Ok(true)
+        Ok(moved)
     }
 }
 
