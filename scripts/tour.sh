@@ -4,11 +4,17 @@
 # virtual-disk digests (b3sum of their raw conversion); copy two of them
 # and check the copies with the stock b3sum; back them up twice into a
 # repository (the second stores nothing new), verify it, and restore.
+#
+# VSNAP_PROFILE=dev runs it on the debug build instead, as the tests do.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo >/dev/null || { echo "cargo is needed (https://rustup.rs)"; exit 1; }
-cargo build --release --quiet -p vsnap
-vsnap=target/release/vsnap
+case "${VSNAP_PROFILE:-release}" in
+  release) build=(--release); vsnap=target/release/vsnap ;;
+  dev) build=(); vsnap=target/debug/vsnap ;;
+  *) echo "VSNAP_PROFILE must be release or dev, not ${VSNAP_PROFILE}" >&2; exit 2 ;;
+esac
+cargo build "${build[@]}" --quiet -p vsnap
 set -x
 $vsnap info fixtures/fixed-qemu.vhd fixtures/dynamic-16k.vhd fixtures/chain/child3.vhd
 $vsnap map fixtures/dynamic-16k.vhd
