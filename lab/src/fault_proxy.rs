@@ -52,6 +52,8 @@ pub struct Counts {
     pub delete: AtomicU64,
     pub other: AtomicU64,
     pub faults: AtomicU64,
+    /// PUTs whose body the signature leaves out (`UNSIGNED-PAYLOAD`).
+    pub unsigned_puts: AtomicU64,
 }
 
 /// A snapshot of [`Counts`].
@@ -63,6 +65,7 @@ pub struct Tally {
     pub delete: u64,
     pub other: u64,
     pub faults: u64,
+    pub unsigned_puts: u64,
 }
 
 struct Shared {
@@ -167,6 +170,7 @@ impl FaultProxy {
             delete: l(&c.delete),
             other: l(&c.other),
             faults: l(&c.faults),
+            unsigned_puts: l(&c.unsigned_puts),
         }
     }
 }
@@ -290,6 +294,14 @@ async fn handle(s: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Answe
         _ => &c.other,
     };
     counter.fetch_add(1, Ordering::Relaxed);
+    if req.method() == hyper::Method::PUT
+        && req
+            .headers()
+            .get("x-amz-content-sha256")
+            .is_some_and(|v| v.as_bytes() == b"UNSIGNED-PAYLOAD")
+    {
+        c.unsigned_puts.fetch_add(1, Ordering::Relaxed);
+    }
     let ranged = req.headers().contains_key(hyper::header::RANGE);
     let (fault, latency) = pick(&s, ranged);
     if !matches!(fault, Fault::None) {

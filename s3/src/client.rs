@@ -7,14 +7,14 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
-use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::path::Path as ObjectPath;
 use object_store::{
     BackoffConfig, ClientOptions, ObjectStore as _, ObjectStoreExt as _, PutMode, PutOptions,
     PutPayload, RetryConfig,
 };
 use vsnap_engine::repo::{ObjectInfo, ObjectStore};
-use vsnap_engine::{Error, Result};
+use vsnap_engine::{Error, ErrorKind, Result};
 
 use crate::errors::{describe, no_bucket, Failure};
 
@@ -82,14 +82,33 @@ impl S3Store {
         let endpoint = std::env::var("AWS_ENDPOINT_URL")
             .or_else(|_| std::env::var("AWS_ENDPOINT"))
             .unwrap_or_else(|_| "https://s3.amazonaws.com".into());
+        let plain = endpoint.starts_with("http://");
+        // A payload left unsigned is checked in transit by TLS alone; over
+        // plain HTTP nothing would check it, so that is refused.
+        let unsigned = b
+            .get_config_value(&AmazonS3ConfigKey::UnsignedPayload)
+            .is_some_and(|v| {
+                matches!(
+                    v.to_ascii_lowercase().as_str(),
+                    "1" | "true" | "on" | "yes" | "y"
+                )
+            });
+        if unsigned && plain {
+            return Err(Error::from(ErrorKind::InvalidArgument(format!(
+                "AWS_UNSIGNED_PAYLOAD is on, but {endpoint} is plain HTTP: nothing would check the bodies in transit; use an https:// endpoint, or leave payloads signed"
+            )))
+            .in_file(&PathBuf::from(&location)));
+        }
+        let mut options = ClientOptions::new()
+            .with_allow_http(plain)
+            .with_timeout(REQUEST_TIMEOUT)
+            .with_connect_timeout(CONNECT_TIMEOUT);
+        for cert in crate::tls::ca_bundle()? {
+            options = options.with_root_certificate(cert);
+        }
         let client = b
             .with_retry(retry())
-            .with_client_options(
-                ClientOptions::new()
-                    .with_allow_http(endpoint.starts_with("http://"))
-                    .with_timeout(REQUEST_TIMEOUT)
-                    .with_connect_timeout(CONNECT_TIMEOUT),
-            )
+            .with_client_options(options)
             .build()
             .map_err(|e| describe(e, &location, "", "configure the S3 client", &endpoint))?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -137,12 +156,12 @@ impl S3Store {
     fn fail(&self, f: Failure, key: &str, op: &'static str) -> Error {
         match f {
             Failure::Store(e) => describe(e, &self.location, key, op, &self.endpoint),
-            Failure::Stopped => Error::from(vsnap_engine::ErrorKind::Remote {
+            Failure::Stopped => Error::from(ErrorKind::Remote {
                 reason: "the S3 client stopped".into(),
                 cause: None,
             })
             .during(op),
-            Failure::Limit(limit, size) => Error::from(vsnap_engine::ErrorKind::TooLarge {
+            Failure::Limit(limit, size) => Error::from(ErrorKind::TooLarge {
                 what: "object",
                 claimed: size,
                 limit,
@@ -211,7 +230,7 @@ impl ObjectStore for S3Store {
             .run(async move { client.get_range(&path, range).await })
             .map_err(|f| self.fail(f, key, "read object range"))?;
         if bytes.len() as u64 != want {
-            return Err(Error::from(vsnap_engine::ErrorKind::Truncated {
+            return Err(Error::from(ErrorKind::Truncated {
                 what: "ranged read",
                 needed: want,
                 at: 0,

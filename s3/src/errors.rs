@@ -80,6 +80,11 @@ pub(crate) fn describe(
         format!(
             "{endpoint} refused the credentials for bucket {bucket:?}; check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or the profile in ~/.aws/credentials)"
         )
+    } else if text.contains("certificate") {
+        format!(
+            "the TLS certificate of {endpoint} is not trusted here; if a private CA issued it, set {} to that CA's PEM file",
+            crate::tls::CA_BUNDLE
+        )
     } else if text.contains("error sending request")
         || text.contains("Connection refused")
         || text.contains("dns error")

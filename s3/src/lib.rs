@@ -8,11 +8,15 @@
 //! environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
 //! `AWS_SESSION_TOKEN`, `AWS_REGION`, `AWS_ENDPOINT_URL` for an
 //! S3-compatible server), else the shared credentials file's profile
-//! (`AWS_PROFILE`, default `default`).
+//! (`AWS_PROFILE`, default `default`). `AWS_CA_BUNDLE` names a PEM
+//! bundle of CAs to trust beyond the host's (an on-premises store with a
+//! private CA), and `AWS_UNSIGNED_PAYLOAD=true` leaves bodies out of the
+//! request signature over HTTPS, where TLS checks them in transit.
 
 mod client;
 mod credentials;
 mod errors;
+mod tls;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

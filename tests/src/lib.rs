@@ -7,6 +7,7 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 pub mod s3;
+pub mod tls;
 
 /// The workspace's `vsnap` binary, built fresh for this test run.
 ///

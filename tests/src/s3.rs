@@ -128,3 +128,30 @@ impl Drop for S3Server {
         let _ = self.child.wait();
     }
 }
+
+/// Restores snapshot `snap` (a backup's JSON report) and checks that the
+/// restore's digests are the backup's.
+/// `run` runs a vsnap command that must succeed and returns its stdout.
+pub fn restores_to_its_digest(
+    run: &dyn Fn(&[&str]) -> String,
+    url: &str,
+    snap: &serde_json::Value,
+    dir: &std::path::Path,
+) {
+    let id = snap["snapshot"].as_str().unwrap();
+    let out = dir.join(format!("r-{id}.vhd"));
+    let o = run(&[
+        "restore",
+        "--json",
+        "--repo",
+        url,
+        id,
+        "--to",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        o.contains(snap["disks"][0]["digest"].as_str().unwrap()),
+        "{o}"
+    );
+    std::fs::remove_file(&out).unwrap();
+}

@@ -11,7 +11,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use vsnap_e2e::s3::{env_for, S3Server, ACCESS_KEY, SECRET_KEY};
+use vsnap_e2e::s3::{env_for, restores_to_its_digest, S3Server, ACCESS_KEY, SECRET_KEY};
 use vsnap_e2e::*;
 
 const MIB: u64 = 1 << 20;
@@ -60,28 +60,6 @@ fn init(s3: &S3Server, url: &str, chunk: &str, pack: &str) -> String {
             url,
         ],
     )
-}
-
-/// Restores snapshot `snap` (a backup's JSON report) and checks that the
-/// restore's digests are the backup's.
-/// `run` runs a vsnap command that must succeed and returns its stdout.
-fn restores_to_its_digest(run: &dyn Fn(&[&str]) -> String, url: &str, snap: &Value, dir: &Path) {
-    let id = snap["snapshot"].as_str().unwrap();
-    let out = dir.join(format!("r-{id}.vhd"));
-    let o = run(&[
-        "restore",
-        "--json",
-        "--repo",
-        url,
-        id,
-        "--to",
-        out.to_str().unwrap(),
-    ]);
-    assert!(
-        o.contains(snap["disks"][0]["digest"].as_str().unwrap()),
-        "{o}"
-    );
-    std::fs::remove_file(&out).unwrap();
 }
 
 fn count(s3: &S3Server, prefix: &str, dir: &str) -> usize {

@@ -41,6 +41,7 @@ fn diff(a: Tally, b: Tally) -> Tally {
         delete: b.delete - a.delete,
         other: b.other - a.other,
         faults: b.faults - a.faults,
+        unsigned_puts: b.unsigned_puts - a.unsigned_puts,
     }
 }
 
