@@ -10,8 +10,8 @@ use futures_util::StreamExt;
 use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::path::Path as ObjectPath;
 use object_store::{
-    BackoffConfig, ClientOptions, ObjectStore as _, ObjectStoreExt as _, PutMode, PutOptions,
-    PutPayload, RetryConfig,
+    BackoffConfig, ClientOptions, GetOptions, ObjectStore as _, ObjectStoreExt as _, PutMode,
+    PutOptions, PutPayload, RetryConfig,
 };
 use vsnap_engine::repo::{ObjectInfo, ObjectStore};
 use vsnap_engine::{Error, ErrorKind, Result};
@@ -33,6 +33,9 @@ pub struct S3Store {
 /// an endpoint that does not answer is reported within seconds.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Room made up front for a ranged read: past it, the buffer grows with
+/// what arrives.
+const RESERVE_LIMIT: usize = 64 << 20;
 
 /// Retries with exponential back-off and jitter, for 503 SlowDown (the
 /// server's request-rate limit), 500s, dropped connections and timeouts:
@@ -240,6 +243,52 @@ impl ObjectStore for S3Store {
         }
         // Without a copy where the body is one buffer of its own.
         Ok(Vec::from(bytes))
+    }
+
+    fn get_range_into(&self, key: &str, range: Range<u64>, buf: &mut Vec<u8>) -> Result<()> {
+        let client = self.client.clone();
+        let path = self.path(key);
+        let want = range.end.saturating_sub(range.start);
+        let mut out = std::mem::take(buf);
+        out.clear();
+        // The range is the caller's, from a pack index; the body streams
+        // in, so memory follows what arrives, up to the range's length.
+        out.reserve(
+            usize::try_from(want)
+                .unwrap_or(usize::MAX)
+                .min(RESERVE_LIMIT),
+        );
+        let got = self.run(async move {
+            let opts = GetOptions {
+                range: Some(range.into()),
+                ..GetOptions::default()
+            };
+            let mut body = client.get_opts(&path, opts).await?.into_stream();
+            while let Some(piece) = body.next().await {
+                let piece = piece?;
+                let had = (out.len() + piece.len()) as u64;
+                if had > want {
+                    return Ok(Err(had));
+                }
+                out.extend_from_slice(&piece);
+            }
+            Ok(Ok(out))
+        });
+        match got {
+            Ok(Ok(out)) if out.len() as u64 == want => {
+                *buf = out;
+                Ok(())
+            }
+            Ok(Ok(out)) => Err(Error::from(ErrorKind::Truncated {
+                what: "ranged read",
+                needed: want,
+                at: 0,
+                available: out.len() as u64,
+            })
+            .in_file(&PathBuf::from(format!("{}/{key}", self.location)))),
+            Ok(Err(had)) => Err(self.fail(Failure::Limit(want, had), key, "read object range")),
+            Err(f) => Err(self.fail(f, key, "read object range")),
+        }
     }
 
     fn put_new(&self, key: &str, bytes: Vec<u8>) -> Result<bool> {

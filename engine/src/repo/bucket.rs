@@ -392,8 +392,24 @@ impl Bucket {
         self.packer.flush()
     }
 
-    /// A chunk's blob, checked against its pack entry's length and CRC.
+    /// A chunk's blob, checked against its pack entry's length and CRC,
+    /// copied into `buf`.
     pub(super) fn read_chunk_blob(&self, id: &blake3::Hash, buf: &mut Vec<u8>) -> Result<()> {
+        self.with_chunk_blob(id, &mut |blob| {
+            buf.clear();
+            buf.extend_from_slice(blob);
+            Ok(())
+        })
+    }
+
+    /// Runs `f` on a chunk's blob, checked against its pack entry's length
+    /// and CRC, where it lies: in the window fetched with its neighbours,
+    /// without a copy, else in a fetch of its own.
+    pub(super) fn with_chunk_blob(
+        &self,
+        id: &blake3::Hash,
+        f: &mut dyn FnMut(&[u8]) -> Result<()>,
+    ) -> Result<()> {
         let found = self.with_known(|k| {
             let l = k.chunks.get(id)?;
             let window = k
@@ -410,14 +426,16 @@ impl Bucket {
         };
         let key = format!("{PACKS}{}", pack.to_hex());
         // With its neighbours first; on its own where that fails.
-        // The reader's own fetch and the ones ahead of it are the same GET.
+        // The reader's own fetch and the ones ahead of it are the same GET,
+        // into a buffer a window that went before gave back.
         let store = Arc::clone(&self.store);
+        let buffers = self.readahead.buffers();
         let ahead = move |w: &Planned| {
-            let bytes = store.get_range(&w.object, w.range.clone()).ok()?;
-            Some(Window {
-                start: w.range.start,
-                bytes,
-            })
+            let mut bytes = buffers.take();
+            store
+                .get_range_into(&w.object, w.range.clone(), &mut bytes)
+                .ok()?;
+            Some(Window::pooled(w.range.start, bytes, Arc::clone(&buffers)))
         };
         let fetch = || {
             ahead(&Planned {
@@ -426,12 +444,13 @@ impl Bucket {
                 range: window?,
             })
         };
-        if self
-            .readahead
-            .blob(number, entry.offset, entry.length, fetch, &ahead, buf)
-            && entry.check(buf).is_ok()
-        {
-            return Ok(());
+        let from_window =
+            self.readahead
+                .blob(number, entry.offset, entry.length, fetch, &ahead, |blob| {
+                    entry.check(blob).is_ok().then(|| f(blob))
+                });
+        if let Some(Some(done)) = from_window {
+            return done;
         }
         // A blob that fails its CRC may have been damaged on the way: it
         // is fetched again, and refused only if it fails every time.
@@ -439,10 +458,7 @@ impl Bucket {
         loop {
             let bytes = self.store.get_range(&key, entry.range())?;
             match entry.check(&bytes) {
-                Ok(()) => {
-                    *buf = bytes;
-                    return Ok(());
-                }
+                Ok(()) => return f(&bytes),
                 Err(e) if attempt + 1 >= READ_ATTEMPTS => {
                     return Err(e
                         .in_file(&self.display(&key))

@@ -39,6 +39,14 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
     /// Bytes `range` of an object: exactly that many, or an error.
     fn get_range(&self, key: &str, range: Range<u64>) -> Result<Vec<u8>>;
 
+    /// Bytes `range` of an object into `buf`, whose allocation is reused:
+    /// exactly that many, or an error. Reads of whole windows go through
+    /// here, into buffers given back by the windows before them.
+    fn get_range_into(&self, key: &str, range: Range<u64>, buf: &mut Vec<u8>) -> Result<()> {
+        *buf = self.get_range(key, range)?;
+        Ok(())
+    }
+
     /// Stores an object only where none is: `false` when one was there
     /// already, which is left as it was (a conditional put, so two hosts
     /// never overwrite each other's manifest).

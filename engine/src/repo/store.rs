@@ -209,31 +209,49 @@ impl Repository {
     /// Reads a chunk into `out` (its plaintext length), checking its CRC
     /// and that its plaintext hashes to its name.
     pub fn read_chunk(&self, id: &blake3::Hash, out: &mut [u8]) -> Result<()> {
-        let mut bytes = self.take_stored();
-        let read = self.read_chunk_checked(id, &mut bytes, out);
-        self.give_stored(bytes);
-        read
+        self.read_chunk_checked(id, None, out)
     }
 
-    /// Reads a chunk's stored blob into `bytes` and its plaintext into
-    /// `out`, checked: header, lengths, CRC, and the plaintext's BLAKE3.
+    /// Reads a chunk's plaintext into `out`, checked: header, lengths,
+    /// CRC, and the plaintext's BLAKE3; and its blob as stored into
+    /// `stored`, where given. A blob in a bucket is read where its window
+    /// holds it, so only a caller that keeps the blob pays for a copy.
     fn read_chunk_checked(
         &self,
         id: &blake3::Hash,
-        bytes: &mut Vec<u8>,
+        mut stored: Option<&mut Vec<u8>>,
         out: &mut [u8],
     ) -> Result<()> {
         let rel = Self::chunk_rel(id);
+        let check = |blob: &[u8], out: &mut [u8]| {
+            check_chunk(id, blob, out).map_err(|e| e.in_file(&self.chunk_path(id)))
+        };
         match &self.backing {
             Backing::Dir(_) => {
-                self.read_blob(&rel, BlobKind::Chunk, out.len() as u64, "read chunk", bytes)
+                let mut pooled = None;
+                let bytes = match stored {
+                    Some(b) => b,
+                    None => pooled.insert(self.take_stored()),
+                };
+                let read = self
+                    .read_blob(&rel, BlobKind::Chunk, out.len() as u64, "read chunk", bytes)
+                    .and_then(|()| check(bytes, out));
+                if let Some(p) = pooled {
+                    self.give_stored(p);
+                }
+                read
             }
-            Backing::Bucket(b) => b.read_chunk_blob(id, bytes).and_then(|()| {
-                check_blob(BlobKind::Chunk, bytes, out.len() as u64)
-                    .map_err(|e| e.in_file(&self.chunk_path(id)).during("read chunk"))
+            Backing::Bucket(b) => b.with_chunk_blob(id, &mut |blob| {
+                check_blob(BlobKind::Chunk, blob, out.len() as u64)
+                    .map_err(|e| e.in_file(&self.chunk_path(id)).during("read chunk"))?;
+                check(blob, out)?;
+                if let Some(s) = stored.as_deref_mut() {
+                    s.clear();
+                    s.extend_from_slice(blob);
+                }
+                Ok(())
             }),
         }
-        .and_then(|()| check_chunk(id, bytes, out).map_err(|e| e.in_file(&self.chunk_path(id))))
     }
 
     /// Copies chunk `id` (of `out.len()` bytes of plaintext) from `src`
@@ -247,7 +265,7 @@ impl Repository {
         bytes: &mut Vec<u8>,
         out: &mut [u8],
     ) -> Result<u64> {
-        src.read_chunk_checked(id, bytes, out)?;
+        src.read_chunk_checked(id, Some(bytes), out)?;
         self.put_chunk_blob(id, &[bytes])
     }
 
