@@ -441,21 +441,19 @@ fn a_missing_or_foreign_parent_is_refused() {
     );
 }
 
-/// Rewrites bytes of a file, then (when asked) fixes the CRC of the
-/// structure `(start, len)` whose checksum sits at its offset 4.
 /// Complements the byte at `at`: a change whatever the byte was (writing
 /// a fixed value is none where the byte already had it).
 fn flip(path: &Path, at: u64) {
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
     let mut b = [0u8; 1];
-    f.read_exact_at(&mut b, at).unwrap();
-    f.write_all_at(&[!b[0]], at).unwrap();
+    std::fs::File::open(path)
+        .unwrap()
+        .read_exact_at(&mut b, at)
+        .unwrap();
+    patch(path, at, &[!b[0]], None);
 }
 
+/// Rewrites bytes of a file, then (when asked) fixes the CRC of the
+/// structure `(start, len)` whose checksum sits at its offset 4.
 fn patch(path: &Path, at: u64, bytes: &[u8], crc_of: Option<(u64, usize)>) {
     let f = std::fs::OpenOptions::new()
         .read(true)

@@ -225,26 +225,6 @@ impl ObjectStore for S3Store {
         }
     }
 
-    fn get_range(&self, key: &str, range: Range<u64>) -> Result<Vec<u8>> {
-        let client = self.client.clone();
-        let path = self.path(key);
-        let want = range.end.saturating_sub(range.start);
-        let bytes = self
-            .run(async move { client.get_range(&path, range).await })
-            .map_err(|f| self.fail(f, key, "read object range"))?;
-        if bytes.len() as u64 != want {
-            return Err(Error::from(ErrorKind::Truncated {
-                what: "ranged read",
-                needed: want,
-                at: 0,
-                available: bytes.len() as u64,
-            })
-            .in_file(&PathBuf::from(format!("{}/{key}", self.location))));
-        }
-        // Without a copy where the body is one buffer of its own.
-        Ok(Vec::from(bytes))
-    }
-
     fn get_range_into(&self, key: &str, range: Range<u64>, buf: &mut Vec<u8>) -> Result<()> {
         let client = self.client.clone();
         let path = self.path(key);

@@ -36,15 +36,16 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
     /// than `limit` bytes is refused before its body is read.
     fn get(&self, key: &str, limit: u64) -> Result<Option<Vec<u8>>>;
 
-    /// Bytes `range` of an object: exactly that many, or an error.
-    fn get_range(&self, key: &str, range: Range<u64>) -> Result<Vec<u8>>;
-
     /// Bytes `range` of an object into `buf`, whose allocation is reused:
     /// exactly that many, or an error. Reads of whole windows go through
     /// here, into buffers given back by the windows before them.
-    fn get_range_into(&self, key: &str, range: Range<u64>, buf: &mut Vec<u8>) -> Result<()> {
-        *buf = self.get_range(key, range)?;
-        Ok(())
+    fn get_range_into(&self, key: &str, range: Range<u64>, buf: &mut Vec<u8>) -> Result<()>;
+
+    /// Bytes `range` of an object, in a buffer of their own.
+    fn get_range(&self, key: &str, range: Range<u64>) -> Result<Vec<u8>> {
+        let mut buf = Vec::new();
+        self.get_range_into(key, range, &mut buf)?;
+        Ok(buf)
     }
 
     /// Stores an object only where none is: `false` when one was there
