@@ -10,9 +10,9 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use vsnap_engine::digest::{is_zero, DigestPlan};
-use vsnap_engine::format::vhd::create::create_in;
-use vsnap_engine::format::vhd::{CreateOptions, DiskType};
-use vsnap_engine::io::MemStorage;
+use vsnap_formats::storage::MemStorage;
+use vsnap_formats::vhd::create::create_in;
+use vsnap_formats::vhd::{CreateOptions, DiskType};
 
 const CHUNK: usize = 4 << 20;
 

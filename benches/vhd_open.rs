@@ -8,7 +8,7 @@ use std::hint::black_box;
 use std::path::Path;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use vsnap_engine::format::vhd::{self, CreateOptions, DiskType, VhdImage};
+use vsnap_formats::vhd::{self, CreateOptions, DiskType, VhdImage};
 
 const SIZE: u64 = 0xFF00_0000 * 512;
 const ALLOCATED: u64 = 4000;

@@ -4,7 +4,7 @@
 # fuzzing from scratch; the committed corpus already holds them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --quiet -p vsnap-engine --examples
+cargo build --quiet -p vsnap-formats --examples
 cargo build --quiet -p vsnap
 V="$PWD/target/debug/vsnap"
 W="$PWD/target/debug/examples/vhd_write"

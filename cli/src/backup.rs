@@ -6,9 +6,9 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use serde::Serialize;
-use vsnap_engine::cbt::backup_files;
 use vsnap_engine::pipeline::Progress;
-use vsnap_engine::repo::{BackupOptions, Consistency};
+use vsnap_repo::cbt::backup_files;
+use vsnap_repo::{BackupOptions, Consistency};
 
 use vsnap_coordinator::provider::Choice;
 
@@ -130,7 +130,7 @@ struct JsonDisk {
     /// Changed-block tracking: the snapshot the unchanged cells came from
     /// and how many, or why the disk was read whole; and the base kept.
     #[serde(skip_serializing_if = "Option::is_none")]
-    tracking: Option<vsnap_engine::repo::Tracking>,
+    tracking: Option<vsnap_repo::Tracking>,
 }
 
 #[derive(Serialize)]
@@ -152,7 +152,7 @@ struct JsonBackup {
 
 /// A `--chunk-size` that is not the repository's is refused: a backup can
 /// only cut the repository's grid.
-pub fn check_chunk_size(args: &Args, repo: &vsnap_engine::repo::Repository) -> Result<()> {
+pub fn check_chunk_size(args: &Args, repo: &vsnap_repo::Repository) -> Result<()> {
     let have = repo.config().chunk_size;
     match args.chunk_size {
         Some(want) if want != have => Err(chunk_size_usage(want, have, repo.root())),
@@ -185,7 +185,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
     let spec = BackupOptions {
         known: Default::default(),
         vm: name,
-        host: vsnap_engine::repo::host_name(),
+        host: vsnap_repo::host_name(),
         consistency: Consistency::CrashConsistent,
         freeze: None,
         level: args.level,
@@ -260,7 +260,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
                 t.reused_cells,
                 t.since.as_deref().unwrap_or_default()
             )?,
-            Some(vsnap_engine::repo::Tracking {
+            Some(vsnap_repo::Tracking {
                 fallback: Some(why),
                 ..
             }) => writeln!(out, "  read whole: {why}")?,

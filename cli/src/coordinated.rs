@@ -86,7 +86,11 @@ pub fn run_plan(
         ErrorKind::ChunkSize { repo, have, want } => {
             crate::backup::chunk_size_usage(*want, *have, repo)
         }
-        ErrorKind::Engine(inner) => crate::engine_args::memory_usage(inner).unwrap_or_else(|| {
+        ErrorKind::Engine(inner) => match inner.kind() {
+            vsnap_repo::ErrorKind::Engine(k) => crate::engine_args::memory_usage(k),
+            _ => None,
+        }
+        .unwrap_or_else(|| {
             anyhow::Error::new(e).context("coordinated backup failed before any guest was frozen")
         }),
         _ => anyhow::Error::new(e).context("coordinated backup failed before any guest was frozen"),

@@ -8,10 +8,10 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
 use serde::Serialize;
-use vsnap_engine::format::DiskImage;
 use vsnap_engine::pipeline::{
     self, copy_images, update_b3sums, CopySpec, Options, Progress, TargetFormat,
 };
+use vsnap_formats::DiskImage;
 
 use crate::engine_args::{ChunkArg, EngineArgs};
 use crate::units::human;

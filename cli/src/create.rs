@@ -6,9 +6,9 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Result};
 use clap::ValueEnum;
-use vsnap_engine::format::vhd::{self, CreateOptions, DiskType};
-use vsnap_engine::format::vhdx::{NewVhdx, VhdxIdentity, VhdxImage, VhdxWriter};
-use vsnap_engine::format::DiskImage;
+use vsnap_formats::vhd::{self, CreateOptions, DiskType};
+use vsnap_formats::vhdx::{NewVhdx, VhdxIdentity, VhdxImage, VhdxWriter};
+use vsnap_formats::DiskImage;
 
 use crate::units::{human, parse_size};
 
@@ -136,7 +136,7 @@ fn create_vhdx(
     disk_type: DiskType,
     size: u64,
     block_size: Option<u32>,
-) -> Result<vsnap_engine::format::ImageInfo> {
+) -> Result<vsnap_formats::ImageInfo> {
     let new = match (disk_type, &args.parent) {
         (DiskType::Differencing, Some(parent)) => {
             let mut new = NewVhdx::child_of(parent, &args.path)?;

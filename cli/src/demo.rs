@@ -129,7 +129,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
     let inv = dir.join("inventory.toml");
     std::fs::write(&inv, inventory)?;
     let repo = dir.join("repo");
-    vsnap_engine::repo::Repository::init(&repo, vsnap_engine::repo::DEFAULT_CHUNK_SIZE)?;
+    vsnap_repo::Repository::init(&repo, vsnap_repo::DEFAULT_CHUNK_SIZE)?;
     // Let the applications write for a moment: there is something to hold.
     std::thread::sleep(Duration::from_millis(200));
 

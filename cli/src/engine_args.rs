@@ -87,7 +87,7 @@ impl EngineArgs {
     pub fn options(&self, keep_chunks: bool, chunk_size: u64) -> anyhow::Result<Options> {
         self.tuning()
             .options(keep_chunks, chunk_size)
-            .map_err(|e| memory_usage(&e).unwrap_or_else(|| e.into()))
+            .map_err(|e| memory_usage(e.kind()).unwrap_or_else(|| e.into()))
     }
 
     /// Keeps what this run learnt for the next; a cache that cannot be
@@ -112,13 +112,13 @@ impl EngineArgs {
 
 /// The engine's refusal of a memory budget, as the usage error of
 /// `--memory` (exit 2).
-pub fn memory_usage(e: &vsnap_engine::Error) -> Option<anyhow::Error> {
+pub fn memory_usage(kind: &ErrorKind) -> Option<anyhow::Error> {
     let ErrorKind::MemoryBelowFloor {
         memory,
         floor,
         chunk_size,
         workers,
-    } = e.kind()
+    } = kind
     else {
         return None;
     };

@@ -6,8 +6,8 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use serde::Serialize;
-use vsnap_engine::format::DiskImage;
 use vsnap_engine::pipeline::{self, ChunkKind, Progress};
+use vsnap_formats::DiskImage;
 
 use crate::engine_args::{ChunkArg, EngineArgs};
 use crate::FormatArg;

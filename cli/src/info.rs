@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::Result;
-use vsnap_engine::format::{self, ImageInfo};
+use vsnap_formats::ImageInfo;
 
 use crate::units::human;
 use crate::FormatArg;
@@ -28,7 +28,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
     let mut infos = Vec::new();
     let mut failed = false;
     for path in &args.images {
-        match format::open(path, args.format.forced()).and_then(|img| img.info()) {
+        match vsnap_formats::open(path, args.format.forced()).and_then(|img| img.info()) {
             Ok(info) => infos.push(info),
             Err(err) => {
                 eprintln!("vsnap: error: {err}");

@@ -24,7 +24,7 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use vsnap_engine::format::ImageFormat;
+use vsnap_formats::ImageFormat;
 
 /// jemalloc, not glibc's malloc: under 50 API clients `vsnap serve`'s
 /// resident size grew for 15 minutes under glibc (each thread's arena
@@ -133,10 +133,10 @@ pub enum FormatArg {
 pub fn open_all(
     paths: &[std::path::PathBuf],
     format: FormatArg,
-) -> anyhow::Result<Vec<Box<dyn vsnap_engine::format::DiskImage>>> {
+) -> anyhow::Result<Vec<Box<dyn vsnap_formats::DiskImage>>> {
     Ok(paths
         .iter()
-        .map(|p| vsnap_engine::format::open(p, format.forced()))
+        .map(|p| vsnap_formats::open(p, format.forced()))
         .collect::<Result<Vec<_>, _>>()?)
 }
 

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use serde::Serialize;
-use vsnap_engine::format::{self, ExtentKind};
+use vsnap_formats::ExtentKind;
 
 use crate::FormatArg;
 
@@ -40,7 +40,7 @@ struct JsonExtent {
 }
 
 pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
-    let image = format::open(&args.image, args.format.forced())?;
+    let image = vsnap_formats::open(&args.image, args.format.forced())?;
     let map = image.allocation_map()?;
     let files: Vec<PathBuf> = {
         let info = image.info()?;

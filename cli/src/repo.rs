@@ -7,8 +7,8 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use serde::Serialize;
-use vsnap_engine::repo::retention::{self, KeepPolicy, Within};
-use vsnap_engine::repo::{self, Repository};
+use vsnap_repo::retention::{self, KeepPolicy, Within};
+use vsnap_repo::Repository;
 
 use crate::units::human;
 
@@ -92,7 +92,7 @@ pub struct SnapshotsArgs {
 
 /// The guest's figures the coordinator recorded in the manifest, when a
 /// coordinator took the snapshot.
-fn guest(m: &repo::Manifest) -> Option<&repo::GuestMetrics> {
+fn guest(m: &vsnap_repo::Manifest) -> Option<&vsnap_repo::GuestMetrics> {
     m.freeze.as_ref().map(|f| &f.guest)
 }
 
@@ -106,7 +106,7 @@ pub fn run_snapshots(args: &SnapshotsArgs, out: &mut dyn Write) -> Result<ExitCo
         enum Item {
             Ok {
                 #[serde(flatten)]
-                manifest: Box<repo::Manifest>,
+                manifest: Box<vsnap_repo::Manifest>,
                 /// The guest's freeze window, from the coordinator's
                 /// metrics; null for a snapshot taken without one.
                 freeze_window_us: Option<u64>,
@@ -228,13 +228,13 @@ pub struct ForgetArgs {
 }
 
 fn parse_within(s: &str) -> std::result::Result<Within, String> {
-    s.parse().map_err(|e: vsnap_engine::Error| e.to_string())
+    s.parse().map_err(|e: vsnap_repo::Error| e.to_string())
 }
 
 pub fn run_forget(args: &ForgetArgs, out: &mut dyn Write) -> Result<ExitCode> {
     let repo = args.repo.open()?;
     if !args.snapshots.is_empty() {
-        let gone = repo::forget(&repo, &args.snapshots)?;
+        let gone = vsnap_repo::forget(&repo, &args.snapshots)?;
         if args.json {
             writeln!(out, "{}", serde_json::to_string_pretty(&gone)?)?;
         } else {
@@ -260,7 +260,7 @@ pub fn run_forget(args: &ForgetArgs, out: &mut dyn Write) -> Result<ExitCode> {
         .map(|p| p.id.clone())
         .collect();
     if !args.dry_run && !remove.is_empty() {
-        repo::forget(&repo, &remove)?;
+        vsnap_repo::forget(&repo, &remove)?;
     }
     if args.json {
         writeln!(out, "{}", serde_json::to_string_pretty(&planned)?)?;
@@ -314,7 +314,7 @@ pub struct GcArgs {
     /// In a bucket: a pack whose live chunks fill less than this percent
     /// of it has them copied into new packs and is condemned with the dead
     /// ones; 0 never repacks.
-    #[arg(long, value_name = "PERCENT", default_value_t = repo::DEFAULT_REPACK_BELOW, value_parser = clap::value_parser!(u8).range(0..=100))]
+    #[arg(long, value_name = "PERCENT", default_value_t = vsnap_repo::DEFAULT_REPACK_BELOW, value_parser = clap::value_parser!(u8).range(0..=100))]
     repack_below: u8,
     #[arg(long)]
     json: bool,
@@ -325,12 +325,12 @@ pub struct GcArgs {
 
 pub fn run_gc(args: &GcArgs, out: &mut dyn Write) -> Result<ExitCode> {
     let repo = args.repo.open()?;
-    let opts = repo::GcOptions {
+    let opts = vsnap_repo::GcOptions {
         wait: !args.no_wait,
         grace: args.grace,
         repack_below: args.repack_below,
     };
-    let report = repo::gc(&repo, &opts).context("gc failed")?;
+    let report = vsnap_repo::gc(&repo, &opts).context("gc failed")?;
     if args.json {
         writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
     } else if !args.quiet && repo.is_bucket() {

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use vsnap_engine::pipeline::Progress;
-use vsnap_engine::restore::{find_disk, restore, RestoreSpec};
+use vsnap_repo::restore::{find_disk, restore, RestoreSpec};
 
 use crate::copy::{format_name, target_name, OutFormat};
 use crate::engine_args::EngineArgs;
@@ -78,7 +78,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
     // Inside a directory a disk is restored under its own name (a plain
     // file name: the manifest was refused otherwise), with the extension
     // of the format asked for, as `vsnap copy` names its copies.
-    let name_in_dir = |disk: &vsnap_engine::repo::Disk| -> Result<PathBuf> {
+    let name_in_dir = |disk: &vsnap_repo::Disk| -> Result<PathBuf> {
         Ok(args.to.join(match format {
             Some(f) => target_name(std::path::Path::new(&disk.name), f, false)?,
             None => disk.name.clone(),

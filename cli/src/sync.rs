@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use serde::Serialize;
 use vsnap_engine::pipeline::Progress;
-use vsnap_engine::repo::{self, SyncOptions};
-use vsnap_engine::verify::VerifyReport;
+use vsnap_repo::verify::VerifyReport;
+use vsnap_repo::SyncOptions;
 
 use crate::units::human;
 
@@ -65,7 +65,7 @@ pub struct Args {
 #[derive(Serialize)]
 struct JsonOut<'a> {
     #[serde(flatten)]
-    sync: &'a repo::SyncReport,
+    sync: &'a vsnap_repo::SyncReport,
     #[serde(skip_serializing_if = "Option::is_none")]
     verify: Option<&'a VerifyReport>,
 }
@@ -81,7 +81,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
     let started = std::time::Instant::now();
     let report = args
         .output
-        .run(&progress, || repo::sync(&src, &dst, &opts, &progress))
+        .run(&progress, || vsnap_repo::sync(&src, &dst, &opts, &progress))
         .context("sync failed")?;
     let secs = started.elapsed().as_secs_f64().max(1e-9);
     let verified = if args.verify && !report.copied.is_empty() {
@@ -90,7 +90,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
         Some(
             args.output
                 .run(&progress, || {
-                    vsnap_engine::verify::verify(&dst, &report.copied, threads, None, &progress)
+                    vsnap_repo::verify::verify(&dst, &report.copied, threads, None, &progress)
                 })
                 .context("verify of the copy failed")?,
         )

@@ -73,7 +73,7 @@ pub fn parse_duration_or_zero(text: &str) -> std::result::Result<std::time::Dura
 /// `--pack-size`, checked as clap parses it.
 pub fn parse_pack_size(text: &str) -> std::result::Result<u64, String> {
     let n = parse_size(text).map_err(|e| format!("{e:#}"))?;
-    if !vsnap_engine::repo::PACK_SIZE_RANGE.contains(&n) {
+    if !vsnap_repo::PACK_SIZE_RANGE.contains(&n) {
         return Err("must be from 1M to 1G".into());
     }
     Ok(n)

@@ -6,9 +6,9 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use serde::Serialize;
-use vsnap_engine::format::DiskImage;
 use vsnap_engine::pipeline::{hash_images, Progress};
-use vsnap_engine::restore::find_disk;
+use vsnap_formats::DiskImage;
+use vsnap_repo::restore::find_disk;
 
 use crate::engine_args::EngineArgs;
 use crate::repo::{split_target, RepoArg};
@@ -75,7 +75,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
     let report = args
         .output
         .run(&progress, || {
-            vsnap_engine::verify::verify(
+            vsnap_repo::verify::verify(
                 &repo,
                 &args.snapshots,
                 opts.worker_count(),
@@ -125,7 +125,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
 
 fn against(
     args: &Args,
-    repo: &vsnap_engine::repo::Repository,
+    repo: &vsnap_repo::Repository,
     image: &std::path::Path,
     out: &mut dyn Write,
 ) -> Result<ExitCode> {

@@ -13,11 +13,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use vsnap_engine::cbt::Tracked;
 use vsnap_engine::pipeline::{Progress, Tuning};
-use vsnap_engine::repo::{
-    backup_all, disk_names, BackupOptions, Manifest, Repository, SnapshotPlan,
-};
+use vsnap_repo::cbt::Tracked;
+use vsnap_repo::{backup_all, disk_names, BackupOptions, Manifest, Repository, SnapshotPlan};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::inventory::Vm;
@@ -49,7 +47,7 @@ pub struct Plan {
     pub guard: Option<PathBuf>,
     /// Changed-block tracking: each reflink snapshot is kept as its disk's
     /// base for the next backup, which reads only the cells that changed
-    /// since (see [`vsnap_engine::cbt`]). Other providers' snapshots share
+    /// since (see [`vsnap_repo::cbt`]). Other providers' snapshots share
     /// no blocks with the disk to compare, and are read whole.
     pub track: bool,
 }
@@ -136,8 +134,11 @@ pub async fn run(plan: &Plan, progress: &Progress, cancel: Arc<AtomicBool>) -> R
     }
     let names: Vec<&str> = plan.vms.iter().map(|v| v.name.as_str()).collect();
     let preloaded = repo.preload(&names)?;
-    let opts = plan.tuning.options(false, have)?;
-    let host = vsnap_engine::repo::host_name();
+    let opts = plan
+        .tuning
+        .options(false, have)
+        .map_err(vsnap_repo::Error::from)?;
+    let host = vsnap_repo::host_name();
     let mut streamed = Streamed {
         preloaded_chunks: preloaded.known.values().map(|k| k.len() as u64).sum(),
         ..Streamed::default()
@@ -266,23 +267,24 @@ fn open_disks(
     history: &[Manifest],
     it: &VmSnapshot,
     track: bool,
-) -> vsnap_engine::Result<Vec<Tracked>> {
+) -> vsnap_repo::Result<Vec<Tracked>> {
     let names = disk_names(&it.sources);
     let mut out: Vec<Tracked> = Vec::new();
     for (k, snapshot) in it.snapshots.iter().enumerate() {
         let kind = it.kinds.get(k).copied();
         let disk = match (track, kind, it.sources.get(k), names.get(k)) {
             (true, Some(Kind::Reflink), Some(source), Some(name)) => {
-                vsnap_engine::cbt::adopt(repo, history, name, source, snapshot, None)
+                vsnap_repo::cbt::adopt(repo, history, name, source, snapshot, None)
             }
-            (true, kind, _, _) => vsnap_engine::format::open(snapshot, None).map(|image| {
+            (true, kind, _, _) => vsnap_formats::open(snapshot, None).map_err(Into::into).map(|image| {
                 let why = match kind {
                     Some(Kind::Qmp) => "the qmp provider's snapshot is the disk under an overlay, which keeps no base",
                     _ => "the copy provider's snapshot shares no blocks with the disk to compare",
                 };
                 Tracked::untracked(image, format!("{why}; the disk is read whole"))
             }),
-            (false, ..) => vsnap_engine::format::open(snapshot, None)
+            (false, ..) => vsnap_formats::open(snapshot, None)
+                .map_err(Into::into)
                 .map(|image| Tracked::untracked(image, "tracking is off".into())),
         };
         match disk {
@@ -298,8 +300,8 @@ fn open_disks(
     Ok(out)
 }
 
-impl From<vsnap_engine::Error> for Error {
-    fn from(e: vsnap_engine::Error) -> Self {
+impl From<vsnap_repo::Error> for Error {
+    fn from(e: vsnap_repo::Error) -> Self {
         Error::new(ErrorKind::Engine(Box::new(e)))
     }
 }

@@ -40,7 +40,7 @@ pub enum ErrorKind {
     /// The engine's own error, with its context; its cause through
     /// `source()`.
     #[error(transparent)]
-    Engine(Box<vsnap_engine::Error>),
+    Engine(Box<vsnap_repo::Error>),
     /// A repository cuts one chunk grid, chosen when it was made.
     #[error("the repository {} uses chunks of {have} bytes, not the {want} asked for", .repo.display())]
     ChunkSize {

@@ -5,11 +5,11 @@
 
 use std::time::{Duration, Instant};
 
-use vsnap_engine::repo::{Failure, GuestMetrics, Writer};
 use vsnap_protocol::{
     Abort, AgentState, Complete, CompleteReply, ErrorClass, Freeze, FreezeReply, IdentifyReply, Op,
     Prepare, PrepareReply, ThawReply,
 };
+use vsnap_repo::{Failure, GuestMetrics, Writer};
 
 use crate::client::AgentClient;
 use crate::error::{Error, ErrorKind, Result};

@@ -2,17 +2,18 @@
 //! the promise that lets auditors check vsnap with stock tools.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#[path = "../../formats/tests/common/mod.rs"]
 mod common;
 
 use std::path::Path;
 
 use common::*;
-use vsnap_engine::format::{self, DiskImage};
 use vsnap_engine::io::IoMode;
 use vsnap_engine::pipeline::{
     hash_images, run as run_pipeline, Buffer, ChunkKind, ChunkRecord, Options, Progress, Sink,
     Stored,
 };
+use vsnap_formats::DiskImage;
 
 fn b3sum(path: &Path) -> String {
     run("b3sum", &["--no-names", p(path)]).trim().to_owned()
@@ -21,7 +22,7 @@ fn b3sum(path: &Path) -> String {
 fn vsnap_digests(paths: &[&Path], opts: &Options) -> Vec<String> {
     let images: Vec<Box<dyn DiskImage>> = paths
         .iter()
-        .map(|p| format::open(p, None).unwrap())
+        .map(|p| vsnap_formats::open(p, None).unwrap())
         .collect();
     let refs: Vec<&dyn DiskImage> = images.iter().map(|b| &**b).collect();
     let progress = Progress::default();
@@ -77,7 +78,7 @@ fn a_multi_gib_sparse_disk_hashes_like_b3sum_without_reading_its_holes() {
     }
     let raw = dir.path().join("big.raw");
     qemu_to_raw(&path, &raw);
-    let image = format::open(&path, None).unwrap();
+    let image = vsnap_formats::open(&path, None).unwrap();
     let progress = Progress::default();
     let opts = Options {
         keep_chunks: true,
@@ -140,7 +141,7 @@ fn thread_counts_do_not_change_the_digest_and_zero_chunks_are_found() {
             keep_chunks: true,
             ..Options::default()
         };
-        let image = format::open(&path, None).unwrap();
+        let image = vsnap_formats::open(&path, None).unwrap();
         let d = &hash_images(&[&*image], &opts, &Progress::default()).unwrap()[0];
         assert_eq!(d.zero_chunks, 1, "the allocated zero chunk is detected");
         assert_eq!(d.data_chunks, 1);
@@ -154,7 +155,7 @@ fn a_read_error_names_the_image() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("t.vhd");
     qemu_create(&path, "subformat=fixed", "8M");
-    let image = format::open(&path, None).unwrap();
+    let image = vsnap_formats::open(&path, None).unwrap();
     // Truncate after opening: the read in the middle must fail clearly.
     std::fs::OpenOptions::new()
         .write(true)
@@ -171,7 +172,10 @@ fn a_read_error_names_the_image() {
         let err = hash_images(&[&*image], &opts, &Progress::default()).unwrap_err();
         assert!(err.to_string().contains("t.vhd"), "{io:?}: {err}");
         assert!(
-            matches!(err.kind(), vsnap_engine::ErrorKind::Truncated { .. }),
+            matches!(
+                err.format_kind(),
+                Some(vsnap_formats::ErrorKind::Truncated { .. })
+            ),
             "{io:?}: {err}"
         );
     }
@@ -184,7 +188,7 @@ fn a_source_truncated_during_a_copy_fails_naming_it_and_leaves_no_files() {
     let src = dir.path().join("src.vhd");
     qemu_create(&src, "subformat=fixed", "32M");
     qemu_write(&src, 0x42, 0, 32 << 20);
-    let image = format::open(&src, None).unwrap();
+    let image = vsnap_formats::open(&src, None).unwrap();
     // Opened whole; then cut in the middle of the data, as a source that
     // changes under a copy would be.
     std::fs::OpenOptions::new()
@@ -232,13 +236,13 @@ fn compression_in_the_same_pass_skips_zeros_and_keeps_incompressible_chunks_raw(
         .cycle()
         .take(4 << 20)
         .collect();
-    let mut img = format::vhd::VhdImage::open_rw(&path).unwrap();
+    let mut img = vsnap_formats::vhd::VhdImage::open_rw(&path).unwrap();
     img.write_at(&text, 0).unwrap();
     img.write_at(&pattern(9, 4 << 20), 4 << 20).unwrap();
     img.write_at(&vec![0u8; 4 << 20], 8 << 20).unwrap();
     img.flush().unwrap();
     drop(img);
-    let image = format::open(&path, None).unwrap();
+    let image = vsnap_formats::open(&path, None).unwrap();
     let opts = Options {
         compress: Some(1),
         keep_chunks: true,
@@ -326,7 +330,7 @@ fn the_sink_gets_each_data_chunk_compressed_or_raw_unless_it_holds_it() {
     use std::os::unix::fs::FileExt;
     f.write_all_at(&text, 4 * chunk as u64).unwrap();
     drop(f);
-    let image = format::open(&path, None).unwrap();
+    let image = vsnap_formats::open(&path, None).unwrap();
     let random_id = blake3::hash(&pattern(7, chunk));
     let sink = Collect {
         skip: random_id,

@@ -5,21 +5,22 @@
 //! and each kind of corruption gives its own error.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#[path = "../../formats/tests/common/mod.rs"]
 mod common;
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use common::*;
-use vsnap_engine::format::vhdx::parse::{
+use vsnap_engine::pipeline::{copy_images, hash_images, CopySpec, Options, Progress, TargetFormat};
+use vsnap_formats::vhdx::parse::{
     crc_with_field_zeroed, parse_region_table, Guid, FILE_PARAMETERS, HEADER_1_OFFSET,
     HEADER_2_OFFSET, LOGICAL_SECTOR_SIZE, REGION_TABLE_2_OFFSET, REGION_TABLE_OFFSET,
     REGION_TABLE_SIZE,
 };
-use vsnap_engine::format::vhdx::{NewVhdx, VhdxIdentity, VhdxImage, VhdxWriter};
-use vsnap_engine::format::{self, DiskImage, ExtentKind, ImageFormat};
-use vsnap_engine::pipeline::{copy_images, hash_images, CopySpec, Options, Progress, TargetFormat};
-use vsnap_engine::ErrorKind;
+use vsnap_formats::vhdx::{NewVhdx, VhdxIdentity, VhdxImage, VhdxWriter};
+use vsnap_formats::ErrorKind;
+use vsnap_formats::{DiskImage, ExtentKind, ImageFormat};
 
 fn b3sum(path: &Path) -> String {
     run("b3sum", &["--no-names", p(path)]).trim().to_owned()
@@ -56,7 +57,7 @@ fn digest(image: &dyn DiskImage) -> String {
 }
 
 fn open(path: &Path) -> Box<dyn DiskImage> {
-    let image = format::open(path, None).unwrap();
+    let image = vsnap_formats::open(path, None).unwrap();
     assert_eq!(image.format(), ImageFormat::Vhdx, "detected from the bytes");
     image
 }
@@ -186,7 +187,7 @@ fn copies_written_as_vhdx_pass_qemu_img_check_and_compare() {
     let out = d.join("out");
     std::fs::create_dir(&out).unwrap();
     let a = open(&src);
-    let b = format::open(&vhd, None).unwrap();
+    let b = vsnap_formats::open(&vhd, None).unwrap();
     let targets = [
         (&*a, "same.vhdx", None),
         (&*a, "fixed.vhdx", Some(TargetFormat::FixedVhdx)),
@@ -214,7 +215,7 @@ fn copies_written_as_vhdx_pass_qemu_img_check_and_compare() {
         }
         let src_path = if std::ptr::eq(image, &*a) { &src } else { &vhd };
         run("qemu-img", &["compare", p(src_path), p(&target)]);
-        let copy = format::open(&target, None).unwrap();
+        let copy = vsnap_formats::open(&target, None).unwrap();
         assert_eq!(digest(&*copy), r[0].source.digest.to_hex().to_string());
     }
     // `same` keeps the VHDX's identity and block size; fixed allocates all.
@@ -644,7 +645,7 @@ fn each_corruption_gives_its_own_error_and_none_panics() {
         let path = dir.path().join("bad.vhdx");
         std::fs::copy(&good, &path).unwrap();
         corrupt(&path);
-        let err = format::open(&path, None).unwrap_err();
+        let err = vsnap_formats::open(&path, None).unwrap_err();
         assert!(expect(err.kind()), "{name}: got {err}");
         assert!(
             err.to_string().contains("bad.vhdx"),
@@ -763,7 +764,7 @@ fn mutated_vhdx_images_never_panic() {
     use proptest::prelude::*;
     use proptest::test_runner::{Config, TestRunner};
     use std::sync::Arc;
-    use vsnap_engine::io::{MemStorage, Storage};
+    use vsnap_formats::storage::{MemStorage, Storage};
 
     let dir = tempfile::tempdir().unwrap();
     let seeds = mutation_seeds(dir.path());
@@ -796,7 +797,7 @@ fn mutated_vhdx_images_never_panic() {
             }
             let storage: Arc<dyn Storage> = Arc::new(MemStorage::new(bytes));
             if let Ok(image) = VhdxImage::from_storage(storage, Path::new("mutant.vhdx")) {
-                format::exercise(&image);
+                vsnap_formats::exercise(&image);
             }
             Ok(())
         })

@@ -7,5 +7,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    vsnap_engine::repo::validate::exercise(data);
+    vsnap_repo::validate::exercise(data);
 });

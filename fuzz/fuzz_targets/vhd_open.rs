@@ -6,13 +6,13 @@ use std::path::Path;
 use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
-use vsnap_engine::format::vhd::VhdImage;
-use vsnap_engine::io::MemStorage;
+use vsnap_formats::vhd::VhdImage;
+use vsnap_formats::storage::MemStorage;
 
 fuzz_target!(|data: &[u8]| {
     let storage = Arc::new(MemStorage::new(data.to_vec()));
     let Ok(image) = VhdImage::from_storage(storage, Path::new("fuzz.vhd")) else {
         return;
     };
-    vsnap_engine::format::exercise(&image);
+    vsnap_formats::exercise(&image);
 });

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vsnap_engine::format::vhd::{bat, DynamicHeader, Footer};
+use vsnap_formats::vhd::{bat, DynamicHeader, Footer};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(f) = Footer::parse(data) {

@@ -4,8 +4,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vsnap_engine::format::vhdx::log::{parse_entry, replay, LOG_SECTOR};
-use vsnap_engine::format::vhdx::parse::*;
+use vsnap_formats::vhdx::log::{parse_entry, replay, LOG_SECTOR};
+use vsnap_formats::vhdx::parse::*;
 
 fn with_crc(data: &[u8], len: usize) -> Vec<u8> {
     let mut b = data.to_vec();

@@ -10,8 +10,8 @@ use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use vsnap_engine::format::{DiskImage, ImageFormat};
 use vsnap_engine::pipeline::{copy_images, CopySpec, Options, Progress, TargetFormat};
+use vsnap_formats::{DiskImage, ImageFormat};
 
 use crate::workload::Background;
 use crate::{io, Error, Result};
@@ -52,7 +52,7 @@ pub fn ext4_disk(dir: &Path, name: &str, size: u64) -> Result<PathBuf> {
         other => other,
     })?;
     let disk = dir.join("disk0.vhd");
-    let image = vsnap_engine::format::open(&raw, Some(ImageFormat::Raw))?;
+    let image = vsnap_formats::open(&raw, Some(ImageFormat::Raw))?;
     let refs: Vec<&dyn DiskImage> = vec![&*image];
     let spec = CopySpec {
         target: disk.clone(),

@@ -317,7 +317,7 @@ pub fn run(
         let repo = study
             .scratch
             .join(format!("vsnap-bench-repo-{}", std::process::id()));
-        vsnap_engine::repo::Repository::init(&repo, vsnap_engine::repo::DEFAULT_CHUNK_SIZE)?;
+        vsnap_repo::Repository::init(&repo, vsnap_repo::DEFAULT_CHUNK_SIZE)?;
         let guests = Inventory::load(inv).map_err(Box::new)?.vms.len();
         let measured = measure(&bench, inv, &repo, 0, &mut rounds);
         let _ = std::fs::remove_dir_all(&repo);
@@ -343,7 +343,7 @@ pub fn run(
             rt.block_on(lab.serve_agents(study.window, study.quiesce))?;
             let inv = lab.inventory(|_| String::new())?;
             let repo = lab.dir.join("repo");
-            vsnap_engine::repo::Repository::init(&repo, vsnap_engine::repo::DEFAULT_CHUNK_SIZE)?;
+            vsnap_repo::Repository::init(&repo, vsnap_repo::DEFAULT_CHUNK_SIZE)?;
             let mut loads = Vec::new();
             for (i, g) in lab.guests.iter().enumerate() {
                 loads.push(workload::start(

@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use vsnap_agent::{Agent, AgentConfig, FreezeSet};
-use vsnap_engine::format::vhd::{self, CreateOptions, DiskType};
+use vsnap_formats::vhd::{self, CreateOptions, DiskType};
 use vsnap_protocol::transport::Endpoint;
 
 use crate::loopfs::LoopFs;

@@ -56,10 +56,24 @@ pub enum Error {
     Refused { what: String, reason: String },
     #[error(transparent)]
     Agent(#[from] vsnap_agent::Error),
+    /// A disk image, the engine or the repository failed; the layers
+    /// below the repository are lifted into its error, context and all.
     #[error(transparent)]
-    Engine(#[from] vsnap_engine::Error),
+    Repo(#[from] vsnap_repo::Error),
     #[error(transparent)]
     Coordinator(#[from] Box<vsnap_coordinator::Error>),
+}
+
+impl From<vsnap_formats::Error> for Error {
+    fn from(e: vsnap_formats::Error) -> Self {
+        Error::Repo(e.into())
+    }
+}
+
+impl From<vsnap_engine::Error> for Error {
+    fn from(e: vsnap_engine::Error) -> Self {
+        Error::Repo(e.into())
+    }
 }
 
 /// An I/O error on `path`, while doing `op`.

@@ -13,8 +13,8 @@ use object_store::{
     BackoffConfig, ClientOptions, GetOptions, ObjectStore as _, ObjectStoreExt as _, PutMode,
     PutOptions, PutPayload, RetryConfig,
 };
-use vsnap_engine::repo::{ObjectInfo, ObjectStore};
-use vsnap_engine::{Error, ErrorKind, Result};
+use vsnap_repo::{Error, ErrorKind, Result};
+use vsnap_repo::{ObjectInfo, ObjectStore};
 
 use crate::errors::{describe, no_bucket, Failure};
 

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use vsnap_engine::{Error, ErrorKind};
+use vsnap_repo::{Error, ErrorKind};
 
 /// Why a request did not succeed.
 #[derive(Debug)]

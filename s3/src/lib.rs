@@ -21,8 +21,8 @@ mod tls;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use vsnap_engine::repo::{ObjectStore, Repository};
-use vsnap_engine::{Error, ErrorKind, Result};
+use vsnap_repo::{Error, ErrorKind, Result};
+use vsnap_repo::{ObjectStore, Repository};
 
 pub use client::S3Store;
 

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 
 use object_store::Certificate;
-use vsnap_engine::{Error, ErrorKind, Result};
+use vsnap_repo::{Error, ErrorKind, Result};
 
 /// The environment variable the AWS CLI and SDKs read for a CA bundle.
 pub(crate) const CA_BUNDLE: &str = "AWS_CA_BUNDLE";

@@ -19,7 +19,7 @@ pub enum ErrorKind {
     #[error("the backup could not start")]
     Backup(#[source] Box<vsnap_coordinator::error::Error>),
     #[error("repository error")]
-    Engine(#[source] Box<vsnap_engine::Error>),
+    Engine(#[source] Box<vsnap_repo::Error>),
 }
 
 /// An [`ErrorKind`] with its context: the file, line or key it concerns.

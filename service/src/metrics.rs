@@ -6,7 +6,7 @@
 
 use std::fmt::Write;
 
-use vsnap_engine::repo::Usage;
+use vsnap_repo::Usage;
 
 use crate::state::{VmStats, FREEZE_BUCKETS};
 

@@ -106,7 +106,7 @@ pub async fn after_run(svc: &Service, targets: &[String], run: i64) {
     };
     let body = json!({
         "event": "vsnap.run",
-        "host": vsnap_engine::repo::host_name(),
+        "host": vsnap_repo::host_name(),
         "run": run,
         "vms": vms,
     })

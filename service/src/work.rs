@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use vsnap_coordinator::backup::{self, Plan};
-use vsnap_engine::repo::{self, retention};
+use vsnap_repo::retention;
 
 use crate::config::Job;
 use crate::error::{ErrorKind, Result};
@@ -79,7 +79,7 @@ pub(crate) async fn backup(svc: Arc<Service>, job: Job, a: Active) -> Result<End
     }
     let mut notes = Vec::new();
     if let Some(keep) = &job.keep {
-        let work = || -> vsnap_engine::Result<usize> {
+        let work = || -> vsnap_repo::Result<usize> {
             let planned = retention::plan(&repo, keep, &job.vms)?;
             let remove: Vec<String> = planned
                 .iter()
@@ -87,7 +87,7 @@ pub(crate) async fn backup(svc: Arc<Service>, job: Job, a: Active) -> Result<End
                 .map(|p| p.id.clone())
                 .collect();
             if !remove.is_empty() {
-                repo::forget(&repo, &remove)?;
+                vsnap_repo::forget(&repo, &remove)?;
             }
             Ok(remove.len())
         };
@@ -102,7 +102,8 @@ pub(crate) async fn backup(svc: Arc<Service>, job: Job, a: Active) -> Result<End
         }
     }
     if job.gc {
-        if let Err(e) = tokio::task::block_in_place(|| repo::gc(&repo, &repo::GcOptions::default()))
+        if let Err(e) =
+            tokio::task::block_in_place(|| vsnap_repo::gc(&repo, &vsnap_repo::GcOptions::default()))
         {
             return Ok(Ended::failed(
                 format!("the backup succeeded, gc failed: {e}"),
@@ -130,7 +131,7 @@ pub(crate) async fn verify(
     only: Option<Vec<String>>,
     a: Active,
 ) -> Result<Ended> {
-    let engine = |e: vsnap_engine::Error| crate::Error::from(ErrorKind::Engine(Box::new(e)));
+    let engine = |e: vsnap_repo::Error| crate::Error::from(ErrorKind::Engine(Box::new(e)));
     tokio::task::block_in_place(|| {
         let repo = vsnap_s3::open(&svc.config.repository).map_err(engine)?;
         let listed = repo.list().map_err(engine)?;
@@ -165,8 +166,8 @@ pub(crate) async fn verify(
             });
         }
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let report = vsnap_engine::verify::verify(&repo, &ids, threads, None, &a.progress)
-            .map_err(engine)?;
+        let report =
+            vsnap_repo::verify::verify(&repo, &ids, threads, None, &a.progress).map_err(engine)?;
         svc.state.set_verified(&ids, report.ok())?;
         let what = format!(
             "verified {} snapshot(s), {} disk(s), {} chunk(s), {} bytes",

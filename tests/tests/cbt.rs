@@ -13,9 +13,9 @@ use std::path::Path;
 use std::process::Command;
 
 use vsnap_e2e::{skip_unless_root, LoopFs};
-use vsnap_engine::cbt::{changed_cells, changed_ranges};
 use vsnap_engine::io::fiemap::fiemap;
 use vsnap_lab::Rng;
+use vsnap_repo::cbt::{changed_cells, changed_ranges};
 
 fn seed() -> u64 {
     let seed = std::env::var("VSNAP_CBT_SEED")
@@ -201,7 +201,7 @@ fn mutate_vhd(rng: &mut Rng, disk: &Path, virtual_size: u64) {
         op => {
             // Under a guest's data, never the image's own metadata: a
             // punched BAT or footer is another test (hostile images).
-            let image = vsnap_engine::format::open(disk, None).unwrap();
+            let image = vsnap_formats::open(disk, None).unwrap();
             let map = image.allocation_map().unwrap();
             let data: Vec<_> = map
                 .extents()
@@ -253,8 +253,8 @@ fn fiemap_and_the_allocation_maps_name_every_changed_cell_of_a_dynamic_vhd() {
         }
         reflink(&disk, &new);
         let changed = compare(&base, &new);
-        let b = vsnap_engine::format::open(&base, None).unwrap();
-        let n = vsnap_engine::format::open(&new, None).unwrap();
+        let b = vsnap_formats::open(&base, None).unwrap();
+        let n = vsnap_formats::open(&new, None).unwrap();
         let (bm, nm) = (b.allocation_map().unwrap(), n.allocation_map().unwrap());
         let which = changed_cells(&bm, &nm, &changed, cell).unwrap();
         let (mut x, mut y) = (vec![0u8; cell as usize], vec![0u8; cell as usize]);
@@ -292,11 +292,11 @@ fn small_chunks() -> vsnap_engine::pipeline::Options {
     }
 }
 
-fn crash_consistent(vm: &str) -> vsnap_engine::repo::BackupOptions {
-    vsnap_engine::repo::BackupOptions {
+fn crash_consistent(vm: &str) -> vsnap_repo::BackupOptions {
+    vsnap_repo::BackupOptions {
         vm: vm.into(),
         host: "h".into(),
-        consistency: vsnap_engine::repo::Consistency::CrashConsistent,
+        consistency: vsnap_repo::Consistency::CrashConsistent,
         freeze: None,
         level: 1,
         known: Default::default(),
@@ -309,9 +309,9 @@ fn crash_consistent(vm: &str) -> vsnap_engine::repo::BackupOptions {
 /// must give the same index (entries, piece map, leaves) and digest, and
 /// one base is kept.
 fn rounds(test: &str, vhd: bool, make: impl Fn(&Path), mutate: impl Fn(&mut Rng, &Path)) {
-    use vsnap_engine::cbt::backup_files;
     use vsnap_engine::pipeline::Progress;
-    use vsnap_engine::repo::{BackupOptions, Repository};
+    use vsnap_repo::cbt::backup_files;
+    use vsnap_repo::{BackupOptions, Repository};
     let Some((dir, fs)) = scratch(test) else {
         return;
     };
@@ -665,7 +665,7 @@ fn coordinated_backups_keep_their_reflink_snapshots_as_bases_and_equal_full_ones
     use vsnap_coordinator::backup::{run as coordinate, Plan};
     use vsnap_coordinator::inventory::Inventory;
     use vsnap_coordinator::provider::{Choice, Kind};
-    use vsnap_engine::repo::Repository;
+    use vsnap_repo::Repository;
     let test = "coordinated_backups_keep_their_reflink_snapshots_as_bases_and_equal_full_ones";
     let Some((dir, fs)) = scratch(test) else {
         return;
@@ -749,7 +749,7 @@ fn coordinated_backups_keep_their_reflink_snapshots_as_bases_and_equal_full_ones
         for d in &inc.disks {
             let t = d.tracking.as_ref().unwrap();
             let base = t.base.as_ref().unwrap();
-            let full = vsnap_engine::cbt::backup_files(
+            let full = vsnap_repo::cbt::backup_files(
                 &repo,
                 std::slice::from_ref(&base.path),
                 None,

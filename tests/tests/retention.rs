@@ -14,8 +14,8 @@ use chrono::{DateTime, Duration, TimeZone, Utc};
 use chrono_tz::Europe::Berlin;
 use serde_json::Value;
 use vsnap_e2e::{skip, Lack};
-use vsnap_engine::repo::retention::{apply, KeepPolicy};
 use vsnap_lab::Rng;
+use vsnap_repo::retention::{apply, KeepPolicy};
 
 const TIMELINES: usize = 50;
 const POLICIES: usize = 10;

@@ -40,8 +40,7 @@ fn arg<T: std::str::FromStr>(n: usize, default: T) -> T {
 fn prepare(dir: &Path, vms: usize, snapshots: usize) -> PathBuf {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).unwrap();
-    vsnap_engine::repo::Repository::init(&dir.join("repo"), vsnap_engine::repo::DEFAULT_CHUNK_SIZE)
-        .unwrap();
+    vsnap_repo::Repository::init(&dir.join("repo"), vsnap_repo::DEFAULT_CHUNK_SIZE).unwrap();
     let mut cfg =
         String::from("repository = \"repo\"\nstate_dir = \"state\"\nlisten = \"127.0.0.1:0\"\n\n");
     for i in 0..vms {

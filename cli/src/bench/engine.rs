@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use serde::Serialize;
 use vsnap_engine::io::{open_for_read, probe, AlignedBuf, Engine, IoKind, IoMode, ReadOp};
-use vsnap_engine::repo::blob::{self, BlobKind};
+use vsnap_repo::blob::{self, BlobKind};
 
 use crate::units::{human, parse_size};
 

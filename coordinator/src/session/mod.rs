@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use vsnap_engine::repo::{Consistency, Failure, FreezeRecord};
+use vsnap_repo::{Consistency, Failure, FreezeRecord};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::guest::{Answer, Call, Guest, Metrics};
@@ -289,7 +289,7 @@ fn report_of(members: &[Member], kinds: &[Vec<Kind>], ids: &[Option<String>]) ->
 fn check_images(vms: &[Vm]) -> Result<()> {
     for vm in vms {
         for d in &vm.disks {
-            vsnap_engine::format::open(d, None).map_err(|e| {
+            vsnap_formats::open(d, None).map_err(|e| {
                 Error::from(ErrorKind::Config(e.to_string()))
                     .at(format!("vm {}", vm.name))
                     .during("open disk")

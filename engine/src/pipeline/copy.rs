@@ -20,11 +20,11 @@ use super::source::data_pieces;
 use super::{ChunkKind, Options, Progress, Stored};
 use crate::digest::FileTree;
 use crate::error::{Error, ErrorKind, Result, ResultExt};
-use crate::format::vhd::create::{plan_footer, CreateOptions, DEFAULT_BLOCK_SIZE};
-use crate::format::vhd::{DiskType, PreallocatedVhd};
-use crate::format::vhdx::{NewVhdx, VhdxIdentity, VhdxWriter};
-use crate::format::{AllocationMap, DiskImage, ExtentKind, ImageFormat};
-use crate::io::Storage;
+use vsnap_formats::storage::Storage;
+use vsnap_formats::vhd::create::{plan_footer, CreateOptions, DEFAULT_BLOCK_SIZE};
+use vsnap_formats::vhd::{DiskType, PreallocatedVhd};
+use vsnap_formats::vhdx::{NewVhdx, VhdxIdentity, VhdxWriter};
+use vsnap_formats::{AllocationMap, DiskImage, ExtentKind, ImageFormat};
 
 /// What a target is written as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,27 +118,27 @@ impl Writer {
     fn write_at(&self, tmp: &Path, buf: &[u8], offset: u64) -> Result<()> {
         match self {
             Writer::Flat(f) => f.write_all_at(buf, offset).ctx(tmp, offset, "write copy"),
-            Writer::Dynamic(v) => v.placed().write_at(buf, offset),
-            Writer::Vhdx(v) => v.placed().write_at(buf, offset),
+            Writer::Dynamic(v) => Ok(v.placed().write_at(buf, offset)?),
+            Writer::Vhdx(v) => Ok(v.placed().write_at(buf, offset)?),
         }
     }
 
     /// Reserves the file's space for a data range before it is written.
     fn reserve(&self, tmp: &Path, offset: u64, len: u64) -> Result<()> {
         match self {
-            Writer::Flat(f) => crate::io::preallocate(f, offset, len).ctx(
+            Writer::Flat(f) => vsnap_formats::storage::preallocate(f, offset, len).ctx(
                 tmp,
                 offset,
                 "reserve space for the copy",
             ),
-            Writer::Dynamic(v) => v.placed().reserve(offset, len),
-            Writer::Vhdx(v) => v.placed().reserve(offset, len),
+            Writer::Dynamic(v) => Ok(v.placed().reserve(offset, len)?),
+            Writer::Vhdx(v) => Ok(v.placed().reserve(offset, len)?),
         }
     }
 
     fn start_writeback(&self) {
         match self {
-            Writer::Flat(f) => crate::io::start_writeback(f),
+            Writer::Flat(f) => vsnap_formats::storage::start_writeback(f),
             Writer::Dynamic(v) => v.start_writeback(),
             Writer::Vhdx(v) => v.start_writeback(),
         }
@@ -147,8 +147,8 @@ impl Writer {
     fn sync(&self, tmp: &Path) -> Result<()> {
         match self {
             Writer::Flat(f) => f.sync().ctx_file(tmp, "flush copy"),
-            Writer::Dynamic(v) => v.sync(),
-            Writer::Vhdx(v) => v.sync(),
+            Writer::Dynamic(v) => Ok(v.sync()?),
+            Writer::Vhdx(v) => Ok(v.sync()?),
         }
     }
 }
@@ -210,7 +210,7 @@ const WRITEBACK_EVERY: u64 = 64 << 20;
 impl CopySink<'_> {
     /// Writes the parts of a data chunk that the source holds, so that
     /// unallocated stays unallocated, each into space reserved just before
-    /// (see [`crate::io::preallocate`]: ext4 then skips its per-page
+    /// (see [`vsnap_formats::storage::preallocate`]: ext4 then skips its per-page
     /// delayed allocation).
     fn write(&self, image: usize, start: u64, data: &[u8]) -> Result<()> {
         let (Some(target), Some(map)) = (self.targets.get(image), self.maps.get(image)) else {
@@ -479,7 +479,7 @@ fn open_target(
     let size = image.virtual_size();
     let source_footer = image.vhd_footer();
     let create_flat = |len: u64| -> Result<File> {
-        let f = crate::io::create_new(tmp).ctx_file(tmp, "create copy")?;
+        let f = vsnap_formats::storage::create_new(tmp).ctx_file(tmp, "create copy")?;
         f.set_len(len).ctx_file(tmp, "size copy")?;
         Ok(f)
     };
@@ -502,7 +502,7 @@ fn open_target(
         TargetFormat::DynamicVhd => {
             let block_size = image
                 .block_size()
-                .filter(|&b| b >= crate::format::vhd::create::MIN_BLOCK_SIZE)
+                .filter(|&b| b >= vsnap_formats::vhd::create::MIN_BLOCK_SIZE)
                 .unwrap_or(DEFAULT_BLOCK_SIZE);
             // Keep the source's identity (unique id, geometry, creator,
             // timestamp) when it is a VHD; a raw source gets a new one.
@@ -576,7 +576,7 @@ pub fn copy_images(
     let maps = images
         .iter()
         .map(|i| i.allocation_map())
-        .collect::<Result<Vec<_>>>()?;
+        .collect::<vsnap_formats::Result<Vec<_>>>()?;
     let mut targets: Vec<Target> = Vec::new();
     let outcome = (|| {
         for ((image, map), spec) in images.iter().zip(&maps).zip(specs) {

@@ -11,7 +11,7 @@
 
 use crate::digest::{FileTree, Span};
 use crate::error::Result;
-use crate::format::layered::PlacedFile;
+use vsnap_formats::layered::PlacedFile;
 
 /// A block-structured target's file: the bytes before the first block,
 /// then each placed block (after its own per-block header, a VHD's sector

@@ -12,8 +12,8 @@ use super::source::{data_bytes, read_chunk, LayerFiles};
 use super::{ChunkKind, Options, Progress, Stored};
 use crate::digest::{is_zero, DigestPlan, Folder, Leaf};
 use crate::error::Result;
-use crate::format::{AllocationMap, DiskImage};
 use crate::io::{probe, Engine, IoKind};
+use vsnap_formats::{AllocationMap, DiskImage};
 
 /// One chunk of a disk, as the engine saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -453,7 +453,7 @@ pub fn hash_images(
     let maps = images
         .iter()
         .map(|i| i.allocation_map())
-        .collect::<Result<Vec<_>>>()?;
+        .collect::<vsnap_formats::Result<Vec<_>>>()?;
     run(images, &maps, opts, progress, &NoSink)
 }
 

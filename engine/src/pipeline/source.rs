@@ -7,8 +7,8 @@ use std::path::PathBuf;
 
 use super::pool::Buffer;
 use crate::error::{ErrorKind, Result, ResultExt};
-use crate::format::{AllocationMap, DiskImage, ExtentKind};
 use crate::io::{open_for_read, Engine, ReadOp};
+use vsnap_formats::{AllocationMap, DiskImage, ExtentKind};
 
 /// How many bytes of `[offset, offset + len)` are data, so must be read.
 pub(super) fn data_bytes(map: &AllocationMap, offset: u64, len: u64) -> u64 {

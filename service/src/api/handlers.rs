@@ -363,7 +363,7 @@ pub async fn verify(
     if let Some(bad) = body
         .snapshots
         .iter()
-        .find(|s| vsnap_engine::repo::validate::snapshot_id_rule(s).is_some())
+        .find(|s| vsnap_repo::validate::snapshot_id_rule(s).is_some())
     {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,

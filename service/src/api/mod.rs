@@ -40,7 +40,7 @@ pub struct Api {
     pub zone: Zone,
     /// The repository's usage, and when it was measured: a walk of the
     /// chunk store, done at most every [`USAGE_TTL`].
-    pub usage: tokio::sync::Mutex<Option<(std::time::Instant, vsnap_engine::repo::Usage)>>,
+    pub usage: tokio::sync::Mutex<Option<(std::time::Instant, vsnap_repo::Usage)>>,
 }
 
 /// How long a measure of the repository's usage serves `/metrics`.

@@ -38,7 +38,7 @@ use serde::Deserialize;
 use toml::Spanned;
 use vsnap_coordinator::inventory::{Inventory, Vm, VmEntry};
 use vsnap_coordinator::provider::Choice;
-use vsnap_engine::repo::retention::{KeepPolicy, Within};
+use vsnap_repo::retention::{KeepPolicy, Within};
 
 use crate::calendar::Calendar;
 use crate::error::{ErrorKind, Result};

@@ -1,0 +1,288 @@
+//! gc of a repository in a bucket, while other hosts back up into it:
+//! no lock, only leases, server times and two steps a grace period apart.
+//!
+//! **The danger.** A backup that meets a chunk a pack index lists reuses
+//! it, and only names it in its manifest at the end. A pack that gc finds
+//! unreferenced may so still be referenced by a backup running now.
+//!
+//! **The rule.** A run of gc, at server time `now`:
+//! 1. *Marks* every chunk and index the manifests name. A manifest it
+//!    cannot read stops it: deleting with a snapshot unread would delete
+//!    that snapshot's chunks.
+//! 2. *Deletes* the packs of every earlier condemnation written at `T`
+//!    when `now - T` is at least the grace period and no live lease began
+//!    at or before `T + 1 s` (S3 times have whole seconds): every backup
+//!    that could have reused them has ended, and its manifest was marked.
+//!    A pack that holds the only copy of a chunk the mark found (a backup
+//!    reused it before the condemnation) is spared. The pack indexes
+//!    that listed the deleted packs are rewritten without them first, so
+//!    no index ever names a pack that is gone.
+//! 3. *Repacks and condemns.* The indexed packs uploaded at least the
+//!    grace period ago whose marked chunks fill less than
+//!    `--repack-below` of them have those chunks copied into new packs,
+//!    indexed ([`super::bucket_repack`]). Then they and the packs with no
+//!    chunk marked are condemned: a list under `condemned/` that backups
+//!    read when they start, and whose packs they then never reuse.
+//! 4. *Removes* packs no pack index lists (a backup that died before
+//!    indexing them) and disk indexes no manifest names, when older than
+//!    the grace period and older than every live lease's start: a running
+//!    backup's own uploads are younger than its lease.
+//! 5. *Sweeps* the changed-block-tracking clones of this host's backups
+//!    that died before their commit, as a directory's gc does: a running
+//!    backup holds its clone locked, and a clone is removed only if,
+//!    locked by gc, no manifest read after the lock records it
+//!    ([`crate::bases::sweep_bases`]).
+//!
+//! A lease is live while rewritten within [`super::lease::STALE`].
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, SystemTime};
+
+use super::bucket::{self, Bucket, Record, CONDEMNED, CONDEMNED_LIMIT, PACKS, PACK_INDEXES};
+use super::gc::GcReport;
+use super::lease::{self, Lease};
+use super::Repository;
+use crate::error::{Error, ErrorKind, Result};
+
+use super::bucket_known::{self, BAD, BAD_LIMIT};
+use super::bucket_repack::{self, Indexed};
+
+/// S3 times have whole seconds: a lease that began in the same second as
+/// a condemnation counts as begun before it.
+const CLOCK_GRAIN: Duration = Duration::from_secs(1);
+
+pub(super) fn gc(repo: &Repository, b: &Bucket, opts: &super::GcOptions) -> Result<GcReport> {
+    let grace = opts.grace;
+    let store = b.store();
+    let own = Lease::take(b.shared_store(), "gc")?;
+    let now = own.started;
+    let (leases, stale) = lease::read(store, now)?;
+    let others: Vec<&lease::Live> = leases.iter().filter(|l| l.key != own.key()).collect();
+    let oldest = others.iter().map(|l| l.started).min();
+    let mut report = GcReport::default();
+
+    // 1. Mark.
+    let marked = super::gc::mark(repo)?;
+    report.snapshots = marked.snapshots;
+    let (chunks, indexes, bases) = (marked.chunks, marked.indexes, marked.bases);
+
+    // What the bucket holds: packs, and which pack index lists each.
+    let objects: HashMap<String, (u64, SystemTime)> = store
+        .list(PACKS)?
+        .into_iter()
+        .filter_map(|o| Some((o.key.strip_prefix(PACKS)?.to_owned(), (o.size, o.modified))))
+        .collect();
+    let mut pack_indexes: Vec<(String, Vec<Indexed>)> = Vec::new();
+    for o in store.list(PACK_INDEXES)? {
+        let Some(hex) = o.key.strip_prefix(PACK_INDEXES) else {
+            continue;
+        };
+        let path = b.display(&o.key);
+        // A pack index gc cannot read leaves its packs' fate unknown:
+        // they would look unindexed, and be removed. gc stops instead.
+        let records = b
+            .read_pack_index(hex, o.size)
+            .and_then(|bytes| bucket::pack_index_records(&bytes).map_err(|e| e.in_file(&path)))
+            .map_err(|e| e.during("gc: read every pack index"))?;
+        pack_indexes.push((o.key, records));
+    }
+    let mut live_packs: HashMap<String, bool> = HashMap::new();
+    for (_, records) in &pack_indexes {
+        for (r, entries) in records {
+            let live = entries.iter().any(|e| chunks.contains(&e.id));
+            *live_packs.entry(r.name.to_hex().to_string()).or_default() |= live;
+        }
+    }
+    // Strictly older than `now` by a whole grain too: an object of gc's
+    // own second may be a backup's that began after gc read the leases.
+    let old_enough = |t: SystemTime| t + grace + CLOCK_GRAIN <= now;
+    let before_every_lease = |t: SystemTime| oldest.is_none_or(|o| t + CLOCK_GRAIN < o);
+
+    // 2. Delete what earlier runs condemned, where the rule allows.
+    let mut condemned_before: HashSet<String> = HashSet::new();
+    let mut doomed: HashSet<String> = HashSet::new();
+    let mut done: Vec<String> = Vec::new();
+    for l in b.read_listed(CONDEMNED, CONDEMNED_LIMIT, bucket::parse_condemned)? {
+        // An unreadable list condemns nothing: it is removed, and its
+        // packs are judged again by this run.
+        let Ok(packs) = l.items else {
+            done.push(l.key);
+            continue;
+        };
+        let names: Vec<String> = packs.iter().map(|p| p.to_hex().to_string()).collect();
+        let settled =
+            old_enough(l.modified) && others.iter().all(|o| o.started > l.modified + CLOCK_GRAIN);
+        if settled {
+            doomed.extend(names);
+            done.push(l.key);
+        } else {
+            report.packs_waiting += names.len() as u64;
+            condemned_before.extend(names);
+        }
+    }
+
+    // Only a pack that is there holds a chunk: a record of a pack gone
+    // missing is damage for verify, never a copy to rely on.
+    let present = |keep: &dyn Fn(&str) -> bool| -> Vec<(String, Vec<Indexed>)> {
+        pack_indexes
+            .iter()
+            .map(|(key, records)| {
+                let kept = records
+                    .iter()
+                    .filter(|(r, _)| {
+                        let n = r.name.to_hex();
+                        objects.contains_key(n.as_str()) && keep(n.as_str())
+                    })
+                    .cloned()
+                    .collect();
+                (key.clone(), kept)
+            })
+            .collect()
+    };
+    // The copies verify recorded as bad, which never count as a chunk's
+    // copy elsewhere. An unreadable record is dropped, as an unreadable
+    // condemnation is: it only stood for copies to store again.
+    let mut bad = bucket_repack::BadCopies::new();
+    let mut bad_records: Vec<(String, Vec<(blake3::Hash, blake3::Hash)>)> = Vec::new();
+    for l in b.read_listed(BAD, BAD_LIMIT, bucket_known::parse_bad)? {
+        let pairs = l.items.unwrap_or_default();
+        bad.extend(pairs.iter().copied());
+        bad_records.push((l.key, pairs));
+    }
+    // A condemned pack that holds the only sound copy of a chunk the mark
+    // found (a backup reused it before the condemnation) is spared.
+    let doomed = bucket_repack::deletable(doomed, &present(&|_| true), &chunks, &bad);
+
+    // The pack indexes that list a doomed pack are rewritten without it,
+    // into one new pack index, before any pack goes.
+    let mut keep: Vec<Record> = Vec::new();
+    let mut rewritten: Vec<String> = Vec::new();
+    for (key, records) in &pack_indexes {
+        if records
+            .iter()
+            .any(|(r, _)| doomed.contains(r.name.to_hex().as_str()))
+        {
+            keep.extend(
+                records
+                    .iter()
+                    .filter(|(r, _)| !doomed.contains(r.name.to_hex().as_str()))
+                    .map(|(r, _)| r.clone()),
+            );
+            rewritten.push(key.clone());
+        }
+    }
+    // Two hosts that stored the same chunks in the same order made the
+    // same pack, and each listed it: it is written once.
+    let mut seen = HashSet::new();
+    keep.retain(|r| seen.insert(r.name));
+    if !keep.is_empty() {
+        let bytes = bucket::encode_pack_index(&keep);
+        let key = format!("{PACK_INDEXES}{}", blake3::hash(&bytes).to_hex());
+        store.put_new(&key, bytes)?;
+    }
+    for key in &rewritten {
+        store.delete(key)?;
+        report.pack_indexes_rewritten += 1;
+    }
+    for n in &doomed {
+        if let Some((size, _)) = objects.get(n) {
+            store.delete(&format!("{PACKS}{n}"))?;
+            report.packs_removed += 1;
+            report.bytes_freed += size;
+        }
+    }
+    for key in &done {
+        store.delete(key)?;
+    }
+    // Records of bad copies whose packs are all gone.
+    for (key, pairs) in &bad_records {
+        let gone = |p: &blake3::Hash| {
+            let n = p.to_hex();
+            !objects.contains_key(n.as_str()) || doomed.contains(n.as_str())
+        };
+        if pairs.iter().all(|(p, _)| gone(p)) {
+            store.delete(key)?;
+        }
+    }
+
+    // 3. Repack the mostly dead, then condemn them with the dead packs
+    // not yet condemned.
+    let eligible = |n: &str| {
+        !doomed.contains(n)
+            && !condemned_before.contains(n)
+            && objects.get(n).is_some_and(|(_, t)| old_enough(*t))
+    };
+    // Judged by the packs that outlive this run's deletions.
+    let surviving = present(&|n| !doomed.contains(n));
+    let repacked = bucket_repack::repack(
+        b,
+        repo.config().chunk_size,
+        &surviving,
+        &chunks,
+        &bad,
+        opts.repack_below,
+        eligible,
+    )?;
+    report.packs_repacked = repacked.packs.len() as u64;
+    report.chunks_repacked = repacked.chunks;
+    report.bytes_repacked = repacked.bytes;
+    let mut fresh: Vec<String> = live_packs
+        .iter()
+        .filter(|(n, live)| {
+            !**live
+                && !doomed.contains(*n)
+                && !condemned_before.contains(*n)
+                && objects.get(*n).is_some_and(|(_, t)| old_enough(*t))
+        })
+        .map(|(n, _)| n.clone())
+        .chain(repacked.packs)
+        .collect();
+    fresh.sort();
+    if !fresh.is_empty() {
+        report.packs_condemned = fresh.len() as u64;
+        let body = serde_json::to_vec(&bucket::Condemned { packs: fresh }).map_err(|e| {
+            Error::from(ErrorKind::InvalidArgument(format!(
+                "condemnation list: {e}"
+            )))
+        })?;
+        let key = format!("{CONDEMNED}{}.json", uuid::Uuid::new_v4().simple());
+        store.put_new(&key, body)?;
+    }
+
+    // 4. Unindexed packs and unnamed disk indexes, old and older than
+    // every running backup.
+    for (n, (size, t)) in &objects {
+        if live_packs.contains_key(n) {
+            continue;
+        }
+        if old_enough(*t) && before_every_lease(*t) {
+            store.delete(&format!("{PACKS}{n}"))?;
+            report.packs_removed += 1;
+            report.bytes_freed += size;
+        } else {
+            report.packs_young += 1;
+        }
+    }
+    for o in store.list("indexes/")? {
+        let name = o.key.strip_prefix("indexes/").unwrap_or_default();
+        if indexes.contains(name) {
+            continue;
+        }
+        if old_enough(o.modified) && before_every_lease(o.modified) {
+            store.delete(&o.key)?;
+            report.indexes_removed += 1;
+            report.bytes_freed += o.size;
+        }
+    }
+    for key in stale {
+        store.delete(&key)?;
+        report.stale_leases_removed += 1;
+    }
+    // 5. The clones of this host's backups that died before their commit.
+    report.bases_removed =
+        crate::bases::sweep_bases(repo, &bases, &|| super::gc::recorded_bases(repo))?;
+    report.chunks_kept = chunks.len() as u64;
+    report.running_backups = others.iter().filter(|l| l.kind == "backup").count() as u64;
+    drop(own);
+    Ok(report)
+}
