@@ -17,15 +17,10 @@ use vsnap_formats::vhd::{CreateOptions, DiskType};
 const CHUNK: usize = 4 << 20;
 
 fn random(len: usize) -> Vec<u8> {
-    let mut x = 0x9E37_79B9_7F4A_7C15u64;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
+    use rand::{Rng as _, SeedableRng};
+    let mut v = vec![0u8; len];
+    rand::rngs::SmallRng::seed_from_u64(0x9E37_79B9_7F4A_7C15).fill_bytes(&mut v);
+    v
 }
 
 fn text(len: usize) -> Vec<u8> {

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 use vsnap_engine::pipeline::Progress;
 use vsnap_repo::cbt::backup_files;
-use vsnap_repo::{BackupOptions, Consistency};
+use vsnap_repo::BackupOptions;
 
 use vsnap_coordinator::provider::Choice;
 
@@ -62,7 +62,7 @@ pub struct Args {
     /// together, snapshot every disk, thaw, then back the snapshots up,
     /// one snapshot per VM, labelled app- or crash-consistent.
     #[arg(long, value_name = "FILE")]
-    inventory: Option<PathBuf>,
+    pub inventory: Option<PathBuf>,
     /// With --inventory: only these VMs (repeatable).
     #[arg(long = "vm", value_name = "NAME", requires = "inventory")]
     pub vms: Vec<String>,
@@ -155,27 +155,14 @@ struct JsonBackup {
 pub fn check_chunk_size(args: &Args, repo: &vsnap_repo::Repository) -> Result<()> {
     let have = repo.config().chunk_size;
     match args.chunk_size {
-        Some(want) if want != have => Err(chunk_size_usage(want, have, repo.root())),
+        Some(want) if want != have => Err(crate::usage::chunk_size(want, have, repo.root())),
         _ => Ok(()),
     }
 }
 
-/// `--chunk-size WANT` against a repository of `have`: a usage error
-/// (exit 2) that says what to do, for plain and coordinated backups.
-pub fn chunk_size_usage(want: u64, have: u64, repo: &std::path::Path) -> anyhow::Error {
-    crate::usage::error(format!(
-        "--chunk-size {}: the repository {} uses chunks of {}, chosen at `vsnap repo init`; omit --chunk-size, or back up into a repository made with --chunk-size {}",
-        human(want),
-        repo.display(),
-        human(have),
-        human(want)
-    ))
-}
-
+/// `vsnap backup` of image files; with `--inventory`, `main` runs
+/// [`crate::coordinated`] instead.
 pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
-    if let Some(inv) = &args.inventory {
-        return crate::coordinated::run(args, inv, out);
-    }
     let name = args.name.clone().unwrap_or_default();
     let repo = args.repo.open()?;
     check_chunk_size(args, &repo)?;
@@ -183,12 +170,8 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
     args.engine.report_fallback();
     let progress = Progress::default();
     let spec = BackupOptions {
-        known: Default::default(),
-        vm: name,
-        host: vsnap_repo::host_name(),
-        consistency: Consistency::CrashConsistent,
-        freeze: None,
         level: args.level,
+        ..BackupOptions::crash_consistent(&name)
     };
     let outcome = args
         .output
@@ -206,12 +189,8 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
         .context("backup failed")?;
     args.engine.save_cache(&opts);
     let m = &outcome.manifest;
-    let read: u64 = m.disks.iter().map(|d| d.stats.bytes_read).sum();
-    let new_bytes: u64 = m.disks.iter().map(|d| d.stats.new_bytes).sum();
-    let data: u64 = m.disks.iter().map(|d| d.stats.data_chunks).sum();
-    let new_chunks: u64 = m.disks.iter().map(|d| d.stats.new_chunks).sum();
+    let totals = m.totals();
     let secs = outcome.duration.as_secs_f64().max(1e-9);
-    let size: u64 = m.disks.iter().map(|d| d.virtual_size).sum();
     let report = JsonBackup {
         snapshot: m.id.clone(),
         vm: m.vm.clone(),
@@ -233,11 +212,12 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
                 tracking: d.tracking.clone(),
             })
             .collect(),
-        bytes_read: read,
-        new_bytes,
-        dedup_ratio: (new_chunks > 0).then(|| data as f64 / new_chunks as f64),
+        bytes_read: totals.bytes_read,
+        new_bytes: totals.new_bytes,
+        dedup_ratio: (totals.new_chunks > 0)
+            .then(|| totals.data_chunks as f64 / totals.new_chunks as f64),
         duration_s: secs,
-        throughput_bytes_per_s: size as f64 / secs,
+        throughput_bytes_per_s: totals.virtual_bytes as f64 / secs,
     };
     if args.json {
         writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
@@ -275,9 +255,9 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
     writeln!(
         out,
         "read {}, stored {} new in {} chunk(s) ({dedup}), {:.2} s, {}/s",
-        human(read),
-        human(new_bytes),
-        new_chunks,
+        human(totals.bytes_read),
+        human(totals.new_bytes),
+        totals.new_chunks,
         secs,
         human(report.throughput_bytes_per_s as u64)
     )?;

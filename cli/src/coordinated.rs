@@ -10,11 +10,12 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use vsnap_coordinator::backup::{self, Plan, Report};
 use vsnap_coordinator::inventory::Inventory;
 use vsnap_coordinator::ErrorKind;
 use vsnap_engine::pipeline::Progress;
+use vsnap_repo::Repository;
 
 use crate::backup::Args;
 use crate::progress::ProgressArgs;
@@ -36,7 +37,7 @@ pub fn plan(args: &Args, inventory: &Path) -> Result<Plan> {
         // This binary guards qemu-ga guests' freezes (`vsnap __qga-guard`).
         guard: std::env::current_exe().ok(),
         track: !args.no_track,
-        ..Plan::new(vms, args.repo.repo.clone())
+        ..Plan::new(vms)
     })
 }
 
@@ -45,6 +46,7 @@ pub fn plan(args: &Args, inventory: &Path) -> Result<Plan> {
 /// (every guest thawed at once, no manifest); a second one quits at once.
 pub fn run_plan(
     plan: &Plan,
+    repo: &Repository,
     rt: Option<&tokio::runtime::Runtime>,
     output: &ProgressArgs,
 ) -> Result<Report> {
@@ -79,13 +81,11 @@ pub fn run_plan(
     };
     let progress = Progress::default();
     let report = output.run(&progress, || {
-        rt.block_on(backup::run(plan, &progress, Arc::clone(&cancel)))
+        rt.block_on(backup::run(plan, repo, &progress, Arc::clone(&cancel)))
     });
     handler.abort();
     let report = report.map_err(|e| match &e.kind {
-        ErrorKind::ChunkSize { repo, have, want } => {
-            crate::backup::chunk_size_usage(*want, *have, repo)
-        }
+        ErrorKind::ChunkSize { repo, have, want } => crate::usage::chunk_size(*want, *have, repo),
         ErrorKind::Engine(inner) => match inner.kind() {
             vsnap_repo::ErrorKind::Engine(k) => crate::engine_args::memory_usage(k),
             _ => None,
@@ -103,8 +103,14 @@ pub fn run_plan(
 
 pub fn run(args: &Args, inventory: &Path, out: &mut dyn Write) -> Result<ExitCode> {
     let plan = plan(args, inventory)?;
+    // Slow work first, before any guest is contacted: a repository that
+    // cannot be opened stops the backup here.
+    let repo = args
+        .repo
+        .open()
+        .context("coordinated backup failed before any guest was frozen")?;
     args.engine.report_fallback();
-    let report = run_plan(&plan, None, &args.output)?;
+    let report = run_plan(&plan, &repo, None, &args.output)?;
     if args.json {
         writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
     } else {

@@ -129,7 +129,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
     let inv = dir.join("inventory.toml");
     std::fs::write(&inv, inventory)?;
     let repo = dir.join("repo");
-    vsnap_repo::Repository::init(&repo, vsnap_repo::DEFAULT_CHUNK_SIZE)?;
+    let repository = vsnap_repo::Repository::init(&repo, vsnap_repo::DEFAULT_CHUNK_SIZE)?;
     // Let the applications write for a moment: there is something to hold.
     std::thread::sleep(Duration::from_millis(200));
 
@@ -137,12 +137,12 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
         out,
         "coordinated backup: prepare, freeze all, snapshot, thaw, stream",
     )?;
-    let plan = Plan::new(Inventory::load(&inv)?.vms, repo.clone());
+    let plan = Plan::new(Inventory::load(&inv)?.vms);
     let quiet = ProgressArgs {
         progress: ProgressArg::None,
         quiet: true,
     };
-    let report = crate::coordinated::run_plan(&plan, None, &quiet)?;
+    let report = crate::coordinated::run_plan(&plan, &repository, None, &quiet)?;
     crate::coordinated::print_report(&report, out)?;
     if report
         .session

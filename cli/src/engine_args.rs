@@ -1,7 +1,5 @@
 //! The engine's tuning flags, shared by every command that streams images.
 
-use std::path::PathBuf;
-
 use clap::ValueEnum;
 use vsnap_engine::io::{probe, IoMode};
 use vsnap_engine::pipeline::{Options, Tuning};
@@ -46,16 +44,6 @@ pub struct EngineArgs {
     pub no_cache: bool,
 }
 
-fn cache_dir() -> Option<PathBuf> {
-    if let Some(d) = std::env::var_os("VSNAP_CACHE_DIR") {
-        return Some(PathBuf::from(d));
-    }
-    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
-        return Some(PathBuf::from(d).join("vsnap"));
-    }
-    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/vsnap"))
-}
-
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum IoArg {
     Auto,
@@ -77,7 +65,9 @@ impl EngineArgs {
             },
             direct: self.direct,
             queue_depth: self.queue_depth,
-            cache_dir: (!self.no_cache).then(cache_dir).flatten(),
+            cache_dir: (!self.no_cache)
+                .then(vsnap_engine::pipeline::cache_dir)
+                .flatten(),
         }
     }
 

@@ -163,7 +163,10 @@ fn main() -> ExitCode {
         Command::Hash(args) => hash::run(&args, &mut out),
         Command::Copy(args) => copy::run(&args, &mut out),
         Command::Repo(cmd) => repo::run_repo(&cmd, &mut out),
-        Command::Backup(args) => backup::run(&args, &mut out),
+        Command::Backup(args) => match &args.inventory {
+            Some(inv) => coordinated::run(&args, inv, &mut out),
+            None => backup::run(&args, &mut out),
+        },
         Command::Snapshots(args) => repo::run_snapshots(&args, &mut out),
         Command::Restore(args) => restore::run(&args, &mut out),
         Command::Verify(args) => verify::run(&args, &mut out),

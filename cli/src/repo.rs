@@ -253,15 +253,8 @@ pub fn run_forget(args: &ForgetArgs, out: &mut dyn Write) -> Result<ExitCode> {
         yearly: args.keep_yearly.unwrap_or(0),
         within: args.keep_within,
     };
-    let planned = retention::plan(&repo, &policy, &args.vms)?;
-    let remove: Vec<String> = planned
-        .iter()
-        .filter(|p| !p.keep)
-        .map(|p| p.id.clone())
-        .collect();
-    if !args.dry_run && !remove.is_empty() {
-        vsnap_repo::forget(&repo, &remove)?;
-    }
+    let planned = retention::forget_by_policy(&repo, &policy, &args.vms, args.dry_run)?;
+    let removed = planned.iter().filter(|p| !p.keep).count();
     if args.json {
         writeln!(out, "{}", serde_json::to_string_pretty(&planned)?)?;
         return Ok(ExitCode::SUCCESS);
@@ -277,8 +270,8 @@ pub fn run_forget(args: &ForgetArgs, out: &mut dyn Write) -> Result<ExitCode> {
     writeln!(
         out,
         "{} kept, {} {}",
-        planned.len() - remove.len(),
-        remove.len(),
+        planned.len() - removed,
+        removed,
         if args.dry_run {
             "would be removed (dry run)"
         } else {

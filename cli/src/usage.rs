@@ -3,6 +3,8 @@
 
 use std::fmt;
 
+use crate::units::human;
+
 /// A command line that cannot work, with what to change.
 #[derive(Debug)]
 pub struct UsageError(pub String);
@@ -23,4 +25,16 @@ pub fn error(message: String) -> anyhow::Error {
 pub fn is_usage(err: &anyhow::Error) -> bool {
     err.chain()
         .any(|e| e.downcast_ref::<UsageError>().is_some())
+}
+
+/// `--chunk-size WANT` against a repository of `have`: a usage error
+/// (exit 2) that says what to do, for plain and coordinated backups.
+pub fn chunk_size(want: u64, have: u64, repo: &std::path::Path) -> anyhow::Error {
+    error(format!(
+        "--chunk-size {}: the repository {} uses chunks of {}, chosen at `vsnap repo init`; omit --chunk-size, or back up into a repository made with --chunk-size {}",
+        human(want),
+        repo.display(),
+        human(have),
+        human(want)
+    ))
 }

@@ -7,6 +7,7 @@
 //! The CLI, `vsnap demo`, `vsnap bench freeze` and the service all run
 //! backups through [`run`]; what they print is theirs.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -15,7 +16,9 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use vsnap_engine::pipeline::{Progress, Tuning};
 use vsnap_repo::cbt::Tracked;
-use vsnap_repo::{backup_all, disk_names, BackupOptions, Manifest, Repository, SnapshotPlan};
+use vsnap_repo::{
+    backup_all, disk_names, BackupOptions, Manifest, Repository, SnapshotPlan, Totals,
+};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::inventory::Vm;
@@ -27,7 +30,6 @@ use crate::session::{self, VmSnapshot};
 pub struct Plan {
     /// The VMs, in the order the report lists them.
     pub vms: Vec<Vm>,
-    pub repo: PathBuf,
     /// The chunk size the caller expects; a repository with another is
     /// refused ([`ErrorKind::ChunkSize`]). `None` takes the repository's.
     pub chunk_size: Option<u64>,
@@ -54,10 +56,9 @@ pub struct Plan {
 
 impl Plan {
     /// A plan with the defaults of `vsnap backup --inventory`.
-    pub fn new(vms: Vec<Vm>, repo: PathBuf) -> Plan {
+    pub fn new(vms: Vec<Vm>) -> Plan {
         Plan {
             vms,
-            repo,
             chunk_size: None,
             window: Duration::from_secs(10),
             provider: Choice::Auto,
@@ -88,6 +89,9 @@ pub struct Report {
     #[serde(flatten)]
     pub session: session::Report,
     pub streamed: Streamed,
+    /// Each VM's committed snapshot's totals, by VM name.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub totals: BTreeMap<String, Totals>,
     /// What did not stop the backup but should be said (a zero-leaf cache
     /// that could not be saved).
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -119,14 +123,18 @@ impl Report {
 /// means nothing was frozen; an abort after the guests were touched is a
 /// [`Report`] whose session says why. Needs a multi-threaded tokio
 /// runtime: the engine's work runs in `block_in_place`.
-pub async fn run(plan: &Plan, progress: &Progress, cancel: Arc<AtomicBool>) -> Result<Report> {
+pub async fn run(
+    plan: &Plan,
+    repo: &Repository,
+    progress: &Progress,
+    cancel: Arc<AtomicBool>,
+) -> Result<Report> {
     // Slow work first: the repository is open, and each VM's last
     // snapshot's chunks are known, before any guest freezes.
-    let repo = vsnap_s3::open(&plan.repo)?;
     let have = repo.config().chunk_size;
     if let Some(want) = plan.chunk_size.filter(|&w| w != have) {
         return Err(ErrorKind::ChunkSize {
-            repo: plan.repo.clone(),
+            repo: repo.root().to_path_buf(),
             have,
             want,
         }
@@ -139,6 +147,7 @@ pub async fn run(plan: &Plan, progress: &Progress, cancel: Arc<AtomicBool>) -> R
         .options(false, have)
         .map_err(vsnap_repo::Error::from)?;
     let host = vsnap_repo::host_name();
+    let mut totals = BTreeMap::new();
     let mut streamed = Streamed {
         preloaded_chunks: preloaded.known.values().map(|k| k.len() as u64).sum(),
         ..Streamed::default()
@@ -159,7 +168,7 @@ pub async fn run(plan: &Plan, progress: &Progress, cancel: Arc<AtomicBool>) -> R
             // Each VM's snapshots as the preload listed them, before the
             // freeze.
             let history = preloaded.history.get(&it.vm).map_or(&[][..], Vec::as_slice);
-            match open_disks(&repo, history, it, plan.track) {
+            match open_disks(repo, history, it, plan.track) {
                 Ok(disks) => {
                     opened.push(disks);
                     which.push(k);
@@ -195,19 +204,18 @@ pub async fn run(plan: &Plan, progress: &Progress, cancel: Arc<AtomicBool>) -> R
             .collect();
         let mut committed = vec![false; opened.len()];
         if !plans.is_empty() {
-            match backup_all(&repo, &plans, &opts, progress, &|_, _| {}) {
+            match backup_all(repo, &plans, &opts, progress, &|_, _| {}) {
                 Ok(outcomes) => {
                     for ((&k, outcome), done) in which.iter().zip(outcomes).zip(&mut committed) {
                         *done = outcome.is_ok();
                         results[k] = Some(match outcome {
                             Ok(o) => {
-                                for d in &o.manifest.disks {
-                                    streamed.virtual_bytes += d.virtual_size;
-                                    streamed.bytes_read += d.stats.bytes_read;
-                                    streamed.new_bytes += d.stats.new_bytes;
-                                    streamed.reused_chunks +=
-                                        d.tracking.as_ref().map_or(0, |t| t.reused_cells);
-                                }
+                                let t = o.manifest.totals();
+                                streamed.virtual_bytes += t.virtual_bytes;
+                                streamed.bytes_read += t.bytes_read;
+                                streamed.new_bytes += t.new_bytes;
+                                streamed.reused_chunks += t.reused_chunks;
+                                totals.insert(o.manifest.vm.clone(), t);
                                 Ok(o.manifest.id)
                             }
                             Err(e) => Err(e.to_string()),
@@ -255,6 +263,7 @@ pub async fn run(plan: &Plan, progress: &Progress, cancel: Arc<AtomicBool>) -> R
     Ok(Report {
         session,
         streamed,
+        totals,
         warnings,
     })
 }

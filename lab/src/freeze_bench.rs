@@ -227,6 +227,7 @@ fn measure(
 ) -> Result<()> {
     let (study, rt, stop, epoch) = (b.study, b.rt, b.stop, b.epoch);
     let vms = Inventory::load(inventory).map_err(Box::new)?.vms;
+    let repository = vsnap_repo::Repository::open(repo)?;
     for &provider in &study.providers {
         for round in 0..study.rounds {
             std::thread::sleep(study.pause);
@@ -241,13 +242,14 @@ fn measure(
                 // so that rounds and providers stream alike and only the
                 // snapshot differs.
                 track: false,
-                ..Plan::new(vms.clone(), repo.to_path_buf())
+                ..Plan::new(vms.clone())
             };
             let started = epoch.elapsed();
             let progress = Progress::default();
             let report = rt
                 .block_on(vsnap_coordinator::backup::run(
                     &plan,
+                    &repository,
                     &progress,
                     Arc::clone(stop),
                 ))

@@ -17,7 +17,6 @@
 //! Only filesystems the lab made are ever frozen.
 
 pub mod demo;
-pub mod fault_proxy;
 pub mod freeze_bench;
 pub mod guests;
 pub mod loopfs;

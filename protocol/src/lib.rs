@@ -18,6 +18,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub use error::{Error, ErrorKind, Result};
+
+/// A connection to a peer, whatever carries it (unix, vsock, TCP, a
+/// virtio-serial port): defined here, below both the transports that make
+/// one and the serial port's session loop that serves one.
+pub trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
+pub type BoxStream = Box<dyn Stream>;
 pub use replies::*;
 
 /// A duration in whole µs, the unit of every timing the protocol and the

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::transport::BoxStream;
+use crate::BoxStream;
 use crate::MAX_LINE;
 
 /// How long the reader waits after the host end hung up before it reads

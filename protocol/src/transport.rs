@@ -7,7 +7,7 @@
 use std::fmt;
 use std::path::PathBuf;
 
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::MAX_LINE;
@@ -108,9 +108,7 @@ impl fmt::Display for Endpoint {
     }
 }
 
-pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
-pub type BoxStream = Box<dyn Stream>;
+pub use crate::{BoxStream, Stream};
 
 pub enum Listener {
     Unix(tokio::net::UnixListener, PathBuf),

@@ -29,6 +29,21 @@ pub struct BackupOptions {
     pub known: HashSet<blake3::Hash>,
 }
 
+impl BackupOptions {
+    /// A backup of VM `vm` from this host, taken as it stands (no guest
+    /// quiesced), at zstd level 1: what `vsnap backup FILE…` does.
+    pub fn crash_consistent(vm: &str) -> BackupOptions {
+        BackupOptions {
+            vm: vm.to_owned(),
+            host: super::host_name(),
+            consistency: Consistency::CrashConsistent,
+            freeze: None,
+            level: 1,
+            known: HashSet::new(),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct BackupOutcome {
     pub manifest: Manifest,

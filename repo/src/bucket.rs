@@ -151,6 +151,17 @@ impl Bucket {
         }
     }
 
+    /// A bucket handle over the same connection and cache that knows
+    /// nothing yet: it reads the lists and pack indexes afresh, and has
+    /// its own uploads.
+    pub(super) fn fresh(&self) -> Bucket {
+        Bucket::new(
+            self.shared_store(),
+            self.packer.pack_size(),
+            self.cache.clone(),
+        )
+    }
+
     pub(super) fn store(&self) -> &dyn ObjectStore {
         &*self.store
     }

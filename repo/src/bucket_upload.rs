@@ -86,6 +86,10 @@ pub(super) struct Uploader {
 }
 
 impl Uploader {
+    pub(super) fn pack_size(&self) -> u64 {
+        self.pack_size
+    }
+
     pub(super) fn new(
         store: Arc<dyn ObjectStore>,
         pack_size: u64,

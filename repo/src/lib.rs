@@ -31,6 +31,7 @@ mod gc;
 pub mod index;
 mod lease;
 pub mod manifest;
+pub mod mem_store;
 pub mod objects;
 pub mod pack;
 mod readahead;
@@ -64,7 +65,9 @@ pub use backup::{
 pub use freeze::{Failure, FreezeRecord, GuestMetrics, Writer};
 pub use gc::{forget, gc, GcOptions, GcReport, DEFAULT_GRACE, DEFAULT_REPACK_BELOW};
 pub use index::{Entry, Index};
-pub use manifest::{BaseRecord, Consistency, Disk, DiskStats, Identity, Manifest, Tracking};
+pub use manifest::{
+    BaseRecord, Consistency, Disk, DiskStats, Identity, Manifest, Totals, Tracking,
+};
 
 pub use error::{Error, ErrorKind, Result};
 
@@ -270,6 +273,31 @@ impl Repository {
             config,
             stored: Mutex::default(),
         }
+    }
+
+    /// A handle of its own for one run (a backup, a verify), over this
+    /// handle's connection and configuration.
+    ///
+    /// A process that keeps one handle open (the service) takes one per
+    /// run. In a bucket, what a handle knows (condemnations, bad copies,
+    /// pack indexes) is read once, under its first operation's lease, and
+    /// bucket gc relies on every backup knowing every condemnation older
+    /// than its lease; a failed pack upload also fails every later write
+    /// of its handle. A session reads all of that afresh, and fails alone.
+    /// It costs no new client: the connection is shared.
+    pub fn session(&self) -> Result<Repository> {
+        let backing = match &self.backing {
+            Backing::Dir(tree) => {
+                Backing::Dir(tree.try_clone().ctx_file(&self.root, "open repository")?)
+            }
+            Backing::Bucket(b) => Backing::Bucket(Box::new(b.fresh())),
+        };
+        Ok(Repository {
+            root: self.root.clone(),
+            backing,
+            config: self.config.clone(),
+            stored: Mutex::default(),
+        })
     }
 
     /// Whether this repository is in object storage.

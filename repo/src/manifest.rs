@@ -121,6 +121,33 @@ pub struct DiskStats {
     pub new_bytes: u64,
 }
 
+/// What a snapshot's disks add up to: the figures every report of a
+/// backup gives (the CLI's, the coordinator's per VM, the service's runs),
+/// summed in one place.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Totals {
+    pub virtual_bytes: u64,
+    pub bytes_read: u64,
+    pub data_chunks: u64,
+    /// Chunks this backup stored, and their bytes as stored.
+    pub new_chunks: u64,
+    pub new_bytes: u64,
+    /// Cells changed-block tracking found unchanged and took unread.
+    pub reused_chunks: u64,
+}
+
+impl Totals {
+    /// Adds another snapshot's totals, for a run over many VMs.
+    pub fn add(&mut self, other: &Totals) {
+        self.virtual_bytes += other.virtual_bytes;
+        self.bytes_read += other.bytes_read;
+        self.data_chunks += other.data_chunks;
+        self.new_chunks += other.new_chunks;
+        self.new_bytes += other.new_bytes;
+        self.reused_chunks += other.reused_chunks;
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Disk {
     /// How the disk is named in `SNAPSHOT:DISK`: the source's file name.
@@ -196,6 +223,22 @@ pub fn unhex(s: &str) -> Option<Vec<u8>> {
 }
 
 impl Manifest {
+    /// Its disks' figures, added up.
+    pub fn totals(&self) -> Totals {
+        let mut t = Totals::default();
+        for d in &self.disks {
+            t.add(&Totals {
+                virtual_bytes: d.virtual_size,
+                bytes_read: d.stats.bytes_read,
+                data_chunks: d.stats.data_chunks,
+                new_chunks: d.stats.new_chunks,
+                new_bytes: d.stats.new_bytes,
+                reused_chunks: d.tracking.as_ref().map_or(0, |t| t.reused_cells),
+            });
+        }
+        t
+    }
+
     /// The file's bytes, with the self-digest filled in.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let mut m = self.clone();

@@ -252,6 +252,28 @@ pub struct Planned {
     pub reasons: Vec<String>,
 }
 
+/// Applies `policy` to `repo` (the VMs in `vms`, or all): forgets what it
+/// does not keep, unless `dry_run`, and returns the whole plan, kept and
+/// removed. The one way both `vsnap forget --keep-*` and the service's
+/// retention run it.
+pub fn forget_by_policy(
+    repo: &super::Repository,
+    policy: &KeepPolicy,
+    vms: &[String],
+    dry_run: bool,
+) -> Result<Vec<Planned>> {
+    let planned = plan(repo, policy, vms)?;
+    let remove: Vec<String> = planned
+        .iter()
+        .filter(|p| !p.keep)
+        .map(|p| p.id.clone())
+        .collect();
+    if !dry_run && !remove.is_empty() {
+        super::forget(repo, &remove)?;
+    }
+    Ok(planned)
+}
+
 /// What `policy` keeps and removes in `repo`, VM by VM (only the VMs in
 /// `vms`, when it names any), periods in this host's local time. A
 /// snapshot whose manifest cannot be read is in no plan: forget never

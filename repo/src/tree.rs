@@ -88,6 +88,14 @@ impl Tree {
     }
 
     /// The path of `rel`, for messages.
+    /// The same directory, through a descriptor of its own.
+    pub(super) fn try_clone(&self) -> std::io::Result<Tree> {
+        Ok(Tree {
+            root: self.root.try_clone()?,
+            path: self.path.clone(),
+        })
+    }
+
     pub(super) fn display(&self, rel: &str) -> PathBuf {
         if rel.is_empty() {
             self.path.clone()

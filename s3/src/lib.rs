@@ -76,19 +76,6 @@ impl Location {
     }
 }
 
-/// Where this host caches pack indexes: `$VSNAP_CACHE_DIR`, else
-/// `$XDG_CACHE_HOME/vsnap`, else `~/.cache/vsnap`; `None` without a home.
-pub fn cache_dir() -> Option<PathBuf> {
-    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
-    if let Some(d) = var("VSNAP_CACHE_DIR") {
-        return Some(PathBuf::from(d));
-    }
-    if let Some(d) = var("XDG_CACHE_HOME") {
-        return Some(PathBuf::from(d).join("vsnap"));
-    }
-    var("HOME").map(|h| PathBuf::from(h).join(".cache").join("vsnap"))
-}
-
 fn connect(bucket: &str, prefix: &str) -> Result<Arc<dyn ObjectStore>> {
     Ok(Arc::new(S3Store::connect(bucket, prefix)?))
 }
@@ -97,9 +84,10 @@ fn connect(bucket: &str, prefix: &str) -> Result<Arc<dyn ObjectStore>> {
 pub fn open(location: &Path) -> Result<Repository> {
     match Location::parse(location)? {
         Location::Dir(d) => Repository::open(&d),
-        Location::S3 { bucket, prefix } => {
-            Repository::open_bucket(connect(&bucket, &prefix)?, cache_dir().as_deref())
-        }
+        Location::S3 { bucket, prefix } => Repository::open_bucket(
+            connect(&bucket, &prefix)?,
+            vsnap_engine::pipeline::cache_dir().as_deref(),
+        ),
     }
 }
 
@@ -112,7 +100,7 @@ pub fn init(location: &Path, chunk_size: u64, pack_size: u64) -> Result<Reposito
             connect(&bucket, &prefix)?,
             chunk_size,
             pack_size,
-            cache_dir().as_deref(),
+            vsnap_engine::pipeline::cache_dir().as_deref(),
         ),
     }
 }

@@ -10,7 +10,7 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::config::Notify;
-use crate::runner::Service;
+use crate::core::Service;
 
 /// How long one attempt may take, connect to answer.
 const ATTEMPT: Duration = Duration::from_secs(10);

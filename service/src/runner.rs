@@ -3,100 +3,20 @@
 //! so that a panic fails that run and not the service, progress written to
 //! the state as it goes, and the retention and gc that follow a backup.
 
-use std::collections::HashMap;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use vsnap_engine::pipeline::Progress;
 
-use crate::config::{Config, Job, VerifyJob};
 use crate::error::{ErrorKind, Result};
-use crate::state::{RunState, State, Trigger, VmResult};
+use crate::state::Trigger;
 
-/// A run in progress.
-#[derive(Clone)]
-pub struct Active {
-    pub run: i64,
-    pub job: String,
-    pub cancel: Arc<AtomicBool>,
-    pub progress: Arc<Progress>,
-}
-
-/// What asking for a run did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Started {
-    Run(i64),
-    /// The job's previous run is still going; this one is recorded as
-    /// skipped.
-    Skipped(i64),
-}
-
-pub struct Service {
-    pub config: Config,
-    pub state: State,
-    active: Mutex<HashMap<String, Active>>,
-    /// The `vsnap` binary, which guards qemu-ga guests' freezes.
-    pub(crate) guard: Option<PathBuf>,
-    idle: tokio::sync::Notify,
-}
-
-/// How a run ended.
-pub(crate) struct Ended {
-    pub(crate) state: RunState,
-    pub(crate) error: Option<String>,
-    pub(crate) note: Option<String>,
-    pub(crate) vms: Vec<VmResult>,
-}
-
-impl Ended {
-    pub(crate) fn failed(error: String, vms: Vec<VmResult>) -> Ended {
-        Ended {
-            state: RunState::Failed,
-            error: Some(error),
-            note: None,
-            vms,
-        }
-    }
-}
+use crate::core::Ended;
+pub use crate::core::{Active, Service, Started};
 
 impl Service {
-    pub fn new(config: Config, state: State, guard: Option<PathBuf>) -> Arc<Service> {
-        Arc::new(Service {
-            config,
-            state,
-            active: Mutex::new(HashMap::new()),
-            guard,
-            idle: tokio::sync::Notify::new(),
-        })
-    }
-
-    fn active_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Active>> {
-        self.active.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The runs in progress.
-    pub fn active(&self) -> Vec<Active> {
-        self.active_map().values().cloned().collect()
-    }
-
-    pub fn job(&self, name: &str) -> Option<&Job> {
-        self.config.jobs.iter().find(|j| j.name == name)
-    }
-
-    pub fn verify_job(&self, name: &str) -> Option<&VerifyJob> {
-        self.config.verifies.iter().find(|j| j.name == name)
-    }
-
-    /// The schedule of job `name`, backup or verify.
-    pub fn schedule(&self, name: &str) -> Option<&crate::calendar::Calendar> {
-        self.job(name)
-            .map(|j| &j.schedule)
-            .or_else(|| self.verify_job(name).map(|j| &j.schedule))
-    }
-
     /// Starts job `name` (backup or verify) now, unless its previous run
     /// is still going (then the skip is recorded). Must be called inside a
     /// multi-threaded tokio runtime.
@@ -228,34 +148,6 @@ impl Service {
             svc.idle.notify_waiters();
         });
         Ok(Started::Run(run))
-    }
-
-    /// Asks run `run` to stop by the abort rules (every guest thawed at
-    /// once); false when no such run is going.
-    pub fn cancel(&self, run: i64) -> bool {
-        let active = self.active_map();
-        let Some(a) = active.values().find(|a| a.run == run) else {
-            return false;
-        };
-        a.cancel.store(true, Ordering::Relaxed);
-        true
-    }
-
-    /// Asks every run to stop, and waits until none is left.
-    pub async fn stop_all(&self) {
-        loop {
-            let notified = self.idle.notified();
-            {
-                let active = self.active_map();
-                if active.is_empty() {
-                    return;
-                }
-                for a in active.values() {
-                    a.cancel.store(true, Ordering::Relaxed);
-                }
-            }
-            notified.await;
-        }
     }
 }
 

@@ -11,8 +11,8 @@ use vsnap_coordinator::backup::{self, Plan};
 use vsnap_repo::retention;
 
 use crate::config::Job;
+use crate::core::{Active, Ended, Service};
 use crate::error::{ErrorKind, Result};
-use crate::runner::{Active, Ended, Service};
 use crate::state::{RunState, VmResult};
 
 /// One backup run: the coordinated backup, then per VM its retention,
@@ -26,15 +26,19 @@ pub(crate) async fn backup(svc: Arc<Service>, job: Job, a: Active) -> Result<End
         .iter()
         .filter_map(|n| cfg.vms.iter().find(|v| &v.name == n).cloned())
         .collect();
-    let mut plan = Plan::new(vms, cfg.repository.clone());
+    let mut plan = Plan::new(vms);
     plan.provider = job.provider;
     plan.window = job.window;
     plan.guard = svc.guard.clone();
-    let report = backup::run(&plan, &a.progress, Arc::clone(&a.cancel))
-        .await
-        .map_err(|e| crate::Error::from(ErrorKind::Backup(Box::new(e))))?;
-    let repo = vsnap_s3::open(&cfg.repository)
+    // The zero-leaf cache the CLI uses: a sparse disk then costs time in
+    // proportion to its data here too.
+    plan.tuning.cache_dir = vsnap_engine::pipeline::cache_dir();
+    let repo = tokio::task::block_in_place(|| svc.repo.session())
         .map_err(|e| crate::Error::from(ErrorKind::Engine(Box::new(e))))?;
+    let report = backup::run(&plan, &repo, &a.progress, Arc::clone(&a.cancel)).await;
+    // Whatever the outcome, snapshots may have been committed.
+    svc.repo.changed();
+    let report = report.map_err(|e| crate::Error::from(ErrorKind::Backup(Box::new(e))))?;
     let vms: Vec<VmResult> = report
         .session
         .vms
@@ -50,16 +54,10 @@ pub(crate) async fn backup(svc: Arc<Service>, job: Job, a: Active) -> Result<End
                 host_window_us: v.metrics.host_window_us,
                 ..VmResult::default()
             };
-            if let Some(m) = v
-                .snapshot
-                .as_deref()
-                .and_then(|id| repo.read_manifest(id).ok())
-            {
-                for d in &m.disks {
-                    r.virtual_bytes += d.virtual_size;
-                    r.bytes_read += d.stats.bytes_read;
-                    r.new_bytes += d.stats.new_bytes;
-                }
+            if let Some(t) = report.totals.get(&v.vm) {
+                r.virtual_bytes = t.virtual_bytes;
+                r.bytes_read = t.bytes_read;
+                r.new_bytes = t.new_bytes;
             }
             r
         })
@@ -80,18 +78,12 @@ pub(crate) async fn backup(svc: Arc<Service>, job: Job, a: Active) -> Result<End
     let mut notes = Vec::new();
     if let Some(keep) = &job.keep {
         let work = || -> vsnap_repo::Result<usize> {
-            let planned = retention::plan(&repo, keep, &job.vms)?;
-            let remove: Vec<String> = planned
-                .iter()
-                .filter(|p| !p.keep)
-                .map(|p| p.id.clone())
-                .collect();
-            if !remove.is_empty() {
-                vsnap_repo::forget(&repo, &remove)?;
-            }
-            Ok(remove.len())
+            let planned = retention::forget_by_policy(&repo, keep, &job.vms, false)?;
+            Ok(planned.iter().filter(|p| !p.keep).count())
         };
-        match tokio::task::block_in_place(work) {
+        let removed = tokio::task::block_in_place(work);
+        svc.repo.changed();
+        match removed {
             Ok(n) => notes.push(format!("retention removed {n} snapshot(s)")),
             Err(e) => {
                 return Ok(Ended::failed(
@@ -133,7 +125,7 @@ pub(crate) async fn verify(
 ) -> Result<Ended> {
     let engine = |e: vsnap_repo::Error| crate::Error::from(ErrorKind::Engine(Box::new(e)));
     tokio::task::block_in_place(|| {
-        let repo = vsnap_s3::open(&svc.config.repository).map_err(engine)?;
+        let repo = svc.repo.session().map_err(engine)?;
         let listed = repo.list().map_err(engine)?;
         let mut ids: Vec<String> = match only.filter(|o| !o.is_empty()) {
             Some(ids) => {
@@ -168,6 +160,8 @@ pub(crate) async fn verify(
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
         let report =
             vsnap_repo::verify::verify(&repo, &ids, threads, None, &a.progress).map_err(engine)?;
+        // Verify moves damaged chunks aside; the listing may say otherwise now.
+        svc.repo.changed();
         svc.state.set_verified(&ids, report.ok())?;
         let what = format!(
             "verified {} snapshot(s), {} disk(s), {} chunk(s), {} bytes",

@@ -694,7 +694,7 @@ fn coordinated_backups_keep_their_reflink_snapshots_as_bases_and_equal_full_ones
     let vms = Inventory::load(&inv).unwrap().vms;
     let plan = Plan {
         provider: Choice::Force(Kind::Reflink),
-        ..Plan::new(vms, root.clone())
+        ..Plan::new(vms)
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -706,6 +706,7 @@ fn coordinated_backups_keep_their_reflink_snapshots_as_bases_and_equal_full_ones
         let r = rt
             .block_on(coordinate(
                 plan,
+                &repo,
                 &vsnap_engine::pipeline::Progress::default(),
                 Default::default(),
             ))

@@ -656,8 +656,8 @@ fn gc_repacks_a_mostly_dead_pack_and_deletes_it_only_later() {
 
 #[test]
 fn a_faulty_network_is_survived_and_damage_in_transit_never_accepted() {
+    use vsnap_e2e::fault_proxy::{FaultProxy, Faults};
     use vsnap_e2e::s3::ACCESS_KEY as KEY;
-    use vsnap_lab::fault_proxy::{FaultProxy, Faults};
     let test = "a_faulty_network_is_survived_and_damage_in_transit_never_accepted";
     let Some(s3) = S3Server::start(test) else {
         return;

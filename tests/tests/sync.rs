@@ -8,9 +8,9 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use vsnap_e2e::fault_proxy::{FaultProxy, Faults};
 use vsnap_e2e::s3::{env_for, S3Server, ACCESS_KEY, SECRET_KEY};
 use vsnap_e2e::*;
-use vsnap_lab::fault_proxy::{FaultProxy, Faults};
 
 const MIB: u64 = 1 << 20;
 

@@ -9,17 +9,7 @@ use std::process::ExitCode;
 
 const STRIPE: u64 = 64 << 20;
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        // xorshift64*: fast and good enough to defeat compression.
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-}
+use vsnap_lab::rng::Rng;
 
 const WORDS: &[&str] = &[
     "the", "disk", "backup", "of", "and", "snapshot", "a", "to", "in", "block", "virtual",
@@ -32,7 +22,7 @@ const WORDS: &[&str] = &[
 fn text(rng: &mut Rng, out: &mut Vec<u8>, len: usize) {
     out.clear();
     while out.len() < len {
-        let r = rng.next();
+        let r = rng.next_u64();
         out.extend_from_slice(WORDS[(r % WORDS.len() as u64) as usize].as_bytes());
         out.push(match (r >> 32) % 17 {
             0 => b'.',
@@ -62,7 +52,7 @@ fn main() -> ExitCode {
         let file = File::create(out)?;
         file.set_len(size)?;
         let mut w = BufWriter::with_capacity(1 << 20, file);
-        let mut rng = Rng(seed | 1);
+        let mut rng = Rng::new(seed);
         let mut buf = Vec::with_capacity(1 << 20);
         let mut pos = 0;
         while pos < size {
@@ -76,7 +66,7 @@ fn main() -> ExitCode {
                         let n = left.min(1 << 20) as usize;
                         if stripe == 0 {
                             buf.clear();
-                            buf.extend((0..n / 8).flat_map(|_| rng.next().to_le_bytes()));
+                            buf.extend((0..n / 8).flat_map(|_| rng.next_u64().to_le_bytes()));
                         } else {
                             text(&mut rng, &mut buf, n);
                         }

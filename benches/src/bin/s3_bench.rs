@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use vsnap_lab::fault_proxy::{FaultProxy, Faults, Tally};
+use vsnap_e2e::fault_proxy::{FaultProxy, Faults, Tally};
 
 const KEY: &str = "bench-key";
 const SECRET: &str = "bench-secret-0123456789";

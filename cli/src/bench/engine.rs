@@ -48,13 +48,9 @@ struct Row {
 /// 64 MiB of one kind of data, in 4 MiB chunks.
 fn data(kind: &str) -> Vec<u8> {
     let n = 64 << 20;
-    let mut x = 0x2545_f491_4f6c_dd1du64;
-    let mut rand = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
+    use rand::{Rng as _, SeedableRng};
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(0x2545_f491_4f6c_dd1d);
+    let mut rand = move || rng.next_u64();
     let mut v = Vec::with_capacity(n);
     if kind == "incompressible" {
         while v.len() < n {

@@ -262,20 +262,16 @@ mod tests {
     use proptest::prelude::*;
 
     fn bytes(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..len)
-            .map(|i| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                // Stretches of zeros too, for Span::zeros.
-                if (i / 3000) % 4 == 3 {
-                    0
-                } else {
-                    x as u8
-                }
-            })
-            .collect()
+        use rand::{Rng as _, SeedableRng};
+        let mut v = vec![0u8; len];
+        rand::rngs::SmallRng::seed_from_u64(seed).fill_bytes(&mut v);
+        // Stretches of zeros too, for Span::zeros.
+        for (i, b) in v.iter_mut().enumerate() {
+            if (i / 3000) % 4 == 3 {
+                *b = 0;
+            }
+        }
+        v
     }
 
     #[test]

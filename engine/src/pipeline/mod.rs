@@ -134,6 +134,23 @@ impl Default for Tuning {
     }
 }
 
+/// Where this host keeps what vsnap learns between runs (the zero-leaf
+/// cache, a bucket's pack indexes): `$VSNAP_CACHE_DIR`, else
+/// `$XDG_CACHE_HOME/vsnap`, else `~/.cache/vsnap`; an empty variable counts
+/// as unset, as the XDG rules say. `None` without a home. One function for
+/// every caller, so the CLI and the service share one cache.
+pub fn cache_dir() -> Option<std::path::PathBuf> {
+    use std::path::PathBuf;
+    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+    if let Some(d) = var("VSNAP_CACHE_DIR") {
+        return Some(PathBuf::from(d));
+    }
+    if let Some(d) = var("XDG_CACHE_HOME") {
+        return Some(PathBuf::from(d).join("vsnap"));
+    }
+    var("HOME").map(|h| PathBuf::from(h).join(".cache").join("vsnap"))
+}
+
 impl Tuning {
     /// The engine's options at `chunk_size`. A given memory budget below
     /// two chunks per worker is refused with the floor, rather than raised

@@ -701,13 +701,9 @@ mod tests {
     /// return an error or a value, never panic.
     #[test]
     fn mutated_structures_never_panic() {
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let mut rand = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        use rand::{Rng as _, SeedableRng};
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(0x9e37_79b9_7f4a_7c15);
+        let mut rand = move || rng.next_u64();
         let base_regions = regions(&[
             (BAT_REGION, 2 << 20, 1 << 20, 1),
             (METADATA_REGION, 3 << 20, 1 << 20, 1),

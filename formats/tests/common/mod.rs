@@ -160,13 +160,8 @@ pub fn patch_footer(path: &Path, creator: &[u8; 4], chs: Option<(u16, u8, u8)>) 
 
 /// A deterministic pseudo-random byte pattern, so failures reproduce.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
+    use rand::{Rng as _, SeedableRng};
+    let mut v = vec![0u8; len];
+    rand::rngs::SmallRng::seed_from_u64(seed).fill_bytes(&mut v);
+    v
 }

@@ -122,14 +122,14 @@ pub async fn snapshots(State(api): State<Arc<Api>>, Q(q): Q<SnapshotQuery>) -> A
             return Err(ApiError::not_found(format!("no VM {vm:?}")));
         }
     }
-    let root = api.svc.config.repository.clone();
-    let listed = tokio::task::spawn_blocking(move || vsnap_s3::open(&root).and_then(|r| r.list()))
+    let svc = Arc::clone(&api.svc);
+    let listed = tokio::task::spawn_blocking(move || svc.repo.listing())
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let mut out: Vec<Value> = listed
-        .into_iter()
-        .filter_map(|l| match l.manifest {
+        .iter()
+        .filter_map(|l| match &l.manifest {
             Ok(m) if q.vm.as_ref().is_none_or(|v| *v == m.vm) => {
                 let guest = m.freeze.as_ref().map(|f| &f.guest);
                 Some(json!({
@@ -138,7 +138,7 @@ pub async fn snapshots(State(api): State<Arc<Api>>, Q(q): Q<SnapshotQuery>) -> A
                     "time": m.time,
                     "consistency": m.consistency,
                     "disks": m.disks.len(),
-                    "virtual_bytes": m.disks.iter().map(|d| d.virtual_size).sum::<u64>(),
+                    "virtual_bytes": m.totals().virtual_bytes,
                     "freeze_window_us": guest.and_then(|g| g.freeze_window_us),
                     "stall_us": guest.and_then(|g| g.stall_us),
                 }))
@@ -324,9 +324,9 @@ pub async fn metrics(State(api): State<Arc<Api>>) -> Result<impl IntoResponse, A
             .as_ref()
             .is_some_and(|(at, _)| at.elapsed() < super::USAGE_TTL);
         if !fresh {
-            let root = api.svc.config.repository.clone();
+            let svc = Arc::clone(&api.svc);
             let measured =
-                tokio::task::spawn_blocking(move || vsnap_s3::open(&root).and_then(|r| r.usage()))
+                tokio::task::spawn_blocking(move || svc.repo.get().and_then(|r| r.usage()))
                     .await
                     .ok()
                     .and_then(Result::ok);

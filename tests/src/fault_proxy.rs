@@ -24,7 +24,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
-use crate::rng::Rng;
+use vsnap_lab::rng::Rng;
 
 /// How often each fault happens, as a fraction of requests (0 to 1).
 #[derive(Debug, Clone, Default)]

@@ -1,0 +1,165 @@
+//! A bucket's rules, against the in-memory object store: its clock moves
+//! when a test says, and it refuses writes when told, so grace periods,
+//! leases, a failed upload and a session's fresh view are checked without
+//! a server and without waiting.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use vsnap_engine::pipeline::{Options, Progress};
+use vsnap_repo::mem_store::MemStore;
+use vsnap_repo::{BackupOptions, GcOptions, Repository};
+
+const CHUNK: u64 = 1 << 20;
+const PACK: u64 = 1 << 20;
+
+fn bucket() -> (Arc<MemStore>, Repository) {
+    let store = Arc::new(MemStore::default());
+    let repo = Repository::init_bucket(store.clone(), CHUNK, PACK, None).unwrap();
+    (store, repo)
+}
+
+/// A raw image of `chunks` chunks, each different from every other
+/// image's (by `seed`), none zero.
+fn image(dir: &Path, name: &str, seed: u8, chunks: u64) -> PathBuf {
+    let path = dir.join(name);
+    let mut bytes = vec![0u8; (chunks * CHUNK) as usize];
+    for (i, b) in bytes.iter_mut().enumerate() {
+        *b = (i as u64 % 251) as u8 ^ seed ^ (i as u64 / CHUNK) as u8 | 1;
+    }
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+fn backup(repo: &Repository, image: &Path) -> vsnap_repo::Result<vsnap_repo::Manifest> {
+    let spec = BackupOptions::crash_consistent("vm");
+    let opts = Options {
+        chunk_size: CHUNK,
+        ..Options::default()
+    };
+    vsnap_repo::cbt::backup_files(
+        repo,
+        &[image.to_path_buf()],
+        None,
+        &opts,
+        &spec,
+        &Progress::default(),
+        false,
+    )
+    .map(|o| o.manifest)
+}
+
+fn verify_clean(repo: &Repository) {
+    let report = vsnap_repo::verify::verify(repo, &[], 2, None, &Progress::default()).unwrap();
+    assert!(report.ok(), "{:?}", report.problems);
+}
+
+/// One run of gc, as `vsnap gc` is: a process of its own, which reads the
+/// bucket afresh (a session of `repo`).
+fn gc(repo: &Repository, grace: Duration) -> vsnap_repo::GcReport {
+    vsnap_repo::gc(
+        &repo.session().unwrap(),
+        &GcOptions {
+            grace,
+            repack_below: 0,
+            ..GcOptions::default()
+        },
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_second_repository_is_never_made_over_the_first() {
+    let (store, repo) = bucket();
+    let err = Repository::init_bucket(store.clone(), 2 * CHUNK, PACK, None).unwrap_err();
+    assert!(
+        err.to_string().contains("a repository is there already"),
+        "{err}"
+    );
+    let again = Repository::open_bucket(store, None).unwrap();
+    assert_eq!(again.config().chunk_size, CHUNK);
+    assert_eq!(again.config().id, repo.config().id);
+}
+
+#[test]
+fn a_condemned_pack_goes_only_after_its_grace_and_every_older_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, repo) = bucket();
+    let first = backup(&repo, &image(dir.path(), "a.raw", 1, 3)).unwrap();
+    vsnap_repo::forget(&repo, std::slice::from_ref(&first.id)).unwrap();
+    let grace = Duration::from_secs(600);
+    store.advance(grace * 2);
+    // A restore that began before the condemnation may still read them.
+    let reader = repo.lease_for_reading("restore").unwrap();
+    let condemned = gc(&repo, grace);
+    assert!(condemned.packs_condemned >= 1, "{condemned:?}");
+    let packs = store.keys("packs/").len();
+    // Past the grace, but the reader's lease is older than the
+    // condemnation and still live (rewritten within STALE): they wait.
+    store.advance(grace + Duration::from_secs(60));
+    let waiting = gc(&repo, grace);
+    assert_eq!(waiting.packs_removed, 0, "{waiting:?}");
+    assert!(waiting.packs_waiting >= 1, "{waiting:?}");
+    assert_eq!(store.keys("packs/").len(), packs);
+    drop(reader);
+    let removed = gc(&repo, grace);
+    assert_eq!(
+        removed.packs_removed, condemned.packs_condemned,
+        "{removed:?}"
+    );
+    assert!(
+        store.keys("packs/").is_empty(),
+        "{:?}",
+        store.keys("packs/")
+    );
+    verify_clean(&repo);
+}
+
+#[test]
+fn a_session_reads_condemnations_its_parent_handle_had_not_seen() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, repo) = bucket();
+    let first = backup(&repo, &image(dir.path(), "a.raw", 2, 3)).unwrap();
+    // Another host forgets the snapshot and condemns its packs, after
+    // this handle read the pack indexes.
+    let other = Repository::open_bucket(store.clone(), None).unwrap();
+    vsnap_repo::forget(&other, std::slice::from_ref(&first.id)).unwrap();
+    store.advance(Duration::from_secs(7200));
+    assert!(gc(&other, Duration::from_secs(600)).packs_condemned >= 1);
+    // A backup in a session of the old handle stores the chunks again,
+    // never naming a chunk in a condemned pack. (Its disk has one chunk
+    // more, so its pack is never byte for byte the condemned one, whose
+    // name a pack of the same chunks in the same order would take.)
+    let session = repo.session().unwrap();
+    let second = backup(&session, &image(dir.path(), "b.raw", 2, 4)).unwrap();
+    assert_eq!(second.totals().new_chunks, 4, "{:?}", second.totals());
+    drop(session);
+    // So the condemned packs can go, and the new snapshot stays whole.
+    store.advance(Duration::from_secs(7200));
+    let removed = gc(&other, Duration::from_secs(600));
+    assert!(removed.packs_removed >= 1, "{removed:?}");
+    verify_clean(&Repository::open_bucket(store, None).unwrap());
+}
+
+#[test]
+fn a_failed_upload_fails_its_handle_and_not_a_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, repo) = bucket();
+    store.refuse_writes("packs/", 1);
+    let err = backup(&repo, &image(dir.path(), "a.raw", 3, 3)).unwrap_err();
+    assert!(err.to_string().contains("refused the write"), "{err}");
+    // Its chunks may have been named as stored: the handle stays failed.
+    let again = backup(&repo, &image(dir.path(), "b.raw", 4, 2)).unwrap_err();
+    assert!(
+        again.to_string().contains("an earlier pack upload failed"),
+        "{again}"
+    );
+    assert!(store.keys("snapshots/").is_empty());
+    // A session of it has uploads of its own.
+    let session = repo.session().unwrap();
+    let m = backup(&session, &image(dir.path(), "a.raw", 3, 3)).unwrap();
+    assert_eq!(m.totals().new_chunks, 3);
+    verify_clean(&session);
+}
