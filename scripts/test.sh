@@ -45,6 +45,8 @@ done
 
 echo "== rustfmt";  cargo fmt --all -- --check
 echo "== clippy";   cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== no two modules import each other, within any crate"
+python3 scripts/module-cycles.py
 echo "== fuzz crate builds"
 cargo check --quiet --manifest-path fuzz/Cargo.toml --locked
 echo "== the static guest agent, and the real VM the tests boot"

@@ -16,6 +16,20 @@
 use std::fmt;
 use std::path::Path;
 
+/// An error and each of its causes, joined by `: `, as `anyhow` prints
+/// `{:#}`: for logs, webhooks and reports that carry one line. Under the
+/// rule above each cause appears once.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        next = cause.source();
+    }
+    out
+}
+
 /// Writes `path: op at offset N: ` before a kind's message, leaving out
 /// what is not known. Shared by every [`context_error!`] type so they all
 /// read alike.
@@ -222,8 +236,6 @@ macro_rules! context_error {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use std::error::Error as _;
-
     #[derive(Debug, thiserror::Error)]
     pub(crate) enum Kind {
         #[error("the store refused")]
@@ -237,16 +249,8 @@ mod tests {
 
     crate::context_error!(Kind, Io);
 
-    /// What `anyhow`'s `{:#}` prints: each error of the chain, joined.
     fn chain(e: &Error) -> String {
-        let mut out = e.to_string();
-        let mut next = e.source();
-        while let Some(cause) = next {
-            out.push_str(": ");
-            out.push_str(&cause.to_string());
-            next = cause.source();
-        }
-        out
+        crate::chain(e)
     }
 
     #[test]

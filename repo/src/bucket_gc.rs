@@ -176,7 +176,7 @@ pub(super) fn gc(repo: &Repository, b: &Bucket, opts: &super::GcOptions) -> Resu
     let mut seen = HashSet::new();
     keep.retain(|r| seen.insert(r.name));
     if !keep.is_empty() {
-        let bytes = bucket::encode_pack_index(&keep);
+        let bytes = crate::pack_index::encode_pack_index(&keep);
         let key = format!("{PACK_INDEXES}{}", blake3::hash(&bytes).to_hex());
         store.put_new(&key, bytes)?;
     }

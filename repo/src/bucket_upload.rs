@@ -15,9 +15,10 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 
-use super::bucket::{encode_pack_index, poisoned, write_cache, Known, Record, PACKS, PACK_INDEXES};
+use super::bucket_known::Known;
 use super::objects::ObjectStore;
 use super::pack::PackBuilder;
+use super::pack_index::{encode_pack_index, write_cache, Record, PACKS, PACK_INDEXES};
 use crate::error::{Error, ErrorKind, Result};
 
 /// Packs uploading at once. Two keep the server busy while a worker fills
@@ -112,7 +113,7 @@ impl Uploader {
         Ok(self
             .writer
             .lock()
-            .map_err(|_| poisoned())?
+            .map_err(|_| Error::worker_panicked())?
             .pending
             .contains(id))
     }
@@ -122,7 +123,7 @@ impl Uploader {
     pub(super) fn add(self: &Arc<Self>, id: &blake3::Hash, parts: &[&[u8]]) -> Result<u64> {
         self.check()?;
         let full = {
-            let mut w = self.writer.lock().map_err(|_| poisoned())?;
+            let mut w = self.writer.lock().map_err(|_| Error::worker_panicked())?;
             if !w.pending.insert(*id) {
                 return Ok(0);
             }
@@ -154,7 +155,7 @@ impl Uploader {
     /// name it.
     pub(super) fn flush(self: &Arc<Self>) -> Result<()> {
         let open = {
-            let mut w = self.writer.lock().map_err(|_| poisoned())?;
+            let mut w = self.writer.lock().map_err(|_| Error::worker_panicked())?;
             std::mem::take(&mut w.open)
         };
         if !open.is_empty() {
@@ -170,11 +171,11 @@ impl Uploader {
         {
             // Waited for and taken under one lock, so that two workers
             // never both take the last slot.
-            let u = self.uploads.lock().map_err(|_| poisoned())?;
+            let u = self.uploads.lock().map_err(|_| Error::worker_panicked())?;
             let mut u = self
                 .changed
                 .wait_while(u, |u| u.running >= IN_FLIGHT && u.failed.is_none())
-                .map_err(|_| poisoned())?;
+                .map_err(|_| Error::worker_panicked())?;
             if u.failed.is_none() {
                 u.running += 1;
             } else {
@@ -205,17 +206,17 @@ impl Uploader {
     }
 
     fn wait(&self, ready: impl Fn(&Uploads) -> bool) -> Result<()> {
-        let u = self.uploads.lock().map_err(|_| poisoned())?;
+        let u = self.uploads.lock().map_err(|_| Error::worker_panicked())?;
         let _ready = self
             .changed
             .wait_while(u, |u| !ready(u) && u.failed.is_none())
-            .map_err(|_| poisoned())?;
+            .map_err(|_| Error::worker_panicked())?;
         Ok(())
     }
 
     /// The failure of an earlier upload, if one failed.
     fn check(&self) -> Result<()> {
-        let mut u = self.uploads.lock().map_err(|_| poisoned())?;
+        let mut u = self.uploads.lock().map_err(|_| Error::worker_panicked())?;
         match u.failed.take() {
             None => Ok(()),
             Some(Failed::Fresh(e)) => {
@@ -243,13 +244,13 @@ impl Uploader {
         let put = self
             .store
             .put_new(&format!("{PACKS}{}", name.to_hex()), bytes);
-        let mut w = self.writer.lock().map_err(|_| poisoned())?;
+        let mut w = self.writer.lock().map_err(|_| Error::worker_panicked())?;
         for id in &ids {
             w.pending.remove(id);
         }
         put?;
         {
-            let mut known = self.known.write().map_err(|_| poisoned())?;
+            let mut known = self.known.write().map_err(|_| Error::worker_panicked())?;
             known
                 .get_or_insert_with(Known::default)
                 .add(name, &entries)?;
@@ -264,7 +265,7 @@ impl Uploader {
     }
 
     fn write_pack_index(&self) -> Result<()> {
-        let mut w = self.writer.lock().map_err(|_| poisoned())?;
+        let mut w = self.writer.lock().map_err(|_| Error::worker_panicked())?;
         if w.uploaded.is_empty() {
             return Ok(());
         }

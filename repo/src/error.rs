@@ -188,16 +188,7 @@ mod tests {
 
     use super::*;
 
-    fn chain(e: &dyn std::error::Error) -> String {
-        let mut out = e.to_string();
-        let mut next = e.source();
-        while let Some(cause) = next {
-            out.push_str(": ");
-            out.push_str(&cause.to_string());
-            next = cause.source();
-        }
-        out
-    }
+    use vsnap_error::chain;
 
     #[test]
     fn a_format_error_keeps_its_kind_and_context_through_the_engine() {

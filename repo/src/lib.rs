@@ -25,6 +25,7 @@ mod bucket_known;
 mod bucket_repack;
 mod bucket_upload;
 pub mod cbt;
+mod dir_gc;
 mod error;
 mod freeze;
 mod gc;
@@ -34,6 +35,7 @@ pub mod manifest;
 pub mod mem_store;
 pub mod objects;
 pub mod pack;
+mod pack_index;
 mod readahead;
 pub mod restore;
 pub mod retention;
@@ -63,7 +65,7 @@ pub use backup::{
     SnapshotPlan,
 };
 pub use freeze::{Failure, FreezeRecord, GuestMetrics, Writer};
-pub use gc::{forget, gc, GcOptions, GcReport, DEFAULT_GRACE, DEFAULT_REPACK_BELOW};
+pub use gc::{forget, GcOptions, GcReport, DEFAULT_GRACE, DEFAULT_REPACK_BELOW};
 pub use index::{Entry, Index};
 pub use manifest::{
     BaseRecord, Consistency, Disk, DiskStats, Identity, Manifest, Totals, Tracking,
@@ -72,6 +74,28 @@ pub use manifest::{
 pub use error::{Error, ErrorKind, Result};
 
 use crate::error::ResultExt;
+
+/// Removes what no snapshot uses any more, by the rule of the
+/// repository's layout: a directory's under the repository lock alone
+/// ([`dir_gc`]: `wait` waits for running backups to end, otherwise it fails
+/// at once if one is running), a bucket's beside running backups, by
+/// leases and a grace period ([`bucket_gc`]).
+pub fn gc(repo: &Repository, opts: &GcOptions) -> Result<GcReport> {
+    match &repo.backing {
+        Backing::Dir(_) => dir_gc::gc(repo, opts),
+        Backing::Bucket(b) => bucket_gc::gc(repo, b, opts),
+    }
+}
+
+/// A name in the repository (a file, or an object in a bucket) that is
+/// not what the repository puts there: what verify reports, whichever
+/// layout found it.
+#[derive(Debug, Clone)]
+pub struct Stray {
+    pub path: PathBuf,
+    pub found: &'static str,
+    pub expected: &'static str,
+}
 
 const CONFIG: &str = "vsnap-repository";
 const FORMAT_NAME: &str = "vsnap repository";

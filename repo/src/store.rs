@@ -8,7 +8,7 @@ use super::blob::{self, BlobKind, Encoding, HEADER_LEN};
 use super::index::Index;
 use super::manifest::{Disk, Manifest};
 use super::tree::{Kind, Tree};
-use super::{Backing, Durable, Repository};
+use super::{Backing, Durable, Repository, Stray};
 use crate::error::{Error, ErrorKind, Result};
 use vsnap_engine::pipeline::Stored;
 
@@ -33,14 +33,6 @@ pub struct Usage {
     pub chunk_bytes: u64,
     pub indexes: u64,
     pub index_bytes: u64,
-}
-
-/// A name in the tree that is not what the repository puts there.
-#[derive(Debug, Clone)]
-pub struct Stray {
-    pub path: PathBuf,
-    pub found: &'static str,
-    pub expected: &'static str,
 }
 
 /// The most bytes a blob holding `plain` bytes of plaintext can take in

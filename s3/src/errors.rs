@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 
+use vsnap_error::chain;
 use vsnap_repo::{Error, ErrorKind};
 
 /// Why a request did not succeed.
@@ -14,18 +15,6 @@ pub(crate) enum Failure {
     Stopped,
     /// An object larger than the reader's limit (limit, size).
     Limit(u64, u64),
-}
-
-/// Every message in the error's chain, for recognising what happened.
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cur = c.source();
-    }
-    out
 }
 
 /// The innermost message of the client's error: what the server or the

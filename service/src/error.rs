@@ -47,13 +47,4 @@ impl From<ErrorKind> for Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// The error and every cause under it, for a log line or a run's record.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cause = c.source();
-    }
-    out
-}
+pub use vsnap_error::chain;

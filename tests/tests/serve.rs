@@ -735,6 +735,10 @@ impl Receiver {
 #[test]
 fn webhooks_tell_of_failures_with_retries_and_verify_jobs_skip_what_is_fresh() {
     let hooks = Receiver::start(1);
+    // "chatty" is told over HTTPS, by a certificate of a CA of the test's
+    // own, which its `ca` bundle makes trusted.
+    let tls_dir = tempfile::tempdir().unwrap();
+    let front = vsnap_e2e::tls::TlsFront::start(hooks.addr.parse().unwrap(), tls_dir.path());
     let site = Site::new(
         "0",
         &format!(
@@ -751,7 +755,8 @@ retries = 3
 
 [[notify]]
 name = "chatty"
-url = "http://{addr}/ok"
+url = "{https}/ok"
+ca = "{ca}"
 on_success = true
 
 [[job]]
@@ -774,7 +779,9 @@ vms = ["a"]
 outdated_after = "1h"
 notify = ["chatty"]
 "#,
-            addr = hooks.addr
+            addr = hooks.addr,
+            https = front.endpoint(),
+            ca = front.ca.display()
         ),
     );
     let mut serve = site.serve("serve.log");

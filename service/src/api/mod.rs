@@ -17,7 +17,7 @@ use axum::extract::{FromRequest, FromRequestParts, Request, State as AxState};
 use axum::http::{header, request::Parts, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, MethodRouter};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde_json::json;
@@ -137,29 +137,72 @@ async fn authorize(AxState(api): AxState<Arc<Api>>, req: Request, next: Next) ->
     }
 }
 
+/// Who may call a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// Anyone: the health check, and the dashboard's page (its API calls
+    /// carry the token).
+    Open,
+    /// With the bearer token.
+    Token,
+}
+
+/// Every route: its path, method, access and handler. The router is built
+/// from this table, and a test holds it to `openapi.json`, both ways.
+fn routes() -> Vec<(&'static str, &'static str, Access, MethodRouter<Arc<Api>>)> {
+    use Access::{Open, Token};
+    vec![
+        ("/healthz", "get", Open, get(handlers::healthz)),
+        ("/", "get", Open, get(handlers::dashboard)),
+        ("/api/v1/openapi.json", "get", Token, get(handlers::openapi)),
+        ("/api/v1/vms", "get", Token, get(handlers::vms)),
+        (
+            "/api/v1/vms/{name}/history",
+            "get",
+            Token,
+            get(handlers::vm_history),
+        ),
+        ("/api/v1/snapshots", "get", Token, get(handlers::snapshots)),
+        ("/api/v1/jobs", "get", Token, get(handlers::jobs)),
+        (
+            "/api/v1/jobs/{name}/run",
+            "post",
+            Token,
+            post(handlers::run_job),
+        ),
+        ("/api/v1/runs", "get", Token, get(handlers::runs)),
+        ("/api/v1/runs/{id}", "get", Token, get(handlers::run)),
+        (
+            "/api/v1/runs/{id}/events",
+            "get",
+            Token,
+            get(handlers::events),
+        ),
+        (
+            "/api/v1/runs/{id}/cancel",
+            "post",
+            Token,
+            post(handlers::cancel),
+        ),
+        ("/api/v1/verify", "post", Token, post(handlers::verify)),
+        ("/metrics", "get", Token, get(handlers::metrics)),
+    ]
+}
+
 /// Every route.
 pub fn router(api: Arc<Api>) -> Router {
-    let guarded = Router::new()
-        .route("/api/v1/openapi.json", get(handlers::openapi))
-        .route("/api/v1/vms", get(handlers::vms))
-        .route("/api/v1/vms/{name}/history", get(handlers::vm_history))
-        .route("/api/v1/snapshots", get(handlers::snapshots))
-        .route("/api/v1/jobs", get(handlers::jobs))
-        .route("/api/v1/jobs/{name}/run", post(handlers::run_job))
-        .route("/api/v1/runs", get(handlers::runs))
-        .route("/api/v1/runs/{id}", get(handlers::run))
-        .route("/api/v1/runs/{id}/events", get(handlers::events))
-        .route("/api/v1/runs/{id}/cancel", post(handlers::cancel))
-        .route("/api/v1/verify", post(handlers::verify))
-        .route("/metrics", get(handlers::metrics))
-        .route_layer(axum::middleware::from_fn_with_state(
-            Arc::clone(&api),
-            authorize,
-        ));
-    Router::new()
-        .route("/healthz", get(handlers::healthz))
-        .route("/", get(handlers::dashboard))
-        .merge(guarded)
+    let (mut open, mut guarded) = (Router::new(), Router::new());
+    for (path, _, access, handler) in routes() {
+        match access {
+            Access::Open => open = open.route(path, handler),
+            Access::Token => guarded = guarded.route(path, handler),
+        }
+    }
+    let guarded = guarded.route_layer(axum::middleware::from_fn_with_state(
+        Arc::clone(&api),
+        authorize,
+    ));
+    open.merge(guarded)
         .fallback(|| async { ApiError::not_found("no such endpoint; see /api/v1/openapi.json") })
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(
             |_: Box<dyn std::any::Any + Send>| {
@@ -184,4 +227,53 @@ pub async fn serve(
             let _ = stop.changed().await;
         })
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[test]
+    fn the_openapi_document_and_the_router_name_the_same_routes() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+        let paths = doc["paths"].as_object().unwrap();
+        let mut documented: Vec<(String, String)> = paths
+            .iter()
+            .flat_map(|(p, ops)| {
+                ops.as_object()
+                    .unwrap()
+                    .keys()
+                    .filter(|m| ["get", "post", "put", "delete", "patch"].contains(&m.as_str()))
+                    .map(move |m| (p.clone(), m.clone()))
+            })
+            .collect();
+        let mut routed: Vec<(String, String)> = routes()
+            .into_iter()
+            .map(|(p, m, ..)| (p.to_owned(), m.to_owned()))
+            .collect();
+        documented.sort();
+        routed.sort();
+        let missing: Vec<_> = routed.iter().filter(|r| !documented.contains(r)).collect();
+        let unrouted: Vec<_> = documented.iter().filter(|d| !routed.contains(d)).collect();
+        assert!(
+            missing.is_empty(),
+            "routed but not in openapi.json: {missing:?}"
+        );
+        assert!(
+            unrouted.is_empty(),
+            "in openapi.json but not routed: {unrouted:?}"
+        );
+    }
+
+    #[test]
+    fn only_the_health_check_and_the_page_are_open() {
+        let open: Vec<&str> = routes()
+            .into_iter()
+            .filter(|r| r.2 == Access::Open)
+            .map(|r| r.0)
+            .collect();
+        assert_eq!(open, ["/healthz", "/"]);
+    }
 }

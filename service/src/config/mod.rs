@@ -24,8 +24,9 @@
 //!
 //! [[notify]]
 //! name = "ops"
-//! url = "http://alerts.example:9000/vsnap"
+//! url = "https://alerts.example:9000/vsnap"   # http:// too; IPv6 as [::1]
 //! on_success = false
+//! # ca = "/etc/vsnap/alerts-ca.pem"   # trust a private CA for this target
 //! ```
 
 use std::collections::HashSet;
@@ -100,6 +101,9 @@ pub struct Notify {
     pub url: String,
     pub on_success: bool,
     pub retries: u32,
+    /// A PEM bundle of CAs to trust for this target beyond the system's
+    /// (a receiver whose certificate a private CA issued).
+    pub ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -176,6 +180,7 @@ struct FileNotify {
     on_success: bool,
     #[serde(default = "three")]
     retries: u32,
+    ca: Option<Spanned<PathBuf>>,
 }
 
 fn three() -> u32 {
@@ -269,7 +274,7 @@ impl Config {
             std::env::var_os("STATE_DIRECTORY")
                 .map_or_else(|| PathBuf::from("/var/lib/vsnap"), PathBuf::from)
         });
-        let notify = notify_targets(&here, file.notify)?;
+        let notify = notify_targets(&here, &rel, file.notify)?;
         let notify_names: Vec<&str> = notify.iter().map(|n| n.name.as_str()).collect();
         let mut seen = HashSet::new();
         let mut jobs = Vec::new();
@@ -441,7 +446,11 @@ fn targets(
     Ok(t.into_inner())
 }
 
-fn notify_targets(here: &Here<'_>, list: Vec<Spanned<FileNotify>>) -> Result<Vec<Notify>> {
+fn notify_targets(
+    here: &Here<'_>,
+    rel: &dyn Fn(&Path) -> PathBuf,
+    list: Vec<Spanned<FileNotify>>,
+) -> Result<Vec<Notify>> {
     let mut out: Vec<Notify> = Vec::new();
     for (i, n) in list.into_iter().enumerate() {
         let span = n.span();
@@ -455,21 +464,71 @@ fn notify_targets(here: &Here<'_>, list: Vec<Spanned<FileNotify>>) -> Result<Vec
             ));
         }
         let url = n.url.get_ref();
-        if !url.starts_with("http://") || url.len() <= "http://".len() {
+        if let Err(why) = check_url(url) {
             return Err(here.err(
                 &n.url.span(),
                 &format!("{key}.url"),
-                format!("{url:?}: an http:// URL (TLS is a reverse proxy's job)"),
+                format!("{url:?}: {why}"),
             ));
         }
+        let ca = match n.ca {
+            Some(ca) => {
+                let path = rel(ca.get_ref());
+                if let Err(why) = read_ca(&path) {
+                    return Err(here.err(&ca.span(), &format!("{key}.ca"), why));
+                }
+                Some(path)
+            }
+            None => None,
+        };
         out.push(Notify {
             name: n.name,
             url: url.clone(),
             on_success: n.on_success,
             retries: n.retries.min(10),
+            ca,
         });
     }
     Ok(out)
+}
+
+// What a webhook's target may be: checked here, where the configuration
+// is read before anything runs and a bad target names its line; `notify`
+// reads the bundle again when it sends.
+
+/// A CA bundle is a few certificates; a system bundle some 200 KiB.
+const CA_LIMIT: u64 = 16 << 20;
+
+/// Why `url` cannot be a webhook's target, if it cannot.
+pub fn check_url(url: &str) -> Result<(), String> {
+    let u = reqwest::Url::parse(url).map_err(|e| format!("not a URL ({e})"))?;
+    if !matches!(u.scheme(), "http" | "https") || u.host().is_none() {
+        return Err("an http:// or https:// URL".into());
+    }
+    if !u.username().is_empty() || u.password().is_some() {
+        return Err("credentials in the URL would be logged; put a token in its path".into());
+    }
+    Ok(())
+}
+
+/// The certificates of the PEM bundle at `path`, or why there are none.
+pub fn read_ca(path: &Path) -> Result<Vec<reqwest::Certificate>, String> {
+    let bad = |why: String| format!("{}: {why}", path.display());
+    let size = std::fs::metadata(path)
+        .map_err(|e| bad(format!("cannot read it ({e})")))?
+        .len();
+    if size > CA_LIMIT {
+        return Err(bad(format!(
+            "{size} bytes is past the {CA_LIMIT} a PEM bundle may have"
+        )));
+    }
+    let pem = std::fs::read(path).map_err(|e| bad(format!("cannot read it ({e})")))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem)
+        .map_err(|e| bad(format!("not a PEM certificate bundle ({e})")))?;
+    if certs.is_empty() {
+        return Err(bad("holds no certificate".into()));
+    }
+    Ok(certs)
 }
 
 #[cfg(test)]

@@ -119,11 +119,20 @@ fn errors_name_the_file_the_line_and_the_key() {
     assert!(err(extra).contains("job[0] (\"n\").notify: no [[notify]] named \"pager\""));
     let extra = "\n[[job]]\nname = \"n\"\nschedule = \"daily\"\n[[job]]\nname = \"n\"\nschedule = \"daily\"\n";
     assert!(err(extra).contains("job[1] (\"n\").name: a job's name must be unique"));
-    let extra = "\n[[notify]]\nname = \"x\"\nurl = \"https://x\"\n";
+    let extra = "\n[[notify]]\nname = \"x\"\nurl = \"ftp://x\"\n";
     assert!(err(extra).contains(&format!(
-        ":{}: notify[0] (\"x\").url: \"https://x\": an http:// URL",
+        ":{}: notify[0] (\"x\").url: \"ftp://x\": an http:// or https:// URL",
         line_of(extra, "url")
     )));
+    let extra = "\n[[notify]]\nname = \"x\"\nurl = \"https://x\"\nca = \"no-such-ca.pem\"\n";
+    let e = err(extra);
+    assert!(
+        e.contains(&format!(
+            ":{}: notify[0] (\"x\").ca: ",
+            line_of(extra, "ca ")
+        )) && e.contains("no-such-ca.pem: cannot read it"),
+        "{e}"
+    );
 }
 
 #[test]

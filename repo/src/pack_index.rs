@@ -1,0 +1,238 @@
+//! Pack indexes: which pack holds which chunk, so a reader fetches a
+//! chunk with one ranged GET and no listing of packs. Both the bucket's
+//! readers and its uploader use this module; it uses neither.
+//!
+//! A pack index is a header, then a record per pack, little-endian:
+//!
+//! | part | size | field |
+//! |---|---|---|
+//! | header | 24 | magic `VSNAPPIX` 8, version u16 (1), zero 6, number of records u64 |
+//! | record | 48 + T | pack name 32, the pack's length u64, T u64, then the pack's own trailer (T bytes) |
+//!
+//! The trailer is the pack's, byte for byte, so a pack index is checked by
+//! the same parser as a pack, and its records say all a reader needs to
+//! fetch a chunk with one ranged GET. Pack indexes are cached on the host
+//! (they are immutable and named by their hash, so a cached copy whose hash
+//! matches its name is the object).
+
+use std::collections::HashSet;
+
+use super::pack::{self, PackEntry};
+use crate::error::{Error, ErrorKind, Result};
+
+/// Where a bucket keeps its packs and its pack indexes.
+pub(super) const PACKS: &str = "packs/";
+pub(super) const PACK_INDEXES: &str = "packindex/";
+
+const MAGIC: &[u8; 8] = b"VSNAPPIX";
+const VERSION: u16 = 1;
+const HEAD_LEN: usize = 24;
+const RECORD_HEAD: usize = 48;
+
+/// A pack as a pack index records it: its name, length and trailer.
+#[derive(Debug, Clone)]
+pub(super) struct Record {
+    pub name: blake3::Hash,
+    pub len: u64,
+    pub trailer: Vec<u8>,
+}
+
+pub(super) fn write_cache(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().ok_or(std::io::ErrorKind::InvalidInput)?;
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".{}.tmp", uuid::Uuid::new_v4().simple()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
+pub(super) fn encode_pack_index(packs: &[Record]) -> Vec<u8> {
+    let total: usize = packs.iter().map(|p| RECORD_HEAD + p.trailer.len()).sum();
+    let mut out = Vec::with_capacity(HEAD_LEN + total);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&[0; 6]);
+    out.extend_from_slice(&(packs.len() as u64).to_le_bytes());
+    for p in packs {
+        out.extend_from_slice(p.name.as_bytes());
+        out.extend_from_slice(&p.len.to_le_bytes());
+        out.extend_from_slice(&(p.trailer.len() as u64).to_le_bytes());
+        out.extend_from_slice(&p.trailer);
+    }
+    out
+}
+
+fn corrupt(reason: String) -> Error {
+    ErrorKind::Corrupt {
+        what: "pack index",
+        reason,
+    }
+    .into()
+}
+
+fn le64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_le_bytes(a)
+}
+
+/// The packs a pack index lists, each with its entries; a pure function
+/// that trusts nothing: every record's trailer is parsed as its pack's
+/// would be, and must be exactly as long as it says.
+pub fn parse_pack_index(bytes: &[u8]) -> Result<Vec<(blake3::Hash, Vec<PackEntry>)>> {
+    Ok(pack_index_records(bytes)?
+        .into_iter()
+        .map(|(r, entries)| (r.name, entries))
+        .collect())
+}
+
+/// [`parse_pack_index`], keeping each record whole, for gc to write the
+/// records it keeps into a new pack index.
+pub(super) fn pack_index_records(bytes: &[u8]) -> Result<Vec<(Record, Vec<PackEntry>)>> {
+    if bytes.len() < HEAD_LEN {
+        return Err(ErrorKind::Truncated {
+            what: "pack index header",
+            needed: HEAD_LEN as u64,
+            at: 0,
+            available: bytes.len() as u64,
+        }
+        .into());
+    }
+    if &bytes[..8] != MAGIC {
+        return Err(ErrorKind::BadMagic {
+            what: "pack index",
+            expected: "VSNAPPIX",
+            found: String::from_utf8_lossy(&bytes[..8]).into_owned(),
+        }
+        .into());
+    }
+    let version = u16::from_le_bytes([bytes[8], bytes[9]]);
+    if version != VERSION {
+        return Err(ErrorKind::UnsupportedVersion {
+            what: "pack index",
+            found: u32::from(version),
+            expected: u32::from(VERSION),
+        }
+        .into());
+    }
+    if bytes[10..16].iter().any(|&b| b != 0) {
+        return Err(corrupt("reserved bytes of the header are not zero".into()));
+    }
+    let count = le64(&bytes[16..]);
+    let most = (bytes.len() - HEAD_LEN) / (RECORD_HEAD + pack::TAIL_LEN);
+    if count > most as u64 {
+        return Err(corrupt(format!(
+            "it claims {count} packs; {} bytes hold at most {most}",
+            bytes.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(count as usize);
+    let mut seen = HashSet::new();
+    let mut at = HEAD_LEN;
+    for i in 0..count {
+        let rest = &bytes[at..];
+        if rest.len() < RECORD_HEAD {
+            return Err(corrupt(format!("record {i} is cut short at byte {at}")));
+        }
+        let mut name = [0u8; 32];
+        name.copy_from_slice(&rest[..32]);
+        let name = blake3::Hash::from_bytes(name);
+        let pack_len = le64(&rest[32..]);
+        let trailer_len = le64(&rest[40..]);
+        let body = &rest[RECORD_HEAD..];
+        if trailer_len > body.len() as u64 {
+            return Err(corrupt(format!(
+                "record {i} claims a trailer of {trailer_len} bytes; {} remain",
+                body.len()
+            )));
+        }
+        let trailer = &body[..trailer_len as usize];
+        let wanted = pack::trailer_len(trailer, pack_len)
+            .map_err(|e| corrupt(format!("record {i}: {e}")))?;
+        if wanted != trailer_len {
+            return Err(corrupt(format!(
+                "record {i} holds {trailer_len} bytes of trailer; its tail says {wanted}"
+            )));
+        }
+        let entries = pack::parse_trailer(trailer, pack_len)
+            .map_err(|e| corrupt(format!("record {i}: {e}")))?;
+        if !seen.insert(name) {
+            return Err(corrupt(format!("record {i} lists pack {name} again")));
+        }
+        out.push((
+            Record {
+                name,
+                len: pack_len,
+                trailer: trailer.to_vec(),
+            },
+            entries,
+        ));
+        at += RECORD_HEAD + trailer_len as usize;
+    }
+    if at != bytes.len() {
+        return Err(corrupt(format!(
+            "{} bytes follow the last record",
+            bytes.len() - at
+        )));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pack::PackBuilder;
+
+    fn pack_of(blobs: &[(u8, usize)]) -> Record {
+        let mut b = PackBuilder::new();
+        for &(tag, len) in blobs {
+            let blob = vec![tag; len];
+            b.push(blake3::hash(&blob), &[&blob]).unwrap();
+        }
+        let (bytes, name, entries) = b.finish();
+        let end = entries.last().map_or(0, |e| e.offset + u64::from(e.length)) as usize;
+        Record {
+            name,
+            len: bytes.len() as u64,
+            trailer: bytes[end..].to_vec(),
+        }
+    }
+
+    #[test]
+    fn pack_indexes_round_trip_and_refuse_damage() {
+        let packs = [pack_of(&[(1, 100), (2, 50)]), pack_of(&[(3, 64)])];
+        let bytes = encode_pack_index(&packs);
+        let parsed = parse_pack_index(&bytes).unwrap();
+        assert_eq!(parsed.len(), 2);
+        assert_eq!(parsed[0].0, packs[0].name);
+        assert_eq!(parsed[0].1.len(), 2);
+        assert_eq!(parsed[0].1[1].offset, 100);
+        assert_eq!(parsed[1].1[0].length, 64);
+
+        let kind = |b: &[u8]| parse_pack_index(b).unwrap_err().to_string();
+        assert!(kind(&bytes[..10]).contains("truncated"));
+        let mut bad = bytes.clone();
+        bad[0] = b'X';
+        assert!(kind(&bad).contains("bad magic"));
+        let mut bad = bytes.clone();
+        bad[16] = 200;
+        assert!(kind(&bad).contains("claims 200 packs"));
+        // A flipped entry byte fails the trailer's CRC.
+        let mut bad = bytes.clone();
+        bad[HEAD_LEN + RECORD_HEAD + 40] ^= 1;
+        assert!(kind(&bad).contains("checksum"), "{}", kind(&bad));
+        let mut bad = bytes.clone();
+        bad.push(0);
+        assert!(kind(&bad).contains("1 bytes follow"));
+        let twice = encode_pack_index(&[pack_of(&[(1, 100)]), pack_of(&[(1, 100)])]);
+        assert!(kind(&twice).contains("again"));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn pack_index_parser_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600)) {
+            let _ = parse_pack_index(&bytes);
+        }
+    }
+}
