@@ -974,7 +974,12 @@ provider = "copy"
                 Ok(e) => e.text().await.unwrap_or_default(),
                 Err(_) => String::new(),
             };
-            if state == "succeeded" && points(&b).await == before + 1 {
+            // Told by the run's event stream, not found by a poll.
+            let followed = b
+                .find(Css("body[data-followed-end]"))
+                .await
+                .is_ok();
+            if state == "succeeded" && followed && points(&b).await == before + 1 {
                 break;
             }
             assert!(
