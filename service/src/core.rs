@@ -41,6 +41,10 @@ pub struct Service {
     /// The `vsnap` binary, which guards qemu-ga guests' freezes.
     pub(crate) guard: Option<PathBuf>,
     pub(crate) idle: tokio::sync::Notify,
+    /// Webhook deliveries under way: a run's are sent after it has ended
+    /// (its job may run again meanwhile), and a service that stops waits
+    /// for them too.
+    pub(crate) telling: std::sync::atomic::AtomicUsize,
 }
 
 /// How a run ended.
@@ -71,6 +75,7 @@ impl Service {
             active: Mutex::new(HashMap::new()),
             guard,
             idle: tokio::sync::Notify::new(),
+            telling: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -109,13 +114,14 @@ impl Service {
         true
     }
 
-    /// Asks every run to stop, and waits until none is left.
+    /// Asks every run to stop, and waits until none is left and every
+    /// webhook is told.
     pub async fn stop_all(&self) {
         loop {
             let notified = self.idle.notified();
             {
                 let active = self.active_map();
-                if active.is_empty() {
+                if active.is_empty() && self.telling.load(Ordering::SeqCst) == 0 {
                     return;
                 }
                 for a in active.values() {

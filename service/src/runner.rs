@@ -132,19 +132,30 @@ impl Service {
                 Progress::get(&a.progress.total),
             );
             let _ = svc.state.progress(a.run, done, total);
-            if let Err(e) = svc.state.finish(
-                a.run,
-                ended.state,
-                ended.error.as_deref(),
-                ended.note.as_deref(),
-                &ended.vms,
-            ) {
-                eprintln!("vsnap serve: run {}: {}", a.run, crate::error::chain(&e));
+            {
+                // Recorded as ended and no longer active at once, under
+                // the lock a start takes: whoever sees the run ended may
+                // start its job again. Its webhooks are told after, and a
+                // service that stops (SIGTERM) waits for them (counted
+                // before the run leaves the active ones, so one of the two
+                // always holds it).
+                let mut active = svc.active_map();
+                if let Err(e) = svc.state.finish(
+                    a.run,
+                    ended.state,
+                    ended.error.as_deref(),
+                    ended.note.as_deref(),
+                    &ended.vms,
+                ) {
+                    eprintln!("vsnap serve: run {}: {}", a.run, crate::error::chain(&e));
+                }
+                svc.telling
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                active.remove(&a.job);
             }
-            // Told before the run counts as ended, so a service that stops
-            // (SIGTERM) waits for its webhooks too.
             crate::notify::after_run(&svc, &notify, a.run).await;
-            svc.active_map().remove(&a.job);
+            svc.telling
+                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
             svc.idle.notify_waiters();
         });
         Ok(Started::Run(run))

@@ -423,10 +423,9 @@ pub fn write_hook(dir: &Path, name: &str, body: &str) {
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
 
-/// One HTTP/1.1 request over a fresh connection (`Connection: close`),
-/// with a bearer token when given: the status and the body. Enough for
-/// the service's API, without a client library between the test and the
-/// wire.
+/// One HTTP/1.1 request, with a bearer token when given: the status and
+/// the whole body (an event stream's too, once it ends). Through hyper's
+/// client, so the tests read the service's answers as any client would.
 pub fn http(
     addr: &str,
     method: &str,
@@ -434,55 +433,41 @@ pub fn http(
     token: Option<&str>,
     body: Option<&str>,
 ) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+    use http_body_util::{BodyExt, Full};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
         .unwrap();
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    if let Some(t) = token {
-        req += &format!("Authorization: Bearer {t}\r\n");
-    }
-    let body = body.unwrap_or("");
-    if !body.is_empty() {
-        req += "Content-Type: application/json\r\n";
-    }
-    req += &format!("Content-Length: {}\r\n\r\n{body}", body.len());
-    s.write_all(req.as_bytes()).unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let chunked = head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked");
-    (
-        status,
-        if chunked {
-            dechunk(rest)
-        } else {
-            rest.to_string()
-        },
-    )
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if n == 0 || rest.len() < n {
-            break;
+    rt.block_on(async {
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<Full<bytes::Bytes>>();
+        let mut req = hyper::Request::builder()
+            .method(method)
+            .uri(format!("http://{addr}{path}"));
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
         }
-        out += &rest[..n];
-        s = rest[n..].trim_start_matches("\r\n");
-    }
-    out
+        let body = body.unwrap_or("");
+        if !body.is_empty() {
+            req = req.header("content-type", "application/json");
+        }
+        let req = req
+            .body(Full::new(bytes::Bytes::from(body.to_owned())))
+            .unwrap();
+        let limit = std::time::Duration::from_secs(30);
+        let resp = tokio::time::timeout(limit, client.request(req))
+            .await
+            .unwrap_or_else(|_| panic!("{method} {path}: no answer within 30 s"))
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        let status = resp.status().as_u16();
+        let bytes = tokio::time::timeout(limit, resp.into_body().collect())
+            .await
+            .unwrap_or_else(|_| panic!("{method} {path}: the body did not end within 30 s"))
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+            .to_bytes();
+        (status, String::from_utf8_lossy(&bytes).into_owned())
+    })
 }
 
 /// A TCP port on 127.0.0.1 free now, and below the kernel's ephemeral
