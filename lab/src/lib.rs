@@ -20,6 +20,7 @@ pub mod demo;
 pub mod freeze_bench;
 pub mod guests;
 pub mod loopfs;
+pub mod plot;
 pub mod rng;
 pub mod workload;
 

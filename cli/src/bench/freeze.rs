@@ -142,7 +142,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
     }
     let results = freeze_bench::run(&study, &rt, &stop, &|note| eprintln!("vsnap bench: {note}"))?;
     if let Some(p) = &args.plot {
-        super::plot::freeze(&results, p)?;
+        vsnap_lab::plot::freeze(&results, p)?;
     }
     if args.json {
         writeln!(out, "{}", serde_json::to_string_pretty(&results)?)?;

@@ -3,7 +3,6 @@
 
 pub mod engine;
 pub mod freeze;
-mod plot;
 
 use std::io::Write;
 use std::process::ExitCode;

@@ -4,10 +4,10 @@
 
 use std::path::Path;
 
-use anyhow::{anyhow, Result};
 use plotters::prelude::*;
 
-use vsnap_lab::freeze_bench::Results;
+use crate::freeze_bench::Results;
+use crate::{Error, Result};
 
 const GIB: f64 = (1u64 << 30) as f64;
 
@@ -53,7 +53,10 @@ fn legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
 }
 
 pub fn freeze(r: &Results, path: &Path) -> Result<()> {
-    let e = |e: &dyn std::fmt::Display| anyhow!("plot {}: {e}", path.display());
+    let e = |e: &dyn std::fmt::Display| Error::Refused {
+        what: format!("plot {}", path.display()),
+        reason: e.to_string(),
+    };
     let root = SVGBackend::new(path, (1100, 900)).into_drawing_area();
     root.fill(&WHITE).map_err(|x| e(&x))?;
     let (top, bottom) = root.split_vertically(500);
@@ -97,9 +100,9 @@ pub fn freeze(r: &Results, path: &Path) -> Result<()> {
     let mut chart = ChartBuilder::on(&top)
         .caption(
             format!(
-                "Write latency in {} guest(s) ({} disks), freezes shaded",
+                "Write latency in {} guest(s) ({} GiB disks), freezes shaded",
                 r.guests,
-                crate::units::human(last_size)
+                last_size as f64 / GIB
             ),
             ("sans-serif", 20),
         )
