@@ -66,7 +66,8 @@ impl RepoHandle {
         Ok(r)
     }
 
-    /// A handle of its own for one run.
+    /// A handle of its own for one run, or for a measure of what a bucket's
+    /// handle reads once and keeps (its chunk count).
     pub fn session(&self) -> vsnap_repo::Result<Repository> {
         self.get()?.session()
     }

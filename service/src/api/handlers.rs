@@ -326,7 +326,10 @@ pub async fn metrics(State(api): State<Arc<Api>>) -> Result<impl IntoResponse, A
         if !fresh {
             let svc = Arc::clone(&api.svc);
             let measured =
-                tokio::task::spawn_blocking(move || svc.repo.get().and_then(|r| r.usage()))
+                // A session: a bucket's chunk count comes from the pack
+                // indexes a handle reads once, which a shared one would
+                // keep from the first measure on.
+                tokio::task::spawn_blocking(move || svc.repo.session().and_then(|r| r.usage()))
                     .await
                     .ok()
                     .and_then(Result::ok);
