@@ -88,10 +88,6 @@ macro_rules! context_error {
                 &self.kind
             }
 
-            pub fn into_kind(self) -> $kind {
-                self.kind
-            }
-
             pub fn path(&self) -> Option<&::std::path::Path> {
                 self.path.as_deref()
             }

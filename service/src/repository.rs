@@ -8,12 +8,12 @@
 //! service; the next use tries again. Runs take a session of it each
 //! ([`vsnap_repo::Repository::session`]), which bucket gc's rule needs.
 //!
-//! The listing is read once and served until the service writes (a
-//! backup, retention, gc: [`RepoHandle::changed`]) or [`RESCAN`] passes,
-//! which is how other hosts' backups into a shared bucket, or a forget run
-//! by hand, come to show.
+//! The listing is read once and served until the service changes which
+//! snapshots there are (a backup, retention: [`RepoHandle::changed`]) or
+//! [`RESCAN`] passes, which is how other hosts' backups into a shared
+//! bucket, or a forget run by hand, come to show.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -48,10 +48,6 @@ impl RepoHandle {
             open: Mutex::new(None),
             listing: Mutex::default(),
         }
-    }
-
-    pub fn location(&self) -> &Path {
-        &self.location
     }
 
     /// The open repository, opening it if this is the first use (or the
@@ -109,6 +105,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+    use std::path::Path;
     use vsnap_engine::pipeline::{Options, Progress};
     use vsnap_repo::BackupOptions;
 

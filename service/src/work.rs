@@ -160,8 +160,6 @@ pub(crate) async fn verify(
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
         let report =
             vsnap_repo::verify::verify(&repo, &ids, threads, None, &a.progress).map_err(engine)?;
-        // Verify moves damaged chunks aside; the listing may say otherwise now.
-        svc.repo.changed();
         svc.state.set_verified(&ids, report.ok())?;
         let what = format!(
             "verified {} snapshot(s), {} disk(s), {} chunk(s), {} bytes",
