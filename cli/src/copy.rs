@@ -1,16 +1,14 @@
 //! `vsnap copy`.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
 use serde::Serialize;
-use vsnap_engine::pipeline::{
-    self, copy_images, update_b3sums, CopySpec, Options, Progress, TargetFormat,
-};
+use vsnap_engine::pipeline::{self, copy_images, update_b3sums, CopySpec, Progress, TargetFormat};
 use vsnap_formats::DiskImage;
 
 use crate::engine_args::{ChunkArg, EngineArgs};
@@ -105,25 +103,6 @@ struct JsonCopy {
     verified: bool,
 }
 
-/// A copy's file name: the source's, with the extension of the format
-/// written unless it is the source's own.
-pub fn target_name(source: &Path, format: TargetFormat, same: bool) -> Result<String> {
-    let name = source
-        .file_name()
-        .with_context(|| format!("{}: not a file name", source.display()))?;
-    if same {
-        return Ok(name.to_string_lossy().into_owned());
-    }
-    let stem = Path::new(name)
-        .file_stem()
-        .map_or_else(|| name.to_string_lossy(), |s| s.to_string_lossy());
-    Ok(match format {
-        TargetFormat::Raw => format!("{stem}.raw"),
-        TargetFormat::FixedVhdx | TargetFormat::DynamicVhdx => format!("{stem}.vhdx"),
-        _ => format!("{stem}.vhd"),
-    })
-}
-
 impl OutFormat {
     /// `None` for `same`: the source decides.
     pub fn target(self) -> Option<TargetFormat> {
@@ -135,16 +114,6 @@ impl OutFormat {
             OutFormat::Vhdx => Some(TargetFormat::DynamicVhdx),
             OutFormat::VhdxFixed => Some(TargetFormat::FixedVhdx),
         }
-    }
-}
-
-pub fn format_name(f: TargetFormat) -> &'static str {
-    match f {
-        TargetFormat::Raw => "raw",
-        TargetFormat::FixedVhd => "fixed",
-        TargetFormat::DynamicVhd => "dynamic",
-        TargetFormat::FixedVhdx => "vhdx-fixed",
-        TargetFormat::DynamicVhdx => "vhdx",
     }
 }
 
@@ -161,7 +130,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
             .out_format
             .target()
             .unwrap_or_else(|| TargetFormat::same_as(*image));
-        let name = target_name(src, format, matches!(args.out_format, OutFormat::Same))?;
+        let name = format.file_name(src, matches!(args.out_format, OutFormat::Same))?;
         if names.contains(&name) {
             bail!(
                 "two sources would both be copied to {name}; copy them into different directories"
@@ -193,7 +162,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
     update_b3sums(&args.to, &entries)?;
     let elapsed = started.elapsed();
     let verified = if args.verify {
-        verify(&results, &opts)?;
+        pipeline::verify_copies(&results, &opts)?;
         true
     } else {
         false
@@ -204,7 +173,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
         .map(|(r, src)| JsonCopy {
             source: src.clone(),
             target: r.target.clone(),
-            format: format_name(r.format),
+            format: r.format.name(),
             digest: r.source.digest.to_hex().to_string(),
             file_digest: r.file_digest.to_hex().to_string(),
             virtual_size: r.source.virtual_size,
@@ -238,23 +207,4 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
         if verified { ", verified" } else { "" }
     );
     Ok(ExitCode::SUCCESS)
-}
-
-/// Re-opens every copy and checks its virtual-disk digest.
-fn verify(results: &[pipeline::CopyResult], opts: &Options) -> Result<()> {
-    let targets: Vec<PathBuf> = results.iter().map(|r| r.target.clone()).collect();
-    let copies = crate::open_all(&targets, FormatArg::Auto)?;
-    let refs: Vec<&dyn DiskImage> = copies.iter().map(|b| &**b).collect();
-    let digests = pipeline::hash_images(&refs, opts, &Progress::default())?;
-    for (r, d) in results.iter().zip(digests) {
-        if d.digest != r.source.digest {
-            bail!(
-                "{}: verify failed: the copy's virtual-disk digest is {}, the source's {}",
-                r.target.display(),
-                d.digest,
-                r.source.digest
-            );
-        }
-    }
-    Ok(())
 }

@@ -6,9 +6,8 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Result};
 use clap::ValueEnum;
-use vsnap_formats::vhd::{self, CreateOptions, DiskType};
-use vsnap_formats::vhdx::{NewVhdx, VhdxIdentity, VhdxImage, VhdxWriter};
-use vsnap_formats::DiskImage;
+use vsnap_formats::new_image::{is_vhdx_name, NewImage};
+use vsnap_formats::vhd::DiskType;
 
 use crate::units::{human, parse_size};
 
@@ -99,19 +98,21 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
         Some(Err(_)) => bail!("--block-size {} is too large", args.block_size.unwrap_or(0)),
         None => None,
     };
-    let ext = args.path.extension().and_then(|e| e.to_str()).unwrap_or("");
-    let vhdx = match args.format {
-        Some(f) => matches!(f, ContainerArg::Vhdx),
-        None => ext.eq_ignore_ascii_case("vhdx") || ext.eq_ignore_ascii_case("avhdx"),
+    let new = NewImage {
+        path: args.path.clone(),
+        disk_type,
+        size,
+        block_size,
+        vhdx: match args.format {
+            Some(f) => matches!(f, ContainerArg::Vhdx),
+            None => is_vhdx_name(&args.path),
+        },
+        parent: args.parent.clone(),
     };
-    let info = if vhdx {
-        create_vhdx(args, disk_type, size, block_size)?
-    } else {
-        let mut opts = CreateOptions::new(disk_type, size);
-        opts.block_size = block_size.unwrap_or(2 << 20);
-        opts.parent.clone_from(&args.parent);
-        vhd::create(&args.path, &opts)?.info()?
-    };
+    if new.vhdx && disk_type == DiskType::Differencing && args.parent.is_none() {
+        bail!("--parent is required for a differencing disk");
+    }
+    let info = new.create()?;
     if args.json {
         writeln!(out, "{}", serde_json::to_string_pretty(&info)?)?;
     } else {
@@ -120,7 +121,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
             "created {}: {} {}, {} ({} bytes){}",
             args.path.display(),
             disk_type.name(),
-            if vhdx { "VHDX" } else { "VHD" },
+            if new.vhdx { "VHDX" } else { "VHD" },
             human(info.virtual_size),
             info.virtual_size,
             args.parent
@@ -129,33 +130,4 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
         )?;
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn create_vhdx(
-    args: &Args,
-    disk_type: DiskType,
-    size: u64,
-    block_size: Option<u32>,
-) -> Result<vsnap_formats::ImageInfo> {
-    let new = match (disk_type, &args.parent) {
-        (DiskType::Differencing, Some(parent)) => {
-            let mut new = NewVhdx::child_of(parent, &args.path)?;
-            if let Some(b) = block_size {
-                new.identity.block_size = b;
-            }
-            new
-        }
-        (DiskType::Differencing, None) => bail!("--parent is required for a differencing disk"),
-        _ => {
-            let mut id = VhdxIdentity::new(size);
-            id.fixed = disk_type == DiskType::Fixed;
-            if let Some(b) = block_size {
-                id.block_size = b;
-            }
-            NewVhdx::new(size, id)
-        }
-    };
-    let mut writer = VhdxWriter::create(&args.path, new, &[])?;
-    writer.finish()?;
-    Ok(VhdxImage::open(&args.path)?.info()?)
 }

@@ -10,17 +10,17 @@
 //! loop-mounted guests and FIFREEZE.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use vsnap_coordinator::backup::Plan;
 use vsnap_coordinator::inventory::Inventory;
-use vsnap_lab::{demo, AgentProc};
+use vsnap_lab::demo::{self, step};
 
 use crate::progress::{ProgressArg, ProgressArgs};
-use crate::units::{human, parse_size};
+use crate::units::parse_size;
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "\
@@ -50,35 +50,6 @@ pub struct Args {
     listen: std::net::SocketAddr,
 }
 
-/// The VM's agent: a `vsnap agent` child of this process, whose writer
-/// is the application's hook (it freezes no filesystem here).
-fn start_agent(vm_dir: &Path) -> Result<AgentProc> {
-    let mut cmd = Command::new(std::env::current_exe()?);
-    cmd.arg("agent")
-        .arg("--listen")
-        .arg(format!("unix:{}", vm_dir.join("agent.sock").display()))
-        .arg("--hooks")
-        .arg(vm_dir.join("hooks"))
-        .arg("--marker")
-        .arg(vm_dir.join("agent.frozen"));
-    AgentProc::start(cmd, &vm_dir.join("agent.log"))
-        .with_context(|| format!("the agent of {} did not start", vm_dir.display()))
-}
-
-fn step(out: &mut dyn Write, what: &str) -> Result<()> {
-    writeln!(out, "== {what}")?;
-    out.flush()?;
-    Ok(())
-}
-
-/// Runs `vsnap ARGS` as a child, its output shown in order with ours.
-fn vsnap(out: &mut dyn Write, args: &[&std::ffi::OsStr]) -> Result<bool> {
-    let o = Command::new(std::env::current_exe()?).args(args).output()?;
-    out.write_all(&o.stdout)?;
-    out.write_all(&o.stderr)?;
-    Ok(o.status.success())
-}
-
 pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
     if args.vms == 0 {
         bail!("--vms must be at least 1");
@@ -99,35 +70,9 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
         out,
         &format!("building {} VMs in {}", args.vms, dir.display()),
     )?;
-    let mut inventory = String::new();
-    let mut agents = Vec::new();
-    let mut apps = Vec::new();
-    for i in 0..args.vms {
-        let name = format!("vm{i}");
-        let vm_dir = dir.join(&name);
-        std::fs::create_dir_all(vm_dir.join("hooks"))?;
-        let disk = demo::ext4_disk(&vm_dir, &name, args.disk_size)?;
-        let hook = vm_dir.join("hooks/10-app");
-        std::fs::write(&hook, demo::pause_hook(&vm_dir.join("app")))?;
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755))?;
-        apps.push(demo::start_app(&vm_dir.join("app"))?);
-        let agent = start_agent(&vm_dir)?;
-        let address = agent.address.clone();
-        agents.push(agent);
-        writeln!(
-            out,
-            "{name}: {} ({} virtual, ext4), agent on {address}",
-            disk.display(),
-            human(args.disk_size)
-        )?;
-        inventory += &format!(
-            "[[vm]]\nname = \"{name}\"\ndisks = [\"{}\"]\nagent = \"{address}\"\npolicy = \"app-consistent-only\"\n\n",
-            disk.display()
-        );
-    }
-    let inv = dir.join("inventory.toml");
-    std::fs::write(&inv, inventory)?;
+    let exe = std::env::current_exe()?;
+    let vms = demo::build(&dir, args.vms, args.disk_size, &exe, out)?;
+    let (inv, agents, apps) = (vms.inventory, vms.agents, vms.apps);
     let repo = dir.join("repo");
     let repository = vsnap_repo::Repository::init(&repo, vsnap_repo::DEFAULT_CHUNK_SIZE)?;
     // Let the applications write for a moment: there is something to hold.
@@ -181,71 +126,18 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
         None
     };
 
-    step(
-        out,
-        "verify the repository: every chunk re-read and re-hashed",
-    )?;
-    if !vsnap(
-        out,
-        &[
-            "verify".as_ref(),
-            "-q".as_ref(),
-            "--repo".as_ref(),
-            repo.as_os_str(),
-        ],
-    )? {
-        bail!("verify failed");
-    }
     let first = report
         .session
         .vms
         .first()
         .and_then(|v| v.snapshot.clone())
         .context("no snapshot")?;
-    let target = format!("{first}:1");
-    let restored = dir.join("restored-vm0.vhd");
-    step(
-        out,
-        &format!("restore {target}, then check it, and the live disk, by digest"),
-    )?;
-    let restore = [
-        "restore".as_ref(),
-        "-q".as_ref(),
-        "--repo".as_ref(),
-        repo.as_os_str(),
-        target.as_ref(),
-        "--to".as_ref(),
-        restored.as_os_str(),
-    ];
-    if !vsnap(out, &restore)? {
-        bail!("restore failed");
-    }
-    let live = dir.join("vm0/disk0.vhd");
-    for image in [&restored, &live] {
-        let check = [
-            "verify".as_ref(),
-            "--repo".as_ref(),
-            repo.as_os_str(),
-            target.as_ref(),
-            "--against".as_ref(),
-            image.as_os_str(),
-        ];
-        if !vsnap(out, &check)? {
-            bail!("{} does not match the backup", image.display());
-        }
-    }
+    demo::check(&exe, &dir, &repo, &first, out)?;
     writeln!(out, "done; everything is in {}", dir.display())?;
     let Some((agents, apps)) = running else {
         return Ok(ExitCode::SUCCESS);
     };
-    let config = dir.join("serve.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "# vsnap demo --serve: the demo VMs under the service.\nrepository = \"repo\"\ninventory = \"inventory.toml\"\nstate_dir = \"state\"\nlisten = \"{}\"\n\n[[job]]\nname = \"demo\"\nschedule = \"*:0/5\"\nkeep = {{ last = 5 }}\ngc = true\n\n[[verify]]\nname = \"verify\"\nschedule = \"daily\"\noutdated_after = \"7d\"\n",
-            args.listen
-        ),
-    )?;
+    let config = demo::serve_config(&dir, args.listen)?;
     let token = vsnap_service::api::token::load_or_create(&dir.join("state"))?;
     step(
         out,

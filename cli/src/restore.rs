@@ -9,7 +9,7 @@ use serde::Serialize;
 use vsnap_engine::pipeline::Progress;
 use vsnap_repo::restore::{find_disk, restore, RestoreSpec};
 
-use crate::copy::{format_name, target_name, OutFormat};
+use crate::copy::OutFormat;
 use crate::engine_args::EngineArgs;
 use crate::repo::{split_target, RepoArg};
 use crate::units::human;
@@ -80,7 +80,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
     // of the format asked for, as `vsnap copy` names its copies.
     let name_in_dir = |disk: &vsnap_repo::Disk| -> Result<PathBuf> {
         Ok(args.to.join(match format {
-            Some(f) => target_name(std::path::Path::new(&disk.name), f, false)?,
+            Some(f) => f.file_name(std::path::Path::new(&disk.name), false)?,
             None => disk.name.clone(),
         }))
     };
@@ -150,7 +150,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
         .map(|(r, s)| JsonRestore {
             disk: s.disk.name.clone(),
             target: r.target.clone(),
-            format: format_name(r.format),
+            format: r.format.name(),
             digest: r.source.digest.to_hex().to_string(),
             virtual_size: r.source.virtual_size,
             bytes_written: r.bytes_written,

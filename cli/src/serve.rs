@@ -11,9 +11,7 @@ use anyhow::{Context, Result};
 use chrono::Utc;
 use vsnap_service::calendar::Zone;
 use vsnap_service::config::Config;
-use vsnap_service::runner::Service;
-use vsnap_service::scheduler;
-use vsnap_service::state::State;
+use vsnap_service::daemon;
 
 #[derive(clap::Args, Debug)]
 #[command(after_help = "\
@@ -57,7 +55,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
                 .schedule
                 .elapses(Utc::now(), Zone::Local, 3)
                 .iter()
-                .map(|t| local(*t))
+                .map(|t| daemon::local_time(*t))
                 .collect();
             writeln!(
                 out,
@@ -74,13 +72,6 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let (state, cut) = State::open(&cfg.state_dir)?;
-    let token = vsnap_service::api::token::load_or_create(&cfg.state_dir)?;
-    for id in cut {
-        eprintln!(
-            "vsnap serve: run {id} was in progress when the service stopped; it is marked failed"
-        );
-    }
     // Before any thread starts: a long-running service must not let each
     // of its threads keep a fragmented malloc arena (vsnap_service::alloc).
     vsnap_service::alloc::limit_arenas(vsnap_service::alloc::SERVICE_ARENAS);
@@ -93,50 +84,16 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
         .build()
         .context("start the runtime")?;
     rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind(cfg.listen)
-            .await
-            .with_context(|| format!("listen on {} (listen in {})", cfg.listen, cfg.path.display()))?;
-        let address = listener.local_addr().context("the listening address")?;
-        let token_path = cfg.state_dir.join(vsnap_service::api::token::FILE);
-        let svc = Service::new(cfg, state, std::env::current_exe().ok());
-        let (stop, stopped) = tokio::sync::watch::channel(false);
-        let sched = tokio::spawn(scheduler::run(
-            std::sync::Arc::clone(&svc),
-            Zone::Local,
-            stopped.clone(),
-        ));
-        let api = vsnap_service::api::Api::new(std::sync::Arc::clone(&svc), token, Zone::Local);
-        let http = tokio::spawn(vsnap_service::api::serve(listener, api, stopped));
-        eprintln!(
-            "vsnap serve: API on http://{address}/ (bearer token in {})",
-            token_path.display()
-        );
-        for d in scheduler::upcoming(&svc, Zone::Local) {
-            let at = d.at.map_or("never".into(), local);
-            eprintln!("vsnap serve: job {}: next run {at}", d.job);
-        }
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("listen for SIGTERM")?;
-        let signal = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = tokio::signal::ctrl_c() => "SIGINT",
+        let signal = async move {
+            tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = tokio::signal::ctrl_c() => "SIGINT",
+            }
         };
-        let _ = stop.send(true);
-        let running = svc.active().len();
-        eprintln!("vsnap serve: {signal}: stopping; {running} run(s) abort by the session's rules (every guest thawed)");
-        svc.stop_all().await;
-        let _ = sched.await;
-        if let Ok(Err(e)) = http.await {
-            eprintln!("vsnap serve: the API stopped: {e}");
-        }
-        eprintln!("vsnap serve: stopped");
+        daemon::run(cfg, Zone::Local, signal, |m| eprintln!("vsnap serve: {m}")).await?;
         Ok::<_, anyhow::Error>(())
     })?;
     Ok(ExitCode::SUCCESS)
-}
-
-fn local(t: chrono::DateTime<Utc>) -> String {
-    t.with_timezone(&chrono::Local)
-        .format("%a %Y-%m-%d %H:%M:%S %Z")
-        .to_string()
 }

@@ -2,6 +2,7 @@
 //! units like qemu-img.
 
 use anyhow::{bail, Context, Result};
+pub use vsnap_engine::units::human;
 
 /// Parses a duration as people write one (`500ms`, `10s`, `2m`), more
 /// than zero.
@@ -79,22 +80,6 @@ pub fn parse_pack_size(text: &str) -> std::result::Result<u64, String> {
     Ok(n)
 }
 
-/// `104857600` → `100 MiB`; exact values keep no decimals.
-pub fn human(bytes: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut unit = 0;
-    let mut value = bytes as f64;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if value.fract() == 0.0 {
-        format!("{value} {}", UNITS[unit])
-    } else {
-        format!("{value:.2} {}", UNITS[unit])
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,12 +100,5 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("too large"));
-    }
-
-    #[test]
-    fn human_sizes_are_exact_where_they_can_be() {
-        assert_eq!(human(100 << 20), "100 MiB");
-        assert_eq!(human(104_865_792), "100.01 MiB");
-        assert_eq!(human(512), "512 B");
     }
 }

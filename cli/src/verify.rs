@@ -5,13 +5,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use serde::Serialize;
-use vsnap_engine::pipeline::{hash_images, Progress};
-use vsnap_formats::DiskImage;
-use vsnap_repo::restore::find_disk;
+use vsnap_engine::pipeline::Progress;
 
 use crate::engine_args::EngineArgs;
-use crate::repo::{split_target, RepoArg};
+use crate::repo::RepoArg;
 use crate::units::human;
 
 /// Exit code when verify finds damage.
@@ -52,16 +49,6 @@ pub struct Args {
     engine: EngineArgs,
     #[command(flatten)]
     output: crate::progress::ProgressArgs,
-}
-
-#[derive(Serialize)]
-struct JsonAgainst {
-    snapshot: String,
-    disk: String,
-    image: PathBuf,
-    recorded: String,
-    computed: String,
-    matches: bool,
 }
 
 pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
@@ -132,37 +119,12 @@ fn against(
     let [what] = &args.snapshots[..] else {
         anyhow::bail!("--against compares one SNAPSHOT:DISK with one image");
     };
-    let (snap, disk) = split_target(what);
-    let manifest = repo.find(snap)?;
-    let disk = match disk {
-        Some(d) => find_disk(&manifest, d)?,
-        None if manifest.disks.len() == 1 => &manifest.disks[0],
-        None => anyhow::bail!(
-            "snapshot {} has several disks; name one as {}:DISK",
-            manifest.id,
-            manifest.id
-        ),
-    };
-    let images = crate::open_all(&[image.to_path_buf()], crate::FormatArg::Auto)?;
-    let refs: Vec<&dyn DiskImage> = images.iter().map(|b| &**b).collect();
     let opts = args.engine.options(false, repo.config().chunk_size)?;
     let progress = Progress::default();
-    let digests = args
-        .output
-        .run(&progress, || hash_images(&refs, &opts, &progress))?;
+    let report = args.output.run(&progress, || {
+        vsnap_repo::against::against(repo, what, image, &opts, &progress)
+    })?;
     args.engine.save_cache(&opts);
-    let computed = digests
-        .first()
-        .map(|d| d.digest.to_hex().to_string())
-        .unwrap_or_default();
-    let report = JsonAgainst {
-        snapshot: manifest.id.clone(),
-        disk: disk.name.clone(),
-        image: image.to_path_buf(),
-        recorded: disk.digest.clone(),
-        matches: computed == disk.digest,
-        computed,
-    };
     if args.json {
         writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
     } else if report.matches {

@@ -2,11 +2,7 @@
 //! happened (the endpoint or file, and the operation), so an operator sees
 //! which guest and which step failed.
 
-use std::fmt;
-
 use vsnap_protocol::ErrorClass;
-
-pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -50,34 +46,9 @@ pub enum ErrorKind {
     },
 }
 
-#[derive(Debug)]
-pub struct Error {
-    pub kind: ErrorKind,
-    /// The endpoint, mount or file the error concerns.
-    pub at: Option<String>,
-    /// What was being done.
-    pub during: Option<String>,
-}
+vsnap_error::labelled_error!(ErrorKind, Io);
 
 impl Error {
-    pub fn new(kind: ErrorKind) -> Self {
-        Error {
-            kind,
-            at: None,
-            during: None,
-        }
-    }
-
-    pub fn at(mut self, at: impl Into<String>) -> Self {
-        self.at.get_or_insert_with(|| at.into());
-        self
-    }
-
-    pub fn during(mut self, what: impl Into<String>) -> Self {
-        self.during.get_or_insert_with(|| what.into());
-        self
-    }
-
     /// The class the retry rules look at: the agent's own, or the one a
     /// transport failure falls in.
     pub fn class(&self) -> ErrorClass {
@@ -93,30 +64,6 @@ impl Error {
             ErrorKind::Protocol(_) => ErrorClass::Protocol,
             ErrorKind::Interrupted => ErrorClass::NonRetryable,
         }
-    }
-}
-
-impl fmt::Display for Error {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if let Some(at) = &self.at {
-            write!(f, "{at}: ")?;
-        }
-        if let Some(during) = &self.during {
-            write!(f, "{during}: ")?;
-        }
-        write!(f, "{}", self.kind)
-    }
-}
-
-impl std::error::Error for Error {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        std::error::Error::source(&self.kind)
-    }
-}
-
-impl From<ErrorKind> for Error {
-    fn from(kind: ErrorKind) -> Self {
-        Error::new(kind)
     }
 }
 
@@ -137,12 +84,6 @@ impl From<vsnap_protocol::Error> for Error {
             at: e.at,
             during: e.during,
         }
-    }
-}
-
-impl From<std::io::Error> for Error {
-    fn from(e: std::io::Error) -> Self {
-        Error::new(ErrorKind::Io(e))
     }
 }
 

@@ -67,3 +67,23 @@ impl Error {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lifted_cause_appears_once_in_the_chain() {
+        let image = vsnap_formats::Error::from(std::io::Error::other("short read"))
+            .in_file(std::path::Path::new("vm.vhd"))
+            .at(512)
+            .during("read BAT");
+        let lifted = Error::from(image).during("copy");
+        let text = vsnap_error::chain(&lifted);
+        assert_eq!(
+            text,
+            "vm.vhd: read BAT at offset 512: I/O error: short read"
+        );
+        assert!(lifted.format_kind().is_some());
+    }
+}

@@ -11,5 +11,6 @@ pub mod digest;
 mod error;
 pub mod io;
 pub mod pipeline;
+pub mod units;
 
 pub use error::{Error, ErrorKind, Result};

@@ -228,6 +228,81 @@ macro_rules! context_error {
     };
 }
 
+/// Defines `Error` (a `$kind` plus where it happened, as text: the
+/// endpoint, mount or file, and what was being done), `Result`,
+/// `From<$kind>` and `From<std::io::Error>` (as `$kind::$io`): the shape
+/// of the errors of the crates that talk to guests (protocol,
+/// coordinator), whose places are endpoints and sessions, not files and
+/// offsets. The first `at` and `during` given win: the innermost knows
+/// best.
+#[macro_export]
+macro_rules! labelled_error {
+    ($kind:ident, $io:ident) => {
+        /// Shorthand used throughout the crate.
+        pub type Result<T, E = Error> = ::std::result::Result<T, E>;
+
+        /// An [`ErrorKind`] with where it happened.
+        #[derive(Debug)]
+        pub struct Error {
+            pub kind: $kind,
+            /// The endpoint, mount or file the error concerns.
+            pub at: Option<String>,
+            /// What was being done.
+            pub during: Option<String>,
+        }
+
+        impl Error {
+            pub fn new(kind: $kind) -> Self {
+                Error {
+                    kind,
+                    at: None,
+                    during: None,
+                }
+            }
+
+            pub fn at(mut self, at: impl Into<String>) -> Self {
+                self.at.get_or_insert_with(|| at.into());
+                self
+            }
+
+            pub fn during(mut self, what: impl Into<String>) -> Self {
+                self.during.get_or_insert_with(|| what.into());
+                self
+            }
+        }
+
+        impl ::std::fmt::Display for Error {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+                if let Some(at) = &self.at {
+                    write!(f, "{at}: ")?;
+                }
+                if let Some(during) = &self.during {
+                    write!(f, "{during}: ")?;
+                }
+                write!(f, "{}", self.kind)
+            }
+        }
+
+        impl ::std::error::Error for Error {
+            fn source(&self) -> Option<&(dyn ::std::error::Error + 'static)> {
+                ::std::error::Error::source(&self.kind)
+            }
+        }
+
+        impl From<$kind> for Error {
+            fn from(kind: $kind) -> Self {
+                Error::new(kind)
+            }
+        }
+
+        impl From<::std::io::Error> for Error {
+            fn from(e: ::std::io::Error) -> Self {
+                Error::new($kind::$io(e))
+            }
+        }
+    };
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

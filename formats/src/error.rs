@@ -132,3 +132,21 @@ fn display_paths(paths: &[PathBuf]) -> String {
 }
 
 vsnap_error::context_error!(ErrorKind, Io);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wrapped_cause_appears_once_in_the_chain() {
+        let e = Error::from(std::io::Error::other("short read"))
+            .in_file(std::path::Path::new("vm.vhd"))
+            .at(512)
+            .during("read BAT");
+        let text = vsnap_error::chain(&e);
+        assert_eq!(
+            text,
+            "vm.vhd: read BAT at offset 512: I/O error: short read"
+        );
+    }
+}

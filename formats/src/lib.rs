@@ -9,6 +9,7 @@ mod error;
 pub mod extent;
 mod info;
 pub mod layered;
+pub mod new_image;
 pub mod raw;
 pub mod sniff;
 pub mod storage;

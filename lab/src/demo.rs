@@ -11,10 +11,11 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use vsnap_engine::pipeline::{copy_images, CopySpec, Options, Progress, TargetFormat};
+use vsnap_engine::units::human;
 use vsnap_formats::{DiskImage, ImageFormat};
 
 use crate::workload::Background;
-use crate::{io, Error, Result};
+use crate::{io, AgentProc, Error, Result};
 
 /// A guest disk in `dir/disk0.vhd`: an ext4 filesystem of `size` bytes
 /// labelled `name`, holding a little text and a little noise, made by
@@ -126,4 +127,182 @@ pub fn start_app(dir: &Path) -> Result<Background<(u64, Duration)>> {
         };
         work().map_err(io("write", &log_path))
     }))
+}
+
+/// An application, running until finished: records written, longest hold.
+pub type App = Background<(u64, Duration)>;
+
+/// The demo's VMs, running: each one's agent and application, and the
+/// inventory that names them.
+pub struct Vms {
+    pub inventory: PathBuf,
+    pub agents: Vec<AgentProc>,
+    pub apps: Vec<App>,
+}
+
+/// Says which step the demo is at.
+pub fn step(out: &mut dyn Write, what: &str) -> std::io::Result<()> {
+    writeln!(out, "== {what}")?;
+    out.flush()
+}
+
+/// The VM's agent: a `vsnap agent` child (of `vsnap`, the binary at
+/// `exe`), whose writer is the application's hook (it freezes no
+/// filesystem here).
+fn start_agent(exe: &Path, vm_dir: &Path) -> Result<AgentProc> {
+    let mut cmd = Command::new(exe);
+    cmd.arg("agent")
+        .arg("--listen")
+        .arg(format!("unix:{}", vm_dir.join("agent.sock").display()))
+        .arg("--hooks")
+        .arg(vm_dir.join("hooks"))
+        .arg("--marker")
+        .arg(vm_dir.join("agent.frozen"));
+    AgentProc::start(cmd, &vm_dir.join("agent.log"))
+}
+
+/// Builds `count` VMs in `dir` (`vmN/`: an ext4 disk of `disk_size`, the
+/// hook, the application, the agent) and `dir/inventory.toml`, saying
+/// each one to `out`.
+pub fn build(
+    dir: &Path,
+    count: usize,
+    disk_size: u64,
+    exe: &Path,
+    out: &mut dyn Write,
+) -> Result<Vms> {
+    let mut inventory = String::new();
+    let mut agents = Vec::new();
+    let mut apps = Vec::new();
+    for i in 0..count {
+        let name = format!("vm{i}");
+        let vm_dir = dir.join(&name);
+        let hooks = vm_dir.join("hooks");
+        std::fs::create_dir_all(&hooks).map_err(io("create", &hooks))?;
+        let disk = ext4_disk(&vm_dir, &name, disk_size)?;
+        let hook = hooks.join("10-app");
+        std::fs::write(&hook, pause_hook(&vm_dir.join("app"))).map_err(io("write", &hook))?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755))
+            .map_err(io("make executable", &hook))?;
+        apps.push(start_app(&vm_dir.join("app"))?);
+        let agent = start_agent(exe, &vm_dir)?;
+        let address = agent.address.clone();
+        agents.push(agent);
+        writeln!(
+            out,
+            "{name}: {} ({} virtual, ext4), agent on {address}",
+            disk.display(),
+            human(disk_size)
+        )
+        .map_err(io("write", "the output"))?;
+        inventory += &format!(
+            "[[vm]]\nname = \"{name}\"\ndisks = [\"{}\"]\nagent = \"{address}\"\npolicy = \"app-consistent-only\"\n\n",
+            disk.display()
+        );
+    }
+    let path = dir.join("inventory.toml");
+    std::fs::write(&path, inventory).map_err(io("write", &path))?;
+    Ok(Vms {
+        inventory: path,
+        agents,
+        apps,
+    })
+}
+
+/// Runs `vsnap ARGS` (the binary at `exe`) as a child, its output shown
+/// in order with ours; an error where it fails.
+fn vsnap(exe: &Path, out: &mut dyn Write, args: &[&std::ffi::OsStr]) -> Result<()> {
+    let o = Command::new(exe)
+        .args(args)
+        .output()
+        .map_err(io("run", exe))?;
+    out.write_all(&o.stdout)
+        .and_then(|()| out.write_all(&o.stderr))
+        .map_err(io("write", "the output"))?;
+    if o.status.success() {
+        return Ok(());
+    }
+    Err(Error::Command {
+        command: format!(
+            "vsnap {}",
+            args.join(std::ffi::OsStr::new(" ")).to_string_lossy()
+        ),
+        stderr: format!("exit status {}", o.status),
+    })
+}
+
+/// What the demo shows after the backup, as an operator would run it:
+/// `vsnap verify` of the repository, a restore of VM 0's disk from
+/// `snapshot`, and both it and the live disk checked by digest.
+pub fn check(
+    exe: &Path,
+    dir: &Path,
+    repo: &Path,
+    snapshot: &str,
+    out: &mut dyn Write,
+) -> Result<()> {
+    let say = |out: &mut dyn Write, what: &str| step(out, what).map_err(io("write", "the output"));
+    say(
+        out,
+        "verify the repository: every chunk re-read and re-hashed",
+    )?;
+    vsnap(
+        exe,
+        out,
+        &[
+            "verify".as_ref(),
+            "-q".as_ref(),
+            "--repo".as_ref(),
+            repo.as_os_str(),
+        ],
+    )?;
+    let target = format!("{snapshot}:1");
+    let restored = dir.join("restored-vm0.vhd");
+    say(
+        out,
+        &format!("restore {target}, then check it, and the live disk, by digest"),
+    )?;
+    vsnap(
+        exe,
+        out,
+        &[
+            "restore".as_ref(),
+            "-q".as_ref(),
+            "--repo".as_ref(),
+            repo.as_os_str(),
+            target.as_ref(),
+            "--to".as_ref(),
+            restored.as_os_str(),
+        ],
+    )?;
+    for image in [&restored, &dir.join("vm0/disk0.vhd")] {
+        vsnap(
+            exe,
+            out,
+            &[
+                "verify".as_ref(),
+                "--repo".as_ref(),
+                repo.as_os_str(),
+                target.as_ref(),
+                "--against".as_ref(),
+                image.as_os_str(),
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+/// Writes `dir/serve.toml`: the demo VMs under the service, a backup job
+/// every 5 minutes keeping the last 5, and a daily verify.
+pub fn serve_config(dir: &Path, listen: std::net::SocketAddr) -> Result<PathBuf> {
+    let config = dir.join("serve.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "# vsnap demo --serve: the demo VMs under the service.\nrepository = \"repo\"\ninventory = \"inventory.toml\"\nstate_dir = \"state\"\nlisten = \"{listen}\"\n\n[[job]]\nname = \"demo\"\nschedule = \"*:0/5\"\nkeep = {{ last = 5 }}\ngc = true\n\n[[verify]]\nname = \"verify\"\nschedule = \"daily\"\noutdated_after = \"7d\"\n"
+        ),
+    )
+    .map_err(io("write", &config))?;
+    Ok(config)
 }

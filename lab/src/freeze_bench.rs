@@ -5,6 +5,7 @@
 //! guest saw during backups and outside them. Each round is one
 //! coordinated backup through [`vsnap_coordinator::backup::run`].
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use vsnap_coordinator::inventory::Inventory;
 use vsnap_coordinator::provider::{Choice, Kind as Provider};
 use vsnap_coordinator::session::Report;
 use vsnap_engine::pipeline::Progress;
+use vsnap_engine::units::human;
 
 use crate::guests::Quiesce;
 use crate::workload::{self, Kind, Sample};
@@ -386,4 +388,80 @@ pub fn run(
         summary,
         samples,
     })
+}
+
+fn ms(us: u64) -> String {
+    format!("{:.1}", us as f64 / 1000.0)
+}
+
+/// The summary as a table: a line per disk size and provider, times in
+/// ms.
+pub fn table(r: &Results, out: &mut dyn Write) -> std::io::Result<()> {
+    writeln!(out, "machine: {}", r.machine)?;
+    writeln!(
+        out,
+        "{} guest(s), workload {}; times in ms (p50 / p99 / max)",
+        r.guests,
+        r.workload.name()
+    )?;
+    writeln!(
+        out,
+        "{:>9} {:<8} {:>22} {:>22} {:>16} {:>14} {:>14} {:>22} {:>16} {:>10}",
+        "DISK",
+        "PROVIDER",
+        "STALL",
+        "FREEZE WINDOW",
+        "HOST WINDOW",
+        "BARRIER SKEW",
+        "SNAPSHOT",
+        "WRITE DURING p99/max",
+        "WRITE OUTSIDE p99",
+        "BACKUP/s"
+    )?;
+    for s in &r.summary {
+        let f = &s.freeze_window_us;
+        let st = &s.stall_us;
+        let (during, outside) = match &s.writes {
+            Some(w) => (
+                format!("{} / {}", ms(w.during.p99), ms(w.during.max)),
+                ms(w.outside.p99),
+            ),
+            None => ("-".into(), "-".into()),
+        };
+        writeln!(
+            out,
+            "{:>9} {:<8} {:>22} {:>22} {:>16} {:>14} {:>14} {:>22} {:>16} {:>10}",
+            if s.disk_size == 0 {
+                "-".into()
+            } else {
+                human(s.disk_size)
+            },
+            s.provider,
+            format!("{} / {} / {}", ms(st.p50), ms(st.p99), ms(st.max)),
+            format!("{} / {} / {}", ms(f.p50), ms(f.p99), ms(f.max)),
+            format!(
+                "{} / {}",
+                ms(s.host_window_us.p50),
+                ms(s.host_window_us.max)
+            ),
+            format!(
+                "{} / {}",
+                ms(s.barrier_skew_us.p50),
+                ms(s.barrier_skew_us.max)
+            ),
+            format!("{} / {}", ms(s.snapshot_us.p50), ms(s.snapshot_us.max)),
+            during,
+            outside,
+            human(s.backup_bytes_per_s as u64),
+        )?;
+        let total = s.rounds * s.guests;
+        if s.app_consistent < total {
+            writeln!(
+                out,
+                "          {} of {} guest backups were app-consistent (a freeze outlived the window?)",
+                s.app_consistent, total
+            )?;
+        }
+    }
+    Ok(())
 }

@@ -17,6 +17,7 @@
 //! Only filesystems the lab made are ever frozen.
 
 pub mod demo;
+pub mod engine_bench;
 pub mod freeze_bench;
 pub mod guests;
 pub mod loopfs;
@@ -132,4 +133,23 @@ pub fn sbin(name: &str) -> PathBuf {
         )
         .find(|p| p.is_file())
         .unwrap_or_else(|| PathBuf::from(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wrapped_cause_appears_once_in_the_chain() {
+        let e = io("create", "/var/tmp/scratch.img")(std::io::Error::other("no space left"));
+        assert_eq!(
+            vsnap_error::chain(&e),
+            "create /var/tmp/scratch.img: no space left"
+        );
+        let repo =
+            vsnap_repo::Error::from(std::io::Error::other("disk gone")).during("write chunk");
+        let lifted = Error::from(repo);
+        let text = vsnap_error::chain(&lifted);
+        assert_eq!(text.matches("disk gone").count(), 1, "{text}");
+    }
 }

@@ -74,6 +74,18 @@ pub enum Kind {
     None,
 }
 
+impl Kind {
+    /// The name it is given on the command line and in JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Random4kFsync => "random-4k-fsync",
+            Kind::Sequential => "sequential",
+            Kind::Buffered => "buffered",
+            Kind::None => "none",
+        }
+    }
+}
+
 /// One write: when it started (µs on the caller's clock) and how long it
 /// took (µs).
 pub type Sample = (u64, u32);

@@ -3,10 +3,6 @@
 //! and the operation). The guest agent uses it as its own: its failures
 //! are of these kinds too (a bad configuration, I/O on a path).
 
-use std::fmt;
-
-pub type Result<T, E = Error> = std::result::Result<T, E>;
-
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ErrorKind {
@@ -22,61 +18,26 @@ pub enum ErrorKind {
     Timeout { op: String, ms: u64 },
 }
 
-#[derive(Debug)]
-pub struct Error {
-    pub kind: ErrorKind,
-    /// The endpoint, mount or file the error concerns.
-    pub at: Option<String>,
-    /// What was being done.
-    pub during: Option<String>,
-}
+vsnap_error::labelled_error!(ErrorKind, Io);
 
-impl Error {
-    pub fn new(kind: ErrorKind) -> Self {
-        Error {
-            kind,
-            at: None,
-            during: None,
-        }
-    }
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-    pub fn at(mut self, at: impl Into<String>) -> Self {
-        self.at.get_or_insert_with(|| at.into());
-        self
-    }
-
-    pub fn during(mut self, what: impl Into<String>) -> Self {
-        self.during.get_or_insert_with(|| what.into());
-        self
-    }
-}
-
-impl fmt::Display for Error {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if let Some(at) = &self.at {
-            write!(f, "{at}: ")?;
-        }
-        if let Some(during) = &self.during {
-            write!(f, "{during}: ")?;
-        }
-        write!(f, "{}", self.kind)
-    }
-}
-
-impl std::error::Error for Error {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        std::error::Error::source(&self.kind)
-    }
-}
-
-impl From<ErrorKind> for Error {
-    fn from(kind: ErrorKind) -> Self {
-        Error::new(kind)
-    }
-}
-
-impl From<std::io::Error> for Error {
-    fn from(e: std::io::Error) -> Self {
-        Error::new(ErrorKind::Io(e))
+    #[test]
+    fn a_wrapped_cause_appears_once_in_the_chain() {
+        let e = Error::from(std::io::Error::other("connection reset"))
+            .at("vsock:3:5000")
+            .during("send Freeze")
+            .at("ignored: the first place given wins");
+        assert_eq!(
+            vsnap_error::chain(&e),
+            "vsock:3:5000: send Freeze: I/O error: connection reset"
+        );
+        let t = Error::new(ErrorKind::Timeout {
+            op: "Thaw".into(),
+            ms: 500,
+        });
+        assert_eq!(vsnap_error::chain(&t), "no reply to Thaw within 500 ms");
     }
 }

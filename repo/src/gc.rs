@@ -23,9 +23,7 @@ pub fn forget(repo: &Repository, ids: &[String]) -> Result<Vec<String>> {
         bases.extend(bases_of(&m));
         gone.push(m.id);
     }
-    if let super::Backing::Dir(tree) = &repo.backing {
-        tree.sync_dir("snapshots")?;
-    }
+    repo.sync_snapshots()?;
     // A base stands for its snapshot's content: with the snapshot gone it
     // can serve no backup. Only a file where vsnap keeps bases, and still
     // the one recorded, is removed.

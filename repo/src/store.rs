@@ -1,14 +1,13 @@
 //! Reading and writing the repository's files: chunks, indexes and
 //! manifests, each written whole under `tmp/` and renamed into place.
 
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
+use super::backend::Durable;
 use super::blob::{self, BlobKind, Encoding, HEADER_LEN};
 use super::index::Index;
 use super::manifest::{Disk, Manifest};
-use super::tree::{Kind, Tree};
-use super::{Backing, Durable, Repository, Stray};
+use super::{Repository, Stray};
 use crate::error::{Error, ErrorKind, Result};
 use vsnap_engine::pipeline::Stored;
 
@@ -43,92 +42,38 @@ fn blob_limit(plain: u64) -> u64 {
 }
 
 impl Repository {
-    fn chunk_rel(id: &blake3::Hash) -> String {
-        let hex = id.to_hex();
-        format!("chunks/{}/{}", &hex[..2], hex.as_str())
-    }
-
     /// Where a chunk is stored, for messages.
     pub fn chunk_path(&self, id: &blake3::Hash) -> PathBuf {
-        match &self.backing {
-            Backing::Dir(tree) => tree.display(&Self::chunk_rel(id)),
-            Backing::Bucket(b) => b.display(&format!("{}…/{}", super::bucket::PACKS, id.to_hex())),
-        }
+        self.backend.chunk_path(id)
     }
 
     /// A name in the repository, for messages.
     pub(super) fn display(&self, rel: &str) -> PathBuf {
-        match &self.backing {
-            Backing::Dir(tree) => tree.display(rel),
-            Backing::Bucket(b) => b.display(rel),
-        }
-    }
-
-    /// The local directory's tree; an error naming `op` for a repository
-    /// in object storage, for the operations only a directory has.
-    pub(super) fn tree(&self, op: &'static str) -> Result<&Tree> {
-        match &self.backing {
-            Backing::Dir(tree) => Ok(tree),
-            Backing::Bucket(_) => Err(Error::from(ErrorKind::InvalidArgument(format!(
-                "{op} is not built yet for a repository in object storage"
-            )))
-            .in_file(&self.root)),
-        }
+        self.backend.display(rel)
     }
 
     fn manifest_rel(id: &str) -> String {
         format!("snapshots/{id}.json")
     }
 
-    /// Whether a whole chunk is stored under `id`: its header must parse
-    /// and its length match the file's. A damaged or truncated file, or a
-    /// link or special file where the chunk should be, counts as absent,
-    /// so the next backup writes the chunk again (its rename replaces the
-    /// name, and never follows it).
+    /// Whether a whole chunk is stored under `id`, as a backup decides
+    /// whether to store it again: in a directory its header must parse and
+    /// its length match the file's, so a damaged or truncated file, or a
+    /// link or special file where the chunk should be, counts as absent
+    /// (the next backup's rename replaces the name, and never follows
+    /// it); in a bucket a pack index must list it in a copy not found bad.
     pub fn has_chunk(&self, id: &blake3::Hash) -> Result<bool> {
-        let tree = match &self.backing {
-            Backing::Dir(tree) => tree,
-            Backing::Bucket(b) => return b.has_chunk(id),
-        };
-        let Some(file) = Self::open_chunk(tree, id)? else {
-            return Ok(false);
-        };
-        let mut head = [0u8; HEADER_LEN];
-        if file.0.read_exact_at(&mut head, 0).is_err() {
-            return Ok(false);
-        }
-        Ok(blob::parse_header(BlobKind::Chunk, &head).is_ok_and(|h| h.blob_len() == file.1))
+        self.backend.has_chunk(id)
     }
 
-    /// Whether a chunk file is in its place: a regular file at least a
-    /// header long, without reading it. For the chunks a snapshot names
-    /// already, whose content verify checks, what an incremental backup
-    /// must catch is a chunk moved aside or removed since; reading each
-    /// one's header cold cost most of an unchanged backup's time.
+    /// Whether a chunk is in its place, as cheaply as the layout can tell
+    /// (a directory: a regular file at least a header long, unread). For
+    /// the chunks a snapshot names already, whose content verify checks,
+    /// what an incremental backup must catch is a chunk moved aside or
+    /// removed since; reading each one's header cold cost most of an
+    /// unchanged backup's time.
     pub fn chunk_in_place(&self, id: &blake3::Hash) -> Result<bool> {
-        match &self.backing {
-            Backing::Dir(tree) => {
-                Ok(Self::open_chunk(tree, id)?.is_some_and(|(_, len)| len >= HEADER_LEN as u64))
-            }
-            Backing::Bucket(b) => b.has_chunk(id),
-        }
-    }
-
-    /// The chunk file `id`, opened; `None` where it is missing, or a link
-    /// or special file stands in its place.
-    fn open_chunk(tree: &Tree, id: &blake3::Hash) -> Result<Option<(std::fs::File, u64)>> {
-        match tree.open_regular(&Self::chunk_rel(id), "look up chunk") {
-            Ok(found) => Ok(found),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    ErrorKind::LinkInRepository | ErrorKind::NotRegular { .. }
-                ) =>
-            {
-                Ok(None)
-            }
-            Err(e) => Err(e),
-        }
+        self.backend.chunk_in_place(id)
     }
 
     /// Stores a chunk; `plain` is its plaintext, `stored` what the worker's
@@ -144,14 +89,11 @@ impl Repository {
     }
 
     /// Stores a chunk's blob, given as parts: into the open pack in a
-    /// bucket, as a file renamed into place in a directory. Returns the
+    /// bucket, as a file renamed into place in a directory (not fsynced:
+    /// the backup's one `syncfs` does it before the manifest). Returns the
     /// bytes written.
     fn put_chunk_blob(&self, id: &blake3::Hash, parts: &[&[u8]]) -> Result<u64> {
-        if let Backing::Bucket(b) = &self.backing {
-            return b.write_chunk(id, parts);
-        }
-        self.place(&Self::chunk_rel(id), parts, Durable::Later("chunk"))?;
-        Ok(parts.iter().map(|p| p.len() as u64).sum())
+        self.backend.put_chunk(id, parts)
     }
 
     /// Reads a blob whose plaintext must be `plain` bytes: the file must
@@ -166,36 +108,9 @@ impl Repository {
         op: &'static str,
         buf: &mut Vec<u8>,
     ) -> Result<()> {
-        let tree = match &self.backing {
-            Backing::Dir(tree) => tree,
-            Backing::Bucket(b) => {
-                let path = b.display(rel);
-                let Some(bytes) = b.store().get(rel, blob_limit(plain))? else {
-                    return Err(super::bucket::missing(&path, op));
-                };
-                *buf = bytes;
-                return check_blob(kind, buf, plain).map_err(|e| e.in_file(&path).during(op));
-            }
-        };
-        let path = tree.display(rel);
-        let Some((file, len)) = tree.open_regular(rel, op)? else {
-            return Err(tree.missing(rel, op));
-        };
-        let mut head = [0u8; HEADER_LEN];
-        file.read_exact_at(&mut head, 0).map_err(|_| {
-            Error::from(ErrorKind::Truncated {
-                what: "blob header",
-                needed: HEADER_LEN as u64,
-                at: 0,
-                available: len,
-            })
-            .in_file(&path)
-            .during(op)
-        })?;
-        let header =
-            check_head(kind, &head, plain, len).map_err(|e| e.in_file(&path).during(op))?;
-        let name = blob_name(kind);
-        tree.read_bounded_into(rel, &file, len, blob_limit(header.plain_len), name, op, buf)
+        let check = |head: &[u8], len: u64| check_head(kind, head, plain, len).map(|_| ());
+        self.backend
+            .get_blob(rel, blob_limit(plain), &check, op, buf)
     }
 
     /// Reads a chunk into `out` (its plaintext length), checking its CRC
@@ -214,36 +129,25 @@ impl Repository {
         mut stored: Option<&mut Vec<u8>>,
         out: &mut [u8],
     ) -> Result<()> {
-        let rel = Self::chunk_rel(id);
-        let check = |blob: &[u8], out: &mut [u8]| {
-            check_chunk(id, blob, out).map_err(|e| e.in_file(&self.chunk_path(id)))
-        };
-        match &self.backing {
-            Backing::Dir(_) => {
-                let mut pooled = None;
-                let bytes = match stored {
-                    Some(b) => b,
-                    None => pooled.insert(self.take_stored()),
-                };
-                let read = self
-                    .read_blob(&rel, BlobKind::Chunk, out.len() as u64, "read chunk", bytes)
-                    .and_then(|()| check(bytes, out));
-                if let Some(p) = pooled {
-                    self.give_stored(p);
-                }
-                read
-            }
-            Backing::Bucket(b) => b.with_chunk_blob(id, &mut |blob| {
-                check_blob(BlobKind::Chunk, blob, out.len() as u64)
-                    .map_err(|e| e.in_file(&self.chunk_path(id)).during("read chunk"))?;
-                check(blob, out)?;
-                if let Some(s) = stored.as_deref_mut() {
-                    s.clear();
-                    s.extend_from_slice(blob);
-                }
-                Ok(())
-            }),
-        }
+        let plain = out.len() as u64;
+        let head =
+            |head: &[u8], len: u64| check_head(BlobKind::Chunk, head, plain, len).map(|_| ());
+        let path = || self.chunk_path(id);
+        let mut scratch = self.take_stored();
+        let read =
+            self.backend
+                .with_chunk(id, blob_limit(plain), &head, &mut scratch, &mut |blob| {
+                    check_blob(BlobKind::Chunk, blob, plain)
+                        .map_err(|e| e.in_file(&path()).during("read chunk"))?;
+                    check_chunk(id, blob, out).map_err(|e| e.in_file(&path()))?;
+                    if let Some(s) = stored.as_deref_mut() {
+                        s.clear();
+                        s.extend_from_slice(blob);
+                    }
+                    Ok(())
+                });
+        self.give_stored(scratch);
+        read
     }
 
     /// Copies chunk `id` (of `out.len()` bytes of plaintext) from `src`
@@ -284,13 +188,12 @@ impl Repository {
         let plain = index.to_bytes();
         let digest = blake3::hash(&plain);
         let rel = format!("indexes/{}", digest.to_hex());
-        if let Backing::Dir(tree) = &self.backing {
-            if let Some((Kind::File, _)) = tree.kind(&rel, "look up index")? {
-                return Ok(digest);
-            }
+        if self.backend.has_cheaply(&rel)? {
+            return Ok(digest);
         }
         let (header, payload) = blob::encode(BlobKind::Index, &plain, 3)?;
-        self.place(&rel, &[&header, &payload], Durable::Later("index"))?;
+        self.backend
+            .put(&rel, &[&header, &payload], Durable::Later("index"))?;
         Ok(digest)
     }
 
@@ -343,7 +246,8 @@ impl Repository {
     /// snapshot exists from the rename on.
     pub fn write_manifest(&self, manifest: &Manifest) -> Result<()> {
         let bytes = manifest.to_bytes()?;
-        self.place(&Self::manifest_rel(&manifest.id), &[&bytes], Durable::Now)
+        self.backend
+            .put(&Self::manifest_rel(&manifest.id), &[&bytes], Durable::Now)
     }
 
     /// Reads the manifest of snapshot `id`, checks its self-digest, and
@@ -356,13 +260,9 @@ impl Repository {
     pub(super) fn read_manifest_bytes(&self, id: &str) -> Result<(Manifest, Vec<u8>)> {
         let rel = Self::manifest_rel(id);
         let path = self.display(&rel);
-        let bytes = match &self.backing {
-            Backing::Dir(tree) => tree.read_small(&rel, MANIFEST_LIMIT, "read manifest")?,
-            Backing::Bucket(b) => b
-                .store()
-                .get(&rel, MANIFEST_LIMIT)
-                .map_err(|e| e.during("read manifest"))?,
-        };
+        let bytes = self
+            .backend
+            .get_small(&rel, MANIFEST_LIMIT, "read manifest")?;
         let Some(bytes) = bytes else {
             return Err(ErrorKind::NoSuchSnapshot(id.to_owned()).into());
         };
@@ -376,79 +276,31 @@ impl Repository {
     /// checked already by [`Repository::read_manifest_bytes`], written as
     /// they are, so the copy's self-digest is the original's.
     pub(super) fn place_manifest(&self, id: &str, bytes: &[u8]) -> Result<()> {
-        self.place(&Self::manifest_rel(id), &[bytes], Durable::Now)
+        self.backend
+            .put(&Self::manifest_rel(id), &[bytes], Durable::Now)
+    }
+
+    /// What the repository holds: its chunks and indexes, and their bytes
+    /// (for a service's metrics). In a directory it costs a stat per file.
+    pub fn usage(&self) -> Result<Usage> {
+        self.backend.usage()
     }
 
     /// Every snapshot, oldest first; a manifest that cannot be read is
     /// listed with its error rather than hidden.
-    /// What the repository holds on disk: its chunks and indexes, and
-    /// their bytes (for a service's metrics). Walks the tree; it costs a
-    /// stat per file.
-    pub fn usage(&self) -> Result<Usage> {
-        let mut u = Usage::default();
-        let op = "measure the repository";
-        let tree = match &self.backing {
-            Backing::Dir(tree) => tree,
-            Backing::Bucket(b) => {
-                u.chunks = b.chunk_count()?;
-                for o in b.store().list(super::bucket::PACKS)? {
-                    u.chunk_bytes += o.size;
-                }
-                for o in b.store().list("indexes/")? {
-                    u.indexes += 1;
-                    u.index_bytes += o.size;
-                }
-                return Ok(u);
-            }
-        };
-        for prefix in tree.list("chunks", op)? {
-            if prefix.kind != Kind::Dir {
-                continue;
-            }
-            let dir = format!("chunks/{}", prefix.name);
-            for e in tree.list(&dir, op)? {
-                if e.kind == Kind::File {
-                    u.chunks += 1;
-                    u.chunk_bytes += tree.file_size(&format!("{dir}/{}", e.name), op)?;
-                }
-            }
-        }
-        for e in tree.list("indexes", op)? {
-            if e.kind == Kind::File {
-                u.indexes += 1;
-                u.index_bytes += tree.file_size(&format!("indexes/{}", e.name), op)?;
-            }
-        }
-        Ok(u)
-    }
-
     pub fn list(&self) -> Result<Vec<Listed>> {
         let mut out = Vec::new();
-        let entries = match &self.backing {
-            Backing::Dir(tree) => tree.list("snapshots", "list snapshots")?,
-            Backing::Bucket(b) => b
-                .store()
-                .list("snapshots/")?
-                .into_iter()
-                .filter_map(|o| {
-                    Some(super::tree::Entry {
-                        name: o.key.strip_prefix("snapshots/")?.to_owned(),
-                        kind: Kind::File,
-                    })
-                })
-                .collect(),
-        };
-        for entry in entries {
+        for entry in self.backend.list_snapshots()? {
             let Some(id) = entry.name.strip_suffix(".json") else {
                 continue;
             };
             let rel = Self::manifest_rel(id);
             let path = self.display(&rel);
-            let manifest = match entry.kind {
-                Kind::File => self.read_manifest(id),
-                other => Err(Error::from(ErrorKind::NotRegular {
+            let manifest = match entry.not_file {
+                None => self.read_manifest(id),
+                Some(found) => Err(Error::from(ErrorKind::NotRegular {
                     what: "manifest file",
-                    found: other.name(),
+                    found,
                 })
                 .in_file(&path)),
             };
@@ -533,99 +385,40 @@ impl Repository {
 
     /// Removes a snapshot's manifest, by the name its file has.
     pub(super) fn remove_manifest(&self, id: &str) -> Result<()> {
-        let rel = Self::manifest_rel(id);
-        match &self.backing {
-            Backing::Dir(tree) => tree.remove(&rel, "remove manifest").map(|_| ()),
-            Backing::Bucket(b) => b.store().delete(&rel),
-        }
+        self.backend.remove(&Self::manifest_rel(id))
     }
 
-    /// Names in the tree that the repository does not put there: links,
-    /// special files, files where directories belong and the reverse.
-    /// None of them is ever followed; verify reports them as damage.
+    /// Makes the manifests removed so far stay removed.
+    pub(super) fn sync_snapshots(&self) -> Result<()> {
+        self.backend.sync_removals("snapshots")
+    }
+
+    /// Names in the repository that it does not put there: links, special
+    /// files, files where directories belong and the reverse, objects of
+    /// no kind a bucket holds. None of them is ever followed; verify
+    /// reports them as damage.
     pub fn strays(&self) -> Result<Vec<Stray>> {
-        let tree = match &self.backing {
-            Backing::Dir(tree) => tree,
-            Backing::Bucket(b) => return b.strays(),
-        };
-        let mut out = Vec::new();
-        let mut expect = |rel: &str, kind: Kind, expected: Kind, what: &'static str| {
-            if kind != expected {
-                out.push(Stray {
-                    path: tree.display(rel),
-                    found: kind.name(),
-                    expected: what,
-                });
-                false
-            } else {
-                true
-            }
-        };
-        let mut dirs = Vec::new();
-        for e in tree.list("", "check repository")? {
-            let expected = match e.name.as_str() {
-                "chunks" | "indexes" | "snapshots" | "tmp" => Kind::Dir,
-                _ => Kind::File,
-            };
-            if expect(&e.name, e.kind, expected, "what the repository keeps there")
-                && expected == Kind::Dir
-            {
-                dirs.push(e.name);
-            }
-        }
-        let mut leaves = Vec::new();
-        for d in dirs {
-            for e in tree.list(&d, "check repository")? {
-                let rel = format!("{d}/{}", e.name);
-                if d == "chunks" {
-                    if expect(&rel, e.kind, Kind::Dir, "a chunk directory") {
-                        leaves.push(rel);
-                    }
-                } else {
-                    expect(&rel, e.kind, Kind::File, "a regular file");
-                }
-            }
-        }
-        for d in leaves {
-            for e in tree.list(&d, "check repository")? {
-                let rel = format!("{d}/{}", e.name);
-                expect(&rel, e.kind, Kind::File, "a chunk file");
-            }
-        }
-        Ok(out)
+        self.backend.strays()
     }
 
     /// Pack indexes in the bucket that could not be read, and why (none in
     /// a local repository): verify reports them, and their chunks count as
     /// absent.
     pub fn damaged_pack_indexes(&self) -> Result<Vec<(PathBuf, String)>> {
-        match &self.backing {
-            Backing::Dir(_) => Ok(Vec::new()),
-            Backing::Bucket(b) => b.damaged(),
-        }
+        self.backend.damaged()
     }
 
-    /// A chunk's inode number, for reading in disk order; 0 when it is not
-    /// a plain name in the tree.
+    /// A number to sort chunk reads by, so they run in storage order: a
+    /// chunk file's inode, a pack and offset in a bucket; 0 when unknown.
     pub fn chunk_inode(&self, id: &blake3::Hash) -> u64 {
-        let tree = match &self.backing {
-            Backing::Dir(tree) => tree,
-            Backing::Bucket(b) => return b.chunk_order(id),
-        };
-        match tree.kind(&Self::chunk_rel(id), "look up chunk") {
-            Ok(Some((_, ino))) => ino,
-            _ => 0,
-        }
+        self.backend.chunk_order(id)
     }
 
     /// Says which chunks will be read next, in the order they will be: a
     /// bucket fetches the packs' windows that hold them ahead of the
     /// reads. A directory needs no warning.
     pub fn plan_reads<'a>(&self, ids: impl IntoIterator<Item = &'a blake3::Hash>) -> Result<()> {
-        match &self.backing {
-            Backing::Dir(_) => Ok(()),
-            Backing::Bucket(b) => b.plan_reads(ids),
-        }
+        self.backend.plan_reads(&mut ids.into_iter())
     }
 
     /// Sets bad chunks aside, so the next backup that meets their content
@@ -635,20 +428,7 @@ impl Repository {
     /// Returns how many were set aside: a chunk gone, or set aside
     /// already, is not counted.
     pub fn move_chunks_aside(&self, ids: &[blake3::Hash]) -> Result<u64> {
-        let tree = match &self.backing {
-            Backing::Dir(tree) => tree,
-            Backing::Bucket(b) => return b.set_aside(ids),
-        };
-        let mut moved = 0;
-        for id in ids {
-            let rel = Self::chunk_rel(id);
-            if tree.kind(&rel, "move chunk aside")?.is_none() {
-                continue;
-            }
-            tree.rename(&rel, &format!("{rel}.bad"), "move chunk aside")?;
-            moved += 1;
-        }
-        Ok(moved)
+        self.backend.set_aside(ids)
     }
 }
 

@@ -1,7 +1,7 @@
 //! A bucket's rules, against the in-memory object store: its clock moves
 //! when a test says, and it refuses writes when told, so grace periods,
-//! leases, a failed upload and a session's fresh view are checked without
-//! a server and without waiting.
+//! leases, a failed upload, repacking and a session's fresh view are
+//! checked without a server and without waiting.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
@@ -57,17 +57,23 @@ fn verify_clean(repo: &Repository) {
 }
 
 /// One run of gc, as `vsnap gc` is: a process of its own, which reads the
-/// bucket afresh (a session of `repo`).
-fn gc(repo: &Repository, grace: Duration) -> vsnap_repo::GcReport {
+/// bucket afresh (a session of `repo`); it repacks packs whose live
+/// chunks fill less than `repack_below` percent of them.
+fn gc_with(repo: &Repository, grace: Duration, repack_below: u8) -> vsnap_repo::GcReport {
     vsnap_repo::gc(
         &repo.session().unwrap(),
         &GcOptions {
             grace,
-            repack_below: 0,
+            repack_below,
             ..GcOptions::default()
         },
     )
     .unwrap()
+}
+
+/// gc that never repacks.
+fn gc(repo: &Repository, grace: Duration) -> vsnap_repo::GcReport {
+    gc_with(repo, grace, 0)
 }
 
 #[test]
@@ -162,4 +168,68 @@ fn a_failed_upload_fails_its_handle_and_not_a_session() {
     let m = backup(&session, &image(dir.path(), "a.raw", 3, 3)).unwrap();
     assert_eq!(m.totals().new_chunks, 3);
     verify_clean(&session);
+}
+
+/// gc with repacking: packs whose live chunks fill less than half of
+/// them are repacked.
+fn gc_repacking(repo: &Repository, grace: Duration) -> vsnap_repo::GcReport {
+    gc_with(repo, grace, 50)
+}
+
+/// A pack of four chunks, of which one stays live: `b.raw` is the first
+/// chunk of `a.raw`, and the snapshot of `a.raw` is forgotten.
+fn mostly_dead_pack(dir: &Path, repo: &Repository, seed: u8) -> String {
+    let first = backup(repo, &image(dir, "a.raw", seed, 4)).unwrap();
+    let kept = backup(repo, &image(dir, "b.raw", seed, 1)).unwrap();
+    assert_eq!(kept.totals().new_chunks, 0, "{:?}", kept.totals());
+    vsnap_repo::forget(repo, std::slice::from_ref(&first.id)).unwrap();
+    kept.id
+}
+
+#[test]
+fn repacking_copies_the_live_chunks_before_the_old_pack_goes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, repo) = bucket();
+    mostly_dead_pack(dir.path(), &repo, 6);
+    let old = store.keys("packs/");
+    assert_eq!(old.len(), 1, "{old:?}");
+    let grace = Duration::from_secs(600);
+    store.advance(grace * 2);
+    let repacked = gc_repacking(&repo, grace);
+    assert_eq!(repacked.packs_repacked, 1, "{repacked:?}");
+    assert_eq!(repacked.chunks_repacked, 1, "{repacked:?}");
+    assert_eq!(repacked.packs_condemned, 1, "{repacked:?}");
+    // The copy is in a new pack, indexed, before the old one is condemned.
+    let both = store.keys("packs/");
+    assert_eq!(both.len(), 2, "{both:?}");
+    verify_clean(&Repository::open_bucket(store.clone(), None).unwrap());
+    store.advance(grace * 2);
+    let removed = gc_repacking(&repo, grace);
+    assert_eq!(removed.packs_removed, 1, "{removed:?}");
+    assert_eq!(removed.packs_repacked, 0, "{removed:?}");
+    let now = store.keys("packs/");
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert_ne!(now, old, "the old pack is the one gone");
+    verify_clean(&Repository::open_bucket(store, None).unwrap());
+}
+
+#[test]
+fn a_pack_with_a_damaged_chunk_is_never_repacked() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, repo) = bucket();
+    mostly_dead_pack(dir.path(), &repo, 7);
+    let old = store.keys("packs/");
+    assert_eq!(old.len(), 1, "{old:?}");
+    // The pack's first blob is the live chunk: flip a byte of its payload.
+    assert!(store.tamper(&old[0], |bytes| bytes[100] ^= 0x40));
+    let grace = Duration::from_secs(600);
+    store.advance(grace * 2);
+    let report = gc_repacking(&repo, grace);
+    assert_eq!(report.packs_repacked, 0, "{report:?}");
+    assert_eq!(report.packs_condemned, 0, "{report:?}");
+    // Left as it was, for verify to report.
+    assert_eq!(store.keys("packs/"), old);
+    let fresh = Repository::open_bucket(store, None).unwrap();
+    let verified = vsnap_repo::verify::verify(&fresh, &[], 2, None, &Progress::default()).unwrap();
+    assert!(!verified.ok(), "verify must report the damaged chunk");
 }

@@ -23,8 +23,9 @@ pub enum ErrorKind {
 }
 
 /// An [`ErrorKind`] with its context: the file, line or key it concerns.
-#[derive(Debug, thiserror::Error)]
-#[error("{}{kind}", at.as_ref().map(|a| format!("{a}: ")).unwrap_or_default())]
+/// Its `source()` is the kind's, so the kind's cause is reached (and
+/// printed once) under the message that names the context.
+#[derive(Debug)]
 pub struct Error {
     pub kind: ErrorKind,
     pub at: Option<String>,
@@ -38,6 +39,21 @@ impl Error {
     }
 }
 
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(at) = &self.at {
+            write!(f, "{at}: ")?;
+        }
+        write!(f, "{}", self.kind)
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&self.kind)
+    }
+}
+
 impl From<ErrorKind> for Error {
     fn from(kind: ErrorKind) -> Error {
         Error { kind, at: None }
@@ -48,3 +64,25 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// The error and every cause under it, for a log line or a run's record.
 pub use vsnap_error::chain;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wrapped_cause_appears_once_in_the_chain() {
+        let io = Error::from(ErrorKind::Io(std::io::Error::other("disk gone"))).at("state.db");
+        assert_eq!(chain(&io), "state.db: I/O error: disk gone");
+        // A repository error keeps its own context, and its cause is
+        // named once however many layers wrap it.
+        let repo = vsnap_repo::Error::from(std::io::Error::other("bucket unreachable"))
+            .during("list snapshots");
+        let e = Error::from(ErrorKind::Engine(Box::new(repo))).at("job nightly");
+        let text = chain(&e);
+        assert_eq!(text.matches("bucket unreachable").count(), 1, "{text}");
+        assert!(
+            text.starts_with("job nightly: repository error: list snapshots"),
+            "{text}"
+        );
+    }
+}

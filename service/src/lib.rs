@@ -7,6 +7,7 @@ pub mod api;
 pub mod calendar;
 pub mod config;
 pub mod core;
+pub mod daemon;
 pub mod error;
 pub mod metrics;
 pub mod notify;

@@ -1,21 +1,16 @@
-//! `vsnap bench engine`: before any backup, what this host can do, in
-//! MB/s, for each stage a backup or a verify runs: BLAKE3, zstd both ways
-//! at the configured level, chunk verify (CRC32C, decompress, re-hash, as
-//! `vsnap verify` does), and reads through each I/O engine, buffered and
-//! O_DIRECT. Each on incompressible data and on realistic mixed data.
+//! `vsnap bench engine`: what this host can do, before any backup. The
+//! benchmark is the lab's ([`vsnap_lab::engine_bench`]); this module turns
+//! arguments into its study and prints the table or the JSON.
 
 use std::io::Write;
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, Result};
-use serde::Serialize;
-use vsnap_engine::io::{open_for_read, probe, AlignedBuf, Engine, IoKind, IoMode, ReadOp};
-use vsnap_repo::blob::{self, BlobKind};
+use anyhow::Result;
+use vsnap_lab::engine_bench::{self, Study};
 
-use crate::units::{human, parse_size};
+use crate::units::parse_size;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -36,227 +31,18 @@ pub struct Args {
     json: bool,
 }
 
-const CHUNK: usize = 4 << 20;
-
-#[derive(Debug, Serialize)]
-struct Row {
-    test: String,
-    data: &'static str,
-    mb_per_s: f64,
-}
-
-/// 64 MiB of one kind of data, in 4 MiB chunks.
-fn data(kind: &str) -> Vec<u8> {
-    let n = 64 << 20;
-    use rand::{Rng as _, SeedableRng};
-    let mut rng = rand::rngs::SmallRng::seed_from_u64(0x2545_f491_4f6c_dd1d);
-    let mut rand = move || rng.next_u64();
-    let mut v = Vec::with_capacity(n);
-    if kind == "incompressible" {
-        while v.len() < n {
-            v.extend_from_slice(&rand().to_le_bytes());
-        }
-        return v;
-    }
-    // Mixed, per 4 MiB chunk: half text, a quarter random, a quarter zeros,
-    // like a used disk's allocated blocks.
-    let words = [
-        "backup", "guest", "freeze", "the", "snapshot", "of", "record", "index", "table", "and",
-        "to", "disk", "sector", "a", "writer", "block",
-    ];
-    for c in 0..(n / CHUNK) {
-        let start = v.len();
-        match c % 4 {
-            0 | 1 => {
-                while v.len() - start < CHUNK {
-                    let r = rand();
-                    v.extend_from_slice(words[(r % 16) as usize].as_bytes());
-                    v.push(if r % 11 == 0 { b'\n' } else { b' ' });
-                    if r % 7 == 0 {
-                        v.extend_from_slice((r % 9973).to_string().as_bytes());
-                    }
-                }
-                v.truncate(start + CHUNK);
-            }
-            2 => {
-                while v.len() - start < CHUNK {
-                    v.extend_from_slice(&rand().to_le_bytes());
-                }
-            }
-            _ => v.resize(start + CHUNK, 0),
-        }
-    }
-    v
-}
-
-/// Runs `f` over the data's chunks until `min` passes; MB/s of input.
-fn rate(input: &[u8], min: Duration, mut f: impl FnMut(usize, &[u8]) -> Result<()>) -> Result<f64> {
-    let t = Instant::now();
-    let mut bytes = 0u64;
-    let mut i = 0;
-    while t.elapsed() < min || bytes == 0 {
-        for (k, c) in input.chunks(CHUNK).enumerate() {
-            f(k, c)?;
-            bytes += c.len() as u64;
-        }
-        i += 1;
-        if i > 10_000 {
-            break;
-        }
-    }
-    Ok(bytes as f64 / t.elapsed().as_secs_f64() / 1e6)
-}
-
-fn read_rate(path: &std::path::Path, kind: IoKind, direct: bool, min: Duration) -> Result<f64> {
-    let file = open_for_read(path, direct)?;
-    let len = file.metadata()?.len();
-    let mut engine = Engine::new(kind, 32, 1)?;
-    let mut buf = AlignedBuf::new(CHUNK);
-    let t = Instant::now();
-    let mut bytes = 0u64;
-    while t.elapsed() < min || bytes == 0 {
-        let mut at = 0u64;
-        while at < len {
-            let n = ((len - at) as usize).min(CHUNK);
-            let ops: Vec<ReadOp<'_>> = (0..n)
-                .step_by(256 << 10)
-                .map(|o| ReadOp {
-                    file: &file,
-                    file_offset: at + o as u64,
-                    buf_offset: o,
-                    len: (256 << 10).min(n - o),
-                })
-                .collect();
-            engine
-                .read(&ops, &mut buf, Some(0))
-                .map_err(|(_, e)| e)
-                .with_context(|| format!("read {}", path.display()))?;
-            at += n as u64;
-            bytes += n as u64;
-        }
-    }
-    Ok(bytes as f64 / t.elapsed().as_secs_f64() / 1e6)
-}
-
 pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
-    let min = args.time;
-    let mut rows = Vec::new();
-    for kind in ["incompressible", "mixed"] {
-        let input = data(kind);
-        let mut push = |test: String, mb: f64| {
-            rows.push(Row {
-                test,
-                data: kind,
-                mb_per_s: mb,
-            })
-        };
-        push(
-            "blake3".into(),
-            rate(&input, min, |_, c| {
-                std::hint::black_box(blake3::hash(c));
-                Ok(())
-            })?,
-        );
-        let blobs: Vec<Vec<u8>> = input
-            .chunks(CHUNK)
-            .map(|c| {
-                let (h, p) = blob::encode(BlobKind::Chunk, c, args.level)?;
-                Ok([&h[..], &p].concat())
-            })
-            .collect::<Result<_>>()?;
-        push(
-            format!("zstd -{} compress", args.level),
-            rate(&input, min, |_, c| {
-                std::hint::black_box(zstd::bulk::compress(c, args.level)?);
-                Ok(())
-            })?,
-        );
-        let frames: Vec<Vec<u8>> = input
-            .chunks(CHUNK)
-            .map(|c| zstd::bulk::compress(c, args.level))
-            .collect::<std::io::Result<_>>()?;
-        let mut plain = vec![0u8; CHUNK];
-        push(
-            "zstd decompress".into(),
-            rate(&input, min, |k, _| {
-                std::hint::black_box(zstd::bulk::decompress_to_buffer(&frames[k], &mut plain)?);
-                Ok(())
-            })?,
-        );
-        push(
-            "chunk verify (CRC32C, decompress, BLAKE3)".into(),
-            rate(&input, min, |k, _| {
-                blob::decode_into(BlobKind::Chunk, &blobs[k], &mut plain)?;
-                std::hint::black_box(blake3::hash(&plain));
-                Ok(())
-            })?,
-        );
-        // Reads: the data repeated into a file.
-        let path = args
-            .dir
-            .join(format!("vsnap-bench-read-{}.dat", std::process::id()));
-        let measured = (|| -> Result<()> {
-            let f = std::fs::File::create(&path)?;
-            let mut at = 0u64;
-            while at < args.read_size {
-                let n = (args.read_size - at).min(input.len() as u64) as usize;
-                f.write_all_at(&input[..n], at)?;
-                at += n as u64;
-            }
-            f.sync_all()?;
-            for (name, mode) in [("sync", IoMode::Sync), ("io_uring", IoMode::Uring)] {
-                let kind = match probe(mode, 32) {
-                    Ok((k, _)) => k,
-                    Err(e) => {
-                        eprintln!("vsnap bench: {name} reads unavailable: {e}");
-                        continue;
-                    }
-                };
-                // Buffered, from the page cache (read once to warm it).
-                read_rate(&path, kind, false, Duration::ZERO)?;
-                push(
-                    format!("read {name}, page cache"),
-                    read_rate(&path, kind, false, min)?,
-                );
-                push(
-                    format!("read {name}, O_DIRECT"),
-                    read_rate(&path, kind, true, min)?,
-                );
-            }
-            Ok(())
-        })();
-        let _ = std::fs::remove_file(&path);
-        measured?;
-    }
+    let study = Study {
+        level: args.level,
+        dir: args.dir.clone(),
+        read_size: args.read_size,
+        time: args.time,
+    };
+    let rows = engine_bench::run(&study, &|note| eprintln!("vsnap bench: {note}"))?;
     if args.json {
         writeln!(out, "{}", serde_json::to_string_pretty(&rows)?)?;
-        return Ok(ExitCode::SUCCESS);
-    }
-    writeln!(
-        out,
-        "{:<44} {:>14} {:>14}",
-        "TEST", "INCOMPRESSIBLE", "MIXED"
-    )?;
-    let tests: Vec<&str> = rows
-        .iter()
-        .filter(|r| r.data == "incompressible")
-        .map(|r| r.test.as_str())
-        .collect();
-    for t in tests {
-        let get = |d: &str| {
-            rows.iter()
-                .find(|r| r.test == t && r.data == d)
-                .map_or("-".into(), |r| {
-                    format!("{}/s", human((r.mb_per_s * 1e6) as u64))
-                })
-        };
-        writeln!(
-            out,
-            "{:<44} {:>14} {:>14}",
-            t,
-            get("incompressible"),
-            get("mixed")
-        )?;
+    } else {
+        engine_bench::table(&rows, out)?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,7 +1,7 @@
 //! `vsnap bench freeze`: what a coordinated freeze costs the guests. The
 //! benchmark is the lab's ([`vsnap_lab::freeze_bench`]); this module turns
-//! arguments into its study, owns the runtime and the signals, and prints
-//! the table, the JSON or the plot.
+//! arguments into its study, owns the runtime and the signals, and has the
+//! table, the JSON or the plot printed.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -12,11 +12,11 @@ use std::time::Duration;
 
 use anyhow::Result;
 use vsnap_coordinator::provider::Kind as Provider;
-use vsnap_lab::freeze_bench::{self, Results, Study};
+use vsnap_lab::freeze_bench::{self, Study};
 use vsnap_lab::guests::Quiesce;
 use vsnap_lab::workload::Kind;
 
-use crate::units::{human, parse_duration, parse_size};
+use crate::units::{parse_duration, parse_size};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ProviderSel {
@@ -147,84 +147,10 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
     if args.json {
         writeln!(out, "{}", serde_json::to_string_pretty(&results)?)?;
     } else {
-        table(&results, out)?;
+        freeze_bench::table(&results, out)?;
         if let Some(p) = &args.plot {
             writeln!(out, "plot: {}", p.display())?;
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn ms(us: u64) -> String {
-    format!("{:.1}", us as f64 / 1000.0)
-}
-
-fn table(r: &Results, out: &mut dyn Write) -> Result<()> {
-    writeln!(out, "machine: {}", r.machine)?;
-    writeln!(
-        out,
-        "{} guest(s), workload {}; times in ms (p50 / p99 / max)",
-        r.guests,
-        serde_json::to_value(r.workload)?.as_str().unwrap_or("?")
-    )?;
-    writeln!(
-        out,
-        "{:>9} {:<8} {:>22} {:>22} {:>16} {:>14} {:>14} {:>22} {:>16} {:>10}",
-        "DISK",
-        "PROVIDER",
-        "STALL",
-        "FREEZE WINDOW",
-        "HOST WINDOW",
-        "BARRIER SKEW",
-        "SNAPSHOT",
-        "WRITE DURING p99/max",
-        "WRITE OUTSIDE p99",
-        "BACKUP/s"
-    )?;
-    for s in &r.summary {
-        let f = &s.freeze_window_us;
-        let st = &s.stall_us;
-        let (during, outside) = match &s.writes {
-            Some(w) => (
-                format!("{} / {}", ms(w.during.p99), ms(w.during.max)),
-                ms(w.outside.p99),
-            ),
-            None => ("-".into(), "-".into()),
-        };
-        writeln!(
-            out,
-            "{:>9} {:<8} {:>22} {:>22} {:>16} {:>14} {:>14} {:>22} {:>16} {:>10}",
-            if s.disk_size == 0 {
-                "-".into()
-            } else {
-                human(s.disk_size)
-            },
-            s.provider,
-            format!("{} / {} / {}", ms(st.p50), ms(st.p99), ms(st.max)),
-            format!("{} / {} / {}", ms(f.p50), ms(f.p99), ms(f.max)),
-            format!(
-                "{} / {}",
-                ms(s.host_window_us.p50),
-                ms(s.host_window_us.max)
-            ),
-            format!(
-                "{} / {}",
-                ms(s.barrier_skew_us.p50),
-                ms(s.barrier_skew_us.max)
-            ),
-            format!("{} / {}", ms(s.snapshot_us.p50), ms(s.snapshot_us.max)),
-            during,
-            outside,
-            human(s.backup_bytes_per_s as u64),
-        )?;
-        let total = s.rounds * s.guests;
-        if s.app_consistent < total {
-            writeln!(
-                out,
-                "          {} of {} guest backups were app-consistent (a freeze outlived the window?)",
-                s.app_consistent, total
-            )?;
-        }
-    }
-    Ok(())
 }

@@ -55,6 +55,62 @@ impl TargetFormat {
     pub fn is_vhdx(self) -> bool {
         matches!(self, TargetFormat::FixedVhdx | TargetFormat::DynamicVhdx)
     }
+
+    /// As `--out-format` and the reports name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            TargetFormat::Raw => "raw",
+            TargetFormat::FixedVhd => "fixed",
+            TargetFormat::DynamicVhd => "dynamic",
+            TargetFormat::FixedVhdx => "vhdx-fixed",
+            TargetFormat::DynamicVhdx => "vhdx",
+        }
+    }
+
+    /// A copy's file name: `source`'s, with this format's extension
+    /// unless `same` (the source decided the format, so its name fits).
+    pub fn file_name(self, source: &Path, same: bool) -> Result<String> {
+        let name = source.file_name().ok_or_else(|| {
+            Error::from(ErrorKind::InvalidArgument(format!(
+                "{}: not a file name",
+                source.display()
+            )))
+        })?;
+        if same {
+            return Ok(name.to_string_lossy().into_owned());
+        }
+        let stem = Path::new(name)
+            .file_stem()
+            .map_or_else(|| name.to_string_lossy(), |s| s.to_string_lossy());
+        Ok(match self {
+            TargetFormat::Raw => format!("{stem}.raw"),
+            TargetFormat::FixedVhdx | TargetFormat::DynamicVhdx => format!("{stem}.vhdx"),
+            _ => format!("{stem}.vhd"),
+        })
+    }
+}
+
+/// Re-opens every copy and checks its virtual-disk digest against its
+/// source's: what `copy --verify` promises, read back from the target.
+pub fn verify_copies(results: &[CopyResult], opts: &Options) -> Result<()> {
+    let copies = results
+        .iter()
+        .map(|r| vsnap_formats::open(&r.target, None))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let refs: Vec<&dyn DiskImage> = copies.iter().map(|b| &**b).collect();
+    let digests = super::hash_images(&refs, opts, &Progress::default())?;
+    for (r, d) in results.iter().zip(digests) {
+        if d.digest != r.source.digest {
+            return Err(Error::from(ErrorKind::DigestMismatch {
+                what: "the copy's virtual-disk",
+                expected: r.source.digest.to_hex().to_string().into(),
+                found: d.digest.to_hex().to_string().into(),
+            })
+            .in_file(&r.target)
+            .during("verify the copy"));
+        }
+    }
+    Ok(())
 }
 
 /// One copy to make.

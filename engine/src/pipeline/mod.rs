@@ -28,7 +28,7 @@ use crate::digest::ZeroCache;
 use crate::io::IoMode;
 
 pub use b3sums::{update_b3sums, B3SUMS};
-pub use copy::{copy_images, CopyResult, CopySpec, TargetFormat};
+pub use copy::{copy_images, verify_copies, CopyResult, CopySpec, TargetFormat};
 pub use file_digest::FileParts;
 pub use pool::{Buffer, BufferPool};
 pub use run::{hash_images, run, run_each, ChunkRecord, ImageDigest, Known, NoSink, Sink};

@@ -16,9 +16,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use super::bucket::LEASES;
-use super::objects::ObjectStore;
+use super::LEASES;
 use crate::error::{Error, ErrorKind, Result};
+use crate::objects::ObjectStore;
 
 /// How often a lease is rewritten while its process runs.
 pub const REFRESH: Duration = Duration::from_secs(5 * 60);
@@ -60,7 +60,7 @@ impl Lease {
     /// and learns its start
     /// from the server.
     pub(super) fn take(store: Arc<dyn ObjectStore>, kind: &str) -> Result<Lease> {
-        let host = super::host_name();
+        let host = crate::host_name();
         let pid = std::process::id();
         let key = format!(
             "{LEASES}{kind}.{}.{pid}.{}.json",

@@ -15,11 +15,11 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 
-use super::bucket_known::Known;
-use super::objects::ObjectStore;
-use super::pack::PackBuilder;
+use super::known::Known;
 use super::pack_index::{encode_pack_index, write_cache, Record, PACKS, PACK_INDEXES};
 use crate::error::{Error, ErrorKind, Result};
+use crate::objects::ObjectStore;
+use crate::pack::PackBuilder;
 
 /// Packs uploading at once. Two keep the server busy while a worker fills
 /// the next, as a double buffer does.

@@ -6,16 +6,18 @@
 //! marks from the manifests it reads after taking the lock, so snapshots
 //! committed while it waited are kept too.
 
-use super::gc::{mark, recorded_bases, GcOptions, GcReport};
 use super::tree::Kind;
-use super::Repository;
+use super::Dir;
+use crate::backend::Backend;
 use crate::error::{Error, ErrorKind, Result};
+use crate::gc::{mark, recorded_bases, GcOptions, GcReport};
+use crate::Repository;
 
 /// Removes every chunk and index that no snapshot references, and the
 /// temporary files of backups that died. `wait`: wait for running backups
 /// to end; otherwise fail at once if one is running.
-pub(super) fn gc(repo: &Repository, opts: &GcOptions) -> Result<GcReport> {
-    let Some(_lock) = repo.lock_exclusive(opts.wait)? else {
+pub(super) fn gc(dir: &Dir, repo: &Repository, opts: &GcOptions) -> Result<GcReport> {
+    let Some(_lock) = dir.lock_exclusive(opts.wait)? else {
         return Err(Error::from(ErrorKind::InvalidArgument(
             "a backup is running; run gc when it ends, or without --no-wait to wait for it".into(),
         ))
@@ -25,7 +27,7 @@ pub(super) fn gc(repo: &Repository, opts: &GcOptions) -> Result<GcReport> {
     let marked = mark(repo)?;
     report.snapshots = marked.snapshots;
     let (chunks, indexes, bases) = (marked.chunks, marked.indexes, marked.bases);
-    let tree = repo.tree("gc")?;
+    let tree = &dir.tree;
     let mut freed = 0u64;
     // Removes a name in the tree (a link itself, never what it points
     // at), counting the bytes a regular file held.
@@ -75,6 +77,6 @@ pub(super) fn gc(repo: &Repository, opts: &GcOptions) -> Result<GcReport> {
     }
     report.bases_removed = crate::bases::sweep_bases(repo, &bases, &|| recorded_bases(repo))?;
     report.bytes_freed = freed;
-    repo.sync_all()?;
+    dir.sync_all()?;
     Ok(report)
 }

@@ -1,5 +1,5 @@
 //! A repository in object storage: chunks go into packs
-//! ([`super::pack`]), and pack-index objects say which pack holds which
+//! ([`crate::pack`]), and pack-index objects say which pack holds which
 //! chunk, so a chunk costs no request of its own.
 //!
 //! ```text
@@ -27,14 +27,25 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
-use super::bucket_known;
-pub(super) use super::bucket_known::Known;
-use super::bucket_upload::Uploader;
-use super::objects::ObjectStore;
-pub use super::pack_index::parse_pack_index;
-pub(super) use super::pack_index::{pack_index_records, write_cache, Record, PACKS, PACK_INDEXES};
-use super::readahead::{window_range, Planned, ReadAhead, Window};
+mod backend;
+mod gc;
+mod known;
+mod lease;
+mod pack_index;
+mod readahead;
+mod repack;
+mod upload;
+
+pub(crate) use backend::already;
+use gc::gc;
+use known::Known;
+pub use pack_index::parse_pack_index;
+use pack_index::{pack_index_records, write_cache, Record, PACKS, PACK_INDEXES};
+
 use crate::error::{Error, ErrorKind, Result};
+use crate::objects::ObjectStore;
+use readahead::{window_range, Planned, ReadAhead, Window};
+use upload::Uploader;
 
 pub(super) const LEASES: &str = "leases/";
 pub(super) const CONDEMNED: &str = "condemned/";
@@ -159,11 +170,7 @@ impl Bucket {
         // Condemnations and bad copies first: a chunk two packs hold is
         // then found in the better copy as the pack indexes are added.
         let condemned = self.read_lists(CONDEMNED, CONDEMNED_LIMIT, parse_condemned)?;
-        let bad = self.read_lists(
-            bucket_known::BAD,
-            bucket_known::BAD_LIMIT,
-            bucket_known::parse_bad,
-        )?;
+        let bad = self.read_lists(known::BAD, known::BAD_LIMIT, known::parse_bad)?;
         known.condemned.extend(condemned.0);
         known.bad.extend(bad.0);
         known.damaged.extend(condemned.1.into_iter().chain(bad.1));
@@ -258,11 +265,11 @@ impl Bucket {
         })?;
         let mut seen = HashSet::new();
         fresh.retain(|c| seen.insert(*c));
-        for batch in fresh.chunks(bucket_known::BAD_PER_RECORD) {
-            let record = bucket_known::BadCopies {
+        for batch in fresh.chunks(known::BAD_PER_RECORD) {
+            let record = known::BadCopies {
                 copies: batch
                     .iter()
-                    .map(|(pack, chunk)| bucket_known::BadCopy {
+                    .map(|(pack, chunk)| known::BadCopy {
                         pack: pack.to_hex().to_string(),
                         chunk: chunk.to_hex().to_string(),
                     })
@@ -273,11 +280,7 @@ impl Bucket {
                     "bad-copies record: {e}"
                 )))
             })?;
-            let key = format!(
-                "{}{}.json",
-                bucket_known::BAD,
-                uuid::Uuid::new_v4().simple()
-            );
+            let key = format!("{}{}.json", known::BAD, uuid::Uuid::new_v4().simple());
             self.store.put_new(&key, body)?;
             if let Some(k) = self.known.write().map_err(|_| poisoned())?.as_mut() {
                 k.bad.extend(batch.iter().copied());
@@ -354,7 +357,7 @@ impl Bucket {
     }
 
     /// Adds a chunk's blob to the open pack, and starts the pack's upload
-    /// once it is full ([`super::bucket_upload`]). Returns the bytes added:
+    /// once it is full ([`super::upload`]). Returns the bytes added:
     /// none for a chunk stored already.
     pub(super) fn write_chunk(&self, id: &blake3::Hash, parts: &[&[u8]]) -> Result<u64> {
         if self.has_chunk(id)? {
@@ -425,7 +428,7 @@ impl Bucket {
         };
         let fetch = || {
             ahead(&Planned {
-                window: super::readahead::key(number, entry.offset),
+                window: readahead::key(number, entry.offset),
                 object: key.clone(),
                 range: window?,
             })
@@ -469,7 +472,7 @@ impl Bucket {
                     let pack = k.packs.get(l.pack as usize)?;
                     let range = window_range(k.layouts.get(l.pack as usize)?, l.offset)?;
                     Some(Planned {
-                        window: super::readahead::key(l.pack, l.offset),
+                        window: readahead::key(l.pack, l.offset),
                         object: format!("{PACKS}{}", pack.to_hex()),
                         range,
                     })
@@ -482,7 +485,7 @@ impl Bucket {
 
     /// Objects under the prefix whose names the repository does not make:
     /// verify reports them as damage, and nothing reads them.
-    pub(super) fn strays(&self) -> Result<Vec<super::Stray>> {
+    pub(super) fn strays(&self) -> Result<Vec<crate::Stray>> {
         let hex = |s: &str| blake3::Hash::from_hex(s).is_ok();
         let mut out = Vec::new();
         for o in self.store.list("")? {
@@ -497,15 +500,15 @@ impl Bucket {
                 (!rest.ends_with(".json") || rest.contains('/')).then_some("a manifest, ID.json")
             } else if k.starts_with(LEASES)
                 || k.starts_with(CONDEMNED)
-                || k.starts_with(bucket_known::BAD)
-                || k == super::CONFIG
+                || k.starts_with(known::BAD)
+                || k == crate::CONFIG
             {
                 None
             } else {
                 Some("what the repository keeps there")
             };
             if let Some(expected) = expected {
-                out.push(super::Stray {
+                out.push(crate::Stray {
                     path: self.display(k),
                     found: "object",
                     expected,
@@ -520,7 +523,7 @@ impl Bucket {
         self.with_known(|k| k.damaged.clone())
     }
 
-    /// The chunks the pack indexes list, for [`super::Repository::usage`].
+    /// The chunks the pack indexes list, for [`crate::Repository::usage`].
     pub(super) fn chunk_count(&self) -> Result<u64> {
         self.with_known(|k| k.chunks.len() as u64)
     }

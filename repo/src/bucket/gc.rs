@@ -20,7 +20,7 @@
 //! 3. *Repacks and condemns.* The indexed packs uploaded at least the
 //!    grace period ago whose marked chunks fill less than
 //!    `--repack-below` of them have those chunks copied into new packs,
-//!    indexed ([`super::bucket_repack`]). Then they and the packs with no
+//!    indexed ([`super::repack`]). Then they and the packs with no
 //!    chunk marked are condemned: a list under `condemned/` that backups
 //!    read when they start, and whose packs they then never reuse.
 //! 4. *Removes* packs no pack index lists (a backup that died before
@@ -38,20 +38,20 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime};
 
-use super::bucket::{self, Bucket, Record, CONDEMNED, CONDEMNED_LIMIT, PACKS, PACK_INDEXES};
-use super::gc::GcReport;
 use super::lease::{self, Lease};
-use super::Repository;
+use super::{Bucket, Record, CONDEMNED, CONDEMNED_LIMIT, PACKS, PACK_INDEXES};
 use crate::error::{Error, ErrorKind, Result};
+use crate::gc::GcReport;
+use crate::Repository;
 
-use super::bucket_known::{self, BAD, BAD_LIMIT};
-use super::bucket_repack::{self, Indexed};
+use super::known::{self, BAD, BAD_LIMIT};
+use super::repack::{self, Indexed};
 
 /// S3 times have whole seconds: a lease that began in the same second as
 /// a condemnation counts as begun before it.
 const CLOCK_GRAIN: Duration = Duration::from_secs(1);
 
-pub(super) fn gc(repo: &Repository, b: &Bucket, opts: &super::GcOptions) -> Result<GcReport> {
+pub(super) fn gc(repo: &Repository, b: &Bucket, opts: &crate::GcOptions) -> Result<GcReport> {
     let grace = opts.grace;
     let store = b.store();
     let own = Lease::take(b.shared_store(), "gc")?;
@@ -62,7 +62,7 @@ pub(super) fn gc(repo: &Repository, b: &Bucket, opts: &super::GcOptions) -> Resu
     let mut report = GcReport::default();
 
     // 1. Mark.
-    let marked = super::gc::mark(repo)?;
+    let marked = crate::gc::mark(repo)?;
     report.snapshots = marked.snapshots;
     let (chunks, indexes, bases) = (marked.chunks, marked.indexes, marked.bases);
 
@@ -82,7 +82,7 @@ pub(super) fn gc(repo: &Repository, b: &Bucket, opts: &super::GcOptions) -> Resu
         // they would look unindexed, and be removed. gc stops instead.
         let records = b
             .read_pack_index(hex, o.size)
-            .and_then(|bytes| bucket::pack_index_records(&bytes).map_err(|e| e.in_file(&path)))
+            .and_then(|bytes| super::pack_index_records(&bytes).map_err(|e| e.in_file(&path)))
             .map_err(|e| e.during("gc: read every pack index"))?;
         pack_indexes.push((o.key, records));
     }
@@ -102,7 +102,7 @@ pub(super) fn gc(repo: &Repository, b: &Bucket, opts: &super::GcOptions) -> Resu
     let mut condemned_before: HashSet<String> = HashSet::new();
     let mut doomed: HashSet<String> = HashSet::new();
     let mut done: Vec<String> = Vec::new();
-    for l in b.read_listed(CONDEMNED, CONDEMNED_LIMIT, bucket::parse_condemned)? {
+    for l in b.read_listed(CONDEMNED, CONDEMNED_LIMIT, super::parse_condemned)? {
         // An unreadable list condemns nothing: it is removed, and its
         // packs are judged again by this run.
         let Ok(packs) = l.items else {
@@ -142,16 +142,16 @@ pub(super) fn gc(repo: &Repository, b: &Bucket, opts: &super::GcOptions) -> Resu
     // The copies verify recorded as bad, which never count as a chunk's
     // copy elsewhere. An unreadable record is dropped, as an unreadable
     // condemnation is: it only stood for copies to store again.
-    let mut bad = bucket_repack::BadCopies::new();
+    let mut bad = repack::BadCopies::new();
     let mut bad_records: Vec<(String, Vec<(blake3::Hash, blake3::Hash)>)> = Vec::new();
-    for l in b.read_listed(BAD, BAD_LIMIT, bucket_known::parse_bad)? {
+    for l in b.read_listed(BAD, BAD_LIMIT, known::parse_bad)? {
         let pairs = l.items.unwrap_or_default();
         bad.extend(pairs.iter().copied());
         bad_records.push((l.key, pairs));
     }
     // A condemned pack that holds the only sound copy of a chunk the mark
     // found (a backup reused it before the condemnation) is spared.
-    let doomed = bucket_repack::deletable(doomed, &present(&|_| true), &chunks, &bad);
+    let doomed = repack::deletable(doomed, &present(&|_| true), &chunks, &bad);
 
     // The pack indexes that list a doomed pack are rewritten without it,
     // into one new pack index, before any pack goes.
@@ -176,7 +176,7 @@ pub(super) fn gc(repo: &Repository, b: &Bucket, opts: &super::GcOptions) -> Resu
     let mut seen = HashSet::new();
     keep.retain(|r| seen.insert(r.name));
     if !keep.is_empty() {
-        let bytes = crate::pack_index::encode_pack_index(&keep);
+        let bytes = super::pack_index::encode_pack_index(&keep);
         let key = format!("{PACK_INDEXES}{}", blake3::hash(&bytes).to_hex());
         store.put_new(&key, bytes)?;
     }
@@ -214,7 +214,7 @@ pub(super) fn gc(repo: &Repository, b: &Bucket, opts: &super::GcOptions) -> Resu
     };
     // Judged by the packs that outlive this run's deletions.
     let surviving = present(&|n| !doomed.contains(n));
-    let repacked = bucket_repack::repack(
+    let repacked = repack::repack(
         b,
         repo.config().chunk_size,
         &surviving,
@@ -240,7 +240,7 @@ pub(super) fn gc(repo: &Repository, b: &Bucket, opts: &super::GcOptions) -> Resu
     fresh.sort();
     if !fresh.is_empty() {
         report.packs_condemned = fresh.len() as u64;
-        let body = serde_json::to_vec(&bucket::Condemned { packs: fresh }).map_err(|e| {
+        let body = serde_json::to_vec(&super::Condemned { packs: fresh }).map_err(|e| {
             Error::from(ErrorKind::InvalidArgument(format!(
                 "condemnation list: {e}"
             )))
@@ -280,7 +280,7 @@ pub(super) fn gc(repo: &Repository, b: &Bucket, opts: &super::GcOptions) -> Resu
     }
     // 5. The clones of this host's backups that died before their commit.
     report.bases_removed =
-        crate::bases::sweep_bases(repo, &bases, &|| super::gc::recorded_bases(repo))?;
+        crate::bases::sweep_bases(repo, &bases, &|| crate::gc::recorded_bases(repo))?;
     report.chunks_kept = chunks.len() as u64;
     report.running_backups = others.iter().filter(|l| l.kind == "backup").count() as u64;
     drop(own);

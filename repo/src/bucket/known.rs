@@ -12,8 +12,8 @@
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 
-use super::pack::PackEntry;
 use crate::error::{Error, ErrorKind, Result};
+use crate::pack::PackEntry;
 
 pub(super) const BAD: &str = "bad/";
 /// A bad-copies record is one verify run's finds: 64 MiB is far past any.

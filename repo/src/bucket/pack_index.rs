@@ -17,8 +17,8 @@
 
 use std::collections::HashSet;
 
-use super::pack::{self, PackEntry};
 use crate::error::{Error, ErrorKind, Result};
+use crate::pack::{self, PackEntry};
 
 /// Where a bucket keeps its packs and its pack indexes.
 pub(super) const PACKS: &str = "packs/";

@@ -1,7 +1,7 @@
 //! Repacking in a bucket: a pack whose live chunks fill less than a share
 //! of it has its live chunks copied into new packs, and is then condemned
 //! like a dead one, to go by the same lease rule (see
-//! [`super::bucket_gc`]). Without it, a pack with one live chunk of
+//! [`super::gc`]). Without it, a pack with one live chunk of
 //! sixteen would be kept whole for as long as that chunk lives.
 //!
 //! The copies are made before the condemnation is written, and indexed
@@ -14,10 +14,10 @@
 
 use std::collections::{HashMap, HashSet};
 
-use super::blob::{self, BlobKind};
-use super::bucket::{Bucket, Record, PACKS};
-use super::pack::PackEntry;
+use super::{Bucket, Record, PACKS};
+use crate::blob::{self, BlobKind};
 use crate::error::{ErrorKind, Result};
+use crate::pack::PackEntry;
 
 /// A pack as a pack index lists it: the record, and its entries.
 pub(super) type Indexed = (Record, Vec<PackEntry>);
@@ -192,7 +192,7 @@ fn read_checked(b: &Bucket, id: &blake3::Hash, chunk_size: u64, buf: &mut Vec<u8
     b.read_chunk_blob(id, buf)?;
     let path = b.display(&format!("{PACKS}…/{}", id.to_hex()));
     blob::decode(BlobKind::Chunk, buf, chunk_size)
-        .and_then(|plain| super::store::check_digest(id, &plain))
+        .and_then(|plain| crate::store::check_digest(id, &plain))
         .map_err(|e| e.in_file(&path))
 }
 
