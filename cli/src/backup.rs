@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use serde::Serialize;
 use vsnap_engine::pipeline::Progress;
 use vsnap_repo::cbt::backup_files;
 use vsnap_repo::BackupOptions;
@@ -117,39 +116,6 @@ pub struct Args {
     pub output: crate::progress::ProgressArgs,
 }
 
-#[derive(Serialize)]
-struct JsonDisk {
-    name: String,
-    source: PathBuf,
-    digest: String,
-    virtual_size: u64,
-    bytes_read: u64,
-    data_chunks: u64,
-    new_chunks: u64,
-    new_bytes: u64,
-    /// Changed-block tracking: the snapshot the unchanged cells came from
-    /// and how many, or why the disk was read whole; and the base kept.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    tracking: Option<vsnap_repo::Tracking>,
-}
-
-#[derive(Serialize)]
-struct JsonBackup {
-    snapshot: String,
-    vm: String,
-    host: String,
-    time: String,
-    consistency: &'static str,
-    disks: Vec<JsonDisk>,
-    bytes_read: u64,
-    new_bytes: u64,
-    /// Data chunks referenced per chunk newly stored; null when every
-    /// chunk was known already.
-    dedup_ratio: Option<f64>,
-    duration_s: f64,
-    throughput_bytes_per_s: f64,
-}
-
 /// A `--chunk-size` that is not the repository's is refused: a backup can
 /// only cut the repository's grid.
 pub fn check_chunk_size(args: &Args, repo: &vsnap_repo::Repository) -> Result<()> {
@@ -190,35 +156,8 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
     args.engine.save_cache(&opts);
     let m = &outcome.manifest;
     let totals = m.totals();
-    let secs = outcome.duration.as_secs_f64().max(1e-9);
-    let report = JsonBackup {
-        snapshot: m.id.clone(),
-        vm: m.vm.clone(),
-        host: m.host.clone(),
-        time: m.time.clone(),
-        consistency: m.consistency.name(),
-        disks: m
-            .disks
-            .iter()
-            .map(|d| JsonDisk {
-                name: d.name.clone(),
-                source: d.source.clone(),
-                digest: d.digest.clone(),
-                virtual_size: d.virtual_size,
-                bytes_read: d.stats.bytes_read,
-                data_chunks: d.stats.data_chunks,
-                new_chunks: d.stats.new_chunks,
-                new_bytes: d.stats.new_bytes,
-                tracking: d.tracking.clone(),
-            })
-            .collect(),
-        bytes_read: totals.bytes_read,
-        new_bytes: totals.new_bytes,
-        dedup_ratio: (totals.new_chunks > 0)
-            .then(|| totals.data_chunks as f64 / totals.new_chunks as f64),
-        duration_s: secs,
-        throughput_bytes_per_s: totals.virtual_bytes as f64 / secs,
-    };
+    let report = vsnap_repo::report::BackupReport::new(&outcome);
+    let secs = report.duration_s;
     if args.json {
         writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
         return Ok(ExitCode::SUCCESS);

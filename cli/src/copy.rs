@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
-use serde::Serialize;
+use vsnap_engine::pipeline::report::CopyReport;
 use vsnap_engine::pipeline::{self, copy_images, update_b3sums, CopySpec, Progress, TargetFormat};
 use vsnap_formats::DiskImage;
 
@@ -90,19 +90,6 @@ pub struct Args {
     quiet: bool,
 }
 
-#[derive(Serialize)]
-struct JsonCopy {
-    source: PathBuf,
-    target: PathBuf,
-    format: &'static str,
-    digest: String,
-    file_digest: String,
-    virtual_size: u64,
-    bytes_read: u64,
-    bytes_written: u64,
-    verified: bool,
-}
-
 impl OutFormat {
     /// `None` for `same`: the source decides.
     pub fn target(self) -> Option<TargetFormat> {
@@ -167,20 +154,10 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
     } else {
         false
     };
-    let reports: Vec<JsonCopy> = results
+    let reports: Vec<CopyReport> = results
         .iter()
         .zip(&args.sources)
-        .map(|(r, src)| JsonCopy {
-            source: src.clone(),
-            target: r.target.clone(),
-            format: r.format.name(),
-            digest: r.source.digest.to_hex().to_string(),
-            file_digest: r.file_digest.to_hex().to_string(),
-            virtual_size: r.source.virtual_size,
-            bytes_read: r.source.bytes_read,
-            bytes_written: r.bytes_written,
-            verified,
-        })
+        .map(|(r, src)| CopyReport::new(src, r, verified))
         .collect();
     if args.json {
         writeln!(out, "{}", serde_json::to_string_pretty(&reports)?)?;

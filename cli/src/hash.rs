@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use serde::Serialize;
+use vsnap_engine::pipeline::report::DigestReport;
 use vsnap_engine::pipeline::{self, ChunkKind, Progress};
 use vsnap_formats::DiskImage;
 
@@ -57,32 +57,6 @@ pub struct Args {
     quiet: bool,
 }
 
-#[derive(Serialize)]
-struct JsonChunk {
-    offset: u64,
-    length: u64,
-    kind: ChunkKind,
-    id: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    stored: Option<u64>,
-}
-
-#[derive(Serialize)]
-struct JsonDigest {
-    path: PathBuf,
-    digest: String,
-    virtual_size: u64,
-    bytes_read: u64,
-    data_chunks: u64,
-    zero_chunks: u64,
-    unallocated_chunks: u64,
-    /// With --compress: what the data chunks would be stored as.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    stored_bytes: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    chunks: Option<Vec<JsonChunk>>,
-}
-
 pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
     let images = crate::open_all(&args.images, args.format)?;
     let refs: Vec<&dyn DiskImage> = images.iter().map(|b| &**b).collect();
@@ -95,32 +69,11 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
     })
     .context("hashing failed")?;
     args.engine.save_cache(&opts);
-    let reports: Vec<JsonDigest> = args
+    let reports: Vec<DigestReport> = args
         .images
         .iter()
-        .zip(digests)
-        .map(|(path, d)| JsonDigest {
-            path: path.clone(),
-            digest: d.digest.to_hex().to_string(),
-            virtual_size: d.virtual_size,
-            bytes_read: d.bytes_read,
-            data_chunks: d.data_chunks,
-            zero_chunks: d.zero_chunks,
-            unallocated_chunks: d.unallocated_chunks,
-            stored_bytes: args.compress.map(|_| d.stored_bytes),
-            chunks: args.chunks.then(|| {
-                d.chunks
-                    .iter()
-                    .map(|c| JsonChunk {
-                        offset: c.offset,
-                        length: c.length,
-                        kind: c.kind,
-                        id: c.id.map(|h| h.to_hex().to_string()),
-                        stored: c.stored,
-                    })
-                    .collect()
-            }),
-        })
+        .zip(&digests)
+        .map(|(path, d)| DigestReport::new(path, d, args.compress.is_some(), args.chunks))
         .collect();
     if args.json {
         writeln!(out, "{}", serde_json::to_string_pretty(&reports)?)?;

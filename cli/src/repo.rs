@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use serde::Serialize;
 use vsnap_repo::retention::{self, KeepPolicy, Within};
 use vsnap_repo::Repository;
 
@@ -92,47 +91,13 @@ pub struct SnapshotsArgs {
 
 /// The guest's figures the coordinator recorded in the manifest, when a
 /// coordinator took the snapshot.
-fn guest(m: &vsnap_repo::Manifest) -> Option<&vsnap_repo::GuestMetrics> {
-    m.freeze.as_ref().map(|f| &f.guest)
-}
-
 pub fn run_snapshots(args: &SnapshotsArgs, out: &mut dyn Write) -> Result<ExitCode> {
     let repo = args.repo.open()?;
     let listed = repo.list()?;
     let mut damaged = false;
     if args.json {
-        #[derive(Serialize)]
-        #[serde(untagged)]
-        enum Item {
-            Ok {
-                #[serde(flatten)]
-                manifest: Box<vsnap_repo::Manifest>,
-                /// The guest's freeze window, from the coordinator's
-                /// metrics; null for a snapshot taken without one.
-                freeze_window_us: Option<u64>,
-                /// What the guest's application waited (quiescing's start
-                /// to FITHAW's return); null without an agent that says.
-                stall_us: Option<u64>,
-            },
-            Bad {
-                id: String,
-                error: String,
-            },
-        }
-        let items: Vec<Item> = listed
-            .into_iter()
-            .map(|l| match l.manifest {
-                Ok(m) => Item::Ok {
-                    freeze_window_us: guest(&m).and_then(|g| g.freeze_window_us),
-                    stall_us: guest(&m).and_then(|g| g.stall_us),
-                    manifest: Box::new(m),
-                },
-                Err(e) => Item::Bad {
-                    id: l.id,
-                    error: e.to_string(),
-                },
-            })
-            .collect();
+        let items: Vec<vsnap_repo::report::SnapshotEntry> =
+            listed.into_iter().map(Into::into).collect();
         writeln!(out, "{}", serde_json::to_string_pretty(&items)?)?;
         return Ok(ExitCode::SUCCESS);
     }
@@ -153,10 +118,10 @@ pub fn run_snapshots(args: &SnapshotsArgs, out: &mut dyn Write) -> Result<ExitCo
                     m.time,
                     m.vm,
                     m.consistency.name(),
-                    guest(&m)
+                    m.guest()
                         .and_then(|g| g.stall_us)
                         .map_or("-".into(), |us| format!("{:.1} ms", us as f64 / 1000.0)),
-                    guest(&m)
+                    m.guest()
                         .and_then(|g| g.freeze_window_us)
                         .map_or("-".into(), |us| format!("{:.1} ms", us as f64 / 1000.0)),
                     m.disks.len(),
@@ -355,13 +320,4 @@ pub fn run_gc(args: &GcArgs, out: &mut dyn Write) -> Result<ExitCode> {
         )?;
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// This host's name, for the manifest.
-/// Splits `SNAPSHOT[:DISK]`.
-pub fn split_target(s: &str) -> (&str, Option<&str>) {
-    match s.split_once(':') {
-        Some((snap, disk)) => (snap, Some(disk)),
-        None => (s, None),
-    }
 }

@@ -4,14 +4,14 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde::Serialize;
 use vsnap_engine::pipeline::Progress;
-use vsnap_repo::restore::{find_disk, restore, RestoreSpec};
+use vsnap_repo::restore::restore;
 
 use crate::copy::OutFormat;
 use crate::engine_args::EngineArgs;
-use crate::repo::{split_target, RepoArg};
+use crate::repo::RepoArg;
 use crate::units::human;
 
 #[derive(Debug, clap::Args)]
@@ -72,81 +72,25 @@ struct JsonRestore {
 
 pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
     let repo = args.repo.open()?;
-    let (snap, disk) = split_target(&args.what);
-    let manifest = repo.find(snap)?;
-    let format = args.out_format.target();
-    // Inside a directory a disk is restored under its own name (a plain
-    // file name: the manifest was refused otherwise), with the extension
-    // of the format asked for, as `vsnap copy` names its copies.
-    let name_in_dir = |disk: &vsnap_repo::Disk| -> Result<PathBuf> {
-        Ok(args.to.join(match format {
-            Some(f) => f.file_name(std::path::Path::new(&disk.name), false)?,
-            None => disk.name.clone(),
-        }))
-    };
-    let specs: Vec<RestoreSpec> = match disk {
-        Some(name) => {
-            let disk = find_disk(&manifest, name)?.clone();
-            let target = if args.to.is_dir() {
-                name_in_dir(&disk)?
-            } else {
-                args.to.clone()
-            };
-            vec![RestoreSpec {
-                disk,
-                target,
-                format,
-                force: args.force,
-            }]
-        }
-        // A one-disk snapshot restores to a file path as well.
-        None if !args.to.is_dir() && manifest.disks.len() == 1 => manifest
-            .disks
-            .iter()
-            .map(|d| RestoreSpec {
-                disk: d.clone(),
-                target: args.to.clone(),
-                format,
-                force: args.force,
-            })
-            .collect(),
-        None => {
-            if !args.to.is_dir() {
-                bail!(
-                    "--to {}: snapshot {} has {} disks, so restoring it whole needs a directory (or name one disk: {}:DISK or {}:N, N from 1)",
-                    args.to.display(),
-                    manifest.id,
-                    manifest.disks.len(),
-                    manifest.id,
-                    manifest.id
-                );
-            }
-            manifest
-                .disks
-                .iter()
-                .map(|d| {
-                    Ok(RestoreSpec {
-                        disk: d.clone(),
-                        target: name_in_dir(d)?,
-                        format,
-                        force: args.force,
-                    })
-                })
-                .collect::<Result<_>>()?
-        }
-    };
+    let plan = vsnap_repo::restore::plan(
+        &repo,
+        &args.what,
+        &args.to,
+        args.out_format.target(),
+        args.force,
+    )?;
     let opts = args.engine.options(false, repo.config().chunk_size)?;
     let progress = Progress::default();
     let started = std::time::Instant::now();
     let results = args
         .output
-        .run(&progress, || restore(&repo, &specs, &opts, &progress))
+        .run(&progress, || restore(&repo, &plan.specs, &opts, &progress))
         .context("restore failed")?;
     args.engine.save_cache(&opts);
     let secs = started.elapsed().as_secs_f64().max(1e-9);
     let reports: Vec<JsonRestore> = results
         .iter()
-        .zip(&specs)
+        .zip(&plan.specs)
         .map(|(r, s)| JsonRestore {
             disk: s.disk.name.clone(),
             target: r.target.clone(),
@@ -167,7 +111,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
     eprintln!(
         "restored {} disk(s) of snapshot {}: {} virtual in {:.2} s ({}/s), digests match the backup",
         reports.len(),
-        manifest.id,
+        plan.snapshot,
         human(total),
         secs,
         human((total as f64 / secs) as u64)

@@ -202,7 +202,7 @@ impl Guest {
             Some(Link::Qga(q)) => match call {
                 Call::Identify => Ok(Answer::Identify(IdentifyReply {
                     agent: "qemu-ga".into(),
-                    writers: vec![vsnap_protocol::Writer {
+                    writers: vec![Writer {
                         kind: "qemu-ga".into(),
                         mounts: None,
                         hook: None,
@@ -311,16 +311,7 @@ impl Guest {
         let m = &mut self.metrics;
         match (call, answer) {
             (Call::Identify, Answer::Identify(r)) => {
-                m.writers = Some(
-                    r.writers
-                        .iter()
-                        .map(|w| Writer {
-                            kind: w.kind.clone(),
-                            mounts: w.mounts,
-                            hook: w.hook.clone(),
-                        })
-                        .collect(),
-                );
+                m.writers = Some(r.writers.clone());
             }
             (Call::Prepare(t), Answer::Prepare(r)) => {
                 m.prepare_hooks_us = r.prepare_hooks_us;

@@ -17,6 +17,7 @@ pub mod error;
 pub mod failpoint;
 pub mod guest;
 pub mod inventory;
+mod jsonlines;
 pub mod provider;
 pub mod qga;
 pub mod qga_guard;

@@ -6,20 +6,17 @@
 //! never comes leaves the guest frozen, which is why vsnap agents are
 //! preferred.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, ReadHalf, WriteHalf};
 
 use crate::error::{Error, ErrorKind, Result};
-use vsnap_protocol::transport::{self, BoxStream, Endpoint};
+use crate::jsonlines::{answer, request, timed_out, Channel};
 use vsnap_protocol::ErrorClass;
 
 pub struct QgaClient {
-    path: PathBuf,
-    reader: BufReader<ReadHalf<BoxStream>>,
-    writer: WriteHalf<BoxStream>,
+    channel: Channel,
     sync_id: u64,
 }
 
@@ -86,14 +83,11 @@ impl QgaClient {
     /// Connects (a failure named `qga:PATH`, a busy socket said so) and
     /// resynchronises within `sync_limit`.
     async fn open(path: &Path, sync_limit: Duration) -> Result<QgaClient> {
-        let stream = transport::connect(&Endpoint::Unix(path.to_path_buf()))
+        let channel = Channel::connect(path, format!("qga:{}", path.display()), "qga reply")
             .await
-            .map_err(|e| connect_failure(e.into(), &format!("qga:{}", path.display())))?;
-        let (r, w) = tokio::io::split(stream);
+            .map_err(|(e, at)| connect_failure(e, &at))?;
         let mut c = QgaClient {
-            path: path.to_path_buf(),
-            reader: BufReader::new(r),
-            writer: w,
+            channel,
             sync_id: u64::from(std::process::id()) << 20,
         };
         c.sync_within(sync_limit).await?;
@@ -101,7 +95,7 @@ impl QgaClient {
     }
 
     fn at(&self) -> String {
-        format!("qga:{}", self.path.display())
+        self.channel.at().to_owned()
     }
 
     /// `guest-sync-delimited`, within the usual 5 s.
@@ -117,16 +111,10 @@ impl QgaClient {
         let id = self.sync_id;
         let at = self.at();
         let work = async {
-            let mut msg = vec![0xFFu8];
-            msg.extend_from_slice(
-                json!({"execute": "guest-sync-delimited", "arguments": {"id": id}})
-                    .to_string()
-                    .as_bytes(),
-            );
-            msg.push(b'\n');
-            self.writer.write_all(&msg).await?;
+            let sync = request("guest-sync-delimited", Some(json!({ "id": id })), None);
+            self.channel.send(&[0xFF], &sync).await?;
             loop {
-                let v = match self.read_reply().await {
+                let v = match self.channel.read().await {
                     Ok(v) => v,
                     // Half a stale line, or qga's complaint about our 0xFF.
                     Err(e) if matches!(e.kind, ErrorKind::Protocol(_)) => continue,
@@ -146,27 +134,8 @@ impl QgaClient {
         };
         tokio::time::timeout(limit, work)
             .await
-            .map_err(|_| {
-                Error::from(ErrorKind::Timeout {
-                    op: "guest-sync-delimited".into(),
-                    ms: u64::try_from(limit.as_millis()).unwrap_or(u64::MAX),
-                })
-            })?
+            .map_err(|_| timed_out("guest-sync-delimited", limit))?
             .map_err(|e| e.at(at).during("guest-sync-delimited"))
-    }
-
-    async fn read_reply(&mut self) -> Result<Value> {
-        let mut line = Vec::new();
-        let mut limited = (&mut self.reader).take(vsnap_protocol::MAX_LINE as u64);
-        let n = limited.read_until(b'\n', &mut line).await?;
-        if n == 0 {
-            return Err(ErrorKind::Closed.into());
-        }
-        // qga may put the delimiter's 0xFF right before a reply.
-        let text = String::from_utf8_lossy(&line);
-        let text = text.trim_start_matches('\u{FFFD}').trim();
-        serde_json::from_str(text)
-            .map_err(|e| ErrorKind::Protocol(format!("unreadable qga reply {text:?}: {e}")).into())
     }
 
     /// One command and its `return`, or its `error` as an agent error.
@@ -177,41 +146,15 @@ impl QgaClient {
         limit: Duration,
     ) -> Result<Value> {
         let at = self.at();
-        let mut req = json!({"execute": cmd});
-        if let Some(a) = args {
-            req["arguments"] = a;
-        }
+        let req = request(cmd, args, None);
         let work = async {
-            let mut line = req.to_string().into_bytes();
-            line.push(b'\n');
-            self.writer.write_all(&line).await?;
-            let v = self.read_reply().await?;
-            if let Some(r) = v.get("return") {
-                return Ok(r.clone());
-            }
-            let e = v.get("error").cloned().unwrap_or(Value::Null);
-            let class = e
-                .get("class")
-                .and_then(Value::as_str)
-                .unwrap_or("GenericError");
-            let desc = e
-                .get("desc")
-                .and_then(Value::as_str)
-                .unwrap_or("no description");
-            Err(Error::from(ErrorKind::Agent {
-                class: class_of(class),
-                message: format!("{class}: {desc}"),
-                mount: None,
-            }))
+            self.channel.send(&[], &req).await?;
+            answer(&self.channel.read().await?, class_of)
         };
         match tokio::time::timeout(limit, work).await {
             Ok(r) => r.map_err(|e| e.at(at).during(cmd.to_string())),
             Err(_) => {
-                let e = Error::from(ErrorKind::Timeout {
-                    op: cmd.into(),
-                    ms: u64::try_from(limit.as_millis()).unwrap_or(u64::MAX),
-                })
-                .at(at);
+                let e = timed_out(cmd, limit).at(at);
                 // The late answer must not be read as the next one's.
                 let _ = self.sync().await;
                 Err(e)

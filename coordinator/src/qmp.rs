@@ -11,19 +11,16 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, ReadHalf, WriteHalf};
 
 use crate::error::{Error, ErrorKind, Result};
-use vsnap_protocol::transport::{self, BoxStream, Endpoint};
+use crate::jsonlines::{answer, request, timed_out, Channel};
 use vsnap_protocol::ErrorClass;
 
 /// How long QEMU has to greet a new client.
 pub const GREETING_LIMIT: Duration = Duration::from_secs(2);
 
 pub struct QmpClient {
-    path: PathBuf,
-    reader: BufReader<ReadHalf<BoxStream>>,
-    writer: WriteHalf<BoxStream>,
+    channel: Channel,
     next_id: u64,
     events: Vec<Value>,
 }
@@ -46,24 +43,15 @@ impl QmpClient {
     /// such), and negotiates capabilities.
     pub async fn connect(path: &Path) -> Result<QmpClient> {
         let at = format!("qmp:{}", path.display());
-        let stream = transport::connect(&Endpoint::Unix(path.to_path_buf()))
+        let channel = Channel::connect(path, at.clone(), "QMP message")
             .await
-            .map_err(|e| {
-                let e: Error = e.into();
-                Error {
-                    at: Some(at.clone()),
-                    ..e
-                }
-            })?;
-        let (r, w) = tokio::io::split(stream);
+            .map_err(|(e, at)| Error { at: Some(at), ..e })?;
         let mut c = QmpClient {
-            path: path.to_path_buf(),
-            reader: BufReader::new(r),
-            writer: w,
+            channel,
             next_id: 1,
             events: Vec::new(),
         };
-        let greeting = tokio::time::timeout(GREETING_LIMIT, c.read_message())
+        let greeting = tokio::time::timeout(GREETING_LIMIT, c.channel.read())
             .await
             .map_err(|_| {
                 Error::from(ErrorKind::Agent {
@@ -88,26 +76,12 @@ impl QmpClient {
     }
 
     fn at(&self) -> String {
-        format!("qmp:{}", self.path.display())
-    }
-
-    async fn read_message(&mut self) -> Result<Value> {
-        let mut line = Vec::new();
-        let mut limited = (&mut self.reader).take(vsnap_protocol::MAX_LINE as u64);
-        if limited.read_until(b'\n', &mut line).await? == 0 {
-            return Err(ErrorKind::Closed.into());
-        }
-        serde_json::from_slice(&line).map_err(|e| {
-            ErrorKind::Protocol(format!(
-                "unreadable QMP message {:?}: {e}",
-                String::from_utf8_lossy(&line)
-            ))
-            .into()
-        })
+        self.channel.at().to_owned()
     }
 
     /// Runs `cmd` and returns its `return`; an `error` is the command's
-    /// failure, with QEMU's description.
+    /// failure, with QEMU's description. Events that arrive meanwhile are
+    /// kept for [`QmpClient::wait_event`].
     pub async fn execute(
         &mut self,
         cmd: &str,
@@ -116,43 +90,24 @@ impl QmpClient {
     ) -> Result<Value> {
         let id = self.next_id;
         self.next_id += 1;
-        let mut req = json!({"execute": cmd, "id": id});
-        if let Some(a) = args {
-            req["arguments"] = a;
-        }
+        let req = request(cmd, args, Some(id));
         let at = self.at();
         let work = async {
-            let mut line = req.to_string().into_bytes();
-            line.push(b'\n');
-            self.writer.write_all(&line).await?;
+            self.channel.send(&[], &req).await?;
             loop {
-                let v = self.read_message().await?;
+                let v = self.channel.read().await?;
                 if v.get("event").is_some() {
                     self.events.push(v);
                     continue;
                 }
-                if v.get("id").and_then(Value::as_u64) != Some(id) {
-                    continue;
+                if v.get("id").and_then(Value::as_u64) == Some(id) {
+                    return answer(&v, |_| ErrorClass::NonRetryable);
                 }
-                if let Some(r) = v.get("return") {
-                    return Ok(r.clone());
-                }
-                let desc = v["error"]["desc"].as_str().unwrap_or("no description");
-                let class = v["error"]["class"].as_str().unwrap_or("GenericError");
-                return Err(Error::from(ErrorKind::Agent {
-                    class: ErrorClass::NonRetryable,
-                    message: format!("{class}: {desc}"),
-                    mount: None,
-                }));
             }
         };
         match tokio::time::timeout(limit, work).await {
             Ok(r) => r.map_err(|e| e.at(at).during(cmd.to_string())),
-            Err(_) => Err(Error::from(ErrorKind::Timeout {
-                op: cmd.into(),
-                ms: u64::try_from(limit.as_millis()).unwrap_or(u64::MAX),
-            })
-            .at(at)),
+            Err(_) => Err(timed_out(cmd, limit).at(at)),
         }
     }
 
@@ -165,7 +120,7 @@ impl QmpClient {
         let at = self.at();
         let work = async {
             loop {
-                let v = self.read_message().await?;
+                let v = self.channel.read().await?;
                 if matches(&v) {
                     return Ok::<Value, Error>(v);
                 }
@@ -176,13 +131,7 @@ impl QmpClient {
         };
         tokio::time::timeout(limit, work)
             .await
-            .map_err(|_| {
-                Error::from(ErrorKind::Timeout {
-                    op: format!("{name} of {job}"),
-                    ms: u64::try_from(limit.as_millis()).unwrap_or(u64::MAX),
-                })
-                .at(at.clone())
-            })?
+            .map_err(|_| timed_out(format!("{name} of {job}"), limit).at(at.clone()))?
             .map_err(|e| e.at(at))
     }
 

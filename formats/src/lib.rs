@@ -5,6 +5,7 @@
 //! format supplies them; the format is detected from the file's contents,
 //! never from its name.
 
+pub mod bytes;
 mod error;
 pub mod extent;
 mod info;

@@ -7,7 +7,9 @@
 
 pub mod error;
 pub mod replies;
+#[cfg(feature = "transport")]
 pub mod serial;
+#[cfg(feature = "transport")]
 pub mod transport;
 
 use std::fmt;
@@ -22,8 +24,11 @@ pub use error::{Error, ErrorKind, Result};
 /// A connection to a peer, whatever carries it (unix, vsock, TCP, a
 /// virtio-serial port): defined here, below both the transports that make
 /// one and the serial port's session loop that serves one.
+#[cfg(feature = "transport")]
 pub trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+#[cfg(feature = "transport")]
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
+#[cfg(feature = "transport")]
 pub type BoxStream = Box<dyn Stream>;
 pub use replies::*;
 

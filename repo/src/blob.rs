@@ -20,6 +20,7 @@
 //! caught like a flipped payload byte.
 
 use crate::error::{ErrorKind, Result};
+use vsnap_formats::bytes::{le16, le32, le64};
 
 pub const HEADER_LEN: usize = 40;
 pub const VERSION: u16 = 1;
@@ -70,12 +71,6 @@ impl Header {
     }
 }
 
-fn le64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
-}
-
 /// The header for `payload`, which decodes to `plain_len` bytes.
 pub fn encode_header(
     kind: BlobKind,
@@ -117,7 +112,7 @@ pub fn parse_header(kind: BlobKind, bytes: &[u8]) -> Result<Header> {
         }
         .into());
     }
-    let version = u16::from_le_bytes([bytes[8], bytes[9]]);
+    let version = le16(bytes, 8);
     if version != VERSION {
         return Err(ErrorKind::UnsupportedVersion {
             what: kind.name(),
@@ -144,7 +139,7 @@ pub fn parse_header(kind: BlobKind, bytes: &[u8]) -> Result<Header> {
         }
         .into());
     }
-    let crc = u32::from_le_bytes([bytes[32], bytes[33], bytes[34], bytes[35]]);
+    let crc = le32(bytes, 32);
     Ok(Header {
         encoding,
         stored_len: le64(bytes, 16),

@@ -7,8 +7,6 @@
 //! existed still reads (the field is then absent, not zero); unknown
 //! fields are ignored, so a newer coordinator's manifest reads too.
 
-use std::path::PathBuf;
-
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,16 +64,10 @@ pub struct GuestMetrics {
     pub failure: Option<Failure>,
 }
 
-/// One of the guest's writers: `fsfreeze` (with its mount count), `exec`
-/// (with the hook), or `qemu-ga`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Writer {
-    pub kind: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mounts: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hook: Option<PathBuf>,
-}
+/// One of the guest's writers, as the agent's identify lists them and
+/// the manifest records them: the protocol's own type, so the record is
+/// what the guest said.
+pub use vsnap_protocol::Writer;
 
 /// What went wrong with a guest, and at which step; `class` is the
 /// agent protocol's error class (`retryable`, `timeout`, ...).

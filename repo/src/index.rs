@@ -31,6 +31,7 @@
 use crate::error::{ErrorKind, Result};
 use vsnap_engine::digest::is_zero;
 use vsnap_engine::pipeline::ChunkKind;
+use vsnap_formats::bytes::le64;
 
 const HEAD: usize = 24;
 const ENTRY: usize = 33;
@@ -253,11 +254,7 @@ impl Index {
                 bytes.len()
             )));
         }
-        let word = |at: usize| {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(&bytes[at..at + 8]);
-            u64::from_le_bytes(a)
-        };
+        let word = |at: usize| le64(bytes, at);
         let (virtual_size, chunk_size, count) = (word(0), word(8), word(16));
         if !chunk_size.is_power_of_two() || chunk_size < 1024 {
             return Err(corrupt(format!("chunk size {chunk_size}")));

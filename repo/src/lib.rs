@@ -24,6 +24,7 @@ pub mod manifest;
 pub mod mem_store;
 pub mod objects;
 pub mod pack;
+pub mod report;
 pub mod restore;
 pub mod retention;
 mod store;

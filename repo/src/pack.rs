@@ -28,6 +28,7 @@ use std::ops::Range;
 
 use super::blob::HEADER_LEN;
 use crate::error::{ErrorKind, Result};
+use vsnap_formats::bytes::{le16, le32, le64};
 
 pub const MAGIC: &[u8; 8] = b"VSNAPPAK";
 pub const VERSION: u16 = 1;
@@ -83,18 +84,6 @@ impl PackEntry {
     }
 }
 
-fn le64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
-}
-
-fn le32(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(a)
-}
-
 fn corrupt(reason: String) -> crate::Error {
     ErrorKind::Corrupt {
         what: "pack trailer",
@@ -126,7 +115,7 @@ pub fn trailer_len(end: &[u8], object_len: u64) -> Result<u64> {
         }
         .into());
     }
-    let version = u16::from_le_bytes([tail[8], tail[9]]);
+    let version = le16(tail, 8);
     if version != VERSION {
         return Err(ErrorKind::UnsupportedVersion {
             what: "pack",

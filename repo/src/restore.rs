@@ -4,7 +4,7 @@
 //! recreated with the source's identity, temporary names, and a digest of
 //! what was written that must equal the one the backup recorded.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::error::{ErrorKind, Result};
 use crate::{Disk, Entry, Index, Manifest, Repository};
@@ -226,6 +226,69 @@ pub struct RestoreSpec {
     pub format: Option<TargetFormat>,
     /// Replace a file that exists (only once the new one is whole).
     pub force: bool,
+}
+
+/// What `SNAPSHOT[:DISK]` to `to` means: one disk to a file, or to its
+/// own name inside `to` when `to` is a directory; a whole snapshot into a
+/// directory, each disk under its own name (a one-disk snapshot to a file
+/// as well). A name inside a directory takes the extension of `format`,
+/// as `vsnap copy` names its copies (a manifest's disk names are plain
+/// file names: it is refused otherwise).
+pub fn plan(
+    repo: &Repository,
+    target: &str,
+    to: &Path,
+    format: Option<TargetFormat>,
+    force: bool,
+) -> Result<Plan> {
+    let (snap, disk) = match target.split_once(':') {
+        Some((snap, disk)) => (snap, Some(disk)),
+        None => (target, None),
+    };
+    let manifest = repo.find(snap)?;
+    let in_dir = to.is_dir();
+    let spec = |disk: &Disk| -> Result<RestoreSpec> {
+        let target = if in_dir {
+            to.join(match format {
+                Some(f) => f.file_name(Path::new(&disk.name), false)?,
+                None => disk.name.clone(),
+            })
+        } else {
+            to.to_path_buf()
+        };
+        Ok(RestoreSpec {
+            disk: disk.clone(),
+            target,
+            format,
+            force,
+        })
+    };
+    let specs = match disk {
+        Some(name) => vec![spec(find_disk(&manifest, name)?)?],
+        None if in_dir || manifest.disks.len() == 1 => {
+            manifest.disks.iter().map(spec).collect::<Result<_>>()?
+        }
+        None => return Err(ErrorKind::InvalidArgument(format!(
+            "{}: snapshot {} has {} disks, so restoring it whole needs a directory (or name one disk: {}:DISK or {}:N, N from 1)",
+            to.display(),
+            manifest.id,
+            manifest.disks.len(),
+            manifest.id,
+            manifest.id
+        ))
+        .into()),
+    };
+    Ok(Plan {
+        snapshot: manifest.id,
+        specs,
+    })
+}
+
+/// A restore to run: the snapshot's disks, each to its target.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub snapshot: String,
+    pub specs: Vec<RestoreSpec>,
 }
 
 /// Restores disks in parallel. Each restored disk's digest, computed as

@@ -15,7 +15,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use vsnap_service::state::{RunState, State, Trigger, VmResult};
 
 const ENDPOINTS: [&str; 7] = [
@@ -75,36 +74,24 @@ fn prepare(dir: &Path, vms: usize, snapshots: usize) -> PathBuf {
     config
 }
 
-/// One GET on a keep-alive connection; the body's length.
-async fn get<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
-    conn: &mut BufReader<S>,
-    path: &str,
-    token: &str,
-) -> std::io::Result<(u16, usize)> {
-    let req =
-        format!("GET {path} HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {token}\r\n\r\n");
-    conn.get_mut().write_all(req.as_bytes()).await?;
-    let mut line = String::new();
-    conn.read_line(&mut line).await?;
-    let status = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let mut len = 0usize;
-    loop {
-        line.clear();
-        conn.read_line(&mut line).await?;
-        if line.trim().is_empty() {
-            break;
-        }
-        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-            len = v.trim().parse().unwrap_or(0);
-        }
-    }
-    let mut body = vec![0u8; len];
-    conn.read_exact(&mut body).await?;
-    Ok((status, len))
+/// A client of its own: one keep-alive connection, as its requests
+/// follow one another.
+type Client = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    http_body_util::Empty<bytes::Bytes>,
+>;
+
+/// One GET; the status and the body's length.
+async fn get(client: &Client, addr: &str, path: &str, token: &str) -> (u16, usize) {
+    use http_body_util::BodyExt;
+    let req = hyper::Request::get(format!("http://{addr}{path}"))
+        .header("authorization", format!("Bearer {token}"))
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, body.len())
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -174,7 +161,11 @@ fn main() {
         for c in 0..clients {
             let (addr, token, stop) = (addr.clone(), token.clone(), Arc::clone(&stop));
             tasks.push(tokio::spawn(async move {
-                let mut conn = BufReader::new(tokio::net::TcpStream::connect(&addr).await.unwrap());
+                let client: Client = hyper_util::client::legacy::Client::builder(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .pool_max_idle_per_host(1)
+                .build_http();
                 let mut out: Vec<Vec<u64>> = vec![Vec::new(); ENDPOINTS.len()];
                 let mut n = c;
                 while !stop.load(Ordering::Relaxed) {
@@ -190,7 +181,7 @@ fn main() {
                         _ => "/metrics".to_string(),
                     };
                     let t = Instant::now();
-                    let (code, _) = get(&mut conn, &path, &token).await.unwrap();
+                    let (code, _) = get(&client, &addr, &path, &token).await;
                     assert_eq!(code, 200, "{path}");
                     out[k].push(t.elapsed().as_micros() as u64);
                     n += 1;

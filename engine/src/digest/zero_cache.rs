@@ -18,6 +18,7 @@ use blake3::hazmat::ChainingValue;
 
 use super::{DigestPlan, Leaf};
 use crate::error::{Error, Result, ResultExt};
+use vsnap_formats::bytes::le64;
 
 const MAGIC: &[u8; 8] = b"VSNZCV01";
 /// Entries recomputed on load; each costs one leaf hash (under 1 ms).
@@ -170,13 +171,11 @@ fn parse(bytes: &[u8], leaf_size: u64) -> Option<Known> {
     if blake3::hash(body).as_bytes() != sum {
         return None;
     }
-    let (magic, rest) = body.split_at_checked(8)?;
-    let (size, rest) = rest.split_at_checked(8)?;
-    let (count, rest) = rest.split_at_checked(8)?;
-    if magic != MAGIC || u64::from_le_bytes(size.try_into().ok()?) != leaf_size {
+    let (head, rest) = body.split_at_checked(24)?;
+    if head[..8] != *MAGIC || le64(head, 8) != leaf_size {
         return None;
     }
-    let count = usize::try_from(u64::from_le_bytes(count.try_into().ok()?)).ok()?;
+    let count = usize::try_from(le64(head, 16)).ok()?;
     if rest.len() != count.checked_mul(40)? {
         return None;
     }
@@ -185,15 +184,14 @@ fn parse(bytes: &[u8], leaf_size: u64) -> Option<Known> {
     let Some(at) = rest.len().checked_sub(40) else {
         return Some(Vec::new());
     };
-    let last = usize::try_from(u64::from_le_bytes(rest.get(at..at + 8)?.try_into().ok()?)).ok()?;
+    let last = usize::try_from(le64(rest, at)).ok()?;
     if last >= MAX_LEAVES {
         return None;
     }
     let mut known: Known = vec![None; last + 1];
     for entry in rest.chunks_exact(40) {
-        let (index, cv) = entry.split_at(8);
-        let index = usize::try_from(u64::from_le_bytes(index.try_into().ok()?)).ok()?;
-        *known.get_mut(index)? = Some(cv.try_into().ok()?);
+        let index = usize::try_from(le64(entry, 0)).ok()?;
+        *known.get_mut(index)? = Some(entry[8..].try_into().ok()?);
     }
     Some(known)
 }

@@ -15,6 +15,7 @@ mod compress;
 mod copy;
 mod file_digest;
 mod pool;
+pub mod report;
 mod run;
 mod source;
 

@@ -200,12 +200,7 @@ impl VhdxLayer {
             .at(bat.offset));
         }
         let table = read_vec(&*self.storage, bat.offset, needed, "VHDX BAT", file_len)?;
-        let raw = |i: u64| {
-            let at = (i * 8) as usize;
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&table[at..at + 8]);
-            u64::from_le_bytes(b)
-        };
+        let raw = |i: u64| crate::bytes::le64(&table, (i * 8) as usize);
         let log_end = self.header.log_offset + u64::from(self.header.log_length);
         let reserved = [
             ("header section", 0, MIB),

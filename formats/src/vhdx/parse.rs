@@ -27,19 +27,7 @@ pub(super) fn need(bytes: &[u8], at: usize, len: usize, what: &'static str) -> R
     Ok(())
 }
 
-pub(super) fn u16_at(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-
-pub(super) fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-pub(super) fn u64_at(b: &[u8], at: usize) -> u64 {
-    let mut x = [0u8; 8];
-    x.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(x)
-}
+pub(super) use crate::bytes::{le16 as u16_at, le32 as u32_at, le64 as u64_at};
 
 pub(super) fn guid_at(b: &[u8], at: usize) -> Guid {
     let mut g = [0u8; 16];
@@ -87,7 +75,7 @@ pub fn parse_identifier(bytes: &[u8]) -> Result<String> {
     magic(bytes, "vhdxfile", "VHDX file identifier")?;
     let units: Vec<u16> = bytes[8..8 + 512]
         .chunks_exact(2)
-        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+        .map(|c| u16_at(c, 0))
         .take_while(|&u| u != 0)
         .collect();
     Ok(String::from_utf16_lossy(&units))
@@ -280,10 +268,7 @@ fn required<'a>(v: Option<&'a [u8]>, name: &str) -> Result<&'a [u8]> {
 }
 
 fn utf16(bytes: &[u8]) -> String {
-    let units: Vec<u16> = bytes
-        .chunks_exact(2)
-        .map(|c| u16::from_le_bytes([c[0], c[1]]))
-        .collect();
+    let units: Vec<u16> = bytes.chunks_exact(2).map(|c| u16_at(c, 0)).collect();
     String::from_utf16_lossy(&units)
 }
 

@@ -19,6 +19,7 @@ use std::collections::HashSet;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::pack::{self, PackEntry};
+use vsnap_formats::bytes::{le16, le64};
 
 /// Where a bucket keeps its packs and its pack indexes.
 pub(super) const PACKS: &str = "packs/";
@@ -71,12 +72,6 @@ fn corrupt(reason: String) -> Error {
     .into()
 }
 
-fn le64(b: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[..8]);
-    u64::from_le_bytes(a)
-}
-
 /// The packs a pack index lists, each with its entries; a pure function
 /// that trusts nothing: every record's trailer is parsed as its pack's
 /// would be, and must be exactly as long as it says.
@@ -107,7 +102,7 @@ pub(super) fn pack_index_records(bytes: &[u8]) -> Result<Vec<(Record, Vec<PackEn
         }
         .into());
     }
-    let version = u16::from_le_bytes([bytes[8], bytes[9]]);
+    let version = le16(bytes, 8);
     if version != VERSION {
         return Err(ErrorKind::UnsupportedVersion {
             what: "pack index",
@@ -119,7 +114,7 @@ pub(super) fn pack_index_records(bytes: &[u8]) -> Result<Vec<(Record, Vec<PackEn
     if bytes[10..16].iter().any(|&b| b != 0) {
         return Err(corrupt("reserved bytes of the header are not zero".into()));
     }
-    let count = le64(&bytes[16..]);
+    let count = le64(bytes, 16);
     let most = (bytes.len() - HEAD_LEN) / (RECORD_HEAD + pack::TAIL_LEN);
     if count > most as u64 {
         return Err(corrupt(format!(
@@ -138,8 +133,8 @@ pub(super) fn pack_index_records(bytes: &[u8]) -> Result<Vec<(Record, Vec<PackEn
         let mut name = [0u8; 32];
         name.copy_from_slice(&rest[..32]);
         let name = blake3::Hash::from_bytes(name);
-        let pack_len = le64(&rest[32..]);
-        let trailer_len = le64(&rest[40..]);
+        let pack_len = le64(rest, 32);
+        let trailer_len = le64(rest, 40);
         let body = &rest[RECORD_HEAD..];
         if trailer_len > body.len() as u64 {
             return Err(corrupt(format!(

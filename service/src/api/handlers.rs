@@ -131,7 +131,7 @@ pub async fn snapshots(State(api): State<Arc<Api>>, Q(q): Q<SnapshotQuery>) -> A
         .iter()
         .filter_map(|l| match &l.manifest {
             Ok(m) if q.vm.as_ref().is_none_or(|v| *v == m.vm) => {
-                let guest = m.freeze.as_ref().map(|f| &f.guest);
+                let guest = m.guest();
                 Some(json!({
                     "id": m.id,
                     "vm": m.vm,
