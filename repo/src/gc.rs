@@ -1,8 +1,8 @@
 //! Forgetting snapshots, and what both garbage collectors share: the
 //! options, the report, and the mark (what the snapshots reference). Each
 //! layout sweeps by its own rule: a directory's under the repository lock
-//! ([`super::dir_gc`]), a bucket's beside running backups, by leases
-//! ([`super::bucket_gc`]); [`crate::gc`] picks one.
+//! (`dir/gc.rs`), a bucket's beside running backups, by leases
+//! (`bucket/gc.rs`); [`crate::gc`] asks the repository's backend.
 
 use std::collections::HashSet;
 

@@ -1,7 +1,7 @@
 //! The backup repository: each distinct chunk stored once, an index per
 //! backed-up disk, and a manifest per snapshot, in a local directory
-//! ([`dir`]) or in object storage ([`bucket`]), each behind the
-//! [`backend::Backend`] trait that the format's code is written against.
+//! (`dir/`) or in object storage (`bucket/`), each behind the
+//! `Backend` trait (`backend.rs`) that the format's code is written against.
 //!
 //! Every name is written whole or not at all. A backup makes its chunks
 //! and indexes durable (and in a bucket findable) before it writes its
@@ -61,9 +61,10 @@ pub use error::{Error, ErrorKind, Result};
 
 /// Removes what no snapshot uses any more, by the rule of the
 /// repository's layout: a directory's under the repository lock alone
-/// ([`dir_gc`]: `wait` waits for running backups to end, otherwise it fails
-/// at once if one is running), a bucket's beside running backups, by
-/// leases and a grace period ([`bucket_gc`]).
+/// (`dir/gc.rs`: `wait` waits for running backups to end, otherwise it
+/// fails at once if one is running), a bucket's beside running backups,
+/// by leases and a grace period (`bucket/gc.rs`). Each layout's
+/// `Backend::gc` is its own.
 pub fn gc(repo: &Repository, opts: &GcOptions) -> Result<GcReport> {
     repo.backend.gc(repo, opts)
 }

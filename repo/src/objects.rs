@@ -3,7 +3,7 @@
 //!
 //! The engine is synchronous and knows no network: a client for S3 (the
 //! `vsnap-s3` crate) implements [`ObjectStore`], with its own retries and
-//! back-off, and the repository ([`super::bucket`]) decides what goes in
+//! back-off, and the repository (`bucket/`) decides what goes in
 //! which object. Everything an implementation returns is still untrusted:
 //! the repository checks every object's length, checksum and hash.
 

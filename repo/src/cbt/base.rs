@@ -426,7 +426,7 @@ fn same_geometry(old: &dyn DiskImage, new: &dyn DiskImage) -> std::result::Resul
 }
 
 /// Backs up `sources` as one crash-consistent snapshot, as
-/// [`crate::backup`] does, with changed-block tracking when `track`
+/// [`crate::backup()`] does, with changed-block tracking when `track`
 /// is set: each source is cloned and the clone read, unchanged cells come
 /// from the snapshot before, and the clone is kept as the next base.
 pub fn backup_files(
