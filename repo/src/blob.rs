@@ -92,6 +92,39 @@ pub fn encode_header(
     h
 }
 
+/// Checks the first ten bytes every on-disk structure of the repository
+/// opens with (blob headers, pack tails, pack indexes): an 8-byte magic,
+/// named `what` when it is wrong, then a little-endian version, which
+/// must be `version` (`versioned` names the format refused). `bytes` is at
+/// least ten bytes long: the caller checked its length first.
+pub(crate) fn magic_and_version(
+    bytes: &[u8],
+    magic: &'static [u8; 8],
+    what: &'static str,
+    versioned: &'static str,
+    version: u16,
+) -> Result<()> {
+    let found = bytes.get(..8).unwrap_or_default();
+    if found != magic {
+        return Err(ErrorKind::BadMagic {
+            what,
+            expected: std::str::from_utf8(magic).unwrap_or_default(),
+            found: String::from_utf8_lossy(found).into_owned(),
+        }
+        .into());
+    }
+    let have = le16(bytes, 8);
+    if have != version {
+        return Err(ErrorKind::UnsupportedVersion {
+            what: versioned,
+            found: u32::from(have),
+            expected: u32::from(version),
+        }
+        .into());
+    }
+    Ok(())
+}
+
 /// Parses a header without the payload: enough to check a blob's length
 /// against its file's, cheaply, before trusting it.
 pub fn parse_header(kind: BlobKind, bytes: &[u8]) -> Result<Header> {
@@ -104,23 +137,7 @@ pub fn parse_header(kind: BlobKind, bytes: &[u8]) -> Result<Header> {
         }
         .into());
     }
-    if &bytes[..8] != kind.magic() {
-        return Err(ErrorKind::BadMagic {
-            what: kind.name(),
-            expected: std::str::from_utf8(kind.magic()).unwrap_or_default(),
-            found: String::from_utf8_lossy(&bytes[..8]).into_owned(),
-        }
-        .into());
-    }
-    let version = le16(bytes, 8);
-    if version != VERSION {
-        return Err(ErrorKind::UnsupportedVersion {
-            what: kind.name(),
-            found: u32::from(version),
-            expected: u32::from(VERSION),
-        }
-        .into());
-    }
+    magic_and_version(bytes, kind.magic(), kind.name(), kind.name(), VERSION)?;
     let encoding = match bytes[10] {
         0 => Encoding::Raw,
         1 => Encoding::Zstd,

@@ -28,7 +28,7 @@ use std::ops::Range;
 
 use super::blob::HEADER_LEN;
 use crate::error::{ErrorKind, Result};
-use vsnap_formats::bytes::{le16, le32, le64};
+use vsnap_formats::bytes::{le32, le64};
 
 pub const MAGIC: &[u8; 8] = b"VSNAPPAK";
 pub const VERSION: u16 = 1;
@@ -107,23 +107,7 @@ pub fn trailer_len(end: &[u8], object_len: u64) -> Result<u64> {
         .into());
     }
     let tail = &end[end.len() - TAIL_LEN..];
-    if &tail[..8] != MAGIC {
-        return Err(ErrorKind::BadMagic {
-            what: "pack tail",
-            expected: "VSNAPPAK",
-            found: String::from_utf8_lossy(&tail[..8]).into_owned(),
-        }
-        .into());
-    }
-    let version = le16(tail, 8);
-    if version != VERSION {
-        return Err(ErrorKind::UnsupportedVersion {
-            what: "pack",
-            found: u32::from(version),
-            expected: u32::from(VERSION),
-        }
-        .into());
-    }
+    crate::blob::magic_and_version(tail, MAGIC, "pack tail", "pack", VERSION)?;
     if tail[10..16].iter().chain(&tail[28..32]).any(|&b| b != 0) {
         return Err(corrupt("reserved bytes of the tail are not zero".into()));
     }

@@ -19,7 +19,7 @@ use std::collections::HashSet;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::pack::{self, PackEntry};
-use vsnap_formats::bytes::{le16, le64};
+use vsnap_formats::bytes::le64;
 
 /// Where a bucket keeps its packs and its pack indexes.
 pub(super) const PACKS: &str = "packs/";
@@ -94,23 +94,7 @@ pub(super) fn pack_index_records(bytes: &[u8]) -> Result<Vec<(Record, Vec<PackEn
         }
         .into());
     }
-    if &bytes[..8] != MAGIC {
-        return Err(ErrorKind::BadMagic {
-            what: "pack index",
-            expected: "VSNAPPIX",
-            found: String::from_utf8_lossy(&bytes[..8]).into_owned(),
-        }
-        .into());
-    }
-    let version = le16(bytes, 8);
-    if version != VERSION {
-        return Err(ErrorKind::UnsupportedVersion {
-            what: "pack index",
-            found: u32::from(version),
-            expected: u32::from(VERSION),
-        }
-        .into());
-    }
+    crate::blob::magic_and_version(bytes, MAGIC, "pack index", "pack index", VERSION)?;
     if bytes[10..16].iter().any(|&b| b != 0) {
         return Err(corrupt("reserved bytes of the header are not zero".into()));
     }
