@@ -62,25 +62,48 @@ echo "== tests"
 logs=$(mktemp -d); trap 'rm -rf "$logs"' EXIT
 export VSNAP_SKIP_LOG="$logs/skipped"
 : >"$VSNAP_SKIP_LOG"
+# --no-fail-fast: one failing binary must not hide the others; the
+# summary names every binary that failed or gave no result (a crash), and
+# the demo and the tour run whatever the tests said.
 status=0
-cargo test --workspace --locked 2>&1 | tee "$logs/tests" || status=$?
-summary() {
-  python3 - "$logs/tests" "$VSNAP_SKIP_LOG" <<'PY'
-import re, sys
-text = open(sys.argv[1], errors="replace").read()
-passed = failed = ignored = 0
-for m in re.finditer(r"test result: \w+\. (\d+) passed; (\d+) failed; (\d+) ignored", text):
-    passed += int(m[1]); failed += int(m[2]); ignored += int(m[3])
-skips = [l for l in open(sys.argv[2]).read().splitlines() if l.strip()]
-for l in skips:
-    print(f"skipped: {l}")
-print(f"tests: {passed - len(skips)} passed, {failed} failed, {len(skips) + ignored} skipped")
-PY
-}
-if [ "$status" -ne 0 ]; then summary; exit "$status"; fi
+cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$logs/tests" || status=$?
 echo "== the README's main command, and the fixture tour"
 # On the debug build the tests just made: the same code, where a release
 # build would add 8 minutes to CI.
-VSNAP_PROFILE=dev scripts/demo.sh >/dev/null
-VSNAP_PROFILE=dev scripts/tour.sh >/dev/null
-summary
+steps=()
+VSNAP_PROFILE=dev scripts/demo.sh >"$logs/demo" 2>&1 || { steps+=("scripts/demo.sh failed (its last lines are above)"); tail -20 "$logs/demo"; status=1; }
+VSNAP_PROFILE=dev scripts/tour.sh >"$logs/tour" 2>&1 || { steps+=("scripts/tour.sh failed (its last lines are above)"); tail -20 "$logs/tour"; status=1; }
+python3 - "$logs/tests" "$VSNAP_SKIP_LOG" "${steps[@]}" <<'PY'
+import re, sys
+text = open(sys.argv[1], errors="replace").read()
+passed = failed = ignored = 0
+binaries, current, results, bad = 0, None, {}, []
+for line in text.splitlines():
+    m = re.match(r"\s*(Running|Doc-tests) (.+)", line)
+    if m:
+        binaries += 1
+        current = m[2].split(" (")[0]
+        results[current] = None
+        continue
+    m = re.search(r"test result: (\w+)\. (\d+) passed; (\d+) failed; (\d+) ignored", line)
+    if m and current is not None:
+        results[current] = m[1]
+        passed += int(m[2]); failed += int(m[3]); ignored += int(m[4])
+for name, outcome in results.items():
+    if outcome is None:
+        bad.append(f"{name}: no result (it crashed or was killed)")
+    elif outcome != "ok":
+        bad.append(f"{name}: {outcome}")
+for l in re.findall(r"^test (\S+) \.\.\. FAILED$", text, re.M):
+    print(f"failed: {l}")
+skips = [l for l in open(sys.argv[2]).read().splitlines() if l.strip()]
+for l in skips:
+    print(f"skipped: {l}")
+for b in bad:
+    print(f"binary: {b}")
+for s in sys.argv[3:]:
+    print(s)
+print(f"tests: {passed - len(skips)} passed, {failed} failed, {len(skips) + ignored} skipped, "
+      f"in {binaries} binaries ({len(bad)} not ok)")
+PY
+exit "$status"
