@@ -158,6 +158,17 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
     let totals = m.totals();
     let report = vsnap_repo::report::BackupReport::new(&outcome);
     let secs = report.duration_s;
+    // On stderr, with --json too: a script reads the field, an operator
+    // running it by hand sees this.
+    if !report.damage_met.is_empty() {
+        eprintln!(
+            "vsnap: warning: {} object(s) of the repository could not be used; this snapshot stored again every chunk it needed from them, but older snapshots may lack them: run vsnap verify",
+            report.damage_met.len()
+        );
+        for d in &report.damage_met {
+            eprintln!("vsnap: warning:   {d}");
+        }
+    }
     if args.json {
         writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
         return Ok(ExitCode::SUCCESS);

@@ -306,6 +306,13 @@ pub fn run_gc(args: &GcArgs, out: &mut dyn Write) -> Result<ExitCode> {
             report.packs_waiting,
             report.running_backups
         )?;
+        if report.packs_lost > 0 {
+            writeln!(
+                out,
+                "{} pack(s) the pack indexes named were gone from the bucket: their records are dropped; run vsnap verify to see which snapshots the loss hits",
+                report.packs_lost
+            )?;
+        }
     } else if !args.quiet {
         writeln!(
             out,

@@ -134,9 +134,10 @@ pub(crate) trait Backend: Send + Sync + std::fmt::Debug {
     /// Names the repository does not put where they stand.
     fn strays(&self) -> Result<Vec<Stray>>;
 
-    /// Layout-level objects that could not be read, and why (a bucket's
-    /// pack indexes): their chunks count as absent.
-    fn damaged(&self) -> Result<Vec<(PathBuf, String)>>;
+    /// Layout-level objects that could not be used, each with what it is
+    /// and why (a bucket's pack indexes and lists, and the packs they name
+    /// that are gone or cut short): their chunks count as absent.
+    fn damaged(&self) -> Result<Vec<crate::Damaged>>;
 
     /// Held by every backup for its whole run.
     fn lock_shared(&self) -> Result<Held>;

@@ -48,6 +48,11 @@ impl BackupOptions {
 pub struct BackupOutcome {
     pub manifest: Manifest,
     pub duration: Duration,
+    /// The repository's own objects the backup could not use (a bucket's
+    /// packs gone or cut short, pack indexes that do not parse): every
+    /// chunk it met there it stored again, so the snapshot is whole, but
+    /// older snapshots may not be; the operator is told to run verify.
+    pub damage_met: Vec<crate::Damaged>,
 }
 
 /// Where the engine's chunks go during a backup. Workers call it in
@@ -709,6 +714,7 @@ impl RepoSink<'_> {
         Ok(BackupOutcome {
             manifest,
             duration: snaps.started.elapsed(),
+            damage_met: self.repo.damaged_objects()?,
         })
     }
 }

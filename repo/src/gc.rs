@@ -117,6 +117,10 @@ pub struct GcReport {
     /// backup's, perhaps).
     pub packs_young: u64,
     pub pack_indexes_rewritten: u64,
+    /// In a bucket: packs the pack indexes named that the bucket no
+    /// longer holds (lost, not deleted by gc): their records are dropped,
+    /// and verify reports the snapshots the loss hits.
+    pub packs_lost: u64,
     /// In a bucket: mostly dead packs whose live chunks this run copied
     /// into new packs, and condemned.
     pub packs_repacked: u64,

@@ -79,6 +79,16 @@ pub struct Stray {
     pub expected: &'static str,
 }
 
+/// An object of a layout's own (a bucket's pack index, list or pack) that
+/// could not be used: what it is, where, and why. Its chunks count as
+/// absent, so a backup stores them again; verify reports it.
+#[derive(Debug, Clone)]
+pub struct Damaged {
+    pub what: &'static str,
+    pub path: PathBuf,
+    pub reason: String,
+}
+
 const CONFIG: &str = "vsnap-repository";
 const FORMAT_NAME: &str = "vsnap repository";
 pub const REPO_VERSION: u32 = 1;

@@ -43,6 +43,9 @@ pub struct BackupReport {
     pub dedup_ratio: Option<f64>,
     pub duration_s: f64,
     pub throughput_bytes_per_s: f64,
+    /// Objects of the repository the backup found it could not use, each
+    /// "what at path: why"; what they held was stored again.
+    pub damage_met: Vec<String>,
 }
 
 impl BackupReport {
@@ -77,6 +80,11 @@ impl BackupReport {
                 .then(|| totals.data_chunks as f64 / totals.new_chunks as f64),
             duration_s: secs,
             throughput_bytes_per_s: totals.virtual_bytes as f64 / secs,
+            damage_met: outcome
+                .damage_met
+                .iter()
+                .map(|d| format!("{} {}: {}", d.what, d.path.display(), d.reason))
+                .collect(),
         }
     }
 }

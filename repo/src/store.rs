@@ -401,10 +401,11 @@ impl Repository {
         self.backend.strays()
     }
 
-    /// Pack indexes in the bucket that could not be read, and why (none in
-    /// a local repository): verify reports them, and their chunks count as
-    /// absent.
-    pub fn damaged_pack_indexes(&self) -> Result<Vec<(PathBuf, String)>> {
+    /// Objects of the bucket's own layout that could not be used, and why
+    /// (none in a local repository): pack indexes and lists that do not
+    /// parse, packs they name that are gone or cut short. Verify reports
+    /// them, a backup says it met them, and their chunks count as absent.
+    pub fn damaged_objects(&self) -> Result<Vec<crate::Damaged>> {
         self.backend.damaged()
     }
 

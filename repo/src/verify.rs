@@ -103,11 +103,11 @@ pub fn verify(
             affects: Vec::new(),
         });
     }
-    for (path, error) in repo.damaged_pack_indexes()? {
+    for d in repo.damaged_objects()? {
         report.problems.push(Problem {
-            what: "pack index",
-            name: path.display().to_string(),
-            error,
+            what: d.what,
+            name: d.path.display().to_string(),
+            error: d.reason,
             affects: Vec::new(),
         });
     }

@@ -220,8 +220,14 @@ fn a_pack_with_a_damaged_chunk_is_never_repacked() {
     mostly_dead_pack(dir.path(), &repo, 7);
     let old = store.keys("packs/");
     assert_eq!(old.len(), 1, "{old:?}");
-    // The pack's first blob is the live chunk: flip a byte of its payload.
-    assert!(store.tamper(&old[0], |bytes| bytes[100] ^= 0x40));
+    // Flip a byte of the live chunk's payload, found by its entry: the
+    // workers put chunks in a pack in whatever order they finish them.
+    let live = blake3::hash(&std::fs::read(dir.path().join("b.raw")).unwrap());
+    assert!(store.tamper(&old[0], |bytes| {
+        let entries = vsnap_repo::pack::parse_trailer(bytes, bytes.len() as u64).unwrap();
+        let e = entries.iter().find(|e| e.id == live).unwrap();
+        bytes[e.offset as usize + e.length as usize - 1] ^= 0x40;
+    }));
     let grace = Duration::from_secs(600);
     store.advance(grace * 2);
     let report = gc_repacking(&repo, grace);
@@ -232,4 +238,105 @@ fn a_pack_with_a_damaged_chunk_is_never_repacked() {
     let fresh = Repository::open_bucket(store, None).unwrap();
     let verified = vsnap_repo::verify::verify(&fresh, &[], 2, None, &Progress::default()).unwrap();
     assert!(!verified.ok(), "verify must report the damaged chunk");
+}
+
+/// The problems verify finds that hit a snapshot (damage that hits none,
+/// such as a record of a pack that is gone, is reported apart).
+fn snapshots_hit(repo: &Repository) -> Vec<String> {
+    let report = vsnap_repo::verify::verify(repo, &[], 2, None, &Progress::default()).unwrap();
+    let mut hit: Vec<String> = report
+        .problems
+        .iter()
+        .flat_map(|p| {
+            p.affects
+                .iter()
+                .map(|a| a.split(':').next().unwrap().to_owned())
+        })
+        .collect();
+    hit.sort();
+    hit.dedup();
+    hit
+}
+
+#[test]
+fn a_backup_after_a_pack_went_missing_stores_its_chunks_again_and_says_so() {
+    use vsnap_repo::ObjectStore;
+    let dir = tempfile::tempdir().unwrap();
+    let (store, repo) = bucket();
+    let img = image(dir.path(), "a.raw", 5, 3);
+    let first = backup(&repo, &img).unwrap();
+    let packs = store.keys("packs/");
+    assert!(!packs.is_empty(), "{packs:?}");
+    // Lost: deleted by hand, or by a provider.
+    store.delete(&packs[0]).unwrap();
+    assert_eq!(
+        snapshots_hit(&repo.session().unwrap()),
+        std::slice::from_ref(&first.id)
+    );
+    // A new process backs up the same disk: the chunk the lost pack held
+    // is stored again, and the backup says what it met.
+    let next = Repository::open_bucket(store.clone(), None).unwrap();
+    let outcome = vsnap_repo::cbt::backup_files(
+        &next,
+        std::slice::from_ref(&img),
+        None,
+        &Options {
+            chunk_size: CHUNK,
+            ..Options::default()
+        },
+        &BackupOptions::crash_consistent("vm"),
+        &Progress::default(),
+        false,
+    )
+    .unwrap();
+    assert!(
+        outcome.manifest.totals().new_chunks >= 1,
+        "{:?}",
+        outcome.manifest.totals()
+    );
+    let met: Vec<String> = outcome
+        .damage_met
+        .iter()
+        .map(|d| format!("{} {}: {}", d.what, d.path.display(), d.reason))
+        .collect();
+    assert_eq!(met.len(), 1, "{met:?}");
+    assert!(
+        met[0].starts_with("pack ") && met[0].contains(&packs[0]),
+        "{met:?}"
+    );
+    assert!(
+        met[0].contains("names it, but the bucket does not hold it"),
+        "{met:?}"
+    );
+    // Both snapshots are whole again: the chunk is in the bucket once more.
+    let fresh = Repository::open_bucket(store, None).unwrap();
+    assert_eq!(snapshots_hit(&fresh), Vec::<String>::new());
+    assert_eq!(outcome.manifest.disks[0].digest, first.disks[0].digest);
+}
+
+#[test]
+fn a_pack_byte_for_byte_a_condemned_one_goes_up_under_a_new_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, repo) = bucket();
+    let img = image(dir.path(), "a.raw", 6, 3);
+    let first = backup(&repo, &img).unwrap();
+    let old = store.keys("packs/");
+    vsnap_repo::forget(&repo, std::slice::from_ref(&first.id)).unwrap();
+    let grace = Duration::from_secs(600);
+    store.advance(grace * 2);
+    assert!(gc(&repo, grace).packs_condemned >= old.len() as u64);
+    // The same disk again, in a process that knows the condemnation: the
+    // same chunks in the same order make the same packs, whose names
+    // are condemned. Each goes up under a name of its own.
+    let again = Repository::open_bucket(store.clone(), None).unwrap();
+    let second = backup(&again, &img).unwrap();
+    assert_eq!(second.totals().new_chunks, 3);
+    let now = store.keys("packs/");
+    assert_eq!(now.len(), old.len() * 2, "{now:?}");
+    // The condemned packs go, and the new snapshot stays whole.
+    store.advance(grace * 2);
+    let removed = gc(&again, grace);
+    assert_eq!(removed.packs_removed, old.len() as u64, "{removed:?}");
+    assert!(store.keys("packs/").iter().all(|k| !old.contains(k)));
+    verify_clean(&Repository::open_bucket(store, None).unwrap());
 }

@@ -16,7 +16,7 @@ use object_store::{
 use vsnap_repo::{Error, ErrorKind, Result};
 use vsnap_repo::{ObjectInfo, ObjectStore};
 
-use crate::errors::{describe, no_bucket, Failure};
+use crate::errors::{broke_in_flight, describe, no_bucket, Failure};
 
 /// An S3 bucket and prefix.
 #[derive(Debug)]
@@ -156,6 +156,39 @@ impl S3Store {
         }
     }
 
+    /// [`Self::run`] for a request object_store does not retry once it
+    /// went out (a conditional create, a delete): a connection that broke
+    /// under it is retried here, with the client's own back-off, on a
+    /// fresh request each time.
+    fn run_resent<T: Send + 'static, F>(
+        &self,
+        make: impl Fn() -> F,
+    ) -> std::result::Result<T, Failure>
+    where
+        F: Future<Output = object_store::Result<T>> + Send + 'static,
+    {
+        let config = retry();
+        let mut wait = config.backoff.init_backoff;
+        let start = std::time::Instant::now();
+        let mut tries = 0;
+        loop {
+            match self.run(make()) {
+                Err(Failure::Store(e))
+                    if broke_in_flight(&e)
+                        && tries < config.max_retries
+                        && start.elapsed() < config.retry_timeout =>
+                {
+                    tries += 1;
+                    std::thread::sleep(wait);
+                    wait = wait
+                        .mul_f64(config.backoff.base)
+                        .min(config.backoff.max_backoff);
+                }
+                r => return r,
+            }
+        }
+    }
+
     fn fail(&self, f: Failure, key: &str, op: &'static str) -> Error {
         match f {
             Failure::Store(e) => describe(e, &self.location, key, op, &self.endpoint),
@@ -272,20 +305,24 @@ impl ObjectStore for S3Store {
     }
 
     fn put_new(&self, key: &str, bytes: Vec<u8>) -> Result<bool> {
-        let client = self.client.clone();
         let path = self.path(key);
-        let put = self.run(async move {
-            let opts = PutOptions {
-                mode: PutMode::Create,
-                ..PutOptions::default()
-            };
-            match client.put_opts(&path, PutPayload::from(bytes), opts).await {
-                Ok(_) => Ok(true),
-                Err(
-                    object_store::Error::AlreadyExists { .. }
-                    | object_store::Error::Precondition { .. },
-                ) => Ok(false),
-                Err(e) => Err(e),
+        // Shared, so a retry sends the same bytes without a copy.
+        let payload = PutPayload::from(bytes);
+        let put = self.run_resent(|| {
+            let (client, path, payload) = (self.client.clone(), path.clone(), payload.clone());
+            async move {
+                let opts = PutOptions {
+                    mode: PutMode::Create,
+                    ..PutOptions::default()
+                };
+                match client.put_opts(&path, payload, opts).await {
+                    Ok(_) => Ok(true),
+                    Err(
+                        object_store::Error::AlreadyExists { .. }
+                        | object_store::Error::Precondition { .. },
+                    ) => Ok(false),
+                    Err(e) => Err(e),
+                }
             }
         });
         put.map_err(|f| self.fail(f, key, "create object"))
@@ -299,12 +336,14 @@ impl ObjectStore for S3Store {
     }
 
     fn delete(&self, key: &str) -> Result<()> {
-        let client = self.client.clone();
         let path = self.path(key);
-        self.run(async move {
-            match client.delete(&path).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-                Err(e) => Err(e),
+        self.run_resent(|| {
+            let (client, path) = (self.client.clone(), path.clone());
+            async move {
+                match client.delete(&path).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                    Err(e) => Err(e),
+                }
             }
         })
         .map_err(|f| self.fail(f, key, "delete object"))

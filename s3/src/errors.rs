@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 
+use object_store::client::{HttpError, HttpErrorKind};
 use vsnap_error::chain;
 use vsnap_repo::{Error, ErrorKind};
 
@@ -37,6 +38,31 @@ fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
         cur = next;
     }
     cur.to_string()
+}
+
+/// What the transport said went wrong, when it was the transport: the
+/// kind object_store's HTTP layer gave the failure, found down the chain.
+pub(crate) fn transport(e: &object_store::Error) -> Option<HttpErrorKind> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(h) = err.downcast_ref::<HttpError>() {
+            return Some(h.kind());
+        }
+        cur = err.source();
+    }
+    None
+}
+
+/// A connection that broke, or an answer that did not come, after the
+/// request went out: object_store retries these only for requests it
+/// knows are idempotent, and a conditional create is not one. Retrying
+/// one is safe here, because every caller checks a refused create for
+/// the bytes it sent (the lost-answer check).
+pub(crate) fn broke_in_flight(e: &object_store::Error) -> bool {
+    matches!(
+        transport(e),
+        Some(HttpErrorKind::Interrupted | HttpErrorKind::Timeout | HttpErrorKind::Request)
+    )
 }
 
 /// Whether the server said the bucket does not exist.
@@ -74,6 +100,14 @@ pub(crate) fn describe(
             "the TLS certificate of {endpoint} is not trusted here; if a private CA issued it, set {} to that CA's PEM file",
             crate::tls::CA_BUNDLE
         )
+    } else if matches!(
+        transport(&e),
+        Some(HttpErrorKind::Interrupted | HttpErrorKind::Request)
+    ) {
+        // Connected, then lost: the endpoint is there.
+        format!("the connection to the S3 endpoint {endpoint} broke during the request, retries included")
+    } else if transport(&e) == Some(HttpErrorKind::Timeout) {
+        format!("the S3 endpoint {endpoint} did not answer in time, retries included")
     } else if text.contains("error sending request")
         || text.contains("Connection refused")
         || text.contains("dns error")
@@ -96,4 +130,49 @@ pub(crate) fn describe(
     })
     .in_file(&path)
     .during(op)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn failed(kind: HttpErrorKind, io: std::io::ErrorKind) -> object_store::Error {
+        object_store::Error::Generic {
+            store: "S3",
+            source: Box::new(HttpError::new(kind, std::io::Error::from(io))),
+        }
+    }
+
+    fn reason(e: object_store::Error) -> String {
+        describe(e, "s3://b/p", "packs/ab", "create object", "http://h:1").to_string()
+    }
+
+    /// A connection that broke mid-request is retried, and named as
+    /// broken, not as an endpoint that cannot be reached; one that never
+    /// opened is neither retried here nor called broken.
+    #[test]
+    fn a_broken_connection_is_resent_and_told_apart_from_an_unreachable_endpoint() {
+        let broke = failed(HttpErrorKind::Interrupted, std::io::ErrorKind::BrokenPipe);
+        assert!(broke_in_flight(&broke));
+        let text = reason(broke);
+        assert!(
+            text.contains("the connection to the S3 endpoint http://h:1 broke during the request"),
+            "{text}"
+        );
+        assert!(!text.contains("cannot reach"), "{text}");
+        let refused = failed(
+            HttpErrorKind::Connect,
+            std::io::ErrorKind::ConnectionRefused,
+        );
+        assert!(!broke_in_flight(&refused));
+        let text = reason(refused);
+        assert!(
+            text.contains("cannot reach the S3 endpoint http://h:1"),
+            "{text}"
+        );
+        let slow = failed(HttpErrorKind::Timeout, std::io::ErrorKind::TimedOut);
+        assert!(broke_in_flight(&slow));
+        assert!(reason(slow).contains("did not answer in time"));
+    }
 }

@@ -1,7 +1,8 @@
 //! A fault-injecting HTTP proxy for an S3 server on loopback: it drops
 //! connections (before the request reaches the server, or after, so the
 //! request took effect and its answer was lost), answers 503 SlowDown and
-//! 500 InternalError, truncates response bodies, flips a byte in ranged
+//! 500 InternalError, closes a kept-alive connection in the middle of a
+//! request's body, truncates response bodies, flips a byte in ranged
 //! reads' bodies, and adds latency, each at a rate of its own, drawn from a
 //! seeded generator. It counts requests by kind, so benchmarks read PUT and
 //! GET counts off it too.
@@ -39,6 +40,11 @@ pub struct Faults {
     pub truncate: f64,
     /// One byte of a ranged read's body is flipped.
     pub corrupt_ranges: f64,
+    /// A kept-alive connection, on a request after its first, is closed
+    /// once the first piece of the request's body is in: the client,
+    /// still sending, meets a broken pipe or a reset, as it does when a
+    /// real endpoint closes a connection it kept idle.
+    pub cut_reused: f64,
     /// Added to every request.
     pub latency: Duration,
 }
@@ -99,6 +105,7 @@ enum Fault {
     Internal,
     Truncate,
     Corrupt,
+    CutReused,
 }
 
 impl FaultProxy {
@@ -134,8 +141,11 @@ impl FaultProxy {
                 let _ = stream.set_nodelay(true);
                 let s = Arc::clone(&s);
                 tokio::spawn(async move {
-                    let service =
-                        hyper::service::service_fn(move |req| handle(Arc::clone(&s), req));
+                    let served = Arc::new(AtomicU64::new(0));
+                    let service = hyper::service::service_fn(move |req| {
+                        let reused = served.fetch_add(1, Ordering::Relaxed) > 0;
+                        handle(Arc::clone(&s), req, reused)
+                    });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
@@ -242,7 +252,7 @@ fn s3_error(status: StatusCode, code: &str) -> Response<Answer> {
     r
 }
 
-fn pick(s: &Shared, ranged: bool) -> (Fault, Duration) {
+fn pick(s: &Shared, ranged: bool, reused: bool) -> (Fault, Duration) {
     let (Ok(f), Ok(mut rng)) = (s.faults.lock(), s.rng.lock()) else {
         return (Fault::None, Duration::ZERO);
     };
@@ -264,6 +274,8 @@ fn pick(s: &Shared, ranged: bool) -> (Fault, Duration) {
         Fault::Truncate
     } else if ranged && hit(f.corrupt_ranges) {
         Fault::Corrupt
+    } else if reused && hit(f.cut_reused) {
+        Fault::CutReused
     } else {
         Fault::None
     };
@@ -282,7 +294,11 @@ impl std::fmt::Display for Dropped {
 
 impl std::error::Error for Dropped {}
 
-async fn handle(s: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Answer>, Dropped> {
+async fn handle(
+    s: Arc<Shared>,
+    req: Request<Incoming>,
+    reused: bool,
+) -> Result<Response<Answer>, Dropped> {
     let c = &s.counts;
     let counter = match *req.method() {
         hyper::Method::GET if req.uri().query().is_some_and(|q| q.contains("list-type")) => &c.list,
@@ -303,7 +319,7 @@ async fn handle(s: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Answe
         c.unsigned_puts.fetch_add(1, Ordering::Relaxed);
     }
     let ranged = req.headers().contains_key(hyper::header::RANGE);
-    let (fault, latency) = pick(&s, ranged);
+    let (fault, latency) = pick(&s, ranged, reused);
     if !matches!(fault, Fault::None) {
         c.faults.fetch_add(1, Ordering::Relaxed);
     }
@@ -312,6 +328,13 @@ async fn handle(s: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Answe
     }
     match fault {
         Fault::DropBefore => return Err(Dropped),
+        Fault::CutReused => {
+            // The rest of the body is left unread: the kernel answers the
+            // client's next segments with a reset.
+            let mut body = req.into_body();
+            let _ = body.frame().await;
+            return Err(Dropped);
+        }
         Fault::SlowDown => return Ok(s3_error(StatusCode::SERVICE_UNAVAILABLE, "SlowDown")),
         Fault::Internal => return Ok(s3_error(StatusCode::INTERNAL_SERVER_ERROR, "InternalError")),
         _ => {}

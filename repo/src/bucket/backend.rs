@@ -169,7 +169,7 @@ impl Backend for Bucket {
         Bucket::strays(self)
     }
 
-    fn damaged(&self) -> Result<Vec<(PathBuf, String)>> {
+    fn damaged(&self) -> Result<Vec<crate::Damaged>> {
         Bucket::damaged(self)
     }
 

@@ -151,7 +151,25 @@ pub(super) fn gc(repo: &Repository, b: &Bucket, opts: &crate::GcOptions) -> Resu
     }
     // A condemned pack that holds the only sound copy of a chunk the mark
     // found (a backup reused it before the condemnation) is spared.
-    let doomed = repack::deletable(doomed, &present(&|_| true), &chunks, &bad);
+    let mut doomed = repack::deletable(doomed, &present(&|_| true), &chunks, &bad);
+    // Packs the indexes name that the bucket lost: listed again now that
+    // the indexes are read (a pack goes up before the index that names
+    // it, so one missing from this listing is gone, not on its way), and
+    // no condemnation's. Their records go with the doomed packs', so a
+    // loss is reported once, by verify, as the snapshots it hits.
+    let relisted: HashSet<String> = store
+        .list(PACKS)?
+        .into_iter()
+        .filter_map(|o| Some(o.key.strip_prefix(PACKS)?.to_owned()))
+        .collect();
+    for (_, records) in &pack_indexes {
+        for (r, _) in records {
+            let n = r.name.to_hex().to_string();
+            if !relisted.contains(&n) && !condemned_before.contains(&n) && doomed.insert(n) {
+                report.packs_lost += 1;
+            }
+        }
+    }
 
     // The pack indexes that list a doomed pack are rewritten without it,
     // into one new pack index, before any pack goes.

@@ -9,11 +9,10 @@
 //! reuse the bad copy, and once it has, every reader uses the new copy,
 //! so the snapshots that named the chunk restore again.
 
-use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
-
 use crate::error::{Error, ErrorKind, Result};
 use crate::pack::PackEntry;
+use crate::Damaged;
+use std::collections::{HashMap, HashSet};
 
 pub(super) const BAD: &str = "bad/";
 /// A bad-copies record is one verify run's finds: 64 MiB is far past any.
@@ -89,9 +88,13 @@ pub(super) struct Known {
     /// Copies verify found bad, as (pack, chunk): read only where no
     /// other copy is, never reused.
     pub bad: HashSet<(blake3::Hash, blake3::Hash)>,
-    /// Objects that could not be read, and why: a pack index's chunks
-    /// count as absent (a backup stores them again); verify reports them.
-    pub damaged: Vec<(PathBuf, String)>,
+    /// Packs the pack indexes name that the bucket does not hold as they
+    /// say (gone, or of another length): read only where no other copy
+    /// is, never reused, so a backup stores their chunks again.
+    pub unusable: HashSet<blake3::Hash>,
+    /// Objects that could not be used, and why: their chunks count as
+    /// absent (a backup stores them again); verify reports them.
+    pub damaged: Vec<Damaged>,
 }
 
 impl Known {
@@ -136,10 +139,13 @@ impl Known {
         Ok(())
     }
 
-    /// How good a copy is, lower better: sound before bad, then a pack
-    /// not condemned before a condemned one.
+    /// How good a copy is, lower better: in a pack that is there before
+    /// one that is not, then sound before bad, then a pack not condemned
+    /// before a condemned one.
     fn rank(&self, pack: blake3::Hash, id: blake3::Hash) -> u8 {
-        u8::from(self.bad.contains(&(pack, id))) * 2 + u8::from(self.condemned.contains(&pack))
+        u8::from(self.unusable.contains(&pack)) * 4
+            + u8::from(self.bad.contains(&(pack, id))) * 2
+            + u8::from(self.condemned.contains(&pack))
     }
 
     /// The copy of `id` in use, if a pack index lists one, and whether a

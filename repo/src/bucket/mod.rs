@@ -22,7 +22,7 @@
 //!
 //! The pack indexes' format is [`super::pack_index`]'s.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
@@ -44,6 +44,7 @@ use pack_index::{pack_index_records, write_cache, Record, PACKS, PACK_INDEXES};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::objects::ObjectStore;
+use crate::Damaged;
 use readahead::{window_range, Planned, ReadAhead, Window};
 use upload::Uploader;
 
@@ -113,9 +114,6 @@ pub(super) struct Listed<T> {
     pub items: Result<Vec<T>>,
 }
 
-/// Objects that could not be read, and why.
-type Unreadable = Vec<(PathBuf, String)>;
-
 pub(super) fn poisoned() -> Error {
     Error::worker_panicked()
 }
@@ -169,30 +167,83 @@ impl Bucket {
         let mut known = Known::default();
         // Condemnations and bad copies first: a chunk two packs hold is
         // then found in the better copy as the pack indexes are added.
-        let condemned = self.read_lists(CONDEMNED, CONDEMNED_LIMIT, parse_condemned)?;
-        let bad = self.read_lists(known::BAD, known::BAD_LIMIT, known::parse_bad)?;
+        let condemned = self.read_lists(
+            CONDEMNED,
+            "condemnation list",
+            CONDEMNED_LIMIT,
+            parse_condemned,
+        )?;
+        let bad = self.read_lists(
+            known::BAD,
+            "bad-copies record",
+            known::BAD_LIMIT,
+            known::parse_bad,
+        )?;
         known.condemned.extend(condemned.0);
         known.bad.extend(bad.0);
         known.damaged.extend(condemned.1.into_iter().chain(bad.1));
+        let mut records = Vec::new();
         for obj in self.store.list(PACK_INDEXES)? {
             let Some(hex) = obj.key.strip_prefix(PACK_INDEXES) else {
                 continue;
             };
             let path = self.display(&obj.key);
             let parsed = self.read_pack_index(hex, obj.size).and_then(|bytes| {
-                parse_pack_index(&bytes).map_err(|e| e.in_file(&path).during("read pack index"))
+                pack_index_records(&bytes).map_err(|e| e.in_file(&path).during("read pack index"))
             });
             match parsed {
-                Ok(packs) => {
-                    for (name, entries) in packs {
-                        known.add(name, &entries)?;
-                    }
-                }
+                Ok(packs) => records.push((obj.key, packs)),
                 // Unreachable or refusing servers stop the command; a
                 // damaged object only means less is known.
                 Err(e) if matches!(e.kind(), ErrorKind::Remote { .. }) => return Err(e),
-                Err(e) => known.damaged.push((path, e.to_string())),
+                Err(e) => known.damaged.push(Damaged {
+                    what: "pack index",
+                    path,
+                    reason: e.to_string(),
+                }),
             }
+        }
+        // The packs listed after their indexes were read: a pack is put
+        // before the index that names it, so every pack an index read
+        // names was in the bucket before this listing began, unless it
+        // was lost since. A backup never trusts an index alone: a chunk
+        // whose pack is gone, or of another length than its index says,
+        // is stored again, never named by a snapshot as if it were there.
+        let listed: HashMap<blake3::Hash, u64> = self
+            .store
+            .list(PACKS)?
+            .into_iter()
+            .filter_map(|o| {
+                let name = blake3::Hash::from_hex(o.key.strip_prefix(PACKS)?).ok()?;
+                Some((name, o.size))
+            })
+            .collect();
+        for (key, packs) in &records {
+            for (r, _) in packs {
+                let why = match listed.get(&r.name) {
+                    Some(&size) if size == r.len => continue,
+                    // gc deleted it after this process read the index.
+                    None if known.condemned.contains(&r.name) => None,
+                    None => Some(format!(
+                        "the pack index {key} names it, but the bucket does not hold it"
+                    )),
+                    Some(&size) => Some(format!(
+                        "it is {size} bytes; the pack index {key} says {}",
+                        r.len
+                    )),
+                };
+                known.unusable.insert(r.name);
+                if let Some(reason) = why {
+                    known.damaged.push(Damaged {
+                        what: "pack",
+                        path: self.display(&format!("{PACKS}{}", r.name.to_hex())),
+                        reason,
+                    });
+                }
+            }
+        }
+        for (r, entries) in records.into_iter().flat_map(|(_, packs)| packs) {
+            known.add(r.name, &entries)?;
         }
         let mut slot = self.known.write().map_err(|_| poisoned())?;
         if slot.is_none() {
@@ -233,14 +284,19 @@ impl Bucket {
     fn read_lists<T>(
         &self,
         prefix: &str,
+        what: &'static str,
         limit: u64,
         parse: fn(&[u8]) -> Result<Vec<T>>,
-    ) -> Result<(Vec<T>, Unreadable)> {
+    ) -> Result<(Vec<T>, Vec<Damaged>)> {
         let (mut items, mut damaged) = (Vec::new(), Vec::new());
         for l in self.read_listed(prefix, limit, parse)? {
             match l.items {
                 Ok(got) => items.extend(got),
-                Err(e) => damaged.push((self.display(&l.key), e.to_string())),
+                Err(e) => damaged.push(Damaged {
+                    what,
+                    path: self.display(&l.key),
+                    reason: e.to_string(),
+                }),
             }
         }
         Ok((items, damaged))
@@ -519,7 +575,7 @@ impl Bucket {
     }
 
     /// The pack indexes that could not be read, and why.
-    pub(super) fn damaged(&self) -> Result<Vec<(PathBuf, String)>> {
+    pub(super) fn damaged(&self) -> Result<Vec<Damaged>> {
         self.with_known(|k| k.damaged.clone())
     }
 

@@ -236,11 +236,23 @@ impl Uploader {
 
     fn upload(&self, pack: PackBuilder) -> Result<()> {
         let ids: Vec<blake3::Hash> = pack.ids().collect();
-        let (bytes, name, entries) = pack.finish();
+        let (mut bytes, mut name, mut entries) = pack.finish();
+        // The same name is the same bytes, so a pack there already is this
+        // one: unless gc condemned it (it will delete it, whatever this
+        // backup names) or it is not what its name says. Then these
+        // chunks go up under a name of their own.
+        let taken = self
+            .known
+            .read()
+            .map_err(|_| Error::worker_panicked())?
+            .as_ref()
+            .is_some_and(|k| k.condemned.contains(&name) || k.unusable.contains(&name));
+        if taken {
+            (bytes, name, entries) = salted(&bytes, &entries)?;
+        }
         let len = bytes.len() as u64;
         let data_end = entries.last().map_or(0, |e| e.offset + u64::from(e.length));
         let trailer = bytes.get(data_end as usize..).unwrap_or_default().to_vec();
-        // The same name is the same bytes: a pack there already is this one.
         let put = self
             .store
             .put_new(&format!("{PACKS}{}", name.to_hex()), bytes);
@@ -248,12 +260,15 @@ impl Uploader {
         for id in &ids {
             w.pending.remove(id);
         }
-        put?;
+        let created = put?;
         {
             let mut known = self.known.write().map_err(|_| Error::worker_panicked())?;
-            known
-                .get_or_insert_with(Known::default)
-                .add(name, &entries)?;
+            let known = known.get_or_insert_with(Known::default);
+            if created {
+                // A pack that was missing is there again.
+                known.unusable.remove(&name);
+            }
+            known.add(name, &entries)?;
         }
         w.uploaded.push(Record { name, len, trailer });
         let full = w.uploaded.len() >= PACKS_PER_INDEX;
@@ -278,4 +293,34 @@ impl Uploader {
         w.uploaded.clear();
         Ok(())
     }
+}
+
+/// The pack `bytes` (entries `entries`) with one more blob: a chunk of 32
+/// random bytes that no snapshot names, so that its name is new. gc finds
+/// it unmarked and collects it with the pack's other dead chunks.
+fn salted(
+    bytes: &[u8],
+    entries: &[crate::pack::PackEntry],
+) -> Result<(Vec<u8>, blake3::Hash, Vec<crate::pack::PackEntry>)> {
+    let mut b = PackBuilder::new();
+    b.reserve(bytes.len() + 128);
+    for e in entries {
+        let at = usize::try_from(e.offset).unwrap_or(usize::MAX);
+        let blob = at
+            .checked_add(e.length as usize)
+            .and_then(|end| bytes.get(at..end))
+            .ok_or_else(|| {
+                Error::from(ErrorKind::InvalidArgument(
+                    "a pack entry past the pack's end".into(),
+                ))
+            })?;
+        b.push(e.id, &[blob])?;
+    }
+    let salt: Vec<u8> = [uuid::Uuid::new_v4(), uuid::Uuid::new_v4()]
+        .iter()
+        .flat_map(|u| *u.as_bytes())
+        .collect();
+    let (head, payload) = crate::blob::encode(crate::blob::BlobKind::Chunk, &salt, 1)?;
+    b.push(blake3::hash(&salt), &[&head, &payload])?;
+    Ok(b.finish())
 }

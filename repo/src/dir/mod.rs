@@ -398,7 +398,7 @@ impl Backend for Dir {
         Ok(out)
     }
 
-    fn damaged(&self) -> Result<Vec<(PathBuf, String)>> {
+    fn damaged(&self) -> Result<Vec<crate::Damaged>> {
         Ok(Vec::new())
     }
 
