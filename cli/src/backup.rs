@@ -161,12 +161,12 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
     // On stderr, with --json too: a script reads the field, an operator
     // running it by hand sees this.
     if !report.damage_met.is_empty() {
-        eprintln!(
+        say!(
             "vsnap: warning: {} object(s) of the repository could not be used; this snapshot stored again every chunk it needed from them, but older snapshots may lack them: run vsnap verify",
             report.damage_met.len()
         );
         for d in &report.damage_met {
-            eprintln!("vsnap: warning:   {d}");
+            say!("vsnap: warning:   {d}");
         }
     }
     if args.json {

@@ -75,7 +75,7 @@ pub fn run_plan(
                 if cancel.swap(true, Ordering::Relaxed) {
                     std::process::exit(130);
                 }
-                eprintln!("vsnap: interrupted: thawing every guest and stopping (Ctrl-C again to quit now)");
+                say!("vsnap: interrupted: thawing every guest and stopping (Ctrl-C again to quit now)");
             }
         })
     };
@@ -96,7 +96,7 @@ pub fn run_plan(
         _ => anyhow::Error::new(e).context("coordinated backup failed before any guest was frozen"),
     })?;
     for w in &report.warnings {
-        eprintln!("vsnap: warning: {w}");
+        say!("vsnap: warning: {w}");
     }
     Ok(report)
 }
@@ -122,11 +122,11 @@ pub fn run(args: &Args, inventory: &Path, out: &mut dyn Write) -> Result<ExitCod
 /// Says on stderr what went wrong, if anything; the exit code follows.
 pub fn exit_code(report: &Report) -> ExitCode {
     if let Some(why) = report.failure() {
-        eprintln!("vsnap: error: {why}");
+        say!("vsnap: error: {why}");
         return ExitCode::FAILURE;
     }
     if let Some(e) = &report.session.release_error {
-        eprintln!("vsnap: warning: {e} (the next run finishes what is left)");
+        say!("vsnap: warning: {e} (the next run finishes what is left)");
     }
     ExitCode::SUCCESS
 }

@@ -173,7 +173,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
     let read: u64 = reports.iter().map(|r| r.bytes_read).sum();
     let written: u64 = reports.iter().map(|r| r.bytes_written).sum();
     let secs = elapsed.as_secs_f64().max(1e-9);
-    eprintln!(
+    say!(
         "copied {} image(s): {} virtual, {} read, {} written in {:.2} s ({}/s){}",
         reports.len(),
         human(total),

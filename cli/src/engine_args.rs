@@ -85,7 +85,7 @@ impl EngineArgs {
     pub fn save_cache(&self, opts: &Options) {
         if let Some(cache) = &opts.zero_cache {
             if let Err(e) = cache.save() {
-                eprintln!("vsnap: warning: {e}");
+                say!("vsnap: warning: {e}");
             }
         }
     }
@@ -95,7 +95,7 @@ impl EngineArgs {
     pub fn report_fallback(&self) {
         let t = self.tuning();
         if let Ok((_, Some(reason))) = probe(t.io, t.queue_depth) {
-            eprintln!("vsnap: {reason}");
+            say!("vsnap: {reason}");
         }
     }
 }

@@ -10,7 +10,6 @@ use vsnap_engine::pipeline::{self, ChunkKind, Progress};
 use vsnap_formats::DiskImage;
 
 use crate::engine_args::{ChunkArg, EngineArgs};
-use crate::FormatArg;
 
 #[derive(Debug, clap::Args)]
 #[command(after_long_help = "\
@@ -45,9 +44,8 @@ pub struct Args {
     chunk: ChunkArg,
     #[command(flatten)]
     engine: EngineArgs,
-    /// The image format; `auto` detects it from the file's contents.
-    #[arg(long, short = 'f', value_enum, default_value_t)]
-    format: FormatArg,
+    #[command(flatten)]
+    format: crate::SourceFormat,
     /// How to report progress: a bar on a terminal (auto), JSON lines on
     /// stderr for scripts, or none.
     #[arg(long, value_enum, default_value_t)]
@@ -58,7 +56,7 @@ pub struct Args {
 }
 
 pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
-    let images = crate::open_all(&args.images, args.format)?;
+    let images = crate::open_all(&args.images, args.format.format)?;
     let refs: Vec<&dyn DiskImage> = images.iter().map(|b| &**b).collect();
     let mut opts = args.engine.options(args.chunks, args.chunk.chunk_size)?;
     opts.compress = args.compress;
@@ -84,7 +82,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
         writeln!(out, "{}  {}", r.digest, r.path.display())?;
         if let (Some(stored), Some(level)) = (r.stored_bytes, args.compress) {
             // On stderr, so stdout stays in b3sum's format.
-            eprintln!(
+            say!(
                 "{}: {} of data would be stored as {} with zstd -{level}",
                 r.path.display(),
                 crate::units::human(r.bytes_read),

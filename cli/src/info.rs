@@ -9,7 +9,6 @@ use anyhow::Result;
 use vsnap_formats::ImageInfo;
 
 use crate::units::human;
-use crate::FormatArg;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -19,19 +18,18 @@ pub struct Args {
     /// Print a JSON array with one object per image that opened.
     #[arg(long)]
     json: bool,
-    /// The image format; `auto` detects it from the file's contents.
-    #[arg(long, short = 'f', value_enum, default_value_t)]
-    format: FormatArg,
+    #[command(flatten)]
+    format: crate::SourceFormat,
 }
 
 pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
     let mut infos = Vec::new();
     let mut failed = false;
     for path in &args.images {
-        match vsnap_formats::open(path, args.format.forced()).and_then(|img| img.info()) {
+        match vsnap_formats::open(path, args.format.format.forced()).and_then(|img| img.info()) {
             Ok(info) => infos.push(info),
             Err(err) => {
-                eprintln!("vsnap: error: {err}");
+                say!("vsnap: error: {err}");
                 failed = true;
             }
         }

@@ -1,5 +1,7 @@
 //! The `vsnap` command line.
 
+#[macro_use]
+mod plain;
 mod backup;
 mod bench;
 mod coordinated;
@@ -128,6 +130,22 @@ pub enum FormatArg {
     Raw,
 }
 
+/// The source format of the commands that only read images (info, hash,
+/// map), where `--format` is unambiguous; `--source-format` is the same,
+/// as backup and copy (which also write one) name it.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SourceFormat {
+    /// The image format; `auto` detects it from the file's contents.
+    #[arg(
+        long = "format",
+        short = 'f',
+        visible_alias = "source-format",
+        value_enum,
+        default_value_t
+    )]
+    pub format: FormatArg,
+}
+
 /// Opens every image, detecting or forcing the format; the first that
 /// fails stops the command with its own error.
 pub fn open_all(
@@ -155,7 +173,7 @@ fn main() -> ExitCode {
     vsnap_coordinator::failpoint::from_env();
     let cli = Cli::parse();
     let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut out = plain::Plain::new(std::io::BufWriter::new(stdout.lock()));
     let result = match cli.command {
         Command::Info(args) => info::run(&args, &mut out),
         Command::Map(args) => map::run(&args, &mut out),
@@ -186,11 +204,11 @@ fn main() -> ExitCode {
         // A reader that stopped early (`vsnap map x | head`) is not an error.
         Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
         Err(err) if usage::is_usage(&err) => {
-            eprintln!("vsnap: error: {err:#}");
+            say!("vsnap: error: {err:#}");
             ExitCode::from(2)
         }
         Err(err) => {
-            eprintln!("vsnap: error: {err:#}");
+            say!("vsnap: error: {err:#}");
             ExitCode::FAILURE
         }
     }

@@ -8,8 +8,6 @@ use anyhow::Result;
 use serde::Serialize;
 use vsnap_formats::ExtentKind;
 
-use crate::FormatArg;
-
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// The image to map; for a differencing VHD, the whole chain is resolved.
@@ -20,9 +18,8 @@ pub struct Args {
     /// and file.
     #[arg(long)]
     json: bool,
-    /// The image format; `auto` detects it from the file's contents.
-    #[arg(long, short = 'f', value_enum, default_value_t)]
-    format: FormatArg,
+    #[command(flatten)]
+    format: crate::SourceFormat,
 }
 
 #[derive(Serialize)]
@@ -40,7 +37,7 @@ struct JsonExtent {
 }
 
 pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
-    let image = vsnap_formats::open(&args.image, args.format.forced())?;
+    let image = vsnap_formats::open(&args.image, args.format.format.forced())?;
     let map = image.allocation_map()?;
     let files: Vec<PathBuf> = {
         let info = image.info()?;

@@ -25,7 +25,11 @@ pub struct RepoArg {
 
 impl RepoArg {
     pub fn open(&self) -> Result<Repository> {
-        Ok(vsnap_s3::open(&self.repo)?)
+        let repo = vsnap_s3::open(&self.repo)?;
+        for c in repo.caveats() {
+            say!("vsnap: warning: {c}");
+        }
+        Ok(repo)
     }
 }
 
@@ -57,13 +61,28 @@ pub struct InitArgs {
     /// A local repository keeps a file per chunk and ignores it.
     #[arg(long, value_name = "SIZE", value_parser = crate::units::parse_pack_size, default_value = "32M")]
     pack_size: u64,
+    /// In object storage, init tries whether the server refuses a second
+    /// create of one object (If-None-Match: *), which is what lets hosts
+    /// share a bucket with no lock, and refuses a server that does not.
+    /// This takes the weaker guarantee instead: the config records it,
+    /// and every command warns to run one writer at a time.
+    #[arg(long)]
+    accept_unconditional_writes: bool,
 }
 
 pub fn run_repo(cmd: &RepoCommand, out: &mut dyn Write) -> Result<ExitCode> {
     match cmd {
         RepoCommand::Sync(a) => return crate::sync::run(a, out),
         RepoCommand::Init(a) => {
-            let r = vsnap_s3::init(&a.dir, a.chunk_size, a.pack_size)?;
+            let r = vsnap_s3::init(
+                &a.dir,
+                a.chunk_size,
+                a.pack_size,
+                a.accept_unconditional_writes,
+            )?;
+            for c in r.caveats() {
+                say!("vsnap: warning: {c}");
+            }
             let packs = match r.config().pack_size {
                 Some(p) => format!(", packs of {}", human(p)),
                 None => String::new(),
@@ -136,7 +155,7 @@ pub fn run_snapshots(args: &SnapshotsArgs, out: &mut dyn Write) -> Result<ExitCo
         }
     }
     if damaged {
-        eprintln!("vsnap: some manifests are damaged; `vsnap verify` reports what they hit");
+        say!("vsnap: some manifests are damaged; `vsnap verify` reports what they hit");
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -108,7 +108,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
         writeln!(out, "{}  {}", r.digest, r.target.display())?;
     }
     let total: u64 = reports.iter().map(|r| r.virtual_size).sum();
-    eprintln!(
+    say!(
         "restored {} disk(s) of snapshot {}: {} virtual in {:.2} s ({}/s), digests match the backup",
         reports.len(),
         plan.snapshot,

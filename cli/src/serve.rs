@@ -92,7 +92,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
                 _ = tokio::signal::ctrl_c() => "SIGINT",
             }
         };
-        daemon::run(cfg, Zone::Local, signal, |m| eprintln!("vsnap serve: {m}")).await?;
+        daemon::run(cfg, Zone::Local, signal, |m| say!("vsnap serve: {m}")).await?;
         Ok::<_, anyhow::Error>(())
     })?;
     Ok(ExitCode::SUCCESS)

@@ -129,6 +129,16 @@ impl Inventory {
             if v.name.is_empty() || v.name.contains('/') || v.name.contains(':') {
                 return Err(bad("a name must be non-empty, without '/' or ':'".into()));
             }
+            // The snapshot's manifest records the name, and the disks' file
+            // names: refused here, not after the guests were frozen.
+            if let Some(rule) = vsnap_repo::validate::label_rule(&v.name) {
+                return Err(bad(rule.into()));
+            }
+            for (name, disk) in vsnap_repo::disk_names(&v.disks).iter().zip(&v.disks) {
+                if let Some(rule) = vsnap_repo::validate::disk_name_rule(name) {
+                    return Err(bad(format!("disk {disk:?}: {rule}")));
+                }
+            }
             if !names.insert(v.name.clone()) {
                 return Err(bad("listed twice".into()));
             }
@@ -297,6 +307,8 @@ qmp = "q-monitor.sock"
             ("[[vm]]\nname='a'\ndisks=['x']\nagent='none'\nmount=['/']", "unknown field"),
             ("[[vm]]\nname='a'\ndisks=['x']\nagent='unix:/s'\nmounts=[]", "freezes nothing"),
             ("[[vm]]\nname='a/b'\ndisks=['x']\nagent='none'", "without '/'"),
+            ("[[vm]]\nname=\"a\\u001b[2J\"\ndisks=['x']\nagent='none'", "vm \"a\\u{1b}[2J\": a VM or host name is plain text"),
+            ("[[vm]]\nname='a'\ndisks=[\"x\\u009b1A.vhd\"]\nagent='none'", "a disk name is plain text"),
             ("[[vm]]\nname='a'\ndisks=['x']\nagent='none'\ntoken_file='t'", "token_file is for vsnap agents"),
         ];
         for (text, want) in cases {

@@ -191,7 +191,7 @@ pub fn detect(path: &Path) -> Result<ImageFormat> {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
     if name.as_deref().is_some_and(sniff::named_like_vhd) {
         return Err(Error::from(ErrorKind::NotAnImage(
-            "named like a VHD or VHDX, but it holds neither a VHD footer nor a VHDX identifier; if it really is a raw disk, say --format raw",
+            "named like a VHD or VHDX, but it holds neither a VHD footer nor a VHDX identifier; if it really is a raw disk, say --source-format raw",
         ))
         .in_file(path));
     }

@@ -13,14 +13,14 @@ pub struct Foreign {
     pub hint: &'static str,
 }
 
-const CONVERT: &str = "convert it first: `qemu-img convert -O vpc` (VHD) or `qemu-img convert -O vhdx`, or `-O raw` and pass --format raw";
+const CONVERT: &str = "convert it first: `qemu-img convert -O vpc` (VHD) or `qemu-img convert -O vhdx`, or `-O raw` and pass --source-format raw";
 
 /// The first bytes a caller should read for [`foreign`].
 pub const HEAD: usize = 512;
 
 /// What `info` says of a file taken as raw because nothing was recognised.
 pub const GUESSED_RAW: &str =
-    "no VHD or VHDX structure found: the file is taken as a raw disk (say --format raw to make that explicit)";
+    "no VHD or VHDX structure found: the file is taken as a raw disk (say --source-format raw to make that explicit)";
 
 /// The foreign format whose magic `head` (a file's first bytes) carries.
 pub fn foreign(head: &[u8]) -> Option<Foreign> {

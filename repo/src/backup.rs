@@ -234,6 +234,29 @@ pub fn disk_names(sources: &[PathBuf]) -> Vec<String> {
     names
 }
 
+/// Refuses, before anything is read or written, a snapshot whose VM, host
+/// or disk names would break the manifest's rules ([`crate::validate`]):
+/// a snapshot that verify would call damaged is never taken.
+pub fn check_names(options: &BackupOptions, sources: &[PathBuf]) -> Result<()> {
+    let refuse = |what: &str, name: &str, rule: &str| -> Error {
+        ErrorKind::InvalidArgument(format!("{what} {name:?} cannot be recorded: {rule}")).into()
+    };
+    for (what, name) in [
+        ("the VM name", &options.vm),
+        ("the host name", &options.host),
+    ] {
+        if let Some(rule) = super::validate::label_rule(name) {
+            return Err(refuse(what, name, rule));
+        }
+    }
+    for (name, source) in disk_names(sources).iter().zip(sources) {
+        if let Some(rule) = super::validate::disk_name_rule(name) {
+            return Err(refuse("the disk name", name, rule).in_file(source));
+        }
+    }
+    Ok(())
+}
+
 /// What backups can know before they start: for each VM, the chunks its
 /// last snapshot references that are in the store. A coordinator loads it
 /// before it freezes anything; the repository's shared lock is held from
@@ -363,6 +386,7 @@ pub fn backup_all(
         if p.images.len() != p.sources.len() || p.images.is_empty() {
             return Err(ErrorKind::InvalidArgument("one source path per image".into()).into());
         }
+        check_names(&p.options, &p.sources)?;
     }
     let _lock = repo.lock_shared()?;
     let chunk_size = repo.config().chunk_size;

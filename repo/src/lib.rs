@@ -116,6 +116,20 @@ pub struct Config {
     /// object storage; absent in a local one, which keeps a file a chunk.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pack_size: Option<u64>,
+    /// False where `repo init` found that the server ignores conditional
+    /// writes (`If-None-Match: *`) and the operator accepted it: two hosts
+    /// writing at once may then overwrite each other's objects. Every
+    /// process that opens the repository is told ([`Repository::caveats`]).
+    #[serde(default = "yes", skip_serializing_if = "is_yes")]
+    pub conditional_writes: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_yes(b: &bool) -> bool {
+    *b
 }
 
 #[derive(Debug)]
@@ -151,6 +165,7 @@ impl Repository {
             id: uuid::Uuid::new_v4(),
             chunk_size,
             pack_size: None,
+            conditional_writes: true,
         };
         let repo = Repository {
             root: dir.to_path_buf(),
@@ -198,27 +213,73 @@ impl Repository {
         pack_size: u64,
         cache: Option<&Path>,
     ) -> Result<Repository> {
+        Repository::init_bucket_with(store, chunk_size, pack_size, cache, false)
+    }
+
+    /// [`Repository::init_bucket`]; with `accept_unconditional`, on a
+    /// server that ignores conditional writes too, which the config then
+    /// records.
+    ///
+    /// Everything a bucket's hosts share rests on conditional creates: no
+    /// manifest, pack or config is ever replaced. So init looks before it
+    /// writes (an existing repository is refused whatever the server
+    /// does with the condition), and then tries the condition itself: a
+    /// second create of one probe object must be refused.
+    pub fn init_bucket_with(
+        store: Arc<dyn ObjectStore>,
+        chunk_size: u64,
+        pack_size: u64,
+        cache: Option<&Path>,
+        accept_unconditional: bool,
+    ) -> Result<Repository> {
         vsnap_engine::digest::DigestPlan::new(0, chunk_size)?;
         let root = PathBuf::from(store.location());
         check_pack_size(pack_size).map_err(|e| e.in_file(&root))?;
+        let there = || {
+            Error::from(ErrorKind::InvalidArgument(
+                "a repository is there already; a new one needs a prefix of its own".into(),
+            ))
+            .in_file(&root)
+        };
+        store.probe()?;
+        if store.get(CONFIG, CONFIG_LIMIT)?.is_some() {
+            return Err(there());
+        }
+        let conditional = bucket::conditional_writes_hold(&*store)?;
+        if !conditional && !accept_unconditional {
+            return Err(Error::from(ErrorKind::InvalidArgument(
+                "the server ignores conditional writes (If-None-Match: *): a second create of one probe object succeeded. Hosts sharing this repository could overwrite each other's manifests and packs unseen. Use a server that honours them (AWS S3 does), or pass --accept-unconditional-writes for the weaker guarantee: the config records it, and every command warns".into(),
+            ))
+            .in_file(&root));
+        }
         let config = Config {
             format: FORMAT_NAME.into(),
             version: REPO_VERSION,
             id: uuid::Uuid::new_v4(),
             chunk_size,
             pack_size: Some(pack_size),
+            conditional_writes: conditional,
         };
         let bytes = serde_json::to_vec_pretty(&config).map_err(|e| {
             Error::from(ErrorKind::InvalidArgument(format!("config: {e}"))).in_file(&root)
         })?;
-        store.probe()?;
         if !store.put_new(CONFIG, bytes.clone())? && !bucket::already(&*store, CONFIG, &bytes) {
-            return Err(Error::from(ErrorKind::InvalidArgument(
-                "a repository is there already; a new one needs a prefix of its own".into(),
-            ))
-            .in_file(&root));
+            return Err(there());
         }
         Ok(Repository::bucket(store, config, cache))
+    }
+
+    /// What an operator must know of this repository before writing to
+    /// it, each a sentence: none for most.
+    pub fn caveats(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if !self.config.conditional_writes {
+            out.push(format!(
+                "the server of {} ignores conditional writes (accepted at repo init): hosts writing to it at once may overwrite each other's objects; run one writer at a time",
+                self.root.display()
+            ));
+        }
+        out
     }
 
     /// Opens a repository in object storage.
@@ -248,6 +309,7 @@ impl Repository {
             backend: Box::new(Bucket::new(
                 store,
                 config.pack_size.unwrap_or(DEFAULT_PACK_SIZE),
+                config.chunk_size,
                 cache,
             )),
             config,

@@ -33,6 +33,23 @@ pub fn disk_name_rule(name: &str) -> Option<&'static str> {
     if name.contains(['/', '\\', '\0']) {
         return Some("a disk name is one plain path component: no /, \\ or NUL");
     }
+    if name.chars().any(char::is_control) {
+        return Some("a disk name is plain text: no control characters (C0, DEL, C1)");
+    }
+    None
+}
+
+/// Why `name` cannot name a VM or a host, if it cannot: names are printed
+/// to operators' terminals and written into file names, so they are plain
+/// text, without the control characters (C0, DEL, C1) that move a cursor,
+/// retitle a window or fake a line of output.
+pub fn label_rule(name: &str) -> Option<&'static str> {
+    if name.chars().any(char::is_control) {
+        return Some("a VM or host name is plain text: no control characters (C0, DEL, C1)");
+    }
+    if name.len() > MAX_NAME {
+        return Some("a VM or host name is at most 255 bytes");
+    }
     None
 }
 
@@ -90,6 +107,11 @@ impl Manifest {
                 &self.chunk_size.to_string(),
                 "a manifest's chunk size must be the repository's",
             ));
+        }
+        for (field, value) in [("vm", &self.vm), ("host", &self.host)] {
+            if let Some(rule) = label_rule(value) {
+                return Err(bad(field.into(), value, rule));
+            }
         }
         if self.disks.is_empty() {
             return Err(bad(

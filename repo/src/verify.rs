@@ -128,7 +128,7 @@ pub fn verify(
                 report.problems.push(Problem {
                     what: "manifest",
                     name: l.path.display().to_string(),
-                    error: e.to_string(),
+                    error: vsnap_error::chain(&e),
                     affects: vec![l.id.clone()],
                 });
                 continue;
@@ -143,7 +143,7 @@ pub fn verify(
                     report.problems.push(Problem {
                         what: "index",
                         name: disk.index.clone(),
-                        error: e.to_string(),
+                        error: vsnap_error::chain(&e),
                         affects: vec![who],
                     });
                     continue;
@@ -276,7 +276,7 @@ pub fn verify(
         report.problems.push(Problem {
             what: "chunk",
             name: id.to_hex().to_string(),
-            error: e.to_string(),
+            error: vsnap_error::chain(&e),
             affects: chunks
                 .get(&id)
                 .map(|c| c.affects.iter().cloned().collect())

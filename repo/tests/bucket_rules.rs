@@ -34,6 +34,14 @@ fn image(dir: &Path, name: &str, seed: u8, chunks: u64) -> PathBuf {
 }
 
 fn backup(repo: &Repository, image: &Path) -> vsnap_repo::Result<vsnap_repo::Manifest> {
+    backup_outcome(repo, image).map(|o| o.manifest)
+}
+
+/// A backup's whole outcome: its manifest, and the damage it met.
+fn backup_outcome(
+    repo: &Repository,
+    image: &Path,
+) -> vsnap_repo::Result<vsnap_repo::BackupOutcome> {
     let spec = BackupOptions::crash_consistent("vm");
     let opts = Options {
         chunk_size: CHUNK,
@@ -48,7 +56,6 @@ fn backup(repo: &Repository, image: &Path) -> vsnap_repo::Result<vsnap_repo::Man
         &Progress::default(),
         false,
     )
-    .map(|o| o.manifest)
 }
 
 fn verify_clean(repo: &Repository) {
@@ -276,19 +283,7 @@ fn a_backup_after_a_pack_went_missing_stores_its_chunks_again_and_says_so() {
     // A new process backs up the same disk: the chunk the lost pack held
     // is stored again, and the backup says what it met.
     let next = Repository::open_bucket(store.clone(), None).unwrap();
-    let outcome = vsnap_repo::cbt::backup_files(
-        &next,
-        std::slice::from_ref(&img),
-        None,
-        &Options {
-            chunk_size: CHUNK,
-            ..Options::default()
-        },
-        &BackupOptions::crash_consistent("vm"),
-        &Progress::default(),
-        false,
-    )
-    .unwrap();
+    let outcome = backup_outcome(&next, &img).unwrap();
     assert!(
         outcome.manifest.totals().new_chunks >= 1,
         "{:?}",
@@ -339,4 +334,137 @@ fn a_pack_byte_for_byte_a_condemned_one_goes_up_under_a_new_name() {
     assert_eq!(removed.packs_removed, old.len() as u64, "{removed:?}");
     assert!(store.keys("packs/").iter().all(|k| !old.contains(k)));
     verify_clean(&Repository::open_bucket(store, None).unwrap());
+}
+
+/// A pack index as a hostile writer makes one, by its format (header, then
+/// per pack its name, length and trailer), stored under its own digest.
+fn put_pack_index(store: &MemStore, packs: &[(&[u8], u64)]) -> String {
+    use vsnap_repo::ObjectStore;
+    let mut bytes = b"VSNAPPIX".to_vec();
+    bytes.extend_from_slice(&1u16.to_le_bytes());
+    bytes.extend_from_slice(&[0; 6]);
+    bytes.extend_from_slice(&(packs.len() as u64).to_le_bytes());
+    for (pack, data_end) in packs {
+        let trailer = &pack[*data_end as usize..];
+        bytes.extend_from_slice(blake3::hash(pack).as_bytes());
+        bytes.extend_from_slice(&(pack.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(&(trailer.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(trailer);
+    }
+    let hex = blake3::hash(&bytes).to_hex().to_string();
+    store.put(&format!("packindex/{hex}"), bytes).unwrap();
+    hex
+}
+
+#[test]
+fn a_pack_entry_longer_than_a_chunk_can_be_is_never_fetched() {
+    use vsnap_repo::ObjectStore;
+    let dir = tempfile::tempdir().unwrap();
+    let (store, repo) = bucket();
+    let img = image(dir.path(), "a.raw", 8, 2);
+    let plain = std::fs::read(&img).unwrap();
+    let id = blake3::hash(&plain[..CHUNK as usize]);
+    // A pack that claims the disk's first chunk in a blob of 3 MiB, in a
+    // repository of 1 MiB chunks: a real object, a valid index.
+    let payload = vec![7u8; 3 << 20];
+    let head = vsnap_repo::blob::encode_header(
+        vsnap_repo::blob::BlobKind::Chunk,
+        vsnap_repo::blob::Encoding::Raw,
+        &payload,
+        payload.len() as u64,
+    );
+    let mut pack = vsnap_repo::pack::PackBuilder::new();
+    pack.push(id, &[&head, &payload]).unwrap();
+    let (bytes, name, _) = pack.finish();
+    let data_end = (head.len() + payload.len()) as u64;
+    store
+        .put(&format!("packs/{}", name.to_hex()), bytes.clone())
+        .unwrap();
+    let index = put_pack_index(&store, &[(&bytes, data_end)]);
+    drop(repo);
+    let repo = Repository::open_bucket(store.clone(), None).unwrap();
+    let outcome = backup_outcome(&repo, &img).unwrap();
+    // The chunk is stored for real, not taken from the bogus entry.
+    assert_eq!(outcome.manifest.totals().new_chunks, 2);
+    let met: Vec<String> = outcome
+        .damage_met
+        .iter()
+        .map(|d| d.reason.clone())
+        .collect();
+    assert_eq!(outcome.damage_met.len(), 1, "{met:?}");
+    assert_eq!(outcome.damage_met[0].what, "pack index");
+    assert!(
+        outcome.damage_met[0].path.ends_with(&index),
+        "{:?}",
+        outcome.damage_met[0].path
+    );
+    assert!(
+        met[0].contains(&format!("its entry for chunk {} in pack {} is {data_end} bytes; a chunk's blob in this repository is at most {}", id.to_hex(), name.to_hex(), CHUNK + 40)),
+        "{met:?}"
+    );
+    let fresh = Repository::open_bucket(store, None).unwrap();
+    assert_eq!(snapshots_hit(&fresh), Vec::<String>::new());
+}
+
+#[test]
+fn the_pack_index_cache_holds_only_indexes_that_parse_and_that_the_bucket_lists() {
+    use vsnap_repo::ObjectStore;
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let store = Arc::new(MemStore::default());
+    let repo = Repository::init_bucket(store.clone(), CHUNK, PACK, Some(&cache)).unwrap();
+    backup(&repo, &image(dir.path(), "a.raw", 9, 2)).unwrap();
+    let cached = |cache: &Path| -> Vec<String> {
+        let mut v: Vec<String> = walk(cache)
+            .into_iter()
+            .filter(|p| p.parent().is_some_and(|d| d.ends_with("packindex")))
+            .map(|p| p.file_name().unwrap().to_str().unwrap().to_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let listed = |store: &MemStore| -> Vec<String> {
+        let mut v: Vec<String> = store
+            .keys("packindex/")
+            .iter()
+            .map(|k| k.trim_start_matches("packindex/").to_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let good = listed(&store);
+    assert_eq!(good.len(), 1);
+    // An index that does not parse, under its own digest; and a cached
+    // index the bucket no longer lists (gc rewrote it).
+    let junk = vec![0x5a; 4096];
+    let junk_hex = blake3::hash(&junk).to_hex().to_string();
+    store.put(&format!("packindex/{junk_hex}"), junk).unwrap();
+    let dir_of_cache = walk(&cache)[0].parent().unwrap().to_path_buf();
+    let stale = "ab".repeat(32);
+    std::fs::write(dir_of_cache.join(&stale), b"an index gc deleted").unwrap();
+    let reader = Repository::open_bucket(store.clone(), Some(&cache)).unwrap();
+    let damaged = reader.damaged_objects().unwrap();
+    assert_eq!(damaged.len(), 1, "{damaged:?}");
+    assert_eq!(damaged[0].what, "pack index");
+    assert_eq!(
+        cached(&cache),
+        good,
+        "only the index that parses, and is listed, is cached"
+    );
+    let _ = stale;
+}
+
+/// Every file under `dir`, depth first.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out.sort();
+    out
 }

@@ -262,6 +262,7 @@ impl ObjectStore for S3Store {
         let client = self.client.clone();
         let path = self.path(key);
         let want = range.end.saturating_sub(range.start);
+        let from = range.start;
         let mut out = std::mem::take(buf);
         out.clear();
         // The range is the caller's, from a pack index; the body streams
@@ -295,7 +296,7 @@ impl ObjectStore for S3Store {
             Ok(Ok(out)) => Err(Error::from(ErrorKind::Truncated {
                 what: "ranged read",
                 needed: want,
-                at: 0,
+                at: from,
                 available: out.len() as u64,
             })
             .in_file(&PathBuf::from(format!("{}/{key}", self.location)))),

@@ -92,15 +92,23 @@ pub fn open(location: &Path) -> Result<Repository> {
 }
 
 /// Makes a new repository at `location`; `pack_size` applies to object
-/// storage only, where chunks go into packs.
-pub fn init(location: &Path, chunk_size: u64, pack_size: u64) -> Result<Repository> {
+/// storage only, where chunks go into packs, and so does
+/// `accept_unconditional` (a server that ignores conditional writes is
+/// refused without it; see [`Repository::init_bucket_with`]).
+pub fn init(
+    location: &Path,
+    chunk_size: u64,
+    pack_size: u64,
+    accept_unconditional: bool,
+) -> Result<Repository> {
     match Location::parse(location)? {
         Location::Dir(d) => Repository::init(&d, chunk_size),
-        Location::S3 { bucket, prefix } => Repository::init_bucket(
+        Location::S3 { bucket, prefix } => Repository::init_bucket_with(
             connect(&bucket, &prefix)?,
             chunk_size,
             pack_size,
             vsnap_engine::pipeline::cache_dir().as_deref(),
+            accept_unconditional,
         ),
     }
 }

@@ -96,11 +96,10 @@ pub fn render(vms: &[VmStats], usage: Option<&Usage>, active: usize) -> String {
         &mut out,
         "vsnap_vm_dedup_ratio",
         "gauge",
-        "Bytes read per byte stored new, in the VM's latest run.",
+        "Bytes read per byte stored new, in the VM's latest run; absent when it read nothing or stored nothing new (no ratio, rather than +Inf).",
         vms,
         |v| match (v.last_bytes_read, v.last_new_bytes) {
-            (0, _) => None,
-            (_, 0) => Some(f64::INFINITY),
+            (0, _) | (_, 0) => None,
             (r, n) => Some(r as f64 / n as f64),
         },
     );

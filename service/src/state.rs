@@ -232,6 +232,23 @@ impl State {
         let db = |e: rusqlite::Error| {
             crate::Error::from(ErrorKind::Database(Box::new(e))).at(path.display().to_string())
         };
+        // The owner's alone, as the token is: run history names VMs,
+        // hosts and errors. SQLite gives its -wal and -shm files the
+        // database's mode.
+        {
+            use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+            let io = |e: std::io::Error| {
+                crate::Error::from(ErrorKind::Io(e)).at(path.display().to_string())
+            };
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(io)?;
+            f.set_permissions(std::fs::Permissions::from_mode(0o600))
+                .map_err(io)?;
+        }
         let conn = Connection::open(&path).map_err(db)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(db)?;

@@ -45,6 +45,11 @@ pub struct Faults {
     /// still sending, meets a broken pipe or a reset, as it does when a
     /// real endpoint closes a connection it kept idle.
     pub cut_reused: f64,
+    /// Answers as a server that ignores `If-None-Match: *` does: a
+    /// conditional create the server refused (412 or 304) is answered
+    /// 200, as if it had been written. (The object is left as it was; the
+    /// client cannot tell, which is the danger.)
+    pub ignore_conditions: bool,
     /// Added to every request.
     pub latency: Duration,
 }
@@ -319,6 +324,8 @@ async fn handle(
         c.unsigned_puts.fetch_add(1, Ordering::Relaxed);
     }
     let ranged = req.headers().contains_key(hyper::header::RANGE);
+    let conditional = req.headers().contains_key(hyper::header::IF_NONE_MATCH)
+        && s.faults.lock().is_ok_and(|f| f.ignore_conditions);
     let (fault, latency) = pick(&s, ranged, reused);
     if !matches!(fault, Fault::None) {
         c.faults.fetch_add(1, Ordering::Relaxed);
@@ -350,6 +357,19 @@ async fn handle(
         .request(Request::from_parts(parts, Full::new(body)))
         .await
         .map_err(|_| Dropped)?;
+    if conditional
+        && matches!(
+            answer.status(),
+            StatusCode::PRECONDITION_FAILED | StatusCode::NOT_MODIFIED
+        )
+    {
+        let mut r = Response::new(Answer::whole(Bytes::new()));
+        r.headers_mut().insert(
+            hyper::header::ETAG,
+            hyper::header::HeaderValue::from_static("\"ignored\""),
+        );
+        return Ok(r);
+    }
     let (parts, body) = answer.into_parts();
     let mut bytes = body
         .collect()

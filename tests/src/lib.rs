@@ -433,6 +433,19 @@ pub fn http(
     token: Option<&str>,
     body: Option<&str>,
 ) -> (u16, String) {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("authorization", a.as_str())).collect();
+    http_with(addr, method, path, &headers, body)
+}
+
+/// [`http`] with the request's headers as given.
+pub fn http_with(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> (u16, String) {
     use http_body_util::{BodyExt, Full};
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -445,8 +458,8 @@ pub fn http(
         let mut req = hyper::Request::builder()
             .method(method)
             .uri(format!("http://{addr}{path}"));
-        if let Some(t) = token {
-            req = req.header("authorization", format!("Bearer {t}"));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
         }
         let body = body.unwrap_or("");
         if !body.is_empty() {

@@ -628,6 +628,27 @@ fn foreign_misnamed_and_empty_files_are_not_taken_as_raw_disks() {
             assert!(e.contains(hint) && e.contains(&s(f)), "{e}");
         }
     }
+    // The hint's own commands work: convert to raw, then every command
+    // that reads a disk takes the flag the hint names.
+    let (qcow2, _, _) = &foreign[0];
+    let e = stderr(&vsnap(&["info", &s(qcow2)]));
+    assert!(e.contains("`-O raw` and pass --source-format raw"), "{e}");
+    let raw = d.join("converted.img");
+    qemu(&["convert", "-O", "raw", &s(qcow2), &s(&raw)]);
+    let repo = d.join("repo");
+    repo_init(&repo);
+    for cmd in [
+        &["info"][..],
+        &["hash"][..],
+        &["map"][..],
+        &["backup", "-q", "--name", "vm", "--repo", &s(&repo)][..],
+    ] {
+        let mut args = cmd.to_vec();
+        let r = s(&raw);
+        args.extend(["--source-format", "raw", &r]);
+        let o = vsnap(&args);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+    }
 
     // Named like a VHD, holding none: an error, unless --format raw.
     let random = d.join("random.vhd");

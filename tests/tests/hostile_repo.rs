@@ -23,6 +23,7 @@ const RSS_LIMIT_KIB: u64 = (256 + 64) * 1024;
 const DEADLINE: Duration = Duration::from_secs(120);
 
 /// What one run of vsnap did.
+#[derive(Debug)]
 struct Run {
     code: Option<i32>,
     stdout: String,
@@ -314,6 +315,77 @@ fn restore_writes_nothing_outside_its_target_whatever_a_disk_is_named() {
         assert_eq!(std::fs::read(&victim).unwrap(), b"original");
         assert_eq!(lab.surroundings(), before, "something outside changed");
         assert_eq!(std::fs::read_dir(&lab.out).unwrap().count(), 0, "{name:?}");
+    }
+}
+
+/// Whether `text` holds a control character other than newline and tab:
+/// what a name must never bring to the operator's terminal.
+fn has_control(text: &str) -> bool {
+    text.chars()
+        .any(|c| c.is_control() && c != '\n' && c != '\t')
+}
+
+#[test]
+fn names_with_control_characters_are_refused_and_never_reach_the_terminal() {
+    let lab = Lab::new();
+    // A backup refuses to record one: as the VM's name, or as a disk's.
+    let r = lab.vsnap(&[
+        "backup",
+        "--name",
+        "vm\u{1b}[2J",
+        lab.image.to_str().unwrap(),
+    ]);
+    fails(
+        &r,
+        1,
+        &[
+            "the VM name \"vm\\u{1b}[2J\" cannot be recorded",
+            "plain text",
+        ],
+    );
+    let odd = lab.p().join("src").join("disk\u{1b}[32mGREEN.vhd");
+    std::fs::copy(&lab.image, &odd).unwrap();
+    let r = lab.vsnap(&["backup", "--name", "vm", odd.to_str().unwrap()]);
+    fails(
+        &r,
+        1,
+        &["the disk name \"disk\\u{1b}[32mGREEN.vhd\" cannot be recorded"],
+    );
+    assert!(!has_control(&r.stderr), "{:?}", r.stderr);
+    // A manifest another host wrote with them (C0, DEL, C1), resealed:
+    // damage for verify, refused by restore, escaped by every listing.
+    for (field, value) in [
+        ("vm", "vm\u{1b}]0;owned\u{7}"),
+        ("host", "h\u{7f}"),
+        ("disk", "disk\u{9b}1A\r ok.vhd"),
+    ] {
+        let lab = Lab::new();
+        reseal(&lab.manifest(&lab.snap), |m| match field {
+            "disk" => m["disks"][0]["name"] = value.into(),
+            f => m[f] = value.into(),
+        });
+        let want = if field == "disk" {
+            "disks[0].name"
+        } else {
+            field
+        };
+        verify_finds(&lab, "manifest", want);
+        let (r, _) = lab.verify();
+        assert!(!has_control(&r.stdout) && !has_control(&r.stderr), "{r:?}");
+        let r = lab.restore(&lab.snap, &[]);
+        fails(&r, 1, &[&format!("manifest field {want}"), "plain text"]);
+        assert!(!has_control(&r.stderr), "{:?}", r.stderr);
+        assert_eq!(std::fs::read_dir(&lab.out).unwrap().count(), 0);
+        for args in [&["snapshots"][..], &["snapshots", "--json"][..]] {
+            let r = lab.vsnap(args);
+            assert!(
+                !has_control(&r.stdout) && !has_control(&r.stderr),
+                "{args:?}: {r:?}"
+            );
+            if args.len() == 2 {
+                let _: Value = serde_json::from_str(&r.stdout).unwrap();
+            }
+        }
     }
 }
 

@@ -764,6 +764,96 @@ fn a_backup_after_a_pack_went_missing_stores_its_chunks_again() {
     assert_eq!(v["snapshots"], 2, "{v}");
 }
 
+/// A server that ignores `If-None-Match: *` (simulated by the proxy):
+/// `repo init` looks first and never overwrites a repository, refuses the
+/// server unless told to accept it, and a repository made so warns every
+/// command that opens it.
+#[test]
+fn a_server_that_ignores_conditional_writes_is_found_and_named() {
+    use vsnap_e2e::fault_proxy::{FaultProxy, Faults};
+    use vsnap_e2e::s3::ACCESS_KEY as KEY;
+    let test = "a_server_that_ignores_conditional_writes_is_found_and_named";
+    let Some(s3) = S3Server::start(test) else {
+        return;
+    };
+    ok(
+        &s3,
+        &["repo", "init", "--chunk-size", "2M", "s3://vsnap/first"],
+    );
+    let faults = Faults {
+        ignore_conditions: true,
+        ..Faults::default()
+    };
+    let proxy = FaultProxy::start(([127, 0, 0, 1], s3.port).into(), faults, 3).unwrap();
+    let via = |args: &[&str]| -> Output {
+        env_for(&mut vsnap_cmd(), &proxy.endpoint(), KEY, SECRET_KEY)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    // Over an existing repository: refused, and its config untouched.
+    let config = std::fs::read(s3.object_file("first", "vsnap-repository")).unwrap();
+    let o = via(&["repo", "init", "--chunk-size", "4M", "s3://vsnap/first"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert!(
+        stderr(&o).contains("a repository is there already"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        std::fs::read(s3.object_file("first", "vsnap-repository")).unwrap(),
+        config
+    );
+    // A new one: the probe finds the server out.
+    let o = via(&["repo", "init", "s3://vsnap/second"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert!(
+        stderr(&o).contains("the server ignores conditional writes (If-None-Match: *)"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        stderr(&o).contains("--accept-unconditional-writes"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!s3.object_file("second", "vsnap-repository").exists());
+    assert!(
+        s3.objects("second", "").is_empty(),
+        "the probe is removed: {:?}",
+        s3.objects("second", "")
+    );
+    // Accepted: recorded, and every command that opens it warns.
+    let o = via(&[
+        "repo",
+        "init",
+        "--accept-unconditional-writes",
+        "s3://vsnap/second",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let config: Value = serde_json::from_slice(
+        &std::fs::read(s3.object_file("second", "vsnap-repository")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["conditional_writes"], false, "{config}");
+    let o = via(&["snapshots", "--repo", "s3://vsnap/second"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o)
+            .contains("vsnap: warning: the server of s3://vsnap/second ignores conditional writes"),
+        "{}",
+        stderr(&o)
+    );
+    // A server that honours them: no warning, nothing recorded.
+    let first: Value = serde_json::from_slice(&config_bytes(&s3, "first")).unwrap();
+    assert!(first.get("conditional_writes").is_none(), "{first}");
+    assert!(!stderr(&run(&s3, &["snapshots", "--repo", "s3://vsnap/first"])).contains("warning"));
+}
+
+fn config_bytes(s3: &S3Server, prefix: &str) -> Vec<u8> {
+    std::fs::read(s3.object_file(prefix, "vsnap-repository")).unwrap()
+}
+
 /// Endpoints close connections they kept idle, and a client that reuses
 /// one meets a broken pipe or a reset while it sends: retried for every
 /// request, conditional creates included (packs, pack indexes, manifests),
@@ -858,6 +948,7 @@ fn a_faulty_network_is_survived_and_damage_in_transit_never_accepted() {
         truncate: 0.03,
         corrupt_ranges: 0.0,
         cut_reused: 0.03,
+        ignore_conditions: false,
         latency: Duration::from_millis(1),
     };
     let proxy = FaultProxy::start(([127, 0, 0, 1], s3.port).into(), flaky.clone(), 7).unwrap();

@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use vsnap_e2e::{http, qemu_image, repo_init, start_agent, vsnap_cmd, write_hook, AgentProc};
+use vsnap_e2e::{
+    http, http_with, qemu_image, repo_init, start_agent, vsnap_cmd, write_hook, AgentProc,
+};
 use vsnap_service::state::{Run, State};
 
 /// A child process killed when dropped, so that a failing test leaves no
@@ -290,7 +292,15 @@ provider = "copy"
         .parse()
         .unwrap();
     assert!(stall >= 2.5, "{text}");
-    assert!(text.contains("vsnap_vm_dedup_ratio{vm=\"a\"} "), "{text}");
+    // A ratio where there is one; never +Inf (a run that stored nothing
+    // new has none). Histograms' le="+Inf" buckets are labels, not values.
+    assert!(text.contains("# TYPE vsnap_vm_dedup_ratio gauge"), "{text}");
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.ends_with(" +Inf") || l.ends_with(" NaN")),
+        "{text}"
+    );
     // The slow run waited for above is going; a quick one may be too.
     let active = count("vsnap_runs_active");
     assert!((1..=2).contains(&active), "{text}");
@@ -489,6 +499,42 @@ window = "60s"
             assert_eq!(code, 404, "{body}");
         }
     }
+    // A wrong token is told apart from a missing one; the scheme's case
+    // does not matter (RFC 7235).
+    let (_, body) = get("/api/v1/vms", Some("wrong"));
+    assert!(body.contains("is not this service's"), "{body}");
+    for scheme in ["bearer", "BEARER"] {
+        let auth = format!("{scheme} {token}");
+        let (code, body) = http_with(
+            &addr,
+            "GET",
+            "/api/v1/vms",
+            &[("authorization", &auth)],
+            None,
+        );
+        assert_eq!(code, 200, "{scheme}: {body}");
+    }
+    // The state database is the owner's alone, as the token is.
+    let mode = std::fs::metadata(site.path("state/state.sqlite"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // A method a route does not take, and a body past the limit: JSON
+    // errors with their own status.
+    let (code, body) = get("/api/v1/jobs/slow/run", t);
+    assert_eq!(code, 405, "{body}");
+    assert!(
+        json(&body)["error"]
+            .as_str()
+            .unwrap()
+            .contains("does not take that method"),
+        "{body}"
+    );
+    let big = format!("{{\"pad\":\"{}\"}}", "x".repeat(10 << 20));
+    let (code, body) = http(&addr, "POST", "/api/v1/verify", t, Some(&big));
+    assert_eq!(code, 413, "{}", &body[..body.len().min(200)]);
+    assert!(json(&body)["error"].is_string(), "{body}");
     // Bad input: named, as JSON.
     let (code, body) = get("/api/v1/runs?limit=many", t);
     assert_eq!(code, 400, "{body}");

@@ -82,8 +82,7 @@ pub(super) fn gc(repo: &Repository, b: &Bucket, opts: &crate::GcOptions) -> Resu
         // they would look unindexed, and be removed. gc stops instead.
         let records = b
             .read_pack_index(hex, o.size)
-            .and_then(|bytes| super::pack_index_records(&bytes).map_err(|e| e.in_file(&path)))
-            .map_err(|e| e.during("gc: read every pack index"))?;
+            .map_err(|e| e.in_file(&path).during("gc: read every pack index"))?;
         pack_indexes.push((o.key, records));
     }
     let mut live_packs: HashMap<String, bool> = HashMap::new();
@@ -193,15 +192,23 @@ pub(super) fn gc(repo: &Repository, b: &Bucket, opts: &crate::GcOptions) -> Resu
     // same pack, and each listed it: it is written once.
     let mut seen = HashSet::new();
     keep.retain(|r| seen.insert(r.name));
+    let mut indexed: HashSet<String> = pack_indexes
+        .iter()
+        .filter(|(key, _)| !rewritten.contains(key))
+        .filter_map(|(key, _)| Some(key.strip_prefix(PACK_INDEXES)?.to_owned()))
+        .collect();
     if !keep.is_empty() {
         let bytes = super::pack_index::encode_pack_index(&keep);
-        let key = format!("{PACK_INDEXES}{}", blake3::hash(&bytes).to_hex());
-        store.put_new(&key, bytes)?;
+        let hex = blake3::hash(&bytes).to_hex().to_string();
+        store.put_new(&format!("{PACK_INDEXES}{hex}"), bytes)?;
+        indexed.insert(hex);
     }
     for key in &rewritten {
         store.delete(key)?;
         report.pack_indexes_rewritten += 1;
     }
+    // The indexes just rewritten leave this host's cache too.
+    b.prune_cache(&indexed);
     for n in &doomed {
         if let Some((size, _)) = objects.get(n) {
             store.delete(&format!("{PACKS}{n}"))?;

@@ -89,8 +89,9 @@ pub(super) struct Known {
     /// other copy is, never reused.
     pub bad: HashSet<(blake3::Hash, blake3::Hash)>,
     /// Packs the pack indexes name that the bucket does not hold as they
-    /// say (gone, or of another length): read only where no other copy
-    /// is, never reused, so a backup stores their chunks again.
+    /// say (gone, or of another length): their entries are left out, so
+    /// their chunks count as absent, and a pack of the same name is never
+    /// taken for one this process uploads.
     pub unusable: HashSet<blake3::Hash>,
     /// Objects that could not be used, and why: their chunks count as
     /// absent (a backup stores them again); verify reports them.
@@ -139,13 +140,10 @@ impl Known {
         Ok(())
     }
 
-    /// How good a copy is, lower better: in a pack that is there before
-    /// one that is not, then sound before bad, then a pack not condemned
-    /// before a condemned one.
+    /// How good a copy is, lower better: sound before bad, then a pack
+    /// not condemned before a condemned one.
     fn rank(&self, pack: blake3::Hash, id: blake3::Hash) -> u8 {
-        u8::from(self.unusable.contains(&pack)) * 4
-            + u8::from(self.bad.contains(&(pack, id))) * 2
-            + u8::from(self.condemned.contains(&pack))
+        u8::from(self.bad.contains(&(pack, id))) * 2 + u8::from(self.condemned.contains(&pack))
     }
 
     /// The copy of `id` in use, if a pack index lists one, and whether a

@@ -105,6 +105,8 @@ pub(super) struct Bucket {
     known: Arc<RwLock<Option<Known>>>,
     packer: Arc<Uploader>,
     readahead: Arc<ReadAhead>,
+    /// The repository's chunk size: what bounds a pack entry.
+    chunk_size: u64,
 }
 
 /// One list object under `condemned/` or `bad/`, as read.
@@ -114,12 +116,32 @@ pub(super) struct Listed<T> {
     pub items: Result<Vec<T>>,
 }
 
+/// Whether the server refuses a second conditional create of one object,
+/// tried on a probe object of a name of its own, removed after. A server
+/// that ignores `If-None-Match: *` (some S3-compatible servers and older
+/// gateways) lets both creates succeed.
+pub(crate) fn conditional_writes_hold(store: &dyn ObjectStore) -> Result<bool> {
+    let key = format!("probe-{}", uuid::Uuid::new_v4().simple());
+    let first = store.put_new(&key, b"first".to_vec())?;
+    let second = store.put_new(&key, b"second".to_vec());
+    // Whatever came of the second try, the probe goes.
+    let removed = store.delete(&key);
+    let held = first && !second?;
+    removed?;
+    Ok(held)
+}
+
 pub(super) fn poisoned() -> Error {
     Error::worker_panicked()
 }
 
 impl Bucket {
-    pub(super) fn new(store: Arc<dyn ObjectStore>, pack_size: u64, cache: Option<PathBuf>) -> Self {
+    pub(super) fn new(
+        store: Arc<dyn ObjectStore>,
+        pack_size: u64,
+        chunk_size: u64,
+        cache: Option<PathBuf>,
+    ) -> Self {
         let known = Arc::default();
         Bucket {
             packer: Arc::new(Uploader::new(
@@ -132,6 +154,7 @@ impl Bucket {
             cache,
             known,
             readahead: Arc::default(),
+            chunk_size,
         }
     }
 
@@ -142,6 +165,7 @@ impl Bucket {
         Bucket::new(
             self.shared_store(),
             self.packer.pack_size(),
+            self.chunk_size,
             self.cache.clone(),
         )
     }
@@ -182,34 +206,65 @@ impl Bucket {
         known.condemned.extend(condemned.0);
         known.bad.extend(bad.0);
         known.damaged.extend(condemned.1.into_iter().chain(bad.1));
-        let mut records = Vec::new();
-        for obj in self.store.list(PACK_INDEXES)? {
+        // A backup never trusts a pack index alone: a pack it names that
+        // the bucket does not hold, or holds at another length, is
+        // unusable, and its chunks count as absent (a backup stores them
+        // again; a snapshot never names them as if they were there). The
+        // packs are listed before the indexes are read, and the few an
+        // index names that the listing lacks (a backup's, uploaded
+        // meanwhile: a pack goes up before the index that names it) once
+        // more after: what that listing lacks too is gone.
+        let before = self.list_packs()?;
+        let mut aside = Vec::new();
+        let indexes = self.store.list(PACK_INDEXES)?;
+        let names: HashSet<String> = indexes
+            .iter()
+            .filter_map(|o| Some(o.key.strip_prefix(PACK_INDEXES)?.to_owned()))
+            .collect();
+        self.prune_cache(&names);
+        for obj in indexes {
             let Some(hex) = obj.key.strip_prefix(PACK_INDEXES) else {
                 continue;
             };
             let path = self.display(&obj.key);
-            let parsed = self.read_pack_index(hex, obj.size).and_then(|bytes| {
-                pack_index_records(&bytes).map_err(|e| e.in_file(&path).during("read pack index"))
-            });
-            match parsed {
-                Ok(packs) => records.push((obj.key, packs)),
+            let packs = match self.read_pack_index(hex, obj.size) {
+                Ok(packs) => packs,
                 // Unreachable or refusing servers stop the command; a
                 // damaged object only means less is known.
                 Err(e) if matches!(e.kind(), ErrorKind::Remote { .. }) => return Err(e),
-                Err(e) => known.damaged.push(Damaged {
-                    what: "pack index",
-                    path,
-                    reason: e.to_string(),
-                }),
+                Err(e) => {
+                    known.damaged.push(Damaged {
+                        what: "pack index",
+                        path,
+                        reason: e.to_string(),
+                    });
+                    continue;
+                }
+            };
+            for (r, entries) in packs {
+                if before.contains_key(&r.name) {
+                    self.admit(&mut known, &obj.key, &before, r, entries)?;
+                } else {
+                    aside.push((obj.key.clone(), r, entries));
+                }
             }
         }
-        // The packs listed after their indexes were read: a pack is put
-        // before the index that names it, so every pack an index read
-        // names was in the bucket before this listing began, unless it
-        // was lost since. A backup never trusts an index alone: a chunk
-        // whose pack is gone, or of another length than its index says,
-        // is stored again, never named by a snapshot as if it were there.
-        let listed: HashMap<blake3::Hash, u64> = self
+        if !aside.is_empty() {
+            let after = self.list_packs()?;
+            for (key, r, entries) in aside {
+                self.admit(&mut known, &key, &after, r, entries)?;
+            }
+        }
+        let mut slot = self.known.write().map_err(|_| poisoned())?;
+        if slot.is_none() {
+            *slot = Some(known);
+        }
+        Ok(())
+    }
+
+    /// Every pack in the bucket, with its size.
+    fn list_packs(&self) -> Result<HashMap<blake3::Hash, u64>> {
+        Ok(self
             .store
             .list(PACKS)?
             .into_iter()
@@ -217,39 +272,65 @@ impl Bucket {
                 let name = blake3::Hash::from_hex(o.key.strip_prefix(PACKS)?).ok()?;
                 Some((name, o.size))
             })
-            .collect();
-        for (key, packs) in &records {
-            for (r, _) in packs {
-                let why = match listed.get(&r.name) {
-                    Some(&size) if size == r.len => continue,
-                    // gc deleted it after this process read the index.
-                    None if known.condemned.contains(&r.name) => None,
-                    None => Some(format!(
-                        "the pack index {key} names it, but the bucket does not hold it"
-                    )),
-                    Some(&size) => Some(format!(
-                        "it is {size} bytes; the pack index {key} says {}",
-                        r.len
-                    )),
-                };
+            .collect())
+    }
+
+    /// Adds what pack index `key` says of pack `r` to `known`, if `listed`
+    /// holds the pack at the length the index gives; else the pack is
+    /// unusable and, unless gc condemned it (and so may have deleted it),
+    /// damage. An entry longer than a chunk of this repository can make
+    /// is damage too, and never fetched: no index can make a reader
+    /// allocate more than a chunk's blob.
+    fn admit(
+        &self,
+        known: &mut Known,
+        key: &str,
+        listed: &HashMap<blake3::Hash, u64>,
+        r: Record,
+        mut entries: Vec<crate::pack::PackEntry>,
+    ) -> Result<()> {
+        let pack = self.display(&format!("{PACKS}{}", r.name.to_hex()));
+        let why = match listed.get(&r.name) {
+            Some(&size) if size == r.len => None,
+            None if known.condemned.contains(&r.name) => {
                 known.unusable.insert(r.name);
-                if let Some(reason) = why {
-                    known.damaged.push(Damaged {
-                        what: "pack",
-                        path: self.display(&format!("{PACKS}{}", r.name.to_hex())),
-                        reason,
-                    });
-                }
+                return Ok(());
             }
+            None => Some(format!(
+                "the pack index {key} names it, but the bucket does not hold it"
+            )),
+            Some(&size) => Some(format!(
+                "it is {size} bytes; the pack index {key} says {}",
+                r.len
+            )),
+        };
+        if let Some(reason) = why {
+            known.unusable.insert(r.name);
+            known.damaged.push(Damaged {
+                what: "pack",
+                path: pack,
+                reason,
+            });
+            return Ok(());
         }
-        for (r, entries) in records.into_iter().flat_map(|(_, packs)| packs) {
-            known.add(r.name, &entries)?;
-        }
-        let mut slot = self.known.write().map_err(|_| poisoned())?;
-        if slot.is_none() {
-            *slot = Some(known);
-        }
-        Ok(())
+        let most = crate::blob::HEADER_LEN as u64 + self.chunk_size;
+        entries.retain(|e| {
+            let fits = u64::from(e.length) <= most;
+            if !fits {
+                known.damaged.push(Damaged {
+                    what: "pack index",
+                    path: self.display(key),
+                    reason: format!(
+                        "its entry for chunk {} in pack {} is {} bytes; a chunk's blob in this repository is at most {most}",
+                        e.id.to_hex(),
+                        r.name.to_hex(),
+                        e.length
+                    ),
+                });
+            }
+            fits
+        });
+        known.add(r.name, &entries)
     }
 
     /// Every JSON list object under `prefix`, each with its key, its
@@ -345,8 +426,14 @@ impl Bucket {
         Ok(fresh.len() as u64)
     }
 
-    /// A pack index's bytes, checked against its name.
-    pub(super) fn read_pack_index(&self, hex: &str, size: u64) -> Result<Vec<u8>> {
+    /// A pack index's records, its bytes checked against its name; from
+    /// the cache where it has them. Only an index that parses enters the
+    /// cache: one that does not is fetched (and refused) again.
+    pub(super) fn read_pack_index(
+        &self,
+        hex: &str,
+        size: u64,
+    ) -> Result<Vec<(Record, Vec<crate::pack::PackEntry>)>> {
         let key = format!("{PACK_INDEXES}{hex}");
         let path = self.display(&key);
         let Ok(name) = blake3::Hash::from_hex(hex) else {
@@ -357,9 +444,14 @@ impl Bucket {
             .in_file(&path));
         };
         let cached = self.cache.as_ref().map(|c| c.join(hex));
+        let parse = |bytes: &[u8]| {
+            pack_index_records(bytes).map_err(|e| e.in_file(&path).during("read pack index"))
+        };
         if let Some(bytes) = cached.as_ref().and_then(|c| std::fs::read(c).ok()) {
             if blake3::hash(&bytes) == name {
-                return Ok(bytes);
+                if let Ok(records) = parse(&bytes) {
+                    return Ok(records);
+                }
             }
         }
         if size > PACK_INDEX_LIMIT {
@@ -382,11 +474,37 @@ impl Bucket {
             })
             .in_file(&path));
         }
+        let records = parse(&bytes)?;
         if let Some(c) = cached {
             // Only a cache: a host that cannot keep it fetches again.
             let _ = write_cache(&c, &bytes);
         }
-        Ok(bytes)
+        Ok(records)
+    }
+
+    /// Removes from the cache every index the bucket no longer lists
+    /// (gc rewrote or deleted it), and files that are no index's: the
+    /// cache holds only what a reader may still need. `listed` are the
+    /// names the bucket lists under `packindex/`. Only a cache: what
+    /// cannot be removed now is removed by a later run.
+    pub(super) fn prune_cache(&self, listed: &HashSet<String>) -> u64 {
+        let Some(dir) = &self.cache else {
+            return 0;
+        };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return 0;
+        };
+        let mut removed = 0;
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let keep = name.to_str().is_some_and(|n| listed.contains(n));
+            // A temporary file of a writer running now is left alone.
+            let temporary = name.to_str().is_some_and(|n| n.starts_with('.'));
+            if !keep && !temporary && std::fs::remove_file(e.path()).is_ok() {
+                removed += 1;
+            }
+        }
+        removed
     }
 
     /// Whether the chunk is stored, or on its way in this process.

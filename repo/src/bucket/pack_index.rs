@@ -32,7 +32,7 @@ const RECORD_HEAD: usize = 48;
 
 /// A pack as a pack index records it: its name, length and trailer.
 #[derive(Debug, Clone)]
-pub(super) struct Record {
+pub(crate) struct Record {
     pub name: blake3::Hash,
     pub len: u64,
     pub trailer: Vec<u8>,

@@ -105,30 +105,35 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
         Json::<T>::from_request(req, state)
             .await
             .map(|j| Body(j.0))
+            // 413 for a body past the limit; 400 for every other fault
+            // of the body, as the API documents.
             .map_err(|e| {
-                ApiError(
-                    StatusCode::BAD_REQUEST,
-                    format!("the body: {}", e.body_text()),
-                )
+                let status = match e.status() {
+                    StatusCode::PAYLOAD_TOO_LARGE => StatusCode::PAYLOAD_TOO_LARGE,
+                    _ => StatusCode::BAD_REQUEST,
+                };
+                ApiError(status, format!("the body: {}", e.body_text()))
             })
     }
 }
 
 async fn authorize(AxState(api): AxState<Arc<Api>>, req: Request, next: Next) -> Response {
+    // RFC 7235: the scheme is case-insensitive.
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if token::matches(&api.token, given) {
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim());
+    if given.is_some_and(|t| token::matches(&api.token, t)) {
         next.run(req).await
     } else {
-        let mut r = ApiError(
-            StatusCode::UNAUTHORIZED,
-            "a bearer token is needed: Authorization: Bearer TOKEN, the token in the service's state_dir/api.token".into(),
-        )
-        .into_response();
+        let why = match given {
+            None => "a bearer token is needed: Authorization: Bearer TOKEN, the token in the service's state_dir/api.token",
+            Some(_) => "the bearer token is not this service's: use the one in its state_dir/api.token (it changes when the file is removed)",
+        };
+        let mut r = ApiError(StatusCode::UNAUTHORIZED, why.into()).into_response();
         r.headers_mut().insert(
             header::WWW_AUTHENTICATE,
             header::HeaderValue::from_static("Bearer"),
@@ -204,6 +209,12 @@ pub fn router(api: Arc<Api>) -> Router {
     ));
     open.merge(guarded)
         .fallback(|| async { ApiError::not_found("no such endpoint; see /api/v1/openapi.json") })
+        .method_not_allowed_fallback(|| async {
+            ApiError(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "this endpoint does not take that method; see /api/v1/openapi.json".into(),
+            )
+        })
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(
             |_: Box<dyn std::any::Any + Send>| {
                 ApiError(
