@@ -68,18 +68,22 @@ pub fn run_plan(
         let _in_rt = rt.enter();
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?
     };
+    let progress = Arc::new(Progress::default());
     let handler = {
         let cancel = Arc::clone(&cancel);
+        let progress = Arc::clone(&progress);
         rt.spawn(async move {
             while sigint.recv().await.is_some() {
                 if cancel.swap(true, Ordering::Relaxed) {
                     std::process::exit(130);
                 }
+                // The streaming too: no snapshot not read whole is
+                // committed.
+                progress.request_stop();
                 say!("vsnap: interrupted: thawing every guest and stopping (Ctrl-C again to quit now)");
             }
         })
     };
-    let progress = Progress::default();
     let report = output.run(&progress, || {
         rt.block_on(backup::run(plan, repo, &progress, Arc::clone(&cancel)))
     });

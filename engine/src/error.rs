@@ -15,6 +15,9 @@ pub enum ErrorKind {
     Format(Box<vsnap_formats::ErrorKind>),
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// The work was asked to stop ([`crate::pipeline::Progress::request_stop`]).
+    #[error("stopped on request before the disk was read whole")]
+    Stopped,
     #[error(
         "truncated: {what} needs {needed} bytes at offset {at}, but only {available} are there"
     )]

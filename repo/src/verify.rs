@@ -14,7 +14,7 @@ use std::sync::Mutex;
 
 use serde::Serialize;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::{Entry, Repository};
 use vsnap_engine::digest::{DigestPlan, Leaf, ZeroCache};
 use vsnap_engine::pipeline::Progress;
@@ -210,6 +210,18 @@ pub fn verify(
             s.spawn(|| {
                 let mut buf = Vec::new();
                 loop {
+                    // A cancelled run stops here; what was not read is
+                    // not reported as checked.
+                    if progress.stop_requested() {
+                        if let Ok(mut f) = failed.lock() {
+                            f.get_or_insert_with(|| {
+                                Error::from(ErrorKind::Engine(Box::new(
+                                    vsnap_engine::ErrorKind::Stopped,
+                                )))
+                            });
+                        }
+                        break;
+                    }
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(&(_, raw)) = order.get(i) else { break };
                     let id = blake3::Hash::from_bytes(raw);

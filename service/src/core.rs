@@ -111,6 +111,7 @@ impl Service {
             return false;
         };
         a.cancel.store(true, Ordering::Relaxed);
+        a.progress.request_stop();
         true
     }
 
@@ -126,6 +127,7 @@ impl Service {
                 }
                 for a in active.values() {
                     a.cancel.store(true, Ordering::Relaxed);
+                    a.progress.request_stop();
                 }
             }
             notified.await;

@@ -31,6 +31,7 @@ pub async fn run(
             "run {id} was in progress when the service stopped; it is marked failed"
         ));
     }
+    api::listen::raise_open_files_limit();
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|e| {

@@ -120,6 +120,11 @@ impl Service {
             // Its own task: a panic in it fails this run, and only it.
             let ended = match tokio::spawn(fut).await {
                 Ok(Ok(e)) => e,
+                // Stopped by its cancel: cancelled, with where it stopped.
+                Ok(Err(e)) if a.cancel.load(std::sync::atomic::Ordering::Relaxed) => Ended {
+                    state: crate::state::RunState::Cancelled,
+                    ..Ended::failed(crate::error::chain(&e), Vec::new())
+                },
                 Ok(Err(e)) => Ended::failed(crate::error::chain(&e), Vec::new()),
                 Err(j) => Ended::failed(
                     format!("the run stopped unexpectedly: {}", panic_text(j)),

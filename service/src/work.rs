@@ -76,6 +76,24 @@ pub(crate) async fn backup(svc: Arc<Service>, job: Job, a: Active) -> Result<End
         });
     }
     let mut notes = Vec::new();
+    // A cancel that came once every snapshot was committed: the backup
+    // stands; what follows it (retention, gc) is its next safe point.
+    if a.cancel.load(Ordering::Relaxed) {
+        if job.keep.is_some() || job.gc {
+            return Ok(Ended {
+                state: RunState::Cancelled,
+                error: None,
+                note: Some(
+                    "cancelled after every snapshot was committed (they stand); retention and gc did not run"
+                        .into(),
+                ),
+                vms,
+            });
+        }
+        notes.push(
+            "the cancel came too late: every snapshot was committed before it took effect".into(),
+        );
+    }
     if let Some(keep) = &job.keep {
         let work = || -> vsnap_repo::Result<usize> {
             let planned = retention::forget_by_policy(&repo, keep, &job.vms, false)?;

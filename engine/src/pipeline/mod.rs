@@ -212,9 +212,23 @@ pub struct Progress {
     pub done: AtomicU64,
     /// Bytes actually read from sources.
     pub read: AtomicU64,
+    /// Set by whoever runs the work to stop it (a cancelled run): every
+    /// worker stops before its next chunk, and each image not finished
+    /// fails with [`crate::ErrorKind::Stopped`], so nothing unfinished is
+    /// committed.
+    pub stop: std::sync::atomic::AtomicBool,
 }
 
 impl Progress {
+    /// Asks the work to stop before its next chunk.
+    pub fn request_stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
+    pub fn stop_requested(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
     }

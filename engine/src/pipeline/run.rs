@@ -256,8 +256,12 @@ impl Job<'_> {
             }
             let image = self.starts.partition_point(|&s| s <= global) - 1;
             let index = global - self.starts[image];
+            #[cfg(feature = "failpoints")]
+            fail::fail_point!("engine-chunk");
             let outcome = if self.has_failed(image) {
                 Ok(())
+            } else if self.progress.stop_requested() {
+                Err(crate::ErrorKind::Stopped.into())
             } else {
                 self.chunk(image, index, buf, zstd.as_mut(), &mut engine)
             };

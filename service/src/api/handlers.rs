@@ -305,7 +305,7 @@ pub async fn cancel(
     match api.svc.state.run(id).map_err(|e| ApiError::internal(&e))? {
         Some((run, _)) => Err(ApiError(
             StatusCode::CONFLICT,
-            format!("run {id} is not running ({})", run.state),
+            format!("run {id} has ended ({}): too late to cancel", run.state),
         )),
         None => Err(ApiError::not_found(format!("no run {id}"))),
     }

@@ -9,6 +9,7 @@
 //! on; a job that panics fails its run (see [`crate::runner`]).
 
 mod handlers;
+pub mod listen;
 pub mod token;
 
 use std::sync::Arc;
@@ -231,13 +232,9 @@ pub fn router(api: Arc<Api>) -> Router {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     api: Arc<Api>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(api))
-        .with_graceful_shutdown(async move {
-            let _ = stop.changed().await;
-        })
-        .await
+    listen::serve(listener, router(api), stop).await
 }
 
 #[cfg(test)]
