@@ -54,6 +54,18 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
     if args.vms == 0 {
         bail!("--vms must be at least 1");
     }
+    // The port first: a demo that built and backed up every VM and then
+    // found its port taken would have printed a link to another service.
+    // (Bound and released; a service that takes it in the minutes between
+    // is told by the service's own error.)
+    if args.serve {
+        std::net::TcpListener::bind(args.listen).with_context(|| {
+            format!(
+                "cannot listen on {}: another service has it; pick another with --listen",
+                args.listen
+            )
+        })?;
+    }
     let dir = match &args.dir {
         Some(d) => d.clone(),
         None => std::env::temp_dir().join(format!("vsnap-demo-{}", std::process::id())),

@@ -53,6 +53,24 @@ fn retry() -> RetryConfig {
     }
 }
 
+/// Set to 1 to let object_store fetch credentials from a cloud instance's
+/// metadata service when no keys are configured.
+const METADATA: &str = "VSNAP_S3_METADATA";
+
+/// Whether the environment names a source of credentials other than keys:
+/// a web identity token, a container's credentials endpoint, or the
+/// operator's explicit leave to ask the instance metadata service.
+fn other_credentials() -> bool {
+    [
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    ]
+    .iter()
+    .any(|v| std::env::var_os(v).is_some())
+        || std::env::var(METADATA).is_ok_and(|v| v == "1")
+}
+
 impl S3Store {
     /// A client for `s3://bucket/prefix`, configured from the AWS
     /// environment and credentials file. Nothing is sent yet.
@@ -68,13 +86,26 @@ impl S3Store {
         };
         let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
         if std::env::var_os("AWS_ACCESS_KEY_ID").is_none() {
-            if let Some(c) = crate::credentials::from_file() {
-                b = b
-                    .with_access_key_id(c.access_key_id)
-                    .with_secret_access_key(c.secret_access_key);
-                if let Some(t) = c.session_token {
-                    b = b.with_token(t);
+            match crate::credentials::from_file() {
+                Some(c) => {
+                    b = b
+                        .with_access_key_id(c.access_key_id)
+                        .with_secret_access_key(c.secret_access_key);
+                    if let Some(t) = c.session_token {
+                        b = b.with_token(t);
+                    }
                 }
+                // Without keys, object_store asks the cloud's metadata
+                // service, which on an ordinary host refuses (a confusing
+                // 403) or hangs first: an operator who forgot the keys is
+                // told so, unless the environment names another source.
+                None if !other_credentials() => {
+                    return Err(Error::from(ErrorKind::InvalidArgument(format!(
+                        "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or write them to ~/.aws/credentials (AWS_PROFILE picks a profile); on a cloud instance with a role, set {METADATA}=1 to use its metadata service"
+                    )))
+                    .in_file(&PathBuf::from(&location)));
+                }
+                None => {}
             }
         }
         if std::env::var_os("AWS_REGION").is_none()

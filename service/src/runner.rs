@@ -92,6 +92,12 @@ impl Service {
             )?));
         }
         let run = self.state.begin(name, kind, trigger, scheduled_for)?;
+        // One line at each end of a run, for journald and for grep.
+        let due = scheduled_for.map_or(String::new(), |d| format!(", due {d}"));
+        eprintln!(
+            "vsnap serve: job {name}: run {run} started ({} {kind}{due})",
+            crate::state::name(trigger)
+        );
         let a = Active {
             run,
             job: name.to_string(),
@@ -154,6 +160,19 @@ impl Service {
                 ) {
                     eprintln!("vsnap serve: run {}: {}", a.run, crate::error::chain(&e));
                 }
+                let mut line = format!(
+                    "vsnap serve: job {}: run {} {}",
+                    a.job,
+                    a.run,
+                    crate::state::name(ended.state)
+                );
+                if let Some(e) = &ended.error {
+                    line.push_str(&format!(": {e}"));
+                }
+                if let Some(n) = &ended.note {
+                    line.push_str(&format!(" ({n})"));
+                }
+                eprintln!("{}", line.replace('\n', " "));
                 svc.telling
                     .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 active.remove(&a.job);

@@ -94,7 +94,8 @@ fn fire(svc: &Arc<Service>, job: &str, trigger: Trigger, due: DateTime<Utc>, now
         log(&crate::error::chain(&e));
     }
     match svc.start(job, trigger, Some(due)) {
-        Ok(Started::Run(id)) => log(&format!("job {job}: run {id} started (due {due})")),
+        // The run's own start and end are logged where it runs.
+        Ok(Started::Run(_)) => {}
         Ok(Started::Skipped(id)) => log(&format!(
             "job {job}: skipped (run {id}): its previous run is still going"
         )),

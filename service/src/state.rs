@@ -95,7 +95,7 @@ pub enum RunState {
     Skipped,
 }
 
-fn name<T: Serialize>(v: T) -> String {
+pub(crate) fn name<T: Serialize>(v: T) -> String {
     serde_json::to_value(v)
         .ok()
         .and_then(|v| v.as_str().map(str::to_string))

@@ -801,3 +801,28 @@ fn completions_and_man_pages_cover_every_subcommand() {
         "the page carries the long help"
     );
 }
+
+/// `demo --serve` checks its port before it builds anything: a port taken
+/// by another service is named at once, and no VM is built.
+#[test]
+fn demo_serve_names_a_taken_port_before_building_anything() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let demo = dir.path().join("demo");
+    vsnap_bin(); // built before the clock starts
+    let t = std::time::Instant::now();
+    let o = vsnap(&["demo", "--serve", "--listen", &addr, demo.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert!(
+        stderr(&o).contains(&format!("cannot listen on {addr}: another service has it")),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(!demo.exists(), "nothing is built");
+}

@@ -234,6 +234,19 @@ fn objects_are_created_once_and_bad_addresses_and_servers_fail_fast() {
         "{err}"
     );
 
+    // No keys at all: said so at once, with no metadata service asked.
+    let (err, took) = timed(
+        env_for(&mut vsnap_cmd(), &s3.endpoint(), "", "")
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .args(["snapshots", "--repo", url]),
+    );
+    assert!(
+        err.contains("no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"),
+        "{err}"
+    );
+    assert!(took < Duration::from_secs(5), "{took:?}");
+
     let dead = format!("http://127.0.0.1:{}", free_port());
     let (err, took) = timed(
         env_for(&mut vsnap_cmd(), &dead, ACCESS_KEY, SECRET_KEY).args(["snapshots", "--repo", url]),

@@ -1221,6 +1221,16 @@ provider = "copy"
         body.contains("has ended (cancelled): too late to cancel"),
         "{body}"
     );
+    // The service's log: one line as the run starts, one as it ends.
+    let log = site.log("serve.log");
+    assert!(
+        log.contains(&format!("job stream: run {id} started (manual backup)")),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("job stream: run {id} cancelled: ")),
+        "{log}"
+    );
 }
 
 /// Any local user can connect to the API; none can starve it. With 2,000
