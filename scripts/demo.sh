@@ -29,5 +29,5 @@ else
   out=$(mktemp -d)
   trap 'rm -rf "$out"' EXIT
   "$vsnap" demo "$out/demo"
-  echo "scripts/demo.sh removed what the demo made; run scripts/demo.sh DIR (or vsnap demo DIR) to keep it"
+  echo "$out/demo was a temporary directory: scripts/demo.sh removed it; run scripts/demo.sh DIR (or vsnap demo DIR) to keep what the demo makes"
 fi

@@ -155,8 +155,8 @@ pub fn print_report(report: &Report, out: &mut dyn Write) -> Result<()> {
     )?;
     writeln!(
         out,
-        "{:<16} {:<17} {:<17} {:>7} {:>10} {:>14} {:>14}",
-        "VM", "CONSISTENCY", "SNAPSHOT", "FROZEN", "STALL", "FREEZE WINDOW", "HOST WINDOW"
+        "{:<16} {:<17} {:<17} {:>11} {:>10} {:>14} {:>14}",
+        "VM", "CONSISTENCY", "SNAPSHOT", "FILESYSTEMS", "STALL", "FREEZE WINDOW", "HOST WINDOW"
     )?;
     for v in &r.vms {
         let m = &v.metrics;
@@ -167,7 +167,7 @@ pub fn print_report(report: &Report, out: &mut dyn Write) -> Result<()> {
         };
         writeln!(
             out,
-            "{:<16} {:<17} {:<17} {:>7} {:>10} {:>14} {:>14}",
+            "{:<16} {:<17} {:<17} {:>11} {:>10} {:>14} {:>14}",
             v.vm,
             v.consistency.unwrap_or("failed"),
             v.snapshot.as_deref().unwrap_or("-"),

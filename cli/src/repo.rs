@@ -122,8 +122,8 @@ pub fn run_snapshots(args: &SnapshotsArgs, out: &mut dyn Write) -> Result<ExitCo
     }
     writeln!(
         out,
-        "{:<16}  {:<20}  {:<12}  {:<16}  {:>9}  {:>9}  {:>5}  {:>10}  disks",
-        "ID", "TIME", "VM", "CONSISTENCY", "STALL", "FROZEN", "DISKS", "SIZE"
+        "{:<16}  {:<20}  {:<12}  {:<16}  {:>9}  {:>13}  {:>5}  {:>10}  disks",
+        "ID", "TIME", "VM", "CONSISTENCY", "STALL", "FREEZE WINDOW", "DISKS", "SIZE"
     )?;
     for l in listed {
         match l.manifest {
@@ -132,7 +132,7 @@ pub fn run_snapshots(args: &SnapshotsArgs, out: &mut dyn Write) -> Result<ExitCo
                 let names: Vec<&str> = m.disks.iter().map(|d| d.name.as_str()).collect();
                 writeln!(
                     out,
-                    "{:<16}  {:<20}  {:<12}  {:<16}  {:>9}  {:>9}  {:>5}  {:>10}  {}",
+                    "{:<16}  {:<20}  {:<12}  {:<16}  {:>9}  {:>13}  {:>5}  {:>10}  {}",
                     m.id,
                     m.time,
                     m.vm,

@@ -102,6 +102,13 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
                 String::new()
             }
         )?;
+        if report.unreferenced_chunks > 0 {
+            writeln!(
+                out,
+                "{} chunk(s) that no snapshot names (an interrupted or running backup's, or forgotten snapshots'): `vsnap gc` removes what no running backup holds",
+                report.unreferenced_chunks
+            )?;
+        }
     }
     Ok(if report.ok() {
         ExitCode::SUCCESS

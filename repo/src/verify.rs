@@ -42,6 +42,10 @@ pub struct VerifyReport {
     pub problems: Vec<Problem>,
     /// Bad chunks renamed to `*.bad`.
     pub moved_aside: u64,
+    /// Chunks the repository holds that no snapshot names, when every
+    /// snapshot was checked: an interrupted backup's, a running one's, or
+    /// forgotten snapshots'. Not damage; gc removes what no backup holds.
+    pub unreferenced_chunks: u64,
 }
 
 impl VerifyReport {
@@ -197,6 +201,10 @@ pub fn verify(
         .map(|&(_, raw)| blake3::Hash::from_bytes(raw))
         .collect();
     repo.plan_reads(&planned)?;
+    if only.is_empty() {
+        let held = repo.usage()?.chunks;
+        report.unreferenced_chunks = held.saturating_sub(chunks.len() as u64);
+    }
     let total: u64 = chunks.values().map(|c| c.len).sum();
     Progress::add(&progress.total, total);
     let next = AtomicUsize::new(0);

@@ -515,6 +515,17 @@ fn killed_backups_leave_a_repository_that_verifies() {
         }
         let (code, report) = verify(&repo);
         assert_eq!(code, Some(0), "trial {trial} (delay {delay} µs): {report}");
+        // What a killed backup stored is not hidden: verify counts the
+        // chunks no snapshot names (the kept snapshot names 2).
+        let orphans = if after.len() == 1 {
+            files_under(&repo.join("chunks")).len() as u64 - 2
+        } else {
+            0
+        };
+        assert_eq!(
+            report["unreferenced_chunks"], orphans,
+            "trial {trial}: {report}"
+        );
     }
     // gc removes what the last killed one left (a temporary file, if it
     // died mid-write), and everything still verifies.
