@@ -531,10 +531,26 @@ window = "60s"
             .contains("does not take that method"),
         "{body}"
     );
-    let big = format!("{{\"pad\":\"{}\"}}", "x".repeat(10 << 20));
-    let (code, body) = http(&addr, "POST", "/api/v1/verify", t, Some(&big));
-    assert_eq!(code, 413, "{}", &body[..body.len().min(200)]);
-    assert!(json(&body)["error"].is_string(), "{body}");
+    // The 10 MB body is declared, not sent: the server answers 413 from
+    // the length alone and closes, and a client still sending the body
+    // would meet a reset that can swallow the answer (it did, 1 run in
+    // 20, under load).
+    {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "POST /api/v1/verify HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            10 << 20
+        )
+        .unwrap();
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+        let body = answer.split("\r\n\r\n").nth(1).unwrap_or("");
+        assert!(json(body)["error"].is_string(), "{answer}");
+    }
     // Bad input: named, as JSON.
     let (code, body) = get("/api/v1/runs?limit=many", t);
     assert_eq!(code, 400, "{body}");

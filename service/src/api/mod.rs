@@ -100,9 +100,25 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Q<T> {
 /// `Json`, with a malformed body answered as a JSON 400.
 pub struct Body<T>(pub T);
 
+/// The largest request body: axum's default limit, which `Json` enforces
+/// as the body streams in; a body that declares more is refused first.
+const BODY_LIMIT: u64 = 2 << 20;
+
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
     type Rejection = ApiError;
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        // Refused from its declared length, before a byte of it is read.
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if let Some(len) = declared.filter(|&l| l > BODY_LIMIT) {
+            return Err(ApiError(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the body: {len} bytes, over the limit of {BODY_LIMIT}"),
+            ));
+        }
         Json::<T>::from_request(req, state)
             .await
             .map(|j| Body(j.0))
