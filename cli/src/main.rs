@@ -146,6 +146,15 @@ pub struct SourceFormat {
     pub format: FormatArg,
 }
 
+/// Tells the operator what they must know of a repository before writing
+/// to it ([`vsnap_repo::Repository::caveats`]), once per process that
+/// opens it.
+pub fn warn_caveats(repo: &vsnap_repo::Repository) {
+    for c in repo.caveats() {
+        say!("vsnap: warning: {c}");
+    }
+}
+
 /// Opens every image, detecting or forcing the format; the first that
 /// fails stops the command with its own error.
 pub fn open_all(

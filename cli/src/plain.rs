@@ -16,24 +16,18 @@ fn escape(c: u32) -> String {
     format!("\\u{c:04x}")
 }
 
-fn is_control(c: char) -> bool {
-    c.is_control() && c != '\n' && c != '\t'
-}
-
-/// `s` with its control characters escaped; as it was when it has none.
+/// `s` with its control characters escaped, by [`Plain`]'s one rule; as
+/// it was when it has none (an escape is longer than what it stands for,
+/// so an unchanged length is an unchanged string).
 pub fn plain(s: &str) -> Cow<'_, str> {
-    if !s.chars().any(is_control) {
+    let mut out = Plain::new(Vec::with_capacity(s.len()));
+    // Writing to a vector cannot fail.
+    let _ = out.write_all(s.as_bytes());
+    if out.inner.len() == s.len() {
         return Cow::Borrowed(s);
     }
-    let mut out = String::with_capacity(s.len() + 8);
-    for c in s.chars() {
-        if is_control(c) {
-            out.push_str(&escape(u32::from(c)));
-        } else {
-            out.push(c);
-        }
-    }
-    Cow::Owned(out)
+    // Escapes are ASCII put in place of whole characters: still UTF-8.
+    Cow::Owned(String::from_utf8_lossy(&out.inner).into_owned())
 }
 
 /// A writer that passes bytes through [`plain`]'s rule. It works on bytes,
@@ -91,6 +85,10 @@ macro_rules! say {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    fn is_control(c: char) -> bool {
+        c.is_control() && c != '\n' && c != '\t'
+    }
 
     #[test]
     fn control_characters_are_shown_escaped_and_json_stays_json() {

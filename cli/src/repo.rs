@@ -26,9 +26,7 @@ pub struct RepoArg {
 impl RepoArg {
     pub fn open(&self) -> Result<Repository> {
         let repo = vsnap_s3::open(&self.repo)?;
-        for c in repo.caveats() {
-            say!("vsnap: warning: {c}");
-        }
+        crate::warn_caveats(&repo);
         Ok(repo)
     }
 }
@@ -80,9 +78,7 @@ pub fn run_repo(cmd: &RepoCommand, out: &mut dyn Write) -> Result<ExitCode> {
                 a.pack_size,
                 a.accept_unconditional_writes,
             )?;
-            for c in r.caveats() {
-                say!("vsnap: warning: {c}");
-            }
+            crate::warn_caveats(&r);
             let packs = match r.config().pack_size {
                 Some(p) => format!(", packs of {}", human(p)),
                 None => String::new(),

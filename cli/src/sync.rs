@@ -73,9 +73,7 @@ struct JsonOut<'a> {
 pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
     let src = vsnap_s3::open(&args.src).context("cannot open the source")?;
     let dst = vsnap_s3::open(&args.dst).context("cannot open the destination")?;
-    for c in dst.caveats() {
-        say!("vsnap: warning: {c}");
-    }
+    crate::warn_caveats(&dst);
     let opts = SyncOptions {
         only: args.snapshots.clone(),
         threads: usize::from(args.threads),

@@ -79,6 +79,7 @@ pub(crate) fn describe(
     endpoint: &str,
 ) -> Error {
     let text = chain(&e);
+    let kind = transport(&e);
     let bucket = location
         .strip_prefix("s3://")
         .and_then(|r| r.split('/').next())
@@ -101,12 +102,12 @@ pub(crate) fn describe(
             crate::tls::CA_BUNDLE
         )
     } else if matches!(
-        transport(&e),
+        kind,
         Some(HttpErrorKind::Interrupted | HttpErrorKind::Request)
     ) {
         // Connected, then lost: the endpoint is there.
         format!("the connection to the S3 endpoint {endpoint} broke during the request, retries included")
-    } else if transport(&e) == Some(HttpErrorKind::Timeout) {
+    } else if kind == Some(HttpErrorKind::Timeout) {
         format!("the S3 endpoint {endpoint} did not answer in time, retries included")
     } else if text.contains("error sending request")
         || text.contains("Connection refused")

@@ -23,6 +23,15 @@ pub struct Active {
     pub progress: Arc<Progress>,
 }
 
+impl Active {
+    /// Asks the run to stop: the session aborts by its rules (every guest
+    /// thawed), and the streaming stops before its next chunk.
+    fn stop(&self) {
+        self.cancel.store(true, Ordering::Relaxed);
+        self.progress.request_stop();
+    }
+}
+
 /// What asking for a run did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Started {
@@ -110,8 +119,7 @@ impl Service {
         let Some(a) = active.values().find(|a| a.run == run) else {
             return false;
         };
-        a.cancel.store(true, Ordering::Relaxed);
-        a.progress.request_stop();
+        a.stop();
         true
     }
 
@@ -126,8 +134,7 @@ impl Service {
                     return;
                 }
                 for a in active.values() {
-                    a.cancel.store(true, Ordering::Relaxed);
-                    a.progress.request_stop();
+                    a.stop();
                 }
             }
             notified.await;

@@ -784,7 +784,6 @@ fn a_backup_after_a_pack_went_missing_stores_its_chunks_again() {
 #[test]
 fn a_server_that_ignores_conditional_writes_is_found_and_named() {
     use vsnap_e2e::fault_proxy::{FaultProxy, Faults};
-    use vsnap_e2e::s3::ACCESS_KEY as KEY;
     let test = "a_server_that_ignores_conditional_writes_is_found_and_named";
     let Some(s3) = S3Server::start(test) else {
         return;
@@ -798,12 +797,7 @@ fn a_server_that_ignores_conditional_writes_is_found_and_named() {
         ..Faults::default()
     };
     let proxy = FaultProxy::start(([127, 0, 0, 1], s3.port).into(), faults, 3).unwrap();
-    let via = |args: &[&str]| -> Output {
-        env_for(&mut vsnap_cmd(), &proxy.endpoint(), KEY, SECRET_KEY)
-            .args(args)
-            .output()
-            .unwrap()
-    };
+    let via = |args: &[&str]| through(&proxy, args);
     // Over an existing repository: refused, and its config untouched.
     let config = std::fs::read(s3.object_file("first", "vsnap-repository")).unwrap();
     let o = via(&["repo", "init", "--chunk-size", "4M", "s3://vsnap/first"]);
@@ -863,6 +857,14 @@ fn a_server_that_ignores_conditional_writes_is_found_and_named() {
     assert!(!stderr(&run(&s3, &["snapshots", "--repo", "s3://vsnap/first"])).contains("warning"));
 }
 
+/// `vsnap ARGS` against the S3 server behind `proxy`.
+fn through(proxy: &fault_proxy::FaultProxy, args: &[&str]) -> Output {
+    env_for(&mut vsnap_cmd(), &proxy.endpoint(), ACCESS_KEY, SECRET_KEY)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
 fn config_bytes(s3: &S3Server, prefix: &str) -> Vec<u8> {
     std::fs::read(s3.object_file(prefix, "vsnap-repository")).unwrap()
 }
@@ -901,12 +903,8 @@ fn backups_through(
     size: u64,
     changed: u64,
 ) -> (PathBuf, Vec<Value>) {
-    use vsnap_e2e::s3::ACCESS_KEY as KEY;
     let via_ok = |args: &[&str]| -> String {
-        let o = env_for(&mut vsnap_cmd(), &proxy.endpoint(), KEY, SECRET_KEY)
-            .args(args)
-            .output()
-            .unwrap();
+        let o = through(proxy, args);
         assert!(o.status.success(), "{args:?}: {}{}", stdout(&o), stderr(&o));
         stdout(&o)
     };
@@ -970,12 +968,7 @@ fn a_faulty_network_is_survived_and_damage_in_transit_never_accepted() {
     // Drops, SlowDowns, 500s, cut requests and cut bodies: every command
     // retries through them, and the results are exact.
     let (img, snaps) = backups_through(&proxy, url, dir.path(), 16 * MIB, MIB);
-    let via = |args: &[&str]| -> Output {
-        env_for(&mut vsnap_cmd(), &proxy.endpoint(), KEY, SECRET_KEY)
-            .args(args)
-            .output()
-            .unwrap()
-    };
+    let via = |args: &[&str]| through(&proxy, args);
     let via_ok = |args: &[&str]| -> String {
         let o = via(args);
         assert!(o.status.success(), "{args:?}: {}{}", stdout(&o), stderr(&o));

@@ -156,15 +156,14 @@ pub(super) fn gc(repo: &Repository, b: &Bucket, opts: &crate::GcOptions) -> Resu
     // it, so one missing from this listing is gone, not on its way), and
     // no condemnation's. Their records go with the doomed packs', so a
     // loss is reported once, by verify, as the snapshots it hits.
-    let relisted: HashSet<String> = store
-        .list(PACKS)?
-        .into_iter()
-        .filter_map(|o| Some(o.key.strip_prefix(PACKS)?.to_owned()))
-        .collect();
+    let relisted = b.list_packs()?;
     for (_, records) in &pack_indexes {
         for (r, _) in records {
+            if relisted.contains_key(&r.name) {
+                continue;
+            }
             let n = r.name.to_hex().to_string();
-            if !relisted.contains(&n) && !condemned_before.contains(&n) && doomed.insert(n) {
+            if !condemned_before.contains(&n) && doomed.insert(n) {
                 report.packs_lost += 1;
             }
         }

@@ -9,10 +9,11 @@
 //! reuse the bad copy, and once it has, every reader uses the new copy,
 //! so the snapshots that named the chunk restore again.
 
+use std::collections::{HashMap, HashSet};
+
 use crate::error::{Error, ErrorKind, Result};
 use crate::pack::PackEntry;
 use crate::Damaged;
-use std::collections::{HashMap, HashSet};
 
 pub(super) const BAD: &str = "bad/";
 /// A bad-copies record is one verify run's finds: 64 MiB is far past any.

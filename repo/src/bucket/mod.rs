@@ -263,7 +263,7 @@ impl Bucket {
     }
 
     /// Every pack in the bucket, with its size.
-    fn list_packs(&self) -> Result<HashMap<blake3::Hash, u64>> {
+    pub(super) fn list_packs(&self) -> Result<HashMap<blake3::Hash, u64>> {
         Ok(self
             .store
             .list(PACKS)?
@@ -487,24 +487,19 @@ impl Bucket {
     /// cache holds only what a reader may still need. `listed` are the
     /// names the bucket lists under `packindex/`. Only a cache: what
     /// cannot be removed now is removed by a later run.
-    pub(super) fn prune_cache(&self, listed: &HashSet<String>) -> u64 {
-        let Some(dir) = &self.cache else {
-            return 0;
+    pub(super) fn prune_cache(&self, listed: &HashSet<String>) {
+        let Some(Ok(entries)) = self.cache.as_ref().map(std::fs::read_dir) else {
+            return;
         };
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return 0;
-        };
-        let mut removed = 0;
         for e in entries.flatten() {
             let name = e.file_name();
             let keep = name.to_str().is_some_and(|n| listed.contains(n));
             // A temporary file of a writer running now is left alone.
             let temporary = name.to_str().is_some_and(|n| n.starts_with('.'));
-            if !keep && !temporary && std::fs::remove_file(e.path()).is_ok() {
-                removed += 1;
+            if !keep && !temporary {
+                let _ = std::fs::remove_file(e.path());
             }
         }
-        removed
     }
 
     /// Whether the chunk is stored, or on its way in this process.

@@ -99,15 +99,14 @@ pub async fn serve(
                 // for none of them.
                 continue;
             }
-            let id = o.next;
+            let (id, busy, close) = (o.next, Arc::default(), Arc::default());
             o.next += 1;
             let slot = Slot {
-                busy: Arc::default(),
-                close: Arc::default(),
+                busy: Arc::clone(&busy),
+                close: Arc::clone(&close),
             };
-            let handles = (Arc::clone(&slot.busy), Arc::clone(&slot.close));
             o.slots.insert(id, slot);
-            (id, handles.0, handles.1)
+            (id, busy, close)
         };
         let app = TowerToHyperService::new(app.clone());
         let open = Arc::clone(&open);
