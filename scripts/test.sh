@@ -3,6 +3,11 @@
 # rustfmt, clippy (warnings denied), the fuzz crate's build, and all tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# CI builds each crate once from a fresh clone: incremental state and full
+# debug info would only fill its disk (one CI run stopped for want of
+# space). Line tables keep a panic's backtrace readable.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+export CARGO_PROFILE_DEV_DEBUG="${CARGO_PROFILE_DEV_DEBUG:-line-tables-only}"
 
 need_apt=()
 command -v qemu-img >/dev/null 2>&1 || need_apt+=(qemu-utils)
