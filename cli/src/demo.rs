@@ -150,17 +150,21 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     };
     let config = demo::serve_config(&dir, args.listen)?;
-    let token = vsnap_service::api::token::load_or_create(&dir.join("state"))?;
+    let state = dir.join("state");
+    let token_path = state.join(vsnap_service::api::token::FILE);
+    vsnap_service::api::token::load_or_create(&state)?;
+    let link = vsnap_service::api::session::sign_in_link(args.listen, &state)?;
     step(
         out,
         "the service: the VMs stay up, backed up every 5 minutes",
     )?;
     writeln!(
         out,
-        "config:    {}\ndashboard: http://{}/?token={token}\nAPI:       curl -H 'Authorization: Bearer {token}' http://{}/api/v1/jobs\nCtrl-C stops the service and the demo VMs.",
-        config.display(),
-        args.listen,
-        args.listen
+        "config:    {config}\ndashboard: {link}\n           (works once, within {life} s; `vsnap dashboard --config {config}` prints another)\nAPI:       curl -H \"Authorization: Bearer $(cat {token})\" http://{listen}/api/v1/jobs\nCtrl-C stops the service and the demo VMs.",
+        config = config.display(),
+        life = vsnap_service::api::session::CODE_LIFE,
+        token = token_path.display(),
+        listen = args.listen,
     )?;
     out.flush()?;
     let served = crate::serve::run(&crate::serve::Args::of(config), out);

@@ -99,6 +99,10 @@ enum Command {
     /// Run the service: coordinated backups on calendar-event schedules,
     /// with retention and gc, state kept in SQLite, until SIGTERM.
     Serve(serve::Args),
+    /// Print a sign-in link for the service's dashboard: it works once,
+    /// within a minute, and leaves the browser a session cookie, never
+    /// the token.
+    Dashboard(serve::DashboardArgs),
     /// Build throw-away VMs (ext4 in dynamic VHDs, an agent each, a
     /// simulated application), back them all up app-consistently in one
     /// freeze window, verify and restore. Needs no root.
@@ -201,6 +205,7 @@ fn main() -> ExitCode {
         Command::Gc(args) => repo::run_gc(&args, &mut out),
         Command::Agent(args) => vsnap_agent::cli::run(&args).map_err(Into::into),
         Command::Serve(args) => serve::run(&args, &mut out),
+        Command::Dashboard(args) => serve::run_dashboard(&args, &mut out),
         Command::Demo(args) => demo::run(&args, &mut out),
         Command::Bench(cmd) => bench::run(&cmd, &mut out),
         Command::Completions(args) => docs::completions(&args, &mut out),

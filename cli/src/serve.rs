@@ -9,6 +9,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use chrono::Utc;
+use vsnap_service::api::session;
 use vsnap_service::calendar::Zone;
 use vsnap_service::config::Config;
 use vsnap_service::daemon;
@@ -38,6 +39,41 @@ impl Args {
             check: false,
         }
     }
+}
+
+#[derive(clap::Args, Debug)]
+#[command(after_help = "\
+The link carries a one-time code made with the service's token (so this \
+needs read access to state_dir/api.token, as the service's user has). \
+The service takes it once, within 60 s, and the browser then holds a \
+session cookie for 12 hours; the token itself never enters a URL, the \
+browser's history or its storage. A restart of the service ends every \
+session.")]
+pub struct DashboardArgs {
+    /// The service's configuration file (its listen address and state
+    /// directory).
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+    /// Print {"url": ..., "expires_in_s": 60} instead.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `vsnap dashboard`: a sign-in link for the dashboard.
+pub fn run_dashboard(args: &DashboardArgs, out: &mut dyn Write) -> Result<ExitCode> {
+    let cfg = Config::load(&args.config)?;
+    let url = session::sign_in_link(cfg.listen, &cfg.state_dir)?;
+    if args.json {
+        let v = serde_json::json!({ "url": url, "expires_in_s": session::CODE_LIFE });
+        writeln!(out, "{v}")?;
+    } else {
+        writeln!(out, "{url}")?;
+        say!(
+            "open it within {} s; it works once (run this again for another)",
+            session::CODE_LIFE
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {

@@ -45,6 +45,14 @@ pub async fn run(
         .local_addr()
         .map_err(|e| crate::Error::from(ErrorKind::Io(e)).at("the listening address"))?;
     let token_path = cfg.state_dir.join(api::token::FILE);
+    // `vsnap dashboard` finds a port the kernel chose here.
+    let recorded = cfg.state_dir.join(api::session::ADDRESS_FILE);
+    if let Err(e) = std::fs::write(&recorded, format!("{address}\n")) {
+        say(format!(
+            "cannot record the API's address in {}: {e}",
+            recorded.display()
+        ));
+    }
     let svc = Service::new(cfg, state, std::env::current_exe().ok());
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let sched = tokio::spawn(scheduler::run(Arc::clone(&svc), zone, stopped.clone()));
@@ -54,8 +62,9 @@ pub async fn run(
         stopped,
     ));
     say(format!(
-        "API on http://{address}/ (bearer token in {})",
-        token_path.display()
+        "API on http://{address}/ (bearer token in {}); for the dashboard, `vsnap dashboard --config {}` prints a sign-in link",
+        token_path.display(),
+        svc.config.path.display()
     ));
     for d in scheduler::upcoming(&svc, zone) {
         let at = d.at.map_or("never".into(), local_time);

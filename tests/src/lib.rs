@@ -446,6 +446,18 @@ pub fn http_with(
     headers: &[(&str, &str)],
     body: Option<&str>,
 ) -> (u16, String) {
+    let (status, _, body) = http_answer(addr, method, path, headers, body);
+    (status, body)
+}
+
+/// [`http_with`], with the answer's headers (names in lower case).
+pub fn http_answer(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> (u16, Vec<(String, String)>, String) {
     use http_body_util::{BodyExt, Full};
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -474,12 +486,26 @@ pub fn http_with(
             .unwrap_or_else(|_| panic!("{method} {path}: no answer within 30 s"))
             .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
         let status = resp.status().as_u16();
+        let answer_headers = resp
+            .headers()
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_owned(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
         let bytes = tokio::time::timeout(limit, resp.into_body().collect())
             .await
             .unwrap_or_else(|_| panic!("{method} {path}: the body did not end within 30 s"))
             .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
             .to_bytes();
-        (status, String::from_utf8_lossy(&bytes).into_owned())
+        (
+            status,
+            answer_headers,
+            String::from_utf8_lossy(&bytes).into_owned(),
+        )
     })
 }
 

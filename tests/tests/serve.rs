@@ -9,7 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use vsnap_e2e::{
-    http, http_with, qemu_image, repo_init, start_agent, vsnap_cmd, write_hook, AgentProc,
+    http, http_answer, http_with, qemu_image, repo_init, start_agent, vsnap_cmd, write_hook,
+    AgentProc,
 };
 use vsnap_service::state::{Run, State};
 
@@ -946,6 +947,145 @@ notify = ["chatty"]
     assert!(serve.wait().unwrap().success());
 }
 
+/// `vsnap dashboard --config`'s link, as it prints it.
+fn sign_in_link(site: &Site) -> String {
+    let out = vsnap_cmd()
+        .args(["dashboard", "--json", "--config"])
+        .arg(&site.config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = json(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(v["expires_in_s"], 60);
+    v["url"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn the_dashboard_signs_in_once_with_a_code_for_a_strict_cookie_that_needs_its_header() {
+    let site = Site::new(
+        "0.2",
+        r#"
+[[job]]
+name = "fine"
+schedule = "2099-01-01"
+vms = ["a"]
+provider = "copy"
+"#,
+    );
+    // Before the service's first start there is no token to make a link.
+    let out = vsnap_cmd()
+        .args(["dashboard", "--config"])
+        .arg(&site.config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("no API token") && err.contains("api.token"),
+        "{err}"
+    );
+
+    let mut serve = site.serve("serve.log");
+    let (addr, token) = site.api("serve.log");
+    assert!(site.log("serve.log").contains("vsnap dashboard --config"));
+    let link = sign_in_link(&site);
+    let (host, code) = link
+        .strip_prefix("http://")
+        .and_then(|l| l.split_once("/login?code="))
+        .unwrap();
+    assert_eq!(host, addr, "the link reaches the port the service chose");
+    assert!(!link.contains(&token), "the token is never in a URL");
+
+    let login = |code: &str| http_answer(&addr, "GET", &format!("/login?code={code}"), &[], None);
+    // A code changed by one digit was not made with the token.
+    let mut forged = code.to_owned().into_bytes();
+    let last = forged.len() - 1;
+    forged[last] = if forged[last] == b'0' { b'1' } else { b'0' };
+    let (status, _, body) = login(std::str::from_utf8(&forged).unwrap());
+    assert_eq!(status, 401, "{body}");
+    assert!(
+        json(&body)["error"]
+            .as_str()
+            .unwrap()
+            .contains("not made with this service's token"),
+        "{body}"
+    );
+
+    let (status, headers, body) = login(code);
+    assert_eq!(status, 303, "{body}");
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("no {name} in {headers:?}"))
+    };
+    assert_eq!(header("location"), "/");
+    let set = header("set-cookie");
+    for attr in ["HttpOnly", "SameSite=Strict", "Path=/", "Max-Age=43200"] {
+        assert!(set.contains(attr), "{set}");
+    }
+    let session = set.split(';').next().unwrap().to_owned();
+    assert!(
+        session.starts_with("vsnap_session=") && !session.contains(&token),
+        "{set}"
+    );
+    // Once only.
+    let (status, _, body) = login(code);
+    assert_eq!(status, 401, "{body}");
+    assert!(
+        json(&body)["error"]
+            .as_str()
+            .unwrap()
+            .contains("used already"),
+        "{body}"
+    );
+
+    // The cookie alone: refused, as a form on another site would send it.
+    let cookie = [("cookie", session.as_str())];
+    let (status, body) = http_with(&addr, "GET", "/api/v1/jobs", &cookie, None);
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("X-Vsnap-Dashboard"), "{body}");
+    let (status, body) = http_with(&addr, "POST", "/api/v1/jobs/fine/run", &cookie, None);
+    assert_eq!(status, 403, "{body}");
+    // With the header the page sets: read and run.
+    let page = [("cookie", session.as_str()), ("x-vsnap-dashboard", "1")];
+    let (status, body) = http_with(&addr, "GET", "/api/v1/jobs", &page, None);
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = http_with(&addr, "POST", "/api/v1/jobs/fine/run", &page, None);
+    assert_eq!(status, 202, "{body}");
+    let id = json(&body)["run"].as_i64().unwrap();
+    site.wait_for("the run", Duration::from_secs(60), || {
+        let (_, body) = http(
+            &addr,
+            "GET",
+            &format!("/api/v1/runs/{id}"),
+            Some(&token),
+            None,
+        );
+        json(&body)["run"]["state"] != "running"
+    });
+
+    // Signing out ends the session in the service, not just the browser.
+    let (status, headers, body) = http_answer(&addr, "POST", "/logout", &page, None);
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        headers
+            .iter()
+            .any(|(k, v)| k == "set-cookie" && v.contains("Max-Age=0")),
+        "{headers:?}"
+    );
+    let (status, body) = http_with(&addr, "GET", "/api/v1/jobs", &page, None);
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("session has ended"), "{body}");
+    signal(&serve, "TERM");
+    assert!(serve.wait().unwrap().success());
+}
+
 #[test]
 fn the_dashboard_in_a_real_browser_shows_the_vms_runs_a_job_and_charts_it() {
     let test = "the_dashboard_in_a_real_browser_shows_the_vms_runs_a_job_and_charts_it";
@@ -993,6 +1133,10 @@ provider = "copy"
     let artifacts =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-artifacts");
     std::fs::create_dir_all(&artifacts).unwrap();
+    // The browser's profile is the test's, to be read once it closes.
+    let profile = site.path("chromium");
+    let link = sign_in_link(&site);
+    let code = link.split_once("code=").unwrap().1.to_owned();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -1004,7 +1148,9 @@ provider = "copy"
             "goog:chromeOptions".into(),
             serde_json::json!({
                 "binary": "/usr/bin/chromium",
-                "args": ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,1100"]
+                "args": ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,1100",
+                         format!("--user-data-dir={}", profile.display()),
+                         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"]
             }),
         );
         let connector = hyper_util::client::legacy::connect::HttpConnector::new();
@@ -1013,11 +1159,15 @@ provider = "copy"
             .connect(&format!("http://127.0.0.1:{port}"))
             .await
             .unwrap();
-        b.goto(&format!("http://{addr}/?token={token}")).await.unwrap();
+        b.goto(&link).await.unwrap();
         let wait = Duration::from_secs(60);
         b.wait().at_most(wait).for_element(Css("tr[data-vm='slow']")).await.unwrap();
-        // The token left the address bar.
+        // Signed in, and on to the page: the code left the address bar.
+        assert_eq!(b.current_url().await.unwrap().path(), "/");
         assert_eq!(b.current_url().await.unwrap().query(), None);
+        // No script reads the session (HttpOnly).
+        let seen = b.execute("return document.cookie", vec![]).await.unwrap();
+        assert_eq!(seen, serde_json::json!(""));
         let points = |b: &fantoccini::Client| {
             let b = b.clone();
             async move {
@@ -1059,6 +1209,48 @@ provider = "copy"
         eprintln!("dashboard screenshot: {}", artifacts.join("dashboard.png").display());
         b.close().await.unwrap();
     });
+    // The browser wrote its history as it closed: the sign-in link is
+    // there, spent; the token is nowhere in the profile (history,
+    // session restore, storage, cache).
+    let history = profile.join("Default/History");
+    site.wait_for(
+        "the closed browser's history",
+        Duration::from_secs(20),
+        || history.exists() && std::fs::symlink_metadata(profile.join("SingletonLock")).is_err(),
+    );
+    let db =
+        rusqlite::Connection::open_with_flags(&history, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
+    let urls: Vec<String> = db
+        .prepare("SELECT url FROM urls")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert!(
+        urls.iter().any(|u| u.contains(&code)),
+        "the history holds {urls:?}"
+    );
+    assert!(urls.iter().all(|u| !u.contains(&token)), "{urls:?}");
+    let (status, body) = http(&addr, "GET", &format!("/login?code={code}"), None, None);
+    assert_eq!(status, 401, "the link in the history is spent: {body}");
+    let mut files = 0;
+    let mut stack = vec![profile.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let (p, t) = (e.path(), e.file_type().unwrap());
+            if t.is_dir() {
+                stack.push(p);
+            } else if t.is_file() {
+                files += 1;
+                let bytes = std::fs::read(&p).unwrap();
+                let found = bytes.windows(token.len()).any(|w| w == token.as_bytes());
+                assert!(!found, "the token is in {}", p.display());
+            }
+        }
+    }
+    assert!(files > 10, "the profile has {files} file(s)");
     signal(&serve, "TERM");
     assert!(serve.wait().unwrap().success());
 }
@@ -1093,15 +1285,25 @@ fn demo_serve_leaves_its_vms_under_a_running_service_and_says_how_to_open_it() {
         .find_map(|l| l.strip_prefix("dashboard: "))
         .unwrap()
         .to_string();
-    let (addr, token) = url
+    let (addr, code) = url
         .strip_prefix("http://")
-        .and_then(|u| u.split_once("/?token="))
+        .and_then(|u| u.split_once("/login?code="))
         .unwrap();
+    assert!(
+        text.contains("works once, within 60 s; `vsnap dashboard --config"),
+        "{text}"
+    );
+    let token = std::fs::read_to_string(demo.join("state/api.token")).unwrap();
+    let token = token.trim();
+    assert!(!text.contains(token), "the demo printed the token: {text}");
     let t = Instant::now();
     while std::net::TcpStream::connect(addr).is_err() {
         assert!(t.elapsed() < Duration::from_secs(20));
         std::thread::sleep(Duration::from_millis(50));
     }
+    // The link the demo printed signs in.
+    let (status, body) = http(addr, "GET", &format!("/login?code={code}"), None, None);
+    assert_eq!(status, 303, "{body}");
     let (code, page) = http(addr, "GET", "/", None, None);
     assert_eq!(code, 200);
     assert!(page.contains("<title>vsnap</title>"));

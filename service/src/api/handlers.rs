@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use vsnap_coordinator::inventory::AgentSpec;
 use vsnap_engine::pipeline::Progress;
 
-use super::{Api, ApiError, Q};
+use super::{session, Api, ApiError, Q};
 use crate::runner::Started;
 use crate::state::Trigger;
 
@@ -33,6 +33,52 @@ pub async fn dashboard() -> impl IntoResponse {
             (header::CACHE_CONTROL, "no-store"),
         ],
         super::DASHBOARD,
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoginQuery {
+    code: String,
+}
+
+/// A one-time code for a session cookie, then on to the dashboard. The
+/// link stays in the browser's history, spent.
+pub async fn login(
+    State(api): State<Arc<Api>>,
+    Q(q): Q<LoginQuery>,
+) -> Result<axum::response::Response, ApiError> {
+    let id = api
+        .sessions
+        .redeem(&q.code, session::now())
+        .map_err(|r| ApiError(StatusCode::UNAUTHORIZED, r.to_string()))?;
+    Ok((
+        StatusCode::SEE_OTHER,
+        [
+            (header::LOCATION, "/".to_owned()),
+            (header::SET_COOKIE, session::set_cookie(&id)),
+            (header::CACHE_CONTROL, "no-store".to_owned()),
+            (header::REFERRER_POLICY, "no-referrer".to_owned()),
+        ],
+    )
+        .into_response())
+}
+
+/// Ends the dashboard's session, in the service and in the browser.
+pub async fn logout(
+    State(api): State<Arc<Api>>,
+    headers: axum::http::HeaderMap,
+) -> impl IntoResponse {
+    let cookies = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok());
+    if let Some(id) = session::cookie(cookies) {
+        api.sessions.end(id);
+    }
+    (
+        [(header::SET_COOKIE, session::set_cookie(""))],
+        Json(json!({ "signed_out": true })),
     )
 }
 

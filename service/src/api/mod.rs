@@ -1,15 +1,18 @@
 //! The HTTP API (axum), on 127.0.0.1 unless the configuration says
-//! otherwise, and the dashboard at `/`. Every endpoint but `/healthz` and
-//! the dashboard's page (static, no data) needs `Authorization: Bearer
-//! TOKEN`, the token read from `state_dir/api.token`, which the first
-//! start creates with mode 0600. Errors are JSON (`{"error": "..."}`): 401
-//! without the token, 400 for a malformed query or body (saying what is
+//! otherwise, and the dashboard at `/`. Every endpoint but `/healthz`,
+//! the dashboard's page (static, no data) and its sign-in (`/login`, see
+//! [`session`]) needs `Authorization: Bearer TOKEN`, the token read from
+//! `state_dir/api.token`, which the first start creates with mode 0600,
+//! or the dashboard's session cookie with its header. Errors are JSON
+//! (`{"error": "..."}`): 401 without the token, 403 for the cookie
+//! without its header, 400 for a malformed query or body (saying what is
 //! wrong), 404 for an unknown job or run, 409 for a request the run's
 //! state refuses. A handler that panics answers 500 and the server serves
 //! on; a job that panics fails its run (see [`crate::runner`]).
 
 mod handlers;
 pub mod listen;
+pub mod session;
 pub mod token;
 
 use std::sync::Arc;
@@ -27,7 +30,7 @@ use crate::calendar::Zone;
 use crate::runner::Service;
 
 /// The dashboard: one page, its styles and script inline, nothing from
-/// elsewhere. It holds no data; every call it makes needs the token.
+/// elsewhere. It holds no data; every call it makes needs its session.
 pub const DASHBOARD: &str = include_str!("dashboard.html");
 
 /// The OpenAPI description of this API, served at `/api/v1/openapi.json`.
@@ -37,6 +40,8 @@ pub const OPENAPI: &str = include_str!("openapi.json");
 pub struct Api {
     pub svc: Arc<Service>,
     pub token: String,
+    /// The dashboard's sign-in codes and sessions.
+    pub sessions: session::Sessions,
     /// The clock schedules read.
     pub zone: Zone,
     /// The repository's usage, and when it was measured: a walk of the
@@ -51,6 +56,7 @@ impl Api {
     pub fn new(svc: Arc<Service>, token: String, zone: Zone) -> Arc<Api> {
         Arc::new(Api {
             svc,
+            sessions: session::Sessions::new(&token),
             token,
             zone,
             usage: tokio::sync::Mutex::new(None),
@@ -135,37 +141,47 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
 }
 
 async fn authorize(AxState(api): AxState<Arc<Api>>, req: Request, next: Next) -> Response {
+    let h = req.headers();
     // RFC 7235: the scheme is case-insensitive.
-    let given = req
-        .headers()
+    let bearer = h
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, t)| t.trim());
-    if given.is_some_and(|t| token::matches(&api.token, t)) {
-        next.run(req).await
-    } else {
-        let why = match given {
-            None => "a bearer token is needed: Authorization: Bearer TOKEN, the token in the service's state_dir/api.token",
-            Some(_) => "the bearer token is not this service's: use the one in its state_dir/api.token (it changes when the file is removed)",
-        };
-        let mut r = ApiError(StatusCode::UNAUTHORIZED, why.into()).into_response();
+    let cookie = session::cookie(
+        h.get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+    );
+    let refusal = match (bearer, cookie) {
+        (Some(t), _) if token::matches(&api.token, t) => None,
+        (Some(_), _) => Some((StatusCode::UNAUTHORIZED, "the bearer token is not this service's: use the one in its state_dir/api.token (it changes when the file is removed)")),
+        (None, Some(id)) if !api.sessions.check(id, session::now()) => Some((StatusCode::UNAUTHORIZED, "the dashboard's session has ended (it lasts 12 hours, and a restart of the service ends it); `vsnap dashboard --config FILE` prints a new sign-in link")),
+        (None, Some(_)) if !h.contains_key(session::HEADER) => Some((StatusCode::FORBIDDEN, "a request with the dashboard's session cookie must carry the X-Vsnap-Dashboard header (the dashboard sets it; a form on another site cannot)")),
+        (None, Some(_)) => None,
+        (None, None) => Some((StatusCode::UNAUTHORIZED, "a bearer token is needed: Authorization: Bearer TOKEN, the token in the service's state_dir/api.token (in a browser, `vsnap dashboard --config FILE` prints a sign-in link)")),
+    };
+    let Some((status, why)) = refusal else {
+        return next.run(req).await;
+    };
+    let mut r = ApiError(status, why.into()).into_response();
+    if status == StatusCode::UNAUTHORIZED {
         r.headers_mut().insert(
             header::WWW_AUTHENTICATE,
             header::HeaderValue::from_static("Bearer"),
         );
-        r
     }
+    r
 }
 
 /// Who may call a route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Access {
-    /// Anyone: the health check, and the dashboard's page (its API calls
-    /// carry the token).
+    /// Anyone: the health check, the dashboard's page (its API calls
+    /// carry its session) and its sign-in (which checks the code).
     Open,
-    /// With the bearer token.
+    /// With the bearer token, or the dashboard's session.
     Token,
 }
 
@@ -176,6 +192,8 @@ fn routes() -> Vec<(&'static str, &'static str, Access, MethodRouter<Arc<Api>>)>
     vec![
         ("/healthz", "get", Open, get(handlers::healthz)),
         ("/", "get", Open, get(handlers::dashboard)),
+        ("/login", "get", Open, get(handlers::login)),
+        ("/logout", "post", Token, post(handlers::logout)),
         ("/api/v1/openapi.json", "get", Token, get(handlers::openapi)),
         ("/api/v1/vms", "get", Token, get(handlers::vms)),
         (
@@ -292,12 +310,12 @@ mod tests {
     }
 
     #[test]
-    fn only_the_health_check_and_the_page_are_open() {
+    fn only_the_health_check_the_page_and_its_sign_in_are_open() {
         let open: Vec<&str> = routes()
             .into_iter()
             .filter(|r| r.2 == Access::Open)
             .map(|r| r.0)
             .collect();
-        assert_eq!(open, ["/healthz", "/"]);
+        assert_eq!(open, ["/healthz", "/", "/login"]);
     }
 }

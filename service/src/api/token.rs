@@ -25,39 +25,60 @@ pub fn load_or_create(dir: &Path) -> Result<String> {
         .open(&path)
     {
         Ok(mut f) => {
-            let mut bytes = [0u8; 32];
-            std::fs::File::open("/dev/urandom")
-                .and_then(|mut r| std::io::Read::read_exact(&mut r, &mut bytes))
-                .map_err(|e| io(e, Path::new("/dev/urandom"), "read"))?;
+            let bytes: [u8; 32] = random()?;
             let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
             f.write_all(format!("{token}\n").as_bytes())
                 .and_then(|()| f.sync_all())
                 .map_err(|e| io(e, &path, "write the token"))?;
             Ok(token)
         }
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            let meta = std::fs::metadata(&path).map_err(|e| io(e, &path, "stat"))?;
-            let mode = meta.permissions().mode() & 0o777;
-            if mode & 0o077 != 0 {
-                return Err(crate::Error::from(ErrorKind::Config(format!(
-                    "the API token is readable by others (mode {mode:o}); chmod 600 it, or remove it for a new one"
-                )))
-                .at(path.display().to_string()));
-            }
-            let text =
-                std::fs::read_to_string(&path).map_err(|e| io(e, &path, "read the token"))?;
-            let token = text.trim().to_string();
-            if token.len() < 16 {
-                return Err(crate::Error::from(ErrorKind::Config(
-                    "the API token is shorter than 16 characters; remove the file for a new one"
-                        .into(),
-                ))
-                .at(path.display().to_string()));
-            }
-            Ok(token)
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => read(&path),
         Err(e) => Err(io(e, &path, "create the token")),
     }
+}
+
+/// `N` bytes from the kernel's random source.
+pub fn random<const N: usize>() -> Result<[u8; N]> {
+    let mut bytes = [0u8; N];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut r| std::io::Read::read_exact(&mut r, &mut bytes))
+        .map_err(|e| io(e, Path::new("/dev/urandom"), "read"))?;
+    Ok(bytes)
+}
+
+/// Reads the token of a service that has started once; unlike
+/// [`load_or_create`], never makes one (a client of the service must not).
+pub fn load(dir: &Path) -> Result<String> {
+    let path = dir.join(FILE);
+    if std::fs::symlink_metadata(&path).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) {
+        return Err(crate::Error::from(ErrorKind::Config(
+            "no API token: the service makes it at its first start (vsnap serve --config FILE)"
+                .into(),
+        ))
+        .at(path.display().to_string()));
+    }
+    read(&path)
+}
+
+/// An existing token, refused if others can read it or it is too short.
+fn read(path: &Path) -> Result<String> {
+    let meta = std::fs::metadata(path).map_err(|e| io(e, path, "stat"))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(crate::Error::from(ErrorKind::Config(format!(
+            "the API token is readable by others (mode {mode:o}); chmod 600 it, or remove it for a new one"
+        )))
+        .at(path.display().to_string()));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| io(e, path, "read the token"))?;
+    let token = text.trim().to_string();
+    if token.len() < 16 {
+        return Err(crate::Error::from(ErrorKind::Config(
+            "the API token is shorter than 16 characters; remove the file for a new one".into(),
+        ))
+        .at(path.display().to_string()));
+    }
+    Ok(token)
 }
 
 /// Constant-time, so the answer's timing says nothing about the token.
