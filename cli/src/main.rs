@@ -36,6 +36,9 @@ use vsnap_formats::ImageFormat;
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// Exit code when verify or gc finds damage in the repository.
+pub const DAMAGED: u8 = 3;
+
 const EXIT_CODES: &str = "\
 Exit codes:
   0  success
@@ -91,7 +94,8 @@ enum Command {
     Verify(verify::Args),
     /// Remove snapshots; their chunks stay until gc.
     Forget(repo::ForgetArgs),
-    /// Remove chunks and indexes that no snapshot references.
+    /// Remove chunks and indexes that no snapshot references. Where a
+    /// manifest or index cannot be read, it deletes nothing and exits 3.
     Gc(repo::GcArgs),
     /// Run the guest agent: quiesce this guest's writers (hooks, then
     /// fsfreeze) when the coordinator asks, and thaw within a hold limit.

@@ -40,6 +40,49 @@ pub enum RepoCommand {
     /// chunks it lacks: the off-site copy, directory to bucket or back.
     /// Resumable, and checked chunk by chunk.
     Sync(crate::sync::Args),
+    /// Move a damaged snapshot's manifest (by its id; a snapshot whose
+    /// index is damaged too), or in a bucket a damaged pack index (by its
+    /// name), aside under quarantine/, so that gc can run again.
+    Quarantine(QuarantineArgs),
+}
+
+#[derive(Debug, clap::Args)]
+#[command(after_long_help = "\
+gc deletes nothing while a manifest, an index or a pack index cannot be \
+read: what it references is unknown, and any chunk might be its. verify \
+and gc name the damage. Quarantining moves the object under quarantine/ \
+in the repository (nothing is deleted; moving it back undoes it), and \
+the next gc collects what only it referenced. A quarantined pack index \
+leaves its packs unindexed: gc removes them after the grace period, and \
+the snapshots that used their chunks show as damaged in verify until a \
+backup of the same data stores those chunks again.")]
+pub struct QuarantineArgs {
+    #[command(flatten)]
+    repo: RepoArg,
+    /// Snapshot ids (or prefixes only one has), or pack index names.
+    #[arg(required = true, value_name = "ID")]
+    names: Vec<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+fn run_quarantine(a: &QuarantineArgs, out: &mut dyn Write) -> Result<ExitCode> {
+    let repo = a.repo.open()?;
+    let mut moved = Vec::new();
+    for name in &a.names {
+        let q =
+            vsnap_repo::quarantine(&repo, name).with_context(|| format!("quarantine {name}"))?;
+        if !a.json {
+            writeln!(out, "{} {}: moved to {}", q.what, q.name, q.to.display())?;
+        }
+        moved.push(q);
+    }
+    if a.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&moved)?)?;
+    } else {
+        writeln!(out, "run gc to collect what only they referenced")?;
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Debug, clap::Args)]
@@ -71,6 +114,7 @@ pub struct InitArgs {
 pub fn run_repo(cmd: &RepoCommand, out: &mut dyn Write) -> Result<ExitCode> {
     match cmd {
         RepoCommand::Sync(a) => return crate::sync::run(a, out),
+        RepoCommand::Quarantine(a) => return run_quarantine(a, out),
         RepoCommand::Init(a) => {
             let r = vsnap_s3::init(
                 &a.dir,
@@ -304,6 +348,23 @@ pub fn run_gc(args: &GcArgs, out: &mut dyn Write) -> Result<ExitCode> {
         repack_below: args.repack_below,
     };
     let report = vsnap_repo::gc(&repo, &opts).context("gc failed")?;
+    if !report.damaged.is_empty() {
+        if args.json {
+            writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+        }
+        say!(
+            "gc deleted no chunk, index or pack: {} object(s) could not be read, and what they reference is unknown:",
+            report.damaged.len()
+        );
+        for d in &report.damaged {
+            say!("  {} {}: {}", d.what, d.path.display(), d.reason);
+        }
+        say!(
+            "check with vsnap verify; then `vsnap repo quarantine --repo {} ID` moves each damaged snapshot (or pack index) aside, and gc runs again",
+            args.repo.repo.display()
+        );
+        return Ok(ExitCode::from(crate::DAMAGED));
+    }
     if args.json {
         writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
     } else if !args.quiet && repo.is_bucket() {

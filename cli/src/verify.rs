@@ -11,8 +11,7 @@ use crate::engine_args::EngineArgs;
 use crate::repo::RepoArg;
 use crate::units::human;
 
-/// Exit code when verify finds damage.
-const DAMAGED: u8 = 3;
+use crate::DAMAGED;
 
 #[derive(Debug, clap::Args)]
 #[command(after_long_help = "\

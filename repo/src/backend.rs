@@ -89,6 +89,12 @@ pub(crate) trait Backend: Send + Sync + std::fmt::Debug {
     /// Removes a manifest (or any name a layout shares), by its name.
     fn remove(&self, rel: &str) -> Result<()>;
 
+    /// Moves `rel` aside as `quarantine/{to}`, where nothing reads it but
+    /// an operator; `None` when there is no `rel`. A directory renames
+    /// (a link moves as a link); a bucket copies, bounded by `limit`,
+    /// then deletes.
+    fn quarantine(&self, rel: &str, to: &str, limit: u64) -> Result<Option<PathBuf>>;
+
     /// Makes the removals so far durable.
     fn sync_removals(&self, dir: &str) -> Result<()>;
 

@@ -173,6 +173,18 @@ impl From<Error> for vsnap_formats::Error {
 }
 
 impl Error {
+    /// Whether this is damage in what was read (a file or object that is
+    /// missing, malformed, of the wrong kind, or fails its digest), not a
+    /// store that could not be reached or refused: what gc steps around
+    /// and reports, where a failure to reach the store stops it.
+    pub fn is_damage(&self) -> bool {
+        match self.kind() {
+            ErrorKind::Remote { .. } => false,
+            ErrorKind::Io(e) => e.kind() == std::io::ErrorKind::NotFound,
+            _ => true,
+        }
+    }
+
     /// The disk image's own error kind, when that is what failed.
     pub fn format_kind(&self) -> Option<&vsnap_formats::ErrorKind> {
         match self.kind() {

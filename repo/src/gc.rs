@@ -8,7 +8,7 @@ use std::collections::HashSet;
 
 use serde::Serialize;
 
-use super::Repository;
+use super::{Damaged, Repository};
 use crate::error::Result;
 
 /// Removes snapshots' manifests; their chunks stay until gc. A manifest is
@@ -59,29 +59,69 @@ pub(super) struct Marked {
     pub indexes: HashSet<String>,
     /// Kept clones the snapshots record.
     pub bases: HashSet<std::path::PathBuf>,
+    /// Manifests and indexes that could not be read. With any, what the
+    /// snapshots reference is not known, so gc deletes no chunk, index,
+    /// pack or base: it reports them, and clears only what no snapshot
+    /// can name (see [`crate::quarantine`]).
+    pub damaged: Vec<Damaged>,
 }
 
-/// Reads every manifest and every index they name. Deleting with a
-/// snapshot unreadable would delete its chunks: a damaged manifest or
-/// index stops gc until verify or forget deals with it.
+/// `e`, met reading `what` at `path`, as damage for gc to report; an
+/// error that is not damage (a store out of reach) stops gc.
+pub(super) fn damage(
+    e: crate::Error,
+    what: &'static str,
+    path: std::path::PathBuf,
+) -> Result<Damaged> {
+    if e.is_damage() {
+        Ok(Damaged {
+            what,
+            path,
+            reason: vsnap_error::chain(&e),
+        })
+    } else {
+        Err(e)
+    }
+}
+
+/// Reads every manifest and every index they name.
 pub(super) fn mark(repo: &Repository) -> Result<Marked> {
     let mut m = Marked {
         snapshots: 0,
         chunks: HashSet::new(),
         indexes: HashSet::new(),
         bases: HashSet::new(),
+        damaged: Vec::new(),
     };
     for listed in repo.list()? {
-        let manifest = listed
-            .manifest
-            .map_err(|e| e.during("gc: read every manifest"))?;
+        let manifest = match listed.manifest {
+            Ok(manifest) => manifest,
+            Err(e) => {
+                m.damaged.push(damage(
+                    e.during("gc: read every manifest"),
+                    "manifest",
+                    listed.path,
+                )?);
+                continue;
+            }
+        };
         m.snapshots += 1;
         m.bases.extend(bases_of(&manifest).map(|b| b.path));
         for disk in &manifest.disks {
-            let index = repo
-                .read_index(disk)
-                .map_err(|e| e.during("gc: read every index"))?;
             m.indexes.insert(disk.index.clone());
+            let index = match repo.read_index(disk) {
+                Ok(index) => index,
+                Err(e) => {
+                    let path = e
+                        .path()
+                        .map(ToOwned::to_owned)
+                        .unwrap_or_else(|| listed.path.clone());
+                    let mut d = damage(e.during("gc: read every index"), "index", path)?;
+                    d.reason = format!("named by snapshot {}: {}", listed.id, d.reason);
+                    m.damaged.push(d);
+                    continue;
+                }
+            };
             for e in &index.entries {
                 if let super::Entry::Data(id) = e {
                     m.chunks.insert(*id);
@@ -130,6 +170,10 @@ pub struct GcReport {
     pub stale_leases_removed: u64,
     /// Backups running while gc ran, by their leases.
     pub running_backups: u64,
+    /// Manifests, indexes and pack indexes gc could not read. With any,
+    /// gc deleted no chunk, index, pack or base (what the damaged ones
+    /// reference is unknown); `vsnap repo quarantine` moves each aside.
+    pub damaged: Vec<Damaged>,
 }
 
 /// How gc runs.

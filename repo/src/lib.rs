@@ -24,6 +24,7 @@ pub mod manifest;
 pub mod mem_store;
 pub mod objects;
 pub mod pack;
+mod quarantine;
 pub mod report;
 pub mod restore;
 pub mod retention;
@@ -56,6 +57,7 @@ pub use index::{Entry, Index};
 pub use manifest::{
     BaseRecord, Consistency, Disk, DiskStats, Identity, Manifest, Totals, Tracking,
 };
+pub use quarantine::{quarantine, Quarantined, QUARANTINE};
 
 pub use error::{Error, ErrorKind, Result};
 
@@ -82,7 +84,7 @@ pub struct Stray {
 /// An object of a layout's own (a bucket's pack index, list or pack) that
 /// could not be used: what it is, where, and why. Its chunks count as
 /// absent, so a backup stores them again; verify reports it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Damaged {
     pub what: &'static str,
     pub path: PathBuf,

@@ -13,7 +13,7 @@ use vsnap_engine::pipeline::Stored;
 
 /// A manifest file larger than this is refused unread. A manifest of a
 /// hundred disks is some 200 KiB.
-const MANIFEST_LIMIT: u64 = 16 << 20;
+pub(crate) const MANIFEST_LIMIT: u64 = 16 << 20;
 /// Buffers kept for chunks' stored bytes (see `Repository::give_stored`).
 const STORED_POOL: usize = 8;
 

@@ -405,7 +405,7 @@ fn forget_deletes_nothing_a_manifest_id_names() {
         );
         assert!(lab.outside.join("victim.json").exists());
         let r = lab.vsnap(&["gc"]);
-        fails(&r, 1, &["manifest field id"]);
+        fails(&r, 3, &["manifest field id", "deleted no chunk"]);
         assert_eq!(lab.surroundings(), before, "something outside changed");
     }
 }
@@ -601,9 +601,75 @@ fn index_bombs_are_refused_before_they_are_allocated() {
         fails(&r, 1, &[needle]);
         verify_finds(&lab, "index", needle);
         let r = lab.vsnap(&["gc"]);
-        fails(&r, 1, &[needle]);
+        fails(&r, 3, &[needle, "deleted no chunk"]);
         assert_eq!(lab.surroundings(), before);
     }
+}
+
+#[test]
+fn gc_steps_around_a_damaged_snapshot_and_collects_once_it_is_quarantined() {
+    let lab = Lab::new();
+    let other = lab.p().join("src/other.vhd");
+    random_vhd(&other, 8 * MIB, 8, &[(0, 2 * MIB)]);
+    let good = backup(&lab.repo, &other, "vm2");
+    let chunks = lab.chunks();
+    // A backup that died left a temporary file; the first snapshot's
+    // manifest is cut short.
+    std::fs::write(lab.repo.join("tmp/chunk.1.dead.tmp"), b"half").unwrap();
+    let manifest = lab.manifest(&lab.snap);
+    let bytes = std::fs::read(&manifest).unwrap();
+    std::fs::write(&manifest, &bytes[..bytes.len() / 2]).unwrap();
+
+    // gc reports it, deletes nothing a snapshot could name, and clears
+    // the dead backup's file.
+    let r = lab.vsnap(&["gc", "--json"]);
+    fails(&r, 3, &["deleted no chunk", "vsnap repo quarantine"]);
+    let report: Value = serde_json::from_str(&r.stdout).unwrap();
+    let damaged = report["damaged"].as_array().unwrap();
+    assert_eq!(damaged.len(), 1, "{report:#}");
+    assert_eq!(damaged[0]["what"], "manifest");
+    assert_eq!(damaged[0]["path"], manifest.to_str().unwrap());
+    assert_eq!(report["chunks_removed"], 0);
+    assert_eq!(report["temporary_removed"], 1);
+    assert_eq!(lab.chunks(), chunks);
+
+    // Unknown names are refused; a prefix names the snapshot.
+    fails(
+        &lab.vsnap(&["repo", "quarantine", "nosuch"]),
+        1,
+        &["no snapshot matches \"nosuch\""],
+    );
+    let r = lab.vsnap(&["repo", "quarantine", "--json", &lab.snap[..12]]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let moved: Value = serde_json::from_str(&r.stdout).unwrap();
+    let aside = lab
+        .repo
+        .join(format!("quarantine/snapshots.{}.json", lab.snap));
+    assert_eq!(moved[0]["to"], aside.to_str().unwrap());
+    assert_eq!(
+        std::fs::read(&aside).unwrap(),
+        &bytes[..bytes.len() / 2],
+        "kept as it was"
+    );
+    assert!(!manifest.exists());
+
+    // The repository is sound again: quarantine/ is no stray, and the
+    // quarantined snapshot's own chunks go with the next gc.
+    let (r, v) = lab.verify();
+    assert_eq!(r.code, Some(0), "{}{}", r.stdout, r.stderr);
+    assert!(problems(&v).is_empty(), "{v:#}");
+    let r = lab.vsnap(&["gc", "--json"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let report: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(report["snapshots"], 1);
+    assert!(
+        report["chunks_removed"].as_u64().unwrap() >= 3,
+        "{report:#}"
+    );
+    assert!(lab.chunks().len() < chunks.len());
+    assert!(aside.exists(), "gc leaves the quarantine alone");
+    let r = lab.restore(&good, &[]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
 }
 
 #[test]

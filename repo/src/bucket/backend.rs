@@ -83,6 +83,21 @@ impl Backend for Bucket {
         self.store().delete(rel)
     }
 
+    fn quarantine(&self, rel: &str, to: &str, limit: u64) -> Result<Option<PathBuf>> {
+        let store = self.store();
+        let Some(bytes) = store.get(rel, limit).map_err(|e| e.during("quarantine"))? else {
+            return Ok(None);
+        };
+        let mut dest = format!("{}/{to}", crate::QUARANTINE);
+        let mut n = 1;
+        while !store.put_new(&dest, bytes.clone())? {
+            dest = format!("{}/{to}.{n}", crate::QUARANTINE);
+            n += 1;
+        }
+        store.delete(rel)?;
+        Ok(Some(Bucket::display(self, &dest)))
+    }
+
     /// A delete is durable when it returns.
     fn sync_removals(&self, _dir: &str) -> Result<()> {
         Ok(())

@@ -6,9 +6,10 @@
 //! unreferenced may so still be referenced by a backup running now.
 //!
 //! **The rule.** A run of gc, at server time `now`:
-//! 1. *Marks* every chunk and index the manifests name. A manifest it
-//!    cannot read stops it: deleting with a snapshot unread would delete
-//!    that snapshot's chunks.
+//! 1. *Marks* every chunk and index the manifests name. A manifest,
+//!    index or pack index it cannot read leaves what may be deleted
+//!    unknown: gc then deletes nothing but stale leases, and reports the
+//!    damage (`vsnap repo quarantine` moves it aside).
 //! 2. *Deletes* the packs of every earlier condemnation written at `T`
 //!    when `now - T` is at least the grace period and no live lease began
 //!    at or before `T + 1 s` (S3 times have whole seconds): every backup
@@ -65,6 +66,7 @@ pub(super) fn gc(repo: &Repository, b: &Bucket, opts: &crate::GcOptions) -> Resu
     let marked = crate::gc::mark(repo)?;
     report.snapshots = marked.snapshots;
     let (chunks, indexes, bases) = (marked.chunks, marked.indexes, marked.bases);
+    let mut damaged = marked.damaged;
 
     // What the bucket holds: packs, and which pack index lists each.
     let objects: HashMap<String, (u64, SystemTime)> = store
@@ -79,11 +81,23 @@ pub(super) fn gc(repo: &Repository, b: &Bucket, opts: &crate::GcOptions) -> Resu
         };
         let path = b.display(&o.key);
         // A pack index gc cannot read leaves its packs' fate unknown:
-        // they would look unindexed, and be removed. gc stops instead.
-        let records = b
-            .read_pack_index(hex, o.size)
-            .map_err(|e| e.in_file(&path).during("gc: read every pack index"))?;
-        pack_indexes.push((o.key, records));
+        // they would look unindexed, and be removed.
+        match b.read_pack_index(hex, o.size) {
+            Ok(records) => pack_indexes.push((o.key, records)),
+            Err(e) => {
+                let e = e.in_file(&path).during("gc: read every pack index");
+                damaged.push(crate::gc::damage(e, "pack index", path)?);
+            }
+        }
+    }
+    if !damaged.is_empty() {
+        for key in stale {
+            store.delete(&key)?;
+            report.stale_leases_removed += 1;
+        }
+        report.damaged = damaged;
+        report.running_backups = others.iter().filter(|l| l.kind == "backup").count() as u64;
+        return Ok(report);
     }
     let mut live_packs: HashMap<String, bool> = HashMap::new();
     for (_, records) in &pack_indexes {

@@ -40,7 +40,8 @@ pub(crate) use backend::already;
 use gc::gc;
 use known::Known;
 pub use pack_index::parse_pack_index;
-use pack_index::{pack_index_records, write_cache, Record, PACKS, PACK_INDEXES};
+pub(crate) use pack_index::PACK_INDEXES;
+use pack_index::{pack_index_records, write_cache, Record, PACKS};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::objects::ObjectStore;
@@ -86,7 +87,7 @@ pub(super) fn parse_condemned(bytes: &[u8]) -> Result<Vec<blake3::Hash>> {
 /// A pack index larger than this is refused unread: one backup's index
 /// holds at most 1,024 packs' trailers, some 100 MiB at the
 /// largest packs of the smallest chunks.
-const PACK_INDEX_LIMIT: u64 = 1 << 30;
+pub(crate) const PACK_INDEX_LIMIT: u64 = 1 << 30;
 /// How often a blob whose CRC fails is fetched before it is refused.
 const READ_ATTEMPTS: u32 = 3;
 
@@ -669,6 +670,7 @@ impl Bucket {
                 (!rest.ends_with(".json") || rest.contains('/')).then_some("a manifest, ID.json")
             } else if k.starts_with(LEASES)
                 || k.starts_with(CONDEMNED)
+                || k.starts_with("quarantine/")
                 || k.starts_with(known::BAD)
                 || k == crate::CONFIG
             {

@@ -23,7 +23,7 @@ use vsnap_formats::bytes::le64;
 
 /// Where a bucket keeps its packs and its pack indexes.
 pub(super) const PACKS: &str = "packs/";
-pub(super) const PACK_INDEXES: &str = "packindex/";
+pub(crate) const PACK_INDEXES: &str = "packindex/";
 
 const MAGIC: &[u8; 8] = b"VSNAPPIX";
 const VERSION: u16 = 1;

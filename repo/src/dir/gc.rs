@@ -36,6 +36,24 @@ pub(super) fn gc(dir: &Dir, repo: &Repository, opts: &GcOptions) -> Result<GcRep
         *counter += 1;
         Ok(())
     };
+    // No backup runs: every temporary file is a dead one's, and no
+    // snapshot names one.
+    for entry in tree.list("tmp", "gc: list tmp")? {
+        if entry.kind != Kind::Dir {
+            remove(
+                &format!("tmp/{}", entry.name),
+                &mut report.temporary_removed,
+            )?;
+        }
+    }
+    if !marked.damaged.is_empty() {
+        // What the damaged snapshots reference is unknown: every chunk,
+        // index and base stays.
+        report.damaged = marked.damaged;
+        report.bytes_freed = freed;
+        dir.sync_all()?;
+        return Ok(report);
+    }
     for prefix in tree.list("chunks", "gc: list chunks")? {
         if prefix.kind != Kind::Dir {
             // A link where a chunk directory belongs is damage for verify
@@ -63,15 +81,6 @@ pub(super) fn gc(dir: &Dir, repo: &Repository, opts: &GcOptions) -> Result<GcRep
             remove(
                 &format!("indexes/{}", entry.name),
                 &mut report.indexes_removed,
-            )?;
-        }
-    }
-    // No backup runs: every temporary file is a dead one's.
-    for entry in tree.list("tmp", "gc: list tmp")? {
-        if entry.kind != Kind::Dir {
-            remove(
-                &format!("tmp/{}", entry.name),
-                &mut report.temporary_removed,
             )?;
         }
     }

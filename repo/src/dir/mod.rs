@@ -247,6 +247,27 @@ impl Backend for Dir {
         self.tree.sync_dir(dir)
     }
 
+    fn quarantine(&self, rel: &str, to: &str, _limit: u64) -> Result<Option<PathBuf>> {
+        let tree = &self.tree;
+        if tree.kind(rel, "quarantine")?.is_none() {
+            return Ok(None);
+        }
+        tree.ensure_dir(crate::QUARANTINE, "quarantine")?;
+        // Never over an earlier one of the same name.
+        let mut dest = format!("{}/{to}", crate::QUARANTINE);
+        let mut n = 1;
+        while tree.kind(&dest, "quarantine")?.is_some() {
+            dest = format!("{}/{to}.{n}", crate::QUARANTINE);
+            n += 1;
+        }
+        tree.rename(rel, &dest, "quarantine")?;
+        tree.sync_dir(crate::QUARANTINE)?;
+        if let Some((dir, _)) = rel.rsplit_once('/') {
+            tree.sync_dir(dir)?;
+        }
+        Ok(Some(tree.display(&dest)))
+    }
+
     fn list_snapshots(&self) -> Result<Vec<Named>> {
         Ok(self
             .tree
@@ -365,7 +386,7 @@ impl Backend for Dir {
         };
         let mut dirs = Vec::new();
         for e in tree.list("", "check repository")? {
-            let expected = if DIRS.contains(&e.name.as_str()) {
+            let expected = if DIRS.contains(&e.name.as_str()) || e.name == crate::QUARANTINE {
                 Kind::Dir
             } else {
                 Kind::File

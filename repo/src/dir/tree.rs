@@ -350,6 +350,17 @@ impl Tree {
         Ok(out)
     }
 
+    /// Makes the directory `name` at the root unless it is there; a name
+    /// there of another kind (a link, say) is refused as [`Tree::dir`]
+    /// refuses it.
+    pub(super) fn ensure_dir(&self, name: &str, op: &'static str) -> Result<()> {
+        match rustix::fs::mkdirat(self.root(), name, Mode::from_raw_mode(0o755)) {
+            Ok(()) | Err(Errno::EXIST) => {}
+            Err(e) => return Err(self.fail(name, op, e)),
+        }
+        self.dir(name, op).map(|_| ())
+    }
+
     /// Flushes a directory, so the names renamed into it are durable.
     pub(super) fn sync_dir(&self, rel: &str) -> Result<()> {
         let dir = self.dir(rel, "flush directory")?;
