@@ -112,13 +112,24 @@ pub(crate) async fn backup(svc: Arc<Service>, job: Job, a: Active) -> Result<End
         }
     }
     if job.gc {
-        if let Err(e) =
-            tokio::task::block_in_place(|| vsnap_repo::gc(&repo, &vsnap_repo::GcOptions::default()))
-        {
-            return Ok(Ended::failed(
-                format!("the backup succeeded, gc failed: {e}"),
-                vms,
-            ));
+        let gc = tokio::task::block_in_place(|| {
+            vsnap_repo::gc(&repo, &vsnap_repo::GcOptions::default())
+        });
+        let failed = match gc {
+            Err(e) => Some(format!("gc failed: {e}")),
+            // Damage keeps gc from deleting: the operator must see it.
+            Ok(r) if !r.damaged.is_empty() => Some(format!(
+                "gc deleted nothing: {} could not be read (vsnap verify, then vsnap repo quarantine)",
+                r.damaged
+                    .iter()
+                    .map(|d| format!("{} {}", d.what, d.path.display()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+            Ok(_) => None,
+        };
+        if let Some(why) = failed {
+            return Ok(Ended::failed(format!("the backup succeeded, {why}"), vms));
         }
     }
     if let Some(w) = &report.session.release_error {

@@ -947,6 +947,62 @@ notify = ["chatty"]
     assert!(serve.wait().unwrap().success());
 }
 
+#[test]
+fn a_job_whose_gc_meets_a_damaged_snapshot_fails_and_says_so() {
+    let site = Site::new(
+        "0",
+        r#"
+[[job]]
+name = "tidy"
+schedule = "2099-01-01"
+vms = ["a"]
+provider = "copy"
+gc = true
+"#,
+    );
+    let mut serve = site.serve("serve.log");
+    let (addr, token) = site.api("serve.log");
+    let run = |site: &Site| {
+        let (status, body) = http(&addr, "POST", "/api/v1/jobs/tidy/run", Some(&token), None);
+        assert_eq!(status, 202, "{body}");
+        let id = json(&body)["run"].as_i64().unwrap();
+        let mut last = serde_json::Value::Null;
+        site.wait_for("the run", Duration::from_secs(60), || {
+            let (_, body) = http(
+                &addr,
+                "GET",
+                &format!("/api/v1/runs/{id}"),
+                Some(&token),
+                None,
+            );
+            last = json(&body)["run"].clone();
+            last["state"] != "running"
+        });
+        last
+    };
+    let first = run(&site);
+    assert_eq!(first["state"], "succeeded", "{first:#}");
+    // The snapshot it made, cut short: the next run's gc deletes nothing,
+    // and the run fails naming it.
+    let snapshots: Vec<PathBuf> = std::fs::read_dir(site.path("repo/snapshots"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(snapshots.len(), 1);
+    std::fs::write(&snapshots[0], b"{").unwrap();
+    let second = run(&site);
+    assert_eq!(second["state"], "failed", "{second:#}");
+    let error = second["error"].as_str().unwrap();
+    assert!(
+        error.contains("the backup succeeded, gc deleted nothing")
+            && error.contains(snapshots[0].to_str().unwrap())
+            && error.contains("vsnap repo quarantine"),
+        "{error}"
+    );
+    signal(&serve, "TERM");
+    assert!(serve.wait().unwrap().success());
+}
+
 /// `vsnap dashboard --config`'s link, as it prints it.
 fn sign_in_link(site: &Site) -> String {
     let out = vsnap_cmd()
