@@ -370,12 +370,13 @@ pub fn run_gc(args: &GcArgs, out: &mut dyn Write) -> Result<ExitCode> {
     } else if !args.quiet && repo.is_bucket() {
         writeln!(
             out,
-            "{} snapshot(s) kept; repacked {} pack(s) ({} chunk(s), {}), condemned {} pack(s), removed {} pack(s) and {} index(es), freed {}; {} condemned pack(s) wait for {} running backup(s) or the grace period",
+            "{} snapshot(s) kept; repacked {} pack(s) ({} chunk(s), {}), condemned {} pack(s) ({} duplicate(s)), removed {} pack(s) and {} index(es), freed {}; {} condemned pack(s) wait for {} running backup(s) or the grace period",
             report.snapshots,
             report.packs_repacked,
             report.chunks_repacked,
             human(report.bytes_repacked),
             report.packs_condemned,
+            report.packs_duplicate,
             report.packs_removed,
             report.indexes_removed,
             human(report.bytes_freed),

@@ -164,6 +164,10 @@ pub struct GcReport {
     /// In a bucket: mostly dead packs whose live chunks this run copied
     /// into new packs, and condemned.
     pub packs_repacked: u64,
+    /// In a bucket: packs whose every live chunk another pack that stays
+    /// holds too (backups that raced stored the same chunks), condemned
+    /// with the dead ones.
+    pub packs_duplicate: u64,
     pub chunks_repacked: u64,
     /// Stored bytes those copies wrote.
     pub bytes_repacked: u64,

@@ -477,6 +477,67 @@ fn gc_in_a_bucket_steps_around_damage_and_collects_once_it_is_quarantined() {
 }
 
 #[test]
+fn gc_collects_the_duplicate_packs_of_backups_that_raced() {
+    let test = "gc_collects_the_duplicate_packs_of_backups_that_raced";
+    let Some(s3) = S3Server::start(test) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // b holds a's data where a does (the same seed and range), and a
+    // chunk of its own before it.
+    let (a, b) = (dir.path().join("a.vhd"), dir.path().join("b.vhd"));
+    random_vhd(&a, 8 * MIB, 31, &[(MIB, 4 * MIB)]);
+    random_vhd(&b, 8 * MIB, 31, &[(MIB, 4 * MIB), (0, MIB)]);
+    let url = "s3://vsnap/dups";
+    init(&s3, url, "1M", "2M");
+    let first = backup(&s3, url, &a);
+    // The second backup ran before the first's pack index was up: it
+    // sees none, and stores every chunk again, in packs of its own.
+    let hidden = dir.path().join("hidden");
+    std::fs::create_dir(&hidden).unwrap();
+    let indexes = s3.objects("dups", "packindex");
+    for f in &indexes {
+        std::fs::rename(f, hidden.join(f.file_name().unwrap())).unwrap();
+    }
+    let second = backup(&s3, url, &b);
+    assert_eq!(second["disks"][0]["new_chunks"], 5, "{second}");
+    for f in &indexes {
+        std::fs::rename(hidden.join(f.file_name().unwrap()), f).unwrap();
+    }
+    let bytes = |s3: &S3Server| -> u64 {
+        s3.objects("dups", "packs")
+            .iter()
+            .map(|p| p.metadata().unwrap().len())
+            .sum()
+    };
+    let before = bytes(&s3);
+
+    // The newer copies go, by the two steps of every condemnation (S3
+    // times have whole seconds: each step waits for the next).
+    let gc = || {
+        std::thread::sleep(Duration::from_millis(1100));
+        let args = ["gc", "--json", "--grace", "0s", "--repack-below", "0"];
+        json(&s3, &[&args[..], &["--repo", url]].concat())
+    };
+    let first_gc = gc();
+    assert!(
+        first_gc["packs_duplicate"].as_u64().unwrap() >= 1,
+        "{first_gc:#}"
+    );
+    assert_eq!(
+        first_gc["packs_condemned"], first_gc["packs_duplicate"],
+        "{first_gc:#}"
+    );
+    let gc = gc();
+    assert!(gc["packs_removed"].as_u64().unwrap() >= 1, "{gc:#}");
+    assert!(bytes(&s3) < before, "{} of {before} bytes", bytes(&s3));
+    let v = json(&s3, &["verify", "-q", "--json", "--repo", url]);
+    assert_eq!(v["problems"], serde_json::json!([]), "{v}");
+    restores_to_its_digest(&|a| ok(&s3, a), url, &first, dir.path());
+    restores_to_its_digest(&|a| ok(&s3, a), url, &second, dir.path());
+}
+
+#[test]
 fn two_hosts_back_up_into_one_bucket_while_gc_runs_and_nothing_is_lost() {
     let test = "two_hosts_back_up_into_one_bucket_while_gc_runs_and_nothing_is_lost";
     let Some(s3) = S3Server::start(test) else {

@@ -18,7 +18,10 @@
 //!    reused it before the condemnation) is spared. The pack indexes
 //!    that listed the deleted packs are rewritten without them first, so
 //!    no index ever names a pack that is gone.
-//! 3. *Repacks and condemns.* The indexed packs uploaded at least the
+//! 3. *Repacks and condemns.* Duplicates go first: a pack whose every
+//!    marked chunk a pack that stays holds too (two backups that raced
+//!    stored the same chunks), the newer of two ([`repack::redundant`]).
+//!    The indexed packs uploaded at least the
 //!    grace period ago whose marked chunks fill less than
 //!    `--repack-below` of them have those chunks copied into new packs,
 //!    indexed ([`super::repack`]). Then they and the packs with no
@@ -250,8 +253,14 @@ pub(super) fn gc(repo: &Repository, b: &Bucket, opts: &crate::GcOptions) -> Resu
             && !condemned_before.contains(n)
             && objects.get(n).is_some_and(|(_, t)| old_enough(*t))
     };
-    // Judged by the packs that outlive this run's deletions.
-    let surviving = present(&|n| !doomed.contains(n));
+    // Duplicates first: packs whose every live chunk a pack that stays
+    // holds too (two backups raced); then the mostly dead, judged by the
+    // packs that outlive this run's deletions and the duplicates'.
+    let staying = present(&|n| !doomed.contains(n) && !condemned_before.contains(n));
+    let age = |n: &str| objects.get(n).map(|(_, t)| *t);
+    let duplicates = repack::redundant(&staying, &chunks, &bad, eligible, age);
+    report.packs_duplicate = duplicates.len() as u64;
+    let surviving = present(&|n| !doomed.contains(n) && !duplicates.contains(n));
     let repacked = repack::repack(
         b,
         repo.config().chunk_size,
@@ -259,7 +268,7 @@ pub(super) fn gc(repo: &Repository, b: &Bucket, opts: &crate::GcOptions) -> Resu
         &chunks,
         &bad,
         opts.repack_below,
-        eligible,
+        |n| eligible(n) && !duplicates.contains(n),
     )?;
     report.packs_repacked = repacked.packs.len() as u64;
     report.chunks_repacked = repacked.chunks;
@@ -274,6 +283,7 @@ pub(super) fn gc(repo: &Repository, b: &Bucket, opts: &crate::GcOptions) -> Resu
         })
         .map(|(n, _)| n.clone())
         .chain(repacked.packs)
+        .chain(duplicates)
         .collect();
     fresh.sort();
     if !fresh.is_empty() {

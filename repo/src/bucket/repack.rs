@@ -103,6 +103,58 @@ pub(super) fn deletable(
     }
 }
 
+/// Packs whose every marked chunk has a sound copy in another pack that
+/// stays: two backups that raced (each before the other's pack index
+/// was up) stored the same chunks in packs of their own, and the mark
+/// finds both live. Judged newest first, so the copy kept is the older;
+/// each pack taken leaves every one of its chunks a holder outside the
+/// set, so no chunk loses its last copy. `pack_indexes` is what stays
+/// (no doomed or condemned pack), `eligible` what may be condemned, and
+/// `age` orders them. A pack with no marked chunk is dead, not redundant.
+pub(super) fn redundant(
+    pack_indexes: &[(String, Vec<Indexed>)],
+    marked: &HashSet<blake3::Hash>,
+    bad: &BadCopies,
+    eligible: impl Fn(&str) -> bool,
+    age: impl Fn(&str) -> Option<std::time::SystemTime>,
+) -> HashSet<String> {
+    let holders = holders(pack_indexes, bad);
+    let mut contents: HashMap<String, HashSet<blake3::Hash>> = HashMap::new();
+    for (_, records) in pack_indexes {
+        for (r, entries) in records {
+            let name = r.name.to_hex().to_string();
+            if eligible(&name) {
+                let ids = entries
+                    .iter()
+                    .map(|e| e.id)
+                    .filter(|id| marked.contains(id));
+                contents.entry(name).or_default().extend(ids);
+            }
+        }
+    }
+    let mut order: Vec<(Option<std::time::SystemTime>, String)> = contents
+        .iter()
+        .filter(|(_, ids)| !ids.is_empty())
+        .map(|(n, _)| (age(n), n.clone()))
+        .collect();
+    order.sort_by(|a, b| b.cmp(a));
+    let mut out: HashSet<String> = HashSet::new();
+    for (_, name) in order {
+        let Some(ids) = contents.get(&name) else {
+            continue;
+        };
+        let elsewhere = ids.iter().all(|id| {
+            holders
+                .get(id)
+                .is_some_and(|hs| hs.iter().any(|h| *h != name && !out.contains(h)))
+        });
+        if elsewhere {
+            out.insert(name);
+        }
+    }
+    out
+}
+
 /// Copies the live chunks of every pack `eligible` allows whose live
 /// blobs are less than `below_percent` of its blob bytes (and more than
 /// none: a dead pack is condemned as it is) into new packs, and indexes
@@ -220,6 +272,46 @@ mod tests {
 
     fn name(n: u8) -> String {
         blake3::Hash::from_bytes([n; 32]).to_hex().to_string()
+    }
+
+    #[test]
+    fn of_two_packs_holding_the_same_chunks_the_newer_goes_and_one_copy_stays() {
+        // Pack 1 (oldest) holds a b, pack 2 b c, pack 3 (newest) a b c:
+        // pack 3 goes; then neither 1 (a is only in 1 now) nor 2 (c).
+        let packs = vec![(
+            "i".to_owned(),
+            vec![pack(1, &[1, 2]), pack(2, &[2, 3]), pack(3, &[1, 2, 3])],
+        )];
+        let marked: HashSet<blake3::Hash> = [1u8, 2, 3]
+            .iter()
+            .map(|i| blake3::Hash::from_bytes([*i; 32]))
+            .collect();
+        let age = |n: &str| {
+            (1..=3u8)
+                .find(|i| name(*i) == n)
+                .map(|i| std::time::UNIX_EPOCH + std::time::Duration::from_secs(u64::from(i)))
+        };
+        let all = |_: &str| true;
+        let gone = redundant(&packs, &marked, &BadCopies::new(), all, age);
+        assert_eq!(gone, HashSet::from([name(3)]));
+        // Where the newest may not go yet (too young), it holds every
+        // chunk, and the older two go instead.
+        let gone = redundant(
+            &packs,
+            &marked,
+            &BadCopies::new(),
+            |n: &str| n != name(3),
+            age,
+        );
+        assert_eq!(gone, HashSet::from([name(1), name(2)]));
+        let two = vec![("i".to_owned(), vec![pack(1, &[1, 2]), pack(3, &[1, 2])])];
+        let gone = redundant(&two, &marked, &BadCopies::new(), all, age);
+        assert_eq!(gone, HashSet::from([name(3)]));
+        // A bad copy never stands in: the pack with the sound one stays.
+        let one = blake3::Hash::from_bytes([1; 32]);
+        let bad: BadCopies = [(one, one)].into();
+        let gone = redundant(&two, &marked, &bad, all, age);
+        assert_eq!(gone, HashSet::from([name(1)]));
     }
 
     #[test]
