@@ -29,6 +29,17 @@ pub struct Args {
     /// Check the configuration, print each job's next runs, and exit.
     #[arg(long)]
     check: bool,
+    /// The log on stderr: `text`, a line per event for people and grep
+    /// (journald stamps each), or `json`, an object per line (time,
+    /// level, message, and the event's job, run, state, error, took_s).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 impl Args {
@@ -37,6 +48,7 @@ impl Args {
         Args {
             config,
             check: false,
+            log_format: LogFormat::Text,
         }
     }
 }
@@ -111,6 +123,10 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
     // Before any thread starts: a long-running service must not let each
     // of its threads keep a fragmented malloc arena (vsnap_service::alloc).
     vsnap_service::alloc::limit_arenas(vsnap_service::alloc::SERVICE_ARENAS);
+    vsnap_service::log::set_format(match args.log_format {
+        LogFormat::Text => vsnap_service::log::Format::Text,
+        LogFormat::Json => vsnap_service::log::Format::Json,
+    });
     // The API's reads run on the blocking pool: a few threads serve them
     // (four SQLite readers), where tokio's default would grow to 512
     // under load.
@@ -128,7 +144,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
                 _ = tokio::signal::ctrl_c() => "SIGINT",
             }
         };
-        daemon::run(cfg, Zone::Local, signal, |m| say!("vsnap serve: {m}")).await?;
+        daemon::run(cfg, Zone::Local, signal, |m| vsnap_service::log::info(&m)).await?;
         Ok::<_, anyhow::Error>(())
     })?;
     Ok(ExitCode::SUCCESS)

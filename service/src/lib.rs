@@ -9,6 +9,7 @@ pub mod config;
 pub mod core;
 pub mod daemon;
 pub mod error;
+pub mod log;
 pub mod metrics;
 pub mod notify;
 pub mod repository;

@@ -87,14 +87,14 @@ pub async fn after_run(svc: &Service, targets: &[String], run: i64) {
             continue;
         }
         match deliver(t, &body).await {
-            Ok(n) => eprintln!(
-                "vsnap serve: run {}: told {} ({} attempt(s))",
+            Ok(n) => crate::log::info(&format!(
+                "run {}: told {} ({} attempt(s))",
                 run.id, t.name, n
-            ),
-            Err(e) => eprintln!(
-                "vsnap serve: run {}: could not tell {} at {}: {e}",
+            )),
+            Err(e) => crate::log::error(&format!(
+                "run {}: could not tell {} at {}: {e}",
                 run.id, t.name, t.url
-            ),
+            )),
         }
     }
 }

@@ -94,10 +94,22 @@ impl Service {
         let run = self.state.begin(name, kind, trigger, scheduled_for)?;
         // One line at each end of a run, for journald and for grep.
         let due = scheduled_for.map_or(String::new(), |d| format!(", due {d}"));
-        eprintln!(
-            "vsnap serve: job {name}: run {run} started ({} {kind}{due})",
-            crate::state::name(trigger)
+        crate::log::event(
+            crate::log::Level::Info,
+            &format!(
+                "job {name}: run {run} started ({} {kind}{due})",
+                crate::state::name(trigger)
+            ),
+            &[
+                ("event", "run-started".into()),
+                ("job", name.into()),
+                ("run", run.into()),
+                ("trigger", crate::state::name(trigger).into()),
+                ("kind", kind.to_string().into()),
+                ("due", scheduled_for.map(|d| d.to_string()).into()),
+            ],
         );
+        let started = std::time::Instant::now();
         let a = Active {
             run,
             job: name.to_string(),
@@ -158,21 +170,34 @@ impl Service {
                     ended.note.as_deref(),
                     &ended.vms,
                 ) {
-                    eprintln!("vsnap serve: run {}: {}", a.run, crate::error::chain(&e));
+                    crate::log::error(&format!("run {}: {}", a.run, crate::error::chain(&e)));
                 }
-                let mut line = format!(
-                    "vsnap serve: job {}: run {} {}",
-                    a.job,
-                    a.run,
-                    crate::state::name(ended.state)
-                );
+                let state = crate::state::name(ended.state);
+                let mut line = format!("job {}: run {} {state}", a.job, a.run);
                 if let Some(e) = &ended.error {
                     line.push_str(&format!(": {e}"));
                 }
                 if let Some(n) = &ended.note {
                     line.push_str(&format!(" ({n})"));
                 }
-                eprintln!("{}", line.replace('\n', " "));
+                let level = match ended.state {
+                    crate::state::RunState::Failed => crate::log::Level::Error,
+                    crate::state::RunState::Succeeded => crate::log::Level::Info,
+                    _ => crate::log::Level::Warn,
+                };
+                crate::log::event(
+                    level,
+                    &line,
+                    &[
+                        ("event", "run-ended".into()),
+                        ("job", a.job.as_str().into()),
+                        ("run", a.run.into()),
+                        ("state", state.into()),
+                        ("error", ended.error.as_deref().into()),
+                        ("note", ended.note.as_deref().into()),
+                        ("took_s", started.elapsed().as_secs_f64().into()),
+                    ],
+                );
                 svc.telling
                     .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 active.remove(&a.job);

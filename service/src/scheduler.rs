@@ -32,7 +32,7 @@ pub struct Due {
 }
 
 fn log(what: &str) {
-    eprintln!("vsnap serve: {what}");
+    crate::log::error(what);
 }
 
 /// Runs until `stop` says so. Start-up first: missed runs of persistent
@@ -96,9 +96,15 @@ fn fire(svc: &Arc<Service>, job: &str, trigger: Trigger, due: DateTime<Utc>, now
     match svc.start(job, trigger, Some(due)) {
         // The run's own start and end are logged where it runs.
         Ok(Started::Run(_)) => {}
-        Ok(Started::Skipped(id)) => log(&format!(
-            "job {job}: skipped (run {id}): its previous run is still going"
-        )),
+        Ok(Started::Skipped(id)) => crate::log::event(
+            crate::log::Level::Warn,
+            &format!("job {job}: skipped (run {id}): its previous run is still going"),
+            &[
+                ("event", "run-skipped".into()),
+                ("job", job.into()),
+                ("run", id.into()),
+            ],
+        ),
         Err(e) => log(&format!("job {job}: {}", crate::error::chain(&e))),
     }
 }

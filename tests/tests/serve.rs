@@ -115,11 +115,16 @@ agent = "unix:{}"
     }
 
     fn serve_with(&self, log: &str, env: &[(&str, &str)]) -> Killed {
+        self.serve_args(log, env, &[])
+    }
+
+    fn serve_args(&self, log: &str, env: &[(&str, &str)], args: &[&str]) -> Killed {
         Killed(
             vsnap_cmd()
                 .envs(env.iter().copied())
                 .args(["serve", "--config"])
                 .arg(&self.config)
+                .args(args)
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(self.path(log)).unwrap())
                 .spawn()
@@ -948,7 +953,7 @@ notify = ["chatty"]
 }
 
 #[test]
-fn a_job_whose_gc_meets_a_damaged_snapshot_fails_and_says_so() {
+fn a_job_whose_gc_meets_a_damaged_snapshot_fails_and_says_so_in_a_json_log() {
     let site = Site::new(
         "0",
         r#"
@@ -960,7 +965,7 @@ provider = "copy"
 gc = true
 "#,
     );
-    let mut serve = site.serve("serve.log");
+    let mut serve = site.serve_args("serve.log", &[], &["--log-format", "json"]);
     let (addr, token) = site.api("serve.log");
     let run = |site: &Site| {
         let (status, body) = http(&addr, "POST", "/api/v1/jobs/tidy/run", Some(&token), None);
@@ -1001,6 +1006,36 @@ gc = true
     );
     signal(&serve, "TERM");
     assert!(serve.wait().unwrap().success());
+    // Every line of the log is one JSON object; each run's end says its
+    // outcome, its error and how long it took.
+    let log = site.log("serve.log");
+    let lines: Vec<serde_json::Value> = log.lines().map(json).collect();
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["time"].is_string() && l["message"].is_string()),
+        "{log}"
+    );
+    assert!(lines.iter().any(|l| l["message"] == "stopped"), "{log}");
+    let ends: Vec<&serde_json::Value> =
+        lines.iter().filter(|l| l["event"] == "run-ended").collect();
+    assert_eq!(ends.len(), 2, "{log}");
+    assert_eq!(
+        (&ends[0]["state"], &ends[0]["level"]),
+        (&"succeeded".into(), &"info".into())
+    );
+    assert_eq!(
+        (&ends[1]["state"], &ends[1]["level"]),
+        (&"failed".into(), &"error".into())
+    );
+    assert_eq!(ends[1]["job"], "tidy");
+    assert_eq!(ends[1]["run"], second["id"]);
+    assert_eq!(ends[1]["error"], second["error"]);
+    assert!(ends[1]["took_s"].as_f64().unwrap() > 0.0, "{log}");
+    let starts = lines
+        .iter()
+        .filter(|l| l["event"] == "run-started" && l["trigger"] == "manual");
+    assert_eq!(starts.count(), 2, "{log}");
 }
 
 /// `vsnap dashboard --config`'s link, as it prints it.
