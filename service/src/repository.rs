@@ -58,6 +58,15 @@ impl RepoHandle {
             return Ok(Arc::clone(r));
         }
         let r = Arc::new(vsnap_s3::open(&self.location)?);
+        // Opened once per process: its caveats (a server that ignores
+        // conditional writes, say) are logged once.
+        for c in r.caveats() {
+            crate::log::event(
+                crate::log::Level::Warn,
+                &format!("{}: {c}", self.location.display()),
+                &[("event", "repository-caveat".into())],
+            );
+        }
         *open = Some(Arc::clone(&r));
         Ok(r)
     }

@@ -541,3 +541,28 @@ pub fn rewrite_vhd(img: &Path, seed: u64, at: u64, len: u64) {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     std::fs::remove_file(&src).unwrap();
 }
+
+/// A child process killed when dropped, so that a failing test leaves no
+/// service, demo or chromedriver running (a child already waited for is
+/// not signalled again).
+pub struct Killed(pub std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl std::ops::Deref for Killed {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Killed {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}

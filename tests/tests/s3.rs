@@ -987,6 +987,66 @@ fn a_server_that_ignores_conditional_writes_is_found_and_named() {
         "{}",
         stderr(&o)
     );
+    // The service warns too, once, in its log.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("serve.toml");
+    std::fs::write(
+        &config,
+        r#"repository = "s3://vsnap/second"
+state_dir = "state"
+listen = "127.0.0.1:0"
+
+[[vm]]
+name = "a"
+disks = ["a.vhd"]
+agent = "none"
+"#,
+    )
+    .unwrap();
+    let log = dir.path().join("serve.log");
+    let mut serve = Killed(
+        env_for(&mut vsnap_cmd(), &proxy.endpoint(), ACCESS_KEY, SECRET_KEY)
+            .args(["serve", "--log-format", "json", "--config"])
+            .arg(&config)
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let t = Instant::now();
+    while !text().contains("API on http://") {
+        assert!(t.elapsed() < Duration::from_secs(20), "{}", text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let addr = text()
+        .split("API on http://")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .unwrap()
+        .to_owned();
+    let token = std::fs::read_to_string(dir.path().join("state/api.token")).unwrap();
+    for _ in 0..2 {
+        let (status, body) = http(&addr, "GET", "/api/v1/snapshots", Some(token.trim()), None);
+        assert_eq!(status, 200, "{body}");
+    }
+    let _ = Command::new("kill").arg(serve.id().to_string()).status();
+    let _ = serve.wait();
+    let warned: Vec<Value> = text()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|l: &Value| l["event"] == "repository-caveat")
+        .collect();
+    assert_eq!(warned.len(), 1, "{}", text());
+    assert_eq!(warned[0]["level"], "warn");
+    assert!(
+        warned[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("ignores conditional writes"),
+        "{}",
+        text()
+    );
+
     // A server that honours them: no warning, nothing recorded.
     let first: Value = serde_json::from_slice(&config_bytes(&s3, "first")).unwrap();
     assert!(first.get("conditional_writes").is_none(), "{first}");

@@ -10,34 +10,9 @@ use std::time::{Duration, Instant};
 
 use vsnap_e2e::{
     http, http_answer, http_with, qemu_image, repo_init, start_agent, vsnap_cmd, write_hook,
-    AgentProc,
+    AgentProc, Killed,
 };
 use vsnap_service::state::{Run, State};
-
-/// A child process killed when dropped, so that a failing test leaves no
-/// service, demo or chromedriver running (a child already waited for is
-/// not signalled again).
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl std::ops::Deref for Killed {
-    type Target = Child;
-    fn deref(&self) -> &Child {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Killed {
-    fn deref_mut(&mut self) -> &mut Child {
-        &mut self.0
-    }
-}
 
 /// A service's directory: two VMs (one with no agent, one whose agent's
 /// freeze hook takes `hook_secs`), a repository, and `jobs` appended to
