@@ -109,6 +109,13 @@ pub struct InitArgs {
     /// and every command warns to run one writer at a time.
     #[arg(long)]
     accept_unconditional_writes: bool,
+    /// In object storage, the most memory a process may give the pack
+    /// indexes (every backup, verify, restore and gc holds them all): up
+    /// to 144 bytes a chunk, so 4G (the default) holds about 30 million
+    /// chunks, 57 TiB of unique data in 2M chunks. A bucket whose indexes
+    /// need more is refused before they are read.
+    #[arg(long, value_name = "SIZE", value_parser = crate::units::parse_index_memory)]
+    index_memory: Option<u64>,
 }
 
 pub fn run_repo(cmd: &RepoCommand, out: &mut dyn Write) -> Result<ExitCode> {
@@ -121,6 +128,7 @@ pub fn run_repo(cmd: &RepoCommand, out: &mut dyn Write) -> Result<ExitCode> {
                 a.chunk_size,
                 a.pack_size,
                 a.accept_unconditional_writes,
+                a.index_memory,
             )?;
             crate::warn_caveats(&r);
             let packs = match r.config().pack_size {

@@ -80,6 +80,16 @@ pub fn parse_pack_size(text: &str) -> std::result::Result<u64, String> {
     Ok(n)
 }
 
+/// `--index-memory`: at least 16M, so a unit left out by mistake cannot
+/// make a bucket unreadable.
+pub fn parse_index_memory(text: &str) -> std::result::Result<u64, String> {
+    let n = parse_size(text).map_err(|e| format!("{e:#}"))?;
+    if n < 16 << 20 {
+        return Err("must be at least 16M".into());
+    }
+    Ok(n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

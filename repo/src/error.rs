@@ -84,6 +84,13 @@ pub enum ErrorKind {
         value: Box<str>,
         rule: &'static str,
     },
+    #[error("the {count} pack index(es) hold {bytes} bytes, about {need} bytes of memory once read, over the {limit} this repository allows (index_memory in its config): a bucket this large needs a larger ceiling, and objects someone else put under packindex/ are damage to remove")]
+    IndexMemory {
+        count: usize,
+        bytes: u64,
+        need: u64,
+        limit: u64,
+    },
     #[error("{what} claims {claimed} bytes, more than the {limit} it can hold here")]
     TooLarge {
         what: &'static str,
@@ -179,7 +186,7 @@ impl Error {
     /// and reports, where a failure to reach the store stops it.
     pub fn is_damage(&self) -> bool {
         match self.kind() {
-            ErrorKind::Remote { .. } => false,
+            ErrorKind::Remote { .. } | ErrorKind::IndexMemory { .. } => false,
             ErrorKind::Io(e) => e.kind() == std::io::ErrorKind::NotFound,
             _ => true,
         }

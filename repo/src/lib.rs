@@ -124,7 +124,19 @@ pub struct Config {
     /// process that opens the repository is told ([`Repository::caveats`]).
     #[serde(default = "yes", skip_serializing_if = "is_yes")]
     pub conditional_writes: bool,
+    /// In object storage: the most memory a process may give the pack
+    /// indexes it holds (every backup, verify, restore and gc reads them
+    /// all); absent, [`DEFAULT_INDEX_MEMORY`]. A bucket whose pack
+    /// indexes would need more is refused before one is fetched, so no
+    /// object can make a reader allocate past it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index_memory: Option<u64>,
 }
+
+/// The memory for pack indexes a repository in a bucket allows unless
+/// its config says otherwise: about 30 million chunks, 57 TiB of unique
+/// data in 2 MiB chunks (docs/repository.md has the arithmetic).
+pub const DEFAULT_INDEX_MEMORY: u64 = 4 << 30;
 
 fn yes() -> bool {
     true
@@ -168,6 +180,7 @@ impl Repository {
             chunk_size,
             pack_size: None,
             conditional_writes: true,
+            index_memory: None,
         };
         let repo = Repository {
             root: dir.to_path_buf(),
@@ -215,12 +228,13 @@ impl Repository {
         pack_size: u64,
         cache: Option<&Path>,
     ) -> Result<Repository> {
-        Repository::init_bucket_with(store, chunk_size, pack_size, cache, false)
+        Repository::init_bucket_with(store, chunk_size, pack_size, cache, false, None)
     }
 
     /// [`Repository::init_bucket`]; with `accept_unconditional`, on a
     /// server that ignores conditional writes too, which the config then
-    /// records.
+    /// records; with `index_memory`, that ceiling on memory for pack
+    /// indexes rather than [`DEFAULT_INDEX_MEMORY`].
     ///
     /// Everything a bucket's hosts share rests on conditional creates: no
     /// manifest, pack or config is ever replaced. So init looks before it
@@ -233,6 +247,7 @@ impl Repository {
         pack_size: u64,
         cache: Option<&Path>,
         accept_unconditional: bool,
+        index_memory: Option<u64>,
     ) -> Result<Repository> {
         vsnap_engine::digest::DigestPlan::new(0, chunk_size)?;
         let root = PathBuf::from(store.location());
@@ -261,6 +276,7 @@ impl Repository {
             chunk_size,
             pack_size: Some(pack_size),
             conditional_writes: conditional,
+            index_memory,
         };
         let bytes = serde_json::to_vec_pretty(&config).map_err(|e| {
             Error::from(ErrorKind::InvalidArgument(format!("config: {e}"))).in_file(&root)
@@ -312,6 +328,7 @@ impl Repository {
                 store,
                 config.pack_size.unwrap_or(DEFAULT_PACK_SIZE),
                 config.chunk_size,
+                config.index_memory.unwrap_or(DEFAULT_INDEX_MEMORY),
                 cache,
             )),
             config,

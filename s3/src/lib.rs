@@ -100,6 +100,7 @@ pub fn init(
     chunk_size: u64,
     pack_size: u64,
     accept_unconditional: bool,
+    index_memory: Option<u64>,
 ) -> Result<Repository> {
     match Location::parse(location)? {
         Location::Dir(d) => Repository::init(&d, chunk_size),
@@ -109,6 +110,7 @@ pub fn init(
             pack_size,
             vsnap_engine::pipeline::cache_dir().as_deref(),
             accept_unconditional,
+            index_memory,
         ),
     }
 }

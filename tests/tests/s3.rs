@@ -537,6 +537,111 @@ fn gc_collects_the_duplicate_packs_of_backups_that_raced() {
     restores_to_its_digest(&|a| ok(&s3, a), url, &second, dir.path());
 }
 
+/// The peak RSS allowed to any vsnap process of the hostile cases: the
+/// engine's memory budget and 64 MiB (as tests/tests/hostile_repo.rs).
+const RSS_LIMIT_KIB: u64 = (256 + 64) * 1024;
+
+/// `vsnap ARGS` against `s3`, with its peak RSS in KiB (GNU time).
+fn run_rss(s3: &S3Server, dir: &Path, args: &[&str]) -> (Output, u64) {
+    let rss = dir.join("rss");
+    let o = s3
+        .env(
+            Command::new("/usr/bin/time")
+                .arg("-f")
+                .arg("%M")
+                .arg("-o")
+                .arg(&rss),
+        )
+        .arg(vsnap_bin())
+        .args(args)
+        .output()
+        .unwrap();
+    let kib = std::fs::read_to_string(&rss)
+        .unwrap()
+        .lines()
+        .last()
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap();
+    (o, kib)
+}
+
+#[test]
+fn pack_indexes_past_the_repositorys_memory_ceiling_are_refused_unread() {
+    let test = "pack_indexes_past_the_repositorys_memory_ceiling_are_refused_unread";
+    let Some(s3) = S3Server::start(test) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.vhd");
+    random_vhd(&img, 8 * MIB, 41, &[(0, 4 * MIB)]);
+    let url = "s3://vsnap/ceiling";
+    let init = |memory: &str| {
+        let args = ["repo", "init", "--chunk-size", "1M", "--pack-size", "2M"];
+        run(&s3, &[&args[..], &["--index-memory", memory, url]].concat())
+    };
+    let o = init("1M");
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("must be at least 16M"),
+        "{}",
+        stderr(&o)
+    );
+    let o = init("16M");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let config: Value = serde_json::from_slice(&config_bytes(&s3, "ceiling")).unwrap();
+    assert_eq!(config["index_memory"], 16 * MIB, "{config}");
+    let snap = backup(&s3, url, &img)["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Someone adds a pack index of 12 MiB (its name its digest, as a
+    // real one's): the indexes would take about 24 MiB held. Every
+    // command refuses them from the listing, before fetching one.
+    let bomb = vec![0x5au8; 12 << 20];
+    let name = blake3::hash(&bomb).to_hex().to_string();
+    std::fs::write(
+        s3.object_file("ceiling", &format!("packindex/{name}")),
+        &bomb,
+    )
+    .unwrap();
+    drop(bomb);
+    let out = dir.path().join("out");
+    let out = out.to_str().unwrap();
+    for args in [
+        &[
+            "backup",
+            "-q",
+            "--name",
+            "vm1",
+            "--repo",
+            url,
+            img.to_str().unwrap(),
+        ][..],
+        &["verify", "-q", "--repo", url],
+        &["restore", "-q", &snap, "--to", out, "--repo", url],
+        &["gc", "--grace", "0s", "--repo", url],
+    ] {
+        let (o, kib) = run_rss(&s3, dir.path(), args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains("pack index(es) hold")
+                && err.contains("over the 16777216 this repository allows"),
+            "{args:?}: {err}"
+        );
+        assert!(kib <= RSS_LIMIT_KIB, "{args:?} peaked at {kib} KiB");
+        eprintln!(
+            "{}: {kib} KiB: {}",
+            args[0],
+            err.lines().last().unwrap_or("")
+        );
+    }
+    // Removed, and all is as before.
+    std::fs::remove_file(s3.object_file("ceiling", &format!("packindex/{name}"))).unwrap();
+    let v = json(&s3, &["verify", "-q", "--json", "--repo", url]);
+    assert_eq!(v["problems"], serde_json::json!([]), "{v}");
+}
+
 #[test]
 fn two_hosts_back_up_into_one_bucket_while_gc_runs_and_nothing_is_lost() {
     let test = "two_hosts_back_up_into_one_bucket_while_gc_runs_and_nothing_is_lost";

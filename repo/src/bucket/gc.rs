@@ -78,7 +78,9 @@ pub(super) fn gc(repo: &Repository, b: &Bucket, opts: &crate::GcOptions) -> Resu
         .filter_map(|o| Some((o.key.strip_prefix(PACKS)?.to_owned(), (o.size, o.modified))))
         .collect();
     let mut pack_indexes: Vec<(String, Vec<Indexed>)> = Vec::new();
-    for o in store.list(PACK_INDEXES)? {
+    let listed = store.list(PACK_INDEXES)?;
+    b.check_index_memory(&listed)?;
+    for o in listed {
         let Some(hex) = o.key.strip_prefix(PACK_INDEXES) else {
             continue;
         };

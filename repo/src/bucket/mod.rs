@@ -88,6 +88,12 @@ pub(super) fn parse_condemned(bytes: &[u8]) -> Result<Vec<blake3::Hash>> {
 /// holds at most 1,024 packs' trailers, some 100 MiB at the
 /// largest packs of the smallest chunks.
 pub(crate) const PACK_INDEX_LIMIT: u64 = 1 << 30;
+
+/// Bytes of memory each byte of a pack index takes once read, at most:
+/// an entry is 48 bytes there, and up to 144 held (its chunk's id and
+/// place, 56 bytes a slot in a hash map kept at most 7/8 full, and up to
+/// twice that just after it grows; its pack's layout, 16).
+pub(crate) const INDEX_MEMORY_PER_BYTE: u64 = 3;
 /// How often a blob whose CRC fails is fetched before it is refused.
 const READ_ATTEMPTS: u32 = 3;
 
@@ -108,6 +114,8 @@ pub(super) struct Bucket {
     readahead: Arc<ReadAhead>,
     /// The repository's chunk size: what bounds a pack entry.
     chunk_size: u64,
+    /// The most memory the pack indexes may take ([`crate::Config::index_memory`]).
+    index_memory: u64,
 }
 
 /// One list object under `condemned/` or `bad/`, as read.
@@ -141,6 +149,7 @@ impl Bucket {
         store: Arc<dyn ObjectStore>,
         pack_size: u64,
         chunk_size: u64,
+        index_memory: u64,
         cache: Option<PathBuf>,
     ) -> Self {
         let known = Arc::default();
@@ -156,6 +165,7 @@ impl Bucket {
             known,
             readahead: Arc::default(),
             chunk_size,
+            index_memory,
         }
     }
 
@@ -167,6 +177,7 @@ impl Bucket {
             self.shared_store(),
             self.packer.pack_size(),
             self.chunk_size,
+            self.index_memory,
             self.cache.clone(),
         )
     }
@@ -223,6 +234,7 @@ impl Bucket {
             .filter_map(|o| Some(o.key.strip_prefix(PACK_INDEXES)?.to_owned()))
             .collect();
         self.prune_cache(&names);
+        self.check_index_memory(&indexes)?;
         for obj in indexes {
             let Some(hex) = obj.key.strip_prefix(PACK_INDEXES) else {
                 continue;
@@ -261,6 +273,24 @@ impl Bucket {
             *slot = Some(known);
         }
         Ok(())
+    }
+
+    /// Refuses pack indexes that would take more memory than the
+    /// repository allows, from their listed sizes, before one is fetched.
+    /// Held, each byte of a pack index costs up to [`INDEX_MEMORY_PER_BYTE`].
+    pub(super) fn check_index_memory(&self, indexes: &[crate::ObjectInfo]) -> Result<()> {
+        let bytes: u64 = indexes.iter().map(|o| o.size).sum();
+        let need = bytes.saturating_mul(INDEX_MEMORY_PER_BYTE);
+        if need <= self.index_memory {
+            return Ok(());
+        }
+        Err(Error::from(ErrorKind::IndexMemory {
+            count: indexes.len(),
+            bytes,
+            need,
+            limit: self.index_memory,
+        })
+        .in_file(&self.display(PACK_INDEXES)))
     }
 
     /// Every pack in the bucket, with its size.
