@@ -44,6 +44,13 @@ if ! command -v s3s-fs >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/s3s-fs" ]; th
   echo "installing: s3s-fs (cargo install)"
   cargo install --quiet --locked s3s-fs@0.14.1 --features binary
 fi
+# The bucket cases run against a second S3 implementation too: moto's
+# server (Python, from PyPI, in memory). Pinned: the release they were
+# written against (tests/src/s3.rs, MOTO).
+if ! python3 -c "import moto.server" >/dev/null 2>&1; then
+  echo "installing: moto[server] (pip)"
+  python3 -m pip install --quiet --disable-pip-version-check "moto[server]==5.2.1"
+fi
 for c in rustfmt clippy; do
   rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c"
 done

@@ -11,7 +11,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use vsnap_e2e::s3::{env_for, restores_to_its_digest, S3Server, ACCESS_KEY, SECRET_KEY};
+use vsnap_e2e::s3::{env_for, restores_to_its_digest, Impl, S3Server, ACCESS_KEY, SECRET_KEY};
 use vsnap_e2e::*;
 
 const MIB: u64 = 1 << 20;
@@ -568,7 +568,17 @@ fn run_rss(s3: &S3Server, dir: &Path, args: &[&str]) -> (Output, u64) {
 #[test]
 fn pack_indexes_past_the_repositorys_memory_ceiling_are_refused_unread() {
     let test = "pack_indexes_past_the_repositorys_memory_ceiling_are_refused_unread";
-    let Some(s3) = S3Server::start(test) else {
+    ceiling(test, Impl::S3sFs);
+}
+
+#[test]
+fn pack_indexes_past_the_repositorys_memory_ceiling_are_refused_unread_on_moto() {
+    let test = "pack_indexes_past_the_repositorys_memory_ceiling_are_refused_unread_on_moto";
+    ceiling(test, Impl::Moto);
+}
+
+fn ceiling(test: &str, kind: Impl) {
+    let Some(s3) = S3Server::start_impl(test, kind) else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -588,7 +598,8 @@ fn pack_indexes_past_the_repositorys_memory_ceiling_are_refused_unread() {
     );
     let o = init("16M");
     assert!(o.status.success(), "{}", stderr(&o));
-    let config: Value = serde_json::from_slice(&config_bytes(&s3, "ceiling")).unwrap();
+    let config: Value =
+        serde_json::from_slice(&s3.read("ceiling", "vsnap-repository").unwrap()).unwrap();
     assert_eq!(config["index_memory"], 16 * MIB, "{config}");
     let snap = backup(&s3, url, &img)["snapshot"]
         .as_str()
@@ -599,11 +610,7 @@ fn pack_indexes_past_the_repositorys_memory_ceiling_are_refused_unread() {
     // command refuses them from the listing, before fetching one.
     let bomb = vec![0x5au8; 12 << 20];
     let name = blake3::hash(&bomb).to_hex().to_string();
-    std::fs::write(
-        s3.object_file("ceiling", &format!("packindex/{name}")),
-        &bomb,
-    )
-    .unwrap();
+    s3.write("ceiling", &format!("packindex/{name}"), &bomb);
     drop(bomb);
     let out = dir.path().join("out");
     let out = out.to_str().unwrap();
@@ -637,7 +644,7 @@ fn pack_indexes_past_the_repositorys_memory_ceiling_are_refused_unread() {
         );
     }
     // Removed, and all is as before.
-    std::fs::remove_file(s3.object_file("ceiling", &format!("packindex/{name}"))).unwrap();
+    s3.remove("ceiling", &format!("packindex/{name}"));
     let v = json(&s3, &["verify", "-q", "--json", "--repo", url]);
     assert_eq!(v["problems"], serde_json::json!([]), "{v}");
 }
@@ -914,8 +921,22 @@ fn gc_repacks_a_mostly_dead_pack_and_deletes_it_only_later() {
 /// in --json), and its snapshot restores equal to the disk.
 #[test]
 fn a_backup_after_a_pack_went_missing_stores_its_chunks_again() {
-    let test = "a_backup_after_a_pack_went_missing_stores_its_chunks_again";
-    let Some(s3) = S3Server::start(test) else {
+    lost_pack(
+        "a_backup_after_a_pack_went_missing_stores_its_chunks_again",
+        Impl::S3sFs,
+    );
+}
+
+#[test]
+fn a_backup_after_a_pack_went_missing_stores_its_chunks_again_on_moto() {
+    lost_pack(
+        "a_backup_after_a_pack_went_missing_stores_its_chunks_again_on_moto",
+        Impl::Moto,
+    );
+}
+
+fn lost_pack(test: &str, kind: Impl) {
+    let Some(s3) = S3Server::start_impl(test, kind) else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -946,10 +967,10 @@ fn a_backup_after_a_pack_went_missing_stores_its_chunks_again() {
             img.to_str().unwrap(),
         ],
     );
-    let packs = s3.objects("lost", "packs");
+    let packs = s3.keys("lost", "packs");
     assert!(packs.len() >= 4, "{packs:?}");
-    std::fs::remove_file(&packs[1]).unwrap();
-    let lost = packs[1].file_name().unwrap().to_str().unwrap().to_owned();
+    s3.remove("lost", &packs[1]);
+    let lost = packs[1].strip_prefix("packs/").unwrap().to_owned();
     let o = run(
         &s3,
         &[
@@ -1018,21 +1039,28 @@ fn a_backup_after_a_pack_went_missing_stores_its_chunks_again() {
     assert_eq!(v["snapshots"], 2, "{v}");
 }
 
-/// A server that ignores `If-None-Match: *` (simulated by the proxy):
-/// `repo init` looks first and never overwrites a repository, refuses the
-/// server unless told to accept it, and a repository made so warns every
-/// command that opens it.
+/// The same against moto's server, which honours conditional writes
+/// itself, behind the proxy that strips them.
 #[test]
-fn a_server_that_ignores_conditional_writes_is_found_and_named() {
+fn a_server_that_ignores_conditional_writes_is_found_and_named_on_moto() {
+    let test = "a_server_that_ignores_conditional_writes_is_found_and_named_on_moto";
+    if let Some(s3) = S3Server::start_impl(test, Impl::Moto) {
+        conditional_writes_checked(&s3);
+    }
+}
+
+/// What `repo init` and the commands after it do with `s3`, honouring
+/// conditional writes itself, and behind a proxy that strips them (which
+/// it returns, with s3://vsnap/second made through it).
+fn conditional_writes_checked(s3: &S3Server) -> fault_proxy::FaultProxy {
     use vsnap_e2e::fault_proxy::{FaultProxy, Faults};
-    let test = "a_server_that_ignores_conditional_writes_is_found_and_named";
-    let Some(s3) = S3Server::start(test) else {
-        return;
-    };
     ok(
-        &s3,
+        s3,
         &["repo", "init", "--chunk-size", "2M", "s3://vsnap/first"],
     );
+    let config = s3.read("first", "vsnap-repository").unwrap();
+    let parsed: Value = serde_json::from_slice(&config).unwrap();
+    assert!(parsed.get("conditional_writes").is_none(), "{parsed}");
     let faults = Faults {
         ignore_conditions: true,
         ..Faults::default()
@@ -1040,7 +1068,6 @@ fn a_server_that_ignores_conditional_writes_is_found_and_named() {
     let proxy = FaultProxy::start(([127, 0, 0, 1], s3.port).into(), faults, 3).unwrap();
     let via = |args: &[&str]| through(&proxy, args);
     // Over an existing repository: refused, and its config untouched.
-    let config = std::fs::read(s3.object_file("first", "vsnap-repository")).unwrap();
     let o = via(&["repo", "init", "--chunk-size", "4M", "s3://vsnap/first"]);
     assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
     assert!(
@@ -1048,11 +1075,8 @@ fn a_server_that_ignores_conditional_writes_is_found_and_named() {
         "{}",
         stderr(&o)
     );
-    assert_eq!(
-        std::fs::read(s3.object_file("first", "vsnap-repository")).unwrap(),
-        config
-    );
-    // A new one: the probe finds the server out.
+    assert_eq!(s3.read("first", "vsnap-repository").unwrap(), config);
+    // A new one: the probe finds the server out, and is removed.
     let o = via(&["repo", "init", "s3://vsnap/second"]);
     assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
     assert!(
@@ -1065,12 +1089,8 @@ fn a_server_that_ignores_conditional_writes_is_found_and_named() {
         "{}",
         stderr(&o)
     );
-    assert!(!s3.object_file("second", "vsnap-repository").exists());
-    assert!(
-        s3.objects("second", "").is_empty(),
-        "the probe is removed: {:?}",
-        s3.objects("second", "")
-    );
+    let left = s3.keys("second", "");
+    assert!(left.is_empty(), "the probe is removed: {left:?}");
     // Accepted: recorded, and every command that opens it warns.
     let o = via(&[
         "repo",
@@ -1079,10 +1099,8 @@ fn a_server_that_ignores_conditional_writes_is_found_and_named() {
         "s3://vsnap/second",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let config: Value = serde_json::from_slice(
-        &std::fs::read(s3.object_file("second", "vsnap-repository")).unwrap(),
-    )
-    .unwrap();
+    let config: Value =
+        serde_json::from_slice(&s3.read("second", "vsnap-repository").unwrap()).unwrap();
     assert_eq!(config["conditional_writes"], false, "{config}");
     let o = via(&["snapshots", "--repo", "s3://vsnap/second"]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -1092,6 +1110,20 @@ fn a_server_that_ignores_conditional_writes_is_found_and_named() {
         "{}",
         stderr(&o)
     );
+    proxy
+}
+
+/// A server that ignores `If-None-Match: *` (simulated by the proxy):
+/// `repo init` looks first and never overwrites a repository, refuses the
+/// server unless told to accept it, and a repository made so warns every
+/// command that opens it.
+#[test]
+fn a_server_that_ignores_conditional_writes_is_found_and_named() {
+    let test = "a_server_that_ignores_conditional_writes_is_found_and_named";
+    let Some(s3) = S3Server::start(test) else {
+        return;
+    };
+    let proxy = conditional_writes_checked(&s3);
     // The service warns too, once, in its log.
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("serve.toml");
@@ -1176,6 +1208,8 @@ fn config_bytes(s3: &S3Server, prefix: &str) -> Vec<u8> {
 /// and never called an endpoint that cannot be reached.
 #[test]
 fn a_kept_alive_connection_closed_mid_upload_is_retried() {
+    // Against s3s-fs only: through moto's server no connection was
+    // reused (the proxy cut none of 253 requests), so none can be cut.
     use vsnap_e2e::fault_proxy::{FaultProxy, Faults};
     let test = "a_kept_alive_connection_closed_mid_upload_is_retried";
     let Some(s3) = S3Server::start(test) else {
