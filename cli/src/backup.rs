@@ -160,15 +160,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
     let secs = report.duration_s;
     // On stderr, with --json too: a script reads the field, an operator
     // running it by hand sees this.
-    if !report.damage_met.is_empty() {
-        say!(
-            "vsnap: warning: {} object(s) of the repository could not be used; this snapshot stored again every chunk it needed from them, but older snapshots may lack them: run vsnap verify",
-            report.damage_met.len()
-        );
-        for d in &report.damage_met {
-            say!("vsnap: warning:   {d}");
-        }
-    }
+    crate::warn_damage_met(&report.damage_met, "this snapshot");
     if args.json {
         writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
         return Ok(ExitCode::SUCCESS);

@@ -154,6 +154,22 @@ pub struct SourceFormat {
     pub format: FormatArg,
 }
 
+/// Tells of the objects a backup or sync could not use (`damage_met`):
+/// on stderr, with --json too, where a script reads the field and an
+/// operator running the command by hand sees this.
+pub fn warn_damage_met(damage: &[String], stored: &str) {
+    if damage.is_empty() {
+        return;
+    }
+    say!(
+        "vsnap: warning: {} object(s) of the repository could not be used; {stored} stored again every chunk needed from them, but older snapshots may lack them: run vsnap verify",
+        damage.len()
+    );
+    for d in damage {
+        say!("vsnap: warning:   {d}");
+    }
+}
+
 /// Tells the operator what they must know of a repository before writing
 /// to it ([`vsnap_repo::Repository::caveats`]), once per process that
 /// opens it.

@@ -365,7 +365,7 @@ pub fn run_gc(args: &GcArgs, out: &mut dyn Write) -> Result<ExitCode> {
             report.damaged.len()
         );
         for d in &report.damaged {
-            say!("  {} {}: {}", d.what, d.path.display(), d.reason);
+            say!("  {d}");
         }
         say!(
             "check with vsnap verify; then `vsnap repo quarantine --repo {} ID` moves each damaged snapshot (or pack index) aside, and gc runs again",

@@ -85,6 +85,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<ExitCode> {
         .run(&progress, || vsnap_repo::sync(&src, &dst, &opts, &progress))
         .context("sync failed")?;
     let secs = started.elapsed().as_secs_f64().max(1e-9);
+    crate::warn_damage_met(&report.damage_met, "the snapshots copied");
     let verified = if args.verify && !report.copied.is_empty() {
         let progress = Progress::default();
         let threads = usize::from(args.threads);

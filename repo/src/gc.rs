@@ -74,11 +74,13 @@ pub(super) fn damage(
     path: std::path::PathBuf,
 ) -> Result<Damaged> {
     if e.is_damage() {
-        Ok(Damaged {
-            what,
-            path,
-            reason: vsnap_error::chain(&e),
-        })
+        // The path is said once, by the report's own field.
+        let chain = vsnap_error::chain(&e);
+        let prefix = format!("{}: ", path.display());
+        let reason = chain
+            .strip_prefix(&prefix)
+            .map_or(chain.clone(), str::to_owned);
+        Ok(Damaged { what, path, reason })
     } else {
         Err(e)
     }

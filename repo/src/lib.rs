@@ -91,6 +91,12 @@ pub struct Damaged {
     pub reason: String,
 }
 
+impl std::fmt::Display for Damaged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}: {}", self.what, self.path.display(), self.reason)
+    }
+}
+
 const CONFIG: &str = "vsnap-repository";
 const FORMAT_NAME: &str = "vsnap repository";
 pub const REPO_VERSION: u32 = 1;

@@ -80,11 +80,7 @@ impl BackupReport {
                 .then(|| totals.data_chunks as f64 / totals.new_chunks as f64),
             duration_s: secs,
             throughput_bytes_per_s: totals.virtual_bytes as f64 / secs,
-            damage_met: outcome
-                .damage_met
-                .iter()
-                .map(|d| format!("{} {}: {}", d.what, d.path.display(), d.reason))
-                .collect(),
+            damage_met: outcome.damage_met.iter().map(ToString::to_string).collect(),
         }
     }
 }

@@ -59,6 +59,11 @@ pub struct SyncReport {
     /// Plaintext bytes of the chunks copied.
     pub plain_bytes_copied: u64,
     pub failed: Vec<SyncFailure>,
+    /// Objects of the destination that could not be used (a pack its
+    /// pack index names that the bucket lost, say): the chunks they held
+    /// counted as absent, and were copied again where a snapshot needed
+    /// them.
+    pub damage_met: Vec<String>,
 }
 
 impl SyncReport {
@@ -122,6 +127,11 @@ pub fn sync(
             }),
         }
     }
+    report.damage_met = dst
+        .damaged_objects()?
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     Ok(report)
 }
 

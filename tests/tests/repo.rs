@@ -447,7 +447,8 @@ fn verify_names_the_snapshot_each_kind_of_damage_hits() {
         p["error"].as_str().unwrap().contains("digest mismatch"),
         "{p}"
     );
-    // It is listed as damaged, not hidden, and gc refuses to guess.
+    // It is listed as damaged, not hidden, and gc refuses to guess: it
+    // deletes nothing, names it, and exits 3.
     let listed = ok(vsnap_cmd().args(["snapshots", "--repo"]).arg(&d.repo));
     assert!(listed.contains("DAMAGED"), "{listed}");
     let o = vsnap_cmd()
@@ -455,7 +456,12 @@ fn verify_names_the_snapshot_each_kind_of_damage_hits() {
         .arg(&d.repo)
         .output()
         .unwrap();
-    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("manifest digest mismatch"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]

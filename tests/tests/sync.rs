@@ -243,3 +243,51 @@ fn sync_never_carries_a_damaged_chunk_over() {
     assert_eq!(v["snapshots"], 2);
     restores(&ep, url, &snaps[..2], dir.path());
 }
+
+#[test]
+fn sync_into_a_bucket_that_lost_a_pack_stores_its_chunks_again() {
+    let test = "sync_into_a_bucket_that_lost_a_pack_stores_its_chunks_again";
+    let Some(s3) = S3Server::start(test) else {
+        return;
+    };
+    let ep = s3.endpoint();
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("local");
+    let local_s = local.to_str().unwrap();
+    ok(&ep, &["repo", "init", "--chunk-size", "1M", local_s]);
+    let img = dir.path().join("a.vhd");
+    random_vhd(&img, 16 * MIB, 51, &[(0, 12 * MIB)]);
+    let backup = || {
+        let args = ["backup", "-q", "--json", "--name", "vm1", "--repo", local_s];
+        json(&ep, &[&args[..], &[img.to_str().unwrap()]].concat())
+    };
+    let first = backup();
+    let url = "s3://vsnap/lossy";
+    init_bucket(&ep, url);
+    let r = json(&ep, &["repo", "sync", "-q", "--json", local_s, url]);
+    assert_eq!(r["copied"].as_array().unwrap().len(), 1, "{r}");
+    // A pack is lost from the bucket; the next snapshot of the same disk
+    // shares every chunk with the first.
+    let packs = s3.keys("lossy", "packs");
+    assert!(packs.len() >= 3, "{packs:?}");
+    s3.remove("lossy", &packs[0]);
+    let second = backup();
+    assert_eq!(second["new_bytes"], 0, "{second}");
+    // The sync does not take the lost pack's chunks as there: it copies
+    // them again, says so, and the new snapshot restores whole.
+    let o = run(&ep, &["repo", "sync", "-q", "--json", local_s, url]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(r["copied"].as_array().unwrap().len(), 1, "{r}");
+    assert!(r["chunks_copied"].as_u64().unwrap() >= 1, "{r}");
+    let met = r["damage_met"].as_array().unwrap();
+    assert_eq!(met.len(), 1, "{r}");
+    let lost = format!("pack s3://vsnap/lossy/{}: the pack index", packs[0]);
+    assert!(met[0].as_str().unwrap().starts_with(&lost), "{r}");
+    assert!(
+        stderr(&o).contains("vsnap: warning: 1 object(s) of the repository could not be used"),
+        "the loss is named: {}",
+        stderr(&o)
+    );
+    restores(&ep, url, &[first, second], dir.path());
+}
