@@ -1185,9 +1185,15 @@ provider = "copy"
     let mut serve = site.serve("serve.log");
     let (addr, token) = site.api("serve.log");
     let port = vsnap_e2e::free_port();
+    let tmp = site.path("tmp");
+    std::fs::create_dir(&tmp).unwrap();
     let _driver = Killed(
         Command::new("chromedriver")
             .arg(format!("--port={port}"))
+            // Chromium's scoped directories go into the test's own
+            // directory, removed with it, not /tmp (where a browser that
+            // is killed leaves them).
+            .env("TMPDIR", &tmp)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(site.path("chromedriver.log")).unwrap())
             .spawn()
