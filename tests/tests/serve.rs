@@ -180,6 +180,24 @@ impl Site {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+
+    /// Waits up to `limit` for run `id` to end; its record, as the API
+    /// at `addr` answers it.
+    fn run_ended(&self, addr: &str, token: &str, id: i64, limit: Duration) -> serde_json::Value {
+        let mut run = serde_json::Value::Null;
+        self.wait_for("the run's end", limit, || {
+            let (_, body) = http(
+                addr,
+                "GET",
+                &format!("/api/v1/runs/{id}"),
+                Some(token),
+                None,
+            );
+            run = json(&body)["run"].clone();
+            run["state"] != "running"
+        });
+        run
+    }
 }
 
 #[test]
@@ -946,19 +964,7 @@ gc = true
         let (status, body) = http(&addr, "POST", "/api/v1/jobs/tidy/run", Some(&token), None);
         assert_eq!(status, 202, "{body}");
         let id = json(&body)["run"].as_i64().unwrap();
-        let mut last = serde_json::Value::Null;
-        site.wait_for("the run", Duration::from_secs(60), || {
-            let (_, body) = http(
-                &addr,
-                "GET",
-                &format!("/api/v1/runs/{id}"),
-                Some(&token),
-                None,
-            );
-            last = json(&body)["run"].clone();
-            last["state"] != "running"
-        });
-        last
+        site.run_ended(&addr, &token, id, Duration::from_secs(60))
     };
     let first = run(&site);
     assert_eq!(first["state"], "succeeded", "{first:#}");
@@ -1125,16 +1131,7 @@ provider = "copy"
     let (status, body) = http_with(&addr, "POST", "/api/v1/jobs/fine/run", &page, None);
     assert_eq!(status, 202, "{body}");
     let id = json(&body)["run"].as_i64().unwrap();
-    site.wait_for("the run", Duration::from_secs(60), || {
-        let (_, body) = http(
-            &addr,
-            "GET",
-            &format!("/api/v1/runs/{id}"),
-            Some(&token),
-            None,
-        );
-        json(&body)["run"]["state"] != "running"
-    });
+    site.run_ended(&addr, &token, id, Duration::from_secs(60));
 
     // Signing out ends the session in the service, not just the browser.
     let (status, headers, body) = http_answer(&addr, "POST", "/logout", &page, None);
@@ -1439,16 +1436,12 @@ provider = "copy"
         let (code, body) = http(&addr, "POST", "/api/v1/jobs/fine/run", t, None);
         assert_eq!(code, 202, "{body}");
         let id = json(&body)["run"].as_i64().unwrap();
-        let mut run = serde_json::Value::Null;
-        site.wait_for("the run's end", Duration::from_secs(30), || {
-            run = json(&http(&addr, "GET", &format!("/api/v1/runs/{id}"), t, None).1);
-            run["run"]["state"] != "running"
-        });
-        assert_eq!(run["run"]["state"], want, "{run:#}");
+        let run = site.run_ended(&addr, &token, id, Duration::from_secs(30));
+        assert_eq!(run["state"], want, "{run:#}");
         run
     };
     let run = ended("failed");
-    let error = run["run"]["error"].as_str().unwrap();
+    let error = run["error"].as_str().unwrap();
     assert!(
         error.contains("stopped unexpectedly") && error.contains("a test panic"),
         "{error} (a vsnap built without the failpoints feature does not panic)"
