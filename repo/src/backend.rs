@@ -91,9 +91,9 @@ pub(crate) trait Backend: Send + Sync + std::fmt::Debug {
 
     /// Moves `rel` aside as `quarantine/{to}`, where nothing reads it but
     /// an operator; `None` when there is no `rel`. A directory renames
-    /// (a link moves as a link); a bucket copies, bounded by `limit`,
-    /// then deletes.
-    fn quarantine(&self, rel: &str, to: &str, limit: u64) -> Result<Option<PathBuf>>;
+    /// (a link moves as a link); a bucket copies inside the server, then
+    /// deletes.
+    fn quarantine(&self, rel: &str, to: &str) -> Result<Option<PathBuf>>;
 
     /// Makes the removals so far durable.
     fn sync_removals(&self, dir: &str) -> Result<()>;

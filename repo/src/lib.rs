@@ -33,7 +33,7 @@ mod sync;
 pub mod validate;
 pub mod verify;
 
-pub use bucket::{parse_pack_index, DEFAULT_PACK_SIZE, PACK_SIZE_RANGE};
+pub use bucket::{pack_index_of, parse_pack_index, DEFAULT_PACK_SIZE, PACK_SIZE_RANGE};
 pub use objects::{ObjectInfo, ObjectStore};
 pub use store::{Listed, Usage};
 pub use sync::{sync, SyncFailure, SyncOptions, SyncReport};

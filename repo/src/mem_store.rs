@@ -161,6 +161,13 @@ impl ObjectStore for MemStore {
         self.write(key, bytes, true).map(|_| ())
     }
 
+    fn copy(&self, from: &str, to: &str) -> Result<bool> {
+        let Some(bytes) = self.state().objects.get(from).map(|(b, _)| b.clone()) else {
+            return Ok(false);
+        };
+        self.write(to, bytes, true).map(|_| true)
+    }
+
     fn delete(&self, key: &str) -> Result<()> {
         self.state().objects.remove(key);
         Ok(())

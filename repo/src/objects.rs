@@ -57,6 +57,10 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
     /// (its own lease).
     fn put(&self, key: &str, bytes: Vec<u8>) -> Result<()>;
 
+    /// Copies object `from` to `to` (over any there) inside the server,
+    /// whatever its size: `false` where `from` is not there.
+    fn copy(&self, from: &str, to: &str) -> Result<bool>;
+
     /// Removes an object; one already gone is not an error.
     fn delete(&self, key: &str) -> Result<()>;
 

@@ -46,28 +46,18 @@ pub fn quarantine(repo: &Repository, name: &str) -> Result<Quarantined> {
     let listed = repo.list()?;
     let hits: Vec<&crate::Listed> = listed.iter().filter(|l| l.id.starts_with(name)).collect();
     let exact = listed.iter().find(|l| l.id == name);
-    let (what, rel, limit, id) = match (
+    let (what, rel, id) = match (
         exact.or(hits.first().copied().filter(|_| hits.len() == 1)),
         hits.as_slice(),
     ) {
-        (Some(l), _) => (
-            "manifest",
-            format!("snapshots/{}.json", l.id),
-            crate::store::MANIFEST_LIMIT,
-            l.id.clone(),
-        ),
+        (Some(l), _) => ("manifest", format!("snapshots/{}.json", l.id), l.id.clone()),
         (None, []) => {
             let prefix = crate::bucket::PACK_INDEXES;
             let hex = name.strip_prefix(prefix).unwrap_or(name);
             if !repo.is_bucket() || blake3::Hash::from_hex(hex).is_err() {
                 return Err(ErrorKind::NoSuchSnapshot(name.to_owned()).into());
             }
-            (
-                "pack index",
-                format!("{prefix}{hex}"),
-                crate::bucket::PACK_INDEX_LIMIT,
-                hex.to_owned(),
-            )
+            ("pack index", format!("{prefix}{hex}"), hex.to_owned())
         }
         (None, many) => {
             return Err(ErrorKind::AmbiguousSnapshot {
@@ -79,7 +69,7 @@ pub fn quarantine(repo: &Repository, name: &str) -> Result<Quarantined> {
     };
     let from = repo.display(&rel);
     let to = rel.replace('/', ".");
-    match repo.backend.quarantine(&rel, &to, limit)? {
+    match repo.backend.quarantine(&rel, &to)? {
         Some(to) => Ok(Quarantined {
             what,
             name: id,

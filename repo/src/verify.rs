@@ -230,6 +230,8 @@ pub fn verify(
                         }
                         break;
                     }
+                    #[cfg(feature = "failpoints")]
+                    fail::fail_point!("verify-chunk");
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(&(_, raw)) = order.get(i) else { break };
                     let id = blake3::Hash::from_bytes(raw);

@@ -336,21 +336,11 @@ fn a_pack_byte_for_byte_a_condemned_one_goes_up_under_a_new_name() {
     verify_clean(&Repository::open_bucket(store, None).unwrap());
 }
 
-/// A pack index as a hostile writer makes one, by its format (header, then
-/// per pack its name, length and trailer), stored under its own digest.
-fn put_pack_index(store: &MemStore, packs: &[(&[u8], u64)]) -> String {
+/// A pack index for whole `packs`, stored under its own digest as a
+/// hostile writer would.
+fn put_pack_index(store: &MemStore, packs: &[&[u8]]) -> String {
     use vsnap_repo::ObjectStore;
-    let mut bytes = b"VSNAPPIX".to_vec();
-    bytes.extend_from_slice(&1u16.to_le_bytes());
-    bytes.extend_from_slice(&[0; 6]);
-    bytes.extend_from_slice(&(packs.len() as u64).to_le_bytes());
-    for (pack, data_end) in packs {
-        let trailer = &pack[*data_end as usize..];
-        bytes.extend_from_slice(blake3::hash(pack).as_bytes());
-        bytes.extend_from_slice(&(pack.len() as u64).to_le_bytes());
-        bytes.extend_from_slice(&(trailer.len() as u64).to_le_bytes());
-        bytes.extend_from_slice(trailer);
-    }
+    let bytes = vsnap_repo::pack_index_of(packs).unwrap();
     let hex = blake3::hash(&bytes).to_hex().to_string();
     store.put(&format!("packindex/{hex}"), bytes).unwrap();
     hex
@@ -380,7 +370,7 @@ fn a_pack_entry_longer_than_a_chunk_can_be_is_never_fetched() {
     store
         .put(&format!("packs/{}", name.to_hex()), bytes.clone())
         .unwrap();
-    let index = put_pack_index(&store, &[(&bytes, data_end)]);
+    let index = put_pack_index(&store, &[&bytes]);
     drop(repo);
     let repo = Repository::open_bucket(store.clone(), None).unwrap();
     let outcome = backup_outcome(&repo, &img).unwrap();

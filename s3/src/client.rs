@@ -367,6 +367,21 @@ impl ObjectStore for S3Store {
             .map_err(|f| self.fail(f, key, "write object"))
     }
 
+    fn copy(&self, from: &str, to: &str) -> Result<bool> {
+        let (src, dst) = (self.path(from), self.path(to));
+        self.run_resent(|| {
+            let (client, src, dst) = (self.client.clone(), src.clone(), dst.clone());
+            async move {
+                match client.copy(&src, &dst).await {
+                    Ok(()) => Ok(true),
+                    Err(e @ object_store::Error::NotFound { .. }) if !no_bucket(&e) => Ok(false),
+                    Err(e) => Err(e),
+                }
+            }
+        })
+        .map_err(|f| self.fail(f, from, "copy object"))
+    }
+
     fn delete(&self, key: &str) -> Result<()> {
         let path = self.path(key);
         self.run_resent(|| {

@@ -38,6 +38,10 @@ pub(crate) async fn backup(svc: Arc<Service>, job: Job, a: Active) -> Result<End
     let report = backup::run(&plan, &repo, &a.progress, Arc::clone(&a.cancel)).await;
     // Whatever the outcome, snapshots may have been committed.
     svc.repo.changed();
+    // The test suite's build: a pause once the snapshots are committed,
+    // before retention and gc, for a cancel to arrive in.
+    #[cfg(feature = "failpoints")]
+    tokio::task::block_in_place(|| fail::fail_point!("serve-after-commit"));
     let report = report.map_err(|e| crate::Error::from(ErrorKind::Backup(Box::new(e))))?;
     let vms: Vec<VmResult> = report
         .session

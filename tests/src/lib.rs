@@ -458,6 +458,22 @@ pub fn http_answer(
     headers: &[(&str, &str)],
     body: Option<&str>,
 ) -> (u16, Vec<(String, String)>, String) {
+    let (status, headers, bytes) = http_bytes(addr, method, path, headers, body.map(str::as_bytes));
+    (
+        status,
+        headers,
+        String::from_utf8_lossy(&bytes).into_owned(),
+    )
+}
+
+/// [`http_answer`] with bodies of any bytes, both ways.
+pub fn http_bytes(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> (u16, Vec<(String, String)>, Vec<u8>) {
     use http_body_util::{BodyExt, Full};
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -473,12 +489,12 @@ pub fn http_answer(
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        let body = body.unwrap_or("");
+        let body = body.unwrap_or(b"");
         if !body.is_empty() {
             req = req.header("content-type", "application/json");
         }
         let req = req
-            .body(Full::new(bytes::Bytes::from(body.to_owned())))
+            .body(Full::new(bytes::Bytes::copy_from_slice(body)))
             .unwrap();
         let limit = std::time::Duration::from_secs(30);
         let resp = tokio::time::timeout(limit, client.request(req))
@@ -501,11 +517,7 @@ pub fn http_answer(
             .unwrap_or_else(|_| panic!("{method} {path}: the body did not end within 30 s"))
             .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
             .to_bytes();
-        (
-            status,
-            answer_headers,
-            String::from_utf8_lossy(&bytes).into_owned(),
-        )
+        (status, answer_headers, bytes.to_vec())
     })
 }
 

@@ -145,19 +145,20 @@ impl S3Server {
     /// on a private bucket): the header names the test's key, signed by
     /// nothing.
     fn raw(&self, method: &str, path: &str, body: Option<&[u8]>) -> (u16, String) {
+        let (status, body) = self.raw_bytes(method, path, body);
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// [`S3Server::raw`], the answer's body as bytes.
+    fn raw_bytes(&self, method: &str, path: &str, body: Option<&[u8]>) -> (u16, Vec<u8>) {
         assert_eq!(self.kind, Impl::Moto, "s3s-fs refuses unsigned requests");
         let addr = format!("127.0.0.1:{}", self.port);
-        let body = body.map(|b| String::from_utf8_lossy(b).into_owned());
         let auth = format!(
             "AWS4-HMAC-SHA256 Credential={ACCESS_KEY}/20260101/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=0"
         );
-        crate::http_with(
-            &addr,
-            method,
-            path,
-            &[("authorization", &auth)],
-            body.as_deref(),
-        )
+        let (status, _, body) =
+            crate::http_bytes(&addr, method, path, &[("authorization", &auth)], body);
+        (status, body)
     }
 
     /// The keys under `prefix/dir` of [`BUCKET`] (`dir` empty: all of
@@ -200,14 +201,14 @@ impl S3Server {
         match self.kind {
             Impl::S3sFs => std::fs::read(self.object_file(prefix, key)).ok(),
             Impl::Moto => {
-                let (status, body) = self.raw("GET", &format!("/{BUCKET}/{prefix}/{key}"), None);
-                (status == 200).then(|| body.into_bytes())
+                let (status, body) =
+                    self.raw_bytes("GET", &format!("/{BUCKET}/{prefix}/{key}"), None);
+                (status == 200).then_some(body)
             }
         }
     }
 
-    /// Puts `bytes` as object `key` of `prefix`, over any there (UTF-8
-    /// text only with moto: the test client sends strings).
+    /// Puts `bytes` as object `key` of `prefix`, over any there.
     pub fn write(&self, prefix: &str, key: &str, bytes: &[u8]) {
         match self.kind {
             Impl::S3sFs => {

@@ -1516,6 +1516,149 @@ provider = "copy"
     );
 }
 
+/// A cancel that comes once every snapshot is committed stops the run
+/// at its next safe point: the snapshots stand, retention does not run,
+/// and the run is recorded cancelled with a note saying so.
+/// (FAILPOINTS pauses the third run between its commit and its
+/// retention.)
+#[test]
+fn a_cancel_after_the_commit_leaves_the_snapshots_and_skips_retention() {
+    let site = Site::new(
+        "0",
+        r#"
+[[job]]
+name = "kept"
+schedule = "2099-01-01"
+vms = ["a"]
+provider = "copy"
+keep = { last = 1 }
+"#,
+    );
+    let env = [("FAILPOINTS", "serve-after-commit=2*off->sleep(5000)")];
+    let _serve = site.serve_with("serve.log", &env);
+    let (addr, token) = site.api("serve.log");
+    let t = Some(token.as_str());
+    let start = || {
+        let (code, body) = http(&addr, "POST", "/api/v1/jobs/kept/run", t, None);
+        assert_eq!(code, 202, "{body}");
+        json(&body)["run"].as_i64().unwrap()
+    };
+    let snapshots = || {
+        let (_, body) = http(&addr, "GET", "/api/v1/snapshots?vm=a", t, None);
+        json(&body).as_array().map_or(0, Vec::len)
+    };
+    // Two runs: retention keeps one snapshot.
+    for _ in 0..2 {
+        let id = start();
+        let run = site.run_ended(&addr, &token, id, Duration::from_secs(60));
+        assert_eq!(run["state"], "succeeded", "{run:#}");
+    }
+    assert_eq!(snapshots(), 1);
+    // The third: cancelled once its snapshot is committed.
+    let id = start();
+    site.wait_for("the third snapshot", Duration::from_secs(60), || {
+        snapshots() == 2
+    });
+    let (code, body) = http(&addr, "POST", &format!("/api/v1/runs/{id}/cancel"), t, None);
+    assert_eq!(code, 202, "{body}");
+    let run = site.run_ended(&addr, &token, id, Duration::from_secs(60));
+    assert_eq!(run["state"], "cancelled", "{run:#}");
+    assert_eq!(
+        run["note"],
+        "cancelled after every snapshot was committed (they stand); retention and gc did not run",
+        "{run:#}"
+    );
+    assert!(run["error"].is_null(), "{run:#}");
+    let (_, body) = http(&addr, "GET", &format!("/api/v1/runs/{id}"), t, None);
+    assert!(
+        json(&body)["vms"][0]["snapshot"].is_string(),
+        "the committed snapshot is the run's: {body}"
+    );
+    assert_eq!(snapshots(), 2, "retention did not run");
+}
+
+/// A verify run stops at its next chunk when cancelled: recorded
+/// cancelled, midway, and nothing it did not finish counts as verified
+/// (the next run of the job verifies every snapshot again). (FAILPOINTS
+/// slows each chunk verify reads.)
+#[test]
+fn a_cancelled_verify_run_stops_midway_and_marks_nothing_verified() {
+    let site = Site::new(
+        "0",
+        r#"
+[[vm]]
+name = "big"
+disks = ["big.vhd"]
+agent = "none"
+
+[[job]]
+name = "back"
+schedule = "2099-01-01"
+vms = ["big"]
+provider = "copy"
+
+[[verify]]
+name = "check"
+schedule = "2099-01-01"
+vms = ["big"]
+outdated_after = "1h"
+"#,
+    );
+    // Twelve chunks of their own (the repository's chunks are 2 MiB).
+    let writes: Vec<(u8, u64, u64)> = (0..12u8)
+        .map(|i| (0x20 + i, u64::from(i) * (4 << 20), 1 << 20))
+        .collect();
+    qemu_image(&site.path("big.vhd"), "dynamic", "48M", &writes);
+    let _serve = site.serve_with("serve.log", &[("FAILPOINTS", "verify-chunk=sleep(1000)")]);
+    let (addr, token) = site.api("serve.log");
+    let t = Some(token.as_str());
+    let start = |job: &str| {
+        let (code, body) = http(&addr, "POST", &format!("/api/v1/jobs/{job}/run"), t, None);
+        assert_eq!(code, 202, "{body}");
+        json(&body)["run"].as_i64().unwrap()
+    };
+    let id = start("back");
+    let run = site.run_ended(&addr, &token, id, Duration::from_secs(60));
+    assert_eq!(run["state"], "succeeded", "{run:#}");
+
+    let id = start("check");
+    site.wait_for("verify under way", Duration::from_secs(30), || {
+        let (_, body) = http(&addr, "GET", &format!("/api/v1/runs/{id}"), t, None);
+        json(&body)["run"]["done_bytes"].as_u64().unwrap_or(0) > 0
+    });
+    let (code, body) = http(&addr, "POST", &format!("/api/v1/runs/{id}/cancel"), t, None);
+    assert_eq!(code, 202, "{body}");
+    let run = site.run_ended(&addr, &token, id, Duration::from_secs(60));
+    assert_eq!(run["state"], "cancelled", "{run:#}");
+    assert!(
+        run["done_bytes"].as_u64() < run["total_bytes"].as_u64(),
+        "it stopped midway: {run:#}"
+    );
+    assert!(
+        run["error"]
+            .as_str()
+            .unwrap()
+            .contains("stopped on request"),
+        "{run:#}"
+    );
+    // Nothing was marked verified: the next run verifies the snapshot.
+    let id = start("check");
+    let run = site.run_ended(&addr, &token, id, Duration::from_secs(120));
+    assert_eq!(run["state"], "succeeded", "{run:#}");
+    assert!(
+        run["note"]
+            .as_str()
+            .unwrap()
+            .starts_with("verified 1 snapshot(s)"),
+        "{run:#}"
+    );
+    let log = site.log("serve.log");
+    assert!(
+        log.contains(&format!("job check: run {} cancelled: ", id - 1)),
+        "{log}"
+    );
+}
+
 /// Any local user can connect to the API; none can starve it. With 2,000
 /// idle connections and 200 clients sending a header a byte at a time,
 /// a client with the token is answered within 100 ms (p99 of 100

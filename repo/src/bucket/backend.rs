@@ -1,6 +1,7 @@
 //! The bucket as the repository sees it: [`Backend`] over the packs,
 //! pack indexes and conditional puts of [`super`].
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 
 use super::lease::Lease;
@@ -83,16 +84,23 @@ impl Backend for Bucket {
         self.store().delete(rel)
     }
 
-    fn quarantine(&self, rel: &str, to: &str, limit: u64) -> Result<Option<PathBuf>> {
+    /// A copy inside the server, then the delete: an object of any size
+    /// moves aside without passing through this host.
+    fn quarantine(&self, rel: &str, to: &str) -> Result<Option<PathBuf>> {
         let store = self.store();
-        let Some(bytes) = store.get(rel, limit).map_err(|e| e.during("quarantine"))? else {
-            return Ok(None);
-        };
+        let taken: HashSet<String> = store
+            .list(&format!("{}/", crate::QUARANTINE))?
+            .into_iter()
+            .map(|o| o.key)
+            .collect();
         let mut dest = format!("{}/{to}", crate::QUARANTINE);
         let mut n = 1;
-        while !store.put_new(&dest, bytes.clone())? {
+        while taken.contains(&dest) {
             dest = format!("{}/{to}.{n}", crate::QUARANTINE);
             n += 1;
+        }
+        if !store.copy(rel, &dest).map_err(|e| e.during("quarantine"))? {
+            return Ok(None);
         }
         store.delete(rel)?;
         Ok(Some(Bucket::display(self, &dest)))

@@ -88,7 +88,20 @@ pub(super) fn gc(repo: &Repository, b: &Bucket, opts: &crate::GcOptions) -> Resu
         // A pack index gc cannot read leaves its packs' fate unknown:
         // they would look unindexed, and be removed.
         match b.read_pack_index(hex, o.size) {
-            Ok(records) => pack_indexes.push((o.key, records)),
+            Ok(records) => {
+                // An entry no chunk can fill would keep its pack forever.
+                let long = records
+                    .iter()
+                    .find_map(|(r, entries)| entries.iter().find_map(|e| b.too_long(&r.name, e)));
+                match long {
+                    Some(reason) => damaged.push(crate::Damaged {
+                        what: "pack index",
+                        path,
+                        reason,
+                    }),
+                    None => pack_indexes.push((o.key, records)),
+                }
+            }
             Err(e) => {
                 let e = e.in_file(&path).during("gc: read every pack index");
                 damaged.push(crate::gc::damage(e, "pack index", path)?);

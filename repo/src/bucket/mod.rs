@@ -24,7 +24,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
 mod backend;
@@ -39,8 +39,8 @@ mod upload;
 pub(crate) use backend::already;
 use gc::gc;
 use known::Known;
-pub use pack_index::parse_pack_index;
 pub(crate) use pack_index::PACK_INDEXES;
+pub use pack_index::{pack_index_of, parse_pack_index};
 use pack_index::{pack_index_records, write_cache, Record, PACKS};
 
 use crate::error::{Error, ErrorKind, Result};
@@ -94,6 +94,8 @@ pub(crate) const PACK_INDEX_LIMIT: u64 = 1 << 30;
 /// place, 56 bytes a slot in a hash map kept at most 7/8 full, and up to
 /// twice that just after it grows; its pack's layout, 16).
 pub(crate) const INDEX_MEMORY_PER_BYTE: u64 = 3;
+/// Pack indexes larger than this are asked for their header first.
+const HEAD_FIRST_ABOVE: u64 = 1 << 20;
 /// How often a blob whose CRC fails is fetched before it is refused.
 const READ_ATTEMPTS: u32 = 3;
 
@@ -110,6 +112,9 @@ pub(super) struct Bucket {
     /// This repository's pack-index cache, `None` without a cache directory.
     cache: Option<PathBuf>,
     known: Arc<RwLock<Option<Known>>>,
+    /// Held while the pack indexes load: the pipeline's threads all ask at
+    /// once, and each would otherwise fetch and hold every index itself.
+    loading: Arc<Mutex<()>>,
     packer: Arc<Uploader>,
     readahead: Arc<ReadAhead>,
     /// The repository's chunk size: what bounds a pack entry.
@@ -163,6 +168,7 @@ impl Bucket {
             store,
             cache,
             known,
+            loading: Arc::default(),
             readahead: Arc::default(),
             chunk_size,
             index_memory,
@@ -197,7 +203,12 @@ impl Bucket {
 
     /// Reads every pack index once, from the cache where it has them.
     fn ensure_loaded(&self) -> Result<()> {
-        if self.known.read().map_err(|_| poisoned())?.is_some() {
+        let loaded = || Ok::<_, Error>(self.known.read().map_err(|_| poisoned())?.is_some());
+        if loaded()? {
+            return Ok(());
+        }
+        let _one = self.loading.lock().map_err(|_| poisoned())?;
+        if loaded()? {
             return Ok(());
         }
         let mut known = Known::default();
@@ -244,13 +255,10 @@ impl Bucket {
                 Ok(packs) => packs,
                 // Unreachable or refusing servers stop the command; a
                 // damaged object only means less is known.
-                Err(e) if matches!(e.kind(), ErrorKind::Remote { .. }) => return Err(e),
                 Err(e) => {
-                    known.damaged.push(Damaged {
-                        what: "pack index",
-                        path,
-                        reason: e.to_string(),
-                    });
+                    known
+                        .damaged
+                        .push(crate::gc::damage(e, "pack index", path)?);
                     continue;
                 }
             };
@@ -344,24 +352,37 @@ impl Bucket {
             });
             return Ok(());
         }
-        let most = crate::blob::HEADER_LEN as u64 + self.chunk_size;
-        entries.retain(|e| {
-            let fits = u64::from(e.length) <= most;
-            if !fits {
+        entries.retain(|e| match self.too_long(&r.name, e) {
+            Some(reason) => {
                 known.damaged.push(Damaged {
                     what: "pack index",
                     path: self.display(key),
-                    reason: format!(
-                        "its entry for chunk {} in pack {} is {} bytes; a chunk's blob in this repository is at most {most}",
-                        e.id.to_hex(),
-                        r.name.to_hex(),
-                        e.length
-                    ),
+                    reason,
                 });
+                false
             }
-            fits
+            None => true,
         });
         known.add(r.name, &entries)
+    }
+
+    /// Why a pack index's entry `e` for `pack` cannot be a chunk of this
+    /// repository: longer than a chunk's blob can be, so it is never
+    /// fetched (a reader would allocate and request all of it).
+    pub(super) fn too_long(
+        &self,
+        pack: &blake3::Hash,
+        e: &crate::pack::PackEntry,
+    ) -> Option<String> {
+        let most = crate::blob::HEADER_LEN as u64 + self.chunk_size;
+        (u64::from(e.length) > most).then(|| {
+            format!(
+                "its entry for chunk {} in pack {} is {} bytes; a chunk's blob in this repository is at most {most}",
+                e.id.to_hex(),
+                pack.to_hex(),
+                e.length
+            )
+        })
     }
 
     /// Every JSON list object under `prefix`, each with its key, its
@@ -492,6 +513,14 @@ impl Bucket {
                 limit: PACK_INDEX_LIMIT,
             })
             .in_file(&path));
+        }
+        // A large object is asked for its header first: one that is no
+        // pack index, or claims more packs than its size holds, is refused
+        // without fetching the rest (small ones cost one GET either way).
+        if size > HEAD_FIRST_ABOVE {
+            let head = self.store.get_range(&key, 0..pack_index::HEAD_LEN as u64)?;
+            pack_index::parse_head(&head, size)
+                .map_err(|e| e.in_file(&path).during("read pack index"))?;
         }
         let Some(bytes) = self.store.get(&key, PACK_INDEX_LIMIT)? else {
             return Err(missing(&path, "read pack index"));

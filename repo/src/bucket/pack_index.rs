@@ -27,7 +27,8 @@ pub(crate) const PACK_INDEXES: &str = "packindex/";
 
 const MAGIC: &[u8; 8] = b"VSNAPPIX";
 const VERSION: u16 = 1;
-const HEAD_LEN: usize = 24;
+/// How many bytes of a pack index [`parse_head`] needs.
+pub(super) const HEAD_LEN: usize = 24;
 const RECORD_HEAD: usize = 48;
 
 /// A pack as a pack index records it: its name, length and trailer.
@@ -64,6 +65,23 @@ pub(super) fn encode_pack_index(packs: &[Record]) -> Vec<u8> {
     out
 }
 
+/// The pack index a bucket would hold for `packs` (each a whole pack
+/// object), as its uploader writes one: for repairs, and for tests that
+/// forge a bucket's objects as a hostile writer would.
+pub fn pack_index_of(packs: &[&[u8]]) -> Result<Vec<u8>> {
+    let mut records = Vec::with_capacity(packs.len());
+    for pack in packs {
+        let len = pack.len() as u64;
+        let trailer = pack::trailer_len(pack, len)?;
+        records.push(Record {
+            name: blake3::hash(pack),
+            len,
+            trailer: pack[(len - trailer) as usize..].to_vec(),
+        });
+    }
+    Ok(encode_pack_index(&records))
+}
+
 fn corrupt(reason: String) -> Error {
     ErrorKind::Corrupt {
         what: "pack index",
@@ -82,30 +100,38 @@ pub fn parse_pack_index(bytes: &[u8]) -> Result<Vec<(blake3::Hash, Vec<PackEntry
         .collect())
 }
 
-/// [`parse_pack_index`], keeping each record whole, for gc to write the
-/// records it keeps into a new pack index.
-pub(super) fn pack_index_records(bytes: &[u8]) -> Result<Vec<(Record, Vec<PackEntry>)>> {
-    if bytes.len() < HEAD_LEN {
+/// The number of packs a pack index of `size` bytes lists, from its first
+/// bytes `head` (at least [`HEAD_LEN`]): so that a reader can refuse an
+/// object that is no pack index, or claims more packs than its size can
+/// hold, before fetching the rest of it.
+pub(super) fn parse_head(head: &[u8], size: u64) -> Result<u64> {
+    if head.len() < HEAD_LEN {
         return Err(ErrorKind::Truncated {
             what: "pack index header",
             needed: HEAD_LEN as u64,
             at: 0,
-            available: bytes.len() as u64,
+            available: head.len() as u64,
         }
         .into());
     }
-    crate::blob::magic_and_version(bytes, MAGIC, "pack index", "pack index", VERSION)?;
-    if bytes[10..16].iter().any(|&b| b != 0) {
+    crate::blob::magic_and_version(head, MAGIC, "pack index", "pack index", VERSION)?;
+    if head[10..16].iter().any(|&b| b != 0) {
         return Err(corrupt("reserved bytes of the header are not zero".into()));
     }
-    let count = le64(bytes, 16);
-    let most = (bytes.len() - HEAD_LEN) / (RECORD_HEAD + pack::TAIL_LEN);
-    if count > most as u64 {
+    let count = le64(head, 16);
+    let most = size.saturating_sub(HEAD_LEN as u64) / (RECORD_HEAD + pack::TAIL_LEN) as u64;
+    if count > most {
         return Err(corrupt(format!(
-            "it claims {count} packs; {} bytes hold at most {most}",
-            bytes.len()
+            "it claims {count} packs; {size} bytes hold at most {most}"
         )));
     }
+    Ok(count)
+}
+
+/// [`parse_pack_index`], keeping each record whole, for gc to write the
+/// records it keeps into a new pack index.
+pub(super) fn pack_index_records(bytes: &[u8]) -> Result<Vec<(Record, Vec<PackEntry>)>> {
+    let count = parse_head(bytes, bytes.len() as u64)?;
     let mut out = Vec::with_capacity(count as usize);
     let mut seen = HashSet::new();
     let mut at = HEAD_LEN;

@@ -16,7 +16,7 @@ use std::collections::{HashMap, HashSet};
 
 use super::{Bucket, Record, PACKS};
 use crate::blob::{self, BlobKind};
-use crate::error::{ErrorKind, Result};
+use crate::error::Result;
 use crate::pack::PackEntry;
 
 /// A pack as a pack index lists it: the record, and its entries.
@@ -222,7 +222,7 @@ pub(super) fn repack(
                     out.chunks += 1;
                     copied.insert(e.id);
                 }
-                Err(err) if matches!(err.kind(), ErrorKind::Remote { .. }) => return Err(err),
+                Err(err) if !err.is_damage() => return Err(err),
                 Err(_) => {
                     sound = false;
                     break;

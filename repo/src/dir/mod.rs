@@ -247,7 +247,7 @@ impl Backend for Dir {
         self.tree.sync_dir(dir)
     }
 
-    fn quarantine(&self, rel: &str, to: &str, _limit: u64) -> Result<Option<PathBuf>> {
+    fn quarantine(&self, rel: &str, to: &str) -> Result<Option<PathBuf>> {
         let tree = &self.tree;
         if tree.kind(rel, "quarantine")?.is_none() {
             return Ok(None);
