@@ -51,6 +51,13 @@ if ! python3 -c "import moto.server" >/dev/null 2>&1; then
   echo "installing: moto[server] (pip)"
   python3 -m pip install --quiet --disable-pip-version-check "moto[server]==5.2.1"
 fi
+# The encryption test's independent reader (tests/independent/
+# vsnap_reader.py) reads vsnap's formats with these, not vsnap's code;
+# cryptography's Argon2id needs 44 or newer.
+if ! python3 -c "import blake3; from cryptography.hazmat.primitives.kdf.argon2 import Argon2id" >/dev/null 2>&1; then
+  echo "installing: blake3, cryptography (pip)"
+  python3 -m pip install --quiet --disable-pip-version-check "blake3==1.0.11" "cryptography>=44"
+fi
 for c in rustfmt clippy; do
   rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c"
 done

@@ -92,6 +92,21 @@ pub fn encode_header(
     h
 }
 
+/// Refuses `bytes` shorter than the `needed` a header named `what`
+/// takes, before a field of it is read.
+pub(crate) fn need(what: &'static str, bytes: &[u8], needed: usize) -> Result<()> {
+    if bytes.len() < needed {
+        return Err(ErrorKind::Truncated {
+            what,
+            needed: needed as u64,
+            at: 0,
+            available: bytes.len() as u64,
+        }
+        .into());
+    }
+    Ok(())
+}
+
 /// Checks the first ten bytes every on-disk structure of the repository
 /// opens with (blob headers, pack tails, pack indexes): an 8-byte magic,
 /// named `what` when it is wrong, then a little-endian version, which
@@ -128,15 +143,7 @@ pub(crate) fn magic_and_version(
 /// Parses a header without the payload: enough to check a blob's length
 /// against its file's, cheaply, before trusting it.
 pub fn parse_header(kind: BlobKind, bytes: &[u8]) -> Result<Header> {
-    if bytes.len() < HEADER_LEN {
-        return Err(ErrorKind::Truncated {
-            what: "blob header",
-            needed: HEADER_LEN as u64,
-            at: 0,
-            available: bytes.len() as u64,
-        }
-        .into());
-    }
+    need("blob header", bytes, HEADER_LEN)?;
     magic_and_version(bytes, kind.magic(), kind.name(), kind.name(), VERSION)?;
     let encoding = match bytes[10] {
         0 => Encoding::Raw,

@@ -91,6 +91,10 @@ pub enum ErrorKind {
         need: u64,
         limit: u64,
     },
+    /// A sealed blob that does not open: tampered with, cut short, moved
+    /// to another name or kind, or sealed with another key.
+    #[error("sealed {what}: {reason}")]
+    Unsealed { what: &'static str, reason: String },
     #[error("{what} claims {claimed} bytes, more than the {limit} it can hold here")]
     TooLarge {
         what: &'static str,

@@ -15,6 +15,7 @@ mod bases;
 pub mod blob;
 mod bucket;
 pub mod cbt;
+pub mod crypto;
 mod dir;
 mod error;
 mod freeze;

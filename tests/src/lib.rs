@@ -53,14 +53,17 @@ pub fn vsnap_bin() -> PathBuf {
 /// A `vsnap` command whose zero-leaf cache lives under `target/`, so the
 /// tests never touch the developer's own cache.
 pub fn vsnap_cmd() -> Command {
-    let bin = vsnap_bin();
-    let cache = bin
+    let mut cmd = Command::new(vsnap_bin());
+    cmd.env("VSNAP_CACHE_DIR", test_cache());
+    cmd
+}
+
+/// The tests' zero-leaf cache, under `target/`.
+pub fn test_cache() -> PathBuf {
+    vsnap_bin()
         .parent()
         .map(|d| d.join("test-cache"))
-        .unwrap_or_default();
-    let mut cmd = Command::new(bin);
-    cmd.env("VSNAP_CACHE_DIR", cache);
-    cmd
+        .unwrap_or_default()
 }
 
 pub fn vsnap(args: &[&str]) -> Output {
@@ -519,6 +522,18 @@ pub fn http_bytes(
             .to_bytes();
         (status, answer_headers, bytes.to_vec())
     })
+}
+
+/// The peak RSS in KiB that GNU time (`-f %M -o FILE`) wrote to `file`,
+/// which is removed. GNU time writes "Command exited with non-zero status
+/// N" first when so; the figure is the last line.
+pub fn peak_rss_kib(file: &Path) -> u64 {
+    let text = std::fs::read_to_string(file).unwrap_or_default();
+    let _ = std::fs::remove_file(file);
+    text.lines()
+        .filter_map(|l| l.trim().parse::<u64>().ok())
+        .next_back()
+        .unwrap_or_else(|| panic!("no peak RSS from time: {text:?}"))
 }
 
 /// A TCP port on 127.0.0.1 free now, and below the kernel's ephemeral

@@ -4,8 +4,8 @@
 //! the bucket cases a second implementation must pass too, moto's server
 //! (Python, in memory), which the test reaches through unsigned requests.
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub const ACCESS_KEY: &str = "vsnap-test-key";
@@ -235,6 +235,36 @@ impl S3Server {
         }
     }
 
+    /// `vsnap ARGS` against this server, with `envs` besides, under GNU
+    /// time: its output and its peak RSS in KiB, both also said on the
+    /// test's stderr (where a closing note's figures are read from).
+    pub fn vsnap_measured(&self, args: &[&str], envs: &[(&str, &Path)]) -> (Output, u64) {
+        static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let rss = self._dir.path().join(format!("rss-{n}"));
+        let mut cmd = Command::new("/usr/bin/time");
+        cmd.arg("-f").arg("%M").arg("-o").arg(&rss);
+        cmd.env("VSNAP_CACHE_DIR", crate::test_cache());
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let o = self
+            .env(&mut cmd)
+            .arg(crate::vsnap_bin())
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("/usr/bin/time (package time) runs vsnap");
+        let kib = crate::peak_rss_kib(&rss);
+        eprintln!(
+            "vsnap {}: exit {:?}, peak RSS {kib} KiB\n  {}",
+            args.first().unwrap_or(&""),
+            o.status.code(),
+            crate::stderr(&o).trim().replace('\n', "\n  ")
+        );
+        (o, kib)
+    }
+
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
@@ -296,7 +326,7 @@ pub fn restores_to_its_digest(
     run: &dyn Fn(&[&str]) -> String,
     url: &str,
     snap: &serde_json::Value,
-    dir: &std::path::Path,
+    dir: &Path,
 ) {
     let id = snap["snapshot"].as_str().unwrap();
     let out = dir.join(format!("r-{id}.vhd"));

@@ -9,7 +9,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use serde_json::Value;
 use vsnap_e2e::s3::{Impl, S3Server};
@@ -19,36 +19,11 @@ const MIB: u64 = 1 << 20;
 /// `--memory`'s default (256 MiB) plus the 64 MiB the issue allows, in KiB.
 const RSS_LIMIT_KIB: u64 = (256 + 64) * 1024;
 
-/// `vsnap ARGS` against `s3` under GNU time: its output and peak RSS in
-/// KiB, the RSS asserted within [`RSS_LIMIT_KIB`]. The pack-index cache
-/// is the test's own.
+/// `vsnap ARGS` against `s3`: its output and peak RSS in KiB, the RSS
+/// asserted within [`RSS_LIMIT_KIB`]. The pack-index cache is the test's
+/// own.
 fn run_rss(s3: &S3Server, dir: &Path, args: &[&str]) -> (Output, u64) {
-    let rss = dir.join("rss");
-    let o = s3
-        .env(
-            Command::new("/usr/bin/time")
-                .arg("-f")
-                .arg("%M")
-                .arg("-o")
-                .arg(&rss),
-        )
-        .env("VSNAP_CACHE_DIR", dir.join("cache"))
-        .arg(vsnap_bin())
-        .args(args)
-        .output()
-        .unwrap();
-    let kib = std::fs::read_to_string(&rss)
-        .unwrap()
-        .lines()
-        .last()
-        .and_then(|l| l.trim().parse().ok())
-        .unwrap();
-    eprintln!(
-        "vsnap {}: exit {:?}, peak RSS {kib} KiB\n  {}",
-        args[0],
-        o.status.code(),
-        stderr(&o).trim().replace('\n', "\n  ")
-    );
+    let (o, kib) = s3.vsnap_measured(args, &[("VSNAP_CACHE_DIR", &dir.join("cache"))]);
     assert!(kib <= RSS_LIMIT_KIB, "{args:?} peaked at {kib} KiB");
     (o, kib)
 }

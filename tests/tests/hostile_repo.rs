@@ -65,14 +65,7 @@ fn run(dir: &Path, args: &[&str]) -> Run {
         std::thread::sleep(Duration::from_millis(20));
     }
     let out = waiter.join().unwrap().unwrap();
-    let text = std::fs::read_to_string(&rss).unwrap_or_default();
-    let _ = std::fs::remove_file(&rss);
-    // GNU time prints "Command exited with non-zero status N" first when so.
-    let peak_kib = text
-        .lines()
-        .filter_map(|l| l.trim().parse::<u64>().ok())
-        .next_back()
-        .unwrap_or_else(|| panic!("no peak RSS from time: {text:?}"));
+    let peak_kib = peak_rss_kib(&rss);
     let r = Run {
         code: out.status.code(),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -16,8 +16,9 @@ use vsnap_e2e::*;
 
 const MIB: u64 = 1 << 20;
 
+/// `vsnap ARGS` against `s3`; its peak RSS is said on stderr.
 fn run(s3: &S3Server, args: &[&str]) -> Output {
-    s3.env(&mut vsnap_cmd()).args(args).output().unwrap()
+    s3.vsnap_measured(args, &[]).0
 }
 
 fn ok(s3: &S3Server, args: &[&str]) -> String {

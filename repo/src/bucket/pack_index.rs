@@ -105,15 +105,7 @@ pub fn parse_pack_index(bytes: &[u8]) -> Result<Vec<(blake3::Hash, Vec<PackEntry
 /// object that is no pack index, or claims more packs than its size can
 /// hold, before fetching the rest of it.
 pub(super) fn parse_head(head: &[u8], size: u64) -> Result<u64> {
-    if head.len() < HEAD_LEN {
-        return Err(ErrorKind::Truncated {
-            what: "pack index header",
-            needed: HEAD_LEN as u64,
-            at: 0,
-            available: head.len() as u64,
-        }
-        .into());
-    }
+    crate::blob::need("pack index header", head, HEAD_LEN)?;
     crate::blob::magic_and_version(head, MAGIC, "pack index", "pack index", VERSION)?;
     if head[10..16].iter().any(|&b| b != 0) {
         return Err(corrupt("reserved bytes of the header are not zero".into()));
