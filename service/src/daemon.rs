@@ -81,6 +81,9 @@ pub async fn run(
     if let Ok(Err(e)) = http.await {
         say(format!("the API stopped: {e}"));
     }
+    // No longer listening: a sign-in link must not point at whatever
+    // takes the port next.
+    let _ = std::fs::remove_file(&recorded);
     say("stopped".into());
     Ok(())
 }

@@ -64,6 +64,8 @@ def open_sealed(master, kind, place, sealed):
 
 
 def main(argv):
+    if not argv:
+        sys.exit(__doc__)
     if argv[0] == "slot":
         slot = json.load(open(argv[1]))
         how, path = argv[2], argv[3]

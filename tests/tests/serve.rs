@@ -941,8 +941,11 @@ notify = ["chatty"]
         run["run"]["error"].as_str().unwrap().contains("problem(s)"),
         "{run:#}"
     );
+    // The address a port-0 service recorded goes when it stops.
+    assert!(site.path("state/api.address").exists());
     signal(&serve, "TERM");
     assert!(serve.wait().unwrap().success());
+    assert!(!site.path("state/api.address").exists());
 }
 
 #[test]
